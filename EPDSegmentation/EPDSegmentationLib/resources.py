@@ -1,0 +1,42 @@
+"""Where the bundled files are: the model and the sample CT.
+
+In the source tree they live in <repo>/Resources; a built Slicer extension installs them
+into the module's own Resources folder. Both places are searched, module first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+_LIB = Path(__file__).resolve().parent
+SEARCH_DIRS: List[Path] = [_LIB.parent / "Resources", _LIB.parent.parent / "Resources"]
+
+#: Bundled model: safetensors weights with a JSON model card of the same stem beside them.
+BUNDLED_MODEL = ("Models", "EPDBodyComp_f2.safetensors")
+#: Bundled sample: a phantom CT volume (HU, compressed NRRD) and its label map.
+SAMPLE_CT = ("Sample", "EPDPhantomCT.nrrd")
+SAMPLE_LABELS = ("Sample", "EPDPhantomCT-label.nrrd")
+
+
+def resource_path(*parts: str) -> Path:
+    """The first existing Resources/<parts...>; FileNotFoundError naming every place tried."""
+    tried = [d.joinpath(*parts) for d in SEARCH_DIRS]
+    for path in tried:
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"bundled resource {'/'.join(parts)} not found; looked in: "
+        + ", ".join(str(p) for p in tried))
+
+
+def bundled_model_path() -> Path:
+    return resource_path(*BUNDLED_MODEL)
+
+
+def sample_ct_path() -> Path:
+    return resource_path(*SAMPLE_CT)
+
+
+def sample_labels_path() -> Path:
+    return resource_path(*SAMPLE_LABELS)
