@@ -482,6 +482,7 @@ def draw(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> Geometry
         draw_bowel(cv, lay["colon"], z)
         draw_bowel(cv, lay["loops"], z)
         draw_thin_tubes(cv, lay["mesenteric"], z, C["vessel"], (C["vat"],))
+        draw_thin_tubes(cv, lay["septa"], z, C["scarpa"], (C["sat"],))
         draw_thin_tubes(cv, lay["imat"], z, C["imat"], (C["muscle"],))
     return g
 
@@ -522,7 +523,7 @@ def plan_layout(s: Subject) -> None:
     for side in (-1, 1):
         d = ((xx - side * g.kidney_x) / 45) ** 2 + ((yy - g.kidney_y) / 38) ** 2
         peritoneal &= d > 1
-    lay: Dict[str, list] = {"colon": [], "loops": [], "mesenteric": [], "imat": []}
+    lay: Dict[str, list] = {"colon": [], "loops": [], "mesenteric": [], "imat": [], "septa": []}
 
     def occupy(t: Tube):
         outline = loop_outline(t, 0.0)
@@ -584,9 +585,16 @@ def plan_layout(s: Subject) -> None:
         occupy(t)
     # small mesenteric vessels in the fat left between the loops
     free = peritoneal & (cv.codes == C["vat"])
-    for x, y in _mask_points(cv, free, rng, int(20 + 40 * s.vat)):
+    for x, y in _mask_points(cv, free, rng, int(35 + 60 * s.vat)):
         lay["mesenteric"].append(Tube(float(x), float(y), u(-30, 30), rng.normal(0, 0.3),
                                       rng.normal(0, 0.3), u(30, 120), u(0.7, 2.2), "vessel"))
+    # fibrous septa in the subcutaneous fat, running roughly along the skin
+    sat = cv.codes == C["sat"]
+    for x, y in _mask_points(cv, sat, rng, int(15 + 50 * s.adiposity)):
+        tangent = float(np.arctan2(y, x)) + np.pi / 2 + rng.normal(0, 0.35)
+        lay["septa"].append(Tube(float(x), float(y), u(-30, 30), rng.normal(0, 0.1),
+                                 rng.normal(0, 0.1), u(15, 50), u(0.2, 0.45), "septum",
+                                 aspect=u(15, 60), angle=tangent, bend=rng.normal(0, 0.02)))
     # IMAT: thin streaks and small islands inside muscle, more in the back muscles
     muscle = cv.codes == C["muscle"]
     back = muscle & (yy > g.y_canal)
