@@ -201,7 +201,7 @@ def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
     rect_w = (62 + 10 * m) * f / r0                          # angular width of each rectus
     t_rect = 10.5 * f * m
     t_eo, t_io, t_ta = 6.5 * f * m, 8.0 * f * m, 5.0 * f * m
-    plane = 0.5 + 1.2 * s.adiposity + 0.6 * s.myosteatosis  # fat between the layers, mm
+    plane = 0.8 + 1.2 * s.adiposity + 0.6 * s.myosteatosis  # fat between the layers, mm
     ph, rc = _radial_layer(g, -la, la, 16)
     cv.paint(band(0, 0, ph, rc - 0.3, rc - 2.2), C["fascia"], over=(C["vat"],))
     for side in (-1, 1):
@@ -599,8 +599,8 @@ def plan_layout(s: Subject) -> None:
     muscle = cv.codes == C["muscle"]
     back = muscle & (yy > g.y_canal)
     q = s.myosteatosis
-    n_streak = int(6 + 70 * q ** 1.2)
-    n_island = int(4 + 30 * q)
+    n_streak = int(4 + 30 * q ** 1.2)
+    n_island = int(3 + 15 * q)
     for i in range(n_streak + n_island):
         src = back if rng.random() < 0.65 else muscle
         pt = _mask_points(cv, src, rng, 1)
@@ -608,13 +608,13 @@ def plan_layout(s: Subject) -> None:
             break
         x, y = float(pt[0, 0]), float(pt[0, 1])
         if i < n_streak:
-            width = u(0.35, 1.0) + 0.9 * q * rng.random()
+            width = u(1.0, 2.5) + 1.2 * q * rng.random()
             lay["imat"].append(Tube(x, y, u(-40, 40), rng.normal(0, 0.08), rng.normal(0, 0.08),
                                     u(12, 45), width / 2, "streak",
-                                    aspect=u(4, 16) * (1 + q), angle=u(0, np.pi),
+                                    aspect=u(3, 10) * (1 + 0.5 * q), angle=u(0, np.pi),
                                     bend=rng.normal(0, 0.04)))
         else:
             lay["imat"].append(Tube(x, y, u(-40, 40), rng.normal(0, 0.05), rng.normal(0, 0.05),
-                                    u(6, 20), u(0.6, 1.8) + 1.2 * q * rng.random(), "island",
+                                    u(6, 20), u(1.5, 4.0) + 2.0 * q * rng.random(), "island",
                                     aspect=u(1.0, 1.6), angle=u(0, np.pi)))
     s.layout = lay

@@ -62,6 +62,16 @@ def overlay(hu: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
     return g * (1 - a) + c * a
 
 
+def vertebra_centre(hu: np.ndarray) -> tuple:
+    """(row, col) of the centroid of bone (> 250 HU) in the middle fifth of the columns."""
+    w = hu.shape[1]
+    band = hu[:, 2 * w // 5: 3 * w // 5] > 250
+    rows, cols = np.nonzero(band)
+    if len(rows) == 0:
+        return hu.shape[0] // 2, w // 2
+    return float(np.median(rows)), float(np.median(cols) + 2 * w // 5)
+
+
 def _crop(img: np.ndarray, pixel_mm: float, centre_rc, size_mm: float) -> np.ndarray:
     half = int(round(size_mm / pixel_mm / 2))
     r, c = (int(v) for v in centre_rc)
@@ -92,6 +102,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
         ax.set_yticks([])
     style = dict(color="white", fontsize=8.5)
     crop_ph = None
+    hist_ph = []
     for i, seed in enumerate(seeds):
         s = make_slice(seed)
         m = s.meta
@@ -106,14 +117,15 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
             axes[1, i].set_ylabel("labels: MUS red, IMAT green, SAT yellow,\nVAT blue, "
                                   "other tissue purple", **style)
         if crop_ph is None:
-            body = body_mask(s.hu, s.pixel_mm)
-            rows, cols = np.nonzero(body)
-            centre = (rows.max() - 0.22 * (rows.max() - rows.min()), cols.mean())
-            crop_ph = (_crop(s.hu, s.pixel_mm, centre, 90), seed)
+            crop_ph = (_crop(s.hu, s.pixel_mm, vertebra_centre(s.hu), 90), seed)
+        body = body_mask(s.hu, s.pixel_mm)
+        hist_ph.append(s.hu[body])
     real = _real_panels(shared)
     panels = [(crop_ph[0], f"phantom seed {crop_ph[1]}, 90 mm crop at native pixels", None)]
     panels = real[:3] + panels + real[3:]
-    for j in range(n):
+    hist_ax = axes[2, min(len(panels), n - 1)]
+    _histograms(hist_ax, np.concatenate(hist_ph), shared)
+    for j in range(min(len(panels), n - 1)):
         ax = axes[2, j]
         if j < len(panels):
             img, title, rgb = panels[j]
@@ -133,6 +145,27 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
         fig.savefig(tmp, dpi=dpi, facecolor="black", format="png")
     plt.close(fig)
     return output
+
+
+def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
+    """HU histograms inside the body: the phantom slices against the real DICOM series."""
+    from ..io import read_volume
+    from .stats import body_mask
+
+    bins = np.linspace(-250, 250, 101)
+    ax.hist(phantom_hu, bins=bins, density=True, histtype="step", color="#f5d24b",
+            label="phantom, slices above")
+    dcm = shared / "ct_dicom"
+    if dcm.is_dir():
+        v = read_volume(dcm)
+        real = np.concatenate([a[body_mask(a, v.spacing[0])] for a in v.array[::4]])
+        ax.hist(real, bins=bins, density=True, histtype="step", color="#6fb7ff",
+                label="real DICOM series")
+    ax.set_title("HU inside the body (fat peak left,\nsoft tissue right)", color="white",
+                 fontsize=8.5)
+    ax.tick_params(colors="white", labelsize=7)
+    ax.set_xticks([-200, -100, 0, 100, 200])
+    ax.legend(fontsize=7, facecolor="black", labelcolor="white", frameon=False)
 
 
 def _real_panels(shared: Path):
@@ -173,11 +206,6 @@ def _real_panels(shared: Path):
         v = read_volume(dcm)
         k = v.array.shape[0] // 2
         img = display_slice(v, k)
-        from .stats import body_mask
-
-        body = body_mask(img, v.spacing[0])
-        rows, cols = np.nonzero(body)
-        centre = (rows.max() - 0.22 * (rows.max() - rows.min()), cols.mean())
-        out.append((_crop(img, v.spacing[0], centre, 90), "real DICOM, 90 mm crop at native "
-                                                          "pixels", None))
+        out.append((_crop(img, v.spacing[0], vertebra_centre(img), 90),
+                    "real DICOM, 90 mm crop at native pixels", None))
     return out

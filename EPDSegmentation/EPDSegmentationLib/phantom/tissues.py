@@ -32,9 +32,9 @@ _TABLE = (
     (2, "table_core", BG, 10.0),
     (3, "pad", BG, 15.0),
     (4, "skin", MSC, 6.0),
-    (5, "sat", SAT, 6.0),
+    (5, "sat", SAT, 8.0),
     (6, "scarpa", SAT, 4.0),          # superficial fascia: a fibrous sheet inside SAT
-    (7, "vat", VAT, 7.0),
+    (7, "vat", VAT, 9.0),
     (8, "muscle", MUS, 7.0),
     (9, "imat", IMAT, 7.0),
     (10, "cortex", MSC, 90.0),
