@@ -343,10 +343,11 @@ def draw_kidneys(cv: Canvas, g: Geometry) -> None:
                      over=(C["kidney_cortex"],))
         if k > 0.8:
             # renal sinus: fat and the collecting system, opening anteromedially
-            hx, hy = x - side * 0.45 * rx, y - 0.35 * ry
-            cv.paint(ellipse(hx, hy, 0.42 * rx, 0.3 * ry, ang, 32), C["vat"],
+            # the sinus opens through the medial border (the hilum), so the kidney is C-shaped
+            hx, hy = x - side * 0.72 * rx, y - 0.15 * ry
+            cv.paint(ellipse(hx, hy, 0.42 * rx, 0.32 * ry, ang, 32), C["vat"],
                      over=(C["kidney_cortex"], C["kidney_medulla"]))
-            cv.paint(ellipse(hx - side * 2, hy - 1, 0.2 * rx, 0.14 * ry, ang, 24), C["urine"])
+            cv.paint(ellipse(hx - side * 0.1 * rx, hy, 0.2 * rx, 0.15 * ry, ang, 24), C["urine"])
 
 
 def draw_vessels(cv: Canvas, g: Geometry) -> None:
@@ -580,12 +581,12 @@ def plan_layout(s: Subject) -> None:
         direction, drift = u(0, 2 * np.pi), abs(rng.normal(0, 0.9))
         t = Tube(float(pt[0, 0]), float(pt[0, 1]), u(-20, 20), drift * np.cos(direction),
                  drift * np.sin(direction), u(45, 110), r, kind, wall, gas,
-                 bend=0.0 if gas else rng.normal(0, 0.025), harm=harm(0.07))
+                 bend=0.0 if gas else rng.normal(0, 0.025), harm=harm(0.12))
         lay["loops"].append(t)
         occupy(t)
     # small mesenteric vessels in the fat left between the loops
     free = peritoneal & (cv.codes == C["vat"])
-    for x, y in _mask_points(cv, free, rng, int(35 + 60 * s.vat)):
+    for x, y in _mask_points(cv, free, rng, int(20 + 30 * s.vat)):
         lay["mesenteric"].append(Tube(float(x), float(y), u(-30, 30), rng.normal(0, 0.3),
                                       rng.normal(0, 0.3), u(30, 120), u(0.7, 2.2), "vessel"))
     # fibrous septa in the subcutaneous fat, running roughly along the skin

@@ -62,6 +62,19 @@ def overlay(hu: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
     return g * (1 - a) + c * a
 
 
+def body_box(hu: np.ndarray, pixel_mm: float, margin_mm: float = 12.0,
+             below_mm: float = 45.0):
+    """Slices (rows, cols) framing the body with a margin, and the table below it."""
+    from .stats import body_mask
+
+    rows, cols = np.nonzero(body_mask(hu, pixel_mm))
+    if len(rows) == 0:
+        return slice(None), slice(None)
+    m, b = int(margin_mm / pixel_mm), int(below_mm / pixel_mm)
+    return (slice(max(0, rows.min() - m), rows.max() + b),
+            slice(max(0, cols.min() - m), cols.max() + m))
+
+
 def vertebra_centre(hu: np.ndarray) -> tuple:
     """(row, col) of the centroid of bone (> 250 HU) in the middle fifth of the columns."""
     w = hu.shape[1]
@@ -81,7 +94,7 @@ def _crop(img: np.ndarray, pixel_mm: float, centre_rc, size_mm: float) -> np.nda
 
 
 def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
-                       shared: Optional[Path] = None, dpi: int = 80) -> Path:
+                       shared: Optional[Path] = None, dpi: int = 100) -> Path:
     """Render the sheet to ``output`` (PNG). Real panels are left out (with a note) when
     the shared data is absent."""
     import matplotlib
@@ -95,7 +108,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
 
     shared = (shared_sample_dir() or SHARED_CANDIDATES[0]) if shared is None else Path(shared)
     n = len(seeds)
-    fig, axes = plt.subplots(3, n, figsize=(3.3 * n, 10.4), facecolor="black")
+    fig, axes = plt.subplots(3, n, figsize=(3.3 * n, 9.4), facecolor="black")
     for ax in axes.ravel():
         ax.set_facecolor("black")
         ax.set_xticks([])
@@ -106,13 +119,14 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     for i, seed in enumerate(seeds):
         s = make_slice(seed)
         m = s.meta
-        axes[0, i].imshow(_gray(s.hu), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        box = body_box(s.hu, s.pixel_mm)
+        axes[0, i].imshow(_gray(s.hu[box]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[0, i].set_title(f"phantom seed {seed}: {m['sex']} {m['age']:.0f} y, {m['level']}\n"
                              f"fat {m['adiposity']:.2f}, muscle {m['muscle']:.2f}, "
                              f"myosteat. {m['myosteatosis']:.2f}\n"
                              f"{m['phase'].replace('_', ' ')}, {m['kvp']} kVp, "
                              f"{s.pixel_mm:.2f} mm", **style)
-        axes[1, i].imshow(overlay(s.hu, s.labels), interpolation="nearest")
+        axes[1, i].imshow(overlay(s.hu[box], s.labels[box]), interpolation="nearest")
         if i == 0:
             axes[1, i].set_ylabel("labels: MUS red, IMAT green, SAT yellow,\nVAT blue, "
                                   "other tissue purple", **style)
@@ -179,8 +193,9 @@ def _real_panels(shared: Path):
     if dcm.is_dir():
         v = read_volume(dcm)
         k = v.array.shape[0] // 2
-        out.append((display_slice(v, k), f"real: clinical DICOM (T12), {v.spacing[0]:.2f} mm, "
-                                          f"JPEG 2000", None))
+        img = display_slice(v, k)
+        out.append((img[body_box(img, v.spacing[0])],
+                    f"real: clinical DICOM (T12), {v.spacing[0]:.2f} mm, JPEG 2000", None))
     abd, struct = shared / "ct_abdomen_pelvis.nii.gz", shared / "ct_abdomen_pelvis_structures.nii.gz"
     if abd.is_file() and struct.is_file():
         from ..io.images import read_itk
@@ -189,7 +204,9 @@ def _real_panels(shared: Path):
         lab = read_itk(struct).array        # TotalSegmentator "total" classes, not ours
         ks = np.nonzero((lab == 29).any(axis=(1, 2)))[0]        # 29 = L3 in TotalSegmentator
         k = int(ks.mean()) if len(ks) else v.array.shape[0] // 2
-        out.append((display_slice(v, k), f"real: mid-L3 (NIfTI, {v.spacing[0]:.0f} mm voxels)", None))
+        img = display_slice(v, k)
+        out.append((img[body_box(img, v.spacing[0])],
+                    f"real: mid-L3 (NIfTI, {v.spacing[0]:.0f} mm voxels)", None))
     ct = shared / "ct_t11_l2.nii.gz"
     masks = [(shared / f"tissue_{n}.nii.gz", c) for n, c in
              (("skeletal_muscle", 1), ("subcutaneous_fat", 3), ("torso_fat", 4))]
@@ -200,8 +217,10 @@ def _real_panels(shared: Path):
             m = read_labels(p, like=v).array
             lab[m > 0] = c
         k = 0
+        img = display_slice(v, k)
+        box = body_box(img, v.spacing[0])
         out.append((None, f"real: L2 with TotalSegmentator tissue\nmasks ({v.spacing[0]:.0f} mm)",
-                    overlay(display_slice(v, k), display_slice(v, k, lab))))
+                    overlay(img[box], display_slice(v, k, lab)[box])))
     if dcm.is_dir():
         v = read_volume(dcm)
         k = v.array.shape[0] // 2
