@@ -112,7 +112,11 @@ def test_corrupt_and_unknown_files(tmp_path):
 
 def test_a_mask_is_not_ct(tmp_path, ct):
     p = write_volume(Volume(np.ones(ct.array.shape, np.uint8), ct.ijk_to_ras), tmp_path / "m.nrrd")
-    with pytest.raises(InputError, match="a mask, not CT"):
+    with pytest.raises(InputError, match="1 distinct values in 1..1: a mask or label map"):
+        read_volume(p)
+    lab = np.random.default_rng(2).integers(0, 6, ct.array.shape).astype(np.uint8)
+    p = write_volume(Volume(lab, ct.ijk_to_ras), tmp_path / "l.nrrd")
+    with pytest.raises(InputError, match="6 distinct values in 0..5: a mask or label map"):
         read_volume(p)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from EPDSegmentationLib.classes import NUM_CLASSES
-from EPDSegmentationLib.epd import epd_image, epd_labels, nearest_labels
+from EPDSegmentationLib.epd import epd_image
 from EPDSegmentationLib.phantom import PhantomSlice, make_slice, subject_slices
 from EPDSegmentationLib.phantom.stats import (body_mask, epd_vs_truth, image_stats,
                                              label_stats)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 
