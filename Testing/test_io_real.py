@@ -12,17 +12,11 @@ import numpy as np
 import pytest
 
 from EPDSegmentationLib.io import InputError, read_labels, read_volume
-from EPDSegmentationLib.phantom.sheet import shared_sample_dir
 
 
 @pytest.fixture(scope="module")
-def real_dir():
-    """The shared sample: ../shared/data/totalseg-example beside this checkout (or beside
-    its folder of worktrees); skip when absent."""
-    path = shared_sample_dir()
-    if path is None:
-        pytest.skip("shared real CT sample not present")
-    return path
+def real_dir(totalseg_dir):
+    return totalseg_dir
 
 
 @pytest.fixture(scope="module")
