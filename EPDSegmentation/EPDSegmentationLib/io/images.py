@@ -1,0 +1,116 @@
+"""NIfTI and NRRD volumes through SimpleITK, converted once between ITK's LPS and our RAS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from ..volume import Volume
+from .atomic import atomic_file, extension
+from .errors import InputError
+
+#: LPS <-> RAS: flip the first two axes
+FLIP = np.diag([-1.0, -1.0, 1.0])
+IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+
+
+def itk_to_volume(image, path: Union[str, Path]) -> Volume:
+    """A SimpleITK image (2D or 3D scalar) -> Volume (K, J, I) in RAS."""
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"holds {image.GetNumberOfComponentsPerPixel()} values per voxel "
+                               f"(a vector image); a scalar volume or label map is needed")
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise InputError(path, f"is a {dim}D image; a 2D slice or 3D volume is needed")
+    array = sitk.GetArrayFromImage(image)
+    spacing = np.array(image.GetSpacing(), np.float64)
+    origin = np.array(image.GetOrigin(), np.float64)
+    direction = np.array(image.GetDirection(), np.float64).reshape(dim, dim)
+    if dim == 2:
+        array = array[None]
+        spacing = np.append(spacing, 1.0)
+        origin = np.append(origin, 0.0)
+        d3 = np.eye(3)
+        d3[:2, :2] = direction
+        direction = d3
+    m = np.eye(4)
+    m[:3, :3] = FLIP @ direction @ np.diag(spacing)
+    m[:3, 3] = FLIP @ origin
+    return Volume(array, m, {"source": str(path)})
+
+
+def read_itk(path: Union[str, Path]) -> Volume:
+    """Read a NIfTI (.nii, .nii.gz) or NRRD (.nrrd, .nhdr) volume with its geometry.
+
+    meta: source, format ('nifti'|'nrrd'), dtype, and the NRRD/NIfTI key-value pairs ITK
+    exposes under 'header'."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        image = reader.Execute()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "ERROR" in line or "rror" in line),
+                      first[-1] if first else "")
+        raise InputError(path, f"cannot be read as a {extension(path)} image "
+                               f"(corrupt or not that format): {detail.strip()}") from None
+    vol = itk_to_volume(image, path)
+    vol.meta.update(format="nifti" if extension(path).startswith(".nii") else "nrrd",
+                    dtype=str(vol.array.dtype),
+                    header={k: image.GetMetaData(k) for k in image.GetMetaDataKeys()})
+    return vol
+
+
+def volume_to_itk(volume: Volume):
+    """Volume -> SimpleITK image in LPS. The direction must be a rotation (no shear)."""
+    import SimpleITK as sitk
+
+    arr = np.ascontiguousarray(volume.array)
+    image = sitk.GetImageFromArray(arr)
+    spacing = np.asarray(volume.spacing)
+    direction = FLIP @ volume.directions
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in FLIP @ np.asarray(volume.origin)])
+    image.SetDirection([float(v) for v in direction.ravel()])
+    return image
+
+
+def write_volume(volume: Volume, path: Union[str, Path], *, overwrite: bool = False,
+                 dtype: Optional[Union[str, np.dtype]] = None) -> Path:
+    """Write a volume as NRRD (.nrrd, gzip) or NIfTI (.nii / .nii.gz), chosen by extension.
+
+    Atomic (a temporary file in the same folder, then os.replace); refuses to replace an
+    existing file unless overwrite=True. dtype: cast on the way out (e.g. 'int16' for HU,
+    after rounding when the array is floating point and dtype is an integer type).
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    ext = extension(path)
+    if ext not in (".nrrd", ".nii", ".nii.gz"):
+        raise ValueError(f"{path}: write_volume writes .nrrd, .nii or .nii.gz; got '{ext}'")
+    if ext == ".nrrd" and path.name.lower().endswith(".seg.nrrd"):
+        raise ValueError(f"{path}: use write_seg_nrrd for Slicer segmentations")
+    arr = np.asarray(volume.array)
+    if dtype is not None:
+        dt = np.dtype(dtype)
+        if dt.kind in "iu" and arr.dtype.kind == "f":
+            info = np.iinfo(dt)
+            arr = np.clip(np.round(arr), info.min, info.max)
+        arr = arr.astype(dt)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    image = volume_to_itk(Volume(arr, volume.ijk_to_ras))
+    with atomic_file(path, overwrite) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=(ext != ".nii"))
+    return path

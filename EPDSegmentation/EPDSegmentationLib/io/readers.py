@@ -1,0 +1,140 @@
+"""read_volume and read_labels: one entry point for every input the CLI and training take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from ..classes import NUM_CLASSES
+from ..volume import Volume
+from .atomic import extension
+from .errors import InputError
+from .images import IMAGE_EXTENSIONS, read_itk
+
+#: how far two grids may differ and still count as the same (mm, and for directions)
+GRID_TOL_MM = 1e-3
+
+
+def _is_dicom_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def read_volume(path: Union[str, Path], series_uid: Optional[str] = None) -> Volume:
+    """Read a CT volume in HU: a DICOM series folder, a single DICOM file, NIfTI (.nii,
+    .nii.gz) or NRRD (.nrrd, .nhdr).
+
+    Returns a Volume with float32 HU (K, J, I) and ijk_to_ras in RAS mm. meta: source,
+    format, modality, series_uid (DICOM: also files, sop_instance_uids, ...).
+    Raises InputError naming the file and the problem.
+    """
+    from .dicom import read_dicom
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_dir():
+        return read_dicom(path, series_uid)
+    ext = extension(path)
+    if ext in (".seg.nrrd", ".seg.nhdr"):
+        raise InputError(path, "is a Slicer segmentation, not an image; read it with "
+                               "read_labels")
+    if ext in IMAGE_EXTENSIONS:
+        vol = read_itk(path)
+        arr = vol.array
+        if arr.dtype.kind == "b" or (arr.dtype.kind in "iu" and arr.size and arr.min() >= 0
+                                     and arr.max() <= 1):
+            raise InputError(path, f"holds only 0/1 values: a mask, not CT in HU")
+        vol.array = arr.astype(np.float32, copy=False)
+        vol.meta.setdefault("modality", "CT")
+        vol.meta.setdefault("series_uid", None)
+        return vol
+    if ext in (".dcm", ".ima", "") or _is_dicom_file(path):
+        return read_dicom(path, series_uid)
+    raise InputError(path, f"unknown file type '{ext}'; expected a DICOM folder or file, "
+                           f".nii, .nii.gz, .nrrd or .nhdr")
+
+
+def same_grid(a: Volume, b: Volume, tol_mm: float = GRID_TOL_MM) -> Optional[str]:
+    """None when a and b share shape and geometry; else a sentence saying how they differ."""
+    if a.array.shape[-3:] != b.array.shape[-3:]:
+        return f"grid {tuple(a.array.shape[-3:])} (K, J, I) differs from {tuple(b.array.shape[-3:])}"
+    if not np.allclose(a.spacing, b.spacing, atol=tol_mm):
+        return f"spacing {np.round(a.spacing, 4).tolist()} mm differs from {np.round(b.spacing, 4).tolist()}"
+    if not np.allclose(a.directions, b.directions, atol=1e-4):
+        return f"orientation differs ({np.round(a.directions, 3).tolist()} vs {np.round(b.directions, 3).tolist()})"
+    if not np.allclose(a.origin, b.origin, atol=max(tol_mm, 1e-3 * max(a.spacing))):
+        return f"origin {np.round(a.origin, 3).tolist()} mm differs from {np.round(b.origin, 3).tolist()}"
+    return None
+
+
+def _place_on(labels: Volume, like: Volume, path: Path) -> Optional[Volume]:
+    """Put a cropped label grid (as Slicer writes .seg.nrrd) into like's grid, or None when
+    the two grids are not the same lattice."""
+    if not (np.allclose(labels.spacing, like.spacing, atol=GRID_TOL_MM)
+            and np.allclose(labels.directions, like.directions, atol=1e-4)):
+        return None
+    offset = np.linalg.solve(like.ijk_to_ras, np.append(labels.origin, 1.0))[:3]  # (i, j, k)
+    if np.abs(offset - np.round(offset)).max() > 1e-3:
+        return None
+    oi, oj, ok = (int(v) for v in np.round(offset))
+    k, j, i = labels.array.shape
+    K, J, I = like.array.shape
+    if oi < 0 or oj < 0 or ok < 0 or oi + i > I or oj + j > J or ok + k > K:
+        return None
+    out = np.zeros((K, J, I), np.uint8)
+    out[ok:ok + k, oj:oj + j, oi:oi + i] = labels.array
+    meta = dict(labels.meta, placed_at=(oi, oj, ok))
+    meta.pop("fractions", None)
+    return Volume(out, like.ijk_to_ras.copy(), meta)
+
+
+def read_labels(path: Union[str, Path], like: Optional[Volume] = None) -> Volume:
+    """Read a label map: uint8 classes 0..5 (K, J, I) with geometry.
+
+    .seg.nrrd: segments mapped to classes by name (a cropped Slicer file is placed into
+    like's grid); NIfTI/NRRD label maps: integer values 0..5. like: the image the labels
+    belong to; the label grid must match it (shape, spacing, orientation, origin).
+    Raises InputError naming the file and the problem.
+    """
+    from .seg_nrrd import read_seg_nrrd
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "label file not found")
+    ext = extension(path)
+    if ext == ".seg.nrrd":
+        vol = read_seg_nrrd(path)
+        if like is not None and same_grid(vol, like) is not None:
+            placed = _place_on(vol, like, path)
+            if placed is None:
+                raise InputError(path, f"label grid does not match the image "
+                                       f"{like.meta.get('source', '')}: {same_grid(vol, like)}")
+            vol = placed
+        return vol
+    if ext not in IMAGE_EXTENSIONS:
+        raise InputError(path, f"unknown label file type '{ext}'; expected .seg.nrrd, .nii, "
+                               f".nii.gz, .nrrd or .nhdr")
+    vol = read_itk(path)
+    arr = vol.array
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise InputError(path, "holds non-integer values: a label map must hold whole "
+                                   "class numbers 0..5 (is this an image?)")
+    if arr.size:
+        values = np.unique(arr)
+        bad = values[(values < 0) | (values >= NUM_CLASSES)]
+        if len(bad):
+            shown = ", ".join(str(v) for v in bad[:8].tolist())
+            raise InputError(path, f"holds label values {shown}{' ...' if len(bad) > 8 else ''} "
+                                   f"outside the classes 0..{NUM_CLASSES - 1}")
+    vol.array = arr.astype(np.uint8)
+    if like is not None:
+        why = same_grid(vol, like)
+        if why is not None:
+            raise InputError(path, f"label grid does not match the image "
+                                   f"{like.meta.get('source', '')}: {why}")
+    return vol

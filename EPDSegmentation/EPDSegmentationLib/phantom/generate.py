@@ -1,0 +1,133 @@
+"""Phantom slices: the anatomy painted at supersampled resolution, then labels, exact class
+fractions and a CT image with partial volume, texture, scanner blur and noise.
+
+The true per-class area fraction of an output pixel is the share of its s x s subpixels
+(s = ``supersample``) whose centres fall in that class: the physical truth that EPD of a hard
+label map approximates. The hard label of a pixel is its majority class (the argmax of its
+fractions; ties go to the lower class index). The image is the window mean of the
+supersampled CT numbers (partial volume), plus smooth per-tissue texture, a Gaussian point
+spread and correlated noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..classes import NUM_CLASSES
+from ..epd import epd_labels
+from .anatomy import draw
+from .raster import Canvas
+from .subject import subject_from_seed
+from .tissues import CLASS_OF, CODE, TEXTURE_HU, mean_hu
+
+#: CT number outside the reconstruction circle (as scanners pad it)
+OUTSIDE_HU = -1024.0
+
+
+@dataclass
+class PhantomSlice:
+    """One axial slice. Arrays are (H, W), row 0 anterior, column 0 the patient's right."""
+
+    hu: np.ndarray           # float32 (H, W) HU
+    labels: np.ndarray       # uint8 (H, W) classes 0..5
+    fractions: np.ndarray    # float32 (6, H, W), true area fraction of each class, sum 1
+    pixel_mm: float          # square pixels, mm
+    meta: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def z_mm(self) -> float:
+        return float(self.meta.get("z_mm", 0.0))
+
+
+def _check(seed, size, pixel_mm, supersample) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+    if not isinstance(size, (int, np.integer)) or size < 16:
+        raise ValueError(f"size must be an integer >= 16 (pixels); got {size!r}")
+    if not isinstance(supersample, (int, np.integer)) or not 1 <= supersample <= 16:
+        raise ValueError(f"supersample must be an integer in 1..16; got {supersample!r}")
+    if pixel_mm is not None and not (np.isfinite(pixel_mm) and 0 < pixel_mm <= 20):
+        raise ValueError(f"pixel_mm must be in (0, 20] mm or None; got {pixel_mm!r}")
+
+
+def _smooth_field(rng, shape, sigma_px: float) -> np.ndarray:
+    """A Gaussian random field with unit SD and correlation length ``sigma_px``."""
+    from scipy.ndimage import gaussian_filter
+
+    f = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_px, mode="wrap")
+    return f / max(float(f.std()), 1e-6)
+
+
+def _box_mean(a: np.ndarray, k: int) -> np.ndarray:
+    h, w = a.shape[0] // k, a.shape[1] // k
+    return a.reshape(h, k, w, k).mean(axis=(1, 3), dtype=np.float32)
+
+
+def render_image(codes: np.ndarray, k: int, subject, pixel_mm: float, rng) -> np.ndarray:
+    """CT image float32 (H, W) in HU from a supersampled tissue-code map (H*k, W*k)."""
+    from scipy.ndimage import gaussian_filter
+
+    s = subject
+    hu = _box_mean(mean_hu(s)[codes], k)
+    amp = _box_mean(TEXTURE_HU[codes], k)
+    shape = hu.shape
+    fine = _smooth_field(rng, shape, max(0.6, 0.9 / pixel_mm))
+    coarse = _smooth_field(rng, shape, max(1.0, 4.0 / pixel_mm))
+    hu += amp * (0.8 * fine + 0.6 * coarse)
+    hu = gaussian_filter(hu, s.psf_fwhm_mm / 2.355 / pixel_mm, mode="nearest")
+    # CT noise is correlated over about a pixel; its SD grows as pixels shrink
+    noise_sd = s.noise_sd_hu * (s.fov_mm / 512.0) / pixel_mm
+    noise = _smooth_field(rng, shape, 0.7) * noise_sd
+    return (hu + noise).astype(np.float32)
+
+
+def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
+               z_mm: float = 0.0, supersample: int = 4) -> PhantomSlice:
+    """One phantom slice of subject ``seed`` at height ``z_mm`` (mm from mid-L3, + = cranial).
+
+    size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
+    pixels at 512; size 64 gives the same field of view at 8 times coarser pixels).
+    supersample: subpixels per pixel side for the exact fractions.
+    """
+    _check(seed, size, pixel_mm, supersample)
+    s = subject_from_seed(int(seed))
+    pixel_mm = float(s.fov_mm / size if pixel_mm is None else pixel_mm)
+    fov = pixel_mm * size
+    n = size * supersample
+    cv = Canvas(n, fov)
+    g = draw(cv, s, float(z_mm))
+    # outside the reconstruction circle there is no image
+    c = (np.arange(n) + 0.5) / n - 0.5
+    outside = c[:, None] ** 2 + c[None, :] ** 2 > 0.25
+    cv.codes[outside] = CODE["air"]
+    fractions = epd_labels(CLASS_OF[cv.codes], NUM_CLASSES, supersample)
+    labels = np.argmax(fractions, axis=0).astype(np.uint8)
+    zkey = int(round(float(z_mm) * 1000)) % (2 ** 32)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 777, zkey, int(size)]))
+    hu = render_image(cv.codes, supersample, s, pixel_mm, rng)
+    hu[_box_mean(outside.astype(np.float32), supersample) > 0.5] = OUTSIDE_HU
+    meta = s.meta()
+    meta.update(z_mm=float(z_mm), level=g.level_name(), pixel_mm=pixel_mm, size=int(size),
+                supersample=int(supersample), fov_mm=fov)
+    return PhantomSlice(hu=hu, labels=labels, fractions=fractions, pixel_mm=pixel_mm, meta=meta)
+
+
+def slice_positions(n_slices: int, slice_gap_mm: float, centre_mm: float = 0.0) -> List[float]:
+    """z (mm) of n slices ``slice_gap_mm`` apart, centred on ``centre_mm``, increasing."""
+    if n_slices < 1:
+        raise ValueError(f"n_slices must be >= 1; got {n_slices}")
+    if not slice_gap_mm > 0:
+        raise ValueError(f"slice_gap_mm must be > 0; got {slice_gap_mm}")
+    return [float(centre_mm + (i - (n_slices - 1) / 2) * slice_gap_mm) for i in range(n_slices)]
+
+
+def subject_slices(seed: int, n_slices: int = 6, slice_gap_mm: float = 5.0,
+                   **kw) -> List[PhantomSlice]:
+    """n_slices slices of one body, ``slice_gap_mm`` apart, centred on mid-L3 (or on
+    ``z_mm`` if given), ordered by increasing z (caudal to cranial). Other keywords go to
+    make_slice."""
+    centre = float(kw.pop("z_mm", 0.0))
+    return [make_slice(seed, z_mm=z, **kw) for z in slice_positions(n_slices, slice_gap_mm, centre)]
