@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,6 +56,10 @@ def test_round_trip_gives_the_same_network_and_card(saved, model):
 
 def test_no_temporary_files_are_left_and_nothing_is_overwritten(saved, model):
     assert sorted(p.name for p in saved.parent.iterdir()) == ["net.json", "net.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in model_paths(saved):  # shared models must be readable as the umask allows
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(FileExistsError, match="net.safetensors exists"):
         save_model(saved, model, small_card(model))
     other = build_model(ModelConfig(width=4))

@@ -67,6 +67,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path, uninterrupted):
     assert card["training"]["command"].startswith("torchrun --nproc-per-node 2 -m training train")
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
     out = tmp_path / "resumed"
     train(out, "--epochs", "1")

@@ -9,14 +9,14 @@ dicts are stored, and loading uses torch.load(weights_only=True).
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
 import torch
+
+from EPDSegmentationLib.model_io import atomic_write
 
 FORMAT = "epd-training-checkpoint"
 VERSION = 1
@@ -53,15 +53,7 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, "version": VERSION, **state}, tmp))
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

@@ -252,12 +252,12 @@ def figures(out: Path, ev: Dict[str, object], title: str) -> List[Path]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from .logs import _atomic_bytes
+    from .logs import atomic_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_bytes(path, buf.getvalue())
+    atomic_bytes(path, buf.getvalue())
     return path
 
 
@@ -275,7 +275,7 @@ def _jsonable(obj):
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
-    from .logs import _atomic_bytes
+    from .logs import atomic_bytes
 
     argv = list(sys.argv[1:] if argv is None else argv)
     out = Path(args.output)
@@ -306,9 +306,9 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     ]) + "\n"
     metrics = {"model": str(args.model), "data": what, "command": command, "slices": ev["slices"],
                "notes": ev["notes"], "low_resolution": ev["low"], "full_resolution": ev["full"]}
-    _atomic_bytes(out / "metrics.json", json.dumps(_jsonable(metrics), indent=1).encode())
-    _atomic_bytes(out / "table.md", text.encode())
-    _atomic_bytes(out / "table.csv", csv_table({"low": ev["low"], "full": ev["full"]}).encode())
+    atomic_bytes(out / "metrics.json", json.dumps(_jsonable(metrics), indent=1).encode())
+    atomic_bytes(out / "table.md", text.encode())
+    atomic_bytes(out / "table.csv", csv_table({"low": ev["low"], "full": ev["full"]}).encode())
     figures(out / "figures", ev, title)
     if not args.quiet:
         print(text)

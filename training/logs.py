@@ -9,24 +9,22 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence
+
+from EPDSegmentationLib.model_io import atomic_write
 
 Row = Dict[str, float]
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+def atomic_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (model_io.atomic_write)."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    return atomic_write(path, write)
 
 
 def write_csv(path: Path, history: Sequence[Row]) -> None:
@@ -39,7 +37,7 @@ def write_csv(path: Path, history: Sequence[Row]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: _fmt(v) for k, v in row.items()})
-    _atomic_bytes(Path(path), buf.getvalue().encode())
+    atomic_bytes(Path(path), buf.getvalue().encode())
 
 
 def read_csv(path: Path) -> List[Dict[str, float]]:
@@ -129,5 +127,5 @@ def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_bytes(path, buf.getvalue())
+    atomic_bytes(path, buf.getvalue())
     return path

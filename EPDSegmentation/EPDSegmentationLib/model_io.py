@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
@@ -223,17 +223,27 @@ def _positive_pair(v, kind) -> bool:
     return True
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) for a temp file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, write) -> Path:
+    """Call write(tmp) for a temporary file name beside ``path``, then move the file into
+    place with os.replace: readers see the old file or the new one, never half of one. The
+    file gets the permissions the umask gives new files (safetensors writes 0600 itself)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
         raise
+    return path
 
 
 def write_card(path: PathLike, card: Mapping[str, Any], *, overwrite: bool = False) -> Path:
@@ -248,7 +258,7 @@ def write_card(path: PathLike, card: Mapping[str, Any], *, overwrite: bool = Fal
             json.dump(_finite(card), f, indent=2, allow_nan=False)
             f.write("\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -297,7 +307,7 @@ def save_model(path: PathLike, model, card: Mapping[str, Any], *,
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
             "architecture": json.dumps(card["architecture"], sort_keys=True)}
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     write_card(card_path, card, overwrite=True)
     return weights_path, card_path
 

@@ -5,10 +5,12 @@ One step is what ``python -m training train`` does per batch: window the HU slic
 downsample slices and labels on the device (epd_torch), forward, the MAE + soft Dice loss
 with uncertainty weights, backward, AdamW. Each factor runs in a fresh process (so peak
 memory is its own); time is the median of --steps steps after --warmup steps (robust to a
-shared machine). Peak memory:
-on a GPU, the peak of torch.cuda.max_memory_allocated during a step above what was allocated
-before it; on the CPU, the rise of the process's peak resident memory (VmHWM, reset through
-/proc/self/clear_refs) during a step.
+shared machine). Peak memory per step: on a GPU, the peak of torch.cuda.max_memory_allocated
+during a step above what was allocated before it; on the CPU, in a second fresh process, the
+rise of the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs)
+during a step, with glibc's mmap threshold fixed at 64 KiB
+(MALLOC_MMAP_THRESHOLD_) so every tensor buffer is mapped and unmapped and resident memory
+follows the live tensors instead of the allocator's reuse.
 
     python Testing/benchmarks/bench_training.py                 # GPU if present, 512 x 512
     python Testing/benchmarks/bench_training.py --device cpu --size 256 --batch 4
@@ -105,6 +107,13 @@ def measure(factor: int, size: int, batch: int, width: int, steps: int, warmup: 
             "input": -(-size // factor), "torch": torch.__version__}
 
 
+def _child(cmd, env, k) -> dict:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"factor {k} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
@@ -135,10 +144,11 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--_one", str(k), "--device", a.device, "--size",
                str(a.size), "--batch", str(a.batch), "--width", str(a.width), "--steps",
                str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        if done.returncode:
-            sys.exit(f"factor {k} failed:\n{done.stderr}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        timed = _child(cmd, dict(os.environ), k)
+        if not gpu:  # CPU memory with every buffer mmapped (slower, so timed apart)
+            mem = _child(cmd, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), k)
+            timed["peak_mib"] = mem["peak_mib"]
+        results.append(timed)
         print(f"  factor {k} done", file=sys.stderr)
     r1 = results[0]
     print(f"training step: {a.batch} slices of {a.size} x {a.size} (phantom), width {a.width}, "
