@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from EPDSegmentationLib.epd import epd_image, upsample_soft
-from EPDSegmentationLib.inference import (Cancelled, Prediction, predict_volume, prepare_slices,
-                                          resampled_shape, run_network, select_device,
-                                          source_pixel_mm)
+from EPDSegmentationLib.inference import (Cancelled, DeviceError, Prediction, predict_volume,
+                                          prepare_slices, resampled_shape, run_network,
+                                          select_device, source_pixel_mm)
 from EPDSegmentationLib.model import ModelConfig, build_model
 from EPDSegmentationLib.model_io import load_model, make_card, save_model
 from EPDSegmentationLib.windowing import DEFAULT_WINDOWS, window_channels
@@ -120,7 +120,7 @@ def test_device_selection_explains_itself():
     assert isinstance(dev, torch.device) and reason
     if not torch.cuda.is_available():
         assert dev.type in ("cpu", "mps") and "CUDA" in reason
-        with pytest.raises(RuntimeError, match="'cuda' requested, but"):
+        with pytest.raises(DeviceError, match="'cuda' requested, but"):
             select_device("cuda")
     assert select_device("cpu")[0].type == "cpu"
     with pytest.raises(ValueError, match="device must be"):

@@ -50,7 +50,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path, uninterrupted):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node", "2", "-m", "training", "train", *TINY,
                           "--epochs", "3", "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=REPO, timeout=120,
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert two.returncode == 0, two.stderr
     a = load_file(str(uninterrupted / "model.safetensors"))

@@ -41,7 +41,7 @@ def setup(device: str = "auto") -> Context:
 
     device: "auto" (a GPU when there is one, else the CPU), "cuda" or "cpu". Under torchrun
     each rank takes cuda:LOCAL_RANK with NCCL, or the CPU with gloo."""
-    from EPDSegmentationLib.inference import select_device
+    from EPDSegmentationLib.inference import DeviceError, select_device
 
     if not launched_by_torchrun():
         dev, reason = select_device(device)
@@ -52,10 +52,10 @@ def setup(device: str = "auto") -> Context:
     local = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if device == "cuda" and not use_cuda:
-        raise RuntimeError("--device cuda requested, but CUDA is not available")
+        raise DeviceError("--device cuda requested, but CUDA is not available")
     if use_cuda:
         if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s)")
+            raise DeviceError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(local)
         dev, backend = torch.device("cuda", local), "nccl"
         reason = f"CUDA GPU {torch.cuda.get_device_name(local)}"

@@ -32,6 +32,10 @@ class Cancelled(Exception):
     """Raised by predict_volume when should_cancel() returns True between batches."""
 
 
+class DeviceError(RuntimeError):
+    """A requested device is not available; the message says why."""
+
+
 @dataclass
 class Prediction:
     """probabilities: float32 (C, n, J, I) on the input grid for the n requested slices;
@@ -62,7 +66,7 @@ def select_device(requested: str = "auto"):
     """(torch.device, reason) for "auto", "cuda", "cuda:N", "mps" or "cpu".
 
     "auto" takes CUDA, then MPS, then the CPU and says why; a forced device that is absent
-    raises RuntimeError saying why it is absent."""
+    raises DeviceError (a RuntimeError) saying why it is absent."""
     import torch
 
     req = str(requested).strip().lower()
@@ -78,15 +82,15 @@ def select_device(requested: str = "auto"):
         return torch.device("cpu"), "CPU (requested)"
     if req == "cuda" or req.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {requested!r} requested, but {_cuda_absent_reason(torch)}")
+            raise DeviceError(f"device {requested!r} requested, but {_cuda_absent_reason(torch)}")
         dev = torch.device(req)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {requested!r} requested, but only "
+            raise DeviceError(f"device {requested!r} requested, but only "
                                f"{torch.cuda.device_count()} CUDA device(s) exist")
         return dev, f"CUDA GPU {torch.cuda.get_device_name(dev.index or 0)} (requested)"
     if req == "mps":
         if not _mps_available(torch):
-            raise RuntimeError(f"device 'mps' requested, but MPS is not available (needs Apple "
+            raise DeviceError(f"device 'mps' requested, but MPS is not available (needs Apple "
                                f"silicon, macOS 12.3+ and a torch build with MPS)")
         return torch.device("mps"), "Apple MPS (requested)"
     raise ValueError(f"device must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu'; got {requested!r}")
