@@ -140,6 +140,7 @@ def test_nearest_labels_bilinear_images_from_a_manifest(tmp_path):
     _, card = load_model(out / "model")
     assert (card["label_mode"], card["image_mode"], card["factor"]) == ("nearest", "bilinear", 4)
     assert card["training"]["data"]["source"] == "manifest"
+    assert len(card["training"]["data"]["manifest_sha256"]) == 64
     assert card["training"]["augment"] is None and card["training"]["loss"] == "ce"
     assert "sigma_ce" not in read_csv(out / "log.csv")[0]
 

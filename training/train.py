@@ -150,8 +150,11 @@ def args_dict(args: argparse.Namespace) -> Dict[str, object]:
 def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRecord], dict]:
     """(training slices, validation slices, data recipe for the card)."""
     if args.manifest is not None:
+        import hashlib
+
         recs = manifest_records(args.manifest, ("train", "val"), progress=progress)
-        recipe = {"source": "manifest", "manifest": str(Path(args.manifest).resolve())}
+        recipe = {"source": "manifest", "manifest": str(Path(args.manifest).resolve()),
+                  "manifest_sha256": hashlib.sha256(Path(args.manifest).read_bytes()).hexdigest()}
     else:
         recs = phantom_records(args.phantom_subjects, args.phantom_slices, args.phantom_size,
                                args.data_seed, args.val_fraction, args.phantom_gap_mm,
