@@ -1,0 +1,158 @@
+"""Weights + model card: round trip, atomic writes, and clear errors for files that are not ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from EPDSegmentationLib.classes import KEYS
+from EPDSegmentationLib.model import ModelConfig, build_model
+from EPDSegmentationLib.model_io import (FORMAT, ModelFileError, load_model, make_card,
+                                         model_paths, read_card, save_model, validate_card)
+from EPDSegmentationLib.windowing import DEFAULT_WINDOWS
+
+
+def small_card(model, **over):
+    kw = dict(windows=DEFAULT_WINDOWS, factor=2, label_mode="epd", image_mode="average",
+              pixel_mm=(1.6, 1.6), input_size=(32, 32),
+              training={"data": {"source": "phantom"}, "command": "python -m training train",
+                        "seed": 0},
+              metrics={"val": {"Dice": 0.5}})
+    kw.update(over)
+    return make_card(model.config.to_dict(), **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(width=4)).eval()
+
+
+@pytest.fixture()
+def saved(tmp_path, model):
+    save_model(tmp_path / "net", model, small_card(model))
+    return tmp_path / "net"
+
+
+def test_round_trip_gives_the_same_network_and_card(saved, model):
+    weights, card_path = model_paths(saved)
+    assert weights.is_file() and card_path.is_file()
+    loaded, card = load_model(weights)
+    assert card == small_card(model)
+    assert [c["key"] for c in card["classes"]] == list(KEYS)
+    x = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # any of the three spellings finds the pair
+    assert load_model(card_path)[1] == load_model(str(saved))[1]
+    assert not loaded.training
+
+
+def test_no_temporary_files_are_left_and_nothing_is_overwritten(saved, model):
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["net.json", "net.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in model_paths(saved):  # shared models must be readable as the umask allows
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(FileExistsError, match="net.safetensors exists"):
+        save_model(saved, model, small_card(model))
+    other = build_model(ModelConfig(width=4))
+    save_model(saved, other, small_card(other), overwrite=True)
+    loaded, _ = load_model(saved)
+    assert torch.equal(loaded.head.weight, other.head.weight)
+
+
+def test_card_must_be_the_models_architecture(tmp_path, model):
+    wider = build_model(ModelConfig(width=8))
+    with pytest.raises(ModelFileError, match="not the model's"):
+        save_model(tmp_path / "x", model, small_card(wider))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_safetensors_file_that_is_not_ours(tmp_path, saved):
+    other = tmp_path / "other"
+    save_file({"w": torch.zeros(3)}, str(other) + ".safetensors")
+    (tmp_path / "other.json").write_text(model_paths(saved)[1].read_text())
+    with pytest.raises(ModelFileError, match="not one of our models"):
+        load_model(other)
+
+
+def test_corrupt_and_truncated_weights(saved):
+    weights, _ = model_paths(saved)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="not a readable safetensors file"):
+        load_model(saved)
+    weights.write_bytes(b"this is not a model at all")
+    with pytest.raises(ModelFileError, match="not a readable safetensors file"):
+        load_model(saved)
+
+
+def test_card_that_does_not_match_the_weights(saved):
+    _, card_path = model_paths(saved)
+    card = json.loads(card_path.read_text())
+    card["architecture"]["width"] = 8
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelFileError, match="does not match the one stored with the weights"):
+        load_model(saved)
+
+
+def test_missing_card_or_weights(saved):
+    weights, card_path = model_paths(saved)
+    card_path.unlink()
+    with pytest.raises(ModelFileError, match="model card not found"):
+        load_model(weights)
+    weights.unlink()
+    with pytest.raises(ModelFileError, match="weights file not found"):
+        load_model(weights)
+
+
+def test_invalid_json_card(saved):
+    _, card_path = model_paths(saved)
+    card_path.write_text("{not json")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        read_card(card_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(format="something-else"), "not an EPD Segmentation model card"),
+    (lambda c: c.update(format_version=99), "newer than this software reads"),
+    (lambda c: c.pop("windows"), "missing field"),
+    (lambda c: c["classes"].reverse(), "do not match this software's classes"),
+    (lambda c: c.update(factor=3), "factor must be one of"),
+    (lambda c: c.update(label_mode="bilinear"), "label_mode"),
+    (lambda c: c.update(image_mode="nearest"), "image_mode"),
+    (lambda c: c.update(pixel_mm=[0.8]), "pixel_mm"),
+    (lambda c: c.update(pixel_mm=[0.8, -1]), "pixel_mm"),
+    (lambda c: c.update(input_size=[32, 32.5]), "input_size"),
+    (lambda c: c["training"].pop("command"), "training lacks command"),
+    (lambda c: c.update(windows=c["windows"][:2]), "2 windows but the network takes 3"),
+    (lambda c: c["windows"][0].__setitem__(1, 5000), "lo < hi"),
+    (lambda c: c["architecture"].update(width="wide"), "architecture"),
+])
+def test_card_validation_names_the_problem(model, change, message):
+    card = json.loads(json.dumps(small_card(model)))
+    change(card)
+    with pytest.raises(ModelFileError, match=message):
+        validate_card(card, "my.json")
+
+
+def test_card_tools_import_without_torch():
+    code = ("import sys, EPDSegmentationLib.model_io, EPDSegmentationLib.metrics, "
+            "EPDSegmentationLib.inference; print('torch' in sys.modules); "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_format_marker_is_in_the_weights(saved):
+    from safetensors import safe_open
+
+    with safe_open(str(model_paths(saved)[0]), framework="pt") as f:
+        assert f.metadata()["format"] == FORMAT
