@@ -13,6 +13,7 @@ from EPDSegmentationLib.classes import NUM_CLASSES  # noqa: E402
 from EPDSegmentationLib.epd import epd_labels, upsample_soft  # noqa: E402
 from EPDSegmentationLib.example import example_labels  # noqa: E402
 from EPDSegmentationLib.mrml_nodes import vtk_matrix  # noqa: E402
+from EPDSegmentationLib.mrml_views import slice_node  # noqa: E402
 
 #: Mean HU per class for the synthetic CT (BG is air).
 CLASS_HU = np.array([-1000.0, 40.0, -80.0, -100.0, -90.0, 60.0])
@@ -31,6 +32,13 @@ class Scene:
         self.segmentations_logic.SetMRMLScene(self.scene)
         self.segmentations_logic.SetMRMLApplicationLogic(self.app_logic)
 
+    def close(self):
+        for logic in getattr(self, "slice_logics", []) + [getattr(self, "layout_logic", None)]:
+            if logic is not None:
+                logic.SetMRMLScene(None)
+        self.segmentations_logic.SetMRMLScene(None)
+        self.app_logic.SetMRMLScene(None)
+
     def add_views(self):
         """Layout, slice and table view nodes and slice composite nodes, as Slicer's layout
         manager and slice logics would create them."""
@@ -40,7 +48,7 @@ class Scene:
         for view in ("Red", "Yellow", "Green"):
             logic = slicer.vtkMRMLSliceLogic()
             logic.SetMRMLScene(self.scene)
-            logic.SetSliceNode(slicer.vtkMRMLSliceLogic.GetSliceNode(self.scene, view))
+            logic.SetSliceNode(slice_node(self.scene, view))
             self.slice_logics.append(logic)
         self.scene.AddNewNodeByClass("vtkMRMLTableViewNode").SetSingletonTag("TableView1")
 
@@ -49,7 +57,7 @@ class Scene:
 def mrml():
     s = Scene()
     yield s
-    s.scene.Clear(1)
+    s.close()
 
 
 def label_stack(n_slices: int = 4, size: int = 64) -> np.ndarray:

@@ -55,12 +55,23 @@ def set_layout(scene, arrangement: int, description: Optional[str] = None) -> bo
     return True
 
 
+def _by_layout_name(scene, cls: str, view: str):
+    nodes = scene.GetNodesByClass(cls)
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetLayoutName() == view:
+            return node
+    return None
+
+
 def slice_node(scene, view: str):
-    return slicer.vtkMRMLSliceLogic.GetSliceNode(scene, view)
+    """The slice node of a view ("Red", ...), or None."""
+    return _by_layout_name(scene, "vtkMRMLSliceNode", view)
 
 
 def composite_node(scene, view: str):
-    return slicer.vtkMRMLSliceLogic.GetSliceCompositeNode(scene, view)
+    """The slice composite node of a view (what it shows), or None."""
+    return _by_layout_name(scene, "vtkMRMLSliceCompositeNode", view)
 
 
 def red_slice_ras(scene) -> np.ndarray:
