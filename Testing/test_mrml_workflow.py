@@ -24,7 +24,8 @@ from EPDSegmentationLib.mrml_segmentation import (  # noqa: E402
     terminology_entry)
 from EPDSegmentationLib.mrml_tables import table_rows  # noqa: E402
 from EPDSegmentationLib.mrml_workflow import (OutputExists, export_results,  # noqa: E402
-                                              resolve_slices, segment_volume)
+                                              model_path_for, model_status, resolve_slices,
+                                              result_nodes, segment_volume)
 
 PIXEL_CM2 = SPACING[0] * SPACING[1] / 100.0
 
@@ -297,3 +298,29 @@ def test_resolve_slices():
         resolve_slices("range", 10, first=5, last=10)
     with pytest.raises(InputProblem, match="red view"):
         resolve_slices("current", 3, current=7)
+
+
+def test_export_finds_the_runs_companions(case):
+    scene, ct, _, probs = case
+    first = segment_volume(scene, ct, predictor(probs), soft_segmentation=True,
+                           soft_volumes=True)
+    found = result_nodes(scene, first.segmentation)
+    assert found["table"] is first.table
+    assert found["soft_segmentation"] is first.soft_segmentation
+    assert found["probability_volumes"] == first.probability_volumes
+    # a rerun into the same (picked, replaced) segmentation takes its companions over
+    second = segment_volume(scene, ct, predictor(probs), segmentation_node=first.segmentation,
+                            replace_existing=True)
+    found = result_nodes(scene, first.segmentation)
+    assert found["table"] is second.table and found["table"] is not first.table
+    assert found["soft_segmentation"] is None and found["probability_volumes"] == []
+
+
+def test_model_choice_messages(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No model file chosen"):
+        model_path_for("Model file", "")
+    text, ok = model_status("Model file", tmp_path / "missing.safetensors")
+    assert not ok and "missing.json" in text and "model card not found" in text
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    text, ok = model_status("Model file", tmp_path / "other.safetensors")
+    assert not ok and "not an EPD Segmentation model card" in text

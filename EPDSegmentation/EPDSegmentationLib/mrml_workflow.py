@@ -37,6 +37,8 @@ from .mrml_tables import fill_measures_table, new_table, table_to_csv
 
 #: Slices per chunk between progress reports and cancel checks.
 CHUNK_SLICES = 16
+#: Attribute on a run's companion nodes (table, soft outputs): the ID of its segmentation.
+RESULT_OF = "EPDSegmentation.ResultOf"
 SLICE_MODES = ("all", "current", "range")
 
 Progress = Callable[[int, int, str], None]
@@ -257,7 +259,48 @@ def segment_volume(scene, volume_node, predict: Predict, *,
                                  probability=True, role=f"probability-{c.key}")
                 place_beside(vol, volume_node)
                 result.probability_volumes.append(vol)
+        _link_results(scene, result)
     return result
+
+
+def _link_results(scene, result: SegmentationResult) -> None:
+    """Tag the run's companions with the segmentation's ID (older companions of a reused
+    segmentation lose the tag), so Export finds them, also after the scene is reloaded."""
+    seg_id = result.segmentation.GetID()
+    current = [result.table, result.soft_segmentation] + list(result.probability_volumes)
+    keep = {n.GetID() for n in current if n is not None}
+    nodes = scene.GetNodesByClass("vtkMRMLNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetAttribute(RESULT_OF) == seg_id and node.GetID() not in keep:
+            node.RemoveAttribute(RESULT_OF)
+    for node in current:
+        if node is not None:
+            node.SetAttribute(RESULT_OF, seg_id)
+
+
+def result_nodes(scene, segmentation_node) -> Dict[str, Any]:
+    """The companions of a run's segmentation: table, soft_segmentation (or None) and
+    probability_volumes (in tissue order)."""
+    out: Dict[str, Any] = {"table": None, "soft_segmentation": None, "probability_volumes": []}
+    if segmentation_node is None:
+        return out
+    seg_id = segmentation_node.GetID()
+    volumes = {}
+    nodes = scene.GetNodesByClass("vtkMRMLNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetAttribute(RESULT_OF) != seg_id:
+            continue
+        role = node.GetAttribute(ROLE_ATTRIBUTE) or ""
+        if node.IsA("vtkMRMLTableNode"):
+            out["table"] = node
+        elif node.IsA("vtkMRMLSegmentationNode"):
+            out["soft_segmentation"] = node
+        elif role.startswith("probability-"):
+            volumes[role.split("-", 1)[1]] = node
+    out["probability_volumes"] = [volumes[c.key] for c in TISSUES if c.key in volumes]
+    return out
 
 
 # ----------------------------------------------------------------------------- export
@@ -379,6 +422,51 @@ def describe_device(requested: str = "auto") -> Tuple[str, str]:
     except (RuntimeError, ValueError) as exc:
         return "", str(exc)
     return str(dev), reason
+
+
+def device_line(requested: str = "auto") -> str:
+    """The panel's device line, e.g. "Runs on CPU: this torch build (2.13.0+cpu) has no CUDA
+    support; MPS is not available"."""
+    device, reason = describe_device(requested)
+    if not device:
+        return f"Cannot run: {reason}"
+    prefix = device.split(":")[0].upper()
+    why = reason[len("CPU: "):] if reason.startswith("CPU: ") else reason
+    return f"Runs on {prefix}: {why}"
+
+
+MODEL_SOURCES = ("Bundled model", "Model file")
+
+
+def model_path_for(source: str, path=None) -> Path:
+    """The weights file for the panel's model choice; FileNotFoundError saying what is
+    missing (short enough for the panel)."""
+    from .resources import bundled_model_path
+
+    if source == MODEL_SOURCES[0]:
+        try:
+            return bundled_model_path()
+        except FileNotFoundError:
+            raise FileNotFoundError("The bundled model is not in this build yet: choose "
+                                    "'Model file' and pick a model you trained.") from None
+    if source != MODEL_SOURCES[1]:
+        raise ValueError(f"model source must be one of {MODEL_SOURCES}; got {source!r}")
+    if path is None or str(path) in ("", "."):
+        raise FileNotFoundError("No model file chosen: pick a .safetensors file (its .json "
+                                "model card must be beside it).")
+    return Path(path)
+
+
+def model_status(source: str, path=None) -> Tuple[str, bool]:
+    """(the panel's model summary, whether the model can be used), from the model card;
+    torch is not needed."""
+    from .model_io import ModelFileError, read_card
+
+    try:
+        card = read_card(model_path_for(source, path))
+    except (FileNotFoundError, ModelFileError) as exc:
+        return str(exc), False
+    return describe_model(card), True
 
 
 def tissue_key(value: str) -> str:
