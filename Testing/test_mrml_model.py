@@ -89,3 +89,32 @@ def test_panel_descriptions(tiny_model):
     if not torch.cuda.is_available():
         device, reason = describe_device("cuda")
         assert device == "" and "cuda" in reason.lower()
+
+
+class _OutOfMemoryAbove1(torch.nn.Module):
+    """The tiny model, failing like a full GPU whenever a batch holds more than one slice."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(int(x.shape[0]))
+        if x.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)
+
+
+def test_out_of_memory_fallback_is_kept_for_later_chunks(mrml, tiny_model):
+    model, card = tiny_model
+    scene = mrml.scene
+    ct = add_ct(scene, label_stack(4, 32))
+    flaky = _OutOfMemoryAbove1(model)
+    predict = model_predictor(flaky, card, volume_array(ct), slice_pixel_mm(ijk_to_ras(ct)),
+                              device="cpu", batch_size=2)
+    out = segment_volume(scene, ct, predict, chunk_slices=2)
+    assert out.segmentation.GetSegmentation().GetNumberOfSegments() == 5
+    assert any("out of memory" in n and "batch size" in n for n in out.notes)
+    # first chunk: 2 -> fails, retried at 1; second chunk starts at 1 straight away
+    assert flaky.batches == [2, 1, 1, 1, 1]
