@@ -10,18 +10,17 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from test_mrml_support import (CLASS_HU, SPACING, add_ct, label_stack, mrml,  # noqa: E402,F401
+from test_mrml_support import (SPACING, add_ct, label_stack, mrml,  # noqa: E402,F401
                                node_ids, one_hot, predictor, soft_maps)
 
 from EPDSegmentationLib import bodycomp  # noqa: E402
 from EPDSegmentationLib.classes import NUM_CLASSES, TISSUES  # noqa: E402
 from EPDSegmentationLib.inference import Cancelled  # noqa: E402
 from EPDSegmentationLib.io.seg_nrrd import read_seg_nrrd  # noqa: E402
-from EPDSegmentationLib.mrml_nodes import InputProblem, ijk_to_ras, vtk_matrix  # noqa: E402
+from EPDSegmentationLib.mrml_nodes import InputProblem, ijk_to_ras  # noqa: E402
 from EPDSegmentationLib.mrml_segmentation import (  # noqa: E402
     BINARY, FRACTIONAL, decode_fractional, encode_fractional, fractional_probabilities,
-    image_array, image_matrix, labels_from_segmentation, load_segmentation, save_segmentation,
-    terminology_entry)
+    labels_from_segmentation, load_segmentation, save_segmentation, terminology_entry)
 from EPDSegmentationLib.mrml_tables import table_rows  # noqa: E402
 from EPDSegmentationLib.mrml_workflow import (OutputExists, export_results,  # noqa: E402
                                               model_path_for, model_status, resolve_slices,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import slicer
@@ -251,14 +251,3 @@ def undo_on_failure(scene) -> Iterator[List[str]]:
     finally:
         if tag is not None:
             scene.RemoveObserver(tag)
-
-
-def nodes_with_role(scene, role: str, cls: str = "vtkMRMLNode") -> List:
-    """Nodes this module created with the given role (see ROLE_ATTRIBUTE)."""
-    found = []
-    nodes = scene.GetNodesByClass(cls)
-    for i in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(i)
-        if node.GetAttribute(ROLE_ATTRIBUTE) == role:
-            found.append(node)
-    return found

@@ -14,7 +14,7 @@ Downsampling is in-plane only (slices are kept), as the networks see axial slice
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 

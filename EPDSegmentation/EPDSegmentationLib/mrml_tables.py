@@ -21,6 +21,7 @@ import vtk
 
 from . import bodycomp
 from .classes import TISSUES
+from .mrml_nodes import ROLE_ATTRIBUTE, unique_name
 
 #: (key, title, unit, description) of the preview's area table.
 AREA_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (
@@ -161,8 +162,6 @@ def table_to_csv(table_node, path: Union[str, os.PathLike], *, overwrite: bool =
 
 def new_table(scene, name: str, role: Optional[str] = None):
     """A new table node with a unique name."""
-    from .mrml_nodes import ROLE_ATTRIBUTE, unique_name
-
     node = scene.AddNewNodeByClass("vtkMRMLTableNode", unique_name(scene, name))
     if role:
         node.SetAttribute(ROLE_ATTRIBUTE, role)

@@ -26,7 +26,7 @@ import numpy as np
 import slicer
 
 from . import bodycomp
-from .classes import NUM_CLASSES, TISSUES, class_by_key
+from .classes import NUM_CLASSES, TISSUES
 from .inference import Cancelled
 from .mrml_nodes import (InputProblem, add_volume, check_ct_volume, ijk_to_ras, place_beside,
                          safe_file_stem, spacing_ijk, undo_on_failure, unique_name,
@@ -467,8 +467,3 @@ def model_status(source: str, path=None) -> Tuple[str, bool]:
     except (FileNotFoundError, ModelFileError) as exc:
         return str(exc), False
     return describe_model(card), True
-
-
-def tissue_key(value: str) -> str:
-    """The class key of a panel choice such as "IMAT" (validated)."""
-    return class_by_key(value.split()[0]).key
