@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from EPDSegmentationLib.phantom.sheet import shared_sample_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -17,8 +18,9 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def totalseg_dir() -> Path:
-    """../shared/data/totalseg-example, or skip when this checkout has no shared data."""
-    path = SHARED_DATA / "totalseg-example"
-    if not path.is_dir():
-        pytest.skip(f"shared data not present at {path}")
+    """../shared/data/totalseg-example (beside this checkout, or beside its folder of
+    worktrees), or skip when there is no shared data."""
+    path = shared_sample_dir()
+    if path is None:
+        pytest.skip("shared data (../shared/data/totalseg-example) not present")
     return path

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 
@@ -29,6 +29,11 @@ from .errors import InputError
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+#: image storage classes that must carry pixel data (CT, enhanced CT, MR, PET, CR/DX, US, SC)
+IMAGE_SOP_CLASSES = {CT_IMAGE_STORAGE, ENHANCED_CT_STORAGE, "1.2.840.10008.5.1.4.1.1.4",
+                     "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.1",
+                     "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.6.1",
+                     "1.2.840.10008.5.1.4.1.1.7"}
 FLIP = np.diag([-1.0, -1.0, 1.0])
 
 #: transfer syntaxes the writer can produce
@@ -53,7 +58,8 @@ def _sop_uid(ds, name: str) -> str:
 
 
 def _headers(path: Path):
-    """(file, dataset without pixels) for every DICOM file at path; non-DICOM files skipped."""
+    """(file, dataset with deferred pixel data) for every DICOM image at path; files that are
+    not DICOM, DICOMDIRs and non-image objects are skipped (and counted)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -66,7 +72,8 @@ def _headers(path: Path):
     found, skipped = [], []
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            # read every element but defer large values (pixel data) until they are used
+            ds = pydicom.dcmread(f, defer_size=4096)
         except InvalidDicomError:
             if path.is_file():
                 raise InputError(f, "is not a DICOM file (no DICM preamble)") from None
@@ -74,8 +81,15 @@ def _headers(path: Path):
             continue
         except Exception as exc:   # truncated or malformed element data
             raise InputError(f, f"corrupt DICOM file: {type(exc).__name__}: {exc}") from None
-        if _sop_uid(ds, "SOPClassUID") == DICOMDIR_SOP:
+        sop_class = _sop_uid(ds, "SOPClassUID")
+        if sop_class == DICOMDIR_SOP:
             skipped.append(f)
+            continue
+        if "PixelData" not in ds:
+            if sop_class in IMAGE_SOP_CLASSES or not sop_class:
+                raise InputError(f, "corrupt DICOM file: an image without pixel data "
+                                    "(truncated?)")
+            skipped.append(f)          # a non-image object (report, presentation state)
             continue
         found.append((f, ds))
     if not found:
@@ -212,8 +226,6 @@ def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volu
     series_description, files (sorted), sop_instance_uids, sop_class_uid, transfer_syntaxes,
     skipped (number of non-DICOM files ignored).
     """
-    import pydicom
-
     path = Path(path)
     found, skipped = _headers(path)
     groups = _group(found)
@@ -233,9 +245,8 @@ def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volu
     rows, cols = int(items[0][1].Rows), int(items[0][1].Columns)
     hu = np.empty((len(items), rows, cols), np.float32)
     syntaxes = set()
-    for k, (f, _) in enumerate(items):
+    for k, (f, ds) in enumerate(items):
         try:
-            ds = pydicom.dcmread(f)
             syntax = ds.file_meta.TransferSyntaxUID
             syntaxes.add(str(syntax))
             arr = ds.pixel_array

@@ -46,8 +46,10 @@ def read_volume(path: Union[str, Path], series_uid: Optional[str] = None) -> Vol
         vol = read_itk(path)
         arr = vol.array
         if arr.dtype.kind == "b" or (arr.dtype.kind in "iu" and arr.size and arr.min() >= 0
-                                     and arr.max() <= 1):
-            raise InputError(path, f"holds only 0/1 values: a mask, not CT in HU")
+                                     and arr.max() <= 255 and len(np.unique(arr)) <= 64):
+            raise InputError(path, f"holds only {len(np.unique(arr))} distinct values in "
+                                   f"{arr.min()}..{arr.max()}: a mask or label map, not CT "
+                                   f"in HU")
         vol.array = arr.astype(np.float32, copy=False)
         vol.meta.setdefault("modality", "CT")
         vol.meta.setdefault("series_uid", None)
@@ -71,7 +73,7 @@ def same_grid(a: Volume, b: Volume, tol_mm: float = GRID_TOL_MM) -> Optional[str
     return None
 
 
-def _place_on(labels: Volume, like: Volume, path: Path) -> Optional[Volume]:
+def _place_on(labels: Volume, like: Volume) -> Optional[Volume]:
     """Put a cropped label grid (as Slicer writes .seg.nrrd) into like's grid, or None when
     the two grids are not the same lattice."""
     if not (np.allclose(labels.spacing, like.spacing, atol=GRID_TOL_MM)
@@ -109,7 +111,7 @@ def read_labels(path: Union[str, Path], like: Optional[Volume] = None) -> Volume
     if ext == ".seg.nrrd":
         vol = read_seg_nrrd(path)
         if like is not None and same_grid(vol, like) is not None:
-            placed = _place_on(vol, like, path)
+            placed = _place_on(vol, like)
             if placed is None:
                 raise InputError(path, f"label grid does not match the image "
                                        f"{like.meta.get('source', '')}: {same_grid(vol, like)}")

@@ -156,7 +156,7 @@ def write_seg_nrrd(path: Union[str, Path], labels_or_probabilities, ijk_to_ras, 
     return path
 
 
-def _ras_geometry(header, path: Path, n_space: int):
+def _ras_geometry(header, path: Path):
     space = str(header.get("space", "left-posterior-superior")).lower()
     flip = {"left-posterior-superior": FLIP, "lps": FLIP,
             "right-anterior-superior": np.eye(3), "ras": np.eye(3)}.get(space)
@@ -199,7 +199,7 @@ def read_seg_nrrd(path: Union[str, Path]) -> Volume:
         layers = data[None]
     else:
         raise InputError(path, f"is {data.ndim}D; a segmentation is 3D (or 4D with layers)")
-    m = _ras_geometry(header, path, 3)
+    m = _ras_geometry(header, path)
     rep = str(header.get("Segmentation_MasterRepresentation",
                          header.get("Segmentation_SourceRepresentation", "Binary labelmap")))
     fractional = rep == "Fractional labelmap"

@@ -9,13 +9,7 @@ sample, datasets, statistics).
 
 from __future__ import annotations
 
+from .dataset import write_dataset
 from .generate import PhantomSlice, make_slice, subject_slices
 
 __all__ = ["PhantomSlice", "make_slice", "subject_slices", "write_dataset"]
-
-
-def write_dataset(*args, **kwargs):
-    """See dataset.write_dataset (imported lazily: it needs the I/O writers)."""
-    from .dataset import write_dataset as _write
-
-    return _write(*args, **kwargs)

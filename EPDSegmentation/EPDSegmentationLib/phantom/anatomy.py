@@ -201,7 +201,7 @@ def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
     rect_w = (62 + 10 * m) * f / r0                          # angular width of each rectus
     t_rect = 10.5 * f * m
     t_eo, t_io, t_ta = 6.5 * f * m, 8.0 * f * m, 5.0 * f * m
-    plane = 0.5 + 1.2 * s.adiposity + 0.6 * s.myosteatosis  # fat between the layers, mm
+    plane = 0.8 + 1.2 * s.adiposity + 0.6 * s.myosteatosis  # fat between the layers, mm
     ph, rc = _radial_layer(g, -la, la, 16)
     cv.paint(band(0, 0, ph, rc - 0.3, rc - 2.2), C["fascia"], over=(C["vat"],))
     for side in (-1, 1):
@@ -343,10 +343,11 @@ def draw_kidneys(cv: Canvas, g: Geometry) -> None:
                      over=(C["kidney_cortex"],))
         if k > 0.8:
             # renal sinus: fat and the collecting system, opening anteromedially
-            hx, hy = x - side * 0.45 * rx, y - 0.35 * ry
-            cv.paint(ellipse(hx, hy, 0.42 * rx, 0.3 * ry, ang, 32), C["vat"],
+            # the sinus opens through the medial border (the hilum), so the kidney is C-shaped
+            hx, hy = x - side * 0.72 * rx, y - 0.15 * ry
+            cv.paint(ellipse(hx, hy, 0.42 * rx, 0.32 * ry, ang, 32), C["vat"],
                      over=(C["kidney_cortex"], C["kidney_medulla"]))
-            cv.paint(ellipse(hx - side * 2, hy - 1, 0.2 * rx, 0.14 * ry, ang, 24), C["urine"])
+            cv.paint(ellipse(hx - side * 0.1 * rx, hy, 0.2 * rx, 0.15 * ry, ang, 24), C["urine"])
 
 
 def draw_vessels(cv: Canvas, g: Geometry) -> None:
@@ -482,6 +483,7 @@ def draw(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> Geometry
         draw_bowel(cv, lay["colon"], z)
         draw_bowel(cv, lay["loops"], z)
         draw_thin_tubes(cv, lay["mesenteric"], z, C["vessel"], (C["vat"],))
+        draw_thin_tubes(cv, lay["septa"], z, C["scarpa"], (C["sat"],))
         draw_thin_tubes(cv, lay["imat"], z, C["imat"], (C["muscle"],))
     return g
 
@@ -522,7 +524,7 @@ def plan_layout(s: Subject) -> None:
     for side in (-1, 1):
         d = ((xx - side * g.kidney_x) / 45) ** 2 + ((yy - g.kidney_y) / 38) ** 2
         peritoneal &= d > 1
-    lay: Dict[str, list] = {"colon": [], "loops": [], "mesenteric": [], "imat": []}
+    lay: Dict[str, list] = {"colon": [], "loops": [], "mesenteric": [], "imat": [], "septa": []}
 
     def occupy(t: Tube):
         outline = loop_outline(t, 0.0)
@@ -579,20 +581,27 @@ def plan_layout(s: Subject) -> None:
         direction, drift = u(0, 2 * np.pi), abs(rng.normal(0, 0.9))
         t = Tube(float(pt[0, 0]), float(pt[0, 1]), u(-20, 20), drift * np.cos(direction),
                  drift * np.sin(direction), u(45, 110), r, kind, wall, gas,
-                 bend=0.0 if gas else rng.normal(0, 0.025), harm=harm(0.07))
+                 bend=0.0 if gas else rng.normal(0, 0.025), harm=harm(0.12))
         lay["loops"].append(t)
         occupy(t)
     # small mesenteric vessels in the fat left between the loops
     free = peritoneal & (cv.codes == C["vat"])
-    for x, y in _mask_points(cv, free, rng, int(20 + 40 * s.vat)):
+    for x, y in _mask_points(cv, free, rng, int(20 + 30 * s.vat)):
         lay["mesenteric"].append(Tube(float(x), float(y), u(-30, 30), rng.normal(0, 0.3),
                                       rng.normal(0, 0.3), u(30, 120), u(0.7, 2.2), "vessel"))
+    # fibrous septa in the subcutaneous fat, running roughly along the skin
+    sat = cv.codes == C["sat"]
+    for x, y in _mask_points(cv, sat, rng, int(15 + 50 * s.adiposity)):
+        tangent = float(np.arctan2(y, x)) + np.pi / 2 + rng.normal(0, 0.35)
+        lay["septa"].append(Tube(float(x), float(y), u(-30, 30), rng.normal(0, 0.1),
+                                 rng.normal(0, 0.1), u(15, 50), u(0.2, 0.45), "septum",
+                                 aspect=u(15, 60), angle=tangent, bend=rng.normal(0, 0.02)))
     # IMAT: thin streaks and small islands inside muscle, more in the back muscles
     muscle = cv.codes == C["muscle"]
     back = muscle & (yy > g.y_canal)
     q = s.myosteatosis
-    n_streak = int(6 + 70 * q ** 1.2)
-    n_island = int(4 + 30 * q)
+    n_streak = int(4 + 30 * q ** 1.2)
+    n_island = int(3 + 15 * q)
     for i in range(n_streak + n_island):
         src = back if rng.random() < 0.65 else muscle
         pt = _mask_points(cv, src, rng, 1)
@@ -600,13 +609,13 @@ def plan_layout(s: Subject) -> None:
             break
         x, y = float(pt[0, 0]), float(pt[0, 1])
         if i < n_streak:
-            width = u(0.35, 1.0) + 0.9 * q * rng.random()
+            width = u(1.0, 2.5) + 1.2 * q * rng.random()
             lay["imat"].append(Tube(x, y, u(-40, 40), rng.normal(0, 0.08), rng.normal(0, 0.08),
                                     u(12, 45), width / 2, "streak",
-                                    aspect=u(4, 16) * (1 + q), angle=u(0, np.pi),
+                                    aspect=u(3, 10) * (1 + 0.5 * q), angle=u(0, np.pi),
                                     bend=rng.normal(0, 0.04)))
         else:
             lay["imat"].append(Tube(x, y, u(-40, 40), rng.normal(0, 0.05), rng.normal(0, 0.05),
-                                    u(6, 20), u(0.6, 1.8) + 1.2 * q * rng.random(), "island",
+                                    u(6, 20), u(1.5, 4.0) + 2.0 * q * rng.random(), "island",
                                     aspect=u(1.0, 1.6), angle=u(0, np.pi)))
     s.layout = lay

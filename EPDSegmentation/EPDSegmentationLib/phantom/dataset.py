@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -141,19 +141,21 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
 
 SAMPLE_README = """# Bundled sample CT: a phantom abdomen around L3
 
-`EPDPhantomCT.nrrd` is a CT volume in HU (int16, gzip NRRD, LPS space as Slicer writes it) and
-`EPDPhantomCT-label.nrrd` its label map (uint8: 0 background, 1 skeletal muscle, 2 IMAT,
-3 SAT, 4 VAT, 5 other body tissue; see EPDSegmentationLib/classes.py). Both come from the
-project's phantom generator, not from a patient: phantom subject seed {seed}, {n} axial
-slices {gap:g} mm apart from z = {z0:g} to {z1:g} mm around mid-L3 ({levels}), {size} x {size}
-pixels of {pixel:.4f} mm. Subject: {sex}, age {age:.0f}, adiposity {adiposity:.2f},
-muscle factor {muscle:.2f}, myosteatosis {myo:.2f}, {kvp} kVp, {phase} phase.
+Made by the project's phantom generator, not from a patient.
 
-Regenerate both files and this README (from the repository root, after `make setup`):
+- `EPDPhantomCT.nrrd`: CT in HU, int16, gzip NRRD (LPS space, as Slicer writes it).
+- `EPDPhantomCT-label.nrrd`: its label map, uint8: 0 background, 1 skeletal muscle, 2 IMAT,
+  3 SAT, 4 VAT, 5 other body tissue (EPDSegmentationLib/classes.py). These are the hard
+  (majority) labels of the phantom's exact per-pixel class fractions.
+
+Phantom subject seed {seed}: {sex}, age {age:.0f}, adiposity {adiposity:.2f}, muscle factor
+{muscle:.2f}, myosteatosis {myo:.2f}; {kvp} kVp, {phase} phase. {n} axial slices of
+{size} x {size} pixels ({pixel:.4f} mm), {gap:g} mm apart, from z = {z0:g} to {z1:g} mm
+around mid-L3; levels: {levels}.
+
+Regenerate the two volumes and this README (repository root, after `make setup`):
 
     .venv/bin/python -m EPDSegmentationLib.phantom sample --output Resources/Sample --overwrite
-
-The labels are the hard (majority) labels of the phantom's exact per-pixel class fractions.
 """
 
 

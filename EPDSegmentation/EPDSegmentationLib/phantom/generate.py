@@ -103,7 +103,7 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     c = (np.arange(n) + 0.5) / n - 0.5
     outside = c[:, None] ** 2 + c[None, :] ** 2 > 0.25
     cv.codes[outside] = CODE["air"]
-    fractions = epd_labels(CLASS_OF[cv.codes], NUM_CLASSES, supersample)
+    fractions = epd_labels(CLASS_OF[cv.codes], NUM_CLASSES, supersample, workers=1)
     labels = np.argmax(fractions, axis=0).astype(np.uint8)
     zkey = int(round(float(z_mm) * 1000)) % (2 ** 32)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 777, zkey, int(size)]))

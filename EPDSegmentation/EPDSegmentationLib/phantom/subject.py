@@ -147,8 +147,8 @@ def _draw(seed: int) -> Subject:
     sex = "F" if rng.random() < 0.5 else "M"
     male = sex == "M"
     age = u(22, 88)
-    frame = float(np.clip(rng.normal(1.04 if male else 0.96, 0.05), 0.86, 1.16))
-    adiposity = float(np.clip(rng.beta(2.0, 2.4), 0.0, 1.0))
+    frame = float(np.clip(rng.normal(1.04 if male else 0.97, 0.05), 0.9, 1.14))
+    adiposity = float(np.clip(rng.beta(1.8, 2.6), 0.0, 1.0))
     vat = float(np.clip(adiposity * (1.25 if male else 0.75) * u(0.6, 1.3)
                         + 0.15 * (age - 50) / 40, 0.0, 1.0))
     muscle = rng.normal(1.08 if male else 0.92, 0.09) - 0.2 * max(0.0, age - 60) / 30
@@ -159,7 +159,7 @@ def _draw(seed: int) -> Subject:
     kvp = int(rng.choice([80, 100, 120], p=[0.2, 0.45, 0.35]))
     phase = str(rng.choice(PHASES, p=[0.15, 0.15, 0.6, 0.1]))
     fat_hu = -97.0 - 0.35 * (120 - kvp) + rng.normal(0, 4)
-    muscle_hu = 54.0 - 30.0 * myo + rng.normal(0, 4)
+    muscle_hu = 51.0 - 28.0 * myo + rng.normal(0, 4)
 
     sat_scale = (1.3 if not male else 0.8) * u(0.7, 1.3)
     sat_ant = 5 + 42 * adiposity ** 1.3 * sat_scale
@@ -168,13 +168,13 @@ def _draw(seed: int) -> Subject:
     sat_knots = [sat_ant, sat_ant * u(0.85, 1.15), sat_lat, (sat_lat + sat_post) / 2 * u(0.9, 1.3),
                  sat_post]
 
-    core_a = frame * (104 + 8 * male) * (0.9 + 0.1 * muscle) + 40 * vat
-    core_b_post = frame * 86 + 6 * vat
-    core_b_ant = frame * 68 + 58 * vat * u(0.8, 1.2)
+    core_a = frame * (125 + 8 * male) * (0.92 + 0.08 * muscle) + 22 * vat
+    core_b_post = frame * 90 + 6 * vat
+    core_b_ant = frame * 78 + 55 * vat * u(0.8, 1.2)
     width = 2 * (core_a + sat_lat + 2)
     fov = float(np.clip(width + u(70, 150), 0.6 * 512, 0.9 * 512))
 
-    noise = 13.0 * (width / 330.0) ** 1.2 * (120.0 / kvp) ** 0.5 * u(0.8, 1.15)
+    noise = 13.5 * (width / 330.0) ** 0.8 * (120.0 / kvp) ** 0.2 * u(0.9, 1.1)
     folds = []
     if adiposity > 0.45:
         for _ in range(rng.poisson(2.5 * adiposity)):
@@ -192,8 +192,8 @@ def _draw(seed: int) -> Subject:
         psf_fwhm_mm=float(u(0.7, 1.1)), fov_mm=fov,
         offset=(float(u(-12, 12)), float(u(-25, 0))),
         fat_hu=float(fat_hu), vat_offset_hu=float(u(4, 14)), muscle_hu=float(muscle_hu),
-        marrow_hu=float(np.clip(270 - 2.3 * (age - 25) + rng.normal(0, 25), 90, 330)),
-        cortex_hu=float(u(550, 800)),
+        marrow_hu=float(np.clip(215 - 1.9 * (age - 25) + rng.normal(0, 20), 70, 280)),
+        cortex_hu=float(u(450, 700)),
         liver_hu=float(60 - 35 * vat * u(0, 1)),
         oral_contrast_hu=float(u(180, 400)), table_hu=float(u(150, 450)),
         core_a=float(core_a), core_b_ant=float(core_b_ant), core_b_post=float(core_b_post),

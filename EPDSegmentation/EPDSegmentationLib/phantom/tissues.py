@@ -32,13 +32,13 @@ _TABLE = (
     (2, "table_core", BG, 10.0),
     (3, "pad", BG, 15.0),
     (4, "skin", MSC, 6.0),
-    (5, "sat", SAT, 6.0),
+    (5, "sat", SAT, 8.0),
     (6, "scarpa", SAT, 4.0),          # superficial fascia: a fibrous sheet inside SAT
-    (7, "vat", VAT, 7.0),
+    (7, "vat", VAT, 9.0),
     (8, "muscle", MUS, 7.0),
     (9, "imat", IMAT, 7.0),
     (10, "cortex", MSC, 90.0),
-    (11, "marrow", MSC, 30.0),
+    (11, "marrow", MSC, 45.0),
     (12, "disc", MSC, 8.0),
     (13, "csf", MSC, 5.0),
     (14, "kidney_cortex", MSC, 8.0),
@@ -84,11 +84,11 @@ def mean_hu(subject) -> np.ndarray:
         "non_contrast": dict(aorta=0, ivc=0, vessel=0, kid_c=0, kid_m=0, urine=0, liver=0,
                              spleen=0, wall=0, muscle=0),
         "arterial": dict(aorta=260, ivc=35, vessel=150, kid_c=150, kid_m=45, urine=0, liver=20,
-                         spleen=60, wall=35, muscle=5),
-        "portal_venous": dict(aorta=130, ivc=115, vessel=120, kid_c=130, kid_m=120, urine=0,
-                              liver=55, spleen=65, wall=40, muscle=8),
+                         spleen=60, wall=35, muscle=3),
+        "portal_venous": dict(aorta=130, ivc=115, vessel=120, kid_c=120, kid_m=115, urine=0,
+                              liver=55, spleen=65, wall=40, muscle=5),
         "delayed": dict(aorta=65, ivc=65, vessel=60, kid_c=75, kid_m=85, urine=500, liver=35,
-                        spleen=35, wall=20, muscle=5),
+                        spleen=35, wall=20, muscle=3),
     }[s.phase]
     e = {k: v * iodine * s.enhancement for k, v in enh.items()}
     hu = np.zeros(N_TISSUES, np.float32)

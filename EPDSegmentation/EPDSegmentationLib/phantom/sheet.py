@@ -1,0 +1,230 @@
+"""The contact sheet: phantom slices with label overlays beside real CT at the same window.
+
+    python -m EPDSegmentationLib.phantom contact-sheet --output docs/phantom_contact_sheet.png
+
+Real slices come from ../shared/data/totalseg-example (read at generation time; only the
+rendered PNG is kept): a slice of the clinical DICOM series (T12, 0.98 mm pixels), the L3
+level of the abdomen NIfTI (3 mm voxels) and a slice with TotalSegmentator's tissue masks.
+All panels use the abdominal window W400/L40 and are shown in radiological orientation
+(anterior up, patient's right on the image left).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..classes import color_table
+from ..volume import Volume
+
+WINDOW = (-160.0, 240.0)   # W400 / L40
+#: phantom subjects shown: a spread of habitus, muscle quality, phase and tube voltage
+SHEET_SEEDS = (3, 11, 7, 8, 1, 9)
+_REPO = Path(__file__).resolve().parents[3]
+#: where ../shared may be: beside this checkout, or beside the folder of worktrees
+SHARED_CANDIDATES = (_REPO.parent / "shared" / "data" / "totalseg-example",
+                     _REPO.parent.parent / "shared" / "data" / "totalseg-example")
+
+
+def shared_sample_dir() -> Optional[Path]:
+    """The shared real CT sample (../shared/data/totalseg-example), or None if absent."""
+    return next((p for p in SHARED_CANDIDATES if p.is_dir()), None)
+
+
+def display_slice(volume: Volume, k: int, array: Optional[np.ndarray] = None) -> np.ndarray:
+    """Slice k of a volume (J, I) flipped to radiological display: rows anterior to
+    posterior, columns patient right to left (needs axis-aligned I, J)."""
+    a = (volume.array if array is None else array)[k]
+    d = volume.directions
+    if abs(d[0, 0]) < 0.9 or abs(d[1, 1]) < 0.9:
+        raise ValueError("display_slice needs I along x and J along y")
+    if d[0, 0] > 0:        # I towards the patient's right: flip columns
+        a = a[:, ::-1]
+    if d[1, 1] > 0:        # J towards anterior: flip rows
+        a = a[::-1, :]
+    return a
+
+
+def _gray(hu: np.ndarray) -> np.ndarray:
+    lo, hi = WINDOW
+    return np.clip((hu - lo) / (hi - lo), 0, 1)
+
+
+def overlay(hu: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
+            colors: Optional[np.ndarray] = None) -> np.ndarray:
+    """RGB (H, W, 3): the windowed image with label colours blended in (0 left clear)."""
+    g = _gray(hu)[..., None].repeat(3, axis=2)
+    colors = color_table() if colors is None else colors
+    c = colors[labels]
+    a = np.where(labels[..., None] > 0, alpha, 0.0)
+    return g * (1 - a) + c * a
+
+
+def body_box(hu: np.ndarray, pixel_mm: float, margin_mm: float = 12.0,
+             below_mm: float = 45.0):
+    """Slices (rows, cols) framing the body with a margin, and the table below it."""
+    from .stats import body_mask
+
+    rows, cols = np.nonzero(body_mask(hu, pixel_mm))
+    if len(rows) == 0:
+        return slice(None), slice(None)
+    m, b = int(margin_mm / pixel_mm), int(below_mm / pixel_mm)
+    return (slice(max(0, rows.min() - m), rows.max() + b),
+            slice(max(0, cols.min() - m), cols.max() + m))
+
+
+def vertebra_centre(hu: np.ndarray) -> tuple:
+    """(row, col) of the centroid of bone (> 250 HU) in the middle fifth of the columns."""
+    w = hu.shape[1]
+    band = hu[:, 2 * w // 5: 3 * w // 5] > 250
+    rows, cols = np.nonzero(band)
+    if len(rows) == 0:
+        return hu.shape[0] // 2, w // 2
+    return float(np.median(rows)), float(np.median(cols) + 2 * w // 5)
+
+
+def _crop(img: np.ndarray, pixel_mm: float, centre_rc, size_mm: float) -> np.ndarray:
+    half = int(round(size_mm / pixel_mm / 2))
+    r, c = (int(v) for v in centre_rc)
+    r = min(max(r, half), img.shape[0] - half)
+    c = min(max(c, half), img.shape[1] - half)
+    return img[r - half:r + half, c - half:c + half]
+
+
+def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
+                       shared: Optional[Path] = None, dpi: int = 100) -> Path:
+    """Render the sheet to ``output`` (PNG). Real panels are left out (with a note) when
+    the shared data is absent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io.atomic import atomic_file
+    from .generate import make_slice
+    from .stats import body_mask
+
+    shared = (shared_sample_dir() or SHARED_CANDIDATES[0]) if shared is None else Path(shared)
+    n = len(seeds)
+    fig, axes = plt.subplots(3, n, figsize=(3.3 * n, 9.4), facecolor="black")
+    for ax in axes.ravel():
+        ax.set_facecolor("black")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    style = dict(color="white", fontsize=8.5)
+    crop_ph = None
+    hist_ph = []
+    for i, seed in enumerate(seeds):
+        s = make_slice(seed)
+        m = s.meta
+        box = body_box(s.hu, s.pixel_mm)
+        axes[0, i].imshow(_gray(s.hu[box]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[0, i].set_title(f"phantom seed {seed}: {m['sex']} {m['age']:.0f} y, {m['level']}\n"
+                             f"fat {m['adiposity']:.2f}, muscle {m['muscle']:.2f}, "
+                             f"myosteat. {m['myosteatosis']:.2f}\n"
+                             f"{m['phase'].replace('_', ' ')}, {m['kvp']} kVp, "
+                             f"{s.pixel_mm:.2f} mm", **style)
+        axes[1, i].imshow(overlay(s.hu[box], s.labels[box]), interpolation="nearest")
+        if i == 0:
+            axes[1, i].set_ylabel("labels: MUS red, IMAT green, SAT yellow,\nVAT blue, "
+                                  "other tissue purple", **style)
+        if crop_ph is None:
+            crop_ph = (_crop(s.hu, s.pixel_mm, vertebra_centre(s.hu), 90), seed)
+        body = body_mask(s.hu, s.pixel_mm)
+        hist_ph.append(s.hu[body])
+    real = _real_panels(shared)
+    panels = [(crop_ph[0], f"phantom seed {crop_ph[1]}, 90 mm crop at native pixels", None)]
+    panels = real[:3] + panels + real[3:]
+    hist_ax = axes[2, min(len(panels), n - 1)]
+    _histograms(hist_ax, np.concatenate(hist_ph), shared)
+    for j in range(min(len(panels), n - 1)):
+        ax = axes[2, j]
+        if j < len(panels):
+            img, title, rgb = panels[j]
+            ax.imshow(rgb if rgb is not None else _gray(img), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_title(title, **style)
+        else:
+            ax.axis("off")
+    if not real:
+        axes[2, 0].set_title(f"real CT not found at {shared}", **style)
+    fig.suptitle("EPD phantom (rows 1-2) beside real CT (row 3), window W400/L40. "
+                 "Regenerate: python -m EPDSegmentationLib.phantom contact-sheet "
+                 "--output docs/phantom_contact_sheet.png", color="white", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    output = Path(output)
+    with atomic_file(output, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=dpi, facecolor="black", format="png")
+    plt.close(fig)
+    return output
+
+
+def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
+    """HU histograms inside the body: the phantom slices against the real DICOM series."""
+    from ..io import read_volume
+    from .stats import body_mask
+
+    bins = np.linspace(-250, 250, 101)
+    ax.hist(phantom_hu, bins=bins, density=True, histtype="step", color="#f5d24b",
+            label="phantom, slices above")
+    dcm = shared / "ct_dicom"
+    if dcm.is_dir():
+        v = read_volume(dcm)
+        real = np.concatenate([a[body_mask(a, v.spacing[0])] for a in v.array[::4]])
+        ax.hist(real, bins=bins, density=True, histtype="step", color="#6fb7ff",
+                label="real DICOM series")
+    ax.set_title("HU inside the body (fat peak left,\nsoft tissue right)", color="white",
+                 fontsize=8.5)
+    ax.tick_params(colors="white", labelsize=7)
+    ax.set_xticks([-200, -100, 0, 100, 200])
+    ax.legend(fontsize=7, facecolor="black", labelcolor="white", frameon=False)
+
+
+def _real_panels(shared: Path):
+    """[(image, title, rgb or None)] from the shared TotalSegmentator sample, if present."""
+    from ..io import read_labels, read_volume
+
+    out = []
+    if not shared.is_dir():
+        return out
+    dcm = shared / "ct_dicom"
+    if dcm.is_dir():
+        v = read_volume(dcm)
+        k = v.array.shape[0] // 2
+        img = display_slice(v, k)
+        out.append((img[body_box(img, v.spacing[0])],
+                    f"real: clinical DICOM (T12), {v.spacing[0]:.2f} mm, JPEG 2000", None))
+    abd, struct = shared / "ct_abdomen_pelvis.nii.gz", shared / "ct_abdomen_pelvis_structures.nii.gz"
+    if abd.is_file() and struct.is_file():
+        from ..io.images import read_itk
+
+        v = read_volume(abd)
+        lab = read_itk(struct).array        # TotalSegmentator "total" classes, not ours
+        ks = np.nonzero((lab == 29).any(axis=(1, 2)))[0]        # 29 = L3 in TotalSegmentator
+        k = int(ks.mean()) if len(ks) else v.array.shape[0] // 2
+        img = display_slice(v, k)
+        out.append((img[body_box(img, v.spacing[0])],
+                    f"real: mid-L3 (NIfTI, {v.spacing[0]:.0f} mm voxels)", None))
+    ct = shared / "ct_t11_l2.nii.gz"
+    masks = [(shared / f"tissue_{n}.nii.gz", c) for n, c in
+             (("skeletal_muscle", 1), ("subcutaneous_fat", 3), ("torso_fat", 4))]
+    if ct.is_file() and all(p.is_file() for p, _ in masks):
+        v = read_volume(ct)
+        lab = np.zeros(v.array.shape, np.uint8)
+        for p, c in masks:
+            m = read_labels(p, like=v).array
+            lab[m > 0] = c
+        k = 0
+        img = display_slice(v, k)
+        box = body_box(img, v.spacing[0])
+        out.append((None, f"real: L2 with TotalSegmentator tissue\nmasks ({v.spacing[0]:.0f} mm)",
+                    overlay(img[box], display_slice(v, k, lab)[box])))
+    if dcm.is_dir():
+        v = read_volume(dcm)
+        k = v.array.shape[0] // 2
+        img = display_slice(v, k)
+        out.append((_crop(img, v.spacing[0], vertebra_centre(img), 90),
+                    "real DICOM, 90 mm crop at native pixels", None))
+    return out
