@@ -181,7 +181,7 @@ class MetricStats:
     def result(self, include_background: bool = False,
                class_names: Optional[Sequence[str]] = None) -> Dict[str, object]:
         """Metrics: {"per_class": {name: {metric: value}}, "mean": {metric: value},
-        "threshold": {name: t}, "present": {name: bool}}. Values are floats (NaN where a
+        "threshold": {name: t (NaN when absent)}, "present": {name: bool}}. Values are floats (NaN where a
         class is absent or a ratio undefined); means skip NaN and, unless include_background,
         class 0."""
         c = self.num_classes
@@ -241,7 +241,8 @@ class MetricStats:
         return {
             "per_class": per_class,
             "mean": mean,
-            "threshold": {names[i]: int(k[i]) / 100.0 for i in range(c)},
+            "threshold": {names[i]: int(k[i]) / 100.0 if hard_present[i] else float("nan")
+                          for i in range(c)},
             "present": {names[i]: bool(hard_present[i] or soft_present[i]) for i in range(c)},
             "pixels": float(self.counts[0]),
             "slices_with_area": float(self.counts[1]),

@@ -237,7 +237,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_card(path: PathLike, card: Mapping[str, Any], *, overwrite: bool = False) -> Path:
-    """Write a (validated) card as JSON, atomically."""
+    """Write a (validated) card as strict JSON (NaN written as null), atomically."""
     path = Path(path)
     card = validate_card(card, str(path))
     if path.exists() and not overwrite:
@@ -245,11 +245,22 @@ def write_card(path: PathLike, card: Mapping[str, Any], *, overwrite: bool = Fal
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(card, f, indent=2, allow_nan=True)
+            json.dump(_finite(card), f, indent=2, allow_nan=False)
             f.write("\n")
 
     _atomic_write(path, write)
     return path
+
+
+def _finite(obj):
+    """The card with NaN and infinities as null (strict JSON: absent classes have no value)."""
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def read_card(path: PathLike) -> Dict[str, Any]:

@@ -1,0 +1,179 @@
+"""Training end to end on tiny phantom data, CPU only: data parallelism with torchrun (gloo),
+exact resume, export with the model card, learning, evaluation, and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from EPDSegmentationLib.inference import predict_volume
+from EPDSegmentationLib.model_io import load_model
+from training.__main__ import main
+from training.checkpoint import load_checkpoint
+from training.data import phantom_records
+from training.logs import read_csv
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--phantom-subjects", "4", "--phantom-slices", "2", "--phantom-size", "48",
+        "--factor", "2", "--width", "4", "--batch-size", "4", "--quiet"]
+LOSS_COLUMNS = ("train_loss", "train_mae", "train_dice", "sigma_mae", "sigma_dice", "val_loss",
+                "val_dice", "val_full_dice")
+
+
+def train(out: Path, *extra: str) -> None:
+    assert main(["train", *TINY, "--output", str(out), *extra]) == 0
+
+
+def curves(run: Path):
+    return [{k: row[k] for k in LOSS_COLUMNS} for row in read_csv(run / "log.csv")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    train(out, "--epochs", "3")
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_ranks_match_one_process(tmp_path, uninterrupted):
+    """2 CPU processes with gloo, global batch 4 (2 + 2 slices), give the weights and loss
+    curve of one process with batch 4."""
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "training", "train", *TINY,
+                          "--epochs", "3", "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.returncode == 0, two.stderr
+    a = load_file(str(uninterrupted / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    for ra, rb in zip(curves(uninterrupted), curves(tmp_path / "two")):
+        for k in LOSS_COLUMNS:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
+    assert len(curves(tmp_path / "two")) == 3
+    card = json.loads((tmp_path / "two" / "model.json").read_text())
+    assert card["training"]["world_size"] == 2
+    assert card["training"]["command"].startswith("torchrun --nproc-per-node 2 -m training train")
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
+    out = tmp_path / "resumed"
+    train(out, "--epochs", "1")
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    train(out, "--epochs", "3", "--resume")
+    assert curves(out) == curves(uninterrupted)  # bit for bit: same batches, same states
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(uninterrupted / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+
+
+def test_export_card_and_run_outputs(uninterrupted):
+    model, card = load_model(uninterrupted / "model.safetensors")
+    state = load_checkpoint(uninterrupted / "checkpoint.pt")
+    for k, v in state["model"].items():
+        assert torch.equal(model.state_dict()[k], v)
+    data = card["training"]["data"]
+    assert card["factor"] == 2 and card["label_mode"] == "epd" and card["image_mode"] == "average"
+    assert card["pixel_mm"][0] == pytest.approx(2 * data["source_pixel_mm"])
+    rows, cols = data["source_size"]
+    assert card["input_size"] == [-(-rows // 2), -(-cols // 2)]
+    assert data["source"] == "phantom" and data["subjects"] == 4
+    assert card["training"]["command"].startswith("python -m training train --phantom-subjects 4")
+    assert card["training"]["seed"] == 0 and card["training"]["world_size"] == 1
+    mean = card["metrics"]["full_resolution"]["mean"]
+    assert 0 <= mean["Dice"] <= 1 and "soft_area_abs_err_cm2" in mean
+    assert (uninterrupted / "plots" / "loss.png").stat().st_size > 1000
+    assert (uninterrupted / "plots" / "metrics.png").stat().st_size > 1000
+    assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
+    assert [r["epoch"] for r in read_csv(uninterrupted / "log.csv")] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.slow
+def test_a_tiny_run_learns_and_beats_chance_on_held_out_slices(tmp_path):
+    out = tmp_path / "learn"
+    data = ["--phantom-subjects", "5", "--phantom-slices", "3", "--phantom-size", "48",
+            "--val-fraction", "0.34"]
+    assert main(["train", *data, "--factor", "2", "--width", "8", "--batch-size", "4",
+                 "--epochs", "6", "--lr", "3e-3", "--output", str(out), "--quiet"]) == 0
+    log = read_csv(out / "log.csv")
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.2
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.2
+    # held-out subjects through the inference path
+    model, card = load_model(out / "model.safetensors")
+    held_out = phantom_records(5, 3, size=48, seed=0, val_fraction=0.34)["val"]
+    correct = total = 0
+    counts = np.zeros(6)
+    for r in held_out:
+        pred = predict_volume(r.hu[None], r.pixel_mm, model, card, device="cpu")
+        correct += int((pred.probabilities[:, 0].argmax(0) == r.labels).sum())
+        total += r.labels.size
+        counts += np.bincount(r.labels.ravel(), minlength=6)
+    accuracy, chance = correct / total, counts.max() / counts.sum()
+    assert accuracy > chance + 0.1, (accuracy, chance)
+    assert card["metrics"]["full_resolution"]["mean"]["Dice"] > 0.4
+
+
+def test_nearest_labels_bilinear_images_from_a_manifest(tmp_path):
+    from EPDSegmentationLib.phantom import write_dataset
+
+    manifest = write_dataset(tmp_path / "data", 3, 2, seed=1, size=32, val_fraction=0.34,
+                             progress=False)
+    out = tmp_path / "run"
+    assert main(["train", "--manifest", str(manifest), "--label-mode", "nearest",
+                 "--image-mode", "bilinear", "--factor", "4", "--width", "4", "--batch-size",
+                 "2", "--epochs", "1", "--no-augment", "--loss", "ce", "--output", str(out),
+                 "--quiet"]) == 0
+    _, card = load_model(out / "model")
+    assert (card["label_mode"], card["image_mode"], card["factor"]) == ("nearest", "bilinear", 4)
+    assert card["training"]["data"]["source"] == "manifest"
+    assert card["training"]["augment"] is None and card["training"]["loss"] == "ce"
+    assert "sigma_ce" not in read_csv(out / "log.csv")[0]
+
+
+def test_evaluate_writes_tables_and_figures(tmp_path, uninterrupted):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(uninterrupted / "model.safetensors"),
+            "--phantom-subjects", "4", "--phantom-slices", "2", "--phantom-size", "48",
+            "--output", str(out), "--quiet"]
+    assert main(args) == 0
+    table = (out / "table.md").read_text()
+    assert "Low resolution (1/2)" in table and "Full resolution" in table
+    assert "| **mean** |" in table and "python -m training evaluate" in table
+    rows = (out / "table.csv").read_text().splitlines()
+    assert rows[0].startswith("resolution,class,ACC,SPE,SEN,PRE,Dice,IoU,softDice,RAD,RD,RMSE")
+    assert len(rows) == 1 + 2 * 6
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["slices"] == 2 and 0 <= metrics["full_resolution"]["mean"]["Dice"] <= 1
+    for name in ("examples.png", "dice_per_class.png", "area_agreement.png"):
+        assert (out / "figures" / name).stat().st_size > 1000
+    assert main(args) == 2  # results exist: refused without --overwrite
+
+
+def test_errors_name_the_problem(tmp_path, uninterrupted, capsys):
+    assert main(["train", *TINY, "--epochs", "1", "--output", str(uninterrupted)]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert main(["train", *TINY, "--epochs", "4", "--lr", "0.5", "--resume",
+                 "--output", str(uninterrupted)]) == 2
+    assert "arguments differ from the checkpoint's: lr 0.001 -> 0.5" in capsys.readouterr().err
+    assert main(["train", *TINY, "--resume", "--output", str(tmp_path / "none")]) == 2
+    assert "no " in capsys.readouterr().err
+    assert main(["train", *TINY, "--windows", "fat:-200", "--output", str(tmp_path / "w")]) == 2
+    assert "name:lo:hi" in capsys.readouterr().err
+    assert main(["train", *TINY, "--loss", "l2", "--output", str(tmp_path / "l")]) == 2
+    assert "use one or more of" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable training checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")

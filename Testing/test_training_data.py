@@ -1,0 +1,96 @@
+"""Training data: phantom and manifest sources, the source grid, augmentation, model inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from EPDSegmentationLib.epd import downsample_pair
+from EPDSegmentationLib.windowing import DEFAULT_WINDOWS, window_channels
+from training.data import (AIR_HU, Augment, SliceDataset, SliceRecord, manifest_records,
+                           median_pixel_mm, model_inputs, phantom_records, to_source_grid)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return phantom_records(3, 2, size=32, seed=0, val_fraction=0.34)
+
+
+def test_phantom_records_split_by_subject(phantom):
+    assert len(phantom["train"]) == 4 and len(phantom["val"]) == 2
+    train_subjects = {r.subject for r in phantom["train"]}
+    assert not train_subjects & {r.subject for r in phantom["val"]}
+    r = phantom["train"][0]
+    assert r.hu.shape == r.labels.shape == (32, 32)
+    assert r.hu.dtype == np.float32 and r.labels.dtype == np.uint8
+    assert r.pixel_mm[0] == r.pixel_mm[1] > 0
+
+
+def test_phantom_records_are_the_written_dataset(tmp_path, phantom):
+    """The in-memory phantom is what write_dataset puts on disk (same subjects and split)."""
+    from EPDSegmentationLib.phantom import write_dataset
+
+    manifest = write_dataset(tmp_path, 3, 2, seed=0, size=32, val_fraction=0.34, progress=False)
+    disk = manifest_records(manifest, ("train", "val"))
+    for split in ("train", "val"):
+        assert len(disk[split]) == len(phantom[split])
+        for a, b in zip(sorted(disk[split], key=lambda r: r.subject), phantom[split]):
+            assert np.array_equal(a.labels, b.labels)
+            # the NRRD stores int16 HU
+            assert np.allclose(a.hu, b.hu, atol=0.51)
+            assert a.pixel_mm == pytest.approx(b.pixel_mm)
+
+
+def test_source_grid_resamples_to_one_spacing_and_pads_with_air():
+    hu = np.full((40, 40), 50.0, np.float32)
+    lab = np.ones((40, 40), np.uint8)
+    recs = [SliceRecord(hu, lab, (1.0, 1.0), "a", "a"),
+            SliceRecord(hu[:20, :20].copy(), lab[:20, :20].copy(), (1.0, 1.0), "b", "b")]
+    out_hu, out_lab, size = to_source_grid(recs, 2.0)
+    assert size == (20, 20)            # 40 px at 1 mm -> 20 px at 2 mm
+    assert np.allclose(out_hu[0], 50.0) and np.all(out_lab[0] == 1)
+    # the 20 x 20 slice is 10 x 10 at 2 mm, centred and padded with air / background
+    assert np.all(out_lab[1, 5:15, 5:15] == 1) and out_lab[1].sum() == 100
+    assert out_hu[1, 0, 0] == AIR_HU
+    assert median_pixel_mm(recs) == 1.0
+    _, _, fixed = to_source_grid(recs, 2.0, (16, 24))
+    assert fixed == (16, 24)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(phantom):
+    hu, lab, _ = to_source_grid(phantom["train"], median_pixel_mm(phantom["train"]))
+    ds = SliceDataset(hu, lab, Augment(flip=0.5, crop=1.0, blur=1.0), seed=3)
+    first = [ds[i] for i in range(len(ds))]
+    again = SliceDataset(hu, lab, Augment(flip=0.5, crop=1.0, blur=1.0), seed=3)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(first, (again[i] for i in range(len(ds)))))
+    ds.set_epoch(1)
+    assert not all(torch.equal(first[i][0], ds[i][0]) for i in range(len(ds)))
+    # labels stay labels, shapes stay
+    h, lab1 = ds[0]
+    assert h.shape == lab1.shape == hu.shape[1:] and lab1.dtype == torch.uint8
+    assert int(lab1.max()) <= 5
+    plain = SliceDataset(hu, lab)
+    assert torch.equal(plain[1][0], torch.from_numpy(hu[1]))
+
+
+def test_flip_mirrors_image_and_labels_together():
+    hu = np.arange(12, dtype=np.float32).reshape(3, 4)
+    lab = (np.arange(12).reshape(3, 4) % 6).astype(np.uint8)
+    aug = Augment(flip=1.0, crop=0.0, blur=0.0)
+    h, l = aug(hu, lab, np.random.default_rng(0))
+    assert np.array_equal(h, hu[:, ::-1]) and np.array_equal(l, lab[:, ::-1])
+
+
+@pytest.mark.parametrize("label_mode, image_mode", [("epd", "average"), ("nearest", "bilinear")])
+def test_model_inputs_window_then_downsample(label_mode, image_mode):
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-50, 200, (2, 12, 10)).astype(np.float32)
+    lab = rng.integers(0, 6, (2, 12, 10)).astype(np.uint8)
+    x, q = model_inputs(torch.from_numpy(hu), torch.from_numpy(lab), factor=2,
+                        label_mode=label_mode, image_mode=image_mode, windows=DEFAULT_WINDOWS)
+    ex, eq = downsample_pair(window_channels(hu, DEFAULT_WINDOWS), lab, 6, 2,
+                             label_mode=label_mode, image_mode=image_mode)
+    assert x.shape == (2, 3, 6, 5) and q.shape == (2, 6, 6, 5)
+    assert np.allclose(x.numpy(), ex, atol=1e-6) and np.allclose(q.numpy(), eq, atol=1e-6)

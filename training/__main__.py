@@ -1,0 +1,45 @@
+"""python -m training {train,evaluate} ...: headless training and evaluation.
+
+    python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
+    torchrun --nproc-per-node 4 -m training train --manifest data/manifest.csv --output runs/x
+    python -m training evaluate --model runs/f2/model.safetensors --phantom-subjects 10 \
+        --data-seed 1 --output runs/f2/eval
+
+See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import evaluate, train
+
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model (one process, or under torchrun)")
+    train.add_train_arguments(t)
+    t.set_defaults(func=train.run)
+    e = sub.add_parser("evaluate", help="evaluate a model on a dataset: tables and figures")
+    evaluate.add_evaluate_arguments(e)
+    e.set_defaults(func=evaluate.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args, argv)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Training data: axial slices from a manifest or from the phantom generator, augmentation at
+full resolution, and the network's inputs and targets.
+
+Pipeline of one training slice:
+1. load: HU (H, W) and labels (H, W) at the slice's own spacing (``SliceRecord``);
+2. resample to the source spacing (``source_mm``: the same for every slice, the spacing the
+   model card records divided by the factor; inference.resample_planes, bilinear for HU and
+   nearest for labels) and centre crop / pad to ``size`` (padding is air, -1024 HU, label 0);
+3. augment at full resolution (``Augment``: horizontal flip, random crop resized back,
+   Gaussian blur of the HU), with randomness drawn from (seed, epoch, slice index) only, so
+   any number of ranks or workers, and a resumed run, see the same slices;
+4. on the training device: window the HU into channels (windowing.window_channels) and
+   downsample channels and labels together (epd_torch.downsample_pair_torch with the label
+   and image mode): network input (B, channels, h, w) and soft target (B, C, h, w).
+
+Slices are held in memory (float32 HU + uint8 labels, about 1.3 MB per 512 x 512 slice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from EPDSegmentationLib.classes import NUM_CLASSES
+from EPDSegmentationLib.epd_torch import downsample_pair_torch, epd_labels_torch
+from EPDSegmentationLib.inference import resample_planes, resampled_shape
+from EPDSegmentationLib.windowing import window_channels
+
+AIR_HU = -1024.0
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SliceRecord:
+    """One axial slice as read: hu float32 (H, W) HU, labels uint8 (H, W) classes,
+    pixel_mm (row, col) mm, subject id, and a name saying where it came from."""
+
+    hu: np.ndarray
+    labels: np.ndarray
+    pixel_mm: Tuple[float, float]
+    subject: str
+    name: str
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 512,
+                    seed: int = 0, val_fraction: float = 0.2, slice_gap_mm: float = 5.0,
+                    progress: bool = False) -> Dict[str, List[SliceRecord]]:
+    """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
+    ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...)``
+    writes to disk, generated in memory."""
+    from tqdm import tqdm
+
+    from EPDSegmentationLib.phantom import subject_slices
+    from EPDSegmentationLib.phantom.dataset import split_subjects, subject_seeds
+
+    if n_subjects < 1 or slices_per_subject < 1:
+        raise ValueError(f"phantom needs >= 1 subject and >= 1 slice per subject; got "
+                         f"{n_subjects} and {slices_per_subject}")
+    seeds = subject_seeds(seed, n_subjects)
+    splits = split_subjects(n_subjects, val_fraction, seed)
+    out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
+    for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):
+        name = f"subject_{i:04d}"
+        for k, s in enumerate(subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size)):
+            out[splits[i]].append(SliceRecord(s.hu, s.labels, (s.pixel_mm, s.pixel_mm), name,
+                                              f"phantom {name} (seed {seeds[i]}) slice {k}"))
+    return out
+
+
+def manifest_records(path, splits: Sequence[str] = ("train", "val"),
+                     progress: bool = False) -> Dict[str, List[SliceRecord]]:
+    """Every axial slice of the manifest's cases in ``splits``, by split."""
+    from tqdm import tqdm
+
+    from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
+
+    rows = [r for r in read_manifest(path) if r["split"] in splits]
+    out: Dict[str, List[SliceRecord]] = {s: [] for s in splits}
+    for row in tqdm(rows, desc="reading cases", unit="case", disable=not progress):
+        vol = read_volume(row["image"])
+        lab = read_labels(row["label"], like=vol)
+        si, sj, _ = vol.spacing
+        for k in range(vol.array.shape[0]):
+            out[row["split"]].append(SliceRecord(
+                np.asarray(vol.array[k], np.float32), np.asarray(lab.array[k], np.uint8),
+                (sj, si), str(row["subject"]), f"{row['image']} slice {k}"))
+    return out
+
+
+def median_pixel_mm(records: Sequence[SliceRecord]) -> float:
+    """The median pixel spacing (mm) over rows and columns of all records."""
+    if not records:
+        raise ValueError("no training slices")
+    return float(np.median([v for r in records for v in r.pixel_mm]))
+
+
+def to_source_grid(records: Sequence[SliceRecord], source_mm: float,
+                   size: Optional[Tuple[int, int]] = None):
+    """Resample every record to source_mm and centre crop / pad to ``size`` (rows, cols)
+    (default: the largest resampled slice). Returns (hu float32 (N, H, W), labels uint8
+    (N, H, W), size)."""
+    if not records:
+        raise ValueError("no slices to prepare")
+    shapes = [resampled_shape(r.hu.shape, r.pixel_mm, (source_mm, source_mm)) for r in records]
+    if size is None:
+        size = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+    size = (int(size[0]), int(size[1]))
+    hu = np.full((len(records),) + size, AIR_HU, np.float32)
+    labels = np.zeros((len(records),) + size, np.uint8)
+    for i, (r, shape) in enumerate(zip(records, shapes)):
+        h = resample_planes(r.hu.astype(np.float32), shape)
+        lab = resample_planes(r.labels, shape, labels=True)
+        (src_r, dst_r), (src_c, dst_c) = (_centre(shape[0], size[0]), _centre(shape[1], size[1]))
+        hu[i, dst_r, dst_c] = h[src_r, src_c]
+        labels[i, dst_r, dst_c] = lab[src_r, src_c]
+    return hu, labels, size
+
+
+def _centre(n: int, m: int):
+    """Slices (source, destination) placing an axis of n pixels centred in one of m."""
+    if n >= m:
+        a = (n - m) // 2
+        return slice(a, a + m), slice(0, m)
+    a = (m - n) // 2
+    return slice(0, n), slice(a, a + n)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+@dataclass
+class Augment:
+    """Full-resolution augmentation. Probabilities per slice; crop_scale: side of the random
+    crop relative to the slice (then resized back to the slice size); blur_sigma: Gaussian
+    sigma range in pixels (HU only)."""
+
+    flip: float = 0.5
+    crop: float = 0.5
+    crop_scale: Tuple[float, float] = (0.75, 1.0)
+    blur: float = 0.5
+    blur_sigma: Tuple[float, float] = (0.25, 1.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __call__(self, hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+        """hu float32 (H, W), labels uint8 (H, W) -> augmented copies of the same shape."""
+        from scipy.ndimage import gaussian_filter
+
+        # draw every number whether or not it is used, so each choice has a fixed stream
+        u = rng.random(3)
+        scale = rng.uniform(*self.crop_scale)
+        pos = rng.random(2)
+        sigma = rng.uniform(*self.blur_sigma)
+        h, w = hu.shape
+        if u[0] < self.flip:
+            hu, labels = hu[:, ::-1], labels[:, ::-1]
+        if u[1] < self.crop:
+            ch, cw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+            r0, c0 = int(pos[0] * (h - ch + 1)), int(pos[1] * (w - cw + 1))
+            hu = resample_planes(np.ascontiguousarray(hu[r0:r0 + ch, c0:c0 + cw]), (h, w))
+            labels = resample_planes(np.ascontiguousarray(labels[r0:r0 + ch, c0:c0 + cw]),
+                                     (h, w), labels=True)
+        if u[2] < self.blur:
+            hu = gaussian_filter(hu, sigma, mode="nearest")
+        return np.ascontiguousarray(hu, np.float32), np.ascontiguousarray(labels, np.uint8)
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Slices on the source grid; item i -> (hu float32 (H, W), labels uint8 (H, W)) tensors,
+    augmented with randomness from (seed, epoch, i) when ``augment`` is given."""
+
+    def __init__(self, hu: np.ndarray, labels: np.ndarray, augment: Optional[Augment] = None,
+                 seed: int = 0):
+        if hu.shape != labels.shape or hu.ndim != 3:
+            raise ValueError(f"hu and labels must both be (N, H, W); got {hu.shape} and {labels.shape}")
+        self.hu, self.labels = hu, labels
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.hu.shape[0]
+
+    def __getitem__(self, i: int):
+        hu, lab = self.hu[i], self.labels[i]
+        if self.augment is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(i)]))
+            hu, lab = self.augment(hu, lab, rng)
+        return torch.from_numpy(np.array(hu, np.float32)), torch.from_numpy(np.array(lab, np.uint8))
+
+
+# ----------------------------------------------------------------------------- model inputs
+
+
+def model_inputs(hu: torch.Tensor, labels: torch.Tensor, *, factor: int, label_mode: str,
+                 image_mode: str, windows, num_classes: int = NUM_CLASSES):
+    """(network input (B, channels, h, w), soft target (B, C, h, w)) from HU (B, H, W) and
+    labels (B, H, W), on their device: windowed at full resolution, then downsampled."""
+    x = window_channels(hu, windows)
+    return downsample_pair_torch(x, labels, num_classes, factor, label_mode=label_mode,
+                                 image_mode=image_mode)
+
+
+def epd_target(labels: torch.Tensor, factor: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """The exact class fractions at the low resolution: what low-resolution metrics compare
+    with, whatever the label mode the model was trained with."""
+    return epd_labels_torch(labels, num_classes, factor)

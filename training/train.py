@@ -1,0 +1,451 @@
+"""``python -m training train``: train the network on EPD (or nearest) downsampled data.
+
+One process:        python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
+Several GPUs/CPUs:  torchrun --nproc-per-node 4 -m training train ... (same arguments)
+
+--batch-size is the global batch: each of N ranks takes batch/N slices of it, gradients are
+averaged by DistributedDataParallel, so N ranks follow the same trajectory as one process
+(within float rounding). Data order depends only on (seed, epoch): a DistributedSampler with
+the run's seed shuffles the same permutation for any N, and augmentation draws from
+(seed, epoch, slice index). A checkpoint is written atomically after every epoch;
+--resume continues from it exactly. At the end the weights are exported with their model
+card (model_io.save_model) as <output>/model.safetensors + model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from EPDSegmentationLib.classes import KEYS, NUM_CLASSES
+from EPDSegmentationLib.epd_torch import upsample_soft_torch
+from EPDSegmentationLib.metrics import MetricStats
+from EPDSegmentationLib.model import ModelConfig, build_model
+from EPDSegmentationLib.model_io import FACTORS, IMAGE_MODES, LABEL_MODES, make_card, save_model
+from EPDSegmentationLib.windowing import DEFAULT_WINDOWS, check_windows
+
+from . import distributed as D
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import (Augment, SliceDataset, SliceRecord, epd_target, manifest_records,
+                   median_pixel_mm, model_inputs, phantom_records, to_source_grid)
+from .losses import DEFAULT_LOSS, Criterion, parse_loss
+
+CHECKPOINT = "checkpoint.pt"
+EXPORT = "model"
+#: Plots are redrawn after an epoch when this many seconds passed since the last drawing,
+#: and always after the last epoch (drawing costs about half a second).
+PLOT_INTERVAL_S = 30.0
+#: Arguments that may change when resuming (everything else must match the checkpoint).
+RESUMABLE = ("epochs", "resume", "overwrite", "num_workers", "quiet", "device", "output")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_windows(values: Optional[List[str]]):
+    """['wide:-1000:1000', ...] -> ((name, lo, hi), ...); None -> DEFAULT_WINDOWS."""
+    if not values:
+        return DEFAULT_WINDOWS
+    out = []
+    for v in values:
+        parts = v.rsplit(":", 2)
+        if len(parts) != 3:
+            raise ValueError(f"--windows {v!r}: use name:lo:hi in HU, e.g. fat:-200:0")
+        try:
+            out.append((parts[0], float(parts[1]), float(parts[2])))
+        except ValueError:
+            raise ValueError(f"--windows {v!r}: lo and hi must be numbers") from None
+    return check_windows(out)
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (a manifest, or the phantom generator)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", type=Path, help="CSV/JSON manifest (image,label,split[,subject])")
+    src.add_argument("--phantom-subjects", type=int, metavar="N",
+                     help="generate N phantom subjects in memory instead")
+    g.add_argument("--phantom-slices", type=int, default=6, help="slices per phantom subject")
+    g.add_argument("--phantom-size", type=int, default=512, help="phantom slice size, pixels")
+    g.add_argument("--phantom-gap-mm", type=float, default=5.0, help="phantom slice gap, mm")
+    g.add_argument("--val-fraction", type=float, default=0.2,
+                   help="phantom subjects held out for validation")
+    g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_arguments(p)
+    g = p.add_argument_group("EPD and input")
+    g.add_argument("--factor", type=int, choices=FACTORS, default=2, help="downsampling factor k")
+    g.add_argument("--label-mode", choices=LABEL_MODES, default="epd")
+    g.add_argument("--image-mode", choices=IMAGE_MODES, default="average")
+    g.add_argument("--windows", nargs="+", metavar="NAME:LO:HI",
+                   help="HU windows of the input channels (default: wide:-1000:1000 "
+                        "soft_tissue:-160:240 fat:-200:0)")
+    g.add_argument("--source-mm", type=float,
+                   help="resample every slice to this pixel spacing before downsampling "
+                        "(default: the median spacing of the training slices)")
+    g.add_argument("--size", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                   help="crop/pad the resampled slices to this size (default: the largest)")
+    g.add_argument("--no-augment", action="store_true", help="no flip / crop / blur")
+    g = p.add_argument_group("network and optimisation")
+    g.add_argument("--width", type=int, default=16, help="channels at full resolution")
+    g.add_argument("--loss", default=DEFAULT_LOSS,
+                   help="'+'-joined losses from mae, dice, ce, focal, tversky (several: "
+                        "learned uncertainty weights)")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (fixed)")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--batch-size", type=int, default=8, help="global batch (all ranks)")
+    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", type=Path, required=True, help="run folder")
+    g.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--num-workers", type=int, help="data-loader workers per rank "
+                                                   "(default: 0 on the CPU, 4 on a GPU)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    parse_loss(args.loss)
+    args.window_list = [list(w) for w in parse_windows(args.windows)]
+    for name in ("epochs", "batch_size", "width"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0; got {args.lr}")
+    if args.source_mm is not None and not args.source_mm > 0:
+        raise ValueError(f"--source-mm must be > 0; got {args.source_mm}")
+    if args.phantom_subjects is not None and args.phantom_subjects < 2:
+        raise ValueError("--phantom-subjects must be >= 2 (one at least is held out)")
+
+
+def _jsonable(v):
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def args_dict(args: argparse.Namespace) -> Dict[str, object]:
+    return {k: _jsonable(v) for k, v in sorted(vars(args).items()) if k != "func"}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRecord], dict]:
+    """(training slices, validation slices, data recipe for the card)."""
+    if args.manifest is not None:
+        recs = manifest_records(args.manifest, ("train", "val"), progress=progress)
+        recipe = {"source": "manifest", "manifest": str(Path(args.manifest).resolve())}
+    else:
+        recs = phantom_records(args.phantom_subjects, args.phantom_slices, args.phantom_size,
+                               args.data_seed, args.val_fraction, args.phantom_gap_mm,
+                               progress=progress)
+        recipe = {"source": "phantom", "generator": "EPDSegmentationLib.phantom",
+                  "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
+                  "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
+                  "seed": args.data_seed, "val_fraction": args.val_fraction,
+                  "same_as": f"EPDSegmentationLib.phantom.write_dataset(out, "
+                             f"{args.phantom_subjects}, {args.phantom_slices}, "
+                             f"seed={args.data_seed}, size={args.phantom_size}, "
+                             f"val_fraction={args.val_fraction})"}
+    train, val = recs["train"], recs.get("val", [])
+    if not train:
+        raise ValueError("no training slices (no case with split 'train')")
+    recipe.update(train_slices=len(train), val_slices=len(val),
+                  train_subjects=len({r.subject for r in train}),
+                  val_subjects=len({r.subject for r in val}))
+    return train, val, recipe
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class TrainModule(nn.Module):
+    """The network and the loss (with its uncertainty weights) as one module, so data
+    parallelism averages the gradients of both."""
+
+    def __init__(self, net: nn.Module, criterion: Criterion, bf16: bool):
+        super().__init__()
+        self.net, self.criterion, self.bf16 = net, criterion, bf16
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.net.logits(x)
+        loss, parts = self.criterion(logits.float(), target)
+        return loss, parts, logits.float()
+
+
+def make_optimizer(module: TrainModule, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; the loss's uncertainty weights in a group without weight decay."""
+    groups = [{"params": list(module.net.parameters()), "weight_decay": weight_decay}]
+    extra = list(module.criterion.parameters())
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def validate(module: TrainModule, loader, ctx: D.Context, cfg: dict) -> Dict[str, object]:
+    """Validation loss and metrics, reduced over ranks: low resolution (against the exact
+    EPD fractions of the true labels) and full resolution (probabilities upsampled with
+    upsample_soft, against the labels), with the tissue-area errors."""
+    module.eval()
+    low, full = MetricStats(NUM_CLASSES), MetricStats(NUM_CLASSES)
+    loss_sum = np.zeros(2)
+    k = cfg["factor"]
+    with torch.no_grad():
+        for hu, lab in loader:
+            hu, lab = hu.to(ctx.device), lab.to(ctx.device)
+            x, q = model_inputs(hu, lab, factor=k, label_mode=cfg["label_mode"],
+                                image_mode=cfg["image_mode"], windows=cfg["windows"])
+            loss, _, logits = module(x, q)
+            probs = torch.softmax(logits, dim=1)
+            target = q if cfg["label_mode"] == "epd" else epd_target(lab, k)
+            low.update(probs.cpu().numpy(), target.cpu().numpy(), cfg["pixel_area_mm2"] * k * k)
+            up = upsample_soft_torch(probs, tuple(lab.shape[-2:]), k)
+            full.update(up.cpu().numpy(), lab.cpu().numpy(), cfg["pixel_area_mm2"])
+            loss_sum += [float(loss) * hu.shape[0], hu.shape[0]]
+    reduced = D.all_reduce_sum(ctx, np.concatenate([loss_sum, low.to_array(), full.to_array()]))
+    n_low = low.to_array().size
+    low = MetricStats.from_array(NUM_CLASSES, reduced[2:2 + n_low])
+    full = MetricStats.from_array(NUM_CLASSES, reduced[2 + n_low:])
+    loss = float(reduced[0] / reduced[1]) if reduced[1] else math.nan
+    return {"loss": loss, "slices": int(reduced[1]),
+            "low": low.result(class_names=KEYS), "full": full.result(class_names=KEYS)}
+
+
+def _row_from_validation(v: Dict[str, object]) -> Dict[str, float]:
+    low, full = v["low"]["mean"], v["full"]["mean"]
+    row = {"val_loss": v["loss"], "val_dice": low["Dice"], "val_iou": low["IoU"],
+           "val_soft_dice": low["softDice"], "val_full_dice": full["Dice"],
+           "val_full_iou": full["IoU"], "val_full_acc": full["ACC"],
+           "val_area_abs_err_cm2": full.get("soft_area_abs_err_cm2", math.nan)}
+    for key in KEYS[1:]:
+        row[f"val_full_dice_{key}"] = v["full"]["per_class"][key]["Dice"]
+    return row
+
+
+def _card_metrics(v: Dict[str, object]) -> Dict[str, object]:
+    """What the model card records of the final validation."""
+    def pick(r):
+        return {"mean": r["mean"], "per_class": r["per_class"], "threshold": r["threshold"]}
+
+    return {"split": "val", "slices": v["slices"], "loss": v["loss"],
+            "low_resolution": pick(v["low"]), "full_resolution": pick(v["full"])}
+
+
+def command_line(argv: List[str], ctx: D.Context) -> str:
+    cmd = "python -m training " + shlex.join(argv)
+    if ctx.world_size > 1:
+        cmd = f"torchrun --nproc-per-node {ctx.world_size} -m training " + shlex.join(argv)
+    return cmd
+
+
+def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Optional[Path]:
+    """Train; returns the exported model path on rank 0 (None on other ranks)."""
+    from tqdm import tqdm
+
+    check_args(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ctx = D.setup(args.device)
+    try:
+        return _run(args, argv, ctx, tqdm)
+    finally:
+        D.cleanup(ctx)
+
+
+def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
+    out = Path(args.output)
+    ckpt_path = out / CHECKPOINT
+    show = ctx.is_main and not args.quiet
+    if args.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch and must be a "
+                         f"multiple of the {ctx.world_size} ranks")
+    if ctx.is_main:
+        if ckpt_path.exists() and not (args.resume or args.overwrite):
+            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it "
+                                  f"or --overwrite to start over")
+        if args.resume and not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no {ckpt_path}")
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier(ctx)
+
+    state = load_checkpoint(ckpt_path) if args.resume else None
+    if state is not None:
+        old = state["args"]
+        new = args_dict(args)
+        diff = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE
+                and old.get(k) != new.get(k)]
+        if diff:
+            raise ValueError(f"--resume: arguments differ from the checkpoint's: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    train_recs, val_recs, recipe = load_records(args, progress=show)
+    source_mm = args.source_mm or median_pixel_mm(train_recs)
+    size = tuple(args.size) if args.size else None
+    train_hu, train_lab, size = to_source_grid(train_recs, source_mm, size)
+    if val_recs:
+        val_hu, val_lab, _ = to_source_grid(val_recs, source_mm, size)
+    else:
+        val_hu = np.zeros((0,) + size, np.float32)
+        val_lab = np.zeros((0,) + size, np.uint8)
+    k = args.factor
+    cfg = {"factor": k, "label_mode": args.label_mode, "image_mode": args.image_mode,
+           "windows": args.window_list, "pixel_area_mm2": source_mm * source_mm}
+    recipe.update(source_pixel_mm=source_mm, source_size=list(size))
+
+    augment = None if args.no_augment else Augment()
+    train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
+    val_ds = SliceDataset(val_hu, val_lab)
+    per_rank = args.batch_size // ctx.world_size
+    sampler = torch.utils.data.DistributedSampler(
+        train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
+    workers = args.num_workers if args.num_workers is not None else (
+        4 if ctx.device.type == "cuda" else 0)
+    pin = ctx.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
+                                         num_workers=workers, pin_memory=pin)
+    val_subset = torch.utils.data.Subset(val_ds, list(range(ctx.rank, len(val_ds), ctx.world_size)))
+    val_loader = torch.utils.data.DataLoader(val_subset, batch_size=per_rank, shuffle=False,
+                                             num_workers=workers, pin_memory=pin)
+
+    config = ModelConfig(in_channels=len(args.window_list), num_classes=NUM_CLASSES,
+                         width=args.width)
+    net = build_model(config)
+    criterion = Criterion(parse_loss(args.loss))
+    bf16 = ctx.device.type == "cuda" and not args.no_bf16
+    module = TrainModule(net, criterion, bf16).to(ctx.device)
+    optimizer = make_optimizer(module, args.lr, args.weight_decay)
+    history: List[Dict[str, float]] = []
+    start = 0
+    if state is not None:
+        module.net.load_state_dict(state["model"])
+        module.criterion.load_state_dict(state["criterion"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        start = int(state["epoch"])
+        if len(state["rng"]) == ctx.world_size:
+            set_rng_state(state["rng"][ctx.rank], ctx.device)
+        elif ctx.is_main:
+            print(f"note: checkpoint from {len(state['rng'])} rank(s), now {ctx.world_size}: "
+                  f"random states not restored (data order and augmentation are unaffected)",
+                  file=sys.stderr)
+    ddp = module
+    if ctx.distributed:
+        ddp = nn.parallel.DistributedDataParallel(
+            module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    if show:
+        print(f"training on {ctx.world_size} rank(s), {ctx.device_reason}; {len(train_ds)} "
+              f"training / {len(val_ds)} validation slices of {size[0]} x {size[1]} at "
+              f"{source_mm:.4g} mm, factor {k} -> network input "
+              f"{-(-size[0] // k)} x {-(-size[1] // k)}", file=sys.stderr)
+    tb = None
+    if ctx.is_main:
+        from .logs import TensorBoard
+
+        tb = TensorBoard(out / "tensorboard", start)
+    last_val = None
+    last_plot = time.monotonic()
+    parts_names = criterion.names
+    for epoch in range(start, args.epochs):
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        module.train()
+        sums = np.zeros(2 + len(parts_names))
+        t0 = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                   disable=not show, leave=False)
+        for hu, lab in bar:
+            hu = hu.to(ctx.device, non_blocking=True)
+            lab = lab.to(ctx.device, non_blocking=True)
+            with torch.no_grad():
+                x, q = model_inputs(hu, lab, factor=k, label_mode=args.label_mode,
+                                    image_mode=args.image_mode, windows=args.window_list)
+            loss, parts, _ = ddp(x, q)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = hu.shape[0]
+            values = torch.stack([loss.detach()] + [parts[p].detach() for p in parts_names])
+            values = values.cpu().tolist()
+            sums += [values[0] * n, n] + [v * n for v in values[1:]]
+            bar.set_postfix(loss=f"{values[0]:.4f}")
+        seconds = time.perf_counter() - t0
+        sums = D.all_reduce_sum(ctx, sums)
+        row: Dict[str, float] = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[1])}
+        for i, p in enumerate(parts_names):
+            row[f"train_{p}"] = float(sums[2 + i] / sums[1])
+        if criterion.sigmas is not None:
+            for p, s in zip(parts_names, criterion.sigmas.detach().cpu().tolist()):
+                row[f"sigma_{p}"] = s
+        if len(val_ds):
+            last_val = validate(module, val_loader, ctx, cfg)
+            row.update(_row_from_validation(last_val))
+        row.update({"seconds": seconds, "slices_per_s": float(sums[1] / seconds), "lr": args.lr})
+        history.append(row)
+
+        rngs = D.all_gather_object(ctx, rng_state(ctx.device))
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch + 1, "args": args_dict(args), "history": history, "rng": rngs,
+                "model": module.net.state_dict(), "criterion": module.criterion.state_dict(),
+                "optimizer": optimizer.state_dict()})
+            from .logs import plot_history, write_csv
+
+            write_csv(out / "log.csv", history)
+            tb.log(row)
+            if epoch + 1 == args.epochs or time.monotonic() - last_plot >= PLOT_INTERVAL_S:
+                plot_history(out / "plots", history)
+                last_plot = time.monotonic()
+            if show:
+                msg = f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}"
+                if "val_loss" in row:
+                    msg += (f", val loss {row['val_loss']:.4f}, val Dice {row['val_dice']:.3f} "
+                            f"(full res {row['val_full_dice']:.3f})")
+                print(msg + f", {row['slices_per_s']:.1f} slices/s", file=sys.stderr)
+        D.barrier(ctx)
+    if tb is not None:
+        tb.close()
+
+    if last_val is None and len(val_ds) and history:
+        last_val = validate(module, val_loader, ctx, cfg)  # resumed after the last epoch
+    if not ctx.is_main:
+        return None
+    card = make_card(
+        config.to_dict(), windows=args.window_list, factor=k, label_mode=args.label_mode,
+        image_mode=args.image_mode, pixel_mm=(source_mm * k, source_mm * k),
+        input_size=(-(-size[0] // k), -(-size[1] // k)),
+        training={"data": recipe, "command": command_line(argv, ctx), "seed": args.seed,
+                  "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                  "weight_decay": args.weight_decay, "optimizer": "AdamW", "loss": args.loss,
+                  "augment": augment.to_dict() if augment else None,
+                  "world_size": ctx.world_size, "device": ctx.device.type, "bf16": bf16,
+                  "final_train_loss": history[-1]["train_loss"] if history else None},
+        metrics=_card_metrics(last_val) if last_val else {})
+    weights, _ = save_model(out / EXPORT, module.net, card, overwrite=True)
+    if show:
+        print(f"exported {weights} and {weights.with_suffix('.json')}", file=sys.stderr)
+    return weights
