@@ -213,6 +213,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.inputVolume = self.logic.loadSample()
 
     def _progress(self, done: int, total: int, message: str) -> None:
+        self.ui.progressBar.textVisible = True
         self.ui.progressBar.maximum = max(total, 1)
         self.ui.progressBar.value = done
         self.ui.statusLabel.text = message

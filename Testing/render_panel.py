@@ -223,7 +223,6 @@ def fill_example(widget, expand_all: bool = True) -> None:
     else:
         summary.setText(model_status("Bundled model")[0])
         device.setText(device_line("auto"))
-    widget.findChild(QProgressBar, "progressBar").setMaximum(1)
     widget.findChild(QLabel, "statusLabel").setText("Select a CT volume (or load the sample CT).")
 
 
