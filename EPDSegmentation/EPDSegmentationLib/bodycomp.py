@@ -1,0 +1,254 @@
+"""Body-composition measures from class probabilities: per-slice and whole-range tissue areas,
+volumes and HU statistics. Pure NumPy; used by the Slicer module and the command line.
+
+    rows = tissue_measures(prediction.probabilities, hu, spacing_mm, prediction.slices)
+    measures_to_csv(rows, "case01-measures.csv")
+
+What each number means (one row per slice and tissue, then one "all" row per tissue):
+- ``area_cm2``: the soft area, sum of the tissue's probabilities times the pixel area. EPD
+  models predict fractions, and only the soft sum keeps thin tissues (IMAT) at their true
+  area; ``hard_area_cm2`` (argmax pixels times the pixel area) is reported beside it because
+  an argmax of soft maps loses thin structures (see docs/slicer.md). In an "all" row both are
+  the mean area per slice over the slices measured.
+- ``volume_cm3`` / ``hard_volume_cm3``: area times the slice spacing (K); summed in "all".
+- ``hu_mean`` / ``hu_sd``: mean and standard deviation of HU weighted by the tissue's
+  probability (population SD). ``hard_hu_mean`` / ``hard_hu_sd``: the same over the argmax
+  mask. NaN where the tissue is absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .classes import NUM_CLASSES, TISSUES
+
+#: (row key, column header, description) in table order; the CSV uses the row keys.
+COLUMNS: Tuple[Tuple[str, str, str], ...] = (
+    ("slice", "Slice", "slice index K (0-based, as Slicer's Data Probe shows it); 'all' for "
+                       "the whole range"),
+    ("tissue", "Tissue", "tissue class key"),
+    ("name", "Name", "tissue class name"),
+    ("area_cm2", "Area (cm2)", "soft area: sum of probabilities x pixel area; in 'all' rows "
+                               "the mean per slice"),
+    ("hard_area_cm2", "Hard area (cm2)", "argmax pixels x pixel area; in 'all' rows the mean "
+                                         "per slice"),
+    ("volume_cm3", "Volume (cm3)", "soft area x slice spacing; summed in 'all' rows"),
+    ("hard_volume_cm3", "Hard volume (cm3)", "hard area x slice spacing; summed in 'all' rows"),
+    ("hu_mean", "Mean HU", "mean HU weighted by probability"),
+    ("hu_sd", "SD HU", "standard deviation of HU weighted by probability"),
+    ("hard_hu_mean", "Hard mean HU", "mean HU over the argmax mask"),
+    ("hard_hu_sd", "Hard SD HU", "standard deviation of HU over the argmax mask"),
+)
+COLUMN_KEYS = tuple(c[0] for c in COLUMNS)
+#: Sums kept per slice and class, so long volumes can be measured chunk by chunk.
+SUM_KEYS = ("p", "p_hu", "p_hu2", "n", "n_hu", "n_hu2")
+#: Probabilities may overshoot 0..1 by this much (float rounding) before they are rejected.
+_TOLERANCE = 1e-3
+
+Rows = List[Dict[str, object]]
+
+
+def _check_spacing(spacing_mm: Sequence[float]) -> Tuple[float, float, float]:
+    try:
+        s = tuple(float(v) for v in spacing_mm)
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing_mm must be three numbers (I, J, K) in mm; got {spacing_mm!r}")
+    if len(s) != 3 or not all(math.isfinite(v) and v > 0 for v in s):
+        raise ValueError(f"spacing_mm must be three positive numbers (I, J, K) in mm; "
+                         f"got {spacing_mm!r}")
+    return s
+
+
+def _check_probabilities(probabilities) -> np.ndarray:
+    p = np.asarray(probabilities)
+    if p.ndim != 4 or p.shape[0] != NUM_CLASSES:
+        raise ValueError(f"probabilities must be (C, n, J, I) with C = {NUM_CLASSES}; got shape "
+                         f"{p.shape}")
+    if p.dtype.kind != "f":
+        raise ValueError(f"probabilities must be floating point; got dtype {p.dtype}")
+    if p.size and not np.isfinite(p).all():
+        raise ValueError("probabilities hold NaN or infinite values")
+    if p.size and (p.min() < -_TOLERANCE or p.max() > 1 + _TOLERANCE):
+        raise ValueError(f"probabilities must lie in 0..1; found {p.min():.4g}..{p.max():.4g}")
+    return p
+
+
+def _select(p: np.ndarray, hu, slices: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, List[int]]:
+    """(probabilities (C, n, J, I), HU (n, J, I), slice indices) for the measured slices."""
+    h = np.asarray(hu)
+    if h.ndim != 3:
+        raise ValueError(f"hu must be the (K, J, I) volume; got shape {h.shape}")
+    if h.dtype.kind not in "iuf":
+        raise ValueError(f"hu must be numeric HU values; got dtype {h.dtype}")
+    if h.shape[1:] != p.shape[2:]:
+        raise ValueError(f"hu slices are {h.shape[1:]} (J, I) but probabilities are "
+                         f"{p.shape[2:]}")
+    idx = [int(k) for k in slices]
+    if not idx:
+        raise ValueError("no slices to measure")
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"slice indices repeat: {sorted(idx)}")
+    bad = [k for k in idx if not 0 <= k < h.shape[0]]
+    if bad:
+        raise ValueError(f"slice index {bad[0]} outside the volume's 0..{h.shape[0] - 1}")
+    if p.shape[1] == len(idx):          # the Prediction layout: one plane per listed slice
+        return p, h[idx], idx
+    if p.shape[1] == h.shape[0]:        # probabilities for the whole volume
+        return p[:, idx], h[idx], idx
+    raise ValueError(f"probabilities hold {p.shape[1]} slices: neither the {len(idx)} listed "
+                     f"slices nor the volume's {h.shape[0]}")
+
+
+def slice_sums(probabilities, hu) -> Dict[str, np.ndarray]:
+    """Per-slice, per-class sums (float64 (n, C) each, keys SUM_KEYS): probability mass ``p``,
+    ``p_hu``, ``p_hu2`` and, over the argmax mask, pixel count ``n``, ``n_hu``, ``n_hu2``.
+
+    probabilities: (C, n, J, I) in 0..1; hu: (n, J, I) HU of the same slices."""
+    p = _check_probabilities(probabilities)
+    h = np.asarray(hu, np.float64)
+    if h.shape != p.shape[1:]:
+        raise ValueError(f"hu {h.shape} does not match probabilities {p.shape[1:]} (n, J, I)")
+    n_slices, C = p.shape[1], p.shape[0]
+    out = {k: np.zeros((n_slices, C), np.float64) for k in SUM_KEYS}
+    hard = np.argmax(p, axis=0)
+    for s in range(n_slices):  # one slice at a time keeps the float64 scratch small
+        hs = h[s]
+        ps = p[:, s].astype(np.float64)
+        out["p"][s] = ps.sum(axis=(1, 2))
+        out["p_hu"][s] = (ps * hs).sum(axis=(1, 2))
+        out["p_hu2"][s] = (ps * (hs * hs)).sum(axis=(1, 2))
+        lab = hard[s].ravel()
+        out["n"][s] = np.bincount(lab, minlength=C)
+        out["n_hu"][s] = np.bincount(lab, weights=hs.ravel(), minlength=C)
+        out["n_hu2"][s] = np.bincount(lab, weights=(hs * hs).ravel(), minlength=C)
+    return out
+
+
+def _mean_sd(w: float, wx: float, wx2: float) -> Tuple[float, float]:
+    if w <= 0:
+        return float("nan"), float("nan")
+    mean = wx / w
+    return mean, math.sqrt(max(0.0, wx2 / w - mean * mean))
+
+
+def _row(slice_label, c, sums: Dict[str, float], pixel_cm2: float, thickness_cm: float,
+         n_slices: int) -> Dict[str, object]:
+    area = sums["p"] * pixel_cm2
+    hard_area = sums["n"] * pixel_cm2
+    hu_mean, hu_sd = _mean_sd(sums["p"], sums["p_hu"], sums["p_hu2"])
+    hard_mean, hard_sd = _mean_sd(sums["n"], sums["n_hu"], sums["n_hu2"])
+    return {
+        "slice": slice_label,
+        "tissue": c.key,
+        "name": c.name,
+        "area_cm2": area / n_slices,
+        "hard_area_cm2": hard_area / n_slices,
+        "volume_cm3": area * thickness_cm,
+        "hard_volume_cm3": hard_area * thickness_cm,
+        "hu_mean": hu_mean,
+        "hu_sd": hu_sd,
+        "hard_hu_mean": hard_mean,
+        "hard_hu_sd": hard_sd,
+    }
+
+
+def measures_from_sums(sums: Dict[str, np.ndarray], spacing_mm: Sequence[float],
+                       slices: Sequence[int]) -> Rows:
+    """Rows (see COLUMNS) from ``slice_sums`` (possibly concatenated over chunks, in the order
+    of ``slices``): one row per slice and tissue 1..5, then one "all" row per tissue."""
+    si, sj, sk = _check_spacing(spacing_mm)
+    idx = [int(k) for k in slices]
+    if any(np.shape(sums[k])[0] != len(idx) for k in SUM_KEYS):
+        raise ValueError(f"sums hold {np.shape(sums['p'])[0]} slices but {len(idx)} slice "
+                         f"indices were given")
+    if not idx:
+        raise ValueError("no slices to measure")
+    pixel_cm2 = si * sj / 100.0
+    thickness_cm = sk / 10.0
+    rows: Rows = []
+    for s, k in enumerate(idx):
+        for c in TISSUES:
+            rows.append(_row(k, c, {key: float(sums[key][s, c.index]) for key in SUM_KEYS},
+                             pixel_cm2, thickness_cm, 1))
+    for c in TISSUES:
+        total = {key: float(np.sum(sums[key][:, c.index])) for key in SUM_KEYS}
+        rows.append(_row("all", c, total, pixel_cm2, thickness_cm, len(idx)))
+    return rows
+
+
+def concatenate_sums(parts: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Join ``slice_sums`` of consecutive chunks along the slice axis."""
+    if not parts:
+        return {k: np.zeros((0, NUM_CLASSES), np.float64) for k in SUM_KEYS}
+    return {k: np.concatenate([part[k] for part in parts], axis=0) for k in SUM_KEYS}
+
+
+def tissue_measures(probabilities, hu, spacing_mm: Sequence[float],
+                    slices: Sequence[int]) -> Rows:
+    """Tissue measures for the slices of a prediction.
+
+    probabilities: float (C, n, J, I), C = 6 classes (background first), one plane per
+    index in ``slices`` (as inference.Prediction gives them), or (C, K, J, I) for the whole
+    volume (then the listed slices are taken; when n == K the first reading wins);
+    hu: the volume (K, J, I) in HU; spacing_mm: voxel size (I, J, K) in mm; slices: the
+    slice indices K to measure. Returns rows (dicts keyed by COLUMN_KEYS): per slice and
+    tissue 1..5 in the order given, then the "all" rows. Units: cm^2, cm^3, HU.
+    """
+    p, h, idx = _select(_check_probabilities(probabilities), hu, slices)
+    return measures_from_sums(slice_sums(p, h), spacing_mm, idx)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def measures_to_csv(rows: Rows, path: Union[str, os.PathLike], *,
+                    overwrite: bool = False) -> Path:
+    """Write rows as CSV (header = COLUMN_KEYS, NaN as an empty cell), atomically: a temporary
+    file in the same folder, then os.replace. An existing file is kept unless overwrite."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    for i, row in enumerate(rows):
+        missing = [k for k in COLUMN_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"row {i} lacks column(s) {', '.join(missing)}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMN_KEYS)
+            for row in rows:
+                writer.writerow([_cell(row[k]) for k in COLUMN_KEYS])
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def total_rows(rows: Rows) -> Dict[str, Dict[str, object]]:
+    """The "all" rows keyed by tissue key."""
+    return {str(r["tissue"]): r for r in rows if r["slice"] == "all"}
+
+
+def summary_line(rows: Rows, keys: Optional[Sequence[str]] = None) -> str:
+    """One line for a status bar: mean soft area per slice of each tissue, cm^2."""
+    totals = total_rows(rows)
+    keys = keys or [c.key for c in TISSUES]
+    return ", ".join(f"{k} {float(totals[k]['area_cm2']):.1f}" for k in keys if k in totals) \
+        + " cm2 per slice"

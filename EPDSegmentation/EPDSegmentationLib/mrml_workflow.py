@@ -1,0 +1,469 @@
+"""The module's main workflow on MRML nodes: CT volume in; tissue segmentation, soft labels
+and measures table out; and export of the results to a folder.
+
+    predict = model_predictor(model, card, volume_array(ct), slice_pixel_mm(ijk_to_ras(ct)))
+    out = segment_volume(scene, ct, predict, slices=[40, 41, 42], soft_segmentation=True)
+
+``predict(slices, progress, should_cancel)`` returns class probabilities float32
+(C, n, J, I) for the listed slices (C = 6, background first), plus the device it ran on and
+notes; the Slicer module wraps inference.predict_volume (``model_predictor``), the tests
+give soft maps of known label maps. The volume is processed in chunks of slices with a
+progress report and a cancel check between chunks (and between the network's batches);
+nothing touches the scene until every chunk is done, and a failure while the outputs are
+built removes what was added, so a cancelled or failed run leaves the scene as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import slicer
+
+from . import bodycomp
+from .classes import NUM_CLASSES, TISSUES
+from .inference import Cancelled
+from .mrml_nodes import (InputProblem, add_volume, check_ct_volume, ijk_to_ras, place_beside,
+                         safe_file_stem, spacing_ijk, undo_on_failure, unique_name,
+                         volume_array, ROLE_ATTRIBUTE)
+from .mrml_segmentation import (FRACTIONAL_MIN, encode_fractional, fill_fractional_segmentation,
+                                fill_tissue_segmentation, save_segmentation)
+from .mrml_tables import fill_measures_table, new_table, table_to_csv
+
+#: Slices per chunk between progress reports and cancel checks.
+CHUNK_SLICES = 16
+#: Attribute on a run's companion nodes (table, soft outputs): the ID of its segmentation.
+RESULT_OF = "EPDSegmentation.ResultOf"
+SLICE_MODES = ("all", "current", "range")
+
+Progress = Callable[[int, int, str], None]
+Predict = Callable[..., Tuple[np.ndarray, str, List[str]]]
+
+
+class OutputExists(ValueError):
+    """A picked output node holds data and replacing it was not allowed."""
+
+
+@dataclass
+class SegmentationResult:
+    """What segment_volume made (nodes are in the scene) and measured."""
+
+    segmentation: Any
+    table: Any
+    soft_segmentation: Any = None
+    probability_volumes: List[Any] = field(default_factory=list)
+    rows: List[Dict[str, object]] = field(default_factory=list)
+    slices: List[int] = field(default_factory=list)
+    device: str = ""
+    notes: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- slices
+
+
+def resolve_slices(mode: str, n_slices: int, *, current: Optional[int] = None,
+                   first: Optional[int] = None, last: Optional[int] = None) -> List[int]:
+    """Slice indices K for the panel's choice: "all", "current" (the slice under the red
+    view, ``current``) or "range" (``first``..``last`` inclusive, 0-based)."""
+    if mode not in SLICE_MODES:
+        raise ValueError(f"slice mode must be one of {SLICE_MODES}; got {mode!r}")
+    if n_slices < 1:
+        raise InputProblem("the volume has no slices")
+    if mode == "all":
+        return list(range(n_slices))
+    if mode == "current":
+        if current is None or not 0 <= int(current) < n_slices:
+            raise InputProblem(f"the red view's slice ({current}) is not one of the volume's "
+                               f"slices 0..{n_slices - 1}")
+        return [int(current)]
+    if first is None or last is None:
+        raise InputProblem("a slice range needs a first and a last slice")
+    first, last = int(first), int(last)
+    if first > last:
+        raise InputProblem(f"first slice {first} is after last slice {last}")
+    if first < 0 or last >= n_slices:
+        raise InputProblem(f"slices {first}..{last} are outside the volume's 0..{n_slices - 1}")
+    return list(range(first, last + 1))
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def model_predictor(model, card: Mapping[str, Any], hu: np.ndarray, pixel_mm, *,
+                    device: Any = "auto", batch_size: int = 8) -> Predict:
+    """A predict(slices, progress, should_cancel) callable running inference.predict_volume.
+
+    An out-of-memory fallback (smaller batch, then the CPU) found in one chunk is kept for
+    the next chunks, so the panel does not retry the failing setting every chunk."""
+    from .inference import predict_volume
+
+    state: Dict[str, Any] = {"device": device, "batch": int(batch_size)}
+
+    def predict(slices: Sequence[int], progress=None, should_cancel=None):
+        pred = predict_volume(hu, pixel_mm, model, card, device=state["device"],
+                              batch_size=state["batch"], slices=list(slices),
+                              progress=progress, should_cancel=should_cancel)
+        for note in pred.notes:
+            m = re.search(r"batch size (\d+)", note)
+            if m:
+                state["batch"] = int(m.group(1))
+        state["device"] = pred.device
+        return pred.probabilities, pred.device, list(pred.notes)
+
+    return predict
+
+
+def _check_probabilities(p, n: int, plane: Tuple[int, int]) -> np.ndarray:
+    p = np.asarray(p)
+    if p.shape != (NUM_CLASSES, n) + tuple(plane):
+        raise ValueError(f"the model returned probabilities of shape {p.shape}; expected "
+                         f"{(NUM_CLASSES, n) + tuple(plane)}")
+    return p
+
+
+def _chunks(slices: Sequence[int], size: int) -> List[List[int]]:
+    return [list(slices[i:i + size]) for i in range(0, len(slices), size)]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _check_output(node, replace_existing: bool, what: str) -> None:
+    if node is None:
+        return
+    if node.IsA("vtkMRMLSegmentationNode"):
+        n = node.GetSegmentation().GetNumberOfSegments()
+        if n and not replace_existing:
+            raise OutputExists(f"The output segmentation '{node.GetName()}' already holds {n} "
+                               f"segment(s). Allow replacing them, or choose 'Create new "
+                               f"segmentation'.")
+    elif node.IsA("vtkMRMLTableNode"):
+        if node.GetNumberOfRows() and not replace_existing:
+            raise OutputExists(f"The output table '{node.GetName()}' already holds data. Allow "
+                               f"replacing it, or choose 'Create new table'.")
+    else:
+        raise InputProblem(f"{what} '{node.GetName()}' is a {node.GetClassName()}")
+
+
+def segment_volume(scene, volume_node, predict: Predict, *,
+                   slices: Optional[Sequence[int]] = None,
+                   segmentation_node=None, table_node=None, replace_existing: bool = False,
+                   soft_segmentation: bool = False, soft_volumes: bool = False,
+                   chunk_slices: int = CHUNK_SLICES,
+                   progress: Optional[Progress] = None,
+                   should_cancel: Optional[Callable[[], bool]] = None) -> SegmentationResult:
+    """Segment a CT volume node into the tissue classes and measure them.
+
+    slices: indices K (default all); segmentation_node / table_node: nodes the user picked
+    to receive the results (None: new nodes named after the volume); a picked node that
+    holds data is replaced only with replace_existing=True (else OutputExists).
+    soft_segmentation: also a segmentation with Fractional labelmap segments;
+    soft_volumes: also one probability volume (0..1, float32) per tissue.
+    progress(done, total, message) after each chunk and batch; should_cancel() is checked
+    between them and raises inference.Cancelled, leaving the scene untouched.
+    Outputs cover the input's full grid (reference geometry = the input); slices that were
+    not processed are empty (probability 0).
+    """
+    check_ct_volume(volume_node)
+    _check_output(segmentation_node, replace_existing, "output segmentation")
+    _check_output(table_node, replace_existing, "output table")
+    if not isinstance(chunk_slices, int) or chunk_slices < 1:
+        raise ValueError(f"chunk_slices must be a positive int; got {chunk_slices!r}")
+    hu = volume_array(volume_node)
+    m = ijk_to_ras(volume_node)
+    K, J, I = hu.shape
+    slices = sorted(set(int(k) for k in (range(K) if slices is None else slices)))
+    if not slices:
+        raise InputProblem("no slices selected")
+    if slices[0] < 0 or slices[-1] >= K:
+        raise InputProblem(f"slices {slices[0]}..{slices[-1]} are outside the volume's "
+                           f"0..{K - 1}")
+    k0, k1 = slices[0], slices[-1]
+    slab = k1 - k0 + 1
+    labels = np.zeros((slab, J, I), np.uint8)
+    # soft outputs are kept as compactly as they will be stored
+    codes = np.full((NUM_CLASSES - 1, slab, J, I), FRACTIONAL_MIN, np.int8) \
+        if soft_segmentation else None
+    prob_volumes = {c.key: np.zeros((K, J, I), np.float32) for c in TISSUES} \
+        if soft_volumes else None
+    sums = []
+    notes: List[str] = []
+    device = ""
+    total = len(slices)
+    done = 0
+
+    def report(n_done: int, message: str) -> None:
+        if progress is not None:
+            progress(n_done, total, message)
+
+    report(0, f"segmenting {total} slice(s)")
+    for chunk in _chunks(slices, chunk_slices):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled after {done} of {total} slices; nothing was changed")
+        offset = done
+
+        def batch_progress(n_done, _total, offset=offset):
+            report(offset + int(n_done), f"segmenting: {offset + int(n_done)} of {total} slices")
+
+        probs, device, chunk_notes = predict(chunk, batch_progress, should_cancel)
+        probs = _check_probabilities(probs, len(chunk), (J, I))
+        for note in chunk_notes:
+            if note not in notes:
+                notes.append(note)
+        rel = [k - k0 for k in chunk]
+        labels[rel] = np.argmax(probs, axis=0).astype(np.uint8)
+        if codes is not None:
+            codes[:, rel] = encode_fractional(probs[1:])
+        if prob_volumes is not None:
+            for c in TISSUES:
+                prob_volumes[c.key][chunk] = probs[c.index]
+        sums.append(bodycomp.slice_sums(probs, hu[chunk]))
+        done += len(chunk)
+        report(done, f"segmenting: {done} of {total} slices")
+    if should_cancel is not None and should_cancel():
+        raise Cancelled(f"cancelled after {total} of {total} slices; nothing was changed")
+
+    rows = bodycomp.measures_from_sums(bodycomp.concatenate_sums(sums), spacing_ijk(m), slices)
+    name = volume_node.GetName()
+    result = SegmentationResult(None, None, rows=rows, slices=slices, device=device,
+                                notes=notes)
+    report(total, "creating the outputs")
+    with undo_on_failure(scene):
+        seg = segmentation_node or scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", unique_name(scene, f"{name} tissues"))
+        fill_tissue_segmentation(seg, labels, m, k0=k0, reference_volume=volume_node)
+        seg.SetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole(),
+                               volume_node.GetID())
+        seg.SetAttribute(ROLE_ATTRIBUTE, "tissues")
+        place_beside(seg, volume_node)
+        result.segmentation = seg
+        table = table_node or new_table(scene, f"{name} body composition", "measures")
+        fill_measures_table(table, rows)
+        place_beside(table, volume_node)
+        result.table = table
+        if soft_segmentation:
+            soft_seg = scene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", unique_name(scene, f"{name} tissue probabilities"))
+            fill_fractional_segmentation(soft_seg, codes, m, k0=k0, encoded=True)
+            soft_seg.SetAttribute(ROLE_ATTRIBUTE, "soft-tissues")
+            place_beside(soft_seg, volume_node)
+            result.soft_segmentation = soft_seg
+        if soft_volumes:
+            for c in TISSUES:
+                vol = add_volume(scene, prob_volumes[c.key], m, f"{name} {c.key} probability",
+                                 probability=True, role=f"probability-{c.key}")
+                place_beside(vol, volume_node)
+                result.probability_volumes.append(vol)
+        _link_results(scene, result)
+    return result
+
+
+def _link_results(scene, result: SegmentationResult) -> None:
+    """Tag the run's companions with the segmentation's ID (older companions of a reused
+    segmentation lose the tag), so Export finds them, also after the scene is reloaded."""
+    seg_id = result.segmentation.GetID()
+    current = [result.table, result.soft_segmentation] + list(result.probability_volumes)
+    keep = {n.GetID() for n in current if n is not None}
+    nodes = scene.GetNodesByClass("vtkMRMLNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetAttribute(RESULT_OF) == seg_id and node.GetID() not in keep:
+            node.RemoveAttribute(RESULT_OF)
+    for node in current:
+        if node is not None:
+            node.SetAttribute(RESULT_OF, seg_id)
+
+
+def result_nodes(scene, segmentation_node) -> Dict[str, Any]:
+    """The companions of a run's segmentation: table, soft_segmentation (or None) and
+    probability_volumes (in tissue order)."""
+    out: Dict[str, Any] = {"table": None, "soft_segmentation": None, "probability_volumes": []}
+    if segmentation_node is None:
+        return out
+    seg_id = segmentation_node.GetID()
+    volumes = {}
+    nodes = scene.GetNodesByClass("vtkMRMLNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetAttribute(RESULT_OF) != seg_id:
+            continue
+        role = node.GetAttribute(ROLE_ATTRIBUTE) or ""
+        if node.IsA("vtkMRMLTableNode"):
+            out["table"] = node
+        elif node.IsA("vtkMRMLSegmentationNode"):
+            out["soft_segmentation"] = node
+        elif role.startswith("probability-"):
+            volumes[role.split("-", 1)[1]] = node
+    out["probability_volumes"] = [volumes[c.key] for c in TISSUES if c.key in volumes]
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_paths(folder: Union[str, os.PathLike], base: str, *, segmentation: bool = True,
+                 soft_segmentation: bool = False, probability_keys: Sequence[str] = (),
+                 table: bool = True) -> Dict[str, Path]:
+    """The files an export writes: role -> path in ``folder``."""
+    folder = Path(folder)
+    stem = safe_file_stem(base)
+    out: Dict[str, Path] = {}
+    if segmentation:
+        out["segmentation"] = folder / f"{stem}.seg.nrrd"
+    if soft_segmentation:
+        out["soft_segmentation"] = folder / f"{stem}-probabilities.seg.nrrd"
+    for key in probability_keys:
+        out[f"probability-{key}"] = folder / f"{stem}-{key}-probability.nrrd"
+    if table:
+        out["table"] = folder / f"{stem}-measures.csv"
+    return out
+
+
+def _save_volume(node, path: Path) -> None:
+    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.nrrd"
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(tmp))
+    storage.SetUseCompression(True)
+    try:
+        if not storage.WriteData(node) or not tmp.is_file():
+            raise OSError(f"could not write {path}: "
+                          f"{storage.GetUserMessages().GetAllMessagesAsString()}")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
+                   soft_segmentation=None, probability_volumes: Sequence[Any] = (),
+                   table=None, base: Optional[str] = None,
+                   overwrite: bool = False) -> List[Path]:
+    """Save the results to ``folder``: <base>.seg.nrrd (tissues), <base>-probabilities.seg.nrrd
+    (fractional), <base>-<KEY>-probability.nrrd, <base>-measures.csv. base defaults to the
+    segmentation's name. Every file is written atomically; if any target exists and not
+    overwrite, nothing is written (FileExistsError naming them)."""
+    folder = Path(folder)
+    if not str(folder) or not folder.is_dir():
+        raise InputProblem(f"export folder '{folder}' does not exist; choose a folder")
+    if all(x is None for x in (segmentation, soft_segmentation, table)) and \
+            not probability_volumes:
+        raise InputProblem("nothing to export: run the segmentation first")
+    base = base or (segmentation or soft_segmentation or table).GetName()
+    keys = []
+    for vol in probability_volumes:
+        role = vol.GetAttribute(ROLE_ATTRIBUTE) or ""
+        keys.append(role.split("-", 1)[1] if role.startswith("probability-")
+                    else safe_file_stem(vol.GetName()))
+    paths = export_paths(folder, base, segmentation=segmentation is not None,
+                         soft_segmentation=soft_segmentation is not None,
+                         probability_keys=keys, table=table is not None)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError("already exist: " + ", ".join(existing)
+                              + "; allow replacing them or choose another folder")
+    written = []
+    if segmentation is not None:
+        written.append(save_segmentation(segmentation, paths["segmentation"],
+                                         overwrite=overwrite))
+    if soft_segmentation is not None:
+        written.append(save_segmentation(soft_segmentation, paths["soft_segmentation"],
+                                         overwrite=overwrite))
+    for vol, key in zip(probability_volumes, keys):
+        path = paths[f"probability-{key}"]
+        _save_volume(vol, path)
+        written.append(path)
+    if table is not None:
+        written.append(table_to_csv(table, paths["table"], overwrite=overwrite))
+    return written
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def describe_model(card: Mapping[str, Any]) -> str:
+    """A few lines about a model for the panel: classes, factor, spacing, training data."""
+    classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
+                        for c in card.get("classes", [])[1:])
+    k = card.get("factor")
+    label_mode = card.get("label_mode", "?")
+    px = card.get("pixel_mm", [0, 0])
+    training = card.get("training", {}) or {}
+    data = training.get("data", "?")
+    if isinstance(data, Mapping):
+        data = ", ".join(f"{key} {value}" for key, value in data.items())
+    lines = [f"Classes: {classes}",
+             f"Factor 1/{k} ({label_mode} labels), network pixel {px[0]:.2f} x {px[1]:.2f} mm",
+             f"Trained on: {data}"]
+    metrics = card.get("metrics") or {}
+    dice = metrics.get("dice") if isinstance(metrics, Mapping) else None
+    if isinstance(dice, Mapping):
+        lines.append("Dice: " + ", ".join(f"{key} {float(v):.3f}" for key, v in dice.items()
+                                         if isinstance(v, (int, float))))
+    return "\n".join(lines)
+
+
+def describe_device(requested: str = "auto") -> Tuple[str, str]:
+    """(device that will run, why) for the panel, without failing: torch missing or a forced
+    device that is absent come back as the reason, with device "" (cannot run)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "", ("PyTorch is not installed: Apply offers to install it through the "
+                    "PyTorch extension")
+    from .inference import select_device
+
+    try:
+        dev, reason = select_device(requested)
+    except (RuntimeError, ValueError) as exc:
+        return "", str(exc)
+    return str(dev), reason
+
+
+def device_line(requested: str = "auto") -> str:
+    """The panel's device line, e.g. "Runs on CPU: this torch build (2.13.0+cpu) has no CUDA
+    support; MPS is not available"."""
+    device, reason = describe_device(requested)
+    if not device:
+        return f"Cannot run: {reason}"
+    prefix = device.split(":")[0].upper()
+    why = reason[len("CPU: "):] if reason.startswith("CPU: ") else reason
+    return f"Runs on {prefix}: {why}"
+
+
+MODEL_SOURCES = ("Bundled model", "Model file")
+
+
+def model_path_for(source: str, path=None) -> Path:
+    """The weights file for the panel's model choice; FileNotFoundError saying what is
+    missing (short enough for the panel)."""
+    from .resources import bundled_model_path
+
+    if source == MODEL_SOURCES[0]:
+        try:
+            return bundled_model_path()
+        except FileNotFoundError:
+            raise FileNotFoundError("The bundled model is not in this build yet: choose "
+                                    "'Model file' and pick a model you trained.") from None
+    if source != MODEL_SOURCES[1]:
+        raise ValueError(f"model source must be one of {MODEL_SOURCES}; got {source!r}")
+    if path is None or str(path) in ("", "."):
+        raise FileNotFoundError("No model file chosen: pick a .safetensors file (its .json "
+                                "model card must be beside it).")
+    return Path(path)
+
+
+def model_status(source: str, path=None) -> Tuple[str, bool]:
+    """(the panel's model summary, whether the model can be used), from the model card;
+    torch is not needed."""
+    from .model_io import ModelFileError, read_card
+
+    try:
+        card = read_card(model_path_for(source, path))
+    except (FileNotFoundError, ModelFileError) as exc:
+        return str(exc), False
+    return describe_model(card), True

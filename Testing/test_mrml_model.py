@@ -1,0 +1,120 @@
+"""The workflow with a real network: a tiny random-weight model saved by model_io.save_model,
+loaded back, run through inference.predict_volume on the CPU in chunks of slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+torch = pytest.importorskip("torch")
+
+from test_mrml_support import add_ct, label_stack, mrml, node_ids  # noqa: E402,F401
+
+from EPDSegmentationLib.classes import TISSUES  # noqa: E402
+from EPDSegmentationLib.inference import Cancelled  # noqa: E402
+from EPDSegmentationLib.model import ModelConfig, build_model  # noqa: E402
+from EPDSegmentationLib.model_io import load_model, make_card, save_model  # noqa: E402
+from EPDSegmentationLib.mrml_nodes import ijk_to_ras, slice_pixel_mm, volume_array  # noqa: E402
+from EPDSegmentationLib.mrml_segmentation import fractional_probabilities  # noqa: E402
+from EPDSegmentationLib.mrml_tables import table_rows  # noqa: E402
+from EPDSegmentationLib.mrml_workflow import (describe_device, describe_model,  # noqa: E402
+                                              model_predictor, segment_volume)
+from EPDSegmentationLib.windowing import DEFAULT_WINDOWS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(width=4))
+    card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=2, label_mode="epd",
+                     image_mode="average", pixel_mm=(1.4, 1.6), input_size=(32, 32),
+                     training={"data": {"phantom subjects": 3}, "command": "test", "seed": 0})
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_model(path, net, card)
+    return load_model(path)
+
+
+def test_network_output_becomes_segments_soft_labels_and_table(mrml, tiny_model):
+    model, card = tiny_model
+    scene = mrml.scene
+    ct = add_ct(scene, label_stack(4, 48))
+    hu = volume_array(ct)
+    predict = model_predictor(model, card, hu, slice_pixel_mm(ijk_to_ras(ct)), device="cpu",
+                              batch_size=2)
+    progress = []
+    out = segment_volume(scene, ct, predict, slices=[0, 1, 3], chunk_slices=2,
+                         soft_segmentation=True,
+                         progress=lambda d, t, m: progress.append(d))
+    assert out.device == "cpu" and any("device cpu" in n for n in out.notes)
+    assert progress[-1] == 3
+    assert out.segmentation.GetSegmentation().GetNumberOfSegments() == 5
+    probs, _, k0 = fractional_probabilities(out.soft_segmentation)
+    assert k0 == 0 and probs.shape[1] == 4
+    # the network's soft maps sum to one: the soft areas add up to the whole slice
+    rows = [r for r in table_rows(out.table) if r["slice"] == "1"]
+    pixel_cm2 = np.prod(ct.GetSpacing()[:2]) / 100
+    tissue_area = sum(r["area_cm2"] for r in rows)
+    background = probs[0, 1].sum() * pixel_cm2
+    assert tissue_area + background == pytest.approx(48 * 48 * pixel_cm2, rel=2e-2)
+    assert {r["tissue"] for r in rows} == {c.key for c in TISSUES}
+
+
+def test_cancel_between_network_batches(mrml, tiny_model):
+    model, card = tiny_model
+    scene = mrml.scene
+    ct = add_ct(scene, label_stack(3, 32))
+    before = node_ids(scene)
+    predict = model_predictor(model, card, volume_array(ct), slice_pixel_mm(ijk_to_ras(ct)),
+                              device="cpu", batch_size=1)
+    seen = []
+
+    def cancel():
+        return len(seen) >= 1
+
+    with pytest.raises(Cancelled):
+        segment_volume(scene, ct, predict, progress=lambda d, t, m: seen.append(d) if d else None,
+                       should_cancel=cancel)
+    assert node_ids(scene) == before
+
+
+def test_panel_descriptions(tiny_model):
+    _, card = tiny_model
+    text = describe_model(card)
+    assert "MUS, IMAT, SAT, VAT, MSC" in text and "1/2" in text and "phantom subjects 3" in text
+    device, reason = describe_device("cpu")
+    assert device == "cpu" and "CPU" in reason
+    device, reason = describe_device("auto")
+    assert device in ("cpu", "cuda", "mps") and reason
+    if not torch.cuda.is_available():
+        device, reason = describe_device("cuda")
+        assert device == "" and "cuda" in reason.lower()
+
+
+class _OutOfMemoryAbove1(torch.nn.Module):
+    """The tiny model, failing like a full GPU whenever a batch holds more than one slice."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(int(x.shape[0]))
+        if x.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)
+
+
+def test_out_of_memory_fallback_is_kept_for_later_chunks(mrml, tiny_model):
+    model, card = tiny_model
+    scene = mrml.scene
+    ct = add_ct(scene, label_stack(4, 32))
+    flaky = _OutOfMemoryAbove1(model)
+    predict = model_predictor(flaky, card, volume_array(ct), slice_pixel_mm(ijk_to_ras(ct)),
+                              device="cpu", batch_size=2)
+    out = segment_volume(scene, ct, predict, chunk_slices=2)
+    assert out.segmentation.GetSegmentation().GetNumberOfSegments() == 5
+    assert any("out of memory" in n and "batch size" in n for n in out.notes)
+    # first chunk: 2 -> fails, retried at 1; second chunk starts at 1 straight away
+    assert flaky.batches == [2, 1, 1, 1, 1]
