@@ -188,7 +188,7 @@ def fill_example(widget, expand_all: bool = True) -> None:
     """Put in what the panel shows in Slicer: Choice items, example node names, and the
     model and device lines as this checkout would report them. expand_all opens the
     sections that start collapsed (EPD preview, Export), so the picture shows them."""
-    from PySide6.QtWidgets import QComboBox, QGroupBox, QLabel, QProgressBar, QWidget
+    from PySide6.QtWidgets import QComboBox, QGroupBox, QLabel, QWidget
 
     if expand_all:
         for box in widget.findChildren(QGroupBox):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from EPDSegmentationLib.cli import main
 from EPDSegmentationLib.demo import area_table

@@ -10,21 +10,13 @@ from EPDSegmentationLib.epd import epd_image, upsample_soft
 from EPDSegmentationLib.inference import (Cancelled, DeviceError, Prediction, predict_volume,
                                           prepare_slices, resampled_shape, run_network,
                                           select_device, source_pixel_mm)
-from EPDSegmentationLib.model import ModelConfig, build_model
-from EPDSegmentationLib.model_io import load_model, make_card, save_model
+from EPDSegmentationLib.model_io import load_model
 from EPDSegmentationLib.windowing import DEFAULT_WINDOWS, window_channels
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    torch.manual_seed(0)
-    net = build_model(ModelConfig(width=4))
-    card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=2, label_mode="epd",
-                     image_mode="average", pixel_mm=(1.6, 1.6), input_size=(32, 32),
-                     training={"data": {}, "command": "test", "seed": 0})
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(path, net, card)
-    return load_model(path)
+def saved_model(tiny_model_path):
+    return load_model(tiny_model_path)
 
 
 @pytest.fixture(scope="module")

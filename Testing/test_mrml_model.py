@@ -13,26 +13,17 @@ from test_mrml_support import add_ct, label_stack, mrml, node_ids  # noqa: E402,
 
 from EPDSegmentationLib.classes import TISSUES  # noqa: E402
 from EPDSegmentationLib.inference import Cancelled  # noqa: E402
-from EPDSegmentationLib.model import ModelConfig, build_model  # noqa: E402
-from EPDSegmentationLib.model_io import load_model, make_card, save_model  # noqa: E402
+from EPDSegmentationLib.model_io import load_model  # noqa: E402
 from EPDSegmentationLib.mrml_nodes import ijk_to_ras, slice_pixel_mm, volume_array  # noqa: E402
 from EPDSegmentationLib.mrml_segmentation import fractional_probabilities  # noqa: E402
 from EPDSegmentationLib.mrml_tables import table_rows  # noqa: E402
 from EPDSegmentationLib.mrml_workflow import (describe_device, describe_model,  # noqa: E402
                                               model_predictor, segment_volume)
-from EPDSegmentationLib.windowing import DEFAULT_WINDOWS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    net = build_model(ModelConfig(width=4))
-    card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=2, label_mode="epd",
-                     image_mode="average", pixel_mm=(1.4, 1.6), input_size=(32, 32),
-                     training={"data": {"phantom subjects": 3}, "command": "test", "seed": 0})
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(path, net, card)
-    return load_model(path)
+def tiny_model(tiny_model_path):
+    return load_model(tiny_model_path)
 
 
 def test_network_output_becomes_segments_soft_labels_and_table(mrml, tiny_model):

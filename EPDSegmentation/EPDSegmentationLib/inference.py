@@ -90,8 +90,8 @@ def select_device(requested: str = "auto"):
         return dev, f"CUDA GPU {torch.cuda.get_device_name(dev.index or 0)} (requested)"
     if req == "mps":
         if not _mps_available(torch):
-            raise DeviceError(f"device 'mps' requested, but MPS is not available (needs Apple "
-                               f"silicon, macOS 12.3+ and a torch build with MPS)")
+            raise DeviceError("device 'mps' requested, but MPS is not available (needs Apple "
+                               "silicon, macOS 12.3+ and a torch build with MPS)")
         return torch.device("mps"), "Apple MPS (requested)"
     raise ValueError(f"device must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu'; got {requested!r}")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from .dicom import list_series, read_dicom, write_dicom_series
 from .errors import InputError
-from .images import write_volume
+from .images import write_probabilities, write_volume
 from .manifest import read_manifest, write_manifest
 from .readers import read_labels, read_volume, same_grid
 from .seg_nrrd import read_seg_nrrd, write_seg_nrrd
 
 __all__ = ["InputError", "read_volume", "read_labels", "read_manifest", "write_manifest",
-           "write_volume", "read_seg_nrrd", "write_seg_nrrd", "read_dicom",
+           "write_volume", "write_probabilities", "read_seg_nrrd", "write_seg_nrrd", "read_dicom",
            "write_dicom_series", "list_series", "same_grid"]

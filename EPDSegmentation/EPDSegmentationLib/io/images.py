@@ -71,12 +71,17 @@ def read_itk(path: Union[str, Path]) -> Volume:
     return vol
 
 
-def volume_to_itk(volume: Volume):
-    """Volume -> SimpleITK image in LPS. The direction must be a rotation (no shear)."""
+def volume_to_itk(volume: Volume, components: Optional[np.ndarray] = None):
+    """Volume -> SimpleITK image in LPS. The direction must be a rotation (no shear).
+
+    components: optional (K, J, I, C) array on the volume's grid, written as a C-component
+    vector image instead of the volume's own array."""
     import SimpleITK as sitk
 
-    arr = np.ascontiguousarray(volume.array)
-    image = sitk.GetImageFromArray(arr)
+    if components is None:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(components), isVector=True)
     spacing = np.asarray(volume.spacing)
     direction = FLIP @ volume.directions
     image.SetSpacing([float(s) for s in spacing])
@@ -113,4 +118,24 @@ def write_volume(volume: Volume, path: Union[str, Path], *, overwrite: bool = Fa
     image = volume_to_itk(Volume(arr, volume.ijk_to_ras))
     with atomic_file(path, overwrite) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=(ext != ".nii"))
+    return path
+
+
+def write_probabilities(path: Union[str, Path], probabilities: np.ndarray, ijk_to_ras, *,
+                        overwrite: bool = False) -> Path:
+    """Per-class probability maps (C, K, J, I) in 0..1 as one C-component float32 NRRD
+    (gzip) on the grid ijk_to_ras, component c = class c (classes.py order). Slicer loads it
+    as a vector volume; each component is one class's probability. Atomic."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if extension(path) != ".nrrd" or path.name.lower().endswith(".seg.nrrd"):
+        raise ValueError(f"{path}: probability maps are written as a plain .nrrd")
+    probs = np.asarray(probabilities, np.float32)
+    if probs.ndim != 4:
+        raise ValueError(f"probabilities must be (C, K, J, I); got shape {probs.shape}")
+    grid = Volume(np.zeros(probs.shape[1:], np.uint8), ijk_to_ras)
+    image = volume_to_itk(grid, np.moveaxis(probs, 0, -1))
+    with atomic_file(path, overwrite) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
     return path

@@ -20,7 +20,8 @@ SPLITS = ("train", "val", "test")
 COLUMNS = ("image", "label", "split", "subject")
 
 
-def _rows(path: Path) -> List[Dict[str, object]]:
+def _rows(path: Path, required: Sequence[str] = ("image", "label", "split")
+          ) -> List[Dict[str, object]]:
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".json":
         try:
@@ -34,30 +35,32 @@ def _rows(path: Path) -> List[Dict[str, object]]:
                                    '"split"} objects or {"cases": [...]}')
         return data
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in ("image", "label", "split") if c not in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
         raise InputError(path, f"CSV header {reader.fieldnames} lacks column(s) {missing}; "
-                               f"need image,label,split[,subject]")
+                               f"need {','.join(required)}[,subject]")
     return list(reader)
 
 
-def read_manifest(path: Union[str, Path]) -> List[Dict[str, object]]:
+def read_manifest(path: Union[str, Path], *, images_only: bool = False
+                  ) -> List[Dict[str, object]]:
     """Read a manifest: [{'image': Path, 'label': Path, 'split': str, 'subject': str}, ...].
 
     Paths come back absolute. Every image and label must exist (a DICOM image may be a
-    folder); raises InputError naming the manifest, the row and the problem.
+    folder); raises InputError naming the manifest, the row and the problem. With
+    images_only (cases to segment), only the image column is needed and read.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "manifest not found")
-    rows = _rows(path)
+    rows = _rows(path, ("image",) if images_only else ("image", "label", "split"))
     if not rows:
         raise InputError(path, "manifest lists no cases")
     out = []
     for n, row in enumerate(rows, start=2 if path.suffix.lower() != ".json" else 0):
         where = f"row {n}" if path.suffix.lower() != ".json" else f"case {n}"
         entry: Dict[str, object] = {}
-        for key in ("image", "label"):
+        for key in ("image",) if images_only else ("image", "label"):
             value = str(row.get(key) or "").strip()
             if not value:
                 raise InputError(path, f"{where}: no {key} path")
@@ -67,6 +70,10 @@ def read_manifest(path: Union[str, Path]) -> List[Dict[str, object]]:
                 raise InputError(path, f"{where}: {key} {p} does not exist")
             entry[key] = p
         split = str(row.get("split") or "").strip().lower()
+        if images_only:
+            entry["subject"] = str(row.get("subject") or "").strip()
+            out.append(entry)
+            continue
         if split not in SPLITS:
             raise InputError(path, f"{where}: split {row.get('split')!r} is not one of {SPLITS}")
         entry["split"] = split

@@ -73,12 +73,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             import matplotlib.pyplot as plt
 
             from .generate import make_slice
-            from .sheet import _gray, overlay
+            from ..overlay import overlay_rgb
+            from .sheet import _gray
 
             s = make_slice(args.seed, z_mm=args.z)
             fig, ax = plt.subplots(1, 2, figsize=(12, 6))
             ax[0].imshow(_gray(s.hu), cmap="gray", vmin=0, vmax=1)
-            ax[1].imshow(overlay(s.hu, s.labels))
+            ax[1].imshow(overlay_rgb(s.hu, s.labels))
             for a in ax:
                 a.axis("off")
             fig.tight_layout()

@@ -16,8 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..classes import color_table
-from ..volume import Volume
+from ..overlay import display_slice, overlay_rgb
 
 WINDOW = (-160.0, 240.0)   # W400 / L40
 #: phantom subjects shown: a spread of habitus, muscle quality, phase and tube voltage
@@ -33,33 +32,9 @@ def shared_sample_dir() -> Optional[Path]:
     return next((p for p in SHARED_CANDIDATES if p.is_dir()), None)
 
 
-def display_slice(volume: Volume, k: int, array: Optional[np.ndarray] = None) -> np.ndarray:
-    """Slice k of a volume (J, I) flipped to radiological display: rows anterior to
-    posterior, columns patient right to left (needs axis-aligned I, J)."""
-    a = (volume.array if array is None else array)[k]
-    d = volume.directions
-    if abs(d[0, 0]) < 0.9 or abs(d[1, 1]) < 0.9:
-        raise ValueError("display_slice needs I along x and J along y")
-    if d[0, 0] > 0:        # I towards the patient's right: flip columns
-        a = a[:, ::-1]
-    if d[1, 1] > 0:        # J towards anterior: flip rows
-        a = a[::-1, :]
-    return a
-
-
 def _gray(hu: np.ndarray) -> np.ndarray:
     lo, hi = WINDOW
     return np.clip((hu - lo) / (hi - lo), 0, 1)
-
-
-def overlay(hu: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
-            colors: Optional[np.ndarray] = None) -> np.ndarray:
-    """RGB (H, W, 3): the windowed image with label colours blended in (0 left clear)."""
-    g = _gray(hu)[..., None].repeat(3, axis=2)
-    colors = color_table() if colors is None else colors
-    c = colors[labels]
-    a = np.where(labels[..., None] > 0, alpha, 0.0)
-    return g * (1 - a) + c * a
 
 
 def body_box(hu: np.ndarray, pixel_mm: float, margin_mm: float = 12.0,
@@ -126,7 +101,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
                              f"myosteat. {m['myosteatosis']:.2f}\n"
                              f"{m['phase'].replace('_', ' ')}, {m['kvp']} kVp, "
                              f"{s.pixel_mm:.2f} mm", **style)
-        axes[1, i].imshow(overlay(s.hu[box], s.labels[box]), interpolation="nearest")
+        axes[1, i].imshow(overlay_rgb(s.hu[box], s.labels[box]), interpolation="nearest")
         if i == 0:
             axes[1, i].set_ylabel("labels: MUS red, IMAT green, SAT yellow,\nVAT blue, "
                                   "other tissue purple", **style)
@@ -220,7 +195,7 @@ def _real_panels(shared: Path):
         img = display_slice(v, k)
         box = body_box(img, v.spacing[0])
         out.append((None, f"real: L2 with TotalSegmentator tissue\nmasks ({v.spacing[0]:.0f} mm)",
-                    overlay(img[box], display_slice(v, k, lab)[box])))
+                    overlay_rgb(img[box], display_slice(v, k, lab)[box])))
     if dcm.is_dir():
         v = read_volume(dcm)
         k = v.array.shape[0] // 2
