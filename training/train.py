@@ -298,7 +298,7 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
         diff = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE
                 and old.get(k) != new.get(k)]
         if diff:
-            raise ValueError(f"--resume: arguments differ from the checkpoint's: " + ", ".join(
+            raise ValueError("--resume: arguments differ from the checkpoint's: " + ", ".join(
                 f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
 
     random.seed(args.seed)
