@@ -1,4 +1,4 @@
-"""python -m training {train,evaluate} ...: headless training and evaluation.
+"""python -m training {train,evaluate,evaluate-real} ...: headless training and evaluation.
 
     python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
     torchrun --nproc-per-node 4 -m training train --manifest data/manifest.csv --output runs/x
@@ -16,7 +16,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, train
+    from . import evaluate, realct, train
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset: tables and figures")
     evaluate.add_evaluate_arguments(e)
     e.set_defaults(func=evaluate.run)
+    r = sub.add_parser("evaluate-real", help="a model on a real CT against binary tissue masks")
+    realct.add_arguments(r)
+    r.set_defaults(func=realct.run)
     return parser
 
 
