@@ -1,4 +1,4 @@
-# make run   : set up .venv (first time) and run the main job
+# make run   : set up .venv (first time) and run the main job: segment the bundled sample CT
 # make test  : set up .venv (first time) and run the whole test suite
 # make bench : the benchmarks (ratios measured side by side)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run demo test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/epdseg segment Resources/Sample/EPDPhantomCT.nrrd --output out/sample --overwrite
+
+demo: $(STAMP)
 	$(BIN)/epdseg demo --output out/demo --overwrite
 
 test: $(STAMP)
@@ -24,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python Testing/benchmarks/bench_epd.py
+	$(BIN)/python Testing/benchmarks/bench_training.py --device cpu --size 256 --batch 4
+	$(BIN)/python Testing/benchmarks/bench_segment.py
+	$(BIN)/python Testing/benchmarks/bench_phantom.py
 
 clean:
 	rm -rf $(VENV) out

@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     seg.add_argument("--slices", default="all",
                      help="slices K to segment (0-based): all, 40-60, or 12,40-45,50")
+    seg.add_argument("--series-uid", default=None,
+                     help="SeriesInstanceUID to read when a DICOM folder holds several series")
     seg.add_argument("--batch-size", type=int, default=8)
     seg.add_argument("--overlay-slice", type=int, default=None,
                      help="slice shown in <case>_overlay.png (default: the middle one)")
@@ -70,7 +72,8 @@ def _segment(args) -> int:
         result = segment_case(case, args.output, model, card, device=str(device),
                               batch_size=args.batch_size, slices=args.slices,
                               overwrite=args.overwrite, dicom_seg=args.dicom_seg,
-                              overlay_slice=args.overlay_slice, progress=progress)
+                              overlay_slice=args.overlay_slice, series_uid=args.series_uid,
+                              progress=progress)
         bar.close()
         if not result.ok:
             tqdm.write(f"epdseg: {case.name}: {result.message}", file=sys.stderr)

@@ -148,6 +148,7 @@ def output_paths(out_dir: Path, name: str, *, dicom_seg: bool) -> Dict[str, Path
 def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = "auto",
                  batch_size: int = 8, slices: Optional[str] = None, overwrite: bool = False,
                  dicom_seg: bool = False, overlay_slice: Optional[int] = None,
+                 series_uid: Optional[str] = None,
                  progress: Optional[Callable[[int, int], None]] = None) -> CaseResult:
     """Segment one case and write its outputs; errors come back as a failed CaseResult."""
     from . import bodycomp
@@ -163,7 +164,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         return CaseResult(case, False, "outputs exist (use --overwrite to replace): "
                           + ", ".join(p.name for p in existing))
     try:
-        vol = read_volume(case.path)
+        vol = read_volume(case.path, series_uid)
         if dicom_seg and vol.meta.get("format") != "dicom":
             raise InputError(case.path, "DICOM SEG needs a DICOM source, and this case was "
                                         f"read from {vol.meta.get('format', 'a non-DICOM file')}; "
