@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from EPDSegmentationLib.atomic import atomic_file, write_text
 from EPDSegmentationLib.classes import CLASSES, class_by_key
 
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     command = "python -m training evaluate-real " + " ".join(argv or [])
     payload = {"model": str(args.model), "ct": str(args.ct), "command": command,
                "device": pred.device, "notes": pred.notes, "results": result}
-    _write(out / "metrics.json", json.dumps(payload, indent=2))
+    write_text(out / "metrics.json", json.dumps(payload, indent=2), overwrite=True)
     lines = [f"Model `{args.model}` on `{args.ct}` ({ct.array.shape[2]} x {ct.array.shape[1]} "
              f"x {ct.array.shape[0]}, {si:.2f} x {sj:.2f} mm pixels). Made by `{command}`.", "",
              "| ours vs mask | slices | Dice | mask cm2/slice | ours soft | ours hard |",
@@ -110,17 +110,11 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     for name, r in result.items():
         lines.append(f"| {name} | {r['slices']} | {r['dice']:.3f} | {r['mask_area_cm2']:.1f} | "
                      f"{r['soft_area_cm2']:.1f} | {r['hard_area_cm2']:.1f} |")
-    _write(out / "table.md", "\n".join(lines) + "\n")
+    write_text(out / "table.md", "\n".join(lines) + "\n", overwrite=True)
     _figure(out / "overlays.png", ct, pred.probabilities.argmax(0).astype(np.uint8), masks,
             display_slice, overlay_rgb)
     print("\n".join(lines))
     return out
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _figure(path: Path, ct, labels, masks, display_slice, overlay_rgb) -> None:
@@ -145,7 +139,8 @@ def _figure(path: Path, ct, labels, masks, display_slice, overlay_rgb) -> None:
     for ax in axes.ravel():
         ax.set_axis_off()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, overwrite=True) as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .atomic import atomic_file
 from .classes import NUM_CLASSES, TISSUES
 
 #: (row key, column header, description) in table order; the CSV uses the row keys.
@@ -217,28 +217,17 @@ def measures_to_csv(rows: Rows, path: Union[str, os.PathLike], *,
                     overwrite: bool = False) -> Path:
     """Write rows as CSV (header = COLUMN_KEYS, NaN as an empty cell), atomically: a temporary
     file in the same folder, then os.replace. An existing file is kept unless overwrite."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist")
     for i, row in enumerate(rows):
         missing = [k for k in COLUMN_KEYS if k not in row]
         if missing:
             raise ValueError(f"row {i} lacks column(s) {', '.join(missing)}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path, overwrite) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(COLUMN_KEYS)
             for row in rows:
                 writer.writerow([_cell(row[k]) for k in COLUMN_KEYS])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def total_rows(rows: Rows) -> Dict[str, Dict[str, object]]:

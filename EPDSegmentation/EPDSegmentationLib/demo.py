@@ -6,12 +6,12 @@ downsampling and after EPD, and writes a comparison PNG.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, Sequence
 
 import numpy as np
 
+from .atomic import atomic_file
 from .classes import CLASSES, NUM_CLASSES, TISSUES, color_table
 from .epd import epd_labels, nearest_labels, soft_pixel_counts
 from .example import PIXEL_MM, example_labels
@@ -82,10 +82,11 @@ def write_figure(labels: np.ndarray, table: Dict, factors: Sequence[int], path: 
     fig.legend(handles=[Patch(color=colors[c.index], label=c.key) for c in TISSUES],
                loc="lower center", ncol=len(TISSUES))
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, overwrite=True) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def run(output_dir: Path, factors: Sequence[int] = (2, 4, 8), overwrite: bool = False) -> Path:

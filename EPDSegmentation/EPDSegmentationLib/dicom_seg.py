@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_file, check_target
 from .classes import TISSUES, TissueClass
 
 ALGORITHM_NAME = "EPD Segmentation"
@@ -140,8 +140,8 @@ def write_dicom_seg(path, sources: Sequence, *, labels: Optional[np.ndarray] = N
     if (labels is None) == (probabilities is None):
         raise DicomSegError("give exactly one of labels (BINARY) or probabilities (FRACTIONAL)")
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_target(path, overwrite)  # fail before the work, not after
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim != 3 or labels.dtype.kind not in "iu":
@@ -187,12 +187,6 @@ def write_dicom_seg(path, sources: Sequence, *, labels: Optional[np.ndarray] = N
         omit_empty_frames=False,
     )
     seg.SeriesDescription = (series_description or f"EPD body composition {kind.lower()}")[:64]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_file(path, overwrite) as tmp:
         seg.save_as(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

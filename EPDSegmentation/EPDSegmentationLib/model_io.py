@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
 
+from .atomic import atomic_write  # noqa: F401  (re-exported: training imports it here)
 from .classes import CLASSES, KEYS
 from .windowing import check_windows
 
@@ -221,29 +221,6 @@ def _positive_pair(v, kind) -> bool:
         if not math.isfinite(x) or x <= 0:
             return False
     return True
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: PathLike, write) -> Path:
-    """Call write(tmp) for a temporary file name beside ``path``, then move the file into
-    place with os.replace: readers see the old file or the new one, never half of one. The
-    file gets the permissions the umask gives new files (safetensors writes 0600 itself)."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        write(str(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    return path
 
 
 def write_card(path: PathLike, card: Mapping[str, Any], *, overwrite: bool = False) -> Path:

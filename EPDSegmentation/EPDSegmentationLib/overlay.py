@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
+from .atomic import atomic_file, check_target
 from .classes import TISSUES, color_table
 
 
@@ -51,8 +51,8 @@ def write_overlay_png(path, hu: np.ndarray, labels: np.ndarray, *,
     from matplotlib.patches import Patch
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_target(path, overwrite)  # fail before the work, not after
     fig, ax = plt.subplots(figsize=(7, 7.8))
     ax.imshow(overlay_rgb(hu, labels), interpolation="nearest")
     ax.set_axis_off()
@@ -67,13 +67,9 @@ def write_overlay_png(path, hu: np.ndarray, labels: np.ndarray, *,
         handles.append(Patch(color=colours[c.index], label=label))
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_file(path, overwrite) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .classes import TISSUES
-from .io.atomic import extension
+from .atomic import extension
 from .io.errors import InputError
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".ima")

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..volume import Volume
-from .atomic import atomic_file, extension
+from ..atomic import atomic_file, extension
 from .errors import InputError
 
 #: LPS <-> RAS: flip the first two axes

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..classes import NUM_CLASSES
 from ..volume import Volume
-from .atomic import extension
+from ..atomic import extension
 from .errors import InputError
 from .images import IMAGE_EXTENSIONS, read_itk
 

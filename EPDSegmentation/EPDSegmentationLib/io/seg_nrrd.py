@@ -19,7 +19,7 @@ import numpy as np
 
 from ..classes import CLASSES, NUM_CLASSES, TissueClass
 from ..volume import Volume
-from .atomic import atomic_file
+from ..atomic import atomic_file
 from .errors import InputError
 
 FLIP = np.diag([-1.0, -1.0, 1.0])

@@ -166,7 +166,7 @@ def write_sample(out_dir: Union[str, Path], *, seed: int = SAMPLE_SEED,
     from tqdm import tqdm
 
     from ..io import write_volume
-    from ..io.atomic import atomic_file
+    from ..atomic import atomic_file
     from ..resources import SAMPLE_CT, SAMPLE_LABELS
     from .generate import make_slice, slice_positions
 

@@ -77,7 +77,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io.atomic import atomic_file
+    from ..atomic import atomic_file
     from .generate import make_slice
     from .stats import body_mask
 

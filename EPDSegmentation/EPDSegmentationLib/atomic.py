@@ -1,4 +1,10 @@
-"""Writing outputs without ever leaving a half-written file or replacing one by surprise."""
+"""Writing outputs without ever leaving a half-written file or replacing one by surprise.
+
+Every writer in the project goes through ``atomic_file`` (or ``atomic_folder``): the data is
+written to a temporary name in the target's folder and moved into place with os.replace, so
+readers see the old file or the new one, never half of one; an existing file is replaced only
+when the caller says so.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 #: Extensions that name a format by more than the last suffix.
 _MULTI = (".seg.nrrd", ".nii.gz", ".seg.nhdr")
@@ -41,10 +47,38 @@ def atomic_file(path: Union[str, Path], overwrite: bool = False) -> Iterator[Pat
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{extension(path)}"
     try:
         yield tmp
+        # some writers (safetensors) create 0600 files: give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[str], object], *,
+                 overwrite: bool = True) -> Path:
+    """Call write(tmp) for a temporary file name beside ``path``, then move it into place."""
+    with atomic_file(path, overwrite) as tmp:
+        write(str(tmp))
+    return Path(path)
+
+
+def write_bytes(path: Union[str, Path], data: bytes, *, overwrite: bool = False) -> Path:
+    with atomic_file(path, overwrite) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: Union[str, Path], text: str, *, overwrite: bool = False) -> Path:
+    with atomic_file(path, overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 @contextmanager
