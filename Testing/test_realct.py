@@ -52,3 +52,27 @@ def test_command_writes_table_json_and_figure(tiny_model_path, tmp_path, capsys)
     assert "SAT vs sat.nii.gz" in (out / "table.md").read_text()
     assert main(args) == 2  # results exist: kept unless --overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bundle_evaluates_and_writes_the_card(tiny_model_path, tmp_path):
+    """bundle on a (tiny) run: held-out phantom evaluation in the card, real CT skipped when
+    the folder lacks the sample."""
+    import shutil
+
+    from EPDSegmentationLib.model_io import load_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for ext in (".safetensors", ".json"):
+        shutil.copy(str(tiny_model_path) + ext, run / f"model{ext}")
+    args = ["bundle", "--run", str(run), "--name", "Tiny", "--output", str(tmp_path / "models"),
+            "--report", str(tmp_path / "report"), "--eval-subjects", "2", "--eval-slices", "1",
+            "--real-dir", str(tmp_path / "nothing"), "--device", "cpu"]
+    assert main(args) == 0
+    _, card = load_model(tmp_path / "models" / "Tiny.safetensors")
+    ev = card["evaluation"]
+    assert set(ev["phantom_held_out"]["full_resolution_dice"]) >= {"MUS", "SAT", "VAT"}
+    assert "--data-seed 7" in ev["phantom_held_out"]["command"]
+    assert ev["real_ct"] is None and card["name"] == "Tiny"
+    assert (tmp_path / "report" / "phantom" / "table.md").is_file()
+    assert main(args) == 2  # the bundled files exist: kept unless --overwrite

@@ -1,4 +1,4 @@
-"""python -m training {train,evaluate,evaluate-real} ...: headless training and evaluation.
+"""python -m training {train,evaluate,evaluate-real,bundle} ...: headless training and evaluation.
 
     python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
     torchrun --nproc-per-node 4 -m training train --manifest data/manifest.csv --output runs/x
@@ -16,7 +16,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, realct, train
+    from . import bundle, evaluate, realct, train
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("evaluate-real", help="a model on a real CT against binary tissue masks")
     realct.add_arguments(r)
     r.set_defaults(func=realct.run)
+    b = sub.add_parser("bundle", help="evaluate a run and write it as the bundled model")
+    bundle.add_arguments(b)
+    b.set_defaults(func=bundle.run)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""Make the bundled model: a trained run's weights plus a card that states measured accuracy.
+
+    python -m training bundle --run runs/bundled_f2 --name EPDBodyComp_f2 \
+        --output Resources/Models --report docs/model \
+        --eval-subjects 12 --eval-seed 7 --real-dir ../shared/data/totalseg-example
+
+1. ``python -m training evaluate`` on held-out phantom subjects (a data seed the run never
+   saw) -> <report>/phantom/ (tables, figures);
+2. ``python -m training evaluate-real`` on the real CT with TotalSegmentator's tissue masks,
+   when --real-dir exists -> <report>/real/ (Dice, areas, overlays);
+3. the run's weights and card, with an ``evaluation`` section holding both results and the
+   exact commands, written to <output>/<name>.safetensors and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+from typing import Dict, List, Optional
+
+#: The real sample's masks, and the classes each stands for (TotalSegmentator has no IMAT:
+#: its skeletal muscle mask covers the muscle compartment, so it is compared with MUS + IMAT;
+#: its torso fat is fat inside the body wall, roughly our VAT).
+REAL_CT = "ct_t11_l2.nii.gz"
+REAL_MASKS = (("MUS+IMAT", "tissue_skeletal_muscle.nii.gz"),
+              ("SAT", "tissue_subcutaneous_fat.nii.gz"),
+              ("VAT", "tissue_torso_fat.nii.gz"))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help="a training run folder")
+    p.add_argument("--name", required=True, help="file stem of the bundled model")
+    p.add_argument("--output", type=Path, required=True, help="folder for the model files")
+    p.add_argument("--report", type=Path, required=True, help="folder for evaluation reports")
+    p.add_argument("--eval-subjects", type=int, default=12)
+    p.add_argument("--eval-slices", type=int, default=6)
+    p.add_argument("--eval-seed", type=int, default=7, help="phantom data seed for evaluation")
+    p.add_argument("--real-dir", type=Path, default=None,
+                   help="folder of the real CT sample with TotalSegmentator tissue masks")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _per_class(result: Dict, metric: str) -> Dict[str, Optional[float]]:
+    return {k: v.get(metric) for k, v in result["per_class"].items()}
+
+
+def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
+    from EPDSegmentationLib.model_io import load_model, save_model
+
+    from . import evaluate, realct
+
+    weights = Path(args.run) / "model.safetensors"
+    model, card = load_model(weights)
+    report = Path(args.report)
+    evaluation: Dict[str, object] = {}
+
+    ev_argv = ["evaluate", "--model", str(weights), "--phantom-subjects", str(args.eval_subjects),
+               "--phantom-slices", str(args.eval_slices), "--data-seed", str(args.eval_seed),
+               "--split", "all", "--output", str(report / "phantom"), "--device", args.device,
+               "--quiet"] + (["--overwrite"] if args.overwrite else [])
+    _call(evaluate.add_evaluate_arguments, evaluate.run, ev_argv)
+    ph = json.loads((report / "phantom" / "metrics.json").read_text())
+    evaluation["phantom_held_out"] = {
+        "command": ph["command"], "data": ph["data"], "slices": ph["slices"],
+        "full_resolution_dice": _per_class(ph["full_resolution"], "Dice"),
+        "full_resolution_iou": _per_class(ph["full_resolution"], "IoU"),
+        "low_resolution_dice": _per_class(ph["low_resolution"], "Dice"),
+        "metric": "Dice/IoU after the per-class threshold search (docs/training.md)",
+    }
+
+    if args.real_dir is not None and (Path(args.real_dir) / REAL_CT).is_file():
+        real = Path(args.real_dir)
+        re_argv = ["evaluate-real", "--model", str(weights), "--ct", str(real / REAL_CT),
+                   "--output", str(report / "real"), "--device", args.device]
+        for keys, name in REAL_MASKS:
+            re_argv += ["--mask", f"{keys}={real / name}"]
+        re_argv += ["--overwrite"] if args.overwrite else []
+        _call(realct.add_arguments, realct.run, re_argv)
+        rc = json.loads((report / "real" / "metrics.json").read_text())
+        evaluation["real_ct"] = {
+            "command": rc["command"], "ct": REAL_CT,
+            "reference": "TotalSegmentator tissue_types masks (another model, not ground "
+                         "truth); no IMAT class; torso fat is roughly VAT",
+            "results": rc["results"], "metric": "Dice of the argmax on the mask's slices",
+        }
+    else:
+        evaluation["real_ct"] = None
+
+    card = dict(card)
+    card["name"] = args.name
+    card["evaluation"] = evaluation
+    card["bundle_command"] = "python -m training " + shlex.join(list(argv or []))
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    save_model(Path(args.output) / args.name, model, card, overwrite=args.overwrite)
+    print(json.dumps(evaluation, indent=1))
+    return Path(args.output) / f"{args.name}.safetensors"
+
+
+def _call(add_arguments, fn, argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog=f"python -m training {argv[0]}")
+    add_arguments(p)
+    fn(p.parse_args(argv[1:]), argv)
