@@ -137,5 +137,6 @@ def write_probabilities(path: Union[str, Path], probabilities: np.ndarray, ijk_t
     grid = Volume(np.zeros(probs.shape[1:], np.uint8), ijk_to_ras)
     image = volume_to_itk(grid, np.moveaxis(probs, 0, -1))
     with atomic_file(path, overwrite) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        # gzip level 1: float maps barely compress better at 9, and take twice as long
+        sitk.WriteImage(image, str(tmp), useCompression=True, compressionLevel=1)
     return path
