@@ -51,6 +51,17 @@ def test_core_imports_without_torch_or_slicer():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_module_file_imports_no_torch():
+    """What EPDSegmentation.py imports at load time must not pull in torch: Slicer starts
+    the module before the PyTorch extension has installed it."""
+    code = ("import sys, EPDSegmentationLib.inference, EPDSegmentationLib.mrml_workflow, "
+            "EPDSegmentationLib.mrml_preview, EPDSegmentationLib.mrml_nodes, "
+            "EPDSegmentationLib.mrml_views, EPDSegmentationLib.resources; "
+            "sys.exit('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
