@@ -254,6 +254,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Not done: {exc}"
             slicer.util.errorDisplay(str(exc), windowTitle="EPD Segmentation")
             return
+        self._deviceLines.clear()  # torch may have just been installed: ask it again
         answers = [self._allowedToReplace(n) for n in (p.outputSegmentation, p.outputTable)]
         if False in answers:
             self.ui.statusLabel.text = ("Not done: the picked output holds data. Choose 'Create "
