@@ -28,6 +28,8 @@ from slicer.util import VTKObservationMixin
 from EPDSegmentationLib import mrml_views
 from EPDSegmentationLib.classes import TISSUES
 from EPDSegmentationLib.inference import Cancelled
+from EPDSegmentationLib.mrml_dicom import (dicom_source, dicom_source_problem, model_summary,
+                                           source_volume)
 from EPDSegmentationLib.mrml_nodes import (InputProblem, check_ct_volume, ijk_to_ras,
                                            slice_index_at, slice_pixel_mm, volume_array)
 from EPDSegmentationLib.mrml_preview import epd_preview
@@ -43,6 +45,8 @@ SLICE_MODES = {"All slices": "all", "Slice under the red view": "current",
 PREVIEW_SOFT_KINDS = {"Fractional segmentation": "fractional",
                       "Probability volume": "probability"}
 TORCH_REQUIREMENT = ">=2.1"
+#: What DICOM SEG export installs when Slicer lacks it (Slicer 5.12 and later ship it).
+HIGHDICOM_REQUIREMENT = "highdicom>=0.23"
 
 
 #
@@ -84,7 +88,8 @@ class EPDSegmentationParameterNode:
     file. device: where the network runs. sliceMode, firstSlice, lastSlice: which slices.
     outputSegmentation / outputTable: picked output nodes (None: create new).
     softSegmentation / softVolumes: soft-label outputs. previewSource, previewFactor,
-    previewClass, previewSoftKind: the EPD preview. exportFolder: where Export writes.
+    previewClass, previewSoftKind: the EPD preview. exportFolder: where Export writes;
+    exportDicomSeg: also write DICOM SEG (only for a CT loaded from DICOM).
     resultSegmentation: the last run's segmentation (Export saves it and its companions).
     """
 
@@ -104,6 +109,7 @@ class EPDSegmentationParameterNode:
     previewClass: Annotated[str, Choice([c.key for c in TISSUES])] = "IMAT"
     previewSoftKind: Annotated[str, Choice(list(PREVIEW_SOFT_KINDS))] = "Fractional segmentation"
     exportFolder: pathlib.Path
+    exportDicomSeg: bool = False
     resultSegmentation: vtkMRMLSegmentationNode
 
 
@@ -203,6 +209,11 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = self._running
         self.ui.previewButton.enabled = bool(p.previewSource) and not self._running
         self.ui.exportButton.enabled = bool(p.resultSegmentation) and not self._running
+        problem = self.logic.dicomSegProblem(p.resultSegmentation, p.inputVolume)
+        self.ui.exportDicomSegCheckBox.enabled = problem is None and not self._running
+        self.ui.exportDicomSegCheckBox.toolTip = problem or (
+            "Also write the tissues as DICOM SEG (binary) and, if soft labels were made, the "
+            "probabilities as DICOM SEG (fractional), referencing the CT's DICOM series.")
         if not self._running and not p.inputVolume:
             self.ui.statusLabel.text = "Select a CT volume (or load the sample CT)."
 
@@ -243,6 +254,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Not done: {exc}"
             slicer.util.errorDisplay(str(exc), windowTitle="EPD Segmentation")
             return
+        self._deviceLines.clear()  # torch may have just been installed: ask it again
         answers = [self._allowedToReplace(n) for n in (p.outputSegmentation, p.outputTable)]
         if False in answers:
             self.ui.statusLabel.text = ("Not done: the picked output holds data. Choose 'Create "
@@ -293,14 +305,21 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExport(self) -> None:
         p = self._parameterNode
+        dicomSeg = p.exportDicomSeg and self.ui.exportDicomSegCheckBox.enabled
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            if dicomSeg and not self.logic.ensureHighdicom(askConfirmation=True):
+                self.ui.statusLabel.text = ("DICOM SEG export needs highdicom; nothing was "
+                                            "exported. Untick 'DICOM SEG' to export the rest.")
+                return
             try:
-                paths = self.logic.export(p.exportFolder, p.resultSegmentation)
+                paths = self.logic.export(p.exportFolder, p.resultSegmentation,
+                                          dicomSeg=dicomSeg)
             except FileExistsError as exc:
                 if not slicer.util.confirmOkCancelDisplay(f"{exc}\n\nReplace these files?",
                                                           "Replace files"):
                     return
-                paths = self.logic.export(p.exportFolder, p.resultSegmentation, overwrite=True)
+                paths = self.logic.export(p.exportFolder, p.resultSegmentation, overwrite=True,
+                                          dicomSeg=dicomSeg)
             self.ui.statusLabel.text = "Saved " + ", ".join(os.path.basename(x) for x in paths)
 
 
@@ -373,8 +392,15 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
                     "build that suits your GPU driver (or the CPU build).",
                     "Install PyTorch"):
                 return False
-            torch = torchLogic.installTorch(askConfirmation=False,
-                                            torchVersionRequirement=TORCH_REQUIREMENT)
+            try:
+                torch = torchLogic.installTorch(askConfirmation=False,
+                                                torchVersionRequirement=TORCH_REQUIREMENT)
+            except Exception as exc:  # noqa: BLE001  pip/light-the-torch failed, or the new
+                # torch cannot be imported in this session (installTorch imports it last)
+                logging.exception("PyTorch installation failed")
+                raise RuntimeError(f"PyTorch could not be installed or loaded "
+                                   f"({type(exc).__name__}: {exc}). Use the PyTorch Utils "
+                                   f"module to install it, then restart Slicer.") from None
             if torch is None:
                 raise RuntimeError("PyTorch was not installed. Use the PyTorch Utils module to "
                                    "install it, then restart Slicer.")
@@ -383,6 +409,39 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         except ImportError as exc:
             raise RuntimeError(f"PyTorch was installed but cannot be loaded yet ({exc}). "
                                f"Restart Slicer and click Apply again.") from None
+        return True
+
+    @staticmethod
+    def ensureHighdicom(askConfirmation: bool = True) -> bool:
+        """True when highdicom (DICOM SEG writing) can be imported; else offer to pip-install
+        it (asking first). RuntimeError says what to do when that is impossible or unsafe."""
+        try:
+            import highdicom  # noqa: F401
+            return True
+        except ImportError:
+            pass
+        import pydicom
+
+        major = int(pydicom.__version__.split(".")[0])
+        if major < 3:
+            # highdicom needs pydicom 3; upgrading Slicer's own pydicom could break its DICOM
+            # module, so this is left to the user
+            raise RuntimeError(
+                f"DICOM SEG export needs the Python package highdicom, which needs pydicom 3; "
+                f"this Slicer has pydicom {pydicom.__version__}, and upgrading it could break "
+                f"Slicer's DICOM module. Use Slicer 5.12 or later (it ships highdicom), or the "
+                f"command line: epdseg segment ... --dicom-seg.")
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                "DICOM SEG export needs the Python package highdicom, which is not installed "
+                f"in this Slicer. Install it now from PyPI ({HIGHDICOM_REQUIREMENT}, a few MB)?",
+                "Install highdicom"):
+            return False
+        slicer.util.pip_install(HIGHDICOM_REQUIREMENT)
+        try:
+            import highdicom  # noqa: F401,F811
+        except ImportError as exc:
+            raise RuntimeError(f"highdicom was installed but cannot be loaded yet ({exc}). "
+                               f"Restart Slicer and export again.") from None
         return True
 
     # --- work
@@ -423,7 +482,8 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
                               segmentation_node=segmentationNode, table_node=tableNode,
                               replace_existing=replaceExisting,
                               soft_segmentation=softSegmentation, soft_volumes=softVolumes,
-                              progress=progress, should_cancel=shouldCancel)
+                              progress=progress, should_cancel=shouldCancel,
+                              model_card=model_summary(card, modelPath))
 
     @staticmethod
     def resultSummary(result) -> str:
@@ -440,17 +500,41 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
                            soft_kind=softKind, reference_volume=referenceVolume)
 
     @staticmethod
-    def export(folder, segmentationNode, overwrite: bool = False):
-        """Save the run's segmentation, soft labels and table to ``folder``."""
+    def dicomSegProblem(segmentationNode, inputVolume=None) -> Optional[str]:
+        """None when DICOM SEG can be exported for the run's CT (or, before a run, for the
+        input volume); else why not, for the panel's tooltip."""
+        volume = source_volume(segmentationNode) if segmentationNode else inputVolume
+        return dicom_source_problem(volume)
+
+    @staticmethod
+    def export(folder, segmentationNode, overwrite: bool = False, dicomSeg: bool = False,
+               fileForInstance=None):
+        """Save the run's segmentation, soft labels and table to ``folder``; with dicomSeg
+        also DICOM SEG files referencing the CT's DICOM series, whose files are found with
+        fileForInstance(uid) (default: Slicer's DICOM database)."""
         if segmentationNode is None:
             raise InputProblem("Nothing to export yet: click Apply first.")
         if folder is None or str(folder) in ("", "."):
             raise InputProblem("Choose the export folder first.")
+        source = None
+        if dicomSeg:
+            volume = source_volume(segmentationNode)
+            if volume is None:
+                raise InputProblem(f"DICOM SEG needs the CT '{segmentationNode.GetName()}' was "
+                                   f"made from, which is no longer in the scene.")
+            if fileForInstance is None:
+                database = getattr(slicer, "dicomDatabase", None)
+                if database is None or not database.isOpen:
+                    raise InputProblem("DICOM SEG export reads the CT's files from Slicer's "
+                                       "DICOM database, which is not open: open the DICOM "
+                                       "module and load the CT from there.")
+                fileForInstance = database.fileForInstance
+            source = dicom_source(volume, fileForInstance)
         nodes = result_nodes(slicer.mrmlScene, segmentationNode)
         return export_results(folder, segmentation=segmentationNode,
                               soft_segmentation=nodes["soft_segmentation"],
                               probability_volumes=nodes["probability_volumes"],
-                              table=nodes["table"], overwrite=overwrite)
+                              table=nodes["table"], overwrite=overwrite, dicom_source=source)
 
 
 #
@@ -469,6 +553,8 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_segment_preview_export()
+        self.setUp()
+        self.test_dicom_seg_export()
         self.setUp()
         self.test_bad_inputs()
 
@@ -551,6 +637,58 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
             self.assertEqual(a.shape, b.shape)
             self.assertLess(float(abs(a - b).max()), 1e-6)
         self.delayDisplay("Test passed")
+
+    def test_dicom_seg_export(self):
+        """A phantom CT series imported into a temporary DICOM database and loaded by Slicer's
+        DICOM module; its segmentation exported as DICOM SEG and read back per instance."""
+        try:
+            import highdicom
+        except ImportError:
+            self.delayDisplay("highdicom is not installed: DICOM SEG export not tested")
+            return
+        import numpy as np
+        import pydicom
+        from DICOMLib import DICOMUtils
+
+        from EPDSegmentationLib.io import write_dicom_series
+        from EPDSegmentationLib.mrml_segmentation import labels_from_segmentation
+        from EPDSegmentationLib.phantom import subject_slices
+        from EPDSegmentationLib.phantom.dataset import stack
+
+        logic = EPDSegmentationLogic()
+        self.assertTrue(logic.ensureTorch(askConfirmation=False))
+        hu, _, _ = stack(subject_slices(6, n_slices=4, slice_gap_mm=2.5, size=64), 2.5)
+        with tempfile.TemporaryDirectory() as folder:
+            # uncompressed: Slicer ships no JPEG 2000 encoder for pydicom
+            files = write_dicom_series(hu, os.path.join(folder, "dicom"))
+            series = str(pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+                         .SeriesInstanceUID)
+            modelPath, _ = self._model(folder)
+            out = os.path.join(folder, "out")
+            os.mkdir(out)
+            # the database lives in Slicer's temporary folder (its files stay open)
+            with DICOMUtils.TemporaryDICOMDatabase() as db:
+                DICOMUtils.importDicom(os.path.join(folder, "dicom"), db)
+                ct = slicer.mrmlScene.GetNodeByID(DICOMUtils.loadSeriesByUID([series])[0])
+                listed = ct.GetAttribute("DICOM.instanceUIDs").split()
+                self.assertEqual(len(listed), len(files))
+                self.assertIsNone(logic.dicomSegProblem(None, ct))
+                self.delayDisplay("Segmenting the CT loaded from DICOM")
+                result = logic.segment(ct, modelPath, device="cpu", slices=[1, 2],
+                                       softSegmentation=True)
+                paths = logic.export(out, result.segmentation, dicomSeg=True)
+            binary = [x for x in paths if str(x).endswith("-seg.dcm")
+                      and "probabilities" not in str(x)]
+            fractional = [x for x in paths if str(x).endswith("-probabilities-seg.dcm")]
+            self.assertEqual((len(binary), len(fractional)), (1, 1))
+            # frame n of the SEG lies on the instance Slicer listed for slice K = n
+            labels, _ = labels_from_segmentation(result.segmentation)
+            seg = highdicom.seg.segread(str(binary[0]))
+            frames = seg.get_pixels_by_source_instance(listed, combine_segments=True)
+            self.assertTrue(np.array_equal(frames, labels))
+            self.assertEqual([d.SegmentLabel for d in seg.SegmentSequence],
+                             [c.name for c in TISSUES])
+        self.delayDisplay("DICOM SEG export passed")
 
     def test_bad_inputs(self):
         logic = EPDSegmentationLogic()

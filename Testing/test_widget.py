@@ -180,3 +180,22 @@ add_subdirectory({REPO / 'EPDSegmentation'} ${{CMAKE_BINARY_DIR}}/module)
         assert f"set({key} " in top
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in top
     assert "docs/panel.png" in top
+
+
+def test_dicom_seg_option_is_in_export_and_starts_disabled(ui, module):
+    """The DICOM SEG checkbox sits in the Export section, starts disabled with the reason as
+    its tooltip (the widget enables it only for a CT from DICOM) and binds to a bool field."""
+    root = ET.parse(UI_PATH).getroot()
+    export = [w for w in root.iter("widget") if w.get("name") == "exportCollapsibleButton"][0]
+    inside = {w.get("name") for w in export.iter("widget")}
+    assert {"exportDicomSegCheckBox", "exportButton"} <= inside
+    box = ui["exportDicomSegCheckBox"]
+    assert box["class"] == "QCheckBox"
+    assert box["props"]["SlicerParameterName"] == "exportDicomSeg"
+    assert module["fields"]["exportDicomSeg"]["base"] == "bool"
+    assert module["fields"]["exportDicomSeg"]["default"] == "False"
+    sel = [w for w in export.iter("widget") if w.get("name") == "exportDicomSegCheckBox"][0]
+    enabled = [p for p in sel.findall("property") if p.get("name") == "enabled"]
+    assert enabled and enabled[0].find("bool").text == "false"
+    assert box["props"]["toolTip"].startswith("DICOM SEG needs a DICOM source")
+    assert "exportDicomSegCheckBox" in module["touched"]

@@ -28,6 +28,8 @@ import slicer
 from . import bodycomp
 from .classes import NUM_CLASSES, TISSUES
 from .inference import Cancelled
+from .mrml_dicom import (check_dicom_seg_possible, dicom_seg_paths, record_model,
+                         recorded_model, result_arrays, write_dicom_segs)
 from .mrml_nodes import (InputProblem, add_volume, check_ct_volume, ijk_to_ras, place_beside,
                          safe_file_stem, spacing_ijk, undo_on_failure, unique_name,
                          volume_array, ROLE_ATTRIBUTE)
@@ -156,7 +158,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
                    soft_segmentation: bool = False, soft_volumes: bool = False,
                    chunk_slices: int = CHUNK_SLICES,
                    progress: Optional[Progress] = None,
-                   should_cancel: Optional[Callable[[], bool]] = None) -> SegmentationResult:
+                   should_cancel: Optional[Callable[[], bool]] = None,
+                   model_card: Optional[Mapping[str, Any]] = None) -> SegmentationResult:
     """Segment a CT volume node into the tissue classes and measure them.
 
     slices: indices K (default all); segmentation_node / table_node: nodes the user picked
@@ -167,7 +170,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     progress(done, total, message) after each chunk and batch; should_cancel() is checked
     between them and raises inference.Cancelled, leaving the scene untouched.
     Outputs cover the input's full grid (reference geometry = the input); slices that were
-    not processed are empty (probability 0).
+    not processed are empty (probability 0). model_card: the model's card (or
+    mrml_dicom.model_summary of it), kept on the segmentation for DICOM SEG export.
     """
     check_ct_volume(volume_node)
     _check_output(segmentation_node, replace_existing, "output segmentation")
@@ -240,6 +244,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
         seg.SetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole(),
                                volume_node.GetID())
         seg.SetAttribute(ROLE_ATTRIBUTE, "tissues")
+        if model_card is not None:
+            record_model(seg, model_card)
         place_beside(seg, volume_node)
         result.segmentation = seg
         table = table_node or new_table(scene, f"{name} body composition", "measures")
@@ -341,12 +347,22 @@ def _save_volume(node, path: Path) -> None:
 
 def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
                    soft_segmentation=None, probability_volumes: Sequence[Any] = (),
-                   table=None, base: Optional[str] = None,
-                   overwrite: bool = False) -> List[Path]:
+                   table=None, base: Optional[str] = None, overwrite: bool = False,
+                   dicom_source=None, model_card: Optional[Mapping[str, Any]] = None,
+                   ) -> List[Path]:
     """Save the results to ``folder``: <base>.seg.nrrd (tissues), <base>-probabilities.seg.nrrd
     (fractional), <base>-<KEY>-probability.nrrd, <base>-measures.csv. base defaults to the
-    segmentation's name. Every file is written atomically; if any target exists and not
-    overwrite, nothing is written (FileExistsError naming them)."""
+    segmentation's name.
+
+    dicom_source: a mrml_dicom.DicomSource (the CT's DICOM series) to also write DICOM SEG:
+    <base>-seg.dcm (binary, the segmentation as it is now) and, when soft outputs exist,
+    <base>-probabilities-seg.dcm (fractional); model_card names the algorithm (default: the
+    model recorded on the segmentation by segment_volume).
+
+    Everything that can be checked is checked before the first file is written; every file
+    is written atomically; if any target exists and not overwrite, nothing is written
+    (FileExistsError naming them); if a write fails, the files this call created are
+    removed again."""
     folder = Path(folder)
     if not str(folder) or not folder.is_dir():
         raise InputProblem(f"export folder '{folder}' does not exist; choose a folder")
@@ -362,23 +378,42 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
     paths = export_paths(folder, base, segmentation=segmentation is not None,
                          soft_segmentation=soft_segmentation is not None,
                          probability_keys=keys, table=table is not None)
+    seg_arrays = None
+    if dicom_source is not None:
+        if segmentation is None:
+            raise InputProblem("DICOM SEG export needs the run's tissue segmentation")
+        check_dicom_seg_possible(dicom_source)
+        seg_arrays = result_arrays(dicom_source.volume, segmentation, soft_segmentation,
+                                   probability_volumes)
+        paths.update(dicom_seg_paths(folder, base, fractional=seg_arrays[1] is not None))
+        if model_card is None:
+            model_card = recorded_model(segmentation)
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError("already exist: " + ", ".join(existing)
                               + "; allow replacing them or choose another folder")
-    written = []
-    if segmentation is not None:
-        written.append(save_segmentation(segmentation, paths["segmentation"],
-                                         overwrite=overwrite))
-    if soft_segmentation is not None:
-        written.append(save_segmentation(soft_segmentation, paths["soft_segmentation"],
-                                         overwrite=overwrite))
-    for vol, key in zip(probability_volumes, keys):
-        path = paths[f"probability-{key}"]
-        _save_volume(vol, path)
-        written.append(path)
-    if table is not None:
-        written.append(table_to_csv(table, paths["table"], overwrite=overwrite))
+    written: List[Path] = []
+    try:
+        if segmentation is not None:
+            written.append(save_segmentation(segmentation, paths["segmentation"],
+                                             overwrite=overwrite))
+        if soft_segmentation is not None:
+            written.append(save_segmentation(soft_segmentation, paths["soft_segmentation"],
+                                             overwrite=overwrite))
+        for vol, key in zip(probability_volumes, keys):
+            path = paths[f"probability-{key}"]
+            _save_volume(vol, path)
+            written.append(path)
+        if table is not None:
+            written.append(table_to_csv(table, paths["table"], overwrite=overwrite))
+        if seg_arrays is not None:
+            written += write_dicom_segs(paths, dicom_source, seg_arrays[0], seg_arrays[1],
+                                        model_card=model_card, overwrite=overwrite)
+    except BaseException:
+        for path in written:            # files that were there before stay (replaced)
+            if str(path) not in existing and path.exists():
+                path.unlink()
+        raise
     return written
 
 
