@@ -631,7 +631,7 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
                                                               load_segmentation)
 
             back = load_segmentation(slicer.mrmlScene, [x for x in paths if
-                                                        str(x).endswith("probabilities.seg.nrrd")][0])
+                                                        str(x).endswith("_soft.seg.nrrd")][0])
             a, _, _ = fractional_probabilities(back)
             b, _, _ = fractional_probabilities(result.soft_segmentation)
             self.assertEqual(a.shape, b.shape)
@@ -677,9 +677,9 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
                 result = logic.segment(ct, modelPath, device="cpu", slices=[1, 2],
                                        softSegmentation=True)
                 paths = logic.export(out, result.segmentation, dicomSeg=True)
-            binary = [x for x in paths if str(x).endswith("-seg.dcm")
+            binary = [x for x in paths if str(x).endswith("_seg.dcm")
                       and "probabilities" not in str(x)]
-            fractional = [x for x in paths if str(x).endswith("-probabilities-seg.dcm")]
+            fractional = [x for x in paths if str(x).endswith("_prob_seg.dcm")]
             self.assertEqual((len(binary), len(fractional)), (1, 1))
             # frame n of the SEG lies on the instance Slicer listed for slice K = n
             labels, _ = labels_from_segmentation(result.segmentation)

@@ -171,7 +171,7 @@ def test_seg_frames_equal_the_results_per_source_instance(mrml, phantom, series,
                            soft_segmentation=out.soft_segmentation,
                            probability_volumes=out.probability_volumes, table=out.table,
                            dicom_source=source)
-    assert {"CT_tissues-seg.dcm", "CT_tissues-probabilities-seg.dcm"} <= {p.name for p in paths}
+    assert {"CT_tissues_seg.dcm", "CT_tissues_prob_seg.dcm"} <= {p.name for p in paths}
 
     # what the node holds, laid out as the series (slice n = instance n)
     to_series = (lambda a: relay(a, ijk_to_ras(ct), vol.ijk_to_ras, vol.array.shape))
@@ -180,14 +180,14 @@ def test_seg_frames_equal_the_results_per_source_instance(mrml, phantom, series,
     expected = to_series(labels_node)
     assert expected.any() and not expected.all()
     uids = vol.meta["sop_instance_uids"]
-    seg, raw = read_seg(tmp_path / "CT_tissues-seg.dcm", uids)
+    seg, raw = read_seg(tmp_path / "CT_tissues_seg.dcm", uids)
     assert seg.SegmentationType == "BINARY"
     check_segments(seg, CARD["name"])
     back = seg.get_pixels_by_source_instance(uids, combine_segments=True)
     np.testing.assert_array_equal(back, expected)
     check_frames_on_sources(raw, files)
 
-    fseg, _ = read_seg(tmp_path / "CT_tissues-probabilities-seg.dcm", uids)
+    fseg, _ = read_seg(tmp_path / "CT_tissues_prob_seg.dcm", uids)
     assert fseg.SegmentationType == "FRACTIONAL"
     assert fseg.SegmentationFractionalType == "PROBABILITY"
     check_segments(fseg, CARD["name"])
@@ -222,7 +222,7 @@ def test_instances_are_placed_by_their_position_not_by_the_uid_list(mrml, phanto
     out = segment_volume(scene, ct, predictor(fractions), slices=[0])
     export_results(tmp_path, segmentation=out.segmentation, dicom_source=source,
                    model_card=CARD)
-    seg = highdicom.seg.segread(tmp_path / "CT_tissues-seg.dcm")
+    seg = highdicom.seg.segread(tmp_path / "CT_tissues_seg.dcm")
     back = seg.get_pixels_by_source_instance(uids, combine_segments=True)
     np.testing.assert_array_equal(back[0], np.argmax(fractions[:, 0], axis=0))
     assert not back[1:].any()
@@ -253,15 +253,15 @@ def test_network_run_exports_dicom_seg(mrml, series, tiny_model_path, tmp_path):
                            probability_volumes=out.probability_volumes,
                            dicom_source=dicom_source(ct, files.get))
     assert sorted(p.name for p in paths if p.suffix == ".dcm") == [
-        "CT_tissues-probabilities-seg.dcm", "CT_tissues-seg.dcm"]
+        "CT_tissues_prob_seg.dcm", "CT_tissues_seg.dcm"]
     labels, _ = labels_from_segmentation(out.segmentation)
     uids = vol.meta["sop_instance_uids"]
-    seg, _ = read_seg(tmp_path / "CT_tissues-seg.dcm", uids)
+    seg, _ = read_seg(tmp_path / "CT_tissues_seg.dcm", uids)
     check_segments(seg, "tiny")
     np.testing.assert_array_equal(seg.get_pixels_by_source_instance(uids, combine_segments=True),
                                   labels)
     _, probs = result_arrays(ct, out.segmentation, None, out.probability_volumes)
-    fseg = highdicom.seg.segread(tmp_path / "CT_tissues-probabilities-seg.dcm")
+    fseg = highdicom.seg.segread(tmp_path / "CT_tissues_prob_seg.dcm")
     soft = fseg.get_pixels_by_source_instance(uids, rescale_fractional=True)
     assert np.abs(np.moveaxis(soft, -1, 0) - probs[1:]).max() <= STEP / 2 + 1e-6
     assert probs[1:, 2:].min() > 0 and not probs[1:, :2].any()   # the run's slices only
@@ -331,12 +331,12 @@ def test_existing_files_are_kept_and_a_failed_export_leaves_nothing(mrml, phanto
     ct = load_like_slicer(scene, vol)
     out = segment_volume(scene, ct, predictor(fractions), slices=[1], soft_segmentation=True)
     source = dicom_source(ct, files.get)
-    (tmp_path / "CT_tissues-seg.dcm").write_bytes(b"a user's file")
-    with pytest.raises(FileExistsError, match="CT_tissues-seg.dcm"):
+    (tmp_path / "CT_tissues_seg.dcm").write_bytes(b"a user's file")
+    with pytest.raises(FileExistsError, match="CT_tissues_seg.dcm"):
         export_results(tmp_path, segmentation=out.segmentation, table=out.table,
                        dicom_source=source)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CT_tissues-seg.dcm"]
-    assert (tmp_path / "CT_tissues-seg.dcm").read_bytes() == b"a user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CT_tissues_seg.dcm"]
+    assert (tmp_path / "CT_tissues_seg.dcm").read_bytes() == b"a user's file"
 
     import EPDSegmentationLib.dicom_seg as dicom_seg
 
@@ -408,7 +408,7 @@ def test_real_series(mrml, real_series, tmp_path):
     export_results(tmp_path, segmentation=out.segmentation,
                    dicom_source=dicom_source(ct, copies.get), model_card=CARD)
     uids = vol.meta["sop_instance_uids"]
-    seg, raw = read_seg(tmp_path / "real_CT_tissues-seg.dcm", uids)
+    seg, raw = read_seg(tmp_path / "real_CT_tissues_seg.dcm", uids)
     check_segments(seg, CARD["name"])
     expected = np.zeros_like(labels)
     expected[slices] = labels[slices]

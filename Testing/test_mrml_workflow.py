@@ -269,11 +269,11 @@ def test_export_writes_every_file_and_refuses_to_overwrite(case, tmp_path):
                            soft_segmentation=out.soft_segmentation,
                            probability_volumes=out.probability_volumes, table=out.table)
     names = sorted(p.name for p in paths)
-    assert names == sorted(["CT_tissues.seg.nrrd", "CT_tissues-probabilities.seg.nrrd",
-                            "CT_tissues-measures.csv"]
-                           + [f"CT_tissues-{c.key}-probability.nrrd" for c in TISSUES])
+    assert names == sorted(["CT_tissues.seg.nrrd", "CT_tissues_soft.seg.nrrd",
+                            "CT_tissues_bodycomp.csv"]
+                           + [f"CT_tissues_probability_{c.key}.nrrd" for c in TISSUES])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp files
-    with open(tmp_path / "CT_tissues-measures.csv", newline="") as f:
+    with open(tmp_path / "CT_tissues_bodycomp.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(bodycomp.COLUMN_KEYS)
     assert rows[0]["slice"] == "2" and rows[-1]["slice"] == "all"

@@ -27,8 +27,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .classes import NUM_CLASSES, TISSUES
-from .mrml_nodes import InputProblem, ijk_to_ras, safe_file_stem, volume_array
+from .mrml_nodes import InputProblem, ijk_to_ras, volume_array
 from .mrml_segmentation import fractional_probabilities, labels_from_segmentation
+from .outputs import output_path
 
 #: Volume node attribute set by Slicer's DICOM scalar volume plugin.
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
@@ -299,12 +300,11 @@ def recorded_model(segmentation_node) -> Dict[str, Any]:
 
 def dicom_seg_paths(folder: Union[str, Path], base: str, *,
                     fractional: bool = False) -> Dict[str, Path]:
-    """role -> path of the SEG files an export writes: <stem>-seg.dcm (binary) and
-    <stem>-probabilities-seg.dcm (fractional)."""
-    stem = safe_file_stem(base)
-    out = {"dicom_seg": Path(folder) / f"{stem}-seg.dcm"}
+    """role -> path of the SEG files an export writes (outputs.py names: <stem>_seg.dcm,
+    binary, and <stem>_prob_seg.dcm, fractional)."""
+    out = {"dicom_seg": output_path(folder, base, "dicom_seg")}
     if fractional:
-        out["dicom_fractional_seg"] = Path(folder) / f"{stem}-probabilities-seg.dcm"
+        out["dicom_fractional_seg"] = output_path(folder, base, "dicom_fractional_seg")
     return out
 
 

@@ -8,7 +8,6 @@ as slicer.util.arrayFromVolume gives them; geometry is the 4 x 4 IJK-to-RAS matr
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Iterator, List, Sequence, Tuple
 
@@ -17,6 +16,7 @@ import slicer
 import vtk
 
 from .classes import CLASSES
+from .outputs import safe_stem
 
 #: A CT of the body holds fat and air; no voxel at or below this means the values are not HU.
 HU_CEILING_OF_MINIMUM = -100.0
@@ -150,8 +150,7 @@ def unique_name(scene, base: str) -> str:
 
 def safe_file_stem(name: str) -> str:
     """A node name made safe for a file name."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return stem or "segmentation"
+    return safe_stem(name, default="segmentation")
 
 
 def tissue_color_table(scene):

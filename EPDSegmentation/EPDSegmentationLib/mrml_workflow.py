@@ -36,6 +36,7 @@ from .mrml_nodes import (InputProblem, add_volume, check_ct_volume, ijk_to_ras, 
 from .mrml_segmentation import (FRACTIONAL_MIN, encode_fractional, fill_fractional_segmentation,
                                 fill_tissue_segmentation, save_segmentation)
 from .mrml_tables import fill_measures_table, new_table, table_to_csv
+from .outputs import output_path, probability_volume_path
 
 #: Slices per chunk between progress reports and cancel checks.
 CHUNK_SLICES = 16
@@ -315,18 +316,17 @@ def result_nodes(scene, segmentation_node) -> Dict[str, Any]:
 def export_paths(folder: Union[str, os.PathLike], base: str, *, segmentation: bool = True,
                  soft_segmentation: bool = False, probability_keys: Sequence[str] = (),
                  table: bool = True) -> Dict[str, Path]:
-    """The files an export writes: role -> path in ``folder``."""
-    folder = Path(folder)
-    stem = safe_file_stem(base)
+    """The files an export writes: role -> path in ``folder`` (names from outputs.py, the
+    same as the command line's)."""
     out: Dict[str, Path] = {}
     if segmentation:
-        out["segmentation"] = folder / f"{stem}.seg.nrrd"
+        out["segmentation"] = output_path(folder, base, "segmentation")
     if soft_segmentation:
-        out["soft_segmentation"] = folder / f"{stem}-probabilities.seg.nrrd"
+        out["soft_segmentation"] = output_path(folder, base, "soft_segmentation")
     for key in probability_keys:
-        out[f"probability-{key}"] = folder / f"{stem}-{key}-probability.nrrd"
+        out[f"probability-{key}"] = probability_volume_path(folder, base, key)
     if table:
-        out["table"] = folder / f"{stem}-measures.csv"
+        out["table"] = output_path(folder, base, "table")
     return out
 
 
@@ -350,13 +350,13 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
                    table=None, base: Optional[str] = None, overwrite: bool = False,
                    dicom_source=None, model_card: Optional[Mapping[str, Any]] = None,
                    ) -> List[Path]:
-    """Save the results to ``folder``: <base>.seg.nrrd (tissues), <base>-probabilities.seg.nrrd
-    (fractional), <base>-<KEY>-probability.nrrd, <base>-measures.csv. base defaults to the
+    """Save the results to ``folder``: <base>.seg.nrrd (tissues), <base>_soft.seg.nrrd
+    (fractional), <base>_probability_<KEY>.nrrd, <base>_bodycomp.csv. base defaults to the
     segmentation's name.
 
     dicom_source: a mrml_dicom.DicomSource (the CT's DICOM series) to also write DICOM SEG:
-    <base>-seg.dcm (binary, the segmentation as it is now) and, when soft outputs exist,
-    <base>-probabilities-seg.dcm (fractional); model_card names the algorithm (default: the
+    <base>_seg.dcm (binary, the segmentation as it is now) and, when soft outputs exist,
+    <base>_prob_seg.dcm (fractional); model_card names the algorithm (default: the
     model recorded on the segmentation by segment_volume).
 
     Everything that can be checked is checked before the first file is written; every file

@@ -29,6 +29,7 @@ import numpy as np
 from .classes import TISSUES
 from .atomic import extension
 from .io.errors import InputError
+from .outputs import output_path, safe_stem
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".ima")
 MANIFEST_EXTENSIONS = (".csv", ".json")
@@ -59,7 +60,7 @@ def _case_name(path: Path) -> str:
     ext = extension(path)
     if ext and not path.is_dir():
         name = name[: -len(ext)]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "case"
+    return safe_stem(name)
 
 
 def _has_dicom(folder: Path) -> bool:
@@ -132,17 +133,9 @@ def parse_slices(spec: Optional[str], n: int) -> List[int]:
 
 
 def output_paths(out_dir: Path, name: str, *, dicom_seg: bool) -> Dict[str, Path]:
-    paths = {
-        "labels": out_dir / f"{name}.seg.nrrd",
-        "soft": out_dir / f"{name}_soft.seg.nrrd",
-        "probabilities": out_dir / f"{name}_probabilities.nrrd",
-        "csv": out_dir / f"{name}_bodycomp.csv",
-        "overlay": out_dir / f"{name}_overlay.png",
-    }
-    if dicom_seg:
-        paths["dicom_seg"] = out_dir / f"{name}_seg.dcm"
-        paths["dicom_prob_seg"] = out_dir / f"{name}_prob_seg.dcm"
-    return paths
+    roles = ["segmentation", "soft_segmentation", "probabilities", "table", "overlay"]
+    roles += ["dicom_seg", "dicom_fractional_seg"] if dicom_seg else []
+    return {role: output_path(out_dir, name, role) for role in roles}
 
 
 def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = "auto",
@@ -182,12 +175,12 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
 
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [
-            write_seg_nrrd(paths["labels"], labels, vol.ijk_to_ras, overwrite=overwrite),
-            write_seg_nrrd(paths["soft"], probs, vol.ijk_to_ras, fractional=True,
+            write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras, overwrite=overwrite),
+            write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras, fractional=True,
                            overwrite=overwrite),
             write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras,
                                 overwrite=overwrite),
-            bodycomp.measures_to_csv(rows, paths["csv"], overwrite=overwrite),
+            bodycomp.measures_to_csv(rows, paths["table"], overwrite=overwrite),
         ]
         shown = overlay_slice if overlay_slice is not None else k_idx[len(k_idx) // 2]
         if shown not in k_idx:
@@ -219,7 +212,7 @@ def _write_dicom_segs(vol, labels, probs, card, paths, overwrite) -> List[Path]:
     return [
         write_dicom_seg(paths["dicom_seg"], sources, labels=labels, model_card=card,
                         overwrite=overwrite),
-        write_dicom_seg(paths["dicom_prob_seg"], sources, probabilities=probs,
+        write_dicom_seg(paths["dicom_fractional_seg"], sources, probabilities=probs,
                         model_card=card, overwrite=overwrite),
     ]
 
