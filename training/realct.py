@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                           batch_size=args.batch_size)
     result = evaluate_masks(pred.probabilities, masks, ct.pixel_area_mm2)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m training evaluate-real " + " ".join(argv or [])
+    command = "python -m training " + shlex.join(argv or [])
     payload = {"model": str(args.model), "ct": str(args.ct), "command": command,
                "device": pred.device, "notes": pred.notes, "results": result}
     write_text(out / "metrics.json", json.dumps(payload, indent=2), overwrite=True)

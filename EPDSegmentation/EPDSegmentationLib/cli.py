@@ -78,7 +78,7 @@ def _segment(args) -> int:
         if not result.ok:
             tqdm.write(f"epdseg: {case.name}: {result.message}", file=sys.stderr)
         results.append(result)
-    print(format_summary(results))
+    print("\n" + format_summary(results))
     print(f"outputs in {args.output}")
     return 0 if all(r.ok for r in results) else 1
 
