@@ -543,9 +543,7 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
 
 
 class EPDSegmentationTest(ScriptedLoadableModuleTest):
-    """The panel's workflow inside Slicer on the bundled sample (or, where this build has no
-    sample or model yet, on a CT made from the built-in label map and a tiny random-weight
-    model: the plumbing is tested either way)."""
+    """The panel's workflow inside Slicer on the bundled sample CT with the bundled model."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -558,46 +556,13 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_bad_inputs()
 
-    def _ct(self):
-        try:
-            return EPDSegmentationLogic.loadSample(), "bundled sample"
-        except FileNotFoundError:
-            import numpy as np
-
-            from EPDSegmentationLib.example import PIXEL_MM, example_labels
-
-            labels = example_labels((128, 128))
-            hu = np.array([-1000, 40, -80, -100, -90, 60], np.int16)[np.stack([labels] * 3)]
-            node = slicer.util.addVolumeFromArray(hu, name="SyntheticCT")
-            node.SetSpacing(PIXEL_MM * 4, PIXEL_MM * 4, 3.0)
-            return node, "synthetic CT (no bundled sample in this build)"
-
-    def _model(self, folder):
-        try:
-            return bundled_model_path(), "bundled model"
-        except FileNotFoundError:
-            import torch
-
-            from EPDSegmentationLib.model import ModelConfig, build_model
-            from EPDSegmentationLib.model_io import make_card, save_model
-            from EPDSegmentationLib.windowing import DEFAULT_WINDOWS
-
-            torch.manual_seed(0)
-            net = build_model(ModelConfig(width=4))
-            card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=2,
-                             label_mode="epd", image_mode="average", pixel_mm=(1.6, 1.6),
-                             input_size=(64, 64),
-                             training={"data": "none (self-test)", "command": "", "seed": 0})
-            weights, _ = save_model(os.path.join(folder, "selftest"), net, card)
-            return weights, "tiny random-weight model (no bundled model in this build)"
-
     def test_segment_preview_export(self):
         logic = EPDSegmentationLogic()
         self.assertTrue(logic.ensureTorch(askConfirmation=False))
-        ct, ctKind = self._ct()
+        ct = EPDSegmentationLogic.loadSample()
         with tempfile.TemporaryDirectory() as folder:
-            modelPath, modelKind = self._model(folder)
-            self.delayDisplay(f"Segmenting the {ctKind} with the {modelKind}")
+            modelPath = bundled_model_path()
+            self.delayDisplay("Segmenting the bundled sample CT with the bundled model")
             n = ct.GetImageData().GetDimensions()[2]
             slices = [n // 2, min(n - 1, n // 2 + 1)]
             seen = []
@@ -663,7 +628,7 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
             files = write_dicom_series(hu, os.path.join(folder, "dicom"))
             series = str(pydicom.dcmread(str(files[0]), stop_before_pixels=True)
                          .SeriesInstanceUID)
-            modelPath, _ = self._model(folder)
+            modelPath = bundled_model_path()
             out = os.path.join(folder, "out")
             os.mkdir(out)
             # the database lives in Slicer's temporary folder (its files stay open)
@@ -678,7 +643,7 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
                                        softSegmentation=True)
                 paths = logic.export(out, result.segmentation, dicomSeg=True)
             binary = [x for x in paths if str(x).endswith("_seg.dcm")
-                      and "probabilities" not in str(x)]
+                      and not str(x).endswith("_prob_seg.dcm")]
             fractional = [x for x in paths if str(x).endswith("_prob_seg.dcm")]
             self.assertEqual((len(binary), len(fractional)), (1, 1))
             # frame n of the SEG lies on the instance Slicer listed for slice K = n
