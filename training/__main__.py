@@ -1,4 +1,4 @@
-"""python -m training {train,evaluate,evaluate-real,bundle} ...: headless training and evaluation.
+"""python -m training {train,evaluate,evaluate-real,bundle,experiment,report} ...: headless training and evaluation.
 
     python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
     torchrun --nproc-per-node 4 -m training train --manifest data/manifest.csv --output runs/x
@@ -16,7 +16,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bundle, evaluate, realct, train
+    from . import bundle, evaluate, experiment, realct, report, train
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bundle", help="evaluate a run and write it as the bundled model")
     bundle.add_arguments(b)
     b.set_defaults(func=bundle.run)
+    x = sub.add_parser("experiment", help="the paper's experiment: train a grid of runs")
+    experiment.add_arguments(x)
+    x.set_defaults(func=experiment.run)
+    rp = sub.add_parser("report", help="the results page of an experiment: tables, figures")
+    report.add_arguments(rp)
+    rp.set_defaults(func=report.run)
     return parser
 
 

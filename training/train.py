@@ -255,6 +255,19 @@ def _card_metrics(v: Dict[str, object]) -> Dict[str, object]:
             "low_resolution": pick(v["low"]), "full_resolution": pick(v["full"])}
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this rank, MiB: on a GPU the largest tensor allocation during the epoch
+    (torch.cuda.max_memory_allocated, reset at its start); on the CPU the process's peak
+    resident memory so far (ru_maxrss: data, model, activations and the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return math.nan
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def command_line(argv: List[str], ctx: D.Context) -> str:
     cmd = "python -m training " + shlex.join(argv)
     if ctx.world_size > 1:
@@ -378,6 +391,8 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
         train_ds.set_epoch(epoch)
         module.train()
         sums = np.zeros(2 + len(parts_names))
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
         t0 = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                    disable=not show, leave=False)
@@ -407,7 +422,8 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
         if len(val_ds):
             last_val = validate(module, val_loader, ctx, cfg)
             row.update(_row_from_validation(last_val))
-        row.update({"seconds": seconds, "slices_per_s": float(sums[1] / seconds), "lr": args.lr})
+        row.update({"seconds": seconds, "slices_per_s": float(sums[1] / seconds), "lr": args.lr,
+                    "peak_mib": peak_memory_mib(ctx.device)})
         history.append(row)
 
         rngs = D.all_gather_object(ctx, rng_state(ctx.device))

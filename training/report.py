@@ -1,0 +1,435 @@
+"""``python -m training report``: the results page of ``python -m training experiment``.
+
+    python -m training report --runs runs/paper_cpu --output docs/results --overwrite
+
+Reads every finished run (its model card's final validation metrics and its log.csv) and
+writes to --output:
+- tables.md: the paper's layout (hard and soft metrics per configuration, mean +- SD over
+  seeds) at the training resolution and at full resolution, the IoU gain of EPD over the
+  conventional method beside the paper's, the ablations, per-class IoU, the larger set, and
+  the cost side (seconds per epoch, slices per second, peak memory);
+- summary.json: the same numbers, per configuration;
+- iou_dice_vs_factor.png: IoU and Dice against the factor for both methods, the
+  full-resolution baseline as a line;
+- downsampling.png: a phantom slice downsampled both ways (the paper's Fig. 3).
+Metrics are those ``train`` logs on the validation subjects after the last epoch (no epoch
+is picked on validation). Hard metrics and soft Dice are given in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from EPDSegmentationLib.classes import KEYS
+from EPDSegmentationLib.metrics import HARD_METRICS, SOFT_METRICS
+
+from .experiment import DOWN_FACTORS, METHODS, iter_runs
+from .logs import atomic_bytes, read_csv
+
+#: The paper's IoU gains of EPD over conventional downsampling (points; arXiv:2404.03991v1,
+#: abstract). Its tables could not be read here, so only these stand beside our numbers.
+PAPER_IOU_GAIN = {2: 2.85, 4: 8.65, 8: 11.89}
+PERCENT = set(HARD_METRICS) | {"softDice"}
+LABELS = {"softDice": "soft Dice", "soft_area_abs_err_cm2": "area err cm²"}
+METHOD_NAMES = {"baseline": "Baseline", "conventional": "Conventional", "epd": "EPD",
+                "epd_labels": "EPD labels + bilinear", "epd_images": "nearest + window mean"}
+OUTPUTS = ("tables.md", "summary.json", "iou_dice_vs_factor.png", "downsampling.png")
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def run_result(folder: Path) -> Dict[str, object]:
+    """Final validation metrics and cost of one run: {'low': {metric: v}, 'full': {...},
+    'low_class'/'full_class': {class: {metric: v}}, 'seconds_per_epoch', 'slices_per_s',
+    'peak_mib', 'epochs', 'device'}."""
+    card = json.loads((folder / "model.json").read_text())
+    m = card["metrics"]
+    log = read_csv(folder / "log.csv")
+
+    def nan(v):
+        return math.nan if v is None else float(v)
+
+    def clean(d):
+        return {k: nan(v) for k, v in d.items()}
+
+    peaks = [r.get("peak_mib", math.nan) for r in log]
+    return {
+        "low": clean(m["low_resolution"]["mean"]),
+        "full": clean(m["full_resolution"]["mean"]),
+        "low_class": {c: clean(v) for c, v in m["low_resolution"]["per_class"].items()},
+        "full_class": {c: clean(v) for c, v in m["full_resolution"]["per_class"].items()},
+        "seconds_per_epoch": float(np.median([r["seconds"] for r in log])),
+        "slices_per_s": float(np.median([r["slices_per_s"] for r in log])),
+        "peak_mib": float(np.nanmax(peaks)) if not all(math.isnan(p) for p in peaks) else math.nan,
+        "epochs": int(card["training"]["epochs"]),
+        "device": card["training"]["device"],
+        "input_size": card["input_size"],
+        "pixel_mm": card["pixel_mm"],
+    }
+
+
+def collect(runs_dir: Path) -> Dict[tuple, Dict[int, Dict[str, object]]]:
+    """(dataset, method, factor, augment) -> {seed: run_result}."""
+    out: Dict[tuple, Dict[int, Dict[str, object]]] = defaultdict(dict)
+    for spec, folder in iter_runs(runs_dir):
+        out[(spec.dataset, spec.method, spec.factor, spec.augment)][spec.seed] = run_result(folder)
+    return dict(out)
+
+
+def stat(runs: Dict[int, Dict[str, object]], *path) -> tuple:
+    """(mean, SD, n) over seeds of the value at ``path`` (e.g. 'low', 'IoU'); SD with n - 1."""
+    values = []
+    for r in runs.values():
+        v = r
+        for p in path:
+            v = v[p]
+        values.append(float(v))
+    a = np.asarray([v for v in values if not math.isnan(v)])
+    if a.size == 0:
+        return math.nan, math.nan, 0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else math.nan, int(a.size)
+
+
+def paired_gain(a: Dict[int, dict], b: Dict[int, dict], *path) -> tuple:
+    """(mean, SD, n) over the seeds both have of b - a at ``path``."""
+    seeds = sorted(set(a) & set(b))
+    diffs = []
+    for s in seeds:
+        va, vb = a[s], b[s]
+        for p in path:
+            va, vb = va[p], vb[p]
+        if not (math.isnan(va) or math.isnan(vb)):
+            diffs.append(vb - va)
+    d = np.asarray(diffs)
+    if d.size == 0:
+        return math.nan, math.nan, 0
+    return float(d.mean()), float(d.std(ddof=1)) if d.size > 1 else math.nan, int(d.size)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def fmt(mean: float, sd: float, metric: str = "", digits: Optional[int] = None) -> str:
+    if math.isnan(mean):
+        return "–"
+    scale = 100.0 if metric in PERCENT else 1.0
+    if digits is None:
+        digits = 2 if metric in PERCENT or metric.endswith("cm2") else 4
+    s = f"{mean * scale:.{digits}f}"
+    if not math.isnan(sd):
+        s += f" ± {sd * scale:.{digits}f}"
+    return s
+
+
+def _row_name(method: str, k: int) -> str:
+    return METHOD_NAMES[method] + ("" if k == 1 else f" 1/{k}")
+
+
+def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def metric_table(data, dataset: str, augment: bool, res: str,
+                 methods=("conventional", "epd"), extra=()) -> List[str]:
+    metrics = list(HARD_METRICS) + list(SOFT_METRICS) + list(extra)
+    keys = [("baseline", 1)] + [(m, k) for k in DOWN_FACTORS for m in methods]
+    rows = []
+    for method, k in keys:
+        runs = data.get((dataset, method, k, augment))
+        if not runs:
+            continue
+        rows.append([_row_name(method, k), str(len(runs))]
+                    + [fmt(*stat(runs, res, m)[:2], m) for m in metrics])
+    return _md(["configuration", "seeds"] + [LABELS.get(m, m) for m in metrics], rows)
+
+
+def gain_table(data, dataset: str) -> List[str]:
+    rows = []
+    for k in DOWN_FACTORS:
+        row = [f"1/{k}"]
+        for augment in (True, False):
+            conv = data.get((dataset, "conventional", k, augment), {})
+            epd = data.get((dataset, "epd", k, augment), {})
+            for res in ("low", "full"):
+                g = paired_gain(conv, epd, res, "IoU")
+                row.append(fmt(g[0], g[1], "IoU") if g[2] else "–")
+        row.append(f"+{PAPER_IOU_GAIN[k]:.2f}")
+        rows.append(row)
+    return _md(["factor", "aug, training res", "aug, full res", "no aug, training res",
+                "no aug, full res", "paper"], rows)
+
+
+def ablation_table(data, dataset: str = "small") -> List[str]:
+    methods = ("conventional", "epd_images", "epd_labels", "epd")
+    header = ["factor"] + [f"{METHOD_NAMES[m]} ({res})" for m in methods
+                           for res in ("training res", "full res")]
+    rows = []
+    for k in DOWN_FACTORS:
+        row = [f"1/{k}"]
+        for m in methods:
+            runs = data.get((dataset, m, k, True), {})
+            for res in ("low", "full"):
+                row.append(fmt(*stat(runs, res, "IoU")[:2], "IoU") if runs else "–")
+        rows.append(row)
+    return _md(header, rows)
+
+
+def class_table(data, dataset: str = "small", augment: bool = True) -> List[str]:
+    keys = [("baseline", 1)] + [(m, k) for k in DOWN_FACTORS for m in ("conventional", "epd")]
+    rows = []
+    for method, k in keys:
+        runs = data.get((dataset, method, k, augment))
+        if not runs:
+            continue
+        rows.append([_row_name(method, k)]
+                    + [fmt(*stat(runs, "full_class", c, "IoU")[:2], "IoU") for c in KEYS[1:]]
+                    + [fmt(*stat(runs, "full_class", c, "soft_area_abs_err_cm2")[:2],
+                           "soft_area_abs_err_cm2") for c in KEYS[1:]])
+    return _md(["configuration"] + [f"IoU {c}" for c in KEYS[1:]]
+               + [f"area err {c} cm²" for c in KEYS[1:]], rows)
+
+
+def cost_table(data, dataset: str = "small", augment: bool = True) -> List[str]:
+    keys = [("baseline", 1)] + [(m, k) for k in DOWN_FACTORS for m in ("conventional", "epd")]
+    base = data.get((dataset, "baseline", 1, augment))
+    b_sec = stat(base, "seconds_per_epoch")[0] if base else math.nan
+    b_mem = stat(base, "peak_mib")[0] if base else math.nan
+    rows = []
+    for method, k in keys:
+        runs = data.get((dataset, method, k, augment))
+        if not runs:
+            continue
+        sec, mem = stat(runs, "seconds_per_epoch")[0], stat(runs, "peak_mib")[0]
+        size = next(iter(runs.values()))["input_size"]
+        rows.append([_row_name(method, k), f"{size[0]} x {size[1]}", f"{sec:.1f}",
+                     f"{stat(runs, 'slices_per_s')[0]:.1f}", f"{b_sec / sec:.2f}",
+                     f"{mem:.0f}", f"{mem / b_mem:.2f}"])
+    return _md(["configuration", "network input", "s / epoch", "slices / s", "speed-up",
+                "peak MiB", "/ baseline"], rows)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def plot_vs_factor(data, path: Path, dataset: str = "small") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .logs import _save
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 7), dpi=100, sharex=True)
+    styles = {("conventional", True): ("tab:orange", "o-", "conventional"),
+              ("conventional", False): ("tab:orange", "o--", "conventional, no aug"),
+              ("epd", True): ("tab:blue", "s-", "EPD"),
+              ("epd", False): ("tab:blue", "s--", "EPD, no aug")}
+    for i, res in enumerate(("low", "full")):
+        for j, metric in enumerate(("IoU", "Dice")):
+            ax = axes[i, j]
+            for (method, augment), (color, style, label) in styles.items():
+                ks, means, sds = [], [], []
+                for k in DOWN_FACTORS:
+                    runs = data.get((dataset, method, k, augment))
+                    if runs:
+                        m, s, _ = stat(runs, res, metric)
+                        ks.append(k)
+                        means.append(100 * m)
+                        sds.append(0.0 if math.isnan(s) else 100 * s)
+                if ks:
+                    ax.errorbar(ks, means, yerr=sds, fmt=style, color=color, label=label,
+                                capsize=3)
+            for augment, ls in ((True, "-"), (False, "--")):
+                base = data.get((dataset, "baseline", 1, augment))
+                if base:
+                    m = 100 * stat(base, res, metric)[0]
+                    ax.axhline(m, color="0.3", ls=ls, lw=1,
+                               label="baseline (full res)" + ("" if augment else ", no aug"))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(DOWN_FACTORS), [f"1/{k}" for k in DOWN_FACTORS])
+            ax.set_title(f"{metric}, {'training' if res == 'low' else 'full'} resolution")
+            ax.set_ylabel(f"mean {metric} over tissues, %")
+            ax.grid(alpha=0.3)
+    axes[1, 0].set_xlabel("downsampling factor")
+    axes[1, 1].set_xlabel("downsampling factor")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_downsampling(path: Path, seed: int = 0, size: int = 512) -> None:
+    """A phantom slice (posterior quarter: paraspinal muscles, psoas, kidney) at full
+    resolution and at 1/2, 1/4, 1/8: bilinear image, window-mean image, nearest labels, EPD
+    labels (class colours mixed by fraction). Display window -160..240 HU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from EPDSegmentationLib.classes import color_table
+    from EPDSegmentationLib.demo import soft_rgb
+    from EPDSegmentationLib.epd import bilinear_image, epd_image, epd_labels, nearest_labels
+    from EPDSegmentationLib.phantom import make_slice
+
+    from .logs import _save
+
+    s = make_slice(seed, size=size)
+    hu, lab = s.hu.astype(np.float32), s.labels
+    rows, cols = np.nonzero(lab)
+    cy, cx = int(np.median(rows)), int(np.median(cols))
+    half = size // 4
+    # rows from just above the body's centre to behind the spine, columns from the
+    # patient's right flank to just past the midline
+    y0 = min(max(cy - half // 2, 0), size - 2 * half)
+    x0 = min(max(cx - 3 * half // 2, 0), size - 2 * half)
+    y0, x0 = y0 - y0 % 8, x0 - x0 % 8
+    crop = (slice(y0, y0 + 2 * half), slice(x0, x0 + 2 * half))
+    colors = color_table()
+
+    def show(ax, img, title):
+        ax.imshow(img, cmap="gray", vmin=-160, vmax=240, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+
+    fig, axes = plt.subplots(4, 4, figsize=(11, 11.5), dpi=90)
+    show(axes[0, 0], hu[crop], f"CT {size} x {size} (crop)")
+    axes[0, 1].imshow(colors[lab[crop]], interpolation="nearest")
+    axes[0, 1].set_title("labels", fontsize=9)
+    for ax in axes[0, 2:]:
+        ax.axis("off")
+    for i, k in enumerate(DOWN_FACTORS, start=1):
+        sub = (slice(y0 // k, (y0 + 2 * half) // k), slice(x0 // k, (x0 + 2 * half) // k))
+        show(axes[i, 0], bilinear_image(hu, k)[sub], f"1/{k}: bilinear image")
+        show(axes[i, 1], epd_image(hu, k)[sub], f"1/{k}: window-mean image (EPD)")
+        axes[i, 2].imshow(colors[nearest_labels(lab, k)[sub]], interpolation="nearest")
+        axes[i, 2].set_title(f"1/{k}: nearest labels", fontsize=9)
+        soft = epd_labels(lab, len(KEYS), k)
+        axes[i, 3].imshow(soft_rgb(soft[(slice(None),) + sub]), interpolation="nearest")
+        axes[i, 3].set_title(f"1/{k}: EPD labels (colours mixed)", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=colors[i], label=KEYS[i]) for i in range(1, len(KEYS))],
+               loc="upper right", bbox_to_anchor=(0.98, 0.96), ncol=1, fontsize=9)
+    fig.suptitle(f"Phantom subject seed {seed}, mid-L3, {s.pixel_mm:.2f} mm pixels: "
+                 f"conventional (columns 1, 3) and EPD (columns 2, 4) downsampling")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def _summary(data) -> Dict[str, object]:
+    out = {}
+    for (dataset, method, k, augment), runs in sorted(data.items()):
+        name = f"{dataset}/{method}_f{k}_{'aug' if augment else 'noaug'}"
+        entry = {"seeds": sorted(runs)}
+        for res in ("low", "full"):
+            entry[res] = {m: dict(zip(("mean", "sd", "n"), stat(runs, res, m)))
+                          for m in next(iter(runs.values()))[res]}
+        for key in ("seconds_per_epoch", "slices_per_s", "peak_mib"):
+            entry[key] = dict(zip(("mean", "sd", "n"), stat(runs, key)))
+        first = next(iter(runs.values()))
+        entry.update(epochs=first["epochs"], device=first["device"],
+                     input_size=first["input_size"], pixel_mm=first["pixel_mm"])
+        out[name] = entry
+    return out
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def tables_markdown(data, meta: Dict[str, object], command: str) -> str:
+    settings = meta.get("settings", {})
+    lines = [f"# Results tables: {meta.get('preset', '?')} preset", "",
+             f"Made by `{command}` from the runs of `{meta.get('command', '?')}`.", "",
+             f"Settings: {json.dumps(settings)}. Metrics on the validation subjects after "
+             f"the last epoch; mean ± SD over seeds; hard metrics (at the threshold that "
+             f"maximises Dice) and soft Dice in %, means over the five tissue classes.", ""]
+    for dataset, title in (("small", "Paper-sized set"), ("large", "Larger set")):
+        if not any(key[0] == dataset for key in data):
+            continue
+        for augment in (True, False):
+            if not any(key[0] == dataset and key[3] == augment for key in data):
+                continue
+            aug = "with augmentation" if augment else "without augmentation"
+            lines += [f"## {title}, {aug}: at the training resolution", "",
+                      "Against the exact EPD fractions of the true labels on the network's "
+                      "grid (the same truth for both methods).", ""]
+            lines += metric_table(data, dataset, augment, "low") + [""]
+            lines += [f"## {title}, {aug}: at full resolution", "",
+                      "Probabilities upsampled to the source grid, against its labels; "
+                      "last column: mean absolute error of the soft tissue area per slice.", ""]
+            lines += metric_table(data, dataset, augment, "full",
+                                  extra=("soft_area_abs_err_cm2",)) + [""]
+        lines += [f"## {title}: IoU gain of EPD over conventional (points)", "",
+                  "Paired by seed (same seed, same data order); the paper's gains are from "
+                  "its abstract.", ""]
+        lines += gain_table(data, dataset) + [""]
+    if any(key[1] in ("epd_labels", "epd_images") for key in data):
+        lines += ["## Ablation: which half carries the gain (IoU, %, with augmentation)", ""]
+        lines += ablation_table(data) + [""]
+    lines += ["## Per class at full resolution (with augmentation)", ""]
+    lines += class_table(data) + [""]
+    lines += ["## Cost (with augmentation)", "",
+              "Median seconds per training epoch and slices per second over the epochs; peak "
+              "memory: on a GPU the peak tensor memory of an epoch, on the CPU the peak "
+              "resident memory of the training process (data, model and interpreter "
+              "included); speed-up and memory against the baseline.", ""]
+    lines += cost_table(data) + [""]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=Path, required=True, help="experiment folder")
+    p.add_argument("--output", type=Path, required=True, help="folder for the results page")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results")
+
+
+def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
+    runs_dir, out = Path(args.runs), Path(args.output)
+    meta_path = runs_dir / "experiment.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: is {runs_dir} an experiment folder?")
+    meta = json.loads(meta_path.read_text())
+    data = collect(runs_dir)
+    if not data:
+        raise ValueError(f"no finished run under {runs_dir / 'runs'}")
+    existing = [n for n in OUTPUTS if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m training " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    atomic_bytes(out / "tables.md", tables_markdown(data, meta, command).encode())
+    summary = {"command": command, "experiment": meta, "configurations": _summary(data)}
+    atomic_bytes(out / "summary.json",
+                 (json.dumps(_nan_to_none(summary), indent=1) + "\n").encode())
+    plot_vs_factor(data, out / "iou_dice_vs_factor.png")
+    plot_downsampling(out / "downsampling.png")
+    n = sum(len(v) for v in data.values())
+    print(f"{n} runs in {len(data)} configurations -> {out}/" + ", ".join(OUTPUTS),
+          file=sys.stderr)
+
+
+__all__ = ["collect", "run_result", "stat", "paired_gain", "tables_markdown", "PAPER_IOU_GAIN"]
