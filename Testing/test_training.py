@@ -67,6 +67,66 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path, uninterrupted):
     assert card["training"]["command"].startswith("torchrun --nproc-per-node 2 -m training train")
 
 
+def test_rank_batches_split_every_global_batch_without_repeats():
+    """Ranks share each global batch by striding, repeat nothing, and weight a short batch
+    split unevenly so the rank average of weighted means is the global mean."""
+    from training.distributed import RankBatches
+
+    one = RankBatches(11, 4, 1, 0, seed=3)
+    one.set_epoch(2)
+    batches = list(one)
+    assert [len(b) for b in batches] == [4, 4, 3] and one.weights() == [1.0, 1.0, 1.0]
+    assert sorted(i for b in batches for i in b) == list(range(11))
+    x = np.random.default_rng(0).random(11)
+    for world in (2, 4):
+        ranks = [RankBatches(11, 4, world, r, seed=3) for r in range(world)]
+        for r in ranks:
+            r.set_epoch(2)
+        per_rank = [list(r) for r in ranks]
+        kept = [b for b in batches if len(b) >= world]
+        assert ranks[0].dropped == 11 - sum(len(b) for b in kept)
+        for j, b in enumerate(kept):
+            shares = [per_rank[r][j] for r in range(world)]
+            assert sorted(i for s in shares for i in s) == sorted(b)
+            averaged = np.mean([ranks[r].weights()[j] * x[shares[r]].mean()
+                                for r in range(world)])
+            assert averaged == pytest.approx(x[b].mean(), rel=1e-12)
+    assert RankBatches(11, 4, 4, 0).dropped == 3  # a last batch of 3 cannot feed 4 ranks
+    # full batches: exactly the batches torch's DistributedSampler gives each rank
+    ds = torch.utils.data.TensorDataset(torch.arange(12))
+    for r in range(2):
+        ours = RankBatches(12, 4, 2, r, seed=5)
+        ref = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, seed=5)
+        for epoch in (0, 1):
+            ours.set_epoch(epoch)
+            ref.set_epoch(epoch)
+            theirs = [b.tolist() for (b,) in torch.utils.data.DataLoader(ds, 2, sampler=ref)]
+            assert list(ours) == theirs
+
+
+@pytest.mark.slow
+def test_torchrun_uneven_last_batch_matches_one_process(tmp_path):
+    """9 training slices, global batch 6: the last batch (3) splits 2 + 1 over two ranks;
+    its weighted loss keeps the two runs together."""
+    odd = [a if a != "2" or TINY[i - 1] != "--phantom-slices" else "3" for i, a in enumerate(TINY)]
+    odd[odd.index("--batch-size") + 1] = "6"
+    assert main(["train", *odd, "--epochs", "2", "--output", str(tmp_path / "one")]) == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "training", "train", *odd,
+                          "--epochs", "2", "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.returncode == 0, two.stderr
+    card = json.loads((tmp_path / "one" / "model.json").read_text())
+    assert card["training"]["data"]["train_slices"] == 9
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    for ra, rb in zip(curves(tmp_path / "one"), curves(tmp_path / "two")):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
     out = tmp_path / "resumed"

@@ -99,3 +99,52 @@ def broadcast_object(ctx: Context, obj: Any) -> Any:
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """This rank's share of every global batch, so that N ranks see what one process sees.
+
+    Each epoch shuffles the n training slices with the permutation torch's
+    DistributedSampler draws (randperm seeded with seed + epoch), cuts it into global batches
+    of ``batch_size`` (the last one may be short) and gives rank r the slices r, r + N, ...
+    of each. Nothing is padded or repeated (DistributedSampler repeats slices when n does
+    not divide by N). ``weights()[j]`` scales rank r's mean loss of batch j by
+    n_r * N / n_global, so the gradient average DistributedDataParallel takes is the mean
+    over the global batch even when a short last batch splits unevenly. A last batch with
+    fewer slices than ranks (some rank would have none) is dropped; ``dropped`` says how
+    many slices that left out (always 0 for one process).
+    """
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0):
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} must divide by the "
+                             f"{world_size} ranks")
+        self.n, self.batch, self.world, self.rank, self.seed = n, batch_size, world_size, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _global_sizes(self) -> List[int]:
+        sizes = [min(self.batch, self.n - j) for j in range(0, self.n, self.batch)]
+        return [s for s in sizes if s >= self.world]
+
+    @property
+    def dropped(self) -> int:
+        return self.n - sum(self._global_sizes())
+
+    def weights(self) -> List[float]:
+        """Per batch of this rank: n_r * N / n_global (1.0 for every full batch)."""
+        return [len(range(self.rank, s, self.world)) * self.world / s
+                for s in self._global_sizes()]
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for j, size in zip(range(0, self.n, self.batch), self._global_sizes()):
+            yield perm[j:j + size][self.rank::self.world]
+
+    def __len__(self) -> int:
+        return len(self._global_sizes())

@@ -5,8 +5,9 @@ Several GPUs/CPUs:  torchrun --nproc-per-node 4 -m training train ... (same argu
 
 --batch-size is the global batch: each of N ranks takes batch/N slices of it, gradients are
 averaged by DistributedDataParallel, so N ranks follow the same trajectory as one process
-(within float rounding). Data order depends only on (seed, epoch): a DistributedSampler with
-the run's seed shuffles the same permutation for any N, and augmentation draws from
+(within float rounding). Data order depends only on (seed, epoch): distributed.RankBatches
+shuffles the same permutation for any N and splits each global batch across the ranks
+without repeats, and augmentation draws from
 (seed, epoch, slice index). A checkpoint is written atomically after every epoch;
 --resume continues from it exactly. At the end the weights are exported with their model
 card (model_io.save_model) as <output>/model.safetensors + model.json.
@@ -336,12 +337,12 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
     train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
-    sampler = torch.utils.data.DistributedSampler(
-        train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
+    sampler = D.RankBatches(len(train_ds), args.batch_size, ctx.world_size, ctx.rank, args.seed)
+    loss_weights = sampler.weights()
     workers = args.num_workers if args.num_workers is not None else (
         4 if ctx.device.type == "cuda" else 0)
     pin = ctx.device.type == "cuda"
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler,
                                          num_workers=workers, pin_memory=pin)
     val_subset = torch.utils.data.Subset(val_ds, list(range(ctx.rank, len(val_ds), ctx.world_size)))
     val_loader = torch.utils.data.DataLoader(val_subset, batch_size=per_rank, shuffle=False,
@@ -378,6 +379,9 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
               f"training / {len(val_ds)} validation slices of {size[0]} x {size[1]} at "
               f"{source_mm:.4g} mm, factor {k} -> network input "
               f"{-(-size[0] // k)} x {-(-size[1] // k)}", file=sys.stderr)
+        if sampler.dropped:
+            print(f"note: the last batch of each epoch ({sampler.dropped} slice(s)) has fewer "
+                  f"slices than the {ctx.world_size} ranks and is left out", file=sys.stderr)
     tb = None
     if ctx.is_main:
         from .logs import TensorBoard
@@ -396,7 +400,7 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
         t0 = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                    disable=not show, leave=False)
-        for hu, lab in bar:
+        for step, (hu, lab) in enumerate(bar):
             hu = hu.to(ctx.device, non_blocking=True)
             lab = lab.to(ctx.device, non_blocking=True)
             with torch.no_grad():
@@ -404,7 +408,8 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
                                     image_mode=args.image_mode, windows=args.window_list)
             loss, parts, _ = ddp(x, q)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # 1.0 but for a short last batch split unevenly across ranks (RankBatches)
+            (loss * loss_weights[step] if loss_weights[step] != 1.0 else loss).backward()
             optimizer.step()
             n = hu.shape[0]
             values = torch.stack([loss.detach()] + [parts[p].detach() for p in parts_names])
