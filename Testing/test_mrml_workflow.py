@@ -215,6 +215,10 @@ def test_bad_inputs_give_clear_messages(mrml):
         np.int16))
     with pytest.raises(InputProblem, match="'T1' does not look like CT in Hounsfield units"):
         segment_volume(scene, mr, predictor(one_hot(labels)))
+    blank = add_ct(scene, labels, name="blank")
+    slicer.util.updateVolumeFromArray(blank, np.full(labels.shape, -1024, np.int16))
+    with pytest.raises(InputProblem, match="'blank' is an empty image: every voxel is -1024"):
+        segment_volume(scene, blank, predictor(one_hot(labels)))
     sagittal = np.zeros((4, 4))
     sagittal[:3, :3] = [[0, 0, 1], [1, 0, 0], [0, 1, 0]]
     sagittal[3, 3] = 1

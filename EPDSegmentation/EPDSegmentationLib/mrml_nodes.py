@@ -17,9 +17,8 @@ import vtk
 
 from .classes import CLASSES
 from .outputs import safe_stem
+from .volume import HU_CEILING_OF_MINIMUM, hu_range_problem  # noqa: F401  (the one CT rule)
 
-#: A CT of the body holds fat and air; no voxel at or below this means the values are not HU.
-HU_CEILING_OF_MINIMUM = -100.0
 #: The slice axis (K) must be this close to superior-inferior (|cosine|) for axial slices.
 AXIAL_COSINE = 0.7
 #: Smallest in-plane size the network can take (it pads to multiples of 32 itself).
@@ -102,7 +101,8 @@ def slice_index_at(volume_node, ras_world: Sequence[float]) -> int:
 
 def check_ct_volume(node) -> None:
     """InputProblem unless ``node`` is a 3D single-component scalar volume with axial slices
-    and values in Hounsfield units."""
+    and values in Hounsfield units (volume.hu_range_problem, the rule the command line
+    uses too)."""
     if node is None:
         raise InputProblem("No input volume: select a CT volume (or load the sample CT).")
     name = node.GetName()
@@ -127,12 +127,9 @@ def check_ct_volume(node) -> None:
         raise InputProblem(f"'{name}' is not an axial series (its slice axis points "
                            f"({k_axis[0]:.2f}, {k_axis[1]:.2f}, {k_axis[2]:.2f}) in RAS); "
                            f"resample it to axial slices first.")
-    lo, hi = image.GetScalarRange()
-    if lo > HU_CEILING_OF_MINIMUM:
-        raise InputProblem(f"'{name}' does not look like CT in Hounsfield units: its values "
-                           f"span {lo:g}..{hi:g}, with nothing at or below "
-                           f"{HU_CEILING_OF_MINIMUM:g} HU (fat, air). MR, PET or CT stored "
-                           f"without its rescale slope/intercept cannot be segmented.")
+    problem = hu_range_problem(*image.GetScalarRange())
+    if problem:
+        raise InputProblem(f"'{name}' {problem}")
 
 
 def volume_array(node) -> np.ndarray:

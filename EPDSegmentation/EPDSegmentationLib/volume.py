@@ -9,9 +9,32 @@ to this convention once, so no other code deals with LPS.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+#: A CT of the body holds fat and air; no voxel at or below this means the values are not HU.
+HU_CEILING_OF_MINIMUM = -100.0
+
+
+def hu_range_problem(lo: float, hi: float) -> Optional[str]:
+    """None when voxel values spanning lo..hi can be CT in Hounsfield units; else why not,
+    as words to follow the image's name ("'T1' ..." in Slicer, "path: ..." on the command
+    line). The one "is this CT?" rule of the module and the command line: every voxel the
+    same value is an empty image; no voxel at or below HU_CEILING_OF_MINIMUM (fat, air) means
+    MR, PET or CT stored without its rescale slope/intercept."""
+    lo, hi = float(lo), float(hi)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return (f"holds values that are not finite numbers ({lo:g}..{hi:g}); a CT in "
+                f"Hounsfield units is needed")
+    if lo == hi:
+        return (f"is an empty image: every voxel is {lo:g}; a CT in Hounsfield units is "
+                f"needed")
+    if lo > HU_CEILING_OF_MINIMUM:
+        return (f"does not look like CT in Hounsfield units: its values span {lo:g}..{hi:g}, "
+                f"with nothing at or below {HU_CEILING_OF_MINIMUM:g} HU (fat, air). MR, PET or "
+                f"CT stored without its rescale slope/intercept cannot be segmented.")
+    return None
 
 
 def ijk_to_ras_matrix(spacing: Sequence[float], origin: Sequence[float],
