@@ -11,11 +11,13 @@ import csv
 import numpy as np
 import pytest
 
+from EPDSegmentationLib.classes import TISSUES
 from EPDSegmentationLib.cli import main
 from EPDSegmentationLib.io import read_seg_nrrd, read_volume, write_dicom_series, write_volume
 from EPDSegmentationLib.phantom import subject_slices
 from EPDSegmentationLib.phantom.dataset import stack
 from EPDSegmentationLib.segment import find_cases, parse_slices
+from EPDSegmentationLib.volume import hu_range_problem
 
 OUTPUTS = (".seg.nrrd", "_soft.seg.nrrd", "_probabilities.nrrd", "_bodycomp.csv",
            "_overlay.png")
@@ -108,8 +110,48 @@ def test_dicom_input_writes_dicom_seg_that_matches(cases, tiny_model_path, tmp_p
                                              combine_segments=True)
     labels = read_seg_nrrd(out / "ct_dicom.seg.nrrd").array
     np.testing.assert_array_equal(back, labels)
+    check_frames_on_sources(out / "ct_dicom_seg.dcm", ct)
     prob = highdicom.seg.segread(out / "ct_dicom_prob_seg.dcm")
     assert prob.SegmentationType == "FRACTIONAL"
+    assert prob.SegmentationFractionalType == "PROBABILITY"
+    assert [d.SegmentLabel for d in prob.SegmentSequence] == [c.name for c in TISSUES]
+    # frame n of every segment decodes to the probabilities on source instance n, within
+    # half a quantisation step of 1/255
+    import SimpleITK as sitk
+
+    probs = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ct_dicom_probabilities.nrrd")))
+    soft = prob.get_pixels_by_source_instance(ct.meta["sop_instance_uids"],
+                                              rescale_fractional=True)
+    assert soft.shape == probs[..., 1:].shape
+    np.testing.assert_allclose(soft, probs[..., 1:], atol=0.5 / 255 + 1e-6)
+    # the values vary from slice to slice by many steps, so frames on the wrong instance or
+    # segments in the wrong order would not pass
+    assert np.abs(probs[0] - probs[1]).max() > 5 / 255 and soft.max() > 5 / 255
+    assert np.abs(probs[..., 1] - probs[..., 3]).max() > 5 / 255
+    check_frames_on_sources(out / "ct_dicom_prob_seg.dcm", ct)
+
+
+def check_frames_on_sources(path, ct):
+    """Every frame of a SEG references a source instance and lies on its plane (position
+    and orientation), one frame per instance and segment."""
+    import pydicom
+
+    raw = pydicom.dcmread(path)
+    sources = {uid: pydicom.dcmread(f, stop_before_pixels=True)
+               for uid, f in zip(ct.meta["sop_instance_uids"], ct.meta["files"])}
+    seen = []
+    for frame in raw.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        src = sources[ref]
+        np.testing.assert_allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in src.ImagePositionPatient], atol=1e-3)
+        seen.append(ref)
+    np.testing.assert_allclose(
+        [float(v) for v in raw.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+         .ImageOrientationPatient],
+        [float(v) for v in next(iter(sources.values())).ImageOrientationPatient], atol=1e-6)
+    assert sorted(seen) == sorted(list(sources) * len(TISSUES))
 
 
 def test_dicom_seg_needs_a_dicom_source(cases, tiny_model_path, tmp_path, capsys):
@@ -118,6 +160,135 @@ def test_dicom_seg_needs_a_dicom_source(cases, tiny_model_path, tmp_path, capsys
                 "--dicom-seg") == 1
     assert "DICOM SEG needs a DICOM source" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_dicom_seg_of_unreferenceable_sources_writes_nothing(totalseg_dir, tiny_model_path,
+                                                             tmp_path, capsys):
+    """The shared series was de-identified with blank study/series UIDs: a SEG could not
+    reference it. That is said before anything is written, so a rerun is not blocked."""
+    pytest.importorskip("highdicom")
+    out = tmp_path / "out"
+    args = (totalseg_dir / "ct_dicom", "-o", out, "--model", tiny_model_path, "--slices", "3")
+    assert _run(*args, "--dicom-seg") == 1
+    err = capsys.readouterr().err
+    assert "ct_dicom" in err and "StudyInstanceUID" in err and "de-identified" in err
+    assert not out.exists() or list(out.iterdir()) == []
+    assert _run(*args) == 0                     # nothing left behind blocks the rerun
+    assert (out / "ct_dicom.seg.nrrd").is_file()
+
+
+def test_image_that_is_not_hu_is_refused_with_the_modules_rule(phantom_volume, tiny_model_path,
+                                                               tmp_path, capsys):
+    """A float image with values 0..1500 (an MR image, or CT without its rescale) is not CT:
+    refused with the file's name and the rule the Slicer module applies (no voxel at or
+    below -100 HU), nothing written."""
+    hu, _ = phantom_volume
+    mr = tmp_path / "t1_mr.nii.gz"
+    write_volume(hu.with_array(np.clip(hu.array + 1000.0, 0, 1500).astype(np.float32)), mr)
+    out = tmp_path / "out"
+    assert _run(mr, "-o", out, "--model", tiny_model_path) == 1
+    err = capsys.readouterr().err
+    assert str(mr) in err
+    assert hu_range_problem(0.0, 1500.0) in err          # the module's sentence, word for word
+    assert "does not look like CT in Hounsfield units" in err and "-100 HU" in err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [0.0, -1024.0])
+def test_empty_volume_is_refused(value, phantom_volume, tiny_model_path, tmp_path, capsys):
+    """A blank volume (every voxel the same, air or zero) gives a clear message naming it."""
+    hu, _ = phantom_volume
+    blank = tmp_path / "blank.nrrd"
+    write_volume(hu.with_array(np.full(hu.array.shape, value, np.float32)), blank)
+    out = tmp_path / "out"
+    assert _run(blank, "-o", out, "--model", tiny_model_path) == 1
+    err = capsys.readouterr().err
+    assert str(blank) in err and "empty image" in err and f"every voxel is {value:g}" in err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_module_and_command_line_share_one_ct_rule():
+    assert hu_range_problem(-1024.0, 1500.0) is None
+    assert hu_range_problem(-100.0, 40.0) is None
+    assert "nothing at or below -100 HU" in hu_range_problem(-99.0, 40.0)
+    assert "empty image" in hu_range_problem(5.0, 5.0)
+    assert "not finite" in hu_range_problem(float("nan"), 40.0)
+    import inspect
+
+    pytest.importorskip("slicer")
+    from EPDSegmentationLib import mrml_nodes
+
+    source = inspect.getsource(mrml_nodes.check_ct_volume)
+    assert "hu_range_problem(" in source and "HU_CEILING_OF_MINIMUM" not in source
+
+
+def test_unexpected_error_in_one_case_is_reported_and_the_batch_goes_on(
+        cases, tiny_model_path, tmp_path, capsys, monkeypatch):
+    """A RuntimeError (e.g. the CPU out of memory) in one case: that case fails with its
+    traceback on stderr and without leftover files; the next case still runs; exit 1."""
+    from EPDSegmentationLib import inference
+
+    real = inference.predict_volume
+    calls = []
+
+    def flaky(hu, *args, **kwargs):
+        calls.append(hu.shape)
+        if len(calls) == 1:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 99 GB")
+        return real(hu, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_volume", flaky)
+    out = tmp_path / "out"
+    assert _run(cases / "ct_a.nii.gz", cases / "ct_dicom", "-o", out, "--model",
+                tiny_model_path, "--slices", "1") == 1
+    captured = capsys.readouterr()
+    assert "ct_a" in captured.err and "can't allocate memory" in captured.err
+    assert "Traceback" not in captured.err      # out of memory is said plainly, with a hint
+    assert "--batch-size" in captured.err
+    assert not list(out.glob("ct_a*"))
+    assert (out / "ct_dicom.seg.nrrd").is_file()
+    assert "FAILED" in captured.out and "ok" in captured.out
+
+
+def test_a_bug_in_one_case_shows_its_traceback_and_the_batch_goes_on(
+        cases, tiny_model_path, tmp_path, capsys, monkeypatch):
+    """An error nobody expected (a bug) fails its case with the traceback on stderr; files
+    the case had written are removed; the other case still finishes; exit 1."""
+    from EPDSegmentationLib import overlay
+
+    real = overlay.write_overlay_png
+
+    def broken(path, *args, **kwargs):
+        if "ct_a" in str(path):
+            raise KeyError("a bug in the overlay")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(overlay, "write_overlay_png", broken)
+    out = tmp_path / "out"
+    assert _run(cases / "ct_a.nii.gz", cases / "ct_dicom", "-o", out, "--model",
+                tiny_model_path, "--slices", "1") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError" in err and "a bug in the overlay" in err
+    assert not list(out.glob("ct_a*"))           # its .seg.nrrd, soft, CSV ... removed again
+    assert (out / "ct_dicom_overlay.png").is_file()
+    monkeypatch.setattr(overlay, "write_overlay_png", real)
+    assert _run(cases / "ct_a.nii.gz", "-o", out, "--model", tiny_model_path,
+                "--slices", "1") == 0            # and the rerun is not blocked
+
+
+def test_missing_input_among_several_is_reported_and_the_others_run(cases, tiny_model_path,
+                                                                    tmp_path, capsys):
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    out = tmp_path / "out"
+    assert _run(tmp_path / "missing.nii.gz", cases / "ct_a.nii.gz", empty, "-o", out,
+                "--model", tiny_model_path, "--slices", "1") == 1
+    captured = capsys.readouterr()
+    assert "missing.nii.gz: no such file or folder" in captured.err
+    assert "empty_folder" in captured.err and "holds no DICOM files" in captured.err
+    assert (out / "ct_a.seg.nrrd").is_file()
+    assert captured.out.count("FAILED") == 2
 
 
 def test_bad_model_and_bad_arguments_exit_2(cases, tmp_path, capsys):

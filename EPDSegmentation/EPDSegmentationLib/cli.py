@@ -50,7 +50,11 @@ def _segment(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    cases = find_cases(args.inputs)
+    cases = find_cases(args.inputs, strict=False)
+    if all(c.problem for c in cases):     # nothing to run at all: a usage error
+        for c in cases:
+            print(f"epdseg: error: {c.problem}", file=sys.stderr)
+        return 2
     model_path = args.model if args.model is not None else bundled_model_path()
     try:
         device, reason = select_device(args.device)
@@ -77,6 +81,8 @@ def _segment(args) -> int:
         bar.close()
         if not result.ok:
             tqdm.write(f"epdseg: {case.name}: {result.message}", file=sys.stderr)
+            if result.traceback:     # a bug: show where, then go on with the other cases
+                tqdm.write(result.traceback.rstrip(), file=sys.stderr)
         results.append(result)
     print("\n" + format_summary(results))
     print(f"outputs in {args.output}")

@@ -12,14 +12,19 @@ Per case (``<case>`` = file or folder name) in the output folder:
     <case>_seg.dcm, <case>_prob_seg.dcm   DICOM SEG (binary, fractional), with --dicom-seg
 
 Slices not asked for stay empty (label 0, probability 0). Nothing is overwritten unless
-``overwrite``: a case whose outputs exist is reported and skipped. In a batch, a bad case is
-reported and the others still run.
+``overwrite``: a case whose outputs exist is reported and skipped. Every check that can be
+made before the network runs is made first (readable, CT in HU by the module's rule
+volume.hu_range_problem, DICOM sources a SEG can reference); if a case still fails while
+writing, the files it wrote are removed again, so a rerun is not blocked. In a batch, a bad
+case (an unreadable or missing input, not CT, out of memory, even a bug: its traceback comes
+with it) is reported and the others still run.
 """
 
 from __future__ import annotations
 
 import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -30,6 +35,7 @@ from .classes import TISSUES
 from .atomic import extension
 from .io.errors import InputError
 from .outputs import output_path, safe_stem
+from .volume import hu_range_problem
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".ima")
 MANIFEST_EXTENSIONS = (".csv", ".json")
@@ -41,6 +47,9 @@ class Case:
 
     name: str
     path: Path
+    #: why this input cannot be segmented, found while listing the inputs (missing path,
+    #: empty folder, bad manifest); segment_case reports it as the case's failure
+    problem: Optional[str] = None
 
 
 @dataclass
@@ -53,6 +62,8 @@ class CaseResult:
     areas: Dict[str, float] = field(default_factory=dict)  # mean soft cm^2 per slice
     device: str = ""
     seconds: float = 0.0
+    #: the traceback of an error nobody expected (a bug), for the terminal; "" otherwise
+    traceback: str = ""
 
 
 def _case_name(path: Path) -> str:
@@ -73,33 +84,44 @@ def _has_dicom(folder: Path) -> bool:
     return False
 
 
-def find_cases(inputs: Sequence) -> List[Case]:
-    """Cases from the command line: volume files, DICOM files or series folders, manifests
-    (CSV/JSON with an image column), or folders of such cases. Names are made unique."""
+def _cases_of(path: Path) -> List[Case]:
     from .io import read_manifest
 
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    ext = extension(path)
+    if path.is_file() and ext in MANIFEST_EXTENSIONS:
+        return [Case(_case_name(Path(r["image"])), Path(r["image"]))
+                for r in read_manifest(path, images_only=True)]
+    if path.is_file() or _has_dicom(path):
+        return [Case(_case_name(path), path)]
+    found = [p for p in sorted(path.iterdir())
+             if (p.is_file() and extension(p) in VOLUME_EXTENSIONS
+                 and not p.name.lower().endswith(".seg.nrrd"))
+             or (p.is_dir() and _has_dicom(p))]
+    if not found:
+        raise InputError(path, "holds no DICOM files, no volume files (.nii, .nii.gz, "
+                               ".nrrd) and no DICOM series folders")
+    return [Case(_case_name(p), p) for p in found]
+
+
+def find_cases(inputs: Sequence, strict: bool = True) -> List[Case]:
+    """Cases from the command line: volume files, DICOM files or series folders, manifests
+    (CSV/JSON with an image column), or folders of such cases. Names are made unique.
+
+    An input that gives no case (missing, an empty folder, an unreadable manifest) raises
+    InputError when ``strict``; otherwise it becomes a Case whose ``problem`` says why, so
+    a batch reports it among the results and still runs the others."""
     cases: List[Case] = []
     for raw in inputs:
         path = Path(raw)
-        if not path.exists():
-            raise InputError(path, "no such file or folder")
-        ext = extension(path)
-        if path.is_file() and ext in MANIFEST_EXTENSIONS:
-            cases += [Case(_case_name(Path(r["image"])), Path(r["image"]))
-                      for r in read_manifest(path, images_only=True)]
-        elif path.is_file():
-            cases.append(Case(_case_name(path), path))
-        elif _has_dicom(path):
-            cases.append(Case(_case_name(path), path))
-        else:
-            found = [p for p in sorted(path.iterdir())
-                     if (p.is_file() and extension(p) in VOLUME_EXTENSIONS
-                         and not p.name.lower().endswith(".seg.nrrd"))
-                     or (p.is_dir() and _has_dicom(p))]
-            if not found:
-                raise InputError(path, "holds no DICOM files, no volume files (.nii, .nii.gz, "
-                                       ".nrrd) and no DICOM series folders")
-            cases += [Case(_case_name(p), p) for p in found]
+        try:
+            cases += _cases_of(path)
+        except (InputError, OSError) as exc:
+            if strict:
+                raise
+            message = str(exc) if isinstance(exc, InputError) else f"{path}: {exc}"
+            cases.append(Case(_case_name(path), path, problem=message))
     seen: Dict[str, int] = {}
     for c in cases:
         n = seen.get(c.name, 0)
@@ -132,6 +154,78 @@ def parse_slices(spec: Optional[str], n: int) -> List[int]:
     return sorted(set(out))
 
 
+def ct_problem(vol) -> Optional[str]:
+    """None when a volume read as CT can be segmented; else why not (words to follow its
+    file name): no voxels, or values that are not CT in HU (volume.hu_range_problem, the
+    rule of the Slicer module's input check)."""
+    arr = np.asarray(vol.array)
+    if arr.size == 0:
+        return f"is an empty volume ({' x '.join(map(str, arr.shape))} voxels)"
+    return hu_range_problem(np.min(arr), np.max(arr))
+
+
+def dicom_seg_sources(vol, path) -> List:
+    """The source instances (pydicom headers, K order) a DICOM SEG of this case would
+    reference, checked as write_dicom_seg checks them, so that --dicom-seg fails before
+    anything is written. InputError saying why not (not DICOM, no highdicom, sources a SEG
+    cannot reference, e.g. de-identified with blank study/series UIDs)."""
+    if vol.meta.get("format") != "dicom":
+        raise InputError(path, "DICOM SEG needs a DICOM source, and this case was "
+                               f"read from {vol.meta.get('format', 'a non-DICOM file')}; "
+                               "segment the DICOM series itself, or drop --dicom-seg")
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise InputError(path, "DICOM SEG needs the highdicom package (pip install "
+                               "highdicom); install it or drop --dicom-seg") from None
+    import pydicom
+
+    from .dicom_seg import DicomSegError, prepare_sources
+
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in vol.meta["files"]]
+    try:
+        prepare_sources(sources, vol.array.shape)
+    except DicomSegError as exc:
+        raise InputError(path, f"DICOM SEG is not possible: {exc}. Nothing was written; "
+                               f"drop --dicom-seg for the other outputs") from None
+    return sources
+
+
+#: Errors that say what is wrong with a case (its message is enough, no traceback).
+EXPECTED_ERRORS = (InputError, ValueError, FileExistsError, OSError)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def _failure(case: Case, exc: BaseException, seconds: float) -> CaseResult:
+    """A failed CaseResult: the message of an expected error, a plain out-of-memory
+    sentence with a hint, or for anything else (a bug) the error and its traceback."""
+    from .inference import DeviceError
+
+    if isinstance(exc, EXPECTED_ERRORS + (DeviceError,)):
+        return CaseResult(case, False, str(exc), seconds=seconds)
+    if _out_of_memory(exc):
+        return CaseResult(case, False, f"out of memory ({type(exc).__name__}: {exc}); try a "
+                          f"smaller --batch-size, fewer --slices or another --device",
+                          seconds=seconds)
+    return CaseResult(case, False, f"unexpected error {type(exc).__name__}: {exc}",
+                      seconds=seconds, traceback="".join(
+                          traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for path in paths:
+        try:
+            Path(path).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def output_paths(out_dir: Path, name: str, *, dicom_seg: bool) -> Dict[str, Path]:
     roles = ["segmentation", "soft_segmentation", "probabilities", "table", "overlay"]
     roles += ["dicom_seg", "dicom_fractional_seg"] if dicom_seg else []
@@ -143,29 +237,38 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                  dicom_seg: bool = False, overlay_slice: Optional[int] = None,
                  series_uid: Optional[str] = None,
                  progress: Optional[Callable[[int, int], None]] = None) -> CaseResult:
-    """Segment one case and write its outputs; errors come back as a failed CaseResult."""
-    from . import bodycomp
+    """Segment one case and write its outputs.
+
+    Any error comes back as a failed CaseResult (an unexpected one with its traceback in
+    ``traceback``), after removing the files this call had written; KeyboardInterrupt
+    removes them too and is raised again."""
+    from . import bodycomp, inference, overlay
     from .epd import soft_to_labels
-    from .inference import predict_volume
     from .io import read_volume, write_probabilities, write_seg_nrrd
-    from .overlay import display_slice, write_overlay_png
 
     t0 = time.perf_counter()
+    if case.problem:
+        return CaseResult(case, False, case.problem)
     paths = output_paths(out_dir, case.name, dicom_seg=dicom_seg)
     existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
         return CaseResult(case, False, "outputs exist (use --overwrite to replace): "
                           + ", ".join(p.name for p in existing))
+    written: List[Path] = []
     try:
         vol = read_volume(case.path, series_uid)
-        if dicom_seg and vol.meta.get("format") != "dicom":
-            raise InputError(case.path, "DICOM SEG needs a DICOM source, and this case was "
-                                        f"read from {vol.meta.get('format', 'a non-DICOM file')}; "
-                                        "segment the DICOM series itself, or drop --dicom-seg")
+        problem = ct_problem(vol)
+        if problem:
+            raise InputError(case.path, problem)
+        sources = dicom_seg_sources(vol, case.path) if dicom_seg else None
         k_idx = parse_slices(slices, vol.array.shape[0])
+        shown = overlay_slice if overlay_slice is not None else k_idx[len(k_idx) // 2]
+        if shown not in k_idx:
+            raise ValueError(f"overlay slice {shown} was not segmented (slices {slices})")
         si, sj, sk = vol.spacing
-        pred = predict_volume(vol.array, (sj, si), model, card, device=device,
-                              batch_size=batch_size, slices=k_idx, progress=progress)
+        pred = inference.predict_volume(vol.array, (sj, si), model, card, device=device,
+                                        batch_size=batch_size, slices=k_idx,
+                                        progress=progress)
         C = pred.probabilities.shape[0]
         probs = np.zeros((C,) + vol.array.shape, np.float32)
         probs[:, k_idx] = pred.probabilities
@@ -174,47 +277,45 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         rows = bodycomp.tissue_measures(pred.probabilities, vol.array, vol.spacing, k_idx)
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = [
-            write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras, overwrite=overwrite),
-            write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras, fractional=True,
-                           overwrite=overwrite),
-            write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras,
-                                overwrite=overwrite),
-            bodycomp.measures_to_csv(rows, paths["table"], overwrite=overwrite),
-        ]
-        shown = overlay_slice if overlay_slice is not None else k_idx[len(k_idx) // 2]
-        if shown not in k_idx:
-            raise ValueError(f"overlay slice {shown} was not segmented (slices {slices})")
+        written.append(write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras,
+                                      overwrite=overwrite))
+        written.append(write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras,
+                                      fractional=True, overwrite=overwrite))
+        written.append(write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras,
+                                           overwrite=overwrite))
+        written.append(bodycomp.measures_to_csv(rows, paths["table"], overwrite=overwrite))
         slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
         areas = {key: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
                  for key, r in slice_rows.items()}
-        written.append(write_overlay_png(
-            paths["overlay"], display_slice(vol, shown), display_slice(vol, shown, labels),
+        written.append(overlay.write_overlay_png(
+            paths["overlay"], overlay.display_slice(vol, shown),
+            overlay.display_slice(vol, shown, labels),
             areas_cm2=areas, overwrite=overwrite,
             title=f"{case.name}: slice {shown} of {vol.array.shape[0]}, "
                   f"{si:.2f} x {sj:.2f} mm pixels"))
         if dicom_seg:
-            written += _write_dicom_segs(vol, labels, probs, card, paths, overwrite)
+            _write_dicom_segs(sources, labels, probs, card, paths, overwrite, written)
         totals = bodycomp.total_rows(rows)
         return CaseResult(case, True, "; ".join(pred.notes[1:]), written, k_idx,
                           {c.key: float(totals[c.key]["area_cm2"]) for c in TISSUES
                            if c.key in totals}, pred.device, time.perf_counter() - t0)
-    except (InputError, ValueError, FileExistsError, OSError) as exc:
-        return CaseResult(case, False, str(exc), seconds=time.perf_counter() - t0)
+    except Exception as exc:
+        _remove(written)
+        return _failure(case, exc, time.perf_counter() - t0)
+    except BaseException:           # KeyboardInterrupt: no half-written case, then stop
+        _remove(written)
+        raise
 
 
-def _write_dicom_segs(vol, labels, probs, card, paths, overwrite) -> List[Path]:
-    import pydicom
-
+def _write_dicom_segs(sources, labels, probs, card, paths, overwrite,
+                      written: List[Path]) -> None:
+    """Both SEG files, appended to ``written`` one by one (so a failure can remove them)."""
     from .dicom_seg import write_dicom_seg
 
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in vol.meta["files"]]
-    return [
-        write_dicom_seg(paths["dicom_seg"], sources, labels=labels, model_card=card,
-                        overwrite=overwrite),
-        write_dicom_seg(paths["dicom_fractional_seg"], sources, probabilities=probs,
-                        model_card=card, overwrite=overwrite),
-    ]
+    written.append(write_dicom_seg(paths["dicom_seg"], sources, labels=labels,
+                                   model_card=card, overwrite=overwrite))
+    written.append(write_dicom_seg(paths["dicom_fractional_seg"], sources,
+                                   probabilities=probs, model_card=card, overwrite=overwrite))
 
 
 def format_summary(results: Sequence[CaseResult]) -> str:
