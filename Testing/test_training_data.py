@@ -94,3 +94,20 @@ def test_model_inputs_window_then_downsample(label_mode, image_mode):
                              label_mode=label_mode, image_mode=image_mode)
     assert x.shape == (2, 3, 6, 5) and q.shape == (2, 6, 6, 5)
     assert np.allclose(x.numpy(), ex, atol=1e-6) and np.allclose(q.numpy(), eq, atol=1e-6)
+
+
+def test_lowres_blurs_the_image_like_coarser_pixels_and_leaves_the_rest():
+    """lowres shrinks and re-enlarges the HU (pixel-scale noise goes, the mean stays, labels
+    stay); switching it on changes no other augmentation's random choices."""
+    rng = np.random.default_rng(1)
+    h0 = rng.normal(40.0, 15.0, (64, 64)).astype(np.float32)
+    l0 = rng.integers(0, 6, (64, 64)).astype(np.uint8)
+    off = Augment(flip=0.5, crop=0.5, blur=0.0)
+    on = Augment(flip=0.5, crop=0.5, blur=0.0, lowres=1.0, lowres_factor=(3.0, 3.0))
+    a_h, a_l = off(h0, l0, np.random.default_rng(7))
+    b_h, b_l = on(h0, l0, np.random.default_rng(7))
+    assert np.array_equal(a_l, b_l)  # same flip and crop, labels untouched
+    detail = lambda x: np.abs(np.diff(x, axis=1)).mean()  # noqa: E731
+    assert detail(b_h) < 0.5 * detail(a_h)
+    assert abs(float(b_h.mean()) - float(a_h.mean())) < 0.02 * float(np.abs(a_h).mean())
+    assert b_h.shape == a_h.shape and b_h.dtype == np.float32

@@ -138,13 +138,17 @@ def _centre(n: int, m: int):
 class Augment:
     """Full-resolution augmentation. Probabilities per slice; crop_scale: side of the random
     crop relative to the slice (then resized back to the slice size); blur_sigma: Gaussian
-    sigma range in pixels (HU only)."""
+    sigma range in pixels (HU only); lowres: the HU shrunk by a factor drawn from
+    lowres_factor (antialiased) and enlarged back, as a scan of coarser pixels resampled to
+    the training grid looks (labels untouched). lowres is off by default."""
 
     flip: float = 0.5
     crop: float = 0.5
     crop_scale: Tuple[float, float] = (0.75, 1.0)
     blur: float = 0.5
     blur_sigma: Tuple[float, float] = (0.25, 1.0)
+    lowres: float = 0.0
+    lowres_factor: Tuple[float, float] = (1.5, 4.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,6 +162,8 @@ class Augment:
         scale = rng.uniform(*self.crop_scale)
         pos = rng.random(2)
         sigma = rng.uniform(*self.blur_sigma)
+        # drawn after the others, so switching lowres on leaves their streams unchanged
+        u_low, shrink = rng.random(), rng.uniform(*self.lowres_factor)
         h, w = hu.shape
         if u[0] < self.flip:
             hu, labels = hu[:, ::-1], labels[:, ::-1]
@@ -167,6 +173,10 @@ class Augment:
             hu = resample_planes(np.ascontiguousarray(hu[r0:r0 + ch, c0:c0 + cw]), (h, w))
             labels = resample_planes(np.ascontiguousarray(labels[r0:r0 + ch, c0:c0 + cw]),
                                      (h, w), labels=True)
+        if u_low < self.lowres:
+            small = (max(1, int(round(h / shrink))), max(1, int(round(w / shrink))))
+            hu = resample_planes(resample_planes(np.ascontiguousarray(hu, np.float32), small),
+                                 (h, w))
         if u[2] < self.blur:
             hu = gaussian_filter(hu, sigma, mode="nearest")
         return np.ascontiguousarray(hu, np.float32), np.ascontiguousarray(labels, np.uint8)

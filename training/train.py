@@ -98,6 +98,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=int, nargs=2, metavar=("ROWS", "COLS"),
                    help="crop/pad the resampled slices to this size (default: the largest)")
     g.add_argument("--no-augment", action="store_true", help="no flip / crop / blur")
+    g.add_argument("--lowres", type=float, default=0.0, metavar="P",
+                   help="probability of simulating a scan of coarser pixels (the HU shrunk "
+                        "by 1.5 to --lowres-max times and enlarged back; default 0: off)")
+    g.add_argument("--lowres-max", type=float, default=4.0, metavar="F",
+                   help="largest shrink factor of --lowres (default 4: 0.865 mm -> 3.5 mm)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
     g.add_argument("--loss", default=DEFAULT_LOSS,
@@ -127,6 +132,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0; got {args.lr}")
+    if not 0.0 <= args.lowres <= 1.0:
+        raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
+    if not args.lowres_max >= 1.5:
+        raise ValueError(f"--lowres-max must be >= 1.5; got {args.lowres_max}")
     if args.source_mm is not None and not args.source_mm > 0:
         raise ValueError(f"--source-mm must be > 0; got {args.source_mm}")
     if args.phantom_subjects is not None and args.phantom_subjects < 2:
@@ -333,7 +342,8 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
            "windows": args.window_list, "pixel_area_mm2": source_mm * source_mm}
     recipe.update(source_pixel_mm=source_mm, source_size=list(size))
 
-    augment = None if args.no_augment else Augment()
+    augment = None if args.no_augment else Augment(lowres=args.lowres,
+                                                   lowres_factor=(1.5, args.lowres_max))
     train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
