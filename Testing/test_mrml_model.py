@@ -82,6 +82,41 @@ def test_panel_descriptions(tiny_model):
         assert device == "" and "cuda" in reason.lower()
 
 
+def test_panel_summary_of_the_bundled_card():
+    """The bundled card's Dice sit under ``evaluation``: the summary shows them per class
+    (held-out phantoms and the real-CT agreement), and the data recipe in a few words."""
+    from EPDSegmentationLib.model_io import read_card
+    from EPDSegmentationLib.resources import bundled_model_path
+
+    card = read_card(bundled_model_path())
+    lines = describe_model(card).splitlines()
+    assert "Trained on: 60 phantom subjects x 6 slices (L3), factor 2" in lines
+    phantom = card["evaluation"]["phantom_held_out"]
+    want = ", ".join(f"{c.key} {phantom['full_resolution_dice'][c.key]:.2f}" for c in TISSUES)
+    assert f"Dice, held-out phantoms ({phantom['slices']} slices): {want}" in lines
+    real = [line for line in lines if line.startswith("Dice, real CT")]
+    assert len(real) == 1 and "TotalSegmentator" in real[0]
+    for name, r in card["evaluation"]["real_ct"]["results"].items():
+        assert f"{name.split(' vs ')[0]} {r['dice']:.2f}" in real[0]
+    assert max(len(line) for line in lines) < 100 and "{" not in "".join(lines)
+
+
+def test_panel_summary_without_evaluation():
+    """A card with only training metrics shows their validation Dice; with none it says so;
+    a manifest recipe is named by its file."""
+    card = {"classes": [{"key": "BG"}, {"key": "MUS"}, {"key": "SAT"}], "factor": 4,
+            "label_mode": "nearest", "pixel_mm": [3.2, 3.2],
+            "training": {"data": {"source": "manifest", "manifest": "/data/cases.csv",
+                                  "manifest_sha256": "ab" * 32, "train_slices": 120}},
+            "metrics": {"split": "val", "slices": 30, "full_resolution": {"per_class": {
+                "BG": {"Dice": 0.99}, "MUS": {"Dice": 0.912}, "SAT": {"Dice": 0.95}}}}}
+    lines = describe_model(card).splitlines()
+    assert "Trained on: manifest cases.csv, 120 training slices, factor 4" in lines
+    assert "Dice, validation set (30 slices): MUS 0.91, SAT 0.95" in lines
+    card["metrics"] = {}
+    assert describe_model(card).splitlines()[-1] == "Dice: not recorded in the model card"
+
+
 class _OutOfMemoryAbove1(torch.nn.Module):
     """The tiny model, failing like a full GPU whenever a batch holds more than one slice."""
 

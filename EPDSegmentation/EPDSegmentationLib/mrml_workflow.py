@@ -26,7 +26,7 @@ import numpy as np
 import slicer
 
 from . import bodycomp
-from .classes import NUM_CLASSES, TISSUES
+from .classes import CLASSES, NUM_CLASSES, TISSUES
 from .inference import Cancelled
 from .mrml_dicom import (check_dicom_seg_possible, dicom_seg_paths, record_model,
                          recorded_model, result_arrays, write_dicom_segs)
@@ -420,25 +420,99 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
 # ----------------------------------------------------------------------------- model card
 
 
+def describe_training_data(card: Mapping[str, Any]) -> str:
+    """The card's training data in a few words, e.g. "60 phantom subjects x 6 slices (L3),
+    factor 2" (the whole recipe stays in the card)."""
+    training = card.get("training", {}) or {}
+    data = training.get("data", "?") if isinstance(training, Mapping) else "?"
+    k = card.get("factor")
+    at = f", factor {k}" if k is not None else ""
+    if not isinstance(data, Mapping):
+        return f"{data}{at}" if data not in ("", None) else f"?{at}"
+    source = data.get("source")
+    if source == "phantom" and "subjects" in data:
+        slices = data.get("slices_per_subject")
+        per = f" x {slices} slices" if slices is not None else ""
+        return f"{data['subjects']} phantom subjects{per} (L3){at}"
+    if source == "manifest":
+        name = Path(str(data.get("manifest", "manifest"))).name
+        n = data.get("train_slices")
+        return f"manifest {name}" + (f", {n} training slices" if n is not None else "") + at
+    short = [f"{key} {value}" for key, value in data.items()
+             if isinstance(value, (int, float, str)) and len(str(value)) <= 24]
+    text = ", ".join(short[:4]) + (", ..." if len(short) > 4 else "")
+    return (text or "?") + at
+
+
+def _dice_line(label: str, dice: Mapping[str, Any], slices=None) -> Optional[str]:
+    values = [f"{k} {float(v):.2f}" for k, v in dice.items()     # the card's order
+              if k != CLASSES[0].key and isinstance(v, (int, float))]
+    if not values:
+        return None
+    where = f" ({slices} slices)" if slices else ""
+    return f"Dice, {label}{where}: " + ", ".join(values)
+
+
+def describe_dice(card: Mapping[str, Any]) -> List[str]:
+    """Lines of measured Dice per class from the card: the ``evaluation`` that ``python -m
+    training bundle`` records (held-out phantoms at full resolution, and agreement with
+    another source's masks on a real CT when measured); else the validation Dice of
+    ``metrics`` (full resolution) or an older ``metrics.dice``. [] when none is recorded."""
+    lines: List[str] = []
+    evaluation = card.get("evaluation")
+    if isinstance(evaluation, Mapping):
+        phantom = evaluation.get("phantom_held_out")
+        if isinstance(phantom, Mapping) and isinstance(phantom.get("full_resolution_dice"),
+                                                       Mapping):
+            line = _dice_line("held-out phantoms", phantom["full_resolution_dice"],
+                              phantom.get("slices"))
+            if line:
+                lines.append(line)
+        real = evaluation.get("real_ct")
+        results = real.get("results") if isinstance(real, Mapping) else None
+        if isinstance(results, Mapping):
+            dice = {str(name).split(" vs ")[0]: r["dice"] for name, r in results.items()
+                    if isinstance(r, Mapping) and isinstance(r.get("dice"), (int, float))}
+            slices = {r.get("slices") for r in results.values() if isinstance(r, Mapping)}
+            words = str(real.get("reference", "")).split()
+            against = (f"{words[0]} masks" if len(words) > 1 and "masks" in words[:3]
+                       else "reference masks")
+            line = _dice_line(f"real CT vs {against}", dice,
+                              slices.pop() if len(slices) == 1 else None)
+            if line:
+                lines.append(line)
+    if lines:
+        return lines
+    metrics = card.get("metrics") or {}
+    if not isinstance(metrics, Mapping):
+        return []
+    full = metrics.get("full_resolution")
+    per_class = full.get("per_class") if isinstance(full, Mapping) else None
+    if isinstance(per_class, Mapping):
+        dice = {k: v["Dice"] for k, v in per_class.items()
+                if isinstance(v, Mapping) and isinstance(v.get("Dice"), (int, float))}
+        split = str(metrics.get("split", "val"))
+        line = _dice_line(f"{'validation' if split == 'val' else split} set", dice,
+                          metrics.get("slices"))
+        return [line] if line else []
+    if isinstance(metrics.get("dice"), Mapping):
+        line = _dice_line("recorded", metrics["dice"])
+        return [line] if line else []
+    return []
+
+
 def describe_model(card: Mapping[str, Any]) -> str:
-    """A few lines about a model for the panel: classes, factor, spacing, training data."""
+    """A few lines about a model for the panel: classes, factor, spacing, training data in
+    short, and the Dice per class the card records."""
     classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
                         for c in card.get("classes", [])[1:])
     k = card.get("factor")
     label_mode = card.get("label_mode", "?")
     px = card.get("pixel_mm", [0, 0])
-    training = card.get("training", {}) or {}
-    data = training.get("data", "?")
-    if isinstance(data, Mapping):
-        data = ", ".join(f"{key} {value}" for key, value in data.items())
     lines = [f"Classes: {classes}",
              f"Factor 1/{k} ({label_mode} labels), network pixel {px[0]:.2f} x {px[1]:.2f} mm",
-             f"Trained on: {data}"]
-    metrics = card.get("metrics") or {}
-    dice = metrics.get("dice") if isinstance(metrics, Mapping) else None
-    if isinstance(dice, Mapping):
-        lines.append("Dice: " + ", ".join(f"{key} {float(v):.3f}" for key, v in dice.items()
-                                         if isinstance(v, (int, float))))
+             f"Trained on: {describe_training_data(card)}"]
+    lines += describe_dice(card) or ["Dice: not recorded in the model card"]
     return "\n".join(lines)
 
 
