@@ -89,7 +89,7 @@ def test_panel_summary_of_the_bundled_card():
     from EPDSegmentationLib.resources import bundled_model_path
 
     card = read_card(bundled_model_path())
-    lines = describe_model(card).splitlines()
+    lines = describe_model(card).replace("\u00a0", " ").splitlines()   # no-break spaces
     assert "Trained on: 60 phantom subjects x 6 slices (L3), factor 2" in lines
     phantom = card["evaluation"]["phantom_held_out"]
     want = ", ".join(f"{c.key} {phantom['full_resolution_dice'][c.key]:.2f}" for c in TISSUES)
@@ -110,7 +110,7 @@ def test_panel_summary_without_evaluation():
                                   "manifest_sha256": "ab" * 32, "train_slices": 120}},
             "metrics": {"split": "val", "slices": 30, "full_resolution": {"per_class": {
                 "BG": {"Dice": 0.99}, "MUS": {"Dice": 0.912}, "SAT": {"Dice": 0.95}}}}}
-    lines = describe_model(card).splitlines()
+    lines = describe_model(card).replace("\u00a0", " ").splitlines()
     assert "Trained on: manifest cases.csv, 120 training slices, factor 4" in lines
     assert "Dice, validation set (30 slices): MUS 0.91, SAT 0.95" in lines
     card["metrics"] = {}

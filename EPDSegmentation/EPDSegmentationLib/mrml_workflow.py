@@ -444,12 +444,16 @@ def describe_training_data(card: Mapping[str, Any]) -> str:
     return (text or "?") + at
 
 
+#: Between a name and its value in the panel's lines, so a wrapped line never parts them.
+NBSP = "\u00a0"
+
+
 def _dice_line(label: str, dice: Mapping[str, Any], slices=None) -> Optional[str]:
-    values = [f"{k} {float(v):.2f}" for k, v in dice.items()     # the card's order
+    values = [f"{k}{NBSP}{float(v):.2f}" for k, v in dice.items()     # the card's order
               if k != CLASSES[0].key and isinstance(v, (int, float))]
     if not values:
         return None
-    where = f" ({slices} slices)" if slices else ""
+    where = f" ({slices}{NBSP}slices)" if slices else ""
     return f"Dice, {label}{where}: " + ", ".join(values)
 
 
@@ -503,14 +507,16 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
 
 def describe_model(card: Mapping[str, Any]) -> str:
     """A few lines about a model for the panel: classes, factor, spacing, training data in
-    short, and the Dice per class the card records."""
+    short, and the Dice per class the card records. Values stay with their names when the
+    panel wraps a line (no-break spaces)."""
     classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
                         for c in card.get("classes", [])[1:])
     k = card.get("factor")
     label_mode = card.get("label_mode", "?")
     px = card.get("pixel_mm", [0, 0])
     lines = [f"Classes: {classes}",
-             f"Factor 1/{k} ({label_mode} labels), network pixel {px[0]:.2f} x {px[1]:.2f} mm",
+             f"Factor 1/{k} ({label_mode} labels), network pixel "
+             + NBSP.join(f"{px[0]:.2f} x {px[1]:.2f} mm".split()),
              f"Trained on: {describe_training_data(card)}"]
     lines += describe_dice(card) or ["Dice: not recorded in the model card"]
     return "\n".join(lines)
