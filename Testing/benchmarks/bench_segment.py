@@ -3,9 +3,10 @@
 Side by side in one run:
   - a 512 x 512 x 100 volume with models at factors 1, 2 and 4 (ratios against factor 1);
   - one 512 x 512 slice at factor 2.
-The models have the bundled model's architecture (width 16) with random weights: speed and
-memory do not depend on the weights. The volume is the bundled sample CT (phantom, 16
-slices) repeated to 100 slices. Each case runs in a fresh process; its time is the
+The models have the bundled model's architecture, read from its card
+(Resources/Models/EPDBodyComp_f2.json: EPDNet, width 8), with random weights: speed and
+memory do not depend on the weights; ``--width`` changes only the width. The volume is the
+bundled sample CT (phantom, 16 slices) repeated to 100 slices. Each case runs in a fresh process; its time is the
 pipeline (segment_case: read, infer, write .seg.nrrd x2, probability NRRD, CSV, PNG) after
 imports and model load, and its peak memory the rise of peak RSS over that call (plus
 torch.cuda.max_memory_allocated on a GPU). The process start (Python, torch import, model
@@ -13,7 +14,7 @@ load) is timed separately: it is what a one-off command adds.
 
     python Testing/benchmarks/bench_segment.py               # CPU
     python Testing/benchmarks/bench_segment.py --device cuda # GPU, when there is one
-    python Testing/benchmarks/bench_segment.py --quick       # tiny, for the test suite
+    python Testing/benchmarks/bench_segment.py --quick       # tiny: checks the script runs
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -38,12 +40,24 @@ def _rss_kb(field: str) -> int:
     raise OSError(field)
 
 
-def make_inputs(folder: Path, slices: int, size: int, factors, width: int) -> dict:
-    """The test volume (NRRD) and one model per factor (random weights, real file format)."""
+def bundled_architecture(width: Optional[int] = None):
+    """The bundled model's ModelConfig, from its card; ``width`` replaces its width."""
+    from dataclasses import replace
+
+    from EPDSegmentationLib.model_io import ModelConfig, read_card
+    from EPDSegmentationLib.resources import bundled_model_path
+
+    config = ModelConfig.from_dict(read_card(bundled_model_path())["architecture"])
+    return config if width is None else replace(config, width=width)
+
+
+def make_inputs(folder: Path, slices: int, size: int, factors, config) -> dict:
+    """The test volume (NRRD) and one model per factor (architecture ``config``, random
+    weights, real file format)."""
     import torch
 
     from EPDSegmentationLib.io import read_volume, write_volume
-    from EPDSegmentationLib.model import ModelConfig, build_model
+    from EPDSegmentationLib.model import build_model
     from EPDSegmentationLib.model_io import make_card, save_model
     from EPDSegmentationLib.resources import sample_ct_path
     from EPDSegmentationLib.volume import Volume
@@ -58,7 +72,7 @@ def make_inputs(folder: Path, slices: int, size: int, factors, width: int) -> di
     models = {}
     for k in factors:
         torch.manual_seed(0)
-        net = build_model(ModelConfig(width=width))
+        net = build_model(config)
         card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=k,
                          label_mode="epd", image_mode="average", pixel_mm=(src * k, src * k),
                          input_size=(size // k, size // k),
@@ -108,24 +122,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--width", type=int, default=None,
+                        help="network width (default: the bundled model's, from its card)")
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--quick", action="store_true", help="3 slices of 128 x 128, width 4")
+    parser.add_argument("--quick", action="store_true", help="3 slices of 128 x 128, factors 1 and 2 (same architecture)")
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_here(*args.one[:2], args.device, args.batch, args.one[2])))
         return
     if args.quick:
-        args.slices, args.size, args.width, args.factors = 3, 128, 4, [1, 2]
+        args.slices, args.size, args.factors = 3, 128, [1, 2]
 
     import torch
 
+    config = bundled_architecture(args.width)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        inputs = make_inputs(tmp, args.slices, args.size, args.factors, args.width)
+        inputs = make_inputs(tmp, args.slices, args.size, args.factors, config)
         print(f"epdseg segment end to end: {args.size} x {args.size} x {args.slices} volume "
-              f"(bundled sample repeated), width {args.width}, batch {args.batch}, "
+              f"(bundled sample repeated), the bundled model's architecture at width "
+              f"{config.width}{'' if args.width is None else ' (--width)'}, batch {args.batch}, "
               f"device {args.device}; {os.cpu_count()} cores, torch {torch.__version__}; "
               f"each case in a fresh process")
         rows = {}
