@@ -239,3 +239,16 @@ def test_errors_name_the_problem(tmp_path, uninterrupted, capsys):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable training checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_init_fine_tunes_from_a_model_file_and_refuses_another_factor(tmp_path, uninterrupted):
+    weights = uninterrupted / "model.safetensors"
+    train(tmp_path / "tuned", "--epochs", "1", "--init", str(weights))
+    first = read_csv(tmp_path / "tuned" / "log.csv")[0]["train_loss"]
+    scratch = read_csv(uninterrupted / "log.csv")
+    assert first < scratch[0]["train_loss"]  # starts where the first run ended, not at random
+    card = json.loads((tmp_path / "tuned" / "model.json").read_text())
+    assert card["training"]["data"]["init"]["model"] == str(weights)
+    bad = [a if a != "2" or TINY[i - 1] != "--factor" else "4" for i, a in enumerate(TINY)]
+    assert main(["train", *bad, "--epochs", "1", "--init", str(weights),
+                 "--output", str(tmp_path / "bad")]) == 2

@@ -105,6 +105,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest shrink factor of --lowres (default 4: 0.865 mm -> 3.5 mm)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
+    g.add_argument("--init", type=Path, metavar="MODEL",
+                   help="start from the weights of one of our model files (fine-tuning; its "
+                        "architecture, windows and factor must match this run's)")
     g.add_argument("--loss", default=DEFAULT_LOSS,
                    help="'+'-joined losses from mae, dice, ce, focal, tversky (several: "
                         "learned uncertainty weights)")
@@ -265,6 +268,23 @@ def _card_metrics(v: Dict[str, object]) -> Dict[str, object]:
             "low_resolution": pick(v["low"]), "full_resolution": pick(v["full"])}
 
 
+def init_from(net: nn.Module, path: Path, architecture: dict, args, recipe: dict) -> None:
+    """Copy the weights of model file ``path`` into ``net`` (read with model_io.load_model:
+    safetensors only, validated); refuse a model of another architecture, windows or factor.
+    The data recipe records where the weights came from."""
+    from EPDSegmentationLib.model_io import load_model
+
+    model, card = load_model(path)
+    differ = [f"{name} {theirs!r} (this run: {ours!r})" for name, theirs, ours in (
+        ("architecture", card["architecture"], architecture),
+        ("windows", [list(w) for w in card["windows"]], args.window_list),
+        ("factor", card["factor"], args.factor)) if theirs != ours]
+    if differ:
+        raise ValueError(f"--init {path}: the model differs: " + "; ".join(differ))
+    net.load_state_dict(model.state_dict())
+    recipe["init"] = {"model": str(path), "trained_with": card["training"].get("command")}
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak memory of this rank, MiB: on a GPU the largest tensor allocation during the epoch
     (torch.cuda.max_memory_allocated, reset at its start); on the CPU the process's peak
@@ -361,6 +381,8 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
     config = ModelConfig(in_channels=len(args.window_list), num_classes=NUM_CLASSES,
                          width=args.width)
     net = build_model(config)
+    if args.init is not None and state is None:
+        init_from(net, args.init, config.to_dict(), args, recipe)
     criterion = Criterion(parse_loss(args.loss))
     bf16 = ctx.device.type == "cuda" and not args.no_bf16
     module = TrainModule(net, criterion, bf16).to(ctx.device)
