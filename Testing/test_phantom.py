@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -21,6 +22,56 @@ SEEDS_512 = (2, 5, 11)
 def slices512():
     """Three full-size mid-L3 slices (lean to obese), made once for the module."""
     return {seed: make_slice(seed) for seed in SEEDS_512}
+
+
+def digest(s: PhantomSlice) -> str:
+    """First 16 hex digits of the SHA-256 of a slice's arrays (dtype, shape, bytes) and meta."""
+    h = hashlib.sha256()
+    for a in (s.hu, s.labels, s.fractions):
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps(s.meta, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+#: digests of the default phantom computed from the code before the torso anatomy was added
+#: (commit c6067b8): make_slice, subject_slices and write_dataset with their old arguments
+#: must keep returning exactly these arrays. (A numpy/scipy upgrade that changes float
+#: rounding in the image would show here too; then check by hand and re-pin.)
+PINNED = {
+    "seed0_64": (dict(seed=0, size=64), "84167c8dcad8e55a"),
+    "seed1_64": (dict(seed=1, size=64), "ded9c76df360663b"),
+    "seed4_64": (dict(seed=4, size=64), "734865e7ea6619b7"),
+    "seed11_64": (dict(seed=11, size=64), "9790a80535bff52d"),
+    "seed3_96_zm60": (dict(seed=3, size=96, z_mm=-60.0), "ebece86e6c3276c8"),
+    "seed3_96_z45": (dict(seed=3, size=96, z_mm=45.0), "68223d433bc4812a"),
+    "seed3_96_z90": (dict(seed=3, size=96, z_mm=90.0), "6af940f5b40a8f91"),
+    "seed3_96_z130": (dict(seed=3, size=96, z_mm=130.0), "a9f669d462d36c28"),
+    "seed8_96_z150": (dict(seed=8, size=96, z_mm=150.0), "dfeb1269c8a72ae7"),
+    "seed5_128_ss2_px2.5": (dict(seed=5, size=128, supersample=2, pixel_mm=2.5),
+                            "ab0088bdd6c3c55b"),
+    "seed7_128_ss1": (dict(seed=7, size=128, supersample=1), "54dd2876100dc4e3"),
+}
+PINNED_STACKS = {
+    "stack9_3x7_64": ((9, 3, 7.0), ["687577846892f049", "821bd50865138b3a", "bb0ee5bc8b0c2861"]),
+    "stack9_default_64": ((9,), ["dce7eb6b9b50af9b", "32064e56fbae4a72", "d8a0be9cd35eba0b",
+                                 "e0e22f36f00f451f", "018951b2afa03676", "300f724da2cfdc75"]),
+}
+PINNED_512 = {2: "48f0e229667b99fe", 5: "763d72830f63c09f", 11: "7bed2a3d55bb8917"}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_default_slices_are_bit_identical_to_before_the_torso_anatomy(case):
+    kw, expected = PINNED[case]
+    kw = dict(kw)
+    assert digest(make_slice(kw.pop("seed"), **kw)) == expected
+
+
+def test_default_stacks_and_full_size_slices_are_bit_identical(slices512):
+    for name, (args, expected) in PINNED_STACKS.items():
+        assert [digest(s) for s in subject_slices(*args, size=64)] == expected, name
+    for seed, expected in PINNED_512.items():
+        assert digest(slices512[seed]) == expected, seed
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -39,6 +40,23 @@ def test_manifest_lists_every_subject_split_by_subject(dataset):
     meta = json.loads((out / "subjects.json").read_text())
     assert set(meta) == {r["subject"] for r in rows}
     assert meta["subject_0000"]["z_mm"] == [-2.5, 2.5]
+
+
+def test_default_dataset_is_bit_identical_to_before_the_torso_anatomy(dataset):
+    """write_dataset with its old arguments writes what it wrote before levels= existed
+    (digests computed from the code at commit c6067b8)."""
+    out, manifest = dataset
+    h = hashlib.sha256()
+    for case in read_manifest(manifest):
+        vol = read_volume(case["image"])
+        lab = read_labels(case["label"], like=vol)
+        h.update(np.ascontiguousarray(vol.array).tobytes())
+        h.update(np.ascontiguousarray(lab.array).tobytes())
+        h.update(np.asarray(vol.ijk_to_ras).round(6).tobytes())
+    assert h.hexdigest()[:16] == "51e462fccaeeb243"
+    assert hashlib.sha256((out / "subjects.json").read_bytes()).hexdigest()[:16] == \
+        "2a431a550be32f67"
+    assert hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] == "24750d75eab4c59b"
 
 
 def test_every_format_holds_the_same_volume(dataset):

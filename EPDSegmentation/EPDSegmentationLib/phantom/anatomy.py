@@ -104,6 +104,13 @@ class Geometry:
         self.ql_r = (16 * f * m ** 0.7, 8 * f * m ** 0.7)
         self.kidney_x = self.psoas_x + self.psoas_r[0] + 20 * f
         self.kidney_y = self.y_vb + 3 * f
+        # what the torso anatomy (torso.py) changes with z; these are the L3 model's values
+        self.vb_size = {1: 0.97, 0: 1.0, -1: 1.03}.get(level, 1.0)   # vertebral body scale
+        self.tp_len = 1.08 if level == 0 else 0.88                   # transverse processes
+        self.wall_scale = (1.0, 1.0, 1.0, 1.0)   # rectus, ext. oblique, int. oblique, transversus
+        self.latissimus = (1.95, 2.6, 0.65, 1.0)  # first and last angle (rad), span, thickness
+        self.draw_psoas = True
+        self.draw_ql = True
 
     def table_y(self, x: np.ndarray) -> np.ndarray:
         """y (mm) of the surface the patient lies on, at x: a shallow arc, concave up."""
@@ -199,8 +206,9 @@ def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
     r0 = float(core_radius(s, np.array([0.0]))[0])
     la = (4 + 8 * s.adiposity) / r0                         # half width of the linea alba
     rect_w = (62 + 10 * m) * f / r0                          # angular width of each rectus
-    t_rect = 10.5 * f * m
-    t_eo, t_io, t_ta = 6.5 * f * m, 8.0 * f * m, 5.0 * f * m
+    ws = g.wall_scale
+    t_rect = 10.5 * f * m * ws[0]
+    t_eo, t_io, t_ta = 6.5 * f * m * ws[1], 8.0 * f * m * ws[2], 5.0 * f * m * ws[3]
     plane = 0.8 + 1.2 * s.adiposity + 0.6 * s.myosteatosis  # fat between the layers, mm
     ph, rc = _radial_layer(g, -la, la, 16)
     cv.paint(band(0, 0, ph, rc - 0.3, rc - 2.2), C["fascia"], over=(C["vat"],))
@@ -228,8 +236,9 @@ def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
         for outer, inner in ((r_eo, r_eo_in), (r_io, r_io_in), (r_ta, r_ta_in)):
             cv.paint(band(0, 0, side * ph, outer, inner), C["muscle"])
         # latissimus dorsi: a thin sheet outside the fascia, posterolateral
-        ph, rc = _radial_layer(g, 1.95, 2.6, 48)
-        t = (3.0 + 3.0 * m) * _bump((ph - 1.95) / 0.65, 0.8)
+        lo, hi, span, k_lat = g.latissimus
+        ph, rc = _radial_layer(g, lo, hi, 48)
+        t = (3.0 + 3.0 * m) * _bump((ph - lo) / span, 0.8) * k_lat
         cv.paint(band(0, 0, side * ph, rc + t, rc), C["muscle"], over=(C["sat"],))
 
 
@@ -250,11 +259,13 @@ def draw_back_muscles(cv: Canvas, g: Geometry) -> None:
                                0.5 + 0.8 * s.myosteatosis, np.pi / 2 - side * 0.3, side * 0.012),
                  C["imat"], over=(C["muscle"],))
         # quadratus lumborum at the TP tips, tilted forward laterally
-        cv.paint(ellipse(side * g.ql_x, g.ql_y, *g.ql_r, -side * 0.5, 48, s.shapes["ql_" + key]),
-                 C["muscle"], over=(C["vat"],))
+        if g.draw_ql:
+            cv.paint(ellipse(side * g.ql_x, g.ql_y, *g.ql_r, -side * 0.5, 48,
+                             s.shapes["ql_" + key]), C["muscle"], over=(C["vat"],))
         # psoas beside the vertebral body
-        cv.paint(ellipse(side * g.psoas_x, g.psoas_y, *g.psoas_r, side * 0.5, 48,
-                         s.shapes["psoas_" + key]), C["muscle"], over=(C["vat"], C["muscle"]))
+        if g.draw_psoas:
+            cv.paint(ellipse(side * g.psoas_x, g.psoas_y, *g.psoas_r, side * 0.5, 48,
+                             s.shapes["psoas_" + key]), C["muscle"], over=(C["vat"], C["muscle"]))
 
 
 def _bone(cv: Canvas, outer: np.ndarray, inner: Optional[np.ndarray]) -> None:
@@ -268,7 +279,7 @@ def draw_vertebra(cv: Canvas, g: Geometry) -> None:
     the canal, by where z falls within the level (upper part: pedicles and TPs)."""
     s, f = g.s, g.f
     zl = g.zl
-    size = {1: 0.97, 0: 1.0, -1: 1.03}.get(g.level, 1.0)
+    size = g.vb_size
     vbp = g.y_vb_post
     # vertebral body (kidney-shaped: concave at the back) or the disc
     theta = np.linspace(-np.pi, np.pi, 96, endpoint=False)
@@ -284,7 +295,7 @@ def draw_vertebra(cv: Canvas, g: Geometry) -> None:
         # the endplate where the slice grazes the neighbouring body
         if abs(abs(zl) - BODY_HALF_HEIGHT_MM) < 1.0:
             cv.paint(polar(0, g.y_vb, theta, rad - 2), C["cortex"], over=(C["disc"],))
-    tp_len = 1.08 if g.level == 0 else 0.88
+    tp_len = g.tp_len
     # pedicles (upper two thirds of the body)
     if -6 < zl < 12:
         for side in (-1, 1):
@@ -321,12 +332,19 @@ def draw_vertebra(cv: Canvas, g: Geometry) -> None:
              over=(C["vat"], C["muscle"], C["disc"], C["marrow"], C["imat"]))
 
 
-def draw_kidneys(cv: Canvas, g: Geometry) -> None:
+def draw_kidneys(cv: Canvas, g: Geometry, shift=None, rim: float = 0.0) -> None:
+    """The kidneys (and ureters below them). shift(i, dz) -> (dx, dy) mm moves kidney i
+    (0 right, 1 left; dx towards the midline) at dz from its centre height; rim > 0 first
+    lays perirenal fat (VAT) that far around each section, which later organs cannot fill."""
     s, f = g.s, g.f
+    kidney_over = (C["vat"],) if rim <= 0 else (C["vat"], C["fat_pad"])
     for i, (side, key) in enumerate(((-1, "kidney_r"), (1, "kidney_l"))):  # right = image left
         half_len = 52 * f * s.kidney_size[i]
         dz = g.z - s.kidney_z[i]
         x, y = side * g.kidney_x, g.kidney_y
+        if shift is not None:
+            dx, dy = shift(i, dz)
+            x, y = x - side * dx, y + dy
         if abs(dz) >= half_len:
             # below the lower pole: only the ureter, in front of the psoas
             if dz < 0:
@@ -336,8 +354,11 @@ def draw_kidneys(cv: Canvas, g: Geometry) -> None:
         k = np.sqrt(1 - (dz / half_len) ** 2)
         rx, ry = 27 * f * s.kidney_size[i] * k, 20 * f * s.kidney_size[i] * k
         ang = side * 0.9
+        if rim > 0:
+            cv.paint(ellipse(x, y, rx + rim, ry + rim, ang, 64, s.shapes[key]), C["fat_pad"],
+                     over=(C["vat"],))
         cv.paint(ellipse(x, y, rx, ry, ang, 64, s.shapes[key]), C["kidney_cortex"],
-                 over=(C["vat"],))
+                 over=kidney_over)
         if rx > 8:
             cv.paint(ellipse(x, y, rx - 6, ry - 6, ang, 48), C["kidney_medulla"],
                      over=(C["kidney_cortex"],))

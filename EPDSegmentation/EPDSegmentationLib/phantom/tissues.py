@@ -57,6 +57,16 @@ _TABLE = (
     (27, "bile", MSC, 4.0),
     (28, "calcification", MSC, 80.0),
     (29, "fascia", MSC, 6.0),         # linea alba and other dense fibrous bands
+    # the upper abdomen and lower chest (anatomy="torso", torso.py)
+    (30, "lung", MSC, 30.0),          # lung bases in the costophrenic recesses
+    (31, "diaphragm", MSC, 7.0),      # diaphragm and its crura: muscle HU, not skeletal muscle
+    (32, "cartilage", MSC, 14.0),     # costal cartilage
+    (33, "portal_vein", MSC, 8.0),    # portal vein and its branches, splenic vein
+    (34, "hepatic_vein", MSC, 8.0),
+    (35, "gastric", MSC, 22.0),       # stomach contents: food and fluid
+    (36, "fat_pad", VAT, 9.0),        # visceral fat kept around organs (perirenal, periaortic)
+    (37, "adrenal", MSC, 6.0),
+    (38, "pancreas", MSC, 12.0),
 )
 
 TISSUES: Tuple[Tissue, ...] = tuple(Tissue(*row) for row in _TABLE)
@@ -82,13 +92,17 @@ def mean_hu(subject) -> np.ndarray:
     # contrast enhancement (HU above the unenhanced value) per phase
     enh = {
         "non_contrast": dict(aorta=0, ivc=0, vessel=0, kid_c=0, kid_m=0, urine=0, liver=0,
-                             spleen=0, wall=0, muscle=0),
+                             spleen=0, wall=0, muscle=0, portal=0, hepatic=0, pancreas=0,
+                             adrenal=0),
         "arterial": dict(aorta=260, ivc=35, vessel=150, kid_c=150, kid_m=45, urine=0, liver=20,
-                         spleen=60, wall=35, muscle=3),
+                         spleen=60, wall=35, muscle=3, portal=60, hepatic=10, pancreas=90,
+                         adrenal=45),
         "portal_venous": dict(aorta=130, ivc=115, vessel=120, kid_c=120, kid_m=115, urine=0,
-                              liver=55, spleen=65, wall=40, muscle=5),
+                              liver=55, spleen=65, wall=40, muscle=5, portal=150,
+                              hepatic=120, pancreas=65, adrenal=45),
         "delayed": dict(aorta=65, ivc=65, vessel=60, kid_c=75, kid_m=85, urine=500, liver=35,
-                        spleen=35, wall=20, muscle=3),
+                        spleen=35, wall=20, muscle=3, portal=75, hepatic=70, pancreas=35,
+                        adrenal=25),
     }[s.phase]
     e = {k: v * iodine * s.enhancement for k, v in enh.items()}
     hu = np.zeros(N_TISSUES, np.float32)
@@ -126,4 +140,13 @@ def mean_hu(subject) -> np.ndarray:
     put("bile", 8.0)
     put("calcification", 750.0)
     put("fascia", 55.0 + e["muscle"])
+    put("lung", -855.0)
+    put("diaphragm", max(s.muscle_hu, 38.0) + e["muscle"])
+    put("cartilage", 105.0 + 1.2 * max(0.0, s.age - 40.0))
+    put("portal_vein", 40.0 + e["portal"])
+    put("hepatic_vein", 40.0 + e["hepatic"])
+    put("gastric", 18.0)
+    put("fat_pad", s.fat_hu + s.vat_offset_hu)
+    put("adrenal", 28.0 + e["adrenal"])
+    put("pancreas", 44.0 - 0.25 * max(0.0, s.age - 40.0) + e["pancreas"])
     return hu
