@@ -1,4 +1,5 @@
-"""The phantom generator: determinism, exact fractions, realistic anatomy and CT numbers."""
+"""The phantom generator: determinism, exact fractions, realistic anatomy and CT numbers,
+for the default (lumbar, around L3) and the torso (T11 to L4) anatomy."""
 
 from __future__ import annotations
 
@@ -11,17 +12,30 @@ import pytest
 from EPDSegmentationLib.classes import NUM_CLASSES
 from EPDSegmentationLib.epd import epd_image
 from EPDSegmentationLib.phantom import PhantomSlice, make_slice, subject_slices
+from EPDSegmentationLib.phantom.generate import level_z, levels_z_range
+from EPDSegmentationLib.phantom.raster import Canvas
 from EPDSegmentationLib.phantom.stats import (body_mask, epd_vs_truth, image_stats,
                                              label_stats)
+from EPDSegmentationLib.phantom.subject import subject_from_seed
+from EPDSegmentationLib.phantom.tissues import CLASS_OF, CODE, mean_hu
+from EPDSegmentationLib.phantom.torso import LEVELS, draw_torso
 
 MUS, IMAT, SAT, VAT, MSC = 1, 2, 3, 4, 5
 SEEDS_512 = (2, 5, 11)
+#: full-size torso slices: (seed, level)
+TORSO_512 = ((2, "T12"), (5, "T11"), (11, "L1"))
 
 
 @pytest.fixture(scope="module")
 def slices512():
     """Three full-size mid-L3 slices (lean to obese), made once for the module."""
     return {seed: make_slice(seed) for seed in SEEDS_512}
+
+
+@pytest.fixture(scope="module")
+def torso512():
+    """Three full-size upper-abdominal slices of the torso anatomy."""
+    return {key: make_slice(key[0], level=key[1]) for key in TORSO_512}
 
 
 def digest(s: PhantomSlice) -> str:
@@ -72,6 +86,8 @@ def test_default_stacks_and_full_size_slices_are_bit_identical(slices512):
         assert [digest(s) for s in subject_slices(*args, size=64)] == expected, name
     for seed, expected in PINNED_512.items():
         assert digest(slices512[seed]) == expected, seed
+    # the anatomy switch and its default agree
+    assert digest(make_slice(0, size=64, anatomy="lumbar")) == PINNED["seed0_64"][1]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +115,11 @@ def test_contract_types_and_shapes(small):
     assert set(np.unique(small.labels)) <= set(range(NUM_CLASSES))
 
 
-def test_fractions_are_exact_subpixel_shares_that_sum_to_one(slices512):
-    s = slices512[5]
+@pytest.mark.parametrize("which", ["L3", "torso T11", "torso T12", "torso L1"])
+def test_fractions_are_exact_subpixel_shares_that_sum_to_one(slices512, torso512, which):
+    s = slices512[5] if which == "L3" else {
+        "torso T12": torso512[(2, "T12")], "torso T11": torso512[(5, "T11")],
+        "torso L1": torso512[(11, "L1")]}[which]
     f = s.fractions
     assert np.allclose(f.sum(axis=0), 1.0, atol=1e-6)
     assert f.min() >= 0 and f.max() <= 1
@@ -111,17 +130,34 @@ def test_fractions_are_exact_subpixel_shares_that_sum_to_one(slices512):
     assert 0.02 < mixed.mean() < 0.5, "boundaries should make some pixels mixed"
 
 
-def test_hard_labels_agree_with_point_sampling_where_unambiguous():
+@pytest.mark.parametrize("where", [{}, {"level": "T12"}, {"level": "T11"}, {"level": "L2"}])
+def test_hard_labels_agree_with_point_sampling_where_unambiguous(where):
     """Drawn once at 4 x 4 subpixels and once at the pixel centres only (supersample=1):
     wherever the fractions say a pixel is pure, the centre sample has that class."""
-    fine = make_slice(7, size=128)
-    centre = make_slice(7, size=128, supersample=1)
+    fine = make_slice(7, size=128, **where)
+    centre = make_slice(7, size=128, supersample=1, **where)
     pure = fine.fractions.max(axis=0) == 1.0
     assert pure.mean() > 0.8
-    assert np.array_equal(fine.labels[pure], centre.labels[pure])
+    if not where:
+        assert np.array_equal(fine.labels[pure], centre.labels[pure])
+    else:
+        # the torso's rib, crus and vein sections taper to nothing at their ends: a tip
+        # thinner than the subpixel spacing can hold a pixel centre and no subpixel centre
+        assert np.mean(fine.labels[pure] != centre.labels[pure]) <= 2e-4
     # and where the majority is strong, the centre almost always agrees
     strong = fine.fractions.max(axis=0) >= 0.75
     assert np.mean(fine.labels[strong] == centre.labels[strong]) > 0.97
+
+
+@pytest.mark.parametrize("level", ["T12", "L1"])
+def test_torso_anatomy_does_not_depend_on_the_output_size(level):
+    """The torso organs are drawn in mm (the wall's inner surface is found on a map of fixed
+    1 mm pixels), so their true areas agree across sizes of the same field of view."""
+    small, big = make_slice(4, size=64, level=level), make_slice(4, size=256, level=level)
+    area_small = small.fractions.sum(axis=(1, 2)) * small.pixel_mm ** 2
+    area_big = big.fractions.sum(axis=(1, 2)) * big.pixel_mm ** 2
+    for c in (MUS, SAT, VAT, MSC):
+        assert area_small[c] == pytest.approx(area_big[c], rel=0.03), c
 
 
 def test_same_field_of_view_at_any_size_and_true_areas_agree(slices512, small):
@@ -161,11 +197,12 @@ def test_epd_of_hard_labels_is_close_to_the_truth_and_closer_than_nearest(slices
             assert abs(errs[c]) < 2.5, (c, errs[c])
 
 
-def test_truth_at_lower_resolution_is_the_window_mean_of_fractions():
+@pytest.mark.parametrize("where", [{}, {"level": "T12"}])
+def test_truth_at_lower_resolution_is_the_window_mean_of_fractions(where):
     """Fractions average exactly: drawing at 64 x 64 with 8 x 8 subpixels equals the 4 x 4
     window mean of the 256 x 256 drawing with 2 x 2 subpixels (same subpixel grid)."""
-    low = make_slice(3, size=64, supersample=8)
-    high = make_slice(3, size=256, supersample=2)
+    low = make_slice(3, size=64, supersample=8, **where)
+    high = make_slice(3, size=256, supersample=2, **where)
     assert np.allclose(low.fractions, epd_image(high.fractions, 4), atol=1e-6)
 
 
@@ -235,3 +272,204 @@ def test_downsampling_statistics_on_phantom_follow_real_anatomy(slices512):
         assert 1 < m2 < m8 < 60
     assert np.mean(errs[8]) > np.mean(errs[2])
     assert np.mean(errs[2]) > np.mean(big)
+
+
+# ----------------------------------------------------------------------------- torso anatomy
+
+
+def torso_codes(seed: int, level: str, size: int = 256):
+    """Tissue codes of a torso slice at the output pixel centres (what supersample=1 draws),
+    the pixel size (mm) and the pixel (row, col) of the body centre (drawing origin)."""
+    s = subject_from_seed(seed)
+    cv = Canvas(size, s.fov_mm)
+    draw_torso(cv, s, level_z(seed, level))
+    c, r = cv.to_px((0.0, 0.0))
+    return cv.codes, s.fov_mm / size, (r, c)
+
+
+def _area_cm2(mask, px_mm):
+    return float(mask.sum()) * (px_mm / 10) ** 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 6, 9])
+def test_liver_and_spleen_at_T12(seed):
+    """T12: a large MSC region with the liver's HU on the patient's right (image left), the
+    spleen behind on the left; both MSC."""
+    from scipy import ndimage
+
+    s = make_slice(seed, level="T12", size=256)
+    hu_tab = mean_hu(subject_from_seed(seed))
+    smooth = ndimage.median_filter(s.hu, 5)
+    liverish = (s.labels == MSC) & (np.abs(smooth - hu_tab[CODE["liver"]]) < 25)
+    lab, n = ndimage.label(liverish)
+    sizes = ndimage.sum(liverish, lab, index=np.arange(1, n + 1))
+    big = lab == 1 + int(np.argmax(sizes))
+    codes, px, (r0, c0) = torso_codes(seed, "T12")
+    assert _area_cm2(big, s.pixel_mm) > 90, seed
+    assert np.nonzero(big)[1].mean() < c0, "the liver lies on the patient's right"
+    liver, spleen = codes == CODE["liver"], codes == CODE["spleen"]
+    assert 110 < _area_cm2(liver, px) < 300, (seed, _area_cm2(liver, px))
+    assert 15 < _area_cm2(spleen, px) < 90, (seed, _area_cm2(spleen, px))
+    rows, cols = np.nonzero(spleen)
+    assert cols.mean() > c0 + 40 / px and rows.mean() > r0 - 20 / px, "spleen: left, posterior"
+    assert CLASS_OF[CODE["liver"]] == MSC and CLASS_OF[CODE["spleen"]] == MSC
+    # the stomach (wall, contents, gas) in front on the left, when it reaches this level
+    stomach = np.isin(codes, [CODE["gastric"], CODE["bowel_fluid"], CODE["oral_contrast"],
+                              CODE["gas"], CODE["bowel_wall"]])
+    if stomach.sum():
+        rows, cols = np.nonzero(stomach)
+        assert cols.mean() > c0 and rows.mean() < r0
+
+
+@pytest.mark.parametrize("seed,level", [(0, "T11"), (1, "T12"), (4, "T12"), (7, "T11"),
+                                        (12, "T12")])
+def test_ribs_with_intercostal_muscle_between_them_at_T11_T12(seed, level):
+    """A ring of rib sections (bone, MSC) on both sides, with skeletal muscle (MUS) between
+    neighbouring ribs along the wall, and costal cartilage (MSC) in front."""
+    from scipy import ndimage
+
+    codes, px, (r0, c0) = torso_codes(seed, level)
+    bone = np.isin(codes, [CODE["cortex"], CODE["marrow"]])
+    lab, n = ndimage.label(bone)
+    sizes = ndimage.sum(bone, lab, index=np.arange(1, n + 1))
+    spine = 1 + int(np.argmax(sizes))
+    ribs = [i for i in range(1, n + 1) if i != spine and sizes[i - 1] * px * px > 12]
+    centres = np.array([np.mean(np.nonzero(lab == i), axis=1) for i in ribs])
+    dy, dx = centres[:, 0] - r0, centres[:, 1] - c0
+    left, right = (dx > 0).sum(), (dx < 0).sum()
+    assert left >= 3 and right >= 3, (seed, level, left, right)
+    assert CLASS_OF[CODE["cortex"]] == MSC and CLASS_OF[CODE["cartilage"]] == MSC
+    cls = CLASS_OF[codes]
+    # between angular neighbours on each side, at the ribs' radius: intercostal muscle
+    phi, rad = np.arctan2(dx, -dy), np.hypot(dx, dy)
+    found, gaps = 0, 0
+    for side in (-1, 1):
+        sel = np.flatnonzero(np.sign(dx) == side)
+        order = sel[np.argsort(np.abs(phi[sel]))]
+        for a, b in zip(order[:-1], order[1:]):
+            if abs(abs(phi[a]) - abs(phi[b])) > 0.8 or rad[a] < 60 / px or rad[b] < 60 / px:
+                continue
+            gaps += 1
+            p, r = (phi[a] + phi[b]) / 2, (rad[a] + rad[b]) / 2
+            hits = [cls[int(round(r0 - (r + d) * np.cos(p))), int(round(c0 + (r + d) * np.sin(p)))]
+                    for d in np.arange(-5, 5.1, 1.0) / px]
+            found += MUS in hits
+    assert gaps >= 3 and found >= 0.75 * gaps, (seed, level, found, gaps)
+    cart = codes == CODE["cartilage"]
+    if cart.any():
+        assert np.nonzero(cart)[0].mean() < r0, "costal cartilage in front"
+
+
+def test_lung_bases_and_diaphragm_are_msc_not_muscle():
+    """T11: air-filled lung (about -850 HU) in the posterior costophrenic recesses, labelled
+    MSC; the diaphragm and its crura have muscle-like HU but are MSC, as TotalSegmentator's
+    skeletal muscle mask leaves them out."""
+    assert CLASS_OF[CODE["lung"]] == MSC and CLASS_OF[CODE["diaphragm"]] == MSC
+    for seed in (0, 3, 5, 8):
+        s = make_slice(seed, level="T11", size=256)
+        body = body_mask(s.hu, s.pixel_mm)
+        lung = body & (s.hu < -650) & (s.labels == MSC)
+        codes, px, (r0, c0) = torso_codes(seed, "T11")
+        assert _area_cm2(codes == CODE["lung"], px) > 8, seed
+        assert _area_cm2(lung, s.pixel_mm) > 5, seed
+        assert np.nonzero(lung)[0].mean() > r0, "lung bases lie posteriorly"
+        assert np.median(s.hu[lung]) < -750
+        hu = mean_hu(subject_from_seed(seed))
+        assert -900 < hu[CODE["lung"]] < -800
+        assert abs(hu[CODE["diaphragm"]] - hu[CODE["muscle"]]) < 40
+        assert _area_cm2(codes == CODE["diaphragm"], px) > 3
+    codes, px, _ = torso_codes(2, "L1")
+    assert _area_cm2(codes == CODE["diaphragm"], px) > 0.5, "crura at L1"
+
+
+def test_liver_ct_numbers_by_phase():
+    """Liver about 50-65 HU unenhanced (lower with steatosis), about 90-130 portal venous at
+    120 kVp (more at lower tube voltage); portal and hepatic veins brighter than the liver
+    when enhanced; the image's liver has that HU."""
+    by_phase = {}
+    for seed in range(60):
+        s = subject_from_seed(seed)
+        hu = mean_hu(s)
+        by_phase.setdefault(s.phase, []).append((hu[CODE["liver"]], s.kvp, hu))
+    native = [v for v, _, _ in by_phase["non_contrast"]]
+    assert 25 < min(native) and max(native) < 66 and np.median(native) > 45
+    pv120 = [v for v, kvp, _ in by_phase["portal_venous"] if kvp == 120]
+    assert pv120 and 85 < min(pv120) and max(pv120) < 135
+    for v, _, hu in by_phase["portal_venous"]:
+        assert hu[CODE["portal_vein"]] > v + 30 and hu[CODE["hepatic_vein"]] > v + 15
+    from scipy import ndimage
+
+    s = make_slice(1, level="T12", size=256)
+    codes, _, _ = torso_codes(1, "T12")
+    core = ndimage.binary_erosion(codes == CODE["liver"], iterations=3)
+    assert abs(np.median(s.hu[core]) - mean_hu(subject_from_seed(1))[CODE["liver"]]) < 8
+
+
+def test_torso_hu_and_body_are_realistic(torso512):
+    for key, s in torso512.items():
+        pure = s.fractions.max(axis=0) == 1
+        st = label_stats(s.labels, s.hu, pure)
+        assert -125 < st["sat_mean_hu"] < -80, (key, st)
+        assert -120 < st["vat_mean_hu"] < -70, (key, st)
+        assert 15 < st["muscle_mean_hu"] < 70, (key, st)
+        img = image_stats(s.hu, s.pixel_mm)
+        assert 9 < img["fat_noise_sd_hu"] < 18, (key, img)
+        assert 25 < img["width_cm"] < 42 and 17 < img["ap_cm"] < 32, (key, img)
+        assert set(np.unique(s.labels)) == set(range(NUM_CLASSES)), key
+        assert s.meta["anatomy"] == "torso" and s.meta["level"] == key[1]
+
+
+def test_torso_is_deterministic_and_changes_smoothly_with_z():
+    a, b = make_slice(6, size=64, level="T12"), make_slice(6, size=64, level="T12")
+    for x, y in ((a.hu, b.hu), (a.labels, b.labels), (a.fractions, b.fractions)):
+        assert np.array_equal(x, y)
+    assert a.meta == b.meta and json.dumps(a.meta)
+    assert not np.array_equal(a.labels, make_slice(7, size=64, level="T12").labels)
+    for level in LEVELS:
+        z = level_z(6, level)
+        s0, s1, far = (make_slice(6, size=128, z_mm=z + d, anatomy="torso")
+                       for d in (0.0, 1.0, 40.0))
+        near = np.mean(s0.labels == s1.labels)
+        assert near > 0.96, (level, near)
+        assert np.mean(s0.labels == far.labels) < near - 0.01, level
+    stack = subject_slices(6, 4, 5.0, levels=("T11", "L4"), size=64)
+    again = subject_slices(6, 4, 5.0, levels=("T11", "L4"), size=64)
+    assert all(np.array_equal(x.hu, y.hu) and np.array_equal(x.labels, y.labels)
+               for x, y in zip(stack, again))
+    zs = [s.z_mm for s in stack]
+    lo, hi = levels_z_range(6, ("T11", "L4"))
+    assert np.allclose(np.diff(zs), 5.0) and lo <= zs[0] and zs[-1] <= hi
+    assert len({json.dumps(s.meta["torso"], sort_keys=True) for s in stack}) == 1
+    assert len({s.meta["adiposity"] for s in stack}) == 1
+
+
+def test_torso_levels_follow_the_vertebral_column():
+    for level in LEVELS:
+        assert make_slice(3, size=48, level=level).meta["level"] == level
+    zs = [level_z(3, v) for v in LEVELS]
+    assert all(a > b for a, b in zip(zs[:-1], zs[1:])), "T11 above T12 above ... L4"
+    assert level_z(3, "L3") == pytest.approx(subject_from_seed(3).vertebra_shift)
+    lo, hi = levels_z_range(3, ("L4", "T11"))
+    assert (lo, hi) == levels_z_range(3, ("T11", "L4")) and lo < zs[-1] and hi > zs[0]
+    spread = subject_slices(3, 5, None, levels=("T11", "L4"), size=48)
+    assert [s.z_mm for s in spread] == pytest.approx(list(np.linspace(lo, hi, 5)))
+    assert [s.meta["level"] for s in spread][2] in ("L1", "L2", "L1-L2 disc")
+    # one stack per subject, placed by its seed: different subjects sit at different heights
+    centres = {np.mean([s.z_mm for s in subject_slices(seed, 2, 5.0, levels=("T11", "L4"),
+                                                       size=32)]) for seed in range(4)}
+    assert len(centres) == 4
+
+
+def test_torso_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="level"):
+        make_slice(1, size=32, level="T5")
+    with pytest.raises(ValueError, match="anatomy"):
+        make_slice(1, size=32, anatomy="pelvis")
+    with pytest.raises(ValueError, match="torso"):
+        make_slice(1, size=32, level="T12", anatomy="lumbar")
+    with pytest.raises(ValueError, match="levels"):
+        subject_slices(1, 2, levels=("T11",), size=32)
+    with pytest.raises(ValueError, match="beyond"):
+        subject_slices(1, 2, levels=("T11", -200.0), size=32)
+    with pytest.raises(ValueError, match="levels"):
+        subject_slices(1, 2, None, size=32)

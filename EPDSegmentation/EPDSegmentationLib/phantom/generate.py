@@ -12,7 +12,7 @@ spread and correlated noise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from .tissues import CLASS_OF, CODE, TEXTURE_HU, mean_hu
 
 #: CT number outside the reconstruction circle (as scanners pad it)
 OUTSIDE_HU = -1024.0
+#: "lumbar": the abdomen around mid-L3 (the default; lumbar levels repeat above and below);
+#: "torso": T11 to L4 with the upper abdomen and lower chest (torso.py)
+ANATOMIES = ("lumbar", "torso")
 
 
 @dataclass
@@ -84,21 +87,61 @@ def render_image(codes: np.ndarray, k: int, subject, pixel_mm: float, rng) -> np
     return (hu + noise).astype(np.float32)
 
 
+def _check_anatomy(anatomy: Optional[str], level: Optional[str]) -> str:
+    if anatomy is None:
+        return "torso" if level is not None else "lumbar"
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy must be one of {ANATOMIES}; got {anatomy!r}")
+    if level is not None and anatomy != "torso":
+        raise ValueError("level= places a slice in the torso anatomy; it cannot be used with "
+                         f"anatomy={anatomy!r}")
+    return anatomy
+
+
+def level_z(seed: int, level: str) -> float:
+    """Height z (mm) of the middle of vertebral body ``level`` ('T11' .. 'L4') of subject
+    ``seed`` in the torso anatomy (mid-L3 is near 0; each subject's column is shifted a
+    little)."""
+    from .torso import level_centre
+
+    return level_centre(subject_from_seed(int(seed)), level)
+
+
+def levels_z_range(seed: int, levels: Sequence[Union[str, float]]):
+    """(z_low, z_high) mm of subject ``seed`` covered by ``levels``: two level names (e.g.
+    ("T11", "L4"): from the disc below the lower to the disc above the upper) or heights."""
+    from .torso import levels_span
+
+    return levels_span(subject_from_seed(int(seed)), levels)
+
+
 def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
-               z_mm: float = 0.0, supersample: int = 4) -> PhantomSlice:
+               z_mm: float = 0.0, supersample: int = 4, anatomy: Optional[str] = None,
+               level: Optional[str] = None) -> PhantomSlice:
     """One phantom slice of subject ``seed`` at height ``z_mm`` (mm from mid-L3, + = cranial).
 
     size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
     pixels at 512; size 64 gives the same field of view at 8 times coarser pixels).
     supersample: subpixels per pixel side for the exact fractions.
+    anatomy: "lumbar" (default: the abdomen around L3) or "torso" (T11 to L4, with liver,
+    spleen, stomach, lung bases, ribs; torso.py). level: a vertebra ('T11' .. 'L4'); the
+    slice is then ``z_mm`` above the middle of its body, in the torso anatomy.
     """
     _check(seed, size, pixel_mm, supersample)
+    anatomy = _check_anatomy(anatomy, level)
     s = subject_from_seed(int(seed))
+    if level is not None:
+        z_mm = level_z(seed, level) + float(z_mm)
     pixel_mm = float(s.fov_mm / size if pixel_mm is None else pixel_mm)
     fov = pixel_mm * size
     n = size * supersample
     cv = Canvas(n, fov)
-    g = draw(cv, s, float(z_mm))
+    if anatomy == "torso":
+        from .torso import draw_torso
+
+        g = draw_torso(cv, s, float(z_mm))
+    else:
+        g = draw(cv, s, float(z_mm))
     # outside the reconstruction circle there is no image
     c = (np.arange(n) + 0.5) / n - 0.5
     outside = c[:, None] ** 2 + c[None, :] ** 2 > 0.25
@@ -112,6 +155,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     meta = s.meta()
     meta.update(z_mm=float(z_mm), level=g.level_name(), pixel_mm=pixel_mm, size=int(size),
                 supersample=int(supersample), fov_mm=fov)
+    if anatomy == "torso":
+        meta.update(anatomy="torso", torso=g.t.meta())
     return PhantomSlice(hu=hu, labels=labels, fractions=fractions, pixel_mm=pixel_mm, meta=meta)
 
 
@@ -124,10 +169,49 @@ def slice_positions(n_slices: int, slice_gap_mm: float, centre_mm: float = 0.0) 
     return [float(centre_mm + (i - (n_slices - 1) / 2) * slice_gap_mm) for i in range(n_slices)]
 
 
-def subject_slices(seed: int, n_slices: int = 6, slice_gap_mm: float = 5.0,
+def torso_positions(seed: int, n_slices: int, slice_gap_mm: Optional[float],
+                    levels: Sequence[Union[str, float]],
+                    centre_mm: Optional[float] = None) -> List[float]:
+    """z (mm) of a stack of n slices within ``levels`` of subject ``seed`` (see
+    subject_slices), increasing."""
+    lo, hi = levels_z_range(seed, levels)
+    if slice_gap_mm is None:
+        if n_slices < 1:
+            raise ValueError(f"n_slices must be >= 1; got {n_slices}")
+        if n_slices == 1:
+            return [float((lo + hi) / 2)]
+        return [float(v) for v in np.linspace(lo, hi, n_slices)]
+    half = (n_slices - 1) / 2 * float(slice_gap_mm)
+    if centre_mm is None:
+        u = np.random.default_rng(np.random.SeedSequence([int(seed), 6011])).random()
+        room = (hi - lo) - 2 * half
+        centre_mm = (lo + hi) / 2 if room <= 0 else lo + half + u * room
+    return slice_positions(n_slices, slice_gap_mm, float(centre_mm))
+
+
+def subject_slices(seed: int, n_slices: int = 6, slice_gap_mm: Optional[float] = 5.0, *,
+                   levels: Optional[Sequence[Union[str, float]]] = None,
                    **kw) -> List[PhantomSlice]:
     """n_slices slices of one body, ``slice_gap_mm`` apart, centred on mid-L3 (or on
     ``z_mm`` if given), ordered by increasing z (caudal to cranial). Other keywords go to
-    make_slice."""
-    centre = float(kw.pop("z_mm", 0.0))
-    return [make_slice(seed, z_mm=z, **kw) for z in slice_positions(n_slices, slice_gap_mm, centre)]
+    make_slice.
+
+    levels: two vertebral levels, e.g. ("T11", "L4") (or two heights in mm), switch to the
+    torso anatomy: the stack then lies within those levels, centred at a height drawn from
+    the seed (the same for every n and gap; centred in the range when it does not fit), or
+    centred on ``z_mm`` if given; slice_gap_mm=None spreads the n slices evenly from the
+    bottom of the lower level to the top of the upper one.
+    """
+    if levels is None:
+        if slice_gap_mm is None:
+            raise ValueError("slice_gap_mm=None (spread over the levels) needs levels=")
+        centre = float(kw.pop("z_mm", 0.0))
+        return [make_slice(seed, z_mm=z, **kw)
+                for z in slice_positions(n_slices, slice_gap_mm, centre)]
+    if kw.get("anatomy", "torso") != "torso" or kw.get("level") is not None:
+        raise ValueError("levels= draws the torso anatomy; leave out anatomy= and level=")
+    kw.pop("anatomy", None)
+    centre = kw.pop("z_mm", None)
+    zs = torso_positions(seed, n_slices, slice_gap_mm, levels,
+                         None if centre is None else float(centre))
+    return [make_slice(seed, z_mm=z, anatomy="torso", **kw) for z in zs]
