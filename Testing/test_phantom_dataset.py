@@ -59,6 +59,43 @@ def test_default_dataset_is_bit_identical_to_before_the_torso_anatomy(dataset):
     assert hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] == "24750d75eab4c59b"
 
 
+def test_dataset_of_the_torso_between_two_levels(tmp_path):
+    from EPDSegmentationLib.phantom.generate import levels_z_range
+
+    manifest = write_dataset(tmp_path / "up", n_subjects=2, slices_per_subject=3, seed=4,
+                             size=48, formats=("nrrd", "dicom"), progress=False,
+                             levels=("T11", "L4"))
+    meta = json.loads((tmp_path / "up" / "subjects.json").read_text())
+    seeds = subject_seeds(4, 2)
+    for i, case in enumerate(read_manifest(manifest)):
+        m = meta[case["subject"]]
+        lo, hi = levels_z_range(seeds[i], ("T11", "L4"))
+        assert m["anatomy"] == "torso" and m["level_range"] == ["T11", "L4"]
+        assert lo <= m["z_mm"][0] < m["z_mm"][-1] <= hi and len(m["levels"]) == 3
+        vol = read_volume(case["image"])
+        assert vol.array.shape == (3, 48, 48)
+        assert vol.spacing[2] == pytest.approx(5.0) and vol.origin[2] == pytest.approx(m["z_mm"][0])
+        first = make_slice(seeds[i], size=48, z_mm=m["z_mm"][0], anatomy="torso")
+        assert np.array_equal(read_labels(case["label"], like=vol).array[0], first.labels)
+        dcm = read_volume(tmp_path / "up" / "dicom" / case["subject"])
+        assert np.array_equal(dcm.array, vol.array)
+    # spread over the whole span: slices_per_subject evenly from the bottom of L4 to the top
+    # of T11, the volume's spacing that gap
+    write_dataset(tmp_path / "spread", n_subjects=1, slices_per_subject=4, seed=4, size=32,
+                  progress=False, levels=("L4", "T11"), slice_gap_mm=None)
+    m = json.loads((tmp_path / "spread" / "subjects.json").read_text())["subject_0000"]
+    lo, hi = levels_z_range(seeds[0], ("T11", "L4"))
+    assert m["z_mm"] == pytest.approx(list(np.linspace(lo, hi, 4)))
+    vol = read_volume(tmp_path / "spread" / "images" / "subject_0000.nrrd")
+    assert vol.spacing[2] == pytest.approx((hi - lo) / 3, abs=1e-3)
+    with pytest.raises(ValueError, match="level"):
+        write_dataset(tmp_path / "bad", n_subjects=1, size=32, progress=False,
+                      levels=("T11", "L9"))
+    with pytest.raises(ValueError, match="levels"):
+        write_dataset(tmp_path / "bad2", n_subjects=1, size=32, progress=False,
+                      slice_gap_mm=None)
+
+
 def test_every_format_holds_the_same_volume(dataset):
     out, manifest = dataset
     for case in read_manifest(manifest):
@@ -110,3 +147,14 @@ def test_command_line_renders_a_slice(tmp_path):
     assert (tmp_path / "d" / "images" / "subject_0000.nii.gz").is_file()
     assert main(["dataset", "--output", str(tmp_path / "d"), "--subjects", "1",
                  "--size", "32"]) == 2
+    # the torso anatomy: one slice at a level, a dataset between two levels
+    assert main(["slice", "--seed", "2", "--level", "T12", "--output", str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["dataset", "--output", str(tmp_path / "u"), "--subjects", "1", "--slices", "3",
+                 "--size", "32", "--levels", "T11", "L4", "--spread"]) == 0
+    m = json.loads((tmp_path / "u" / "subjects.json").read_text())["subject_0000"]
+    assert m["anatomy"] == "torso" and m["level_range"] == ["T11", "L4"]
+    assert main(["dataset", "--output", str(tmp_path / "v"), "--subjects", "1", "--size", "32",
+                 "--levels", "T11", "X9"]) == 2
+    assert main(["dataset", "--output", str(tmp_path / "w"), "--subjects", "1", "--size", "32",
+                 "--spread"]) == 2

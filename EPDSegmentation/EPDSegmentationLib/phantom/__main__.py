@@ -10,7 +10,8 @@ from typing import List, Optional
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m EPDSegmentationLib.phantom",
-                                description="The labelled L3 CT phantom.")
+                                description="The labelled CT phantom (L3; T11 to L4 with "
+                                            "--levels / --level).")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("contact-sheet", help="phantom slices beside real CT (PNG)")
     c.add_argument("--output", type=Path, default=Path("docs/phantom_contact_sheet.png"))
@@ -25,6 +26,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--subjects", type=int, default=20)
     d.add_argument("--slices", type=int, default=6, help="slices per subject")
     d.add_argument("--gap", type=float, default=5.0, help="slice gap, mm")
+    d.add_argument("--levels", nargs=2, metavar=("FROM", "TO"), default=None,
+                   help="draw the torso anatomy and place each subject's stack within these "
+                        "vertebral levels (at a height drawn from its seed), e.g. --levels "
+                        "T11 L4 (default: centred on mid-L3, lumbar anatomy)")
+    d.add_argument("--spread", action="store_true",
+                   help="with --levels: spread each subject's slices evenly from the bottom "
+                        "of the lower level to the top of the upper one (no --gap)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", type=int, default=512)
     d.add_argument("--formats", nargs="+", default=["nrrd"], choices=["nrrd", "nifti", "dicom"])
@@ -38,7 +46,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--output", type=Path, default=None, help="also write the tables here")
     one = sub.add_parser("slice", help="render one slice to PNG (image and labels)")
     one.add_argument("--seed", type=int, required=True)
-    one.add_argument("--z", type=float, default=0.0)
+    one.add_argument("--z", type=float, default=0.0,
+                     help="height, mm from mid-L3 (with --level: above that vertebra's middle)")
+    one.add_argument("--level", default=None,
+                     help="a vertebra, T11 .. L4: draw the torso anatomy there")
+    one.add_argument("--anatomy", choices=("lumbar", "torso"), default=None,
+                     help="lumbar (default; around L3) or torso (T11 to L4)")
     one.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
     try:
@@ -55,9 +68,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "dataset":
             from .dataset import write_dataset
 
+            if args.spread and not args.levels:
+                raise ValueError("--spread needs --levels")
+            gap = None if args.spread else args.gap
             m = write_dataset(args.output, args.subjects, args.slices, args.seed, args.size,
-                              args.formats, args.val_fraction, slice_gap_mm=args.gap,
-                              dicom_syntax=args.dicom_syntax, overwrite=args.overwrite)
+                              args.formats, args.val_fraction, slice_gap_mm=gap,
+                              dicom_syntax=args.dicom_syntax, overwrite=args.overwrite,
+                              levels=args.levels)
             print(f"wrote {m}")
         elif args.command == "stats":
             from .report import report
@@ -76,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from ..overlay import overlay_rgb
             from .sheet import _gray
 
-            s = make_slice(args.seed, z_mm=args.z)
+            s = make_slice(args.seed, z_mm=args.z, anatomy=args.anatomy, level=args.level)
             fig, ax = plt.subplots(1, 2, figsize=(12, 6))
             ax[0].imshow(_gray(s.hu), cmap="gray", vmin=0, vmax=1)
             ax[1].imshow(overlay_rgb(s.hu, s.labels))

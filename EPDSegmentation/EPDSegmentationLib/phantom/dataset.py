@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -77,10 +77,16 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                   seed: int = 0, size: int = 512, formats: Sequence[str] = ("nrrd",),
                   val_fraction: float = 0.2, *, slice_gap_mm: float = 5.0,
                   dicom_syntax: str = "explicit", overwrite: bool = False,
-                  progress: bool = True) -> Path:
+                  progress: bool = True,
+                  levels: Optional[Sequence[Union[str, float]]] = None) -> Path:
     """Write n_subjects phantom volumes (K = slices_per_subject slices, slice_gap_mm apart)
     with their label maps, and manifest.csv (image,label,split,subject; paths relative to
     it). Returns the manifest path.
+
+    levels: None (default) centres every stack on mid-L3 in the lumbar anatomy; two vertebral
+    levels such as ("T11", "L4") draw the torso anatomy with each subject's stack placed
+    within them (``generate.subject_slices``; slice_gap_mm=None spreads the K slices over
+    the whole span).
 
     formats: any of 'nrrd' (images/<subject>.nrrd), 'nifti' (images/<subject>.nii.gz) and
     'dicom' (dicom/<subject>/IM0001.dcm ..., transfer syntax ``dicom_syntax``); the first
@@ -98,6 +104,13 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}; got {formats}")
     if n_subjects < 1 or slices_per_subject < 1:
         raise ValueError("n_subjects and slices_per_subject must be >= 1")
+    if levels is not None:
+        from .generate import levels_z_range
+
+        levels = tuple(levels)
+        levels_z_range(subject_seeds(seed, 1)[0], levels)    # refuse bad levels up front
+    elif slice_gap_mm is None:
+        raise ValueError("slice_gap_mm=None (spread over the levels) needs levels=")
     manifest = out / "manifest.csv"
     if manifest.exists() and not overwrite:
         raise FileExistsError(f"{manifest} already exists; pass overwrite=True to replace "
@@ -110,8 +123,14 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject",
                   disable=not progress):
         name = f"subject_{i:04d}"
-        slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size)
-        hu, labels, _ = stack(slices, slice_gap_mm)
+        if levels is None:
+            slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size)
+            gap = slice_gap_mm
+        else:
+            slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size,
+                                    levels=levels)
+            gap = _stack_gap(slices, slice_gap_mm)
+        hu, labels, _ = stack(slices, gap)
         paths: Dict[str, Path] = {}
         label_paths = {"nrrd": out / "labels" / f"{name}-label.nrrd"}
         write_volume(labels, label_paths["nrrd"], overwrite=overwrite)
@@ -126,17 +145,31 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                     labels, out / "labels" / f"{name}-label.nii.gz", overwrite=overwrite)
             else:
                 meta = slices[0].meta
+                region = "L3" if levels is None else "-".join(str(v) for v in levels)
                 write_dicom_series(hu, out / "dicom" / name, transfer_syntax=dicom_syntax,
                                    overwrite=overwrite, patient_id=name,
                                    patient_name=f"Phantom^{name}", patient_sex=meta["sex"],
-                                   kvp=meta["kvp"], series_description=f"Phantom L3 {name}")
+                                   kvp=meta["kvp"],
+                                   series_description=f"Phantom {region} {name}")
                 paths[fmt] = out / "dicom" / name
         first = formats[0]
         rows.append({"image": paths[first], "label": label_paths.get(first, label_paths["nrrd"]),
                      "split": splits[i], "subject": name})
         subjects[name] = dict(slices[0].meta, split=splits[i], z_mm=[s.z_mm for s in slices])
+        if levels is not None:
+            subjects[name].update(levels=[s.meta["level"] for s in slices],
+                                  level_range=[str(v) for v in levels])
     (out / "subjects.json").write_text(json.dumps(subjects, indent=1))
     return write_manifest(rows, manifest, overwrite=overwrite)
+
+
+def _stack_gap(slices: Sequence[PhantomSlice], gap: Optional[float]) -> float:
+    """The slice spacing of a stack (the gap, or the even spacing that gap=None gave)."""
+    if gap is not None:
+        return float(gap)
+    if len(slices) < 2:
+        return 5.0
+    return float((slices[-1].z_mm - slices[0].z_mm) / (len(slices) - 1))
 
 
 SAMPLE_README = """# Bundled sample CT: a phantom abdomen around L3
