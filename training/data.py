@@ -50,10 +50,13 @@ class SliceRecord:
 
 def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 512,
                     seed: int = 0, val_fraction: float = 0.2, slice_gap_mm: float = 5.0,
-                    progress: bool = False) -> Dict[str, List[SliceRecord]]:
+                    progress: bool = False,
+                    levels: Optional[Sequence[str]] = None) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
-    ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...)``
-    writes to disk, generated in memory."""
+    ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
+    levels=levels)`` writes to disk, generated in memory. levels: None, the slices around
+    mid-L3; two vertebral levels such as ("T11", "L4"), the torso anatomy with each subject's
+    stack within them."""
     from tqdm import tqdm
 
     from EPDSegmentationLib.phantom import subject_slices
@@ -64,10 +67,12 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                          f"{n_subjects} and {slices_per_subject}")
     seeds = subject_seeds(seed, n_subjects)
     splits = split_subjects(n_subjects, val_fraction, seed)
+    where = {} if levels is None else {"levels": tuple(levels)}
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):
         name = f"subject_{i:04d}"
-        for k, s in enumerate(subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size)):
+        for k, s in enumerate(subject_slices(seeds[i], slices_per_subject, slice_gap_mm,
+                                             size=size, **where)):
             out[splits[i]].append(SliceRecord(s.hu, s.labels, (s.pixel_mm, s.pixel_mm), name,
                                               f"phantom {name} (seed {seeds[i]}) slice {k}"))
     return out

@@ -78,6 +78,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--phantom-slices", type=int, default=6, help="slices per phantom subject")
     g.add_argument("--phantom-size", type=int, default=512, help="phantom slice size, pixels")
     g.add_argument("--phantom-gap-mm", type=float, default=5.0, help="phantom slice gap, mm")
+    g.add_argument("--phantom-levels", nargs=2, metavar=("FROM", "TO"), default=None,
+                   help="phantom of the torso from vertebral level FROM to TO (e.g. T11 L4), "
+                        "each subject's slices within them; default: around mid-L3")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")
     g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")
@@ -171,10 +174,11 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
     else:
         recs = phantom_records(args.phantom_subjects, args.phantom_slices, args.phantom_size,
                                args.data_seed, args.val_fraction, args.phantom_gap_mm,
-                               progress=progress)
+                               progress=progress, levels=args.phantom_levels)
         recipe = {"source": "phantom", "generator": "EPDSegmentationLib.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
                   "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
+                  "levels": args.phantom_levels,
                   "seed": args.data_seed, "val_fraction": args.val_fraction,
                   "same_as": f"EPDSegmentationLib.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
