@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from EPDSegmentationLib import epd as epd_module
 from EPDSegmentationLib.epd import (bilinear_image, downsample_pair, downsampled_shape,
                                     epd_image, epd_labels, nearest_labels, normalize_factor,
                                     soft_pixel_counts, soft_to_labels, upsample_labels,
@@ -202,3 +204,200 @@ def test_epd_properties(h, w, k, c, seed):
     np.testing.assert_allclose(soft, brute_epd(labels, c, (k, k)), atol=1e-7)
     np.testing.assert_allclose(soft_pixel_counts(soft, (h, w), k),
                                np.bincount(labels.ravel(), minlength=c), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- exactness, paths
+
+
+def brute_counts(labels, num_classes, fac, ignore=None):
+    """Per-window class counts (..., C, *low) and labelled pixels per window (..., *low)."""
+    nd = len(fac)
+    spatial, lead = labels.shape[-nd:], labels.shape[:-nd]
+    low = tuple(-(-n // k) for n, k in zip(spatial, fac))
+    counts = np.zeros(lead + (num_classes,) + low, np.int64)
+    totals = np.zeros(lead + low, np.int64)
+    for li in itertools.product(*[range(n) for n in lead]):
+        for wi in itertools.product(*[range(n) for n in low]):
+            sl = tuple(slice(i * k, min((i + 1) * k, n)) for i, k, n in zip(wi, fac, spatial))
+            win = labels[li + sl].ravel()
+            if ignore is not None:
+                win = win[win != ignore]
+            totals[li + wi] = win.size
+            for c in range(num_classes):
+                counts[li + (c,) + wi] = np.count_nonzero(win == c)
+    return counts, totals
+
+
+def exact_epd(labels, num_classes, factor, ignore=None):
+    """The specified result, bit for bit: float32(count) / float32(labelled pixels), one
+    correctly rounded float32 division (0 for a window without labelled pixels)."""
+    fac = normalize_factor(factor)
+    counts, totals = brute_counts(labels, num_classes, fac, ignore)
+    totals = np.expand_dims(np.maximum(totals, 1), labels.ndim - len(fac))
+    return counts.astype(np.float32) / totals.astype(np.float32)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Work blocks of a few hundred bytes, so small inputs exercise every block shape: several
+    slices per block, one slice per block, rows of windows of one slice, partial last blocks."""
+    def use(nbytes):
+        monkeypatch.setattr(epd_module, "_BLOCK_MIN", nbytes)
+        monkeypatch.setattr(epd_module, "_BLOCK_MAX", nbytes)
+    return use
+
+
+PATH_CASES = [
+    # shape, factor: full windows, partial rows / columns / depth, 3D, anisotropic
+    ((7, 16, 16), 2),
+    ((5, 17, 23), 4),
+    ((3, 33, 35), 8),
+    ((2, 3, 19, 21), (3, 5)),
+    ((9, 10, 11), (2, 3, 4)),
+    ((2, 7, 13, 12), (3, 4, 4)),
+    ((4, 12, 20), (1, 4)),        # one plane per window: no plane sum
+    ((3, 9, 14), (2, 7)),         # generic horizontal sum
+    ((2, 20, 37), (16, 16)),      # 256-pixel windows: 16-bit counts
+    ((1, 512, 3), (256, 1)),      # 256 planes per window: summed with add.reduce
+]
+
+
+@pytest.mark.parametrize("block_bytes", [None, 64, 700, 5000])
+@pytest.mark.parametrize("shape,factor", PATH_CASES)
+def test_every_block_layout_is_exact(shape, factor, block_bytes, small_blocks):
+    if block_bytes is not None:
+        small_blocks(block_bytes)
+    rng = np.random.default_rng(len(shape) * 100 + sum(shape))
+    labels = rng.integers(0, 5, shape).astype(np.uint8)
+    want = exact_epd(labels, 5, factor)
+    for workers in (1, 3):
+        got = epd_labels(labels, 5, factor, workers=workers)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("ignore,dtype", [(255, np.uint8), (0, np.uint8), (6, np.uint8),
+                                          (-1, np.int16), (3, np.int64), (300, np.int32),
+                                          (255, np.int32)])
+@pytest.mark.parametrize("shape,factor", [((3, 17, 22), 4), ((9, 10, 11), (2, 3, 4)),
+                                          ((2, 33, 35), 8)])
+def test_ignore_paths_are_exact(ignore, dtype, shape, factor, small_blocks):
+    small_blocks(300)
+    rng = np.random.default_rng(abs(ignore) + len(shape))
+    labels = rng.integers(0, 5, shape).astype(dtype)
+    labels[rng.random(shape) < 0.4] = ignore
+    labels[(0,) * (labels.ndim - 2) + (slice(0, 8), slice(0, 8))] = ignore  # empty windows
+    np.testing.assert_array_equal(epd_labels(labels, 5, factor, ignore_index=ignore),
+                                  exact_epd(labels, 5, factor, ignore))
+
+
+def test_ignore_value_outside_the_dtype_counts_nothing_out():
+    labels = np.random.default_rng(0).integers(0, 3, (9, 10)).astype(np.uint8)
+    np.testing.assert_array_equal(epd_labels(labels, 3, 3, ignore_index=-1),
+                                  exact_epd(labels, 3, 3))
+
+
+def test_bool_and_wide_dtypes_and_views():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, (2, 3, 14, 15))
+    want = exact_epd(labels, 2, 4)
+    for variant in (labels.astype(bool), labels.astype(np.uint16), labels.astype(np.int8)):
+        np.testing.assert_array_equal(epd_labels(variant, 2, 4), want)
+    # non-contiguous: spatial axes transposed, and leading axes that no view can merge
+    t = np.ascontiguousarray(labels.swapaxes(-1, -2)).swapaxes(-1, -2)
+    np.testing.assert_array_equal(epd_labels(t, 2, 4), want)
+    s = np.ascontiguousarray(labels.swapaxes(0, 1)).swapaxes(0, 1)
+    assert not s.flags.c_contiguous
+    np.testing.assert_array_equal(epd_labels(s, 2, 4), want)
+
+
+@pytest.mark.parametrize("where", [(0, 0, 0), (3, 20, 7), (5, 31, 31)])
+@pytest.mark.parametrize("ignore", [None, 255, 2])
+def test_range_error_names_the_first_bad_label(where, ignore, small_blocks):
+    small_blocks(256)
+    labels = np.random.default_rng(1).integers(0, 4, (6, 32, 32)).astype(np.uint8)
+    if ignore is not None:
+        labels[::2, ::3] = ignore
+    labels[5, 31, 31] = 7  # a later bad value (in another block) is not the one named
+    labels[where] = 9
+    allowed = "[0, 4)" + ("" if ignore is None else f" or ignore_index={ignore}")
+    message = f"labels must lie in {allowed}; found 9 at index {where}"
+    for workers in (1, 2):
+        with pytest.raises(ValueError) as err:
+            epd_labels(labels, 4, 4, ignore_index=ignore, workers=workers)
+        assert str(err.value) == message
+
+
+@settings(max_examples=80, deadline=None)
+@given(shape=st.lists(st.integers(1, 19), min_size=2, max_size=4),
+       fac=st.lists(st.integers(1, 7), min_size=2, max_size=3),
+       c=st.integers(1, 7), ignore=st.sampled_from([None, 255, 0, -1]),
+       block=st.sampled_from([None, 64, 1000]), seed=st.integers(0, 2**31 - 1))
+def test_epd_is_exact_for_any_shape(shape, fac, c, ignore, block, seed):
+    if len(fac) > len(shape):
+        fac = fac[: len(shape)]
+    dtype = np.int16 if ignore == -1 else np.uint8
+    labels = np.random.default_rng(seed).integers(0, c, shape).astype(dtype)
+    if ignore is not None:
+        labels[np.random.default_rng(seed + 1).random(shape) < 0.3] = ignore
+    saved = epd_module._BLOCK_MIN, epd_module._BLOCK_MAX
+    try:
+        if block is not None:
+            epd_module._BLOCK_MIN = epd_module._BLOCK_MAX = block
+        got = epd_labels(labels, c, tuple(fac), ignore_index=ignore, workers=2)
+    finally:
+        epd_module._BLOCK_MIN, epd_module._BLOCK_MAX = saved
+    np.testing.assert_array_equal(got, exact_epd(labels, c, tuple(fac), ignore))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _peak_extra(fn):
+    """Peak of NumPy's traced allocations during fn() above what was allocated before, bytes."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return result, peak - before
+
+
+@pytest.fixture(scope="module")
+def ct_like_labels():
+    """40 x 512 x 512 uint8 labels, 6 classes, a tenth of the pixels unlabelled (255)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, (40, 512, 512), dtype=np.uint8)
+    labels[rng.random(labels.shape, dtype=np.float32) < 0.1] = 255
+    return labels
+
+
+@pytest.mark.parametrize("ignore", [None, 255])
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_peak_memory_is_a_small_multiple_of_the_output(ct_like_labels, k, ignore):
+    labels = ct_like_labels if ignore is not None else np.minimum(ct_like_labels, 5)
+    out, extra = _peak_extra(lambda: epd_labels(labels, 6, k, ignore_index=ignore))
+    assert extra <= 3 * out.nbytes, f"peak extra {extra / 2**20:.1f} MiB for a " \
+                                    f"{out.nbytes / 2**20:.1f} MiB output"
+
+
+@pytest.mark.parametrize("dtype,ignore", [(np.int32, -1), (np.int64, 7)])
+def test_peak_memory_of_wide_labels_with_ignore(ct_like_labels, dtype, ignore):
+    labels = ct_like_labels[:10].astype(dtype)
+    labels[labels == 255] = ignore
+    out, extra = _peak_extra(lambda: epd_labels(labels, 6, 8, ignore_index=ignore))
+    assert extra <= 3 * out.nbytes
+    np.testing.assert_array_equal(out[:, :, :3, :3],
+                                  exact_epd(labels[:, :24, :24], 6, 8, ignore))
+
+
+@pytest.mark.parametrize("ignore", [None, 255])
+def test_range_error_needs_no_full_size_temporaries(ct_like_labels, ignore):
+    labels = np.minimum(ct_like_labels, 5) if ignore is None else ct_like_labels.copy()
+    labels[-1, -1, -1] = 200
+    err, extra = _peak_extra(lambda: pytest.raises(ValueError, epd_labels, labels, 6, 8,
+                                                   ignore_index=ignore))
+    assert "found 200 at index (39, 511, 511)" in str(err.value)
+    assert extra <= 3 * (40 * 6 * 64 * 64 * 4)  # the output it would have returned

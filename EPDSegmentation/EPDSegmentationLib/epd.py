@@ -17,7 +17,8 @@ baselines and the upsampling below sample at exactly those positions.
 - ``upsample_soft`` / ``soft_to_labels`` / ``upsample_labels``: back to the input grid.
 
 No function here materialises a one-hot array of its input: labels are counted class by class
-in cache-sized blocks, so the extra memory is the output plus a few MB of scratch.
+in cache-sized blocks (see ``_epd_counts``), so the extra memory is the output plus scratch
+kept under half the output (at least a few hundred KB per thread).
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ Factor = Union[int, Sequence[int]]
 
 #: Code of padding and ignored pixels inside the uint8 work buffers (never a class index).
 _SENTINEL = 255
-#: Input bytes per work block: big enough to amortise NumPy's per-call cost, small enough
-#: to stay in the L2 cache.
+#: Input bytes per work block of ``epd_image``.
 _BLOCK_BYTES = 1 << 21
 
 __all__ = [
@@ -98,20 +98,49 @@ def _check_integer(labels: np.ndarray, what: str = "labels") -> None:
             f"(for example labels.astype(np.uint8)) if the values are whole numbers.")
 
 
-def _check_label_range(labels: np.ndarray, num_classes: int, ignore_index: Optional[int]) -> None:
-    lo, hi = labels.min(), labels.max()
-    if lo >= 0 and hi < num_classes:
-        return
-    bad = (labels < 0) | (labels >= num_classes)
+def _allowed(num_classes: int, ignore_index: Optional[int]) -> str:
+    allowed = f"[0, {num_classes})"
     if ignore_index is not None:
-        bad &= labels != ignore_index
-    if bad.any():
-        where = np.unravel_index(int(np.argmax(bad)), labels.shape)
-        allowed = f"[0, {num_classes})"
-        if ignore_index is not None:
-            allowed += f" or ignore_index={ignore_index}"
-        raise ValueError(
-            f"labels must lie in {allowed}; found {labels[where]} at index {tuple(map(int, where))}")
+        allowed += f" or ignore_index={ignore_index}"
+    return allowed
+
+
+def _chunks(arr: np.ndarray, limit: int, prefix: Tuple[int, ...] = ()):
+    """Yield (prefix, start, sub) covering ``arr`` in C order with sub.size <= limit (or one
+    element row): sub = arr[prefix][start:start + len(sub)]. No copies."""
+    if arr.size <= limit:
+        yield prefix, 0, arr
+    elif arr[0].size > limit:
+        for i in range(arr.shape[0]):
+            yield from _chunks(arr[i], limit, prefix + (i,))
+    else:
+        step = max(1, limit // max(1, arr[0].size))
+        for i0 in range(0, arr.shape[0], step):
+            yield prefix, i0, arr[i0:i0 + step]
+
+
+def _bad_mask(sub: np.ndarray, num_classes: int, ignore_index: Optional[int]) -> np.ndarray:
+    """Labels outside [0, C) other than the ignore value (bool, shape of sub; two temporaries
+    of that size at most)."""
+    bad = sub >= num_classes
+    if sub.dtype.kind == "i":
+        np.logical_or(bad, sub < 0, out=bad)
+    if ignore_index is not None:
+        np.logical_and(bad, sub != ignore_index, out=bad)
+    return bad
+
+
+def _check_range_chunked(labels: np.ndarray, num_classes: int,
+                         ignore_index: Optional[int]) -> None:
+    """Raise the range error naming the first bad label in C order, if there is one. Scans in
+    chunks, so the temporaries stay small whatever the input size."""
+    for prefix, start, sub in _chunks(labels, 1 << 20):
+        bad = _bad_mask(sub, num_classes, ignore_index)
+        if bad.any():
+            j = np.unravel_index(int(np.argmax(bad)), sub.shape)
+            where = prefix + (start + int(j[0]),) + tuple(int(i) for i in j[1:])
+            raise ValueError(f"labels must lie in {_allowed(num_classes, ignore_index)}; "
+                             f"found {labels[where]} at index {where}")
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -180,25 +209,8 @@ def _run_blocks(fn, plan, workers: Optional[int]) -> None:
             pass
 
 
-_scratch = threading.local()
-
-
-def _buffer(name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
-    """A per-thread scratch array, reused across blocks of the same shape."""
-    key = (name, shape, np.dtype(dtype).str)
-    cache = getattr(_scratch, "cache", None)
-    if cache is None:
-        cache = _scratch.cache = {}
-    buf = cache.get(key)
-    if buf is None:
-        if len(cache) > 16:
-            cache.clear()
-        buf = cache[key] = np.empty(shape, dtype)
-    return buf
-
-
-# Summing k adjacent bytes with one multiply: the top byte of x * 0x0101..01 is the byte sum
-# (no carries, since every window count is < 256).
+# Summing k adjacent narrow integers with one multiply: the top field of x * 0x0101..01 is
+# their sum (no carries, since every window count fits the field).
 _HSUM = {
     (1, 2): (np.uint16, 0x0101, 8),
     (1, 4): (np.uint32, 0x01010101, 24),
@@ -207,19 +219,60 @@ _HSUM = {
     (2, 4): (np.uint64, 0x0001000100010001, 48),
 }
 
+#: Bounds on the uint8 codes per work block, in bytes. Blocks are also kept small against the
+#: output (see ``_label_block_bytes``) so that scratch is a fraction of the output.
+_BLOCK_MIN = 1 << 16
+_BLOCK_MAX = 1 << 21
 
-def _hsum(a: np.ndarray, kw: int) -> np.ndarray:
-    """Sum groups of kw adjacent elements along the last axis of a C-contiguous array."""
+
+def _hsum_into(a: np.ndarray, kw: int, out: np.ndarray) -> None:
+    """out (..., n // kw) = sums of kw adjacent elements along the last axis of a (..., n).
+
+    ``a`` is scratch: with the multiply trick it is overwritten (C-contiguous ``a`` only)."""
     if kw == 1:
-        return a
+        np.copyto(out, a, casting="unsafe")
+        return
     trick = _HSUM.get((a.dtype.itemsize, kw))
     if trick is not None and a.flags.c_contiguous:
         wide, mul, shift = trick
-        return (a.view(wide) * wide(mul)) >> wide(shift)
-    return a.reshape(a.shape[:-1] + (a.shape[-1] // kw, kw)).sum(axis=-1, dtype=a.dtype)
+        v = a.view(wide)
+        np.multiply(v, wide(mul), out=v)
+        np.right_shift(v, wide(shift), out=v)  # in place, then narrow: faster than one
+        np.copyto(out, v, casting="unsafe")    # shift with a narrower out
+    else:
+        a.reshape(a.shape[:-1] + (a.shape[-1] // kw, kw)).sum(axis=-1, dtype=out.dtype, out=out)
 
 
-# ----------------------------------------------------------------------------- EPD
+def _sum_planes(e: np.ndarray, out: np.ndarray) -> None:
+    """out (n,) = sum of the planes of e (R, n), R >= 2, by folding halves in place (faster than
+    np.add.reduce over axis 0: fewer, longer passes). e is scratch; the sum must fit e's dtype."""
+    h = e.shape[0]
+    while h > 2:
+        half = h // 2
+        np.add(e[:half], e[h - half:h], out=e[:half])
+        h -= half
+    np.add(e[0], e[1], out=out)
+
+
+def _merge_lead(arr: np.ndarray, nlead: int) -> Optional[np.ndarray]:
+    """``arr`` (L1, ..., Ln, *rest) as a view (L1*...*Ln, *rest), or None if that needs a copy."""
+    if nlead == 1:
+        return arr
+    shape, strides = arr.shape[:nlead], arr.strides[:nlead]
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    if any(s0 != s1 * n1 for (_, s0), (n1, s1) in zip(dims, dims[1:])):
+        return None
+    b = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    stride = dims[-1][1] if dims else 0
+    return np.lib.stride_tricks.as_strided(arr, (b,) + arr.shape[nlead:],
+                                           (stride,) + arr.strides[nlead:], writeable=False)
+
+
+def _label_block_bytes(out_bytes: int, scratch_per_code: float, workers: int) -> int:
+    """uint8 codes per block: the scratch of all threads stays under half the output, within
+    [_BLOCK_MIN, _BLOCK_MAX] (large enough to amortise NumPy's per-call cost)."""
+    fit = int(out_bytes / (2.0 * workers * scratch_per_code))
+    return max(_BLOCK_MIN, min(_BLOCK_MAX, fit))
 
 
 def epd_labels(labels, num_classes: int, factor: Factor, ignore_index: Optional[int] = None,
@@ -228,7 +281,7 @@ def epd_labels(labels, num_classes: int, factor: Factor, ignore_index: Optional[
 
     labels: integer array (..., H, W), or (..., D, H, W) with a 3-tuple factor; values in
         [0, num_classes) or equal to ``ignore_index``.
-    num_classes: C, 1..255.
+    num_classes: C, 1..254.
     factor: window size, see the module docstring.
     ignore_index: label of unlabelled pixels; they count towards no class and not towards the
         window size, so fractions are taken over the labelled pixels of each window. A window
@@ -239,6 +292,9 @@ def epd_labels(labels, num_classes: int, factor: Factor, ignore_index: Optional[
     count / labelled pixels of the window, one correctly rounded float32 division, so the
     fractions of a window sum to 1 (within float32 rounding) and every class's area is
     preserved: sum(fractions * labelled pixels) equals its pixel count.
+
+    Memory: the output plus per-thread scratch kept under half the output (at least a few
+    hundred KB); the input is never copied whole, not even to check its range.
     """
     fac = normalize_factor(factor)
     labels = np.asarray(labels)
@@ -249,78 +305,212 @@ def epd_labels(labels, num_classes: int, factor: Factor, ignore_index: Optional[
     if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
         raise ValueError(f"ignore_index must be an int or None; got {ignore_index!r}")
     num_classes = int(num_classes)
-    _check_label_range(labels, num_classes, ignore_index)
+    ignore = None if ignore_index is None else int(ignore_index)
     if labels.dtype == np.bool_:
         labels = labels.view(np.uint8)
 
-    lead, (b, d, h, w), (kd, kh, kw) = _as_blocks(labels.shape, fac)
+    nlead = labels.ndim - (3 if len(fac) == 3 else 2)
+    merged = _merge_lead(labels, nlead) if nlead else labels[None]
+    if merged is None:
+        # Leading axes that no view can merge: one call per leading index (its output is a
+        # temporary of the size of one slice of the output).
+        _check_range_chunked(labels, num_classes, ignore)
+        low = downsampled_shape(labels.shape[1:], fac)
+        out = np.empty((labels.shape[0],) + low[: nlead - 1] + (num_classes,) + low[nlead - 1:],
+                       np.float32)
+        for i in range(labels.shape[0]):
+            out[i] = epd_labels(labels[i], num_classes, fac, ignore, workers=workers)
+        return out
+    return _epd_counts(labels, merged, num_classes, fac, ignore, workers)
+
+
+def _epd_counts(labels: np.ndarray, merged: np.ndarray, num_classes: int, fac: Tuple[int, ...],
+                ignore: Optional[int], workers: Optional[int]) -> np.ndarray:
+    """EPD of ``merged`` (B, H, W) for 2D windows or (B, D, H, W) for 3D; ``labels`` is the
+    caller's array, for error messages. Returns the output in the caller's layout.
+
+    Scheme. Each work block is copied once into uint8 codes laid out as R = kd * kh planes:
+    plane (z, r) holds row i * kh + r of slice u * kd + z for every depth window u and window
+    row i of the block, so the pixels of one window are kw adjacent bytes at the same place in
+    each of the R contiguous planes. Per class: one comparison over the block, a sum of the R
+    planes (whole-plane adds: long contiguous inner loops, unlike adding rows in the input's
+    own layout), then kw adjacent bytes summed with one multiply. Partial windows at the far
+    edges are padded with a code that never equals a class. With no ignore value the last class
+    is the window size minus the others, so C - 1 classes are compared.
+
+    Why not a lookup table of packed per-class codes (one pass, all classes at once)? NumPy has
+    no vectorised byte gather: np.take of a 256-entry table costs 35 to 60 times a comparison
+    per pixel (0.9 to 1.4 ns against 0.024 ns), more than the C - 1 comparisons and plane sums
+    it would replace.
+    """
+    C = num_classes
+    if len(fac) == 2:
+        (kh, kw), kd = fac, 1
+        lab4 = merged[None]                 # (1, B, H, W): each slice is a depth window of 1
+    else:
+        (kd, kh, kw) = fac
+        lab4 = merged
+    nb, d, h, w = lab4.shape
     do, ho, wo = -(-d // kd), -(-h // kh), -(-w // kw)
-    lab4 = labels.reshape(b, d, h, w)
-    out = np.empty((b, num_classes, do, ho, wo), np.float32)
+    wp = wo * kw
+    R = kd * kh
+    volume = kd * kh * kw
+
+    if len(fac) == 2:
+        out_arr = np.empty((d, C, ho, wo), np.float32)
+
+        def target(bi, u0, u1, i0, i1):    # (C, g, ni, wo) view of the output
+            return out_arr[u0:u1, :, i0:i1].transpose(1, 0, 2, 3)
+    else:
+        out_arr = np.empty((nb, C, do, ho, wo), np.float32)
+
+        def target(bi, u0, u1, i0, i1):
+            return out_arr[bi, :, u0:u1, i0:i1]
+
+    # Codes: label + offset, FILL for padding and ignored pixels. uint8 labels with ignore 255
+    # use offset 1, so 255 wraps to the fill 0 and the range check is one max over the codes;
+    # otherwise offset 0 and fill 255 (never a class, since C <= 254).
+    u8 = labels.dtype == np.uint8
+    offset = 1 if (u8 and ignore == 255) else 0
+    fill = 0 if offset else _SENTINEL
+    info = np.iinfo(labels.dtype)
+    ignore_here = ignore is not None and info.min <= ignore <= info.max
+    # values congruent to 255 mod 256 land on the fill by themselves when cast to uint8
+    mask_ignore = ignore_here and not offset and ignore % 256 != _SENTINEL
+    counted = C if ignore is not None else C - 1
+    acc_dtype = np.uint8 if volume < 256 else (np.uint16 if volume < 65536 else np.uint32)
+    cnt_dtype = np.uint16 if volume < 65536 else np.uint32
+    acc_item = np.dtype(acc_dtype).itemsize
+    cnt_item = np.dtype(cnt_dtype).itemsize
 
     ext_d, ext_h, ext_w = _extents(d, kd), _extents(h, kh), _extents(w, kw)
     plane_total = np.multiply.outer(ext_h, ext_w)  # (ho, wo) pixels per window, ignoring depth
-    hp, wp = ho * kh, wo * kw
-    volume = kd * kh * kw
-    acc_dtype = np.uint8 if volume < 256 else (np.uint16 if volume < 65536 else np.uint32)
-    count_dtype = np.uint16 if volume < 65536 else np.uint32
-    padded = hp != h or wp != w
-    # uint8 input with ignore 255 (or none) is used in place; anything else is copied into a
-    # padded uint8 buffer where padding and ignored pixels carry the sentinel.
-    in_place = lab4.dtype == np.uint8 and not padded and ignore_index in (None, _SENTINEL)
-    explicit_total = ignore_index is not None
-    counted = range(num_classes) if explicit_total else range(num_classes - 1)
+    pow2 = volume & (volume - 1) == 0
+    recip = np.float32(1.0 / volume)
 
-    def block(b0: int, b1: int, dz: int) -> None:
-        g = b1 - b0
-        z0, z1 = dz * kd, min(d, (dz + 1) * kd)
-        src = lab4[b0:b1, z0:z1]
-        if in_place and z1 - z0 == kd:
-            codes = src
-        else:
-            codes = _buffer("codes", (g, kd, hp, wp), np.uint8)
-            codes.fill(_SENTINEL)
-            region = codes[:, : z1 - z0, :h, :w]
-            np.copyto(region, src, casting="unsafe")
-            if ignore_index is not None and not (src.dtype == np.uint8 and ignore_index == _SENTINEL):
-                np.putmask(region, src == ignore_index, _SENTINEL)
-        eq = _buffer("eq", codes.shape, np.bool_)
-        acc = _buffer("acc", (g, ho, wp), acc_dtype)
-        target = out[b0:b1, :, dz]  # (g, C, ho, wo); every value is written once, below
-        if explicit_total:
-            kept = _buffer("kept", (num_classes, g, ho, wo), count_dtype)
-        else:
-            totals = plane_total * ext_d[dz]
-            totals_f = totals.astype(np.float32)
-            counted_sum = np.zeros((g, ho, wo), count_dtype)
-        for c in counted:
-            np.equal(codes, c, out=eq)
-            e = eq.view(np.uint8).reshape(g, kd, ho, kh, wp)
-            if kd == 1 and kh == 1:
-                np.copyto(acc, e[:, 0, :, 0, :], casting="unsafe")
-            else:
-                np.add.reduce(e, axis=(1, 3), dtype=acc_dtype, out=acc)
-            counts = _hsum(acc, kw)
-            if explicit_total:
-                np.copyto(kept[c], counts, casting="unsafe")
-            else:
-                np.add(counted_sum, counts, out=counted_sum, casting="unsafe")
-                # float32 division: count / total correctly rounded (counts are exact in float32)
-                np.divide(counts, totals_f, out=target[:, c], dtype=np.float32, casting="unsafe")
-        if explicit_total:
-            # Fractions over labelled pixels; a window without one keeps all-zero fractions.
-            totals_f = kept.sum(axis=0, dtype=np.float32)
-            totals_f[totals_f == 0] = 1.0
-            for c in counted:
-                np.divide(kept[c], totals_f, out=target[:, c], dtype=np.float32, casting="unsafe")
-        else:
-            np.divide(totals - counted_sum, totals_f, out=target[:, num_classes - 1],
-                      dtype=np.float32, casting="unsafe")
+    # Block plan: groups of whole depth windows (slices, for 2D windows), or rows of windows of
+    # one depth window when that is too big. Scratch per code byte: codes, comparisons, the
+    # plane sums of every counted class and the counts.
+    nw = max(1, int(workers) if workers is not None else min(4, os.cpu_count() or 1))
+    per_code = 2.0 + (counted * acc_item / R if R > 1 else 0.0) + C * cnt_item / (R * kw)
+    if ignore is not None and not offset:
+        per_code += 2.0  # masks of the range check and of the ignored pixels
+    block_bytes = _label_block_bytes(out_arr.nbytes, per_code, nw)
+    unit = R * ho * wp
+    if unit <= block_bytes:
+        g_max, ni_max = max(1, min(do, block_bytes // unit)), ho
+    else:
+        g_max, ni_max = 1, max(1, min(ho, block_bytes // (R * wp)))
+    plan = [(bi, u0, min(do, u0 + g_max), i0, min(ho, i0 + ni_max))
+            for bi in range(nb) for u0 in range(0, do, g_max) for i0 in range(0, ho, ni_max)]
+    n_max = g_max * ni_max * wp
+    local = threading.local()
+    bad_blocks = []
 
-    _run_blocks(block, _block_plan(b, d, h, w, kd, 1), workers)
-    if len(fac) == 2:
-        return out.reshape(lead + (num_classes, ho, wo))
-    return out.reshape(lead + (num_classes, do, ho, wo))
+    def scratch():
+        s = getattr(local, "s", None)
+        if s is None:
+            s = local.s = {
+                "codes": np.empty(R * n_max, np.uint8),
+                "eq": np.empty(R * n_max, np.bool_),
+                "acc": np.empty(counted * n_max if R > 1 else 0, acc_dtype),
+                "cnt": np.empty(C * g_max * ni_max * wo, cnt_dtype),
+            }
+        return s
+
+    def put(dst: np.ndarray, src: np.ndarray) -> None:
+        if offset:
+            np.add(src, 1, out=dst, casting="unsafe")
+        else:
+            np.copyto(dst, src, casting="unsafe")
+        if mask_ignore:
+            np.copyto(dst, fill, where=src == ignore)
+
+    def in_range(src: np.ndarray) -> bool:
+        lo = 0 if labels.dtype.kind in "ub" else src.min()
+        if lo >= 0 and src.max() < C:
+            return True
+        return ignore is not None and not _bad_mask(src, C, ignore).any()
+
+    def block(bi: int, u0: int, u1: int, i0: int, i1: int) -> None:
+        g, ni = u1 - u0, i1 - i0
+        z0, z1 = u0 * kd, min(d, u1 * kd)
+        r0, r1 = i0 * kh, min(h, i1 * kh)
+        src = lab4[bi, z0:z1, r0:r1]  # (nz, nr, w)
+        # The range check reads the block first: a streaming max brings it into the cache
+        # faster than the strided copy below would.
+        if offset:
+            clean = src.max() < C
+        elif not in_range(src):
+            bad_blocks.append(bi)
+            return
+        s = scratch()
+        n = g * ni * wp
+        codes = s["codes"][: R * n].reshape(kd, kh, g, ni, wp)
+        view = codes.transpose(2, 0, 3, 1, 4)  # (g, kd, ni, kh, wp): input order of the block
+        nz, nr = z1 - z0, r1 - r0
+        gf, pz = divmod(nz, kd)
+        nf, pr = divmod(nr, kh)
+        if gf and nf:
+            put(view[:gf, :, :nf, :, :w], src[: gf * kd, : nf * kh].reshape(gf, kd, nf, kh, w))
+        if pr:  # last window row is partial
+            if gf:
+                put(view[:gf, :, nf, :pr, :w], src[: gf * kd, nf * kh:].reshape(gf, kd, pr, w))
+            view[:, :, nf, pr:] = fill
+        if pz:  # last depth window is partial
+            if nf:
+                put(view[gf, :pz, :nf, :, :w], src[gf * kd:, : nf * kh].reshape(pz, nf, kh, w))
+            if pr:
+                put(view[gf, :pz, nf, :pr, :w], src[gf * kd:, nf * kh:])
+            view[gf, pz:] = fill
+        if wp != w:
+            codes[..., w:] = fill
+        if offset and not clean and codes.max() > C:  # codes: label + 1, 255 wrapped to 0
+            bad_blocks.append(bi)
+            return
+
+        planes = codes.reshape(R, n)
+        eq = s["eq"][: R * n].reshape(R, n)
+        cnt = s["cnt"][: C * g * ni * wo].reshape(C, g, ni, wo)
+        acc = s["acc"][: counted * n].reshape(counted, g, ni, wp) if R > 1 else None
+        for c in range(counted):
+            np.equal(planes, c + offset, out=eq)
+            if R == 1:
+                _hsum_into(eq.view(np.uint8).reshape(g, ni, wp), kw, cnt[c])
+            elif R < 256:
+                _sum_planes(eq.view(np.uint8), acc[c].reshape(n))
+            else:
+                np.add.reduce(eq.view(np.uint8), axis=0, out=acc[c].reshape(n))
+        if R > 1 and counted:
+            _hsum_into(acc, kw, cnt[:counted])
+
+        partial = bool(pz or pr or wp != w)
+        if ignore is None:
+            # the last class: window size minus the counted ones
+            total = plane_total[i0:i1] * ext_d[u0:u1, None, None] if partial else volume
+            last = cnt[C - 1]
+            np.add.reduce(cnt[: C - 1], axis=0, out=last)
+            np.subtract(total, last, out=last, casting="unsafe")
+            tgt = target(bi, u0, u1, i0, i1)
+            np.copyto(tgt, cnt, casting="unsafe")  # counts are exact in float32
+            if not partial and pow2:
+                np.multiply(tgt, recip, out=tgt)  # exact: count / 2^n
+            else:
+                np.divide(tgt, np.asarray(total, np.float32), out=tgt)
+        else:
+            # fractions over labelled pixels; a window without one keeps all-zero fractions
+            total = np.add.reduce(cnt, axis=0, dtype=np.float32)
+            total[total == 0] = 1.0
+            tgt = target(bi, u0, u1, i0, i1)
+            np.copyto(tgt, cnt, casting="unsafe")
+            np.divide(tgt, total, out=tgt)
+
+    _run_blocks(block, plan, workers)
+    if bad_blocks:
+        _check_range_chunked(labels, C, ignore)
+    lead = labels.shape[: labels.ndim - len(fac)]
+    return out_arr.reshape(lead + out_arr.shape[1:]) if len(fac) == 3 else \
+        out_arr.reshape(lead + (C, ho, wo))
 
 
 def epd_image(image, factor: Factor) -> np.ndarray:
