@@ -111,6 +111,7 @@ class Geometry:
         self.latissimus = (1.95, 2.6, 0.65, 1.0)  # first and last angle (rad), span, thickness
         self.draw_psoas = True
         self.draw_ql = True
+        self.draw_spleen_tip = True             # draw_solid_organs' spleen
 
     def table_y(self, x: np.ndarray) -> np.ndarray:
         """y (mm) of the surface the patient lies on, at x: a shallow arc, concave up."""
@@ -411,7 +412,7 @@ def draw_solid_organs(cv: Canvas, g: Geometry) -> None:
                 cv.paint(ellipse(cx + 40 * k, cy - 22 * k, 14, 11, 0.4, 32), C["bile"],
                          over=(C["vat"], C["liver"]))
     dz = g.z - s.spleen_z
-    if abs(dz) < 70:
+    if abs(dz) < 70 and g.draw_spleen_tip:
         k = np.sqrt(1 - (dz / 70) ** 2)
         cv.paint(ellipse(a - 25 - 20 * k, g.kidney_y + 5, 40 * k, 26 * k, 0.8, 48,
                          s.shapes["spleen"]), C["spleen"], over=(C["vat"],))

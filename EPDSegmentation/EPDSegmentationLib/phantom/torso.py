@@ -199,7 +199,7 @@ def torso_from_seed(seed: int) -> Torso:
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2718]))
     u = rng.uniform
     f, m = s.frame, s.muscle
-    base = 93.0 + u(-15, 15)
+    base = 88.0 + u(-15, 15)
     rib_off = u(-12, 10)
     r = rng.random()
     kind = "collapsed" if r < 0.2 else ("food" if r < 0.55 else "fluid")
@@ -218,12 +218,12 @@ def torso_from_seed(seed: int) -> Torso:
         cart_t=float(u(6.5, 8.5) * f), cart_h=float(u(11, 15)),
         cart_calc=float(np.clip((s.age - 35) / 45 + rng.normal(0, 0.2), 0, 1)),
         lung_base_z=(float(base + u(0, 8)), float(base + u(-4, 4))),
-        lung_rate=float(u(0.4, 0.7)), lung_max=float(u(30, 55)),
+        lung_rate=float(u(0.45, 0.8)), lung_max=float(u(30, 55)),
         dia_t=float(u(2.5, 4.5) * m ** 0.5), crus_t=float(u(4.0, 7.0) * m ** 0.5),
         psoas_top_z=float(112 + u(-8, 8)), ql_top_z=float(98 + u(-8, 8)),
         kidney_up=float(u(12, 30)),
-        liver_size=float(np.clip(rng.normal(1.0, 0.1), 0.78, 1.25)),
-        liver_left=float(u(0.5, 1.1)), liver_full_z=float(112 + u(-12, 28)),
+        liver_size=float(np.clip(rng.normal(1.1, 0.1), 0.85, 1.35)),
+        liver_left=float(u(0.6, 1.2)), liver_full_z=float(112 + u(-12, 28)),
         liver_gap=float(0.3 + 3.0 * s.vat * u(0.3, 1.0)),
         liver_harm=[(float(u(0, 0.06)), float(u(0, 2 * np.pi))) for _ in range(3)],
         spleen_size=float(u(0.8, 1.25)), spleen_phi=float(u(-0.15, 0.15)),
@@ -284,6 +284,7 @@ class TorsoGeometry(Geometry):
         k = float(np.sqrt(np.clip((t.ql_top_z - zr) / 35.0, 0.0, 1.0)))
         self.ql_r = (self.ql_r[0] * k, self.ql_r[1] * k)
         self.draw_ql = self.ql_r[0] > 1.5
+        self.draw_spleen_tip = False            # draw_spleen draws the whole spleen
         self.wall_scale = (1 - 0.3 * w, 1 - 0.35 * w, 1 - 0.8 * w, 1 - 0.55 * w)
         self.latissimus = (1.95 - 0.35 * w, 2.6 + 0.05 * w, 0.65 + 0.4 * w, 1 + 0.6 * w)
         # the aorta: in front of the vertebra, drifting left and back going up
@@ -473,9 +474,10 @@ def draw_ribcage(cv: Canvas, g: TorsoGeometry) -> None:
         if is_bone:
             _paint_tube_cut(cv, pts, dz, t.rib_h, t.rib_t, C["cortex"], wall_over + (C["muscle"],),
                             inner=(C["marrow"], 1.2))
-        elif t.cart_calc > 0.25:
+        elif t.cart_calc > 0.5:
+            # calcified cartilage: a thin dense rim (its HU smeared by partial volume)
             _paint_tube_cut(cv, pts, dz, t.cart_h, t.cart_t, C["calcification"], wall_over,
-                            inner=(C["cartilage"], 0.6 + 0.8 * (1 - t.cart_calc)))
+                            inner=(C["cartilage"], 0.3 + 0.6 * (t.cart_calc - 0.5)))
         else:
             _paint_tube_cut(cv, pts, dz, t.cart_h, t.cart_t, C["cartilage"], wall_over)
 
@@ -526,7 +528,7 @@ def chest(g: TorsoGeometry, side_i: int):
     if h < -25:
         return None
     depth = float(np.clip(t.lung_rate * h, 0.0, t.lung_max))
-    a1 = float(min(2.4, 1.1 + 0.025 * max(h, 0.0)))
+    a1 = float(min(2.1, 1.2 + 0.03 * max(h, 0.0)))
     return 0.42, a1, depth, min(2.75, a1 + 0.45), h
 
 
@@ -657,7 +659,7 @@ def liver_extent(g: TorsoGeometry):
     b = np.linspace(b_ant, b_post, 200)
     u = (b - b_ant) / (b_post - b_ant)
     # inner radius as a fraction of the wall's inner radius, at full size
-    knots = ((0.0, 1.0), (0.08, 0.6), (0.22, 0.42), (0.4, 0.22), (0.58, 0.1), (0.76, 0.2),
+    knots = ((0.0, 1.0), (0.08, 0.55), (0.22, 0.36), (0.4, 0.2), (0.58, 0.1), (0.76, 0.2),
              (0.9, 0.42), (1.0, 1.0))
     q = _b_profile(u, knots)
     wob = 1.0 + sum(a * np.cos((k + 2) * np.pi * u + p) for k, (a, p) in enumerate(t.liver_harm))
@@ -789,16 +791,16 @@ def draw_veins(cv: Canvas, g: TorsoGeometry) -> None:
 def draw_spleen(cv: Canvas, g: TorsoGeometry) -> None:
     """The spleen: a crescent against the left posterolateral wall (inside the diaphragm)."""
     s, t, f = g.subject, g.t, g.f
-    zc, hh = s.spleen_z + 25.0, 62.0 * t.spleen_size
+    zc, hh = s.spleen_z + 15.0, 75.0 * t.spleen_size
     dz = g.zr - zc
     if abs(dz) >= hh:
         return
     k = float(np.sqrt(1 - (dz / hh) ** 2))
     centre = 2.0 + t.spleen_phi
-    half = 0.6 * k ** 0.6 * t.spleen_size
+    half = 0.75 * k ** 0.6 * t.spleen_size
     phi = np.linspace(centre - half, centre + half, 80)
     u = (phi - phi[0]) / (phi[-1] - phi[0])
-    depth = 40.0 * f * t.spleen_size * k * _bump01(u, 0.55)
+    depth = 46.0 * f * t.spleen_size * k * _bump01(u, 0.55)
     rin = g.rin(phi) - 0.5 - chest_depth(g, phi)
     sel = depth > 0.3
     if sel.sum() < 3:
@@ -917,34 +919,60 @@ def _truncate(tube: Tube, top: float) -> Optional[Tube]:
                                y=tube.y + tube.vy * (z0 - tube.z0))
 
 
-def draw_torso_bowel(cv: Canvas, g: TorsoGeometry) -> None:
-    """The lumbar layout's colon and small bowel, ending at the flexures and below the upper
-    abdomen; a short transverse stretch at each flexure."""
+def _colon_shift(g: TorsoGeometry, i: int, top: float, z: float) -> Tuple[float, float]:
+    """(dx, dy) mm moving colon i (0 ascending, 1 descending) at height z towards where its
+    flexure lies: the hepatic flexure forwards and medially, under the liver's edge; the
+    splenic flexure a little forwards, beside the spleen's tip."""
+    v = float(_smooth((z - (top - 50.0)) / 50.0))
+    if v <= 0:
+        return 0.0, 0.0
+    if i == 0:
+        return 22.0 * g.f * v, -22.0 * g.f * v
+    return -4.0 * g.f * v, -10.0 * g.f * v
+
+
+def draw_torso_colon(cv: Canvas, g: TorsoGeometry) -> None:
+    """The lumbar layout's ascending and descending colon, ending at the hepatic and splenic
+    flexures with a short transverse stretch at each (drawn before the solid organs, which
+    then lie around it)."""
     s, t = g.subject, g.t
     lay = s.layout
     sh = s.vertebra_shift
     colon = list(lay["colon"])
     tops = (t.flexure_z[0] + sh, t.flexure_z[1] + sh)
-    out = []
-    for i, tube in enumerate(colon):
-        out.append(_truncate(tube, tops[i]) if i < 2 else tube)
-    draw_bowel(cv, [c for c in out if c is not None], g.z)
+    for i, tube in enumerate(colon[:2]):
+        cut = _truncate(tube, tops[i])
+        if cut is None:
+            continue
+        dx, dy = _colon_shift(g, i, tops[i], g.z)
+        draw_bowel(cv, [dataclasses.replace(cut, x=cut.x + dx, y=cut.y + dy)], g.z)
     # flexures: the colon turning forwards and towards the midline at its top
     for i, tube in enumerate(colon[:2]):
         dz = g.z - tops[i]
         if abs(dz) >= tube.r:
             continue
         k = float(np.sqrt(1 - (dz / tube.r) ** 2))
-        sec = tube.section(min(g.z, tops[i] - 1.0))
+        z_end = min(g.z, tops[i] - 1.0)
+        sec = tube.section(z_end)
         if sec is None:
             continue
-        cx, cy, _ = sec
+        dx, dy = _colon_shift(g, i, tops[i], z_end)
+        cx, cy = sec[0] + dx, sec[1] + dy
         side = -1 if i == 0 else 1
         ang = np.arctan2(-0.6, -side * 1.0)           # forwards and medially
         L = t.flexure_len * k
         mx, my = cx + 0.5 * L * np.cos(ang), cy + 0.5 * L * np.sin(ang)
         _paint_loop(cv, capsule(mx, my, L, tube.r * k, ang, 0.0, 48, tube.harm),
                     tube.r * k, tube.wall, tube.kind, tube.gas, (mx, my, L, ang))
+
+
+def draw_torso_bowel(cv: Canvas, g: TorsoGeometry) -> None:
+    """The rest of the lumbar layout (transverse colon, small bowel and its vessels ending
+    below the upper abdomen, septa, IMAT) and the torso's own IMAT and small vessels."""
+    s, t = g.subject, g.t
+    lay = s.layout
+    sh = s.vertebra_shift
+    draw_bowel(cv, list(lay["colon"][2:]), g.z)
     loops = [_truncate(tb, t.small_bowel_top_z + sh) for tb in lay["loops"]]
     draw_bowel(cv, [tb for tb in loops if tb is not None], g.z)
     mes = [_truncate(tb, t.small_bowel_top_z + sh + 10) for tb in lay["mesenteric"]]
@@ -1037,6 +1065,8 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> To
     draw_lungs(cv, g)
     draw_kidneys(cv, g, shift=_kidney_shift(g), rim=2.0 + 8.0 * s.vat)
     draw_adrenals(cv, g)
+    if with_layout:
+        draw_torso_colon(cv, g)
     draw_liver(cv, g)
     draw_spleen(cv, g)
     draw_stomach(cv, g)
