@@ -2,7 +2,8 @@
 
 Same windows, edge rule, sample positions and results as ``epd.py`` (tests check that they
 agree); the index and weight tables come from there, so the geometry is defined once.
-Tensors keep their device. Labels are counted class by class: no one-hot of the input.
+Tensors keep their device. Labels are counted class by class in blocks: no one-hot and no
+wider copy of the input.
 """
 
 from __future__ import annotations
@@ -57,35 +58,146 @@ def _extent_table(shape, fac, device) -> torch.Tensor:
     return table
 
 
+#: Element bounds of one work block of ``epd_labels_torch``; blocks are also kept small against
+#: the output, so that the block's temporaries (a padded copy, one comparison, the sums) stay a
+#: fraction of the output.
+_BLOCK_MIN = 1 << 16
+_BLOCK_MAX = 1 << 24
+#: Integer dtypes that comparisons and sums support on every device.
+_NATIVE = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _chunks(t: torch.Tensor, limit: int, prefix=()):
+    """Yield (prefix, start, sub) covering t in C order with sub.numel() <= limit (or one row):
+    sub = t[prefix][start:start + len(sub)]. Views only."""
+    if t.numel() <= limit or t.dim() == 0:
+        yield prefix, 0, t
+    elif t[0].numel() > limit:
+        for i in range(t.shape[0]):
+            yield from _chunks(t[i], limit, prefix + (i,))
+    else:
+        step = max(1, limit // max(1, t[0].numel()))
+        for i0 in range(0, t.shape[0], step):
+            yield prefix, i0, t[i0:i0 + step]
+
+
+def _check_range(labels: torch.Tensor, num_classes: int, ignore: Optional[int],
+                 limit: int) -> None:
+    """ValueError naming the first label outside [0, C) (other than ``ignore``), in C order.
+    Chunks of at most ``limit`` elements: a min/max per chunk, masks only for a chunk that
+    needs them."""
+    native = labels.dtype in _NATIVE
+    for prefix, start, sub in _chunks(labels, limit):
+        x = sub if native else sub.to(torch.int64)
+        lo, hi = (int(v) for v in torch.aminmax(x))
+        if lo >= 0 and hi < num_classes:
+            continue
+        bad = x >= num_classes
+        if lo < 0:
+            bad |= x < 0
+        if ignore is not None:
+            bad &= x != ignore
+        if not bool(bad.any()):
+            continue
+        flat = int(torch.argmax(bad.reshape(-1).to(torch.uint8)))  # the first bad one
+        j = np.unravel_index(flat, tuple(x.shape))
+        where = tuple(prefix) + (start + int(j[0]),) + tuple(int(i) for i in j[1:])
+        allowed = f"[0, {num_classes})"
+        if ignore is not None:
+            allowed += f" or ignore_index={ignore}"
+        raise ValueError(f"labels must lie in {allowed}; found {x[tuple(j)].item()} at index "
+                         f"{where}")
+
+
 def epd_labels_torch(labels: torch.Tensor, num_classes: int, factor: Factor,
                      ignore_index: Optional[int] = None) -> torch.Tensor:
     """EPD soft labels of an integer tensor (..., H, W) -> float32 (..., C, h, w).
 
-    Semantics as ``epd.epd_labels``."""
+    Semantics (and results, bit for bit) as ``epd.epd_labels``. Works in blocks of slices
+    (or of window rows of one big slice), class by class in the labels' own dtype: no one-hot,
+    no int64 copy of the input; the temporaries of a block (a padded copy where the size is
+    not a multiple of the window, one comparison, uint8 window sums) stay small against the
+    output."""
     fac = normalize_factor(factor)
     _check(labels, fac, "labels")
     if labels.dtype.is_floating_point or labels.dtype.is_complex:
         raise ValueError(f"labels must be an integer tensor; got {labels.dtype}")
     if not 1 <= int(num_classes) < 255:
         raise ValueError(f"num_classes must be an int in 1..254; got {num_classes!r}")
-    lab = labels.long()
-    bad = (lab < 0) | (lab >= num_classes)
-    if ignore_index is not None:
-        bad &= lab != ignore_index
-    if bool(bad.any()):
-        value = lab[bad][0].item()
-        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index="
-                         f"{ignore_index}; found {value}")
-    if ignore_index is not None:
-        lab = torch.where(lab == ignore_index, torch.full_like(lab, -1), lab)
-    lab = _pad_to_windows(lab, fac, -1)
-    counts = [_window_sum(lab == c, fac, torch.int32) for c in range(int(num_classes))]
-    counts = torch.stack(counts, dim=lab.dim() - len(fac)).float()
-    if ignore_index is None:
-        totals = _extent_table(labels.shape[-len(fac):], fac, labels.device)
+    C = int(num_classes)
+    ignore = None if ignore_index is None else int(ignore_index)
+    if labels.dtype == torch.bool:
+        labels = labels.view(torch.uint8)
+    nd = len(fac)
+    spatial, lead = tuple(labels.shape[-nd:]), tuple(labels.shape[: labels.dim() - nd])
+    low = tuple(-(-n // k) for n, k in zip(spatial, fac))
+    out_bytes = 4 * C * int(np.prod(lead + low, dtype=np.int64))
+    _check_range(labels, C, ignore, max(_BLOCK_MIN, min(_BLOCK_MAX, out_bytes // 8)))
+
+    try:
+        lab = labels.view((-1,) + spatial)
+    except RuntimeError:
+        # leading axes that no view merges: one call per leading index
+        out = torch.empty(lead + (C,) + low, dtype=torch.float32, device=labels.device)
+        for i in range(labels.shape[0]):
+            out[i] = epd_labels_torch(labels[i], C, fac, ignore)
+        return out
+    if nd == 2:
+        (kh, kw), kd = fac, 1
+        lab4 = lab.unsqueeze(0)  # (1, B, H, W): each slice is a depth window of 1
     else:
-        totals = counts.sum(dim=lab.dim() - len(fac), keepdim=True)
-    return torch.where(totals > 0, counts / totals.clamp_min(1), torch.zeros_like(counts))
+        (kd, kh, kw) = fac
+        lab4 = lab
+    nb, d, h, w = lab4.shape
+    do, ho, wo = -(-d // kd), -(-h // kh), -(-w // kw)
+    volume = kd * kh * kw
+    out = torch.empty((d, C, ho, wo) if nd == 2 else (nb, C, do, ho, wo), dtype=torch.float32,
+                      device=labels.device)
+    if ignore is None:
+        plane = _extent_table((h, w), (kh, kw), labels.device)  # (ho, wo) pixels per window
+        depth = _extent_table((d,), (kd,), labels.device)       # (do,) times this
+    native = lab4.dtype in _NATIVE
+    # padding never equals a class
+    pad_value = 255 if lab4.dtype == torch.uint8 else -1
+
+    item = lab4.element_size() if native else 8
+    block = max(_BLOCK_MIN, min(_BLOCK_MAX, out.numel() * 4 // (4 * (2 + item))))
+    unit = kd * ho * kh * wo * kw
+    if unit <= block:
+        g_max, ni_max = max(1, min(do, block // unit)), ho
+    else:
+        g_max, ni_max = 1, max(1, min(ho, block // (kd * kh * wo * kw)))
+    for bi in range(nb):
+        for u0 in range(0, do, g_max):
+            u1 = min(do, u0 + g_max)
+            for i0 in range(0, ho, ni_max):
+                i1 = min(ho, i0 + ni_max)
+                g, ni = u1 - u0, i1 - i0
+                src = lab4[bi, u0 * kd: min(d, u1 * kd), i0 * kh: min(h, i1 * kh)]
+                if not native:
+                    src = src.to(torch.int64)
+                pads = [0, wo * kw - w, 0, ni * kh - src.shape[1], 0, g * kd - src.shape[0]]
+                if any(pads):
+                    src = torch.nn.functional.pad(src, pads, value=pad_value)
+                win = src.view(g, kd, ni, kh, wo, kw)
+                tgt = out[u0:u1, :, i0:i1].transpose(0, 1) if nd == 2 else out[bi, :, u0:u1, i0:i1]
+                for c in range(C):
+                    if c == ignore:
+                        tgt[c].zero_()
+                        continue
+                    eq = (win == c).view(torch.uint8)
+                    if volume < 256:
+                        cnt = eq.sum(dim=(1, 3, 5), dtype=torch.uint8)
+                    else:
+                        cnt = eq.sum(dim=5, dtype=torch.uint8 if kw < 256 else torch.int32)
+                        cnt = cnt.sum(dim=(1, 3), dtype=torch.int32)
+                    tgt[c].copy_(cnt)  # counts are exact in float32
+                if ignore is None:
+                    tgt.div_(plane[i0:i1] if kd == 1 else depth[u0:u1, None, None] * plane[i0:i1])
+                else:
+                    # fractions over labelled pixels; a window without one keeps zeros
+                    tgt.div_(tgt.sum(dim=0, keepdim=True).clamp_min_(1.0))
+    return out.view(lead + (C,) + low)
 
 
 def epd_image_torch(image: torch.Tensor, factor: Factor) -> torch.Tensor:
