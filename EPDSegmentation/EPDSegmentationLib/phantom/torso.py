@@ -221,7 +221,7 @@ def torso_from_seed(seed: int) -> Torso:
         lung_rate=float(u(0.45, 0.8)), lung_max=float(u(30, 55)),
         dia_t=float(u(2.5, 4.5) * m ** 0.5), crus_t=float(u(4.0, 7.0) * m ** 0.5),
         psoas_top_z=float(112 + u(-8, 8)), ql_top_z=float(98 + u(-8, 8)),
-        kidney_up=float(u(12, 30)),
+        kidney_up=float(u(0, 18)),
         liver_size=float(np.clip(rng.normal(1.1, 0.1), 0.85, 1.35)),
         liver_left=float(u(0.6, 1.2)), liver_full_z=float(112 + u(-12, 28)),
         liver_gap=float(0.3 + 3.0 * s.vat * u(0.3, 1.0)),
@@ -235,7 +235,7 @@ def torso_from_seed(seed: int) -> Torso:
         pancreas_t=float(u(14, 22) * (1 - 0.25 * max(0.0, s.age - 50) / 40)),
         celiac_z=float(celiac), sma_z=float(celiac - u(8, 16)),
         renal_vein_z=float(s.kidney_z[1] + u(12, 30)), adrenal_len=float(u(18, 28)),
-        flexure_z=(float(u(45, 95)), float(u(85, 130))), flexure_len=float(u(50, 90)),
+        flexure_z=(float(u(40, 85)), float(u(80, 125))), flexure_len=float(u(50, 90)),
         small_bowel_top_z=float(u(55, 100)),
         hepatic_veins=[(float(a + u(-0.15, 0.15)), float(u(45, 80)))
                        for a in (-2.1, -1.45, -0.8)],
@@ -797,10 +797,10 @@ def draw_spleen(cv: Canvas, g: TorsoGeometry) -> None:
         return
     k = float(np.sqrt(1 - (dz / hh) ** 2))
     centre = 2.0 + t.spleen_phi
-    half = 0.75 * k ** 0.6 * t.spleen_size
+    half = 0.8 * k ** 0.6 * t.spleen_size
     phi = np.linspace(centre - half, centre + half, 80)
     u = (phi - phi[0]) / (phi[-1] - phi[0])
-    depth = 46.0 * f * t.spleen_size * k * _bump01(u, 0.55)
+    depth = 52.0 * f * t.spleen_size * k * _bump01(u, 0.55)
     rin = g.rin(phi) - 0.5 - chest_depth(g, phi)
     sel = depth > 0.3
     if sel.sum() < 3:
