@@ -2,11 +2,13 @@
 
     python -m EPDSegmentationLib.phantom contact-sheet --output docs/phantom_contact_sheet.png
 
-Real slices come from ../shared/data/totalseg-example (read at generation time; only the
-rendered PNG is kept): a slice of the clinical DICOM series (T12, 0.98 mm pixels), the L3
-level of the abdomen NIfTI (3 mm voxels) and a slice with TotalSegmentator's tissue masks.
-All panels use the abdominal window W400/L40 and are shown in radiological orientation
-(anterior up, patient's right on the image left).
+Rows 1-2: six mid-L3 phantom subjects (lumbar anatomy) and three upper-abdominal ones
+(torso anatomy at T11, T12 and L1) with their labels. Real slices come from
+../shared/data/totalseg-example (read at generation time; only the rendered PNG is kept): a
+slice of the clinical DICOM series (T12, 0.98 mm pixels), T12, L1 and L2 of the T11-L2 NIfTI
+(3 mm voxels) with TotalSegmentator's tissue masks, the L3 level of the abdomen NIfTI. All
+panels use the abdominal window W400/L40 and are shown in radiological orientation (anterior
+up, patient's right on the image left).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from ..overlay import display_slice, overlay_rgb
 WINDOW = (-160.0, 240.0)   # W400 / L40
 #: phantom subjects shown: a spread of habitus, muscle quality, phase and tube voltage
 SHEET_SEEDS = (3, 11, 7, 8, 1, 9)
+#: upper-abdominal phantom slices shown (torso anatomy): (seed, vertebral level)
+UPPER_SHEET = ((2, "T11"), (1, "T12"), (0, "L1"))
+#: TotalSegmentator "total" vertebra labels
+_TS_VERTEBRAE = {27: "L5", 28: "L4", 29: "L3", 30: "L2", 31: "L1", 32: "T12", 33: "T11"}
 _REPO = Path(__file__).resolve().parents[3]
 #: where ../shared may be: beside this checkout, or beside the folder of worktrees
 SHARED_CANDIDATES = (_REPO.parent / "shared" / "data" / "totalseg-example",
@@ -69,9 +75,11 @@ def _crop(img: np.ndarray, pixel_mm: float, centre_rc, size_mm: float) -> np.nda
 
 
 def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
-                       shared: Optional[Path] = None, dpi: int = 100) -> Path:
-    """Render the sheet to ``output`` (PNG). Real panels are left out (with a note) when
-    the shared data is absent."""
+                       shared: Optional[Path] = None, dpi: int = 100,
+                       upper: Sequence = UPPER_SHEET) -> Path:
+    """Render the sheet to ``output`` (PNG): L3 phantom slices of ``seeds``, upper-abdominal
+    ones of ``upper`` ((seed, level) pairs), real CT below. Real panels are left out (with a
+    note) when the shared data is absent."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +90,8 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     from .stats import body_mask
 
     shared = (shared_sample_dir() or SHARED_CANDIDATES[0]) if shared is None else Path(shared)
-    n = len(seeds)
+    columns = [(seed, None) for seed in seeds] + [tuple(v) for v in upper]
+    n = len(columns)
     fig, axes = plt.subplots(3, n, figsize=(3.3 * n, 9.4), facecolor="black")
     for ax in axes.ravel():
         ax.set_facecolor("black")
@@ -91,12 +100,13 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     style = dict(color="white", fontsize=8.5)
     crop_ph = None
     hist_ph = []
-    for i, seed in enumerate(seeds):
-        s = make_slice(seed)
+    for i, (seed, level) in enumerate(columns):
+        s = make_slice(seed) if level is None else make_slice(seed, level=level)
         m = s.meta
         box = body_box(s.hu, s.pixel_mm)
         axes[0, i].imshow(_gray(s.hu[box]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[0, i].set_title(f"phantom seed {seed}: {m['sex']} {m['age']:.0f} y, {m['level']}\n"
+        where = m["level"] + ("" if level is None else ", torso")
+        axes[0, i].set_title(f"phantom seed {seed}: {m['sex']} {m['age']:.0f} y, {where}\n"
                              f"fat {m['adiposity']:.2f}, muscle {m['muscle']:.2f}, "
                              f"myosteat. {m['myosteatosis']:.2f}\n"
                              f"{m['phase'].replace('_', ' ')}, {m['kvp']} kVp, "
@@ -105,19 +115,27 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
         if i == 0:
             axes[1, i].set_ylabel("labels: MUS red, IMAT green, SAT yellow,\nVAT blue, "
                                   "other tissue purple", **style)
-        if crop_ph is None:
+        if crop_ph is None and level is None:
             crop_ph = (_crop(s.hu, s.pixel_mm, vertebra_centre(s.hu), 90), seed)
         body = body_mask(s.hu, s.pixel_mm)
         hist_ph.append(s.hu[body])
     real = _real_panels(shared)
-    panels = [(crop_ph[0], f"phantom seed {crop_ph[1]}, 90 mm crop at native pixels", None)]
-    panels = real[:3] + panels + real[3:]
-    hist_ax = axes[2, min(len(panels), n - 1)]
-    _histograms(hist_ax, np.concatenate(hist_ph), shared)
-    for j in range(min(len(panels), n - 1)):
+    crop = None if crop_ph is None else (
+        crop_ph[0], f"phantom seed {crop_ph[1]}, 90 mm crop at native pixels", None)
+    # under the L3 columns: real L3 and L2, the crops, the histogram, the clinical T12 slice;
+    # under the upper-abdominal columns: real slices from the top of the T11-L2 volume down
+    lower = [real.get("l3"), real.get("l2"), crop, real.get("crop"), "hist", real.get("dicom")]
+    top = [real.get(k) for k in ("upper0", "upper1", "upper2")]
+    n_low = n - len(upper)
+    row = lower[:n_low] + [None] * (n_low - len(lower)) + top[:len(upper)]
+    if "hist" not in row:
+        row[min(len(row) - 1, 4)] = "hist"
+    for j, panel in enumerate(row[:n]):
         ax = axes[2, j]
-        if j < len(panels):
-            img, title, rgb = panels[j]
+        if panel == "hist":
+            _histograms(ax, np.concatenate(hist_ph), shared)
+        elif panel is not None:
+            img, title, rgb = panel
             ax.imshow(rgb if rgb is not None else _gray(img), cmap="gray", vmin=0, vmax=1,
                       interpolation="nearest")
             ax.set_title(title, **style)
@@ -158,10 +176,11 @@ def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
 
 
 def _real_panels(shared: Path):
-    """[(image, title, rgb or None)] from the shared TotalSegmentator sample, if present."""
+    """{name: (image, title, rgb or None)} from the shared TotalSegmentator sample, if
+    present: dicom (T12), crop (of it), l3, l2, upper0..2 (top of the T11-L2 volume, T12, L1)."""
     from ..io import read_labels, read_volume
 
-    out = []
+    out = {}
     if not shared.is_dir():
         return out
     dcm = shared / "ct_dicom"
@@ -169,8 +188,8 @@ def _real_panels(shared: Path):
         v = read_volume(dcm)
         k = v.array.shape[0] // 2
         img = display_slice(v, k)
-        out.append((img[body_box(img, v.spacing[0])],
-                    f"real: clinical DICOM (T12), {v.spacing[0]:.2f} mm, JPEG 2000", None))
+        out["dicom"] = (img[body_box(img, v.spacing[0])],
+                        f"real: clinical DICOM (T12), {v.spacing[0]:.2f} mm, JPEG 2000", None)
     abd, struct = shared / "ct_abdomen_pelvis.nii.gz", shared / "ct_abdomen_pelvis_structures.nii.gz"
     if abd.is_file() and struct.is_file():
         from ..io.images import read_itk
@@ -180,8 +199,8 @@ def _real_panels(shared: Path):
         ks = np.nonzero((lab == 29).any(axis=(1, 2)))[0]        # 29 = L3 in TotalSegmentator
         k = int(ks.mean()) if len(ks) else v.array.shape[0] // 2
         img = display_slice(v, k)
-        out.append((img[body_box(img, v.spacing[0])],
-                    f"real: mid-L3 (NIfTI, {v.spacing[0]:.0f} mm voxels)", None))
+        out["l3"] = (img[body_box(img, v.spacing[0])],
+                     f"real: mid-L3 (NIfTI, {v.spacing[0]:.0f} mm voxels)", None)
     ct = shared / "ct_t11_l2.nii.gz"
     masks = [(shared / f"tissue_{n}.nii.gz", c) for n, c in
              (("skeletal_muscle", 1), ("subcutaneous_fat", 3), ("torso_fat", 4))]
@@ -191,15 +210,30 @@ def _real_panels(shared: Path):
         for p, c in masks:
             m = read_labels(p, like=v).array
             lab[m > 0] = c
-        k = 0
-        img = display_slice(v, k)
-        box = body_box(img, v.spacing[0])
-        out.append((None, f"real: L2 with TotalSegmentator tissue\nmasks ({v.spacing[0]:.0f} mm)",
-                    overlay_rgb(img[box], display_slice(v, k, lab)[box])))
+        # ct_t11_l2 is slices 82.. of the abdomen NIfTI, whose structures name the vertebrae
+        names = {}
+        if struct.is_file():
+            from ..io.images import read_itk
+
+            vert = read_itk(struct).array[82:82 + v.array.shape[0]]
+            for k in range(vert.shape[0]):
+                ids, counts = np.unique(vert[k][np.isin(vert[k], list(_TS_VERTEBRAE))],
+                                        return_counts=True)
+                if len(ids):
+                    names[k] = _TS_VERTEBRAE[int(ids[np.argmax(counts)])]
+        top = v.array.shape[0] - 1
+        for key, k, note in (("upper0", top, "top slice, "), ("upper1", top - 6, ""),
+                             ("upper2", top - 16, ""), ("l2", 0, "")):
+            k = max(0, min(k, top))
+            img = display_slice(v, k)
+            box = body_box(img, v.spacing[0])
+            out[key] = (None, f"real: {note}{names.get(k, f'slice {k}')} with TotalSegmentator"
+                              f"\ntissue masks ({v.spacing[0]:.0f} mm)",
+                        overlay_rgb(img[box], display_slice(v, k, lab)[box]))
     if dcm.is_dir():
         v = read_volume(dcm)
         k = v.array.shape[0] // 2
         img = display_slice(v, k)
-        out.append((_crop(img, v.spacing[0], vertebra_centre(img), 90),
-                    "real DICOM, 90 mm crop at native pixels", None))
+        out["crop"] = (_crop(img, v.spacing[0], vertebra_centre(img), 90),
+                       "real DICOM, 90 mm crop at native pixels", None)
     return out
