@@ -448,14 +448,14 @@ def draw_ribcage(cv: Canvas, g: TorsoGeometry) -> None:
     cuts = []
     for side, rib, pts, zz, bone, a in paths:
         dz = zz - g.z
-        for part, h in ((bone, t.rib_h), (~bone, t.cart_h)):
+        for part, h, is_bone in ((bone, t.rib_h, True), (~bone, t.cart_h, False)):
             if not part.any():
                 continue
             idx = np.flatnonzero(part)
-            sl = slice(max(0, idx[0] - (1 if idx[0] > 0 else 0)), idx[-1] + 1)
-            if np.any(np.abs(dz[sl]) < h / 2):
-                cuts.append((pts[sl], dz[sl], part is bone))
-                inside = np.abs(dz[sl]) < h / 2
+            sl = slice(max(0, idx[0] - 1), idx[-1] + 1)     # cartilage starts at the bone's end
+            inside = np.abs(dz[sl]) < h / 2
+            if inside.any():
+                cuts.append((pts[sl], dz[sl], is_bone))
                 spans[side].extend(a[sl][inside].tolist())
     # intercostal muscle: a sheet along the rib layer between the first and last rib cut
     for side, a_cut in spans.items():
@@ -650,7 +650,7 @@ def liver_extent(g: TorsoGeometry):
     """(b (n,), inner radius (n,), outer radius (n,)) of the liver at this height, b = -phi
     (0 anterior, pi posterior along the patient's right); None where there is no liver."""
     s, t = g.subject, g.t
-    tt = tt_of(g)
+    tt = liver_fullness(g)
     if tt <= 0.02:
         return None
     b_ant_full = -0.95 * t.liver_left
@@ -680,7 +680,7 @@ def draw_liver(cv: Canvas, g: TorsoGeometry) -> None:
     cv.paint(band(0, 0, -b, np.maximum(outer, inner + 0.5), inner), C["liver"], over=(C["vat"],))
     zr = g.zr
     # caudate lobe: liver around the IVC and reaching towards the midline, higher up
-    kc = float(_smooth((tt_of(g) - 0.35) / 0.4))
+    kc = float(_smooth((liver_fullness(g) - 0.35) / 0.4))
     if kc > 0:
         x, y, rx, ry = ivc_section(g)
         cv.paint(ellipse(x + 6 * f, y - 4 * f, (rx + 14 * f) * kc, (ry + 12 * f) * kc, -0.3, 48,
@@ -714,7 +714,7 @@ def draw_liver(cv: Canvas, g: TorsoGeometry) -> None:
     # gallbladder under the liver, medially (when the subject has one)
     if s.gallbladder:
         dzg = zr - (s.liver_z - 15.0)
-        if abs(dzg) < 30 and tt_of(g) > 0.15:
+        if abs(dzg) < 30 and liver_fullness(g) > 0.15:
             k = np.sqrt(1 - (dzg / 30) ** 2)
             p = -0.75
             r0 = float(np.interp(0.75, b, inner)) + 8.0
@@ -722,7 +722,7 @@ def draw_liver(cv: Canvas, g: TorsoGeometry) -> None:
                      C["bile"], over=(C["vat"], C["liver"]))
 
 
-def tt_of(g: TorsoGeometry) -> float:
+def liver_fullness(g: TorsoGeometry) -> float:
     """How much of its full size the liver has at this height (0 below its tip .. 1)."""
     s, t = g.subject, g.t
     z_lo = s.liver_z - 70.0
@@ -1047,11 +1047,9 @@ def _paint_loop(cv: Canvas, outer, r, wall, kind, gas, where) -> None:
 # ----------------------------------------------------------------------------- all
 
 
-def _kidney_shift(g: TorsoGeometry):
-    def shift(i, dz):
-        up = max(0.0, dz)
-        return 0.0, 0.12 * up
-    return shift
+def _kidney_shift(i: int, dz: float) -> Tuple[float, float]:
+    """Above its middle a kidney lies a little further back (its upper pole is posterior)."""
+    return 0.0, 0.12 * max(0.0, dz)
 
 
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> TorsoGeometry:
@@ -1063,7 +1061,7 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> To
     draw_wall(cv, g)
     draw_aorta_and_crura(cv, g)
     draw_lungs(cv, g)
-    draw_kidneys(cv, g, shift=_kidney_shift(g), rim=2.0 + 8.0 * s.vat)
+    draw_kidneys(cv, g, shift=_kidney_shift, rim=2.0 + 8.0 * s.vat)
     draw_adrenals(cv, g)
     if with_layout:
         draw_torso_colon(cv, g)
