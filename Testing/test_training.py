@@ -222,6 +222,10 @@ def test_evaluate_writes_tables_and_figures(tmp_path, uninterrupted):
     for name in ("examples.png", "dice_per_class.png", "area_agreement.png"):
         assert (out / "figures" / name).stat().st_size > 1000
     assert main(args) == 2  # results exist: refused without --overwrite
+    torso = args[:-3] + ["--phantom-levels", "T12", "L1", "--output", str(tmp_path / "torso"),
+                         "--quiet"]
+    assert main(torso) == 0
+    assert "(T12-L1)" in (tmp_path / "torso" / "table.md").read_text()
 
 
 def test_errors_name_the_problem(tmp_path, uninterrupted, capsys):

@@ -71,10 +71,11 @@ def load_split(args) -> (List[SliceRecord], str):
                              "another --data-seed with --split all")
         recs = phantom_records(args.phantom_subjects, args.phantom_slices, args.phantom_size,
                                args.data_seed, args.val_fraction, args.phantom_gap_mm,
-                               progress=not args.quiet)
+                               progress=not args.quiet, levels=args.phantom_levels)
         records = recs["train"] + recs["val"] if split == "all" else recs[split]
-        what = (f"phantom: {args.phantom_subjects} subjects x {args.phantom_slices} slices, "
-                f"size {args.phantom_size}, data seed {args.data_seed} ({split})")
+        where = "mid-L3" if args.phantom_levels is None else "-".join(args.phantom_levels)
+        what = (f"phantom: {args.phantom_subjects} subjects x {args.phantom_slices} slices "
+                f"({where}), size {args.phantom_size}, data seed {args.data_seed} ({split})")
     if not records:
         raise ValueError(f"no slices in split {split!r} of {what}")
     return records, what
