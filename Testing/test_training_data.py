@@ -111,3 +111,17 @@ def test_lowres_blurs_the_image_like_coarser_pixels_and_leaves_the_rest():
     assert detail(b_h) < 0.5 * detail(a_h)
     assert abs(float(b_h.mean()) - float(a_h.mean())) < 0.02 * float(np.abs(a_h).mean())
     assert b_h.shape == a_h.shape and b_h.dtype == np.float32
+
+
+def test_tissue_hu_shifts_muscle_and_organs_only():
+    """tissue_hu moves the HU of muscle pixels and of soft-tissue organ pixels by one offset
+    each; fat, bone and air keep theirs; the other augmentations' choices are unchanged."""
+    hu = np.array([[40.0, 60.0, -100.0, 700.0, -1000.0, 45.0]], np.float32)
+    lab = np.array([[1, 5, 3, 5, 0, 1]], np.uint8)  # MUS, organ, SAT, bone, air, MUS
+    off = Augment(flip=0.0, crop=0.0, blur=0.0)
+    on = Augment(flip=0.0, crop=0.0, blur=0.0, tissue_hu=1.0, muscle_shift_hu=(-20.0, -20.0),
+                 organ_shift_hu=(15.0, 15.0))
+    a, la = off(hu, lab, np.random.default_rng(3))
+    b, lb = on(hu, lab, np.random.default_rng(3))
+    assert np.array_equal(a, hu) and np.array_equal(la, lb)
+    assert np.allclose(b - a, [[-20.0, 15.0, 0.0, 0.0, 0.0, -20.0]])

@@ -24,12 +24,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from EPDSegmentationLib.classes import NUM_CLASSES
+from EPDSegmentationLib.classes import NUM_CLASSES, class_by_key
 from EPDSegmentationLib.epd_torch import downsample_pair_torch, epd_labels_torch
 from EPDSegmentationLib.inference import resample_planes, resampled_shape
 from EPDSegmentationLib.windowing import window_channels
 
 AIR_HU = -1024.0
+MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
 SPLITS = ("train", "val", "test")
 
 
@@ -145,7 +146,12 @@ class Augment:
     crop relative to the slice (then resized back to the slice size); blur_sigma: Gaussian
     sigma range in pixels (HU only); lowres: the HU shrunk by a factor drawn from
     lowres_factor (antialiased) and enlarged back, as a scan of coarser pixels resampled to
-    the training grid looks (labels untouched). lowres is off by default."""
+    the training grid looks (labels untouched); tissue_hu: the HU of the muscle pixels (MUS)
+    and of the soft-tissue pixels of other body tissue (MSC between -50 and 200 HU: organs,
+    not bone, gas or contrast) shifted by offsets drawn from muscle_shift_hu and
+    organ_shift_hu, as muscle attenuation (age, fatty infiltration, tube voltage) and organ
+    enhancement vary between real patients more than between phantom subjects, so that the
+    network cannot tell muscle from liver by HU alone. lowres and tissue_hu are off by default."""
 
     flip: float = 0.5
     crop: float = 0.5
@@ -154,6 +160,9 @@ class Augment:
     blur_sigma: Tuple[float, float] = (0.25, 1.0)
     lowres: float = 0.0
     lowres_factor: Tuple[float, float] = (1.5, 4.0)
+    tissue_hu: float = 0.0
+    muscle_shift_hu: Tuple[float, float] = (-25.0, 10.0)
+    organ_shift_hu: Tuple[float, float] = (-20.0, 20.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +178,8 @@ class Augment:
         sigma = rng.uniform(*self.blur_sigma)
         # drawn after the others, so switching lowres on leaves their streams unchanged
         u_low, shrink = rng.random(), rng.uniform(*self.lowres_factor)
+        u_hu = rng.random()
+        shift_mus, shift_org = rng.uniform(*self.muscle_shift_hu), rng.uniform(*self.organ_shift_hu)
         h, w = hu.shape
         if u[0] < self.flip:
             hu, labels = hu[:, ::-1], labels[:, ::-1]
@@ -178,6 +189,11 @@ class Augment:
             hu = resample_planes(np.ascontiguousarray(hu[r0:r0 + ch, c0:c0 + cw]), (h, w))
             labels = resample_planes(np.ascontiguousarray(labels[r0:r0 + ch, c0:c0 + cw]),
                                      (h, w), labels=True)
+        if u_hu < self.tissue_hu:
+            hu = np.array(hu, np.float32)
+            hu[labels == MUS] += shift_mus
+            organ = (labels == MSC) & (hu > -50.0) & (hu < 200.0)
+            hu[organ] += shift_org
         if u_low < self.lowres:
             small = (max(1, int(round(h / shrink))), max(1, int(round(w / shrink))))
             hu = resample_planes(resample_planes(np.ascontiguousarray(hu, np.float32), small),

@@ -106,6 +106,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "by 1.5 to --lowres-max times and enlarged back; default 0: off)")
     g.add_argument("--lowres-max", type=float, default=4.0, metavar="F",
                    help="largest shrink factor of --lowres (default 4: 0.865 mm -> 3.5 mm)")
+    g.add_argument("--tissue-hu", type=float, default=0.0, metavar="P",
+                   help="probability of shifting muscle HU by -25..+10 and organ HU by "
+                        "-20..+20 (default 0: off)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
     g.add_argument("--init", type=Path, metavar="MODEL",
@@ -140,6 +143,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0; got {args.lr}")
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
+    if not 0.0 <= args.tissue_hu <= 1.0:
+        raise ValueError(f"--tissue-hu is a probability in 0..1; got {args.tissue_hu}")
     if not args.lowres_max >= 1.5:
         raise ValueError(f"--lowres-max must be >= 1.5; got {args.lowres_max}")
     if args.source_mm is not None and not args.source_mm > 0:
@@ -367,7 +372,8 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
     recipe.update(source_pixel_mm=source_mm, source_size=list(size))
 
     augment = None if args.no_augment else Augment(lowres=args.lowres,
-                                                   lowres_factor=(1.5, args.lowres_max))
+                                                   lowres_factor=(1.5, args.lowres_max),
+                                                   tissue_hu=args.tissue_hu)
     train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
