@@ -22,6 +22,7 @@ The grid (``grid``):
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shlex
@@ -166,6 +167,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, required=True, help="experiment folder")
     p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS))
     p.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    p.add_argument("--skip", nargs="+", default=[], metavar="PATTERN",
+                   help="leave out runs whose folder matches (fnmatch), e.g. "
+                        "'small/*_noaug/seed2' 'large/baseline_*'")
     p.add_argument("--epochs", type=int, help="override the preset's epochs (small set)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
@@ -186,11 +190,15 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
     out = Path(args.output)
-    specs = grid(preset, args.groups, args.seeds)
+    specs = [s for s in grid(preset, args.groups, args.seeds)
+             if not any(fnmatch.fnmatchcase(s.folder, pat) for pat in args.skip)]
+    if not specs:
+        raise ValueError("no run left to do: --skip leaves out the whole grid")
     record = out / "experiment.json"
     meta = {"preset": args.preset, "settings": {k: list(v) if isinstance(v, tuple) else v
                                                 for k, v in preset.items()},
             "groups": list(args.groups), "seeds": sorted({s.seed for s in specs}),
+            "skipped": list(args.skip),
             "command": "python -m training " + shlex.join(list(sys.argv[1:] if argv is None
                                                                else argv)),
             "data_seeds": DATA_SEEDS, "methods": {k: list(v) for k, v in METHODS.items()}}
