@@ -67,12 +67,15 @@ def test_bundle_evaluates_and_writes_the_card(tiny_model_path, tmp_path):
         shutil.copy(str(tiny_model_path) + ext, run / f"model{ext}")
     args = ["bundle", "--run", str(run), "--name", "Tiny", "--output", str(tmp_path / "models"),
             "--report", str(tmp_path / "report"), "--eval-subjects", "2", "--eval-slices", "1",
-            "--real-dir", str(tmp_path / "nothing"), "--device", "cpu"]
+            "--real-dir", str(tmp_path / "nothing"), "--device", "cpu",
+            "--eval-levels", "T12", "L1"]
     assert main(args) == 0
     _, card = load_model(tmp_path / "models" / "Tiny.safetensors")
     ev = card["evaluation"]
     assert set(ev["phantom_held_out"]["full_resolution_dice"]) >= {"MUS", "SAT", "VAT"}
     assert "--data-seed 7" in ev["phantom_held_out"]["command"]
+    assert "--phantom-levels T12 L1" in ev["phantom_torso_held_out"]["command"]
+    assert "(T12-L1)" in ev["phantom_torso_held_out"]["data"]
     assert ev["real_ct"] is None and card["name"] == "Tiny"
     assert (tmp_path / "report" / "phantom" / "table.md").is_file()
     assert main(args) == 2  # the bundled files exist: kept unless --overwrite

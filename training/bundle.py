@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-subjects", type=int, default=12)
     p.add_argument("--eval-slices", type=int, default=6)
     p.add_argument("--eval-seed", type=int, default=7, help="phantom data seed for evaluation")
+    p.add_argument("--eval-levels", nargs=2, metavar=("FROM", "TO"),
+                   help="also evaluate on held-out torso phantoms at these levels "
+                        "(e.g. T11 L4) -> <report>/phantom_torso")
     p.add_argument("--real-dir", type=Path, default=None,
                    help="folder of the real CT sample with TotalSegmentator tissue masks")
     p.add_argument("--device", default="auto")
@@ -57,19 +60,25 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     report = Path(args.report)
     evaluation: Dict[str, object] = {}
 
-    ev_argv = ["evaluate", "--model", str(weights), "--phantom-subjects", str(args.eval_subjects),
-               "--phantom-slices", str(args.eval_slices), "--data-seed", str(args.eval_seed),
-               "--split", "all", "--output", str(report / "phantom"), "--device", args.device,
-               "--quiet"] + (["--overwrite"] if args.overwrite else [])
-    _call(evaluate.add_evaluate_arguments, evaluate.run, ev_argv)
-    ph = json.loads((report / "phantom" / "metrics.json").read_text())
-    evaluation["phantom_held_out"] = {
-        "command": ph["command"], "data": ph["data"], "slices": ph["slices"],
-        "full_resolution_dice": _per_class(ph["full_resolution"], "Dice"),
-        "full_resolution_iou": _per_class(ph["full_resolution"], "IoU"),
-        "low_resolution_dice": _per_class(ph["low_resolution"], "Dice"),
-        "metric": "Dice/IoU after the per-class threshold search (docs/training.md)",
-    }
+    runs = [("phantom_held_out", "phantom", [])]
+    if args.eval_levels:
+        runs.append(("phantom_torso_held_out", "phantom_torso",
+                     ["--phantom-levels", *args.eval_levels]))
+    for key, folder, extra in runs:
+        ev_argv = ["evaluate", "--model", str(weights), "--phantom-subjects",
+                   str(args.eval_subjects), "--phantom-slices", str(args.eval_slices),
+                   "--data-seed", str(args.eval_seed), *extra, "--split", "all",
+                   "--output", str(report / folder), "--device", args.device,
+                   "--quiet"] + (["--overwrite"] if args.overwrite else [])
+        _call(evaluate.add_evaluate_arguments, evaluate.run, ev_argv)
+        ph = json.loads((report / folder / "metrics.json").read_text())
+        evaluation[key] = {
+            "command": ph["command"], "data": ph["data"], "slices": ph["slices"],
+            "full_resolution_dice": _per_class(ph["full_resolution"], "Dice"),
+            "full_resolution_iou": _per_class(ph["full_resolution"], "IoU"),
+            "low_resolution_dice": _per_class(ph["low_resolution"], "Dice"),
+            "metric": "Dice/IoU after the per-class threshold search (docs/training.md)",
+        }
 
     if args.real_dir is not None and (Path(args.real_dir) / REAL_CT).is_file():
         real = Path(args.real_dir)
