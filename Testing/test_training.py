@@ -32,6 +32,15 @@ def train(out: Path, *extra: str) -> None:
     assert main(["train", *TINY, "--output", str(out), *extra]) == 0
 
 
+def torchrun_two_ranks(*args: str) -> None:
+    """python -m training train ARGS as 2 CPU ranks (gloo) under torchrun."""
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "training", "train", *args],
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.returncode == 0, two.stderr
+
+
 def curves(run: Path):
     return [{k: row[k] for k in LOSS_COLUMNS} for row in read_csv(run / "log.csv")]
 
@@ -47,12 +56,7 @@ def uninterrupted(tmp_path_factory):
 def test_torchrun_two_gloo_ranks_match_one_process(tmp_path, uninterrupted):
     """2 CPU processes with gloo, global batch 4 (2 + 2 slices), give the weights and loss
     curve of one process with batch 4."""
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node", "2", "-m", "training", "train", *TINY,
-                          "--epochs", "3", "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert two.returncode == 0, two.stderr
+    torchrun_two_ranks(*TINY, "--epochs", "3", "--output", str(tmp_path / "two"))
     a = load_file(str(uninterrupted / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -111,12 +115,7 @@ def test_torchrun_uneven_last_batch_matches_one_process(tmp_path):
     odd = [a if a != "2" or TINY[i - 1] != "--phantom-slices" else "3" for i, a in enumerate(TINY)]
     odd[odd.index("--batch-size") + 1] = "6"
     assert main(["train", *odd, "--epochs", "2", "--output", str(tmp_path / "one")]) == 0
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node", "2", "-m", "training", "train", *odd,
-                          "--epochs", "2", "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert two.returncode == 0, two.stderr
+    torchrun_two_ranks(*odd, "--epochs", "2", "--output", str(tmp_path / "two"))
     card = json.loads((tmp_path / "one" / "model.json").read_text())
     assert card["training"]["data"]["train_slices"] == 9
     a = load_file(str(tmp_path / "one" / "model.safetensors"))

@@ -372,16 +372,21 @@ def draw_kidneys(cv: Canvas, g: Geometry, shift=None, rim: float = 0.0) -> None:
             cv.paint(ellipse(hx - side * 0.1 * rx, hy, 0.2 * rx, 0.15 * ry, ang, 24), C["urine"])
 
 
+def aorta_lumens(ax: float, ay: float, r: float, z: float, bifurcation_z: float):
+    """[(x, y, radius)] mm of the aorta at height z: one lumen above the bifurcation, the two
+    common iliac arteries (0.68 r, drifting apart over 25 mm) below it."""
+    if z > bifurcation_z:
+        return [(ax, ay, r)]
+    spread = min(1.0, (bifurcation_z - z) / 25.0)
+    rr = 0.68 * r
+    return [(ax - (4 + 14 * spread), ay + 2, rr), (ax + 4 + 12 * spread, ay + 2, rr)]
+
+
 def draw_vessels(cv: Canvas, g: Geometry) -> None:
     s, f = g.s, g.f
     r = s.aorta_r
     ax, ay = 9 * f, g.y_vb_ant - r - 1.5
-    if g.z > s.bifurcation_z:
-        aortas = [(ax, ay, r)]
-    else:
-        spread = min(1.0, (s.bifurcation_z - g.z) / 25.0)
-        rr = 0.68 * r
-        aortas = [(ax - (4 + 14 * spread), ay + 2, rr), (ax + 4 + 12 * spread, ay + 2, rr)]
+    aortas = aorta_lumens(ax, ay, r, g.z, s.bifurcation_z)
     for x, y, rad in aortas:
         cv.paint(ellipse(x, y, rad, rad * 0.97, 0, 48), C["aorta"], over=(C["vat"],))
     for angle, z0 in s.plaques:

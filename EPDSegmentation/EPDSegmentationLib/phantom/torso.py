@@ -39,8 +39,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, core_radius, draw_abdominal_muscles,
-                      draw_back_muscles, draw_body_wall, draw_bowel, draw_kidneys,
+from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, core_radius,
+                      draw_abdominal_muscles, draw_back_muscles, draw_body_wall, draw_bowel,
+                      draw_kidneys,
                       draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra)
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar
 from .subject import PHI, Subject, Tube, _plain
@@ -595,12 +596,7 @@ def draw_aorta_and_crura(cv: Canvas, g: TorsoGeometry) -> None:
     anatomy) and the diaphragm crura beside and, at the hiatus, in front of it."""
     s, t, f = g.subject, g.t, g.f
     r, ax, ay = g.aorta_r, g.ax, g.ay
-    if g.z > s.bifurcation_z:
-        aortas = [(ax, ay, r)]
-    else:
-        spread = min(1.0, (s.bifurcation_z - g.z) / 25.0)
-        rr = 0.68 * r
-        aortas = [(ax - (4 + 14 * spread), ay + 2, rr), (ax + 4 + 12 * spread, ay + 2, rr)]
+    aortas = aorta_lumens(ax, ay, r, g.z, s.bifurcation_z)
     for x, y, rad in aortas:
         cv.paint(ellipse(x, y, rad + 2.5, rad + 2.5, 0, 48), C["fat_pad"], over=(C["vat"],))
         cv.paint(ellipse(x, y, rad, rad * 0.97, 0, 48), C["aorta"],
