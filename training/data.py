@@ -161,7 +161,7 @@ class Augment:
     lowres: float = 0.0
     lowres_factor: Tuple[float, float] = (1.5, 4.0)
     tissue_hu: float = 0.0
-    muscle_shift_hu: Tuple[float, float] = (-25.0, 10.0)
+    muscle_shift_hu: Tuple[float, float] = (-30.0, 10.0)
     organ_shift_hu: Tuple[float, float] = (-20.0, 20.0)
 
     def to_dict(self) -> dict:

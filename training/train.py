@@ -107,7 +107,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lowres-max", type=float, default=4.0, metavar="F",
                    help="largest shrink factor of --lowres (default 4: 0.865 mm -> 3.5 mm)")
     g.add_argument("--tissue-hu", type=float, default=0.0, metavar="P",
-                   help="probability of shifting muscle HU by -25..+10 and organ HU by "
+                   help="probability of shifting muscle HU by -30..+10 and organ HU by "
                         "-20..+20 (default 0: off)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
