@@ -90,7 +90,11 @@ def test_panel_summary_of_the_bundled_card():
 
     card = read_card(bundled_model_path())
     lines = describe_model(card).replace("\u00a0", " ").splitlines()   # no-break spaces
-    assert "Trained on: 60 phantom subjects x 6 slices (L3), factor 2" in lines
+    data = card["training"]["data"]
+    where = "-".join(data["levels"]) if data.get("levels") else "L3"
+    assert any(line.startswith(f"Trained on: {data['subjects']} phantom subjects x "
+                               f"{data['slices_per_subject']} slices ({where}), factor 2")
+               for line in lines)
     phantom = card["evaluation"]["phantom_held_out"]
     want = ", ".join(f"{c.key} {phantom['full_resolution_dice'][c.key]:.2f}" for c in TISSUES)
     assert f"Dice, held-out phantoms ({phantom['slices']} slices): {want}" in lines
@@ -144,3 +148,15 @@ def test_out_of_memory_fallback_is_kept_for_later_chunks(mrml, tiny_model):
     assert any("out of memory" in n and "batch size" in n for n in out.notes)
     # first chunk: 2 -> fails, retried at 1; second chunk starts at 1 straight away
     assert flaky.batches == [2, 1, 1, 1, 1]
+
+
+def test_training_data_summary_names_levels_and_fine_tuning():
+    from EPDSegmentationLib.mrml_workflow import describe_training_data
+
+    card = {"factor": 2, "training": {"data": {
+        "source": "phantom", "subjects": 60, "slices_per_subject": 6, "levels": ["T11", "L4"],
+        "init": {"model": "Resources/Models/EPDBodyComp_f2.safetensors"}}}}
+    assert describe_training_data(card) == ("60 phantom subjects x 6 slices (T11-L4), factor 2, "
+                                            "fine-tuned from an earlier model")
+    card["training"]["data"].update(levels=None, init=None)
+    assert describe_training_data(card) == "60 phantom subjects x 6 slices (L3), factor 2"

@@ -433,7 +433,10 @@ def describe_training_data(card: Mapping[str, Any]) -> str:
     if source == "phantom" and "subjects" in data:
         slices = data.get("slices_per_subject")
         per = f" x {slices} slices" if slices is not None else ""
-        return f"{data['subjects']} phantom subjects{per} (L3){at}"
+        levels = data.get("levels")
+        where = "-".join(str(x) for x in levels) if levels else "L3"
+        tuned = ", fine-tuned from an earlier model" if data.get("init") else ""
+        return f"{data['subjects']} phantom subjects{per} ({where}){at}{tuned}"
     if source == "manifest":
         name = Path(str(data.get("manifest", "manifest"))).name
         n = data.get("train_slices")
