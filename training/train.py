@@ -188,7 +188,9 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                   "same_as": f"EPDSegmentationLib.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
                              f"seed={args.data_seed}, size={args.phantom_size}, "
-                             f"val_fraction={args.val_fraction})"}
+                             f"val_fraction={args.val_fraction}"
+                             + (f", levels={tuple(args.phantom_levels)!r})"
+                                if args.phantom_levels else ")")}
     train, val = recs["train"], recs.get("val", [])
     if not train:
         raise ValueError("no training slices (no case with split 'train')")
