@@ -32,7 +32,7 @@ import numpy as np
 from EPDSegmentationLib.classes import KEYS
 from EPDSegmentationLib.metrics import HARD_METRICS, SOFT_METRICS
 
-from .experiment import DOWN_FACTORS, METHODS, iter_runs
+from .experiment import DOWN_FACTORS, iter_runs
 from .logs import atomic_bytes, read_csv
 
 #: The paper's IoU gains of EPD over conventional downsampling (points; arXiv:2404.03991v1,

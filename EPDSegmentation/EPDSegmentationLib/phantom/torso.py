@@ -276,7 +276,7 @@ class TorsoGeometry(Geometry):
         self.in_body = abs(zl) < BODY_HALF_HEIGHT_MM
         self.vb_size = float(np.interp(zr, _CENTRES, _VB_SIZE))
         self.tp_len = float(np.interp(zr, _CENTRES, _TP_LEN))
-        f, m, w = self.f, self.m, self.w
+        f, w = self.f, self.w
         # psoas arises from T12-L1, quadratus lumborum from the 12th rib
         k = float(np.clip((t.psoas_top_z - zr) / 60.0, 0.0, 1.0)) ** 0.7
         self.psoas_r = (self.psoas_r[0] * k, self.psoas_r[1] * k)
@@ -594,7 +594,7 @@ def _bump01(u: np.ndarray, power: float) -> np.ndarray:
 def draw_aorta_and_crura(cv: Canvas, g: TorsoGeometry) -> None:
     """The aorta (with periaortic fat and plaques; the bifurcation lower down as in the lumbar
     anatomy) and the diaphragm crura beside and, at the hiatus, in front of it."""
-    s, t, f = g.subject, g.t, g.f
+    s, t = g.subject, g.t
     r, ax, ay = g.aorta_r, g.ax, g.ay
     aortas = aorta_lumens(ax, ay, r, g.z, s.bifurcation_z)
     for x, y, rad in aortas:
@@ -645,7 +645,7 @@ def _b_profile(b: np.ndarray, knots) -> np.ndarray:
 def liver_extent(g: TorsoGeometry):
     """(b (n,), inner radius (n,), outer radius (n,)) of the liver at this height, b = -phi
     (0 anterior, pi posterior along the patient's right); None where there is no liver."""
-    s, t = g.subject, g.t
+    t = g.t
     tt = liver_fullness(g)
     if tt <= 0.02:
         return None
@@ -738,7 +738,7 @@ def ivc_section(g: TorsoGeometry):
 def draw_veins(cv: Canvas, g: TorsoGeometry) -> None:
     """IVC (retroperitoneal, then within the liver), hepatic veins into it, SMA and SMV below
     their origins, the celiac trunk, and the left renal vein crossing in front of the aorta."""
-    s, t, f = g.subject, g.t, g.f
+    t, f = g.t, g.f
     zr, r, ax, ay = g.zr, g.aorta_r, g.ax, g.ay
     ivc_x, ivc_y, rx, ry = ivc_section(g)
     cv.paint(ellipse(ivc_x, ivc_y, rx, ry, 0.15, 48), C["ivc"],
@@ -852,8 +852,8 @@ def draw_stomach(cv: Canvas, g: TorsoGeometry) -> None:
 def draw_pancreas(cv: Canvas, g: TorsoGeometry) -> None:
     """Pancreas (head low and right, tail high towards the splenic hilum) with the splenic
     vein along its back."""
-    s, t, f = g.subject, g.t, g.f
-    ax, ay, r = g.ax, g.ay, g.aorta_r
+    t, f = g.t, g.f
+    ay, r = g.ay, g.aorta_r
     pts = np.array([[-32 * f, ay - r - 12 * f], [-4 * f, ay - r - 26 * f],
                     [35 * f, ay - r - 18 * f], [62 * f, g.kidney_y - 28 * f],
                     [80 * f, g.kidney_y - 12 * f]])
