@@ -1,4 +1,5 @@
-"""python -m training {train,evaluate,evaluate-real,bundle,experiment,report} ...: headless training and evaluation.
+"""python -m training {train,evaluate,evaluate-real,bundle,experiment,report} ...: headless
+training and evaluation.
 
     python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
     torchrun --nproc-per-node 4 -m training train --manifest data/manifest.csv --output runs/x
@@ -21,24 +22,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model (one process, or under torchrun)")
-    train.add_train_arguments(t)
-    t.set_defaults(func=train.run)
-    e = sub.add_parser("evaluate", help="evaluate a model on a dataset: tables and figures")
-    evaluate.add_evaluate_arguments(e)
-    e.set_defaults(func=evaluate.run)
-    r = sub.add_parser("evaluate-real", help="a model on a real CT against binary tissue masks")
-    realct.add_arguments(r)
-    r.set_defaults(func=realct.run)
-    b = sub.add_parser("bundle", help="evaluate a run and write it as the bundled model")
-    bundle.add_arguments(b)
-    b.set_defaults(func=bundle.run)
-    x = sub.add_parser("experiment", help="the paper's experiment: train a grid of runs")
-    experiment.add_arguments(x)
-    x.set_defaults(func=experiment.run)
-    rp = sub.add_parser("report", help="the results page of an experiment: tables, figures")
-    report.add_arguments(rp)
-    rp.set_defaults(func=report.run)
+    commands = (
+        ("train", "train a model (one process, or under torchrun)", train.add_train_arguments,
+         train.run),
+        ("evaluate", "evaluate a model on a dataset: tables and figures",
+         evaluate.add_evaluate_arguments, evaluate.run),
+        ("evaluate-real", "a model on a real CT against binary tissue masks",
+         realct.add_arguments, realct.run),
+        ("bundle", "evaluate a run and write it as the bundled model", bundle.add_arguments,
+         bundle.run),
+        ("experiment", "the paper's experiment: train a grid of runs", experiment.add_arguments,
+         experiment.run),
+        ("report", "the results page of an experiment: tables, figures", report.add_arguments,
+         report.run),
+    )
+    for name, help_text, add_arguments, run in commands:
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(func=run)
     return parser
 
 

@@ -176,7 +176,7 @@ class Augment:
         scale = rng.uniform(*self.crop_scale)
         pos = rng.random(2)
         sigma = rng.uniform(*self.blur_sigma)
-        # drawn after the others, so switching lowres on leaves their streams unchanged
+        # drawn after the others: turning lowres or tissue_hu on keeps their streams
         u_low, shrink = rng.random(), rng.uniform(*self.lowres_factor)
         u_hu = rng.random()
         shift_mus, shift_org = rng.uniform(*self.muscle_shift_hu), rng.uniform(*self.organ_shift_hu)

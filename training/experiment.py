@@ -101,11 +101,15 @@ def grid(preset: Dict[str, object], groups: Sequence[str] = GROUPS,
     return runs
 
 
+def epochs_of(spec: RunSpec, preset: Dict[str, object]) -> int:
+    return int(preset["large_epochs"] if spec.dataset == "large" else preset["epochs"])
+
+
 def train_argv(spec: RunSpec, preset: Dict[str, object], manifest: Path, out: Path,
                device: str) -> List[str]:
     """The ``python -m training train`` arguments of one run."""
     label_mode, image_mode = METHODS[spec.method]
-    epochs = preset["large_epochs"] if spec.dataset == "large" else preset["epochs"]
+    epochs = epochs_of(spec, preset)
     argv = ["train", "--manifest", str(manifest), "--factor", str(spec.factor),
             "--label-mode", label_mode, "--image-mode", image_mode,
             "--width", str(preset["width"]), "--epochs", str(epochs),
@@ -208,9 +212,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
             raise ValueError(f"{out} holds an experiment with other settings "
                              f"({old.get('preset')}: {old.get('settings')}); use another --output")
 
-    epochs_of = {s: preset["large_epochs"] if s.dataset == "large" else preset["epochs"]
-                 for s in specs}
-    states = {s: run_state(out / "runs" / s.folder, epochs_of[s]) for s in specs}
+    states = {s: run_state(out / "runs" / s.folder, epochs_of(s, preset)) for s in specs}
     todo = [s for s in specs if states[s] != "done"]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to go "
           f"(preset {args.preset}, {args.jobs} at once)", file=sys.stderr)
@@ -228,7 +230,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
     def one(spec: RunSpec) -> dict:
         folder = out / "runs" / spec.folder
         argv_ = train_argv(spec, preset, manifests[spec.dataset].resolve(), folder, args.device)
-        if run_state(folder, epochs_of[spec]) == "partial":
+        if states[spec] == "partial":
             argv_.append("--resume")
         return _launch(spec, argv_, folder, threads)
 

@@ -86,34 +86,28 @@ def collect(runs_dir: Path) -> Dict[tuple, Dict[int, Dict[str, object]]]:
     return dict(out)
 
 
-def stat(runs: Dict[int, Dict[str, object]], *path) -> tuple:
-    """(mean, SD, n) over seeds of the value at ``path`` (e.g. 'low', 'IoU'); SD with n - 1."""
-    values = []
-    for r in runs.values():
-        v = r
-        for p in path:
-            v = v[p]
-        values.append(float(v))
+def _at(run: Dict[str, object], path) -> float:
+    for p in path:
+        run = run[p]
+    return float(run)
+
+
+def _mean_sd(values) -> tuple:
+    """(mean, SD with n - 1 (NaN for one value), n) of the values that are not NaN."""
     a = np.asarray([v for v in values if not math.isnan(v)])
     if a.size == 0:
         return math.nan, math.nan, 0
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else math.nan, int(a.size)
 
 
+def stat(runs: Dict[int, Dict[str, object]], *path) -> tuple:
+    """(mean, SD, n) over seeds of the value at ``path`` (e.g. 'low', 'IoU'); SD with n - 1."""
+    return _mean_sd(_at(r, path) for r in runs.values())
+
+
 def paired_gain(a: Dict[int, dict], b: Dict[int, dict], *path) -> tuple:
     """(mean, SD, n) over the seeds both have of b - a at ``path``."""
-    seeds = sorted(set(a) & set(b))
-    diffs = []
-    for s in seeds:
-        va, vb = a[s], b[s]
-        for p in path:
-            va, vb = va[p], vb[p]
-        if not (math.isnan(va) or math.isnan(vb)):
-            diffs.append(vb - va)
-    d = np.asarray(diffs)
-    if d.size == 0:
-        return math.nan, math.nan, 0
-    return float(d.mean()), float(d.std(ddof=1)) if d.size > 1 else math.nan, int(d.size)
+    return _mean_sd(_at(b[s], path) - _at(a[s], path) for s in sorted(set(a) & set(b)))
 
 
 # ----------------------------------------------------------------------------- formatting

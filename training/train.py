@@ -145,8 +145,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     if not 0.0 <= args.tissue_hu <= 1.0:
         raise ValueError(f"--tissue-hu is a probability in 0..1; got {args.tissue_hu}")
-    if not args.lowres_max >= 1.5:
-        raise ValueError(f"--lowres-max must be >= 1.5; got {args.lowres_max}")
+    if not args.lowres_max >= Augment.lowres_factor[0]:
+        raise ValueError(f"--lowres-max must be >= {Augment.lowres_factor[0]}; "
+                         f"got {args.lowres_max}")
     if args.source_mm is not None and not args.source_mm > 0:
         raise ValueError(f"--source-mm must be > 0; got {args.source_mm}")
     if args.phantom_subjects is not None and args.phantom_subjects < 2:
@@ -373,9 +374,9 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
            "windows": args.window_list, "pixel_area_mm2": source_mm * source_mm}
     recipe.update(source_pixel_mm=source_mm, source_size=list(size))
 
-    augment = None if args.no_augment else Augment(lowres=args.lowres,
-                                                   lowres_factor=(1.5, args.lowres_max),
-                                                   tissue_hu=args.tissue_hu)
+    augment = None if args.no_augment else Augment(
+        lowres=args.lowres, lowres_factor=(Augment.lowres_factor[0], args.lowres_max),
+        tissue_hu=args.tissue_hu)
     train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
@@ -453,7 +454,7 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
             loss, parts, _ = ddp(x, q)
             optimizer.zero_grad(set_to_none=True)
             # 1.0 but for a short last batch split unevenly across ranks (RankBatches)
-            (loss * loss_weights[step] if loss_weights[step] != 1.0 else loss).backward()
+            (loss * loss_weights[step]).backward()
             optimizer.step()
             n = hu.shape[0]
             values = torch.stack([loss.detach()] + [parts[p].detach() for p in parts_names])
