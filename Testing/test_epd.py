@@ -17,23 +17,31 @@ from EPDSegmentationLib.epd import (bilinear_image, downsample_pair, downsampled
                                     upsample_soft)
 
 
-def brute_epd(labels, num_classes, fac, ignore=None):
-    """Loop over every window: fraction of each class among its labelled pixels."""
+def brute_counts(labels, num_classes, fac, ignore=None):
+    """Per-window class counts (..., C, *low) and labelled pixels per window (..., *low)."""
     nd = len(fac)
-    spatial = labels.shape[-nd:]
-    lead = labels.shape[:-nd]
+    spatial, lead = labels.shape[-nd:], labels.shape[:-nd]
     low = tuple(-(-n // k) for n, k in zip(spatial, fac))
-    out = np.zeros(lead + (num_classes,) + low, np.float64)
+    counts = np.zeros(lead + (num_classes,) + low, np.int64)
+    totals = np.zeros(lead + low, np.int64)
     for li in itertools.product(*[range(n) for n in lead]):
         for wi in itertools.product(*[range(n) for n in low]):
             sl = tuple(slice(i * k, min((i + 1) * k, n)) for i, k, n in zip(wi, fac, spatial))
             win = labels[li + sl].ravel()
             if ignore is not None:
                 win = win[win != ignore]
+            totals[li + wi] = win.size
             for c in range(num_classes):
-                if win.size:
-                    out[li + (c,) + wi] = np.count_nonzero(win == c) / win.size
-    return out
+                counts[li + (c,) + wi] = np.count_nonzero(win == c)
+    return counts, totals
+
+
+def brute_epd(labels, num_classes, fac, ignore=None):
+    """Loop over every window: fraction of each class among its labelled pixels (float64;
+    0 for a window without labelled pixels)."""
+    counts, totals = brute_counts(labels, num_classes, fac, ignore)
+    totals = np.expand_dims(totals, labels.ndim - len(fac))
+    return np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
 
 
 def brute_mean(image, fac):
@@ -207,25 +215,6 @@ def test_epd_properties(h, w, k, c, seed):
 
 
 # ----------------------------------------------------------------------------- exactness, paths
-
-
-def brute_counts(labels, num_classes, fac, ignore=None):
-    """Per-window class counts (..., C, *low) and labelled pixels per window (..., *low)."""
-    nd = len(fac)
-    spatial, lead = labels.shape[-nd:], labels.shape[:-nd]
-    low = tuple(-(-n // k) for n, k in zip(spatial, fac))
-    counts = np.zeros(lead + (num_classes,) + low, np.int64)
-    totals = np.zeros(lead + low, np.int64)
-    for li in itertools.product(*[range(n) for n in lead]):
-        for wi in itertools.product(*[range(n) for n in low]):
-            sl = tuple(slice(i * k, min((i + 1) * k, n)) for i, k, n in zip(wi, fac, spatial))
-            win = labels[li + sl].ravel()
-            if ignore is not None:
-                win = win[win != ignore]
-            totals[li + wi] = win.size
-            for c in range(num_classes):
-                counts[li + (c,) + wi] = np.count_nonzero(win == c)
-    return counts, totals
 
 
 def exact_epd(labels, num_classes, factor, ignore=None):

@@ -206,15 +206,21 @@ def test_truth_at_lower_resolution_is_the_window_mean_of_fractions(where):
     assert np.allclose(low.fractions, epd_image(high.fractions, 4), atol=1e-6)
 
 
+def tissue_hu_and_noise(s, key):
+    """Fat, muscle and noise of one slice within real CT's ranges (GUIDE.md section 6);
+    returns its image_stats."""
+    st = label_stats(s.labels, s.hu, s.fractions.max(axis=0) == 1)
+    assert -125 < st["sat_mean_hu"] < -80, (key, st)
+    assert -120 < st["vat_mean_hu"] < -70, (key, st)
+    assert 15 < st["muscle_mean_hu"] < 70, (key, st)
+    img = image_stats(s.hu, s.pixel_mm)
+    assert 9 < img["fat_noise_sd_hu"] < 18, (key, img)
+    return img
+
+
 def test_hu_per_tissue_is_realistic(slices512):
     for seed, s in slices512.items():
-        pure = s.fractions.max(axis=0) == 1
-        st = label_stats(s.labels, s.hu, pure)
-        assert -125 < st["sat_mean_hu"] < -80, (seed, st)
-        assert -120 < st["vat_mean_hu"] < -70, (seed, st)
-        assert 15 < st["muscle_mean_hu"] < 70, (seed, st)
-        img = image_stats(s.hu, s.pixel_mm)
-        assert 9 < img["fat_noise_sd_hu"] < 18, (seed, img)
+        img = tissue_hu_and_noise(s, seed)
         assert -115 < img["fat_mean_hu"] < -69, (seed, img)
         assert 25 < img["soft_mean_hu"] < 65, (seed, img)
         outside = ~body_mask(s.hu, s.pixel_mm)
@@ -407,13 +413,7 @@ def test_liver_ct_numbers_by_phase():
 
 def test_torso_hu_and_body_are_realistic(torso512):
     for key, s in torso512.items():
-        pure = s.fractions.max(axis=0) == 1
-        st = label_stats(s.labels, s.hu, pure)
-        assert -125 < st["sat_mean_hu"] < -80, (key, st)
-        assert -120 < st["vat_mean_hu"] < -70, (key, st)
-        assert 15 < st["muscle_mean_hu"] < 70, (key, st)
-        img = image_stats(s.hu, s.pixel_mm)
-        assert 9 < img["fat_noise_sd_hu"] < 18, (key, img)
+        img = tissue_hu_and_noise(s, key)
         assert 25 < img["width_cm"] < 42 and 17 < img["ap_cm"] < 32, (key, img)
         assert set(np.unique(s.labels)) == set(range(NUM_CLASSES)), key
         assert s.meta["anatomy"] == "torso" and s.meta["level"] == key[1]
