@@ -25,19 +25,19 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from EPDSegmentationLib import mrml_views
-from EPDSegmentationLib.classes import TISSUES
-from EPDSegmentationLib.inference import Cancelled
-from EPDSegmentationLib.mrml_dicom import (dicom_source, dicom_source_problem, model_summary,
+from EPDSegmentationLib.mrml import views as mrml_views
+from EPDSegmentationLib.core.classes import TISSUES
+from EPDSegmentationLib.core.inference import Cancelled
+from EPDSegmentationLib.mrml.dicom import (dicom_source, dicom_source_problem, model_summary,
                                            source_volume)
-from EPDSegmentationLib.mrml_nodes import (InputProblem, check_ct_volume, ijk_to_ras,
+from EPDSegmentationLib.mrml.nodes import (InputProblem, check_ct_volume, ijk_to_ras,
                                            slice_index_at, slice_pixel_mm, volume_array)
-from EPDSegmentationLib.mrml_preview import epd_preview
-from EPDSegmentationLib.mrml_workflow import (MODEL_SOURCES, OutputExists, device_line,
+from EPDSegmentationLib.mrml.preview import epd_preview
+from EPDSegmentationLib.mrml.workflow import (MODEL_SOURCES, OutputExists, device_line,
                                               export_results, model_path_for, model_predictor,
                                               model_status, resolve_slices, result_nodes,
                                               segment_volume)
-from EPDSegmentationLib.resources import bundled_model_path, sample_ct_path
+from EPDSegmentationLib.core.resources import bundled_model_path, sample_ct_path
 
 DEVICES = ["Auto", "CUDA", "MPS", "CPU"]
 SLICE_MODES = {"All slices": "all", "Slice under the red view": "current",
@@ -362,7 +362,7 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def loadModel(self, path: pathlib.Path):
         """(model, card), cached while the file is unchanged."""
-        from EPDSegmentationLib.model_io import load_model
+        from EPDSegmentationLib.core.model_io import load_model
 
         key = (str(path), os.path.getmtime(path) if os.path.exists(path) else None)
         if self._modelKey != key:
@@ -487,7 +487,7 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def resultSummary(result) -> str:
-        from EPDSegmentationLib.bodycomp import summary_line
+        from EPDSegmentationLib.core.bodycomp import summary_line
 
         text = (f"Done: {len(result.slices)} slice(s) on {result.device}. "
                 f"{summary_line(result.rows)}.")
@@ -592,7 +592,7 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
             self.assertEqual(len(paths), 8)
             with self.assertRaises(FileExistsError):
                 logic.export(folder, result.segmentation)
-            from EPDSegmentationLib.mrml_segmentation import (fractional_probabilities,
+            from EPDSegmentationLib.mrml.segmentation import (fractional_probabilities,
                                                               load_segmentation)
 
             back = load_segmentation(slicer.mrmlScene, [x for x in paths if
@@ -616,9 +616,9 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
         from DICOMLib import DICOMUtils
 
         from EPDSegmentationLib.io import write_dicom_series
-        from EPDSegmentationLib.mrml_segmentation import labels_from_segmentation
-        from EPDSegmentationLib.phantom import subject_slices
-        from EPDSegmentationLib.phantom.dataset import stack
+        from EPDSegmentationLib.mrml.segmentation import labels_from_segmentation
+        from training.phantom import subject_slices
+        from training.phantom.dataset import stack
 
         logic = EPDSegmentationLogic()
         self.assertTrue(logic.ensureTorch(askConfirmation=False))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from EPDSegmentationLib.phantom.sheet import shared_sample_dir
+from training.phantom.sheet import shared_sample_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,9 +32,9 @@ def tiny_model_path(tmp_path_factory) -> Path:
     model_io.save_model: the real file format, CPU-sized. Returns the stem path."""
     import torch
 
-    from EPDSegmentationLib.model import ModelConfig, build_model
-    from EPDSegmentationLib.model_io import make_card, save_model
-    from EPDSegmentationLib.windowing import DEFAULT_WINDOWS
+    from EPDSegmentationLib.core.model import ModelConfig, build_model
+    from EPDSegmentationLib.core.model_io import make_card, save_model
+    from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
 
     torch.manual_seed(0)
     net = build_model(ModelConfig(width=4))

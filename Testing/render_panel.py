@@ -134,10 +134,10 @@ def load_panel(ui_path: Path = UI_PATH):
 def module_choices(module_path: Path = MODULE_PATH) -> Dict[str, List[str]]:
     """Field name -> choices of the parameter node's Choice fields, read from the module's
     source (which imports Slicer and cannot be imported here)."""
-    from EPDSegmentationLib.classes import TISSUES
+    from EPDSegmentationLib.core.classes import TISSUES
 
     tree = ast.parse(module_path.read_text())
-    from EPDSegmentationLib.mrml_workflow import MODEL_SOURCES
+    from EPDSegmentationLib.mrml.workflow import MODEL_SOURCES
 
     namespace: Dict[str, object] = {"TISSUES": TISSUES, "list": list,
                                     "MODEL_SOURCES": MODEL_SOURCES}
@@ -217,7 +217,7 @@ def fill_example(widget, expand_all: bool = True) -> None:
     summary = widget.findChild(QLabel, "modelSummaryLabel")
     device = widget.findChild(QLabel, "deviceStatusLabel")
     try:
-        from EPDSegmentationLib.mrml_workflow import device_line, model_status
+        from EPDSegmentationLib.mrml.workflow import device_line, model_status
     except ImportError as exc:  # slicer-core missing: leave the .ui's own text
         summary.setText(f"({exc})")
     else:
@@ -253,9 +253,9 @@ def draw_icon(out: Path = ICON_PATH, size: int = 128) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from EPDSegmentationLib.classes import color_table
-    from EPDSegmentationLib.epd import epd_labels
-    from EPDSegmentationLib.example import example_labels
+    from EPDSegmentationLib.core.classes import color_table
+    from EPDSegmentationLib.core.epd import epd_labels
+    from EPDSegmentationLib.core.example import example_labels
 
     labels = example_labels((512, 512))[96:416, 40:472]
     soft = epd_labels(labels, 6, 8)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from EPDSegmentationLib import bodycomp
-from EPDSegmentationLib.bodycomp import (COLUMN_KEYS, concatenate_sums, measures_from_sums,
+from EPDSegmentationLib.core import bodycomp
+from EPDSegmentationLib.core.bodycomp import (COLUMN_KEYS, concatenate_sums, measures_from_sums,
                                          measures_to_csv, slice_sums, tissue_measures)
-from EPDSegmentationLib.classes import NUM_CLASSES
+from EPDSegmentationLib.core.classes import NUM_CLASSES
 
 SPACING = (0.5, 0.8, 3.0)          # I, J, K mm: a pixel is 0.004 cm^2, a slice 0.3 cm thick
 PIXEL_CM2 = 0.5 * 0.8 / 100

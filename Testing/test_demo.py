@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 
-from EPDSegmentationLib.cli import main
-from EPDSegmentationLib.demo import area_table
-from EPDSegmentationLib.example import example_labels
+from EPDSegmentationLib.cli.main import main
+from EPDSegmentationLib.cli.demo import area_table
+from EPDSegmentationLib.core.example import example_labels
 
 
 def test_demo_writes_png_and_refuses_to_overwrite(tmp_path, capsys):

@@ -10,8 +10,8 @@ import pytest
 
 highdicom = pytest.importorskip("highdicom")
 
-from EPDSegmentationLib.classes import TISSUES  # noqa: E402
-from EPDSegmentationLib.dicom_seg import DicomSegError, write_dicom_seg  # noqa: E402
+from EPDSegmentationLib.core.classes import TISSUES  # noqa: E402
+from EPDSegmentationLib.io.dicom_seg import DicomSegError, write_dicom_seg  # noqa: E402
 
 
 def _sorted_series(folder):

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from EPDSegmentationLib import epd as epd_module
-from EPDSegmentationLib.epd import (bilinear_image, downsample_pair, downsampled_shape,
+from EPDSegmentationLib.core import epd as epd_module
+from EPDSegmentationLib.core.epd import (bilinear_image, downsample_pair, downsampled_shape,
                                     epd_image, epd_labels, nearest_labels, normalize_factor,
                                     soft_pixel_counts, soft_to_labels, upsample_labels,
                                     upsample_soft)

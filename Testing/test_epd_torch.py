@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from EPDSegmentationLib import epd_torch as epd_torch_module
-from EPDSegmentationLib.epd import (bilinear_image, downsample_pair, epd_image, epd_labels,
+from EPDSegmentationLib.core import epd_torch as epd_torch_module
+from EPDSegmentationLib.core.epd import (bilinear_image, downsample_pair, epd_image, epd_labels,
                                     nearest_labels, upsample_soft)
-from EPDSegmentationLib.epd_torch import (bilinear_image_torch, downsample_pair_torch,
+from EPDSegmentationLib.core.epd_torch import (bilinear_image_torch, downsample_pair_torch,
                                           epd_image_torch, epd_labels_torch,
                                           nearest_labels_torch, upsample_soft_torch)
 
@@ -137,7 +137,7 @@ def test_torch_range_error_matches_numpy():
 _RSS_SCRIPT = r"""
 import ctypes, json, sys
 import torch
-from EPDSegmentationLib.epd_torch import epd_labels_torch
+from EPDSegmentationLib.core.epd_torch import epd_labels_torch
 
 def rss(field):
     with open("/proc/self/status") as f:

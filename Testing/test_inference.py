@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from EPDSegmentationLib.epd import epd_image, upsample_soft
-from EPDSegmentationLib.inference import (Cancelled, DeviceError, Prediction, predict_volume,
+from EPDSegmentationLib.core.epd import epd_image, upsample_soft
+from EPDSegmentationLib.core.inference import (Cancelled, DeviceError, Prediction, predict_volume,
                                           prepare_slices, resampled_shape, run_network,
                                           select_device, source_pixel_mm)
-from EPDSegmentationLib.model_io import load_model
-from EPDSegmentationLib.windowing import DEFAULT_WINDOWS, window_channels
+from EPDSegmentationLib.core.model_io import load_model
+from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, window_channels
 
 
 @pytest.fixture(scope="module")

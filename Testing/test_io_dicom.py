@@ -12,8 +12,8 @@ import pytest
 
 from EPDSegmentationLib.io import InputError, read_volume, write_dicom_series
 from EPDSegmentationLib.io.dicom import TRANSFER_SYNTAXES, list_series
-from EPDSegmentationLib.phantom import subject_slices
-from EPDSegmentationLib.phantom.dataset import stack
+from training.phantom import subject_slices
+from training.phantom.dataset import stack
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from EPDSegmentationLib.io import (InputError, read_labels, read_manifest, read_volume,
                                    write_manifest, write_volume)
-from EPDSegmentationLib.volume import Volume, ijk_to_ras_matrix
+from EPDSegmentationLib.core.volume import Volume, ijk_to_ras_matrix
 
 
 def _rotation(deg: float) -> np.ndarray:

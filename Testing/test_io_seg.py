@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from EPDSegmentationLib.classes import CLASSES
+from EPDSegmentationLib.core.classes import CLASSES
 from EPDSegmentationLib.io import InputError, read_labels, read_seg_nrrd, write_seg_nrrd
 from EPDSegmentationLib.io.seg_nrrd import class_for_segment
-from EPDSegmentationLib.phantom import subject_slices
-from EPDSegmentationLib.phantom.dataset import stack
+from training.phantom import subject_slices
+from training.phantom.dataset import stack
 
 
 @pytest.fixture(scope="module")

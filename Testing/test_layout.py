@@ -43,8 +43,8 @@ def test_core_never_imports_qt(path):
 
 def test_core_imports_without_torch_or_slicer():
     """Importing the NumPy core must not pull in torch, Qt or slicer (Slicer may lack torch)."""
-    code = ("import sys, EPDSegmentationLib.epd, EPDSegmentationLib.classes, "
-            "EPDSegmentationLib.windowing, EPDSegmentationLib.volume; "
+    code = ("import sys, EPDSegmentationLib.core.epd, EPDSegmentationLib.core.classes, "
+            "EPDSegmentationLib.core.windowing, EPDSegmentationLib.core.volume; "
             "bad = [m for m in ('torch', 'slicer', 'qt', 'PySide6') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -54,9 +54,9 @@ def test_core_imports_without_torch_or_slicer():
 def test_module_file_imports_no_torch():
     """What EPDSegmentation.py imports at load time must not pull in torch: Slicer starts
     the module before the PyTorch extension has installed it."""
-    code = ("import sys, EPDSegmentationLib.inference, EPDSegmentationLib.mrml_workflow, "
-            "EPDSegmentationLib.mrml_preview, EPDSegmentationLib.mrml_nodes, "
-            "EPDSegmentationLib.mrml_views, EPDSegmentationLib.resources; "
+    code = ("import sys, EPDSegmentationLib.core.inference, EPDSegmentationLib.mrml.workflow, "
+            "EPDSegmentationLib.mrml.preview, EPDSegmentationLib.mrml.nodes, "
+            "EPDSegmentationLib.mrml.views, EPDSegmentationLib.core.resources; "
             "sys.exit('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

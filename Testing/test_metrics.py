@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from EPDSegmentationLib.metrics import (HARD_METRICS, SOFT_METRICS, THRESHOLDS, MetricStats,
+from EPDSegmentationLib.core.metrics import (HARD_METRICS, SOFT_METRICS, THRESHOLDS, MetricStats,
                                         segmentation_metrics)
 
 

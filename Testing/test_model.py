@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from EPDSegmentationLib.model import (EPDNet, ModelConfig, ResConvBlock, build_model,
+from EPDSegmentationLib.core.model import (EPDNet, ModelConfig, ResConvBlock, build_model,
                                       count_parameters)
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from EPDSegmentationLib.classes import KEYS
-from EPDSegmentationLib.model import ModelConfig, build_model
-from EPDSegmentationLib.model_io import (FORMAT, ModelFileError, load_model, make_card,
+from EPDSegmentationLib.core.classes import KEYS
+from EPDSegmentationLib.core.model import ModelConfig, build_model
+from EPDSegmentationLib.core.model_io import (FORMAT, ModelFileError, load_model, make_card,
                                          model_paths, read_card, save_model, validate_card)
-from EPDSegmentationLib.windowing import DEFAULT_WINDOWS
+from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
 
 
 def small_card(model, **over):
@@ -144,8 +144,8 @@ def test_card_validation_names_the_problem(model, change, message):
 
 
 def test_card_tools_import_without_torch():
-    code = ("import sys, EPDSegmentationLib.model_io, EPDSegmentationLib.metrics, "
-            "EPDSegmentationLib.inference; print('torch' in sys.modules); "
+    code = ("import sys, EPDSegmentationLib.core.model_io, EPDSegmentationLib.core.metrics, "
+            "EPDSegmentationLib.core.inference; print('torch' in sys.modules); "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -19,16 +19,16 @@ highdicom = pytest.importorskip("highdicom")
 
 from test_mrml_support import mrml, node_ids, one_hot, predictor  # noqa: E402,F401
 
-from EPDSegmentationLib.classes import TISSUES  # noqa: E402
+from EPDSegmentationLib.core.classes import TISSUES  # noqa: E402
 from EPDSegmentationLib.io import read_volume, write_dicom_series  # noqa: E402
-from EPDSegmentationLib.mrml_dicom import (INSTANCE_UIDS_ATTRIBUTE, MODEL_ATTRIBUTE,  # noqa: E402
+from EPDSegmentationLib.mrml.dicom import (INSTANCE_UIDS_ATTRIBUTE, MODEL_ATTRIBUTE,  # noqa: E402
                                            dicom_source, dicom_source_problem, frame_layout,
                                            model_summary, recorded_model, result_arrays)
-from EPDSegmentationLib.mrml_nodes import InputProblem, ijk_to_ras, vtk_matrix  # noqa: E402
-from EPDSegmentationLib.mrml_segmentation import fractional_probabilities  # noqa: E402
-from EPDSegmentationLib.mrml_workflow import export_results, segment_volume  # noqa: E402
-from EPDSegmentationLib.phantom import subject_slices  # noqa: E402
-from EPDSegmentationLib.phantom.dataset import stack  # noqa: E402
+from EPDSegmentationLib.mrml.nodes import InputProblem, ijk_to_ras, vtk_matrix  # noqa: E402
+from EPDSegmentationLib.mrml.segmentation import fractional_probabilities  # noqa: E402
+from EPDSegmentationLib.mrml.workflow import export_results, segment_volume  # noqa: E402
+from training.phantom import subject_slices  # noqa: E402
+from training.phantom.dataset import stack  # noqa: E402
 
 #: highdicom stores fractions as 0..255: one quantisation step
 STEP = 1 / 255
@@ -231,10 +231,10 @@ def test_instances_are_placed_by_their_position_not_by_the_uid_list(mrml, phanto
 def test_network_run_exports_dicom_seg(mrml, series, tiny_model_path, tmp_path):
     """The module's path end to end: a saved model on the CPU, its card recorded on the
     segmentation, SEG frames equal to the segmentation read back from the scene."""
-    from EPDSegmentationLib.model_io import load_model
-    from EPDSegmentationLib.mrml_nodes import slice_pixel_mm, volume_array
-    from EPDSegmentationLib.mrml_segmentation import labels_from_segmentation
-    from EPDSegmentationLib.mrml_workflow import model_predictor
+    from EPDSegmentationLib.core.model_io import load_model
+    from EPDSegmentationLib.mrml.nodes import slice_pixel_mm, volume_array
+    from EPDSegmentationLib.mrml.segmentation import labels_from_segmentation
+    from EPDSegmentationLib.mrml.workflow import model_predictor
 
     pytest.importorskip("torch")
     scene = mrml.scene
@@ -338,7 +338,7 @@ def test_existing_files_are_kept_and_a_failed_export_leaves_nothing(mrml, phanto
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CT_tissues_seg.dcm"]
     assert (tmp_path / "CT_tissues_seg.dcm").read_bytes() == b"a user's file"
 
-    import EPDSegmentationLib.dicom_seg as dicom_seg
+    import EPDSegmentationLib.io.dicom_seg as dicom_seg
 
     def fails(*args, **kwargs):
         raise OSError("disk full")

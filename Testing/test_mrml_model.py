@@ -11,13 +11,13 @@ torch = pytest.importorskip("torch")
 
 from test_mrml_support import add_ct, label_stack, mrml, node_ids  # noqa: E402,F401
 
-from EPDSegmentationLib.classes import TISSUES  # noqa: E402
-from EPDSegmentationLib.inference import Cancelled  # noqa: E402
-from EPDSegmentationLib.model_io import load_model  # noqa: E402
-from EPDSegmentationLib.mrml_nodes import ijk_to_ras, slice_pixel_mm, volume_array  # noqa: E402
-from EPDSegmentationLib.mrml_segmentation import fractional_probabilities  # noqa: E402
-from EPDSegmentationLib.mrml_tables import table_rows  # noqa: E402
-from EPDSegmentationLib.mrml_workflow import (describe_device, describe_model,  # noqa: E402
+from EPDSegmentationLib.core.classes import TISSUES  # noqa: E402
+from EPDSegmentationLib.core.inference import Cancelled  # noqa: E402
+from EPDSegmentationLib.core.model_io import load_model  # noqa: E402
+from EPDSegmentationLib.mrml.nodes import ijk_to_ras, slice_pixel_mm, volume_array  # noqa: E402
+from EPDSegmentationLib.mrml.segmentation import fractional_probabilities  # noqa: E402
+from EPDSegmentationLib.mrml.tables import table_rows  # noqa: E402
+from EPDSegmentationLib.mrml.workflow import (describe_device, describe_model,  # noqa: E402
                                               model_predictor, segment_volume)
 
 
@@ -85,8 +85,8 @@ def test_panel_descriptions(tiny_model):
 def test_panel_summary_of_the_bundled_card():
     """The bundled card's Dice sit under ``evaluation``: the summary shows them per class
     (held-out phantoms and the real-CT agreement), and the data recipe in a few words."""
-    from EPDSegmentationLib.model_io import read_card
-    from EPDSegmentationLib.resources import bundled_model_path
+    from EPDSegmentationLib.core.model_io import read_card
+    from EPDSegmentationLib.core.resources import bundled_model_path
 
     card = read_card(bundled_model_path())
     lines = describe_model(card).replace("\u00a0", " ").splitlines()   # no-break spaces
@@ -151,7 +151,7 @@ def test_out_of_memory_fallback_is_kept_for_later_chunks(mrml, tiny_model):
 
 
 def test_training_data_summary_names_levels_and_fine_tuning():
-    from EPDSegmentationLib.mrml_workflow import describe_training_data
+    from EPDSegmentationLib.mrml.workflow import describe_training_data
 
     card = {"factor": 2, "training": {"data": {
         "source": "phantom", "subjects": 60, "slices_per_subject": 6, "levels": ["T11", "L4"],

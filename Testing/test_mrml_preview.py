@@ -10,17 +10,17 @@ slicer = pytest.importorskip("slicer")
 
 from test_mrml_support import add_ct, label_stack, mrml, node_ids, predictor, soft_maps  # noqa: E402,F401,E501
 
-from EPDSegmentationLib.classes import NUM_CLASSES, TISSUES  # noqa: E402
-from EPDSegmentationLib.epd import epd_labels, nearest_labels  # noqa: E402
-from EPDSegmentationLib.mrml_nodes import (InputProblem, ijk_to_ras,  # noqa: E402
+from EPDSegmentationLib.core.classes import NUM_CLASSES, TISSUES  # noqa: E402
+from EPDSegmentationLib.core.epd import epd_labels, nearest_labels  # noqa: E402
+from EPDSegmentationLib.mrml.nodes import (InputProblem, ijk_to_ras,  # noqa: E402
                                            slice_index_at, vtk_matrix)
-from EPDSegmentationLib.mrml_preview import epd_preview  # noqa: E402
-from EPDSegmentationLib.mrml_segmentation import fractional_probabilities  # noqa: E402
-from EPDSegmentationLib.mrml_tables import table_rows  # noqa: E402
-from EPDSegmentationLib.mrml_views import (PREVIEW_LAYOUT_ID, composite_node,  # noqa: E402
+from EPDSegmentationLib.mrml.preview import epd_preview  # noqa: E402
+from EPDSegmentationLib.mrml.segmentation import fractional_probabilities  # noqa: E402
+from EPDSegmentationLib.mrml.tables import table_rows  # noqa: E402
+from EPDSegmentationLib.mrml.views import (PREVIEW_LAYOUT_ID, composite_node,  # noqa: E402
                                            red_slice_ras, show_preview, show_results,
                                            slice_node)
-from EPDSegmentationLib.mrml_workflow import segment_volume  # noqa: E402
+from EPDSegmentationLib.mrml.workflow import segment_volume  # noqa: E402
 
 
 @pytest.fixture

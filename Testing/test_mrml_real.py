@@ -13,12 +13,12 @@ torch = pytest.importorskip("torch")
 from test_mrml_support import mrml  # noqa: E402,F401
 from test_mrml_model import tiny_model  # noqa: E402,F401
 
-from EPDSegmentationLib.mrml_nodes import (check_ct_volume, ijk_to_ras,  # noqa: E402
+from EPDSegmentationLib.mrml.nodes import (check_ct_volume, ijk_to_ras,  # noqa: E402
                                            slice_pixel_mm, volume_array)
-from EPDSegmentationLib.mrml_preview import epd_preview  # noqa: E402
-from EPDSegmentationLib.mrml_tables import table_rows  # noqa: E402
-from EPDSegmentationLib.mrml_workflow import model_predictor, segment_volume  # noqa: E402
-from EPDSegmentationLib.resources import sample_ct_path, sample_labels_path  # noqa: E402
+from EPDSegmentationLib.mrml.preview import epd_preview  # noqa: E402
+from EPDSegmentationLib.mrml.tables import table_rows  # noqa: E402
+from EPDSegmentationLib.mrml.workflow import model_predictor, segment_volume  # noqa: E402
+from EPDSegmentationLib.core.resources import sample_ct_path, sample_labels_path  # noqa: E402
 
 
 def load_volume(scene, path, labelmap: bool = False):

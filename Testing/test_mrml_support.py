@@ -9,11 +9,11 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from EPDSegmentationLib.classes import NUM_CLASSES  # noqa: E402
-from EPDSegmentationLib.epd import epd_labels, upsample_soft  # noqa: E402
-from EPDSegmentationLib.example import example_labels  # noqa: E402
-from EPDSegmentationLib.mrml_nodes import vtk_matrix  # noqa: E402
-from EPDSegmentationLib.mrml_views import slice_node  # noqa: E402
+from EPDSegmentationLib.core.classes import NUM_CLASSES  # noqa: E402
+from EPDSegmentationLib.core.epd import epd_labels, upsample_soft  # noqa: E402
+from EPDSegmentationLib.core.example import example_labels  # noqa: E402
+from EPDSegmentationLib.mrml.nodes import vtk_matrix  # noqa: E402
+from EPDSegmentationLib.mrml.views import slice_node  # noqa: E402
 
 #: Mean HU per class for the synthetic CT (BG is air).
 CLASS_HU = np.array([-1000.0, 40.0, -80.0, -100.0, -90.0, 60.0])

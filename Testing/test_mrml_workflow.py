@@ -13,16 +13,16 @@ slicer = pytest.importorskip("slicer")
 from test_mrml_support import (SPACING, add_ct, label_stack, mrml,  # noqa: E402,F401
                                node_ids, one_hot, predictor, soft_maps)
 
-from EPDSegmentationLib import bodycomp  # noqa: E402
-from EPDSegmentationLib.classes import NUM_CLASSES, TISSUES  # noqa: E402
-from EPDSegmentationLib.inference import Cancelled  # noqa: E402
+from EPDSegmentationLib.core import bodycomp  # noqa: E402
+from EPDSegmentationLib.core.classes import NUM_CLASSES, TISSUES  # noqa: E402
+from EPDSegmentationLib.core.inference import Cancelled  # noqa: E402
 from EPDSegmentationLib.io.seg_nrrd import read_seg_nrrd  # noqa: E402
-from EPDSegmentationLib.mrml_nodes import InputProblem, ijk_to_ras  # noqa: E402
-from EPDSegmentationLib.mrml_segmentation import (  # noqa: E402
+from EPDSegmentationLib.mrml.nodes import InputProblem, ijk_to_ras  # noqa: E402
+from EPDSegmentationLib.mrml.segmentation import (  # noqa: E402
     BINARY, FRACTIONAL, decode_fractional, encode_fractional, fractional_probabilities,
     labels_from_segmentation, load_segmentation, save_segmentation, terminology_entry)
-from EPDSegmentationLib.mrml_tables import table_rows  # noqa: E402
-from EPDSegmentationLib.mrml_workflow import (OutputExists, export_results,  # noqa: E402
+from EPDSegmentationLib.mrml.tables import table_rows  # noqa: E402
+from EPDSegmentationLib.mrml.workflow import (OutputExists, export_results,  # noqa: E402
                                               model_path_for, model_status, resolve_slices,
                                               result_nodes, segment_volume)
 
@@ -176,7 +176,7 @@ def test_cancel_leaves_the_scene_as_it_was(case):
 def test_failure_while_building_outputs_removes_what_was_added(case, monkeypatch):
     scene, ct, _, probs = case
     before = node_ids(scene)
-    import EPDSegmentationLib.mrml_workflow as workflow
+    import EPDSegmentationLib.mrml.workflow as workflow
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

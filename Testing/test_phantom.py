@@ -9,16 +9,16 @@ import json
 import numpy as np
 import pytest
 
-from EPDSegmentationLib.classes import NUM_CLASSES
-from EPDSegmentationLib.epd import epd_image
-from EPDSegmentationLib.phantom import PhantomSlice, make_slice, subject_slices
-from EPDSegmentationLib.phantom.generate import level_z, levels_z_range
-from EPDSegmentationLib.phantom.raster import Canvas
-from EPDSegmentationLib.phantom.stats import (body_mask, epd_vs_truth, image_stats,
+from EPDSegmentationLib.core.classes import NUM_CLASSES
+from EPDSegmentationLib.core.epd import epd_image
+from training.phantom import PhantomSlice, make_slice, subject_slices
+from training.phantom.generate import level_z, levels_z_range
+from training.phantom.raster import Canvas
+from training.phantom.stats import (body_mask, epd_vs_truth, image_stats,
                                              label_stats)
-from EPDSegmentationLib.phantom.subject import subject_from_seed
-from EPDSegmentationLib.phantom.tissues import CLASS_OF, CODE, mean_hu
-from EPDSegmentationLib.phantom.torso import LEVELS, draw_torso
+from training.phantom.subject import subject_from_seed
+from training.phantom.tissues import CLASS_OF, CODE, mean_hu
+from training.phantom.torso import LEVELS, draw_torso
 
 MUS, IMAT, SAT, VAT, MSC = 1, 2, 3, 4, 5
 SEEDS_512 = (2, 5, 11)
@@ -266,7 +266,7 @@ def test_bad_arguments_are_refused():
 def test_downsampling_statistics_on_phantom_follow_real_anatomy(slices512):
     """Nearest misstates IMAT much more than the large tissues, and more at 1/8 than 1/2
     (GUIDE section 6 on real L3 maps: 5 / 9 / 26 % against 0.1-0.8 %)."""
-    from EPDSegmentationLib.phantom.stats import downsampling_area_errors, mixed_window_pct
+    from training.phantom.stats import downsampling_area_errors, mixed_window_pct
 
     errs = {k: [] for k in (2, 8)}
     big = []

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
-from EPDSegmentationLib.phantom import make_slice, write_dataset
-from EPDSegmentationLib.phantom.__main__ import main
-from EPDSegmentationLib.phantom.dataset import (SAMPLE_GAP_MM, SAMPLE_SEED, SAMPLE_SLICES,
+from training.phantom import make_slice, write_dataset
+from training.phantom.__main__ import main
+from training.phantom.dataset import (SAMPLE_GAP_MM, SAMPLE_SEED, SAMPLE_SLICES,
                                                 split_subjects, subject_seeds)
-from EPDSegmentationLib.phantom.generate import slice_positions
-from EPDSegmentationLib.resources import sample_ct_path, sample_labels_path
+from training.phantom.generate import slice_positions
+from EPDSegmentationLib.core.resources import sample_ct_path, sample_labels_path
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_default_dataset_is_bit_identical_to_before_the_torso_anatomy(dataset):
 
 
 def test_dataset_of_the_torso_between_two_levels(tmp_path):
-    from EPDSegmentationLib.phantom.generate import levels_z_range
+    from training.phantom.generate import levels_z_range
 
     manifest = write_dataset(tmp_path / "up", n_subjects=2, slices_per_subject=3, seed=4,
                              size=48, formats=("nrrd", "dicom"), progress=False,

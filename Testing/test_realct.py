@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from EPDSegmentationLib.io import write_volume
-from EPDSegmentationLib.phantom import subject_slices
-from EPDSegmentationLib.phantom.dataset import stack
+from training.phantom import subject_slices
+from training.phantom.dataset import stack
 from training.__main__ import main
 from training.realct import evaluate_masks, parse_mask
 
@@ -59,7 +59,7 @@ def test_bundle_evaluates_and_writes_the_card(tiny_model_path, tmp_path):
     the folder lacks the sample."""
     import shutil
 
-    from EPDSegmentationLib.model_io import load_model
+    from EPDSegmentationLib.core.model_io import load_model
 
     run = tmp_path / "run"
     run.mkdir()

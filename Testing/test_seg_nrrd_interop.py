@@ -14,11 +14,11 @@ pytest.importorskip("slicer")
 from test_mrml_support import mrml  # noqa: E402,F401
 
 from EPDSegmentationLib.io import read_seg_nrrd, write_seg_nrrd  # noqa: E402
-from EPDSegmentationLib.mrml_segmentation import (fill_fractional_segmentation,  # noqa: E402
+from EPDSegmentationLib.mrml.segmentation import (fill_fractional_segmentation,  # noqa: E402
                                                   fill_tissue_segmentation,
                                                   fractional_probabilities, labels_from_segmentation,
                                                   load_segmentation, save_segmentation)
-from EPDSegmentationLib.volume import ijk_to_ras_matrix  # noqa: E402
+from EPDSegmentationLib.core.volume import ijk_to_ras_matrix  # noqa: E402
 
 STEP = 1 / 216 + 1e-6
 

@@ -11,13 +11,13 @@ import csv
 import numpy as np
 import pytest
 
-from EPDSegmentationLib.classes import TISSUES
-from EPDSegmentationLib.cli import main
+from EPDSegmentationLib.core.classes import TISSUES
+from EPDSegmentationLib.cli.main import main
 from EPDSegmentationLib.io import read_seg_nrrd, read_volume, write_dicom_series, write_volume
-from EPDSegmentationLib.phantom import subject_slices
-from EPDSegmentationLib.phantom.dataset import stack
-from EPDSegmentationLib.segment import find_cases, parse_slices
-from EPDSegmentationLib.volume import hu_range_problem
+from training.phantom import subject_slices
+from training.phantom.dataset import stack
+from EPDSegmentationLib.cli.segment import find_cases, parse_slices
+from EPDSegmentationLib.core.volume import hu_range_problem
 
 OUTPUTS = (".seg.nrrd", "_soft.seg.nrrd", "_probabilities.nrrd", "_bodycomp.csv",
            "_overlay.png")
@@ -216,7 +216,7 @@ def test_module_and_command_line_share_one_ct_rule():
     import inspect
 
     pytest.importorskip("slicer")
-    from EPDSegmentationLib import mrml_nodes
+    from EPDSegmentationLib.mrml import nodes as mrml_nodes
 
     source = inspect.getsource(mrml_nodes.check_ct_volume)
     assert "hu_range_problem(" in source and "HU_CEILING_OF_MINIMUM" not in source
@@ -226,7 +226,7 @@ def test_unexpected_error_in_one_case_is_reported_and_the_batch_goes_on(
         cases, tiny_model_path, tmp_path, capsys, monkeypatch):
     """A RuntimeError (e.g. the CPU out of memory) in one case: that case fails with its
     traceback on stderr and without leftover files; the next case still runs; exit 1."""
-    from EPDSegmentationLib import inference
+    from EPDSegmentationLib.core import inference
 
     real = inference.predict_volume
     calls = []
@@ -255,7 +255,7 @@ def test_a_bug_in_one_case_shows_its_traceback_and_the_batch_goes_on(
         cases, tiny_model_path, tmp_path, capsys, monkeypatch):
     """An error nobody expected (a bug) fails its case with the traceback on stderr; files
     the case had written are removed; the other case still finishes; exit 1."""
-    from EPDSegmentationLib import overlay
+    from EPDSegmentationLib.io import overlay
 
     real = overlay.write_overlay_png
 

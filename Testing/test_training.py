@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from EPDSegmentationLib.inference import predict_volume
-from EPDSegmentationLib.model_io import load_model
+from EPDSegmentationLib.core.inference import predict_volume
+from EPDSegmentationLib.core.model_io import load_model
 from training.__main__ import main
 from training.checkpoint import load_checkpoint
 from training.data import phantom_records
@@ -187,7 +187,7 @@ def test_a_tiny_run_learns_and_beats_chance_on_held_out_slices(tmp_path):
 
 
 def test_nearest_labels_bilinear_images_from_a_manifest(tmp_path):
-    from EPDSegmentationLib.phantom import write_dataset
+    from training.phantom import write_dataset
 
     manifest = write_dataset(tmp_path / "data", 3, 2, seed=1, size=32, val_fraction=0.34,
                              progress=False)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from EPDSegmentationLib.epd import downsample_pair
-from EPDSegmentationLib.windowing import DEFAULT_WINDOWS, window_channels
+from EPDSegmentationLib.core.epd import downsample_pair
+from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, window_channels
 from training.data import (AIR_HU, Augment, SliceDataset, SliceRecord, manifest_records,
                            median_pixel_mm, model_inputs, phantom_records, to_source_grid)
 
@@ -29,7 +29,7 @@ def test_phantom_records_split_by_subject(phantom):
 
 def test_phantom_records_are_the_written_dataset(tmp_path, phantom):
     """The in-memory phantom is what write_dataset puts on disk (same subjects and split)."""
-    from EPDSegmentationLib.phantom import write_dataset
+    from training.phantom import write_dataset
 
     manifest = write_dataset(tmp_path, 3, 2, seed=0, size=32, val_fraction=0.34, progress=False)
     disk = manifest_records(manifest, ("train", "val"))

@@ -10,7 +10,7 @@ import torch
 from training.losses import (LOSSES, Criterion, dice_loss, focal_loss, mae_loss, parse_loss,
                              soft_ce_loss, tversky_loss)
 from training.train import TrainModule, make_optimizer
-from EPDSegmentationLib.model import ModelConfig, build_model
+from EPDSegmentationLib.core.model import ModelConfig, build_model
 
 
 def logits_for(p: torch.Tensor) -> torch.Tensor:

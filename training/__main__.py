@@ -17,7 +17,12 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bundle, evaluate, experiment, realct, report, train
+    from . import bundle
+    from . import evaluate
+    from . import experiment
+    from . import realct
+    from . import report
+    from . import train
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a command; bad input (arguments, files, devices) -> one error line and exit 2.
     Anything else (a bug, a CUDA failure) keeps its traceback."""
-    from EPDSegmentationLib.inference import DeviceError
+    from EPDSegmentationLib.core.inference import DeviceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -51,9 +51,10 @@ def _per_class(result: Dict, metric: str) -> Dict[str, Optional[float]]:
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
-    from EPDSegmentationLib.model_io import load_model, save_model
+    from EPDSegmentationLib.core.model_io import load_model, save_model
 
-    from . import evaluate, realct
+    from . import evaluate
+    from . import realct
 
     weights = Path(args.run) / "model.safetensors"
     model, card = load_model(weights)

@@ -24,10 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from EPDSegmentationLib.classes import NUM_CLASSES, class_by_key
-from EPDSegmentationLib.epd_torch import downsample_pair_torch, epd_labels_torch
-from EPDSegmentationLib.inference import resample_planes, resampled_shape
-from EPDSegmentationLib.windowing import window_channels
+from EPDSegmentationLib.core.classes import NUM_CLASSES, class_by_key
+from EPDSegmentationLib.core.epd_torch import downsample_pair_torch, epd_labels_torch
+from EPDSegmentationLib.core.inference import resample_planes, resampled_shape
+from EPDSegmentationLib.core.windowing import window_channels
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
@@ -60,8 +60,8 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     stack within them."""
     from tqdm import tqdm
 
-    from EPDSegmentationLib.phantom import subject_slices
-    from EPDSegmentationLib.phantom.dataset import split_subjects, subject_seeds
+    from training.phantom import subject_slices
+    from training.phantom.dataset import split_subjects, subject_seeds
 
     if n_subjects < 1 or slices_per_subject < 1:
         raise ValueError(f"phantom needs >= 1 subject and >= 1 slice per subject; got "

@@ -41,7 +41,7 @@ def setup(device: str = "auto") -> Context:
 
     device: "auto" (a GPU when there is one, else the CPU), "cuda" or "cpu". Under torchrun
     each rank takes cuda:LOCAL_RANK with NCCL, or the CPU with gloo."""
-    from EPDSegmentationLib.inference import DeviceError, select_device
+    from EPDSegmentationLib.core.inference import DeviceError, select_device
 
     if not launched_by_torchrun():
         dev, reason = select_device(device)

@@ -26,12 +26,12 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from EPDSegmentationLib.classes import CLASSES, KEYS, NUM_CLASSES, color_table
-from EPDSegmentationLib.epd import epd_labels
-from EPDSegmentationLib.inference import (prepare_slices, resample_planes, restore_probabilities,
+from EPDSegmentationLib.core.classes import CLASSES, KEYS, NUM_CLASSES, color_table
+from EPDSegmentationLib.core.epd import epd_labels
+from EPDSegmentationLib.core.inference import (prepare_slices, resample_planes, restore_probabilities,
                                           run_network, select_device)
-from EPDSegmentationLib.metrics import HARD_METRICS, SOFT_METRICS, MetricStats
-from EPDSegmentationLib.model_io import load_model
+from EPDSegmentationLib.core.metrics import HARD_METRICS, SOFT_METRICS, MetricStats
+from EPDSegmentationLib.core.model_io import load_model
 
 from .data import SliceRecord, manifest_records, phantom_records
 from .train import add_data_arguments

@@ -134,7 +134,7 @@ def run_state(folder: Path, epochs: int) -> str:
 
 def write_datasets(out: Path, preset: Dict[str, object], names: Sequence[str]) -> Dict[str, Path]:
     """The phantom sets as files, written once; returns set -> manifest."""
-    from EPDSegmentationLib.phantom.dataset import write_dataset
+    from training.phantom.dataset import write_dataset
 
     manifests = {}
     for name in names:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from EPDSegmentationLib.model_io import atomic_write
+from EPDSegmentationLib.core.model_io import atomic_write
 
 Row = Dict[str, float]
 

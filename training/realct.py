@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from EPDSegmentationLib.atomic import atomic_file, write_text
-from EPDSegmentationLib.classes import CLASSES, class_by_key
+from EPDSegmentationLib.core.atomic import atomic_file, write_text
+from EPDSegmentationLib.core.classes import CLASSES, class_by_key
 
 
 def parse_mask(spec: str) -> Tuple[List[int], Path]:
@@ -79,10 +79,10 @@ def evaluate_masks(probabilities: np.ndarray, masks: Sequence[Tuple[str, List[in
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
-    from EPDSegmentationLib.inference import predict_volume
+    from EPDSegmentationLib.core.inference import predict_volume
     from EPDSegmentationLib.io import read_labels, read_volume
-    from EPDSegmentationLib.model_io import load_model
-    from EPDSegmentationLib.overlay import display_slice, overlay_rgb
+    from EPDSegmentationLib.core.model_io import load_model
+    from EPDSegmentationLib.io.overlay import display_slice, overlay_rgb
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

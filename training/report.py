@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from EPDSegmentationLib.classes import KEYS
-from EPDSegmentationLib.metrics import HARD_METRICS, SOFT_METRICS
+from EPDSegmentationLib.core.classes import KEYS
+from EPDSegmentationLib.core.metrics import HARD_METRICS, SOFT_METRICS
 
 from .experiment import DOWN_FACTORS, iter_runs
 from .logs import atomic_bytes, read_csv
@@ -275,10 +275,10 @@ def plot_downsampling(path: Path, seed: int = 0, size: int = 512) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from EPDSegmentationLib.classes import color_table
-    from EPDSegmentationLib.demo import soft_rgb
-    from EPDSegmentationLib.epd import bilinear_image, epd_image, epd_labels, nearest_labels
-    from EPDSegmentationLib.phantom import make_slice
+    from EPDSegmentationLib.core.classes import color_table
+    from EPDSegmentationLib.cli.demo import soft_rgb
+    from EPDSegmentationLib.core.epd import bilinear_image, epd_image, epd_labels, nearest_labels
+    from training.phantom import make_slice
 
     from .logs import _save
 

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from EPDSegmentationLib.classes import KEYS, NUM_CLASSES
-from EPDSegmentationLib.epd_torch import upsample_soft_torch
-from EPDSegmentationLib.metrics import MetricStats
-from EPDSegmentationLib.model import ModelConfig, build_model
-from EPDSegmentationLib.model_io import FACTORS, IMAGE_MODES, LABEL_MODES, make_card, save_model
-from EPDSegmentationLib.windowing import DEFAULT_WINDOWS, check_windows
+from EPDSegmentationLib.core.classes import KEYS, NUM_CLASSES
+from EPDSegmentationLib.core.epd_torch import upsample_soft_torch
+from EPDSegmentationLib.core.metrics import MetricStats
+from EPDSegmentationLib.core.model import ModelConfig, build_model
+from EPDSegmentationLib.core.model_io import FACTORS, IMAGE_MODES, LABEL_MODES, make_card, save_model
+from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, check_windows
 
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -181,12 +181,12 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
         recs = phantom_records(args.phantom_subjects, args.phantom_slices, args.phantom_size,
                                args.data_seed, args.val_fraction, args.phantom_gap_mm,
                                progress=progress, levels=args.phantom_levels)
-        recipe = {"source": "phantom", "generator": "EPDSegmentationLib.phantom",
+        recipe = {"source": "phantom", "generator": "training.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
                   "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
                   "levels": args.phantom_levels,
                   "seed": args.data_seed, "val_fraction": args.val_fraction,
-                  "same_as": f"EPDSegmentationLib.phantom.write_dataset(out, "
+                  "same_as": f"training.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
                              f"seed={args.data_seed}, size={args.phantom_size}, "
                              f"val_fraction={args.val_fraction}"
@@ -284,7 +284,7 @@ def init_from(net: nn.Module, path: Path, architecture: dict, args, recipe: dict
     """Copy the weights of model file ``path`` into ``net`` (read with model_io.load_model:
     safetensors only, validated); refuse a model of another architecture, windows or factor.
     The data recipe records where the weights came from."""
-    from EPDSegmentationLib.model_io import load_model
+    from EPDSegmentationLib.core.model_io import load_model
 
     model, card = load_model(path)
     differ = [f"{name} {theirs!r} (this run: {ours!r})" for name, theirs, ours in (

@@ -2,7 +2,7 @@
 
 Side by side in one run, for each factor:
   copy floor      copying the input once and writing an output-sized float32 array
-  EPD (1 thread)  EPDSegmentationLib.epd.epd_labels(workers=1)
+  EPD (1 thread)  EPDSegmentationLib.core.epd.epd_labels(workers=1)
   EPD (auto)      the same with its default threads
   one_hot+pool    torch: F.one_hot -> float -> avg_pool2d
   block_reduce    skimage.measure.block_reduce(labels == c, mean) per class
@@ -48,7 +48,7 @@ def methods(labels: np.ndarray, classes: int, k: int):
     import torch.nn.functional as F
     from skimage.measure import block_reduce
 
-    from EPDSegmentationLib.epd import epd_labels
+    from EPDSegmentationLib.core.epd import epd_labels
 
     out_shape = (labels.shape[0], classes, -(-labels.shape[1] // k), -(-labels.shape[2] // k))
 
@@ -118,7 +118,7 @@ def main() -> None:
 
     import torch
 
-    from EPDSegmentationLib.epd import epd_labels
+    from EPDSegmentationLib.core.epd import epd_labels
 
     print(f"labels {shape[1]} x {shape[2]} x {shape[0]} uint8, {classes} classes; "
           f"{os.cpu_count()} cores, numpy {np.__version__}, torch {torch.__version__}, "

@@ -39,14 +39,14 @@ def main() -> None:
     args = p.parse_args()
     repeat = 2 if args.quick else args.repeat
 
-    from EPDSegmentationLib.classes import NUM_CLASSES
-    from EPDSegmentationLib.epd import epd_labels
-    from EPDSegmentationLib.phantom import make_slice
-    from EPDSegmentationLib.phantom.anatomy import draw, plan_layout
-    from EPDSegmentationLib.phantom.generate import render_image
-    from EPDSegmentationLib.phantom.raster import Canvas
-    from EPDSegmentationLib.phantom.subject import _draw, subject_from_seed
-    from EPDSegmentationLib.phantom.tissues import CLASS_OF
+    from EPDSegmentationLib.core.classes import NUM_CLASSES
+    from EPDSegmentationLib.core.epd import epd_labels
+    from training.phantom import make_slice
+    from training.phantom.anatomy import draw, plan_layout
+    from training.phantom.generate import render_image
+    from training.phantom.raster import Canvas
+    from training.phantom.subject import _draw, subject_from_seed
+    from training.phantom.tissues import CLASS_OF
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"phantom benchmark: seed {args.seed}, best of {repeat}, {cores} core(s) available")

@@ -44,8 +44,8 @@ def bundled_architecture(width: Optional[int] = None):
     """The bundled model's ModelConfig, from its card; ``width`` replaces its width."""
     from dataclasses import replace
 
-    from EPDSegmentationLib.model_io import ModelConfig, read_card
-    from EPDSegmentationLib.resources import bundled_model_path
+    from EPDSegmentationLib.core.model_io import ModelConfig, read_card
+    from EPDSegmentationLib.core.resources import bundled_model_path
 
     config = ModelConfig.from_dict(read_card(bundled_model_path())["architecture"])
     return config if width is None else replace(config, width=width)
@@ -57,11 +57,11 @@ def make_inputs(folder: Path, slices: int, size: int, factors, config) -> dict:
     import torch
 
     from EPDSegmentationLib.io import read_volume, write_volume
-    from EPDSegmentationLib.model import build_model
-    from EPDSegmentationLib.model_io import make_card, save_model
-    from EPDSegmentationLib.resources import sample_ct_path
-    from EPDSegmentationLib.volume import Volume
-    from EPDSegmentationLib.windowing import DEFAULT_WINDOWS
+    from EPDSegmentationLib.core.model import build_model
+    from EPDSegmentationLib.core.model_io import make_card, save_model
+    from EPDSegmentationLib.core.resources import sample_ct_path
+    from EPDSegmentationLib.core.volume import Volume
+    from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
 
     sample = read_volume(sample_ct_path())
     reps = -(-slices // sample.array.shape[0])
@@ -87,8 +87,8 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str) -> di
     t_start = time.perf_counter()
     import torch
 
-    from EPDSegmentationLib.model_io import load_model
-    from EPDSegmentationLib.segment import Case, segment_case
+    from EPDSegmentationLib.core.model_io import load_model
+    from EPDSegmentationLib.cli.segment import Case, segment_case
 
     net, card = load_model(model)
     startup = time.perf_counter() - t_start

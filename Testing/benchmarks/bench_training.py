@@ -48,9 +48,9 @@ def measure(factor: int, size: int, batch: int, width: int, steps: int, warmup: 
     import numpy as np
     import torch
 
-    from EPDSegmentationLib.model import ModelConfig, build_model
-    from EPDSegmentationLib.phantom import make_slice
-    from EPDSegmentationLib.windowing import DEFAULT_WINDOWS
+    from EPDSegmentationLib.core.model import ModelConfig, build_model
+    from training.phantom import make_slice
+    from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
     from training.data import model_inputs
     from training.losses import Criterion
     from training.train import TrainModule, make_optimizer

@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from ..volume import Volume
-from ..atomic import atomic_folder
+from ..core.volume import Volume
+from ..core.atomic import atomic_folder
 from .errors import InputError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -7,8 +7,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..volume import Volume
-from ..atomic import atomic_file, extension
+from ..core.volume import Volume
+from ..core.atomic import atomic_file, extension
 from .errors import InputError
 
 #: LPS <-> RAS: flip the first two axes

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
-from ..atomic import atomic_file
+from ..core.atomic import atomic_file
 from .errors import InputError
 
 SPLITS = ("train", "val", "test")

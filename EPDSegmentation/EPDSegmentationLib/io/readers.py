@@ -7,9 +7,9 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..classes import NUM_CLASSES
-from ..volume import Volume
-from ..atomic import extension
+from ..core.classes import NUM_CLASSES
+from ..core.volume import Volume
+from ..core.atomic import extension
 from .errors import InputError
 from .images import IMAGE_EXTENSIONS, read_itk
 

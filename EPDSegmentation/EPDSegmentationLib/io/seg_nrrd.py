@@ -17,9 +17,9 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from ..classes import CLASSES, NUM_CLASSES, TissueClass
-from ..volume import Volume
-from ..atomic import atomic_file
+from ..core.classes import CLASSES, NUM_CLASSES, TissueClass
+from ..core.volume import Volume
+from ..core.atomic import atomic_file
 from .errors import InputError
 
 FLIP = np.diag([-1.0, -1.0, 1.0])

@@ -1,7 +1,8 @@
 """Where the bundled files are: the model and the sample CT.
 
 In the source tree they live in <repo>/Resources; a built Slicer extension installs them
-into the module's own Resources folder. Both places are searched, module first.
+into the module's own Resources folder; a pip-installed wheel carries them as
+EPDSegmentationLib/bundled. The three places are searched in that order, module first.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-_LIB = Path(__file__).resolve().parent
-SEARCH_DIRS: List[Path] = [_LIB.parent / "Resources", _LIB.parent.parent / "Resources"]
+LIB_DIR = Path(__file__).resolve().parents[1]    # EPDSegmentationLib/
+SEARCH_DIRS: List[Path] = [LIB_DIR.parent / "Resources", LIB_DIR.parent.parent / "Resources",
+                           LIB_DIR / "bundled"]
 
 #: Bundled model: safetensors weights with a JSON model card of the same stem beside them.
 BUNDLED_MODEL = ("Models", "EPDBodyComp_f2.safetensors")

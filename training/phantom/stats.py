@@ -13,8 +13,8 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..classes import NUM_CLASSES
-from ..epd import epd_image, epd_labels, nearest_labels
+from EPDSegmentationLib.core.classes import NUM_CLASSES
+from EPDSegmentationLib.core.epd import epd_image, epd_labels, nearest_labels
 
 FAT_HU = (-190.0, -30.0)
 SOFT_HU = (-29.0, 150.0)

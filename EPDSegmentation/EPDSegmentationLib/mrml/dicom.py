@@ -26,10 +26,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .classes import NUM_CLASSES, TISSUES
-from .mrml_nodes import InputProblem, ijk_to_ras, volume_array
-from .mrml_segmentation import fractional_probabilities, labels_from_segmentation
-from .outputs import output_path
+from ..core.classes import NUM_CLASSES, TISSUES
+from .nodes import InputProblem, ijk_to_ras, volume_array
+from .segmentation import fractional_probabilities, labels_from_segmentation
+from ..io.outputs import output_path
 
 #: Volume node attribute set by Slicer's DICOM scalar volume plugin.
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
@@ -361,7 +361,7 @@ def write_dicom_segs(paths: Mapping[str, Path], source: DicomSource, labels: np.
     one (``paths['dicom_fractional_seg']``) through dicom_seg.write_dicom_seg, frame n on
     source instance n. labels (K, J, I) and probabilities (6, K, J, I) on the volume's grid.
     """
-    from .dicom_seg import write_dicom_seg
+    from ..io.dicom_seg import write_dicom_seg
 
     written = [write_dicom_seg(paths["dicom_seg"], source.datasets,
                                labels=np.ascontiguousarray(source.frames(labels)),
@@ -380,7 +380,7 @@ def write_dicom_segs(paths: Mapping[str, Path], source: DicomSource, labels: np.
 def check_dicom_seg_possible(source: DicomSource) -> None:
     """Refuse up front (before any file is written) what write_dicom_seg would refuse about
     the sources, e.g. a series de-identified without new study/series UIDs."""
-    from .dicom_seg import DicomSegError, prepare_sources
+    from ..io.dicom_seg import DicomSegError, prepare_sources
 
     i, j, k = source.volume.GetImageData().GetDimensions()
     shape = source.frames(np.empty((k, j, i), np.uint8)).shape

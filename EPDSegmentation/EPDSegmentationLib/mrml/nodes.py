@@ -15,9 +15,9 @@ import numpy as np
 import slicer
 import vtk
 
-from .classes import CLASSES
-from .outputs import safe_stem
-from .volume import HU_CEILING_OF_MINIMUM, hu_range_problem  # noqa: F401  (the one CT rule)
+from ..core.classes import CLASSES
+from ..io.outputs import safe_stem
+from ..core.volume import HU_CEILING_OF_MINIMUM, hu_range_problem  # noqa: F401  (the one CT rule)
 
 #: The slice axis (K) must be this close to superior-inferior (|cosine|) for axial slices.
 AXIAL_COSINE = 0.7

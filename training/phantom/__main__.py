@@ -1,4 +1,4 @@
-"""python -m EPDSegmentationLib.phantom {contact-sheet, sample, dataset, stats, slice}"""
+"""python -m training.phantom {contact-sheet, sample, dataset, stats, slice}"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m EPDSegmentationLib.phantom",
+    p = argparse.ArgumentParser(prog="python -m training.phantom",
                                 description="The labelled CT phantom (L3; T11 to L4 with "
                                             "--levels / --level).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             import matplotlib.pyplot as plt
 
             from .generate import make_slice
-            from ..overlay import overlay_rgb
+            from EPDSegmentationLib.io.overlay import overlay_rgb
             from .sheet import _gray
 
             s = make_slice(args.seed, z_mm=args.z, anatomy=args.anatomy, level=args.level)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 import slicer
 
-from .mrml_nodes import numpy_matrix
+from .nodes import numpy_matrix
 
 #: Custom layout: original | nearest 1/k | EPD 1/k, axial, above a table view.
 PREVIEW_LAYOUT_ID = 51701

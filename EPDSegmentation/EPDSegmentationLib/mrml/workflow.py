@@ -25,18 +25,18 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import slicer
 
-from . import bodycomp
-from .classes import CLASSES, NUM_CLASSES, TISSUES
-from .inference import Cancelled
-from .mrml_dicom import (check_dicom_seg_possible, dicom_seg_paths, record_model,
+from ..core import bodycomp
+from ..core.classes import CLASSES, NUM_CLASSES, TISSUES
+from ..core.inference import Cancelled
+from .dicom import (check_dicom_seg_possible, dicom_seg_paths, record_model,
                          recorded_model, result_arrays, write_dicom_segs)
-from .mrml_nodes import (InputProblem, add_volume, check_ct_volume, ijk_to_ras, place_beside,
+from .nodes import (InputProblem, add_volume, check_ct_volume, ijk_to_ras, place_beside,
                          safe_file_stem, spacing_ijk, undo_on_failure, unique_name,
                          volume_array, ROLE_ATTRIBUTE)
-from .mrml_segmentation import (FRACTIONAL_MIN, encode_fractional, fill_fractional_segmentation,
+from .segmentation import (FRACTIONAL_MIN, encode_fractional, fill_fractional_segmentation,
                                 fill_tissue_segmentation, save_segmentation)
-from .mrml_tables import fill_measures_table, new_table, table_to_csv
-from .outputs import output_path, probability_volume_path
+from .tables import fill_measures_table, new_table, table_to_csv
+from ..io.outputs import output_path, probability_volume_path
 
 #: Slices per chunk between progress reports and cancel checks.
 CHUNK_SLICES = 16
@@ -103,7 +103,7 @@ def model_predictor(model, card: Mapping[str, Any], hu: np.ndarray, pixel_mm, *,
 
     An out-of-memory fallback (smaller batch, then the CPU) found in one chunk is kept for
     the next chunks, so the panel does not retry the failing setting every chunk."""
-    from .inference import predict_volume
+    from ..core.inference import predict_volume
 
     state: Dict[str, Any] = {"device": device, "batch": int(batch_size)}
 
@@ -533,7 +533,7 @@ def describe_device(requested: str = "auto") -> Tuple[str, str]:
     except ImportError:
         return "", ("PyTorch is not installed: Apply offers to install it through the "
                     "PyTorch extension")
-    from .inference import select_device
+    from ..core.inference import select_device
 
     try:
         dev, reason = select_device(requested)
@@ -559,7 +559,7 @@ MODEL_SOURCES = ("Bundled model", "Model file")
 def model_path_for(source: str, path=None) -> Path:
     """The weights file for the panel's model choice; FileNotFoundError saying what is
     missing (short enough for the panel)."""
-    from .resources import bundled_model_path
+    from ..core.resources import bundled_model_path
 
     if source == MODEL_SOURCES[0]:
         try:
@@ -578,7 +578,7 @@ def model_path_for(source: str, path=None) -> Path:
 def model_status(source: str, path=None) -> Tuple[str, bool]:
     """(the panel's model summary, whether the model can be used), from the model card;
     torch is not needed."""
-    from .model_io import ModelFileError, read_card
+    from ..core.model_io import ModelFileError, read_card
 
     try:
         card = read_card(model_path_for(source, path))

@@ -11,10 +11,10 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from .atomic import atomic_file
-from .classes import CLASSES, NUM_CLASSES, TISSUES, color_table
-from .epd import epd_labels, nearest_labels, soft_pixel_counts
-from .example import PIXEL_MM, example_labels
+from ..core.atomic import atomic_file
+from ..core.classes import CLASSES, NUM_CLASSES, TISSUES, color_table
+from ..core.epd import epd_labels, nearest_labels, soft_pixel_counts
+from ..core.example import PIXEL_MM, example_labels
 
 
 def area_table(labels: np.ndarray, factors: Sequence[int], pixel_mm: float) -> Dict:

@@ -31,11 +31,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .classes import TISSUES
-from .atomic import extension
-from .io.errors import InputError
-from .outputs import output_path, safe_stem
-from .volume import hu_range_problem
+from ..core.classes import TISSUES
+from ..core.atomic import extension
+from ..io.errors import InputError
+from ..io.outputs import output_path, safe_stem
+from ..core.volume import hu_range_problem
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".ima")
 MANIFEST_EXTENSIONS = (".csv", ".json")
@@ -85,7 +85,7 @@ def _has_dicom(folder: Path) -> bool:
 
 
 def _cases_of(path: Path) -> List[Case]:
-    from .io import read_manifest
+    from ..io import read_manifest
 
     if not path.exists():
         raise InputError(path, "no such file or folder")
@@ -180,7 +180,7 @@ def dicom_seg_sources(vol, path) -> List:
                                "highdicom); install it or drop --dicom-seg") from None
     import pydicom
 
-    from .dicom_seg import DicomSegError, prepare_sources
+    from ..io.dicom_seg import DicomSegError, prepare_sources
 
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in vol.meta["files"]]
     try:
@@ -205,7 +205,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def _failure(case: Case, exc: BaseException, seconds: float) -> CaseResult:
     """A failed CaseResult: the message of an expected error, a plain out-of-memory
     sentence with a hint, or for anything else (a bug) the error and its traceback."""
-    from .inference import DeviceError
+    from ..core.inference import DeviceError
 
     if isinstance(exc, EXPECTED_ERRORS + (DeviceError,)):
         return CaseResult(case, False, str(exc), seconds=seconds)
@@ -242,9 +242,11 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     Any error comes back as a failed CaseResult (an unexpected one with its traceback in
     ``traceback``), after removing the files this call had written; KeyboardInterrupt
     removes them too and is raised again."""
-    from . import bodycomp, inference, overlay
-    from .epd import soft_to_labels
-    from .io import read_volume, write_probabilities, write_seg_nrrd
+    from ..core import bodycomp
+    from ..core import inference
+    from ..io import overlay
+    from ..core.epd import soft_to_labels
+    from ..io import read_volume, write_probabilities, write_seg_nrrd
 
     t0 = time.perf_counter()
     if case.problem:
@@ -310,7 +312,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
 def _write_dicom_segs(sources, labels, probs, card, paths, overwrite,
                       written: List[Path]) -> None:
     """Both SEG files, appended to ``written`` one by one (so a failure can remove them)."""
-    from .dicom_seg import write_dicom_seg
+    from ..io.dicom_seg import write_dicom_seg
 
     written.append(write_dicom_seg(paths["dicom_seg"], sources, labels=labels,
                                    model_card=card, overwrite=overwrite))

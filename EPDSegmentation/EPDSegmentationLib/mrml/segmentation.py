@@ -33,9 +33,9 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .classes import NUM_CLASSES, TISSUES, TissueClass
-from .io.seg_nrrd import class_for_segment, terminology_tag
-from .mrml_nodes import InputProblem, ijk_to_ras, numpy_matrix, vtk_matrix
+from ..core.classes import NUM_CLASSES, TISSUES, TissueClass
+from ..io.seg_nrrd import class_for_segment, terminology_tag
+from .nodes import InputProblem, ijk_to_ras, numpy_matrix, vtk_matrix
 
 BINARY = "Binary labelmap"
 FRACTIONAL = "Fractional labelmap"

@@ -43,9 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 def _segment(args) -> int:
     from tqdm import tqdm
 
-    from .inference import DeviceError, select_device
-    from .model_io import ModelFileError, load_model
-    from .resources import bundled_model_path
+    from ..core.inference import DeviceError, select_device
+    from ..core.model_io import ModelFileError, load_model
+    from ..core.resources import bundled_model_path
     from .segment import find_cases, format_summary, segment_case
 
     if args.batch_size < 1:
@@ -91,7 +91,7 @@ def _segment(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from .io.errors import InputError
+    from ..io.errors import InputError
 
     try:
         if args.command == "segment":

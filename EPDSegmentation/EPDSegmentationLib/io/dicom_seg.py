@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_file, check_target
-from .classes import TISSUES, TissueClass
+from .. import __version__
+from ..core.atomic import atomic_file, check_target
+from ..core.classes import TISSUES, TissueClass
 
 ALGORITHM_NAME = "EPD Segmentation"
 MANUFACTURER = "EPD Segmentation"

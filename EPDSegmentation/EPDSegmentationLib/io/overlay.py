@@ -7,8 +7,8 @@ from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
-from .atomic import atomic_file, check_target
-from .classes import TISSUES, color_table
+from ..core.atomic import atomic_file, check_target
+from ..core.classes import TISSUES, color_table
 
 
 def display_slice(volume, k: int, array: Optional[np.ndarray] = None) -> np.ndarray:

@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import vtk
 
-from . import bodycomp
-from .classes import TISSUES
-from .mrml_nodes import ROLE_ATTRIBUTE, unique_name
+from ..core import bodycomp
+from ..core.classes import TISSUES
+from .nodes import ROLE_ATTRIBUTE, unique_name
 
 #: (key, title, unit, description) of the preview's area table.
 AREA_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (

@@ -1,6 +1,6 @@
 """The contact sheet: phantom slices with label overlays beside real CT at the same window.
 
-    python -m EPDSegmentationLib.phantom contact-sheet --output docs/phantom_contact_sheet.png
+    python -m training.phantom contact-sheet --output docs/phantom_contact_sheet.png
 
 Rows 1-2: six mid-L3 phantom subjects (lumbar anatomy) and three upper-abdominal ones
 (torso anatomy at T11, T12 and L1) with their labels. Real slices come from
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..overlay import display_slice, overlay_rgb
+from EPDSegmentationLib.io.overlay import display_slice, overlay_rgb
 
 WINDOW = (-160.0, 240.0)   # W400 / L40
 #: phantom subjects shown: a spread of habitus, muscle quality, phase and tube voltage
@@ -27,7 +27,7 @@ SHEET_SEEDS = (3, 11, 7, 8, 1, 9)
 UPPER_SHEET = ((2, "T11"), (1, "T12"), (0, "L1"))
 #: TotalSegmentator "total" vertebra labels
 _TS_VERTEBRAE = {27: "L5", 28: "L4", 29: "L3", 30: "L2", 31: "L1", 32: "T12", 33: "T11"}
-_REPO = Path(__file__).resolve().parents[3]
+_REPO = Path(__file__).resolve().parents[2]
 #: where ../shared may be: beside this checkout, or beside the folder of worktrees
 SHARED_CANDIDATES = (_REPO.parent / "shared" / "data" / "totalseg-example",
                      _REPO.parent.parent / "shared" / "data" / "totalseg-example")
@@ -85,7 +85,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..atomic import atomic_file
+    from EPDSegmentationLib.core.atomic import atomic_file
     from .generate import make_slice
     from .stats import body_mask
 
@@ -144,7 +144,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     if not real:
         axes[2, 0].set_title(f"real CT not found at {shared}", **style)
     fig.suptitle("EPD phantom (rows 1-2) beside real CT (row 3), window W400/L40. "
-                 "Regenerate: python -m EPDSegmentationLib.phantom contact-sheet "
+                 "Regenerate: python -m training.phantom contact-sheet "
                  "--output docs/phantom_contact_sheet.png", color="white", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     output = Path(output)
@@ -156,7 +156,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
 
 def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
     """HU histograms inside the body: the phantom slices against the real DICOM series."""
-    from ..io import read_volume
+    from EPDSegmentationLib.io import read_volume
     from .stats import body_mask
 
     bins = np.linspace(-250, 250, 101)
@@ -178,7 +178,7 @@ def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
 def _real_panels(shared: Path):
     """{name: (image, title, rgb or None)} from the shared TotalSegmentator sample, if
     present: dicom (T12), crop (of it), l3, l2, upper0..2 (top of the T11-L2 volume, T12, L1)."""
-    from ..io import read_labels, read_volume
+    from EPDSegmentationLib.io import read_labels, read_volume
 
     out = {}
     if not shared.is_dir():
@@ -192,7 +192,7 @@ def _real_panels(shared: Path):
                         f"real: clinical DICOM (T12), {v.spacing[0]:.2f} mm, JPEG 2000", None)
     abd, struct = shared / "ct_abdomen_pelvis.nii.gz", shared / "ct_abdomen_pelvis_structures.nii.gz"
     if abd.is_file() and struct.is_file():
-        from ..io.images import read_itk
+        from EPDSegmentationLib.io.images import read_itk
 
         v = read_volume(abd)
         lab = read_itk(struct).array        # TotalSegmentator "total" classes, not ours
@@ -213,7 +213,7 @@ def _real_panels(shared: Path):
         # ct_t11_l2 is slices 82.. of the abdomen NIfTI, whose structures name the vertebrae
         names = {}
         if struct.is_file():
-            from ..io.images import read_itk
+            from EPDSegmentationLib.io.images import read_itk
 
             vert = read_itk(struct).array[82:82 + v.array.shape[0]]
             for k in range(vert.shape[0]):

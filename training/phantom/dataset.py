@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..volume import Volume
+from EPDSegmentationLib.core.volume import Volume
 from .generate import PhantomSlice, subject_slices
 
 FORMATS = ("nrrd", "nifti", "dicom")
@@ -96,7 +96,7 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
     """
     from tqdm import tqdm
 
-    from ..io import write_dicom_series, write_manifest, write_volume
+    from EPDSegmentationLib.io import write_dicom_series, write_manifest, write_volume
 
     out = Path(out_dir)
     formats = tuple(formats)
@@ -188,7 +188,7 @@ around mid-L3; levels: {levels}.
 
 Regenerate the two volumes and this README (repository root, after `make setup`):
 
-    .venv/bin/python -m EPDSegmentationLib.phantom sample --output Resources/Sample --overwrite
+    .venv/bin/python -m training.phantom sample --output Resources/Sample --overwrite
 """
 
 
@@ -198,9 +198,9 @@ def write_sample(out_dir: Union[str, Path], *, seed: int = SAMPLE_SEED,
     """Write the bundled sample (EPDPhantomCT.nrrd, EPDPhantomCT-label.nrrd, README.md)."""
     from tqdm import tqdm
 
-    from ..io import write_volume
-    from ..atomic import atomic_file
-    from ..resources import SAMPLE_CT, SAMPLE_LABELS
+    from EPDSegmentationLib.io import write_volume
+    from EPDSegmentationLib.core.atomic import atomic_file
+    from EPDSegmentationLib.core.resources import SAMPLE_CT, SAMPLE_LABELS
     from .generate import make_slice, slice_positions
 
     out = Path(out_dir)

@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..classes import NUM_CLASSES
-from ..epd import epd_labels
+from EPDSegmentationLib.core.classes import NUM_CLASSES
+from EPDSegmentationLib.core.epd import epd_labels
 from .anatomy import draw
 from .raster import Canvas
 from .subject import subject_from_seed

@@ -1,6 +1,6 @@
 """The phantom-versus-real statistics table of docs/data.md.
 
-    python -m EPDSegmentationLib.phantom stats --subjects 40
+    python -m training.phantom stats --subjects 40
 
 Phantom: one mid-L3 slice (z = 0, 512 x 512) of each of subjects 0..n-1. Real: the shared
 TotalSegmentator sample (clinical DICOM series at T11/T12; abdomen NIfTI at L3, 3 mm voxels;
@@ -52,8 +52,8 @@ def phantom_rows(n_subjects: int, progress: bool = True) -> List[Dict[str, objec
 def real_rows(shared: Path) -> Dict[str, List[Dict[str, float]]]:
     """Image statistics per real slice: 'dicom' (T11/T12, 0.98 mm), 'l3' (3 mm), and mean HU
     inside the TotalSegmentator tissue masks ('masks')."""
-    from ..io import read_labels, read_volume
-    from ..io.images import read_itk
+    from EPDSegmentationLib.io import read_labels, read_volume
+    from EPDSegmentationLib.io.images import read_itk
 
     out: Dict[str, List[Dict[str, float]]] = {"dicom": [], "l3": [], "masks": []}
     dcm = shared / "ct_dicom"

@@ -18,14 +18,14 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .classes import NUM_CLASSES, class_by_key
-from .epd import epd_labels, nearest_labels, soft_pixel_counts
-from .mrml_nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, ijk_to_ras, place_beside,
+from ..core.classes import NUM_CLASSES, class_by_key
+from ..core.epd import epd_labels, nearest_labels, soft_pixel_counts
+from .nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, ijk_to_ras, place_beside,
                          spacing_ijk, undo_on_failure, unique_name)
-from .mrml_segmentation import (fill_fractional_segmentation, labels_from_labelmap,
+from .segmentation import (fill_fractional_segmentation, labels_from_labelmap,
                                 labels_from_segmentation)
-from .mrml_tables import area_rows, fill_area_table, new_table
-from .volume import downsampled_ijk_to_ras
+from .tables import area_rows, fill_area_table, new_table
+from ..core.volume import downsampled_ijk_to_ras
 
 FACTORS = (2, 4, 8)
 SOFT_KINDS = ("fractional", "probability")
