@@ -1,12 +1,13 @@
 # make run   : set up .venv (first time) and run the main job: segment the bundled sample CT
-# make test  : set up .venv (first time) and run the whole test suite
+# make test  : set up .venv (first time) and run the whole test suite (what CI runs)
+# make test-fast : the suite without the tests marked slow, stopping at the first failure
 # make bench : the benchmarks (ratios measured side by side)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run demo test bench clean
+.PHONY: setup run demo test test-fast bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python Testing/benchmarks/bench_epd.py

@@ -472,7 +472,7 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
                 softSegmentation: bool = False, softVolumes: bool = False, batchSize: int = 8,
                 progress=None, shouldCancel=None):
         """Run the model on the volume's slices and build the outputs (see
-        mrml_workflow.segment_volume); returns its SegmentationResult."""
+        mrml.workflow.segment_volume); returns its SegmentationResult."""
         check_ct_volume(volumeNode)  # before the (slow) model load
         model, card = self.loadModel(modelPath)
         predict = model_predictor(model, card, volume_array(volumeNode),
@@ -604,8 +604,9 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_dicom_seg_export(self):
-        """A phantom CT series imported into a temporary DICOM database and loaded by Slicer's
-        DICOM module; its segmentation exported as DICOM SEG and read back per instance."""
+        """Four slices of the bundled sample CT written as a DICOM series, imported into a
+        temporary DICOM database and loaded by Slicer's DICOM module; its segmentation exported
+        as DICOM SEG and read back per instance."""
         try:
             import highdicom
         except ImportError:
@@ -615,14 +616,14 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
         import pydicom
         from DICOMLib import DICOMUtils
 
-        from EPDSegmentationLib.io import write_dicom_series
+        from EPDSegmentationLib.core.volume import Volume
+        from EPDSegmentationLib.io import read_volume, write_dicom_series
         from EPDSegmentationLib.mrml.segmentation import labels_from_segmentation
-        from training.phantom import subject_slices
-        from training.phantom.dataset import stack
 
         logic = EPDSegmentationLogic()
         self.assertTrue(logic.ensureTorch(askConfirmation=False))
-        hu, _, _ = stack(subject_slices(6, n_slices=4, slice_gap_mm=2.5, size=64), 2.5)
+        sample = read_volume(sample_ct_path())
+        hu = Volume(sample.array[:4].copy(), sample.ijk_to_ras)   # K = 0 keeps the origin
         with tempfile.TemporaryDirectory() as folder:
             # uncompressed: Slicer ships no JPEG 2000 encoder for pydicom
             files = write_dicom_series(hu, os.path.join(folder, "dicom"))

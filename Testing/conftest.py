@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from training.phantom.sheet import shared_sample_dir
-
 REPO = Path(__file__).resolve().parents[1]
+#: ../shared beside this checkout, or beside its folder of worktrees
+SHARED_CANDIDATES = (REPO.parent / "shared", REPO.parent.parent / "shared")
+
+
+def shared_dir(*parts: str):
+    """The first existing ../shared/<parts...>, or None."""
+    return next((p.joinpath(*parts) for p in SHARED_CANDIDATES if p.joinpath(*parts).exists()),
+                None)
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +26,7 @@ def repo_root() -> Path:
 def totalseg_dir() -> Path:
     """../shared/data/totalseg-example (beside this checkout, or beside its folder of
     worktrees), or skip when there is no shared data."""
-    path = shared_sample_dir()
+    path = shared_dir("data", "totalseg-example")
     if path is None:
         pytest.skip("shared data (../shared/data/totalseg-example) not present")
     return path
@@ -33,7 +39,8 @@ def tiny_model_path(tmp_path_factory) -> Path:
     import torch
 
     from EPDSegmentationLib.core.model import ModelConfig, build_model
-    from EPDSegmentationLib.core.model_io import make_card, save_model
+    from EPDSegmentationLib.core.model_card import make_card
+    from EPDSegmentationLib.core.model_io import save_model
     from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
 
     torch.manual_seed(0)
@@ -44,3 +51,21 @@ def tiny_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny"
     save_model(path, net, card)
     return path
+
+
+@pytest.fixture(scope="session")
+def phantom_ct():
+    """phantom_ct(seed, n_slices, size, gap_mm) -> (hu, labels): a phantom CT stack, float32 HU
+    and uint8 classes (K, H, W), made once per argument set for the whole session."""
+    from functools import lru_cache
+
+    from training.phantom import subject_slices
+    from training.phantom.dataset import stack
+
+    @lru_cache(maxsize=None)
+    def make(seed: int, n_slices: int, size: int, gap_mm: float):
+        hu, labels, _ = stack(subject_slices(seed, n_slices=n_slices, slice_gap_mm=gap_mm, size=size),
+                              gap_mm)
+        return hu, labels
+
+    return make

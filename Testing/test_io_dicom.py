@@ -12,15 +12,12 @@ import pytest
 
 from EPDSegmentationLib.io import InputError, read_volume, write_dicom_series
 from EPDSegmentationLib.io.dicom import TRANSFER_SYNTAXES, list_series
-from training.phantom import subject_slices
-from training.phantom.dataset import stack
 
 
 @pytest.fixture(scope="module")
-def phantom_volume():
+def phantom_volume(phantom_ct):
     """A small phantom CT: 4 slices of 64 x 64, 2.5 mm apart, HU."""
-    hu, _, _ = stack(subject_slices(6, n_slices=4, slice_gap_mm=2.5, size=64), 2.5)
-    return hu
+    return phantom_ct(6, 4, 64, 2.5)[0]
 
 
 @pytest.fixture

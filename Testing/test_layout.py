@@ -24,27 +24,80 @@ def test_module_code_parses_as_python_3_9(path):
             f"{path.name} must start with 'from __future__ import annotations'"
 
 
-def _imported_modules(path: Path):
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
+def _project_imports(path: Path):
+    """Absolute dotted names of the EPDSegmentationLib / training modules a file imports
+    (relative imports resolved), and the top-level names of everything else."""
+    rel = path.relative_to(REPO)
+    parts = list(rel.with_suffix("").parts)
+    if parts[0] == "EPDSegmentation" and parts[1] == "EPDSegmentationLib":
+        parts = parts[1:]
+    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield alias.name.split(".")[0], node
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.module.split(".")[0], node
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                yield ".".join(base + ([node.module] if node.module else []))
+            elif node.module:
+                yield node.module
 
 
-@pytest.mark.parametrize("path", LIB_FILES, ids=lambda p: p.name)
-def test_core_never_imports_qt(path):
-    for name, _ in _imported_modules(path):
-        assert name not in {"qt", "PyQt5", "PySide2", "PySide6", "ctk", "slicer.qt"}, \
-            f"{path.name} imports {name}: the core must run without Qt"
+#: Each layer of EPDSegmentationLib and what it may import of the project (core <- io <-
+#: cli, mrml). Only mrml/ imports slicer or vtk; no layer imports Qt or training.
+LAYERS = {
+    "core": ("EPDSegmentationLib.core",),
+    "io": ("EPDSegmentationLib.core", "EPDSegmentationLib.io"),
+    "cli": ("EPDSegmentationLib.core", "EPDSegmentationLib.io", "EPDSegmentationLib.cli"),
+    "mrml": ("EPDSegmentationLib.core", "EPDSegmentationLib.io", "EPDSegmentationLib.mrml"),
+}
+QT = {"qt", "PyQt5", "PySide2", "PySide6", "ctk", "slicer.qt"}
+
+
+def test_every_library_file_is_in_a_layer():
+    loose = [p.name for p in LIB_FILES if p.parent.name == "EPDSegmentationLib"
+             and p.name != "__init__.py"]
+    assert not loose, f"put {loose} into one of the layer folders {sorted(LAYERS)}"
+    assert {p.parent.name for p in LIB_FILES} - {"EPDSegmentationLib"} == set(LAYERS)
+
+
+@pytest.mark.parametrize("path", LIB_FILES, 
+                         ids=lambda p: str(p.relative_to(REPO / "EPDSegmentation")))
+def test_layer_imports_point_one_way(path):
+    layer = path.parent.name
+    if layer == "EPDSegmentationLib":
+        return
+    allowed = LAYERS[layer]
+    for name in _project_imports(path):
+        top = name.split(".")[0]
+        assert top not in QT and name not in QT, f"{path.name} imports {name}: no Qt in the library"
+        if top in ("slicer", "vtk"):
+            assert layer == "mrml", f"{layer}/{path.name} imports {name}: only mrml/ imports slicer or vtk"
+        if top == "training":
+            raise AssertionError(f"{layer}/{path.name} imports {name}: the library never uses training")
+        if top == "EPDSegmentationLib" and name != "EPDSegmentationLib":
+            assert name in allowed or name.startswith(tuple(a + "." for a in allowed)), \
+                f"{layer}/{path.name} imports {name}: {layer} may use only {', '.join(LAYERS[layer])}"
+
+
+def test_module_file_uses_only_the_library():
+    """EPDSegmentation.py (and so the self-test) needs nothing from training/, which Slicer
+    users do not get."""
+    names = list(_project_imports(REPO / "EPDSegmentation" / "EPDSegmentation.py"))
+    assert not [n for n in names if n.split(".")[0] == "training"]
+
+
+def test_phantom_is_not_shipped_to_slicer():
+    assert not (REPO / "EPDSegmentation" / "EPDSegmentationLib" / "phantom").exists()
+    assert (REPO / "training" / "phantom" / "__init__.py").is_file()
 
 
 def test_core_imports_without_torch_or_slicer():
     """Importing the NumPy core must not pull in torch, Qt or slicer (Slicer may lack torch)."""
     code = ("import sys, EPDSegmentationLib.core.epd, EPDSegmentationLib.core.classes, "
-            "EPDSegmentationLib.core.windowing, EPDSegmentationLib.core.volume; "
+            "EPDSegmentationLib.core.windowing, EPDSegmentationLib.core.volume, "
+            "EPDSegmentationLib.core.model_card; "
             "bad = [m for m in ('torch', 'slicer', 'qt', 'PySide6') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from EPDSegmentationLib.core.classes import KEYS
 from EPDSegmentationLib.core.model import ModelConfig, build_model
-from EPDSegmentationLib.core.model_io import (FORMAT, ModelFileError, load_model, make_card,
-                                         model_paths, read_card, save_model, validate_card)
+from EPDSegmentationLib.core.model_card import (FORMAT, ModelFileError, make_card, model_paths,
+                                               read_card, validate_card)
+from EPDSegmentationLib.core.model_io import load_model, save_model
 from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
 
 
@@ -144,7 +145,7 @@ def test_card_validation_names_the_problem(model, change, message):
 
 
 def test_card_tools_import_without_torch():
-    code = ("import sys, EPDSegmentationLib.core.model_io, EPDSegmentationLib.core.metrics, "
+    code = ("import sys, EPDSegmentationLib.core.model_card, EPDSegmentationLib.core.metrics, "
             "EPDSegmentationLib.core.inference; print('torch' in sys.modules); "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

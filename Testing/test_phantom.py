@@ -16,7 +16,7 @@ from training.phantom.generate import level_z, levels_z_range
 from training.phantom.raster import Canvas
 from training.phantom.stats import (body_mask, epd_vs_truth, image_stats,
                                              label_stats)
-from training.phantom.subject import subject_from_seed
+from training.phantom.anatomy import subject_from_seed
 from training.phantom.tissues import CLASS_OF, CODE, mean_hu
 from training.phantom.torso import LEVELS, draw_torso
 

@@ -14,8 +14,6 @@ import pytest
 from EPDSegmentationLib.core.classes import TISSUES
 from EPDSegmentationLib.cli.main import main
 from EPDSegmentationLib.io import read_seg_nrrd, read_volume, write_dicom_series, write_volume
-from training.phantom import subject_slices
-from training.phantom.dataset import stack
 from EPDSegmentationLib.cli.segment import find_cases, parse_slices
 from EPDSegmentationLib.core.volume import hu_range_problem
 
@@ -24,9 +22,8 @@ OUTPUTS = (".seg.nrrd", "_soft.seg.nrrd", "_probabilities.nrrd", "_bodycomp.csv"
 
 
 @pytest.fixture(scope="module")
-def phantom_volume():
-    hu, labels, _ = stack(subject_slices(5, n_slices=3, size=96), gap_mm=5.0)
-    return hu, labels
+def phantom_volume(phantom_ct):
+    return phantom_ct(5, 3, 96, 5.0)
 
 
 @pytest.fixture(scope="module")

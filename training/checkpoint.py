@@ -16,7 +16,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from EPDSegmentationLib.core.model_io import atomic_write
+from EPDSegmentationLib.core.atomic import atomic_write
 
 FORMAT = "epd-training-checkpoint"
 VERSION = 1

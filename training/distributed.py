@@ -88,14 +88,6 @@ def all_gather_object(ctx: Context, obj: Any) -> List[Any]:
     return out
 
 
-def broadcast_object(ctx: Context, obj: Any) -> Any:
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()

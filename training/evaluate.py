@@ -34,6 +34,7 @@ from EPDSegmentationLib.core.metrics import HARD_METRICS, SOFT_METRICS, MetricSt
 from EPDSegmentationLib.core.model_io import load_model
 
 from .data import SliceRecord, manifest_records, phantom_records
+from .logs import save_figure
 from .train import add_data_arguments
 
 OUTPUTS = ("metrics.json", "table.md", "table.csv")
@@ -217,7 +218,7 @@ def figures(out: Path, ev: Dict[str, object], title: str) -> List[Path]:
         fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8)
         fig.suptitle(title, fontsize=9)
         fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-        paths.append(_save(fig, out / "examples.png"))
+        paths.append(save_figure(fig, out / "examples.png", tight=False))
 
     keys = [c.key for c in CLASSES[1:]]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -231,7 +232,7 @@ def figures(out: Path, ev: Dict[str, object], title: str) -> List[Path]:
     ax.set_title("Dice per class", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    paths.append(_save(fig, out / "dice_per_class.png"))
+    paths.append(save_figure(fig, out / "dice_per_class.png", tight=False))
 
     true, soft = ev["areas"]["true_cm2"], ev["areas"]["soft_cm2"]
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
@@ -246,21 +247,8 @@ def figures(out: Path, ev: Dict[str, object], title: str) -> List[Path]:
     ax.set_ylabel("predicted soft area (cm$^2$)")
     ax.set_title("Tissue area agreement", fontsize=10)
     ax.legend(fontsize=8)
-    paths.append(_save(fig, out / "area_agreement.png"))
+    paths.append(save_figure(fig, out / "area_agreement.png", tight=False))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from .logs import atomic_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_bytes(path, buf.getvalue())
-    return path
-
 
 # ----------------------------------------------------------------------------- command
 

@@ -12,13 +12,13 @@ import math
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from EPDSegmentationLib.core.model_io import atomic_write
+from EPDSegmentationLib.core.atomic import atomic_write
 
 Row = Dict[str, float]
 
 
 def atomic_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (model_io.atomic_write)."""
+    """Write ``data`` to ``path`` atomically (core.atomic.atomic_write)."""
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -101,7 +101,7 @@ def plot_history(folder: Path, history: Sequence[Row]) -> List[Path]:
     ax.set_title("Loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(_save(fig, folder / "loss.png"))
+    written.append(save_figure(fig, folder / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for key, label in (("val_dice", "Dice (low res)"), ("val_iou", "IoU (low res)"),
@@ -116,15 +116,17 @@ def plot_history(folder: Path, history: Sequence[Row]) -> List[Path]:
     ax.set_title("Validation metrics")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    written.append(_save(fig, folder / "metrics.png"))
+    written.append(save_figure(fig, folder / "metrics.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, tight: bool = True) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it; returns ``path``."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_bytes(path, buf.getvalue())

@@ -223,7 +223,7 @@ def plot_vs_factor(data, path: Path, dataset: str = "small") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .logs import _save
+    from .logs import save_figure
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 7), dpi=100, sharex=True)
     styles = {("conventional", True): ("tab:orange", "o-", "conventional"),
@@ -263,7 +263,7 @@ def plot_vs_factor(data, path: Path, dataset: str = "small") -> None:
              "low-resolution target's argmax, which loses thin classes (IMAT) at large "
              "factors; full resolution: all five tissues", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_downsampling(path: Path, seed: int = 0, size: int = 512) -> None:
@@ -280,7 +280,7 @@ def plot_downsampling(path: Path, seed: int = 0, size: int = 512) -> None:
     from EPDSegmentationLib.core.epd import bilinear_image, epd_image, epd_labels, nearest_labels
     from training.phantom import make_slice
 
-    from .logs import _save
+    from .logs import save_figure
 
     s = make_slice(seed, size=size)
     hu, lab = s.hu.astype(np.float32), s.labels
@@ -324,7 +324,7 @@ def plot_downsampling(path: Path, seed: int = 0, size: int = 512) -> None:
     fig.suptitle(f"Phantom subject seed {seed}, mid-L3, {s.pixel_mm:.2f} mm pixels: "
                  f"conventional (columns 1, 3) and EPD (columns 2, 4) downsampling")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- page

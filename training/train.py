@@ -32,7 +32,8 @@ from EPDSegmentationLib.core.classes import KEYS, NUM_CLASSES
 from EPDSegmentationLib.core.epd_torch import upsample_soft_torch
 from EPDSegmentationLib.core.metrics import MetricStats
 from EPDSegmentationLib.core.model import ModelConfig, build_model
-from EPDSegmentationLib.core.model_io import FACTORS, IMAGE_MODES, LABEL_MODES, make_card, save_model
+from EPDSegmentationLib.core.model_card import FACTORS, IMAGE_MODES, LABEL_MODES, make_card
+from EPDSegmentationLib.core.model_io import save_model
 from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, check_windows
 
 from . import distributed as D

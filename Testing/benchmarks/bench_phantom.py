@@ -45,7 +45,8 @@ def main() -> None:
     from training.phantom.anatomy import draw, plan_layout
     from training.phantom.generate import render_image
     from training.phantom.raster import Canvas
-    from training.phantom.subject import _draw, subject_from_seed
+    from training.phantom.anatomy import subject_from_seed
+    from training.phantom.subject import draw_subject
     from training.phantom.tissues import CLASS_OF
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -74,7 +75,7 @@ def main() -> None:
                  best(lambda: render_image(state["codes"], 4, s, s.fov_mm / 512, rng), repeat)))
 
     def plan():
-        t = _draw(args.seed)
+        t = draw_subject(args.seed)
         plan_layout(t)
 
     rows.append(("subject planning (once per seed)", best(plan, repeat)))

@@ -44,7 +44,7 @@ def bundled_architecture(width: Optional[int] = None):
     """The bundled model's ModelConfig, from its card; ``width`` replaces its width."""
     from dataclasses import replace
 
-    from EPDSegmentationLib.core.model_io import ModelConfig, read_card
+    from EPDSegmentationLib.core.model_card import ModelConfig, read_card
     from EPDSegmentationLib.core.resources import bundled_model_path
 
     config = ModelConfig.from_dict(read_card(bundled_model_path())["architecture"])
@@ -58,7 +58,8 @@ def make_inputs(folder: Path, slices: int, size: int, factors, config) -> dict:
 
     from EPDSegmentationLib.io import read_volume, write_volume
     from EPDSegmentationLib.core.model import build_model
-    from EPDSegmentationLib.core.model_io import make_card, save_model
+    from EPDSegmentationLib.core.model_card import make_card
+    from EPDSegmentationLib.core.model_io import save_model
     from EPDSegmentationLib.core.resources import sample_ct_path
     from EPDSegmentationLib.core.volume import Volume
     from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS

@@ -91,11 +91,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             from .generate import make_slice
             from EPDSegmentationLib.io.overlay import overlay_rgb
-            from .sheet import _gray
+            from .sheet import gray
 
             s = make_slice(args.seed, z_mm=args.z, anatomy=args.anatomy, level=args.level)
             fig, ax = plt.subplots(1, 2, figsize=(12, 6))
-            ax[0].imshow(_gray(s.hu), cmap="gray", vmin=0, vmax=1)
+            ax[0].imshow(gray(s.hu), cmap="gray", vmin=0, vmax=1)
             ax[1].imshow(overlay_rgb(s.hu, s.labels))
             for a in ax:
                 a.axis("off")

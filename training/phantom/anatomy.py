@@ -16,12 +16,13 @@ matters, restricted to the tissues a structure may displace (``over``).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Dict, Optional
 
 import numpy as np
 
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar, stadium
-from .subject import PHI, Subject, Tube
+from .subject import PHI, Subject, Tube, draw_subject
 from .tissues import CODE
 
 C = CODE
@@ -518,7 +519,7 @@ def draw(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> Geometry
 # ----------------------------------------------------------------------------- layout
 
 
-def _mask_points(cv: Canvas, mask: np.ndarray, rng, n: int) -> np.ndarray:
+def mask_points(cv: Canvas, mask: np.ndarray, rng, n: int) -> np.ndarray:
     """n random drawing-mm points inside pixels where mask is True ((0, 2) when none)."""
     rr, cc = np.nonzero(mask)
     if len(rr) == 0:
@@ -597,7 +598,7 @@ def plan_layout(s: Subject) -> None:
         free = peritoneal & (cv.codes == C["vat"])
         if free.sum() <= keep * start:
             break
-        pt = _mask_points(cv, free, rng, 1)
+        pt = mask_points(cv, free, rng, 1)
         if len(pt) == 0:
             break
         kind, gas = content(False)
@@ -613,12 +614,12 @@ def plan_layout(s: Subject) -> None:
         occupy(t)
     # small mesenteric vessels in the fat left between the loops
     free = peritoneal & (cv.codes == C["vat"])
-    for x, y in _mask_points(cv, free, rng, int(20 + 30 * s.vat)):
+    for x, y in mask_points(cv, free, rng, int(20 + 30 * s.vat)):
         lay["mesenteric"].append(Tube(float(x), float(y), u(-30, 30), rng.normal(0, 0.3),
                                       rng.normal(0, 0.3), u(30, 120), u(0.7, 2.2), "vessel"))
     # fibrous septa in the subcutaneous fat, running roughly along the skin
     sat = cv.codes == C["sat"]
-    for x, y in _mask_points(cv, sat, rng, int(15 + 50 * s.adiposity)):
+    for x, y in mask_points(cv, sat, rng, int(15 + 50 * s.adiposity)):
         tangent = float(np.arctan2(y, x)) + np.pi / 2 + rng.normal(0, 0.35)
         lay["septa"].append(Tube(float(x), float(y), u(-30, 30), rng.normal(0, 0.1),
                                  rng.normal(0, 0.1), u(15, 50), u(0.2, 0.45), "septum",
@@ -631,7 +632,7 @@ def plan_layout(s: Subject) -> None:
     n_island = int(3 + 15 * q)
     for i in range(n_streak + n_island):
         src = back if rng.random() < 0.65 else muscle
-        pt = _mask_points(cv, src, rng, 1)
+        pt = mask_points(cv, src, rng, 1)
         if len(pt) == 0:
             break
         x, y = float(pt[0, 0]), float(pt[0, 1])
@@ -646,3 +647,11 @@ def plan_layout(s: Subject) -> None:
                                     u(6, 20), u(1.5, 4.0) + 2.0 * q * rng.random(), "island",
                                     aspect=u(1.0, 1.6), angle=u(0, np.pi)))
     s.layout = lay
+
+
+@lru_cache(maxsize=64)
+def subject_from_seed(seed: int) -> Subject:
+    """The subject a seed stands for, with its organ layout (cached; treat as read-only)."""
+    s = draw_subject(int(seed))
+    plan_layout(s)
+    return s

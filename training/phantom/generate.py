@@ -18,9 +18,8 @@ import numpy as np
 
 from EPDSegmentationLib.core.classes import NUM_CLASSES
 from EPDSegmentationLib.core.epd import epd_labels
-from .anatomy import draw
+from .anatomy import draw, subject_from_seed
 from .raster import Canvas
-from .subject import subject_from_seed
 from .tissues import CLASS_OF, CODE, TEXTURE_HU, mean_hu
 
 #: CT number outside the reconstruction circle (as scanners pad it)

@@ -230,10 +230,3 @@ def clip_below(poly: np.ndarray, y_max: float) -> np.ndarray:
     out = np.array(poly, np.float64)
     out[:, 1] = np.minimum(out[:, 1], y_max)
     return out
-
-
-def clip_above(poly: np.ndarray, y_min: float) -> np.ndarray:
-    """The part of a convex polygon with y >= y_min (the fluid under a gas level)."""
-    out = np.array(poly, np.float64)
-    out[:, 1] = np.maximum(out[:, 1], y_min)
-    return out

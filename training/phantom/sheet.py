@@ -38,7 +38,7 @@ def shared_sample_dir() -> Optional[Path]:
     return next((p for p in SHARED_CANDIDATES if p.is_dir()), None)
 
 
-def _gray(hu: np.ndarray) -> np.ndarray:
+def gray(hu: np.ndarray) -> np.ndarray:
     lo, hi = WINDOW
     return np.clip((hu - lo) / (hi - lo), 0, 1)
 
@@ -104,7 +104,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
         s = make_slice(seed) if level is None else make_slice(seed, level=level)
         m = s.meta
         box = body_box(s.hu, s.pixel_mm)
-        axes[0, i].imshow(_gray(s.hu[box]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[0, i].imshow(gray(s.hu[box]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         where = m["level"] + ("" if level is None else ", torso")
         axes[0, i].set_title(f"phantom seed {seed}: {m['sex']} {m['age']:.0f} y, {where}\n"
                              f"fat {m['adiposity']:.2f}, muscle {m['muscle']:.2f}, "
@@ -136,7 +136,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
             _histograms(ax, np.concatenate(hist_ph), shared)
         elif panel is not None:
             img, title, rgb = panel
-            ax.imshow(rgb if rgb is not None else _gray(img), cmap="gray", vmin=0, vmax=1,
+            ax.imshow(rgb if rgb is not None else gray(img), cmap="gray", vmin=0, vmax=1,
                       interpolation="nearest")
             ax.set_title(title, **style)
         else:

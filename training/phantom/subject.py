@@ -12,7 +12,6 @@ increasing towards the image right (the patient's left).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -118,14 +117,14 @@ class Subject:
         d.pop("layout")
         d["n_bowel_loops"] = len(self.layout.get("loops", []))
         d["n_imat_streaks"] = len(self.layout.get("imat", []))
-        return _plain(d)
+        return plain(d)
 
 
-def _plain(obj):
+def plain(obj):
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return round(float(obj), 4)
     if isinstance(obj, (np.integer,)):
@@ -141,7 +140,7 @@ SHAPE_IRREGULARITY = {"es_r": 0.04, "es_l": 0.04, "psoas_r": 0.05, "psoas_l": 0.
                       "liver": 0.06, "spleen": 0.05, "vb": 0.02}
 
 
-def _draw(seed: int) -> Subject:
+def draw_subject(seed: int) -> Subject:
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 31337]))
     u = rng.uniform
     sex = "F" if rng.random() < 0.5 else "M"
@@ -214,13 +213,3 @@ def _draw(seed: int) -> Subject:
         shapes={name: [(float(u(0, amp)), float(u(0, 2 * np.pi))) for _ in range(3)]
                 for name, amp in SHAPE_IRREGULARITY.items()},
     )
-
-
-@lru_cache(maxsize=64)
-def subject_from_seed(seed: int) -> Subject:
-    """The subject a seed stands for, with its organ layout (cached; treat as read-only)."""
-    from .anatomy import plan_layout
-
-    s = _draw(int(seed))
-    plan_layout(s)
-    return s

@@ -41,10 +41,10 @@ import numpy as np
 
 from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, core_radius,
                       draw_abdominal_muscles, draw_back_muscles, draw_body_wall, draw_bowel,
-                      draw_kidneys,
-                      draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra)
+                      draw_kidneys, draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra,
+                      mask_points, subject_from_seed)
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar
-from .subject import PHI, Subject, Tube, _plain
+from .subject import PHI, Subject, Tube, plain
 from .tissues import CODE
 
 C = CODE
@@ -188,14 +188,12 @@ class Torso:
         d = asdict(self)
         for k in ("liver_harm", "stomach_harm", "hepatic_veins", "lung_vessels"):
             d.pop(k)
-        return _plain(d)
+        return plain(d)
 
 
 @lru_cache(maxsize=64)
 def torso_from_seed(seed: int) -> Torso:
     """The upper-abdominal parameters of subject ``seed`` (cached; treat as read-only)."""
-    from .subject import subject_from_seed
-
     s = subject_from_seed(int(seed))
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2718]))
     u = rng.uniform
@@ -985,9 +983,6 @@ def torso_layout(seed: int) -> Dict[str, List[Tube]]:
     """IMAT streaks and islands in the muscles of the upper levels and small vessels in their
     visceral fat, placed once per subject on a coarse map (1.5 mm pixels) of its T12 (as
     anatomy.plan_layout does around L3, whose layout stops about 60 mm above mid-L3)."""
-    from .anatomy import _mask_points
-    from .subject import subject_from_seed
-
     s = subject_from_seed(int(seed))
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 4243]))
     u = rng.uniform
@@ -1002,7 +997,7 @@ def torso_layout(seed: int) -> Dict[str, List[Tube]]:
     out: Dict[str, List[Tube]] = {"imat": [], "vessels": []}
     n_streak, n_island = int(3 + 24 * q ** 1.2), int(2 + 12 * q)
     for i in range(n_streak + n_island):
-        pt = _mask_points(cv, back if rng.random() < 0.7 else muscle, rng, 1)
+        pt = mask_points(cv, back if rng.random() < 0.7 else muscle, rng, 1)
         if len(pt) == 0:
             break
         x, y = float(pt[0, 0]), float(pt[0, 1])
@@ -1018,7 +1013,7 @@ def torso_layout(seed: int) -> Dict[str, List[Tube]]:
                                     u(6, 20), u(1.5, 4.0) + 2.0 * q * rng.random(), "island",
                                     aspect=u(1.0, 1.6), angle=u(0, np.pi)))
     vat = cv.codes == C["vat"]
-    for x, y in _mask_points(cv, vat, rng, int(10 + 20 * s.vat)):
+    for x, y in mask_points(cv, vat, rng, int(10 + 20 * s.vat)):
         out["vessels"].append(Tube(float(x), float(y), z12 + u(-45, 40), rng.normal(0, 0.3),
                                    rng.normal(0, 0.3), u(20, 60), u(0.7, 2.0), "vessel"))
     return out

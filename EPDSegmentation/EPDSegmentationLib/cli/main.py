@@ -44,7 +44,8 @@ def _segment(args) -> int:
     from tqdm import tqdm
 
     from ..core.inference import DeviceError, select_device
-    from ..core.model_io import ModelFileError, load_model
+    from ..core.model_card import ModelFileError
+    from ..core.model_io import load_model
     from ..core.resources import bundled_model_path
     from .segment import find_cases, format_summary, segment_case
 

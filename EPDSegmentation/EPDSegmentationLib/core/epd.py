@@ -6,7 +6,7 @@ window i covers pixels [i*k, min((i+1)*k, n)): there are ceil(n / k) windows and
 is partial when k does not divide n. A partial window counts only the pixels that exist.
 
 Geometry. Low-resolution sample i stands for the centre of its full window, at input index
-i*k + (k-1)/2 (spacing times k, origin moved by (k-1)/2 input pixels; see ``grid.py``). The
+i*k + (k-1)/2 (spacing times k, origin moved by (k-1)/2 input pixels; see ``volume.downsampled_ijk_to_ras``). The
 baselines and the upsampling below sample at exactly those positions.
 
 - ``epd_labels``: per window, the fraction of each class among its labelled pixels.
@@ -563,11 +563,11 @@ def linear_taps(positions: np.ndarray, n: int):
     return i0, i1, p - i0
 
 
-def _down_positions(n: int, k: int) -> np.ndarray:
+def down_positions(n: int, k: int) -> np.ndarray:
     return np.arange(-(-n // k), dtype=np.float64) * k + (k - 1) / 2.0
 
 
-def _up_positions(n_out: int, k: int) -> np.ndarray:
+def up_positions(n_out: int, k: int) -> np.ndarray:
     # Inverse of the above: input pixel j lies at low-resolution coordinate (j - (k-1)/2) / k.
     return (np.arange(n_out, dtype=np.float64) - (k - 1) / 2.0) / k
 
@@ -604,7 +604,7 @@ def bilinear_image(image, factor: Factor) -> np.ndarray:
     out = image.astype(np.float32)
     for axis, k in zip(range(-len(fac), 0), fac):
         n = image.shape[axis]
-        out = _interp_axis(out, out.ndim + axis, *linear_taps(_down_positions(n, k), n))
+        out = _interp_axis(out, out.ndim + axis, *linear_taps(down_positions(n, k), n))
     return out
 
 
@@ -645,7 +645,7 @@ def downsample_pair(image, labels, num_classes: int, factor: Factor, *,
 # ----------------------------------------------------------------------------- upsampling
 
 
-def _check_up_shape(low_shape, shape, fac) -> Tuple[int, ...]:
+def check_up_shape(low_shape, shape, fac) -> Tuple[int, ...]:
     shape = tuple(int(n) for n in shape)
     if len(shape) != len(fac):
         raise ValueError(f"shape must have {len(fac)} entries for factor {fac}; got {shape}")
@@ -664,11 +664,11 @@ def upsample_soft(soft, shape: Sequence[int], factor: Factor) -> np.ndarray:
     This is torch's bilinear with align_corners=False when k divides the shape."""
     fac = normalize_factor(factor)
     soft = np.asarray(soft, dtype=np.float32)
-    shape = _check_up_shape(soft.shape, shape, fac)
+    shape = check_up_shape(soft.shape, shape, fac)
     out = soft
     for axis, k, n in zip(range(-len(fac), 0), fac, shape):
         out = _interp_axis(out, out.ndim + axis,
-                           *linear_taps(_up_positions(n, k), soft.shape[axis]))
+                           *linear_taps(up_positions(n, k), soft.shape[axis]))
     return out
 
 
@@ -681,7 +681,7 @@ def upsample_labels(labels, shape: Sequence[int], factor: Factor) -> np.ndarray:
     """Hard maps (..., h, w) back to the input grid by nearest: pixel j takes window j // k."""
     fac = normalize_factor(factor)
     labels = np.asarray(labels)
-    shape = _check_up_shape(labels.shape, shape, fac)
+    shape = check_up_shape(labels.shape, shape, fac)
     out = labels
     for axis, k, n in zip(range(-len(fac), 0), fac, shape):
         out = np.take(out, np.arange(n) // k, axis=axis)
@@ -696,7 +696,7 @@ def soft_pixel_counts(soft, shape: Sequence[int], factor: Factor) -> np.ndarray:
     labels this equals the class pixel counts exactly (multiply by the pixel area for cm^2)."""
     fac = normalize_factor(factor)
     soft = np.asarray(soft)
-    shape = _check_up_shape(soft.shape, shape, fac)
+    shape = check_up_shape(soft.shape, shape, fac)
     sizes = np.ones(1, np.float64)
     for n, k in zip(shape, fac):
         sizes = np.multiply.outer(sizes, _extents(n, k).astype(np.float64))

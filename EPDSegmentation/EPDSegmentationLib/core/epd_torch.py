@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .epd import (Factor, _check_up_shape, _down_positions, _up_positions, linear_taps,
+from .epd import (Factor, check_up_shape, down_positions, up_positions, linear_taps,
                   normalize_factor, window_centres)
 
 __all__ = ["epd_labels_torch", "epd_image_torch", "nearest_labels_torch",
@@ -238,17 +238,17 @@ def bilinear_image_torch(image: torch.Tensor, factor: Factor) -> torch.Tensor:
     out = image.float()
     for axis, k in zip(range(-len(fac), 0), fac):
         n = image.shape[axis]
-        out = _interp(out, out.dim() + axis, linear_taps(_down_positions(n, k), n))
+        out = _interp(out, out.dim() + axis, linear_taps(down_positions(n, k), n))
     return out
 
 
 def upsample_soft_torch(soft: torch.Tensor, shape: Sequence[int], factor: Factor) -> torch.Tensor:
     """Soft maps (..., C, h, w) back to (..., C, *shape), as ``epd.upsample_soft``."""
     fac = normalize_factor(factor)
-    shape = _check_up_shape(tuple(soft.shape), shape, fac)
+    shape = check_up_shape(tuple(soft.shape), shape, fac)
     out = soft.float()
     for axis, k, n in zip(range(-len(fac), 0), fac, shape):
-        out = _interp(out, out.dim() + axis, linear_taps(_up_positions(n, k), soft.shape[axis]))
+        out = _interp(out, out.dim() + axis, linear_taps(up_positions(n, k), soft.shape[axis]))
     return out
 
 

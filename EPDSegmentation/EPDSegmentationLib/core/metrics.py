@@ -39,8 +39,6 @@ import numpy as np
 THRESHOLDS = (np.arange(101, dtype=np.float64) / 100.0).astype(np.float32)
 HARD_METRICS = ("ACC", "SPE", "SEN", "PRE", "Dice", "IoU")
 SOFT_METRICS = ("softDice", "RAD", "RD", "RMSE")
-AREA_METRICS = ("area_cm2", "soft_area_err_cm2", "soft_area_abs_err_cm2",
-                "hard_area_err_cm2", "hard_area_abs_err_cm2")
 #: Pixels per work chunk in ``update`` (bounds the scratch memory to a few hundred MB).
 _CHUNK = 1 << 22
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .model_io import ARCHITECTURE, DIVISOR, ModelConfig
+from .model_card import ARCHITECTURE, DIVISOR, ModelConfig
 
 __all__ = ["ARCHITECTURE", "DIVISOR", "ModelConfig", "EPDNet", "ResConvBlock", "build_model",
            "count_parameters"]

@@ -135,7 +135,7 @@ def write_seg_nrrd(path: Union[str, Path], labels_or_probabilities, ijk_to_ras, 
     if not fractional:
         # Slicer reads every layer as a binary labelmap; listing "Fractional labelmap" here
         # would make it convert each segment to a closed surface and back on load (seconds
-        # per slice). mrml_segmentation.load_segmentation restores the fractional segments.
+        # per slice). mrml.segmentation.load_segmentation restores the fractional segments.
         header["Segmentation_ContainedRepresentationNames"] = rep + "|"
     header["Segmentation_ReferenceImageExtentOffset"] = "0 0 0"
     header["Segmentation_ConversionParameters"] = (

@@ -16,7 +16,6 @@ from .nodes import numpy_matrix
 PREVIEW_LAYOUT_ID = 51701
 PREVIEW_VIEWS = ("Red", "Yellow", "Green")
 _VIEW_COLORS = {"Red": "#F34A33", "Yellow": "#EDD54C", "Green": "#6EB04B"}
-_VIEW_LABELS = {"Red": "Original", "Yellow": "Nearest", "Green": "EPD"}
 #: Opacity of a probability volume over the CT.
 PROBABILITY_OPACITY = 0.7
 

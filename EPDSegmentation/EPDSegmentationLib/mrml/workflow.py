@@ -172,7 +172,7 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     between them and raises inference.Cancelled, leaving the scene untouched.
     Outputs cover the input's full grid (reference geometry = the input); slices that were
     not processed are empty (probability 0). model_card: the model's card (or
-    mrml_dicom.model_summary of it), kept on the segmentation for DICOM SEG export.
+    mrml.dicom.model_summary of it), kept on the segmentation for DICOM SEG export.
     """
     check_ct_volume(volume_node)
     _check_output(segmentation_node, replace_existing, "output segmentation")
@@ -354,7 +354,7 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
     (fractional), <base>_probability_<KEY>.nrrd, <base>_bodycomp.csv. base defaults to the
     segmentation's name.
 
-    dicom_source: a mrml_dicom.DicomSource (the CT's DICOM series) to also write DICOM SEG:
+    dicom_source: an mrml.dicom.DicomSource (the CT's DICOM series) to also write DICOM SEG:
     <base>_seg.dcm (binary, the segmentation as it is now) and, when soft outputs exist,
     <base>_prob_seg.dcm (fractional); model_card names the algorithm (default: the
     model recorded on the segmentation by segment_volume).
@@ -578,7 +578,7 @@ def model_path_for(source: str, path=None) -> Path:
 def model_status(source: str, path=None) -> Tuple[str, bool]:
     """(the panel's model summary, whether the model can be used), from the model card;
     torch is not needed."""
-    from ..core.model_io import ModelFileError, read_card
+    from ..core.model_card import ModelFileError, read_card
 
     try:
         card = read_card(model_path_for(source, path))

@@ -8,7 +8,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from test_mrml_support import add_ct, label_stack, mrml, node_ids, predictor, soft_maps  # noqa: E402,F401,E501
+from scene import add_ct, label_stack, node_ids, predictor, soft_maps  # noqa: E402
 
 from EPDSegmentationLib.core.classes import NUM_CLASSES, TISSUES  # noqa: E402
 from EPDSegmentationLib.core.epd import epd_labels, nearest_labels  # noqa: E402

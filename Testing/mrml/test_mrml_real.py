@@ -10,9 +10,6 @@ import pytest
 slicer = pytest.importorskip("slicer")
 torch = pytest.importorskip("torch")
 
-from test_mrml_support import mrml  # noqa: E402,F401
-from test_mrml_model import tiny_model  # noqa: E402,F401
-
 from EPDSegmentationLib.mrml.nodes import (check_ct_volume, ijk_to_ras,  # noqa: E402
                                            slice_pixel_mm, volume_array)
 from EPDSegmentationLib.mrml.preview import epd_preview  # noqa: E402

@@ -1,7 +1,7 @@
 """The command line and the Slicer module write .seg.nrrd files each other can read.
 
 The CLI writes with io.write_seg_nrrd (pynrrd), the module through Slicer's storage node
-(mrml_segmentation.save_segmentation); fractional segments must come back as fractional
+(mrml.segmentation.save_segmentation); fractional segments must come back as fractional
 labelmaps with the probabilities within one step of the -108..108 encoding (1/216)."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import pytest
 
 pytest.importorskip("slicer")
 
-from test_mrml_support import mrml  # noqa: E402,F401
 
 from EPDSegmentationLib.io import read_seg_nrrd, write_seg_nrrd  # noqa: E402
 from EPDSegmentationLib.mrml.segmentation import (fill_fractional_segmentation,  # noqa: E402

@@ -9,21 +9,15 @@ import pytest
 slicer = pytest.importorskip("slicer")
 torch = pytest.importorskip("torch")
 
-from test_mrml_support import add_ct, label_stack, mrml, node_ids  # noqa: E402,F401
+from scene import add_ct, label_stack, node_ids  # noqa: E402
 
 from EPDSegmentationLib.core.classes import TISSUES  # noqa: E402
 from EPDSegmentationLib.core.inference import Cancelled  # noqa: E402
-from EPDSegmentationLib.core.model_io import load_model  # noqa: E402
 from EPDSegmentationLib.mrml.nodes import ijk_to_ras, slice_pixel_mm, volume_array  # noqa: E402
 from EPDSegmentationLib.mrml.segmentation import fractional_probabilities  # noqa: E402
 from EPDSegmentationLib.mrml.tables import table_rows  # noqa: E402
 from EPDSegmentationLib.mrml.workflow import (describe_device, describe_model,  # noqa: E402
                                               model_predictor, segment_volume)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model_path):
-    return load_model(tiny_model_path)
 
 
 def test_network_output_becomes_segments_soft_labels_and_table(mrml, tiny_model):
@@ -85,7 +79,7 @@ def test_panel_descriptions(tiny_model):
 def test_panel_summary_of_the_bundled_card():
     """The bundled card's Dice sit under ``evaluation``: the summary shows them per class
     (held-out phantoms and the real-CT agreement), and the data recipe in a few words."""
-    from EPDSegmentationLib.core.model_io import read_card
+    from EPDSegmentationLib.core.model_card import read_card
     from EPDSegmentationLib.core.resources import bundled_model_path
 
     card = read_card(bundled_model_path())

@@ -10,8 +10,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from test_mrml_support import (SPACING, add_ct, label_stack, mrml,  # noqa: E402,F401
-                               node_ids, one_hot, predictor, soft_maps)
+from scene import SPACING, add_ct, label_stack, node_ids, one_hot, predictor, soft_maps  # noqa: E402
 
 from EPDSegmentationLib.core import bodycomp  # noqa: E402
 from EPDSegmentationLib.core.classes import NUM_CLASSES, TISSUES  # noqa: E402

@@ -17,7 +17,7 @@ import vtk
 slicer = pytest.importorskip("slicer")
 highdicom = pytest.importorskip("highdicom")
 
-from test_mrml_support import mrml, node_ids, one_hot, predictor  # noqa: E402,F401
+from scene import node_ids, one_hot, predictor  # noqa: E402
 
 from EPDSegmentationLib.core.classes import TISSUES  # noqa: E402
 from EPDSegmentationLib.io import read_volume, write_dicom_series  # noqa: E402

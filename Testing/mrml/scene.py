@@ -1,4 +1,4 @@
-"""Shared pieces of the MRML tests: a real vtkMRMLScene with the segmentation converter rules
+"""Helpers of the MRML tests (their fixtures are in conftest.py): a real vtkMRMLScene with the segmentation converter rules
 (slicer-core wheel), CT volumes made from known label maps, and predict callables that return
 real soft maps (EPD fractions of those label maps, upsampled) instead of a network."""
 
@@ -51,13 +51,6 @@ class Scene:
             logic.SetSliceNode(slice_node(self.scene, view))
             self.slice_logics.append(logic)
         self.scene.AddNewNodeByClass("vtkMRMLTableViewNode").SetSingletonTag("TableView1")
-
-
-@pytest.fixture
-def mrml():
-    s = Scene()
-    yield s
-    s.close()
 
 
 def label_stack(n_slices: int = 4, size: int = 64) -> np.ndarray:
@@ -113,17 +106,3 @@ def predictor(probabilities: np.ndarray, calls=None, cancel_after=None):
 
 def node_ids(scene):
     return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
-
-
-def test_scene_has_converter_rules(mrml):
-    """Without the rules AddEmptySegment fails ("Unable to construct empty representation")."""
-    seg = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    assert seg.GetSegmentation().AddEmptySegment("x") == "x"
-    assert seg.GetSegmentation().GetSegment("x").GetRepresentation("Binary labelmap") is not None
-
-
-def test_soft_maps_are_probabilities():
-    p = soft_maps(label_stack(2, 32))
-    assert p.shape == (NUM_CLASSES, 2, 32, 32)
-    np.testing.assert_allclose(p.sum(axis=0), 1.0, atol=1e-5)
-    assert 0 < np.mean((p > 0.01) & (p < 0.99)) < 0.5     # soft at the edges only
