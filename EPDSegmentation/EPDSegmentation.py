@@ -104,7 +104,8 @@ class EPDSegmentationParameterNode:
     outputTable: vtkMRMLTableNode
     softSegmentation: bool = False
     softVolumes: bool = False
-    previewSource: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    # node unions must admit None: the wrapper writes None as the default when it creates the node
+    previewSource: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     previewFactor: Annotated[int, Choice([2, 4, 8])] = 4
     previewClass: Annotated[str, Choice([c.key for c in TISSUES])] = "IMAT"
     previewSoftKind: Annotated[str, Choice(list(PREVIEW_SOFT_KINDS))] = "Fractional segmentation"
