@@ -140,11 +140,18 @@ def _build_qt():
         def setMRMLScene(self, scene):
             import vtk
 
+            self.detach()
             self._scene = scene
-            for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent):
-                scene.AddObserver(event, lambda *a: self._refresh())
-            scene.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *a: self._refresh())
+            self._tags = [scene.AddObserver(event, lambda *a: self._refresh())
+                          for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent,
+                                        vtk.vtkCommand.ModifiedEvent)]
             self._refresh()
+
+        def detach(self):
+            """Stop following the scene (before the widget is deleted)."""
+            for tag in getattr(self, "_tags", []):
+                self._scene.RemoveObserver(tag)
+            self._tags = []
 
         def _candidates(self):
             if self._scene is None:
@@ -380,7 +387,16 @@ class _App:
 
     def __init__(self, qapp):
         self._qapp = qapp
+        self.connections = []  # (signal, slot) the module connected
         self.commandOptions = lambda: types.SimpleNamespace(testingEnabled=True)
+
+    def connect(self, signal, slot):
+        self.connections.append((signal, slot))
+
+    def emit(self, signal):
+        for s, slot in self.connections:
+            if s == signal:
+                slot()
 
     def processEvents(self, *args):
         self._qapp.processEvents()
@@ -439,6 +455,7 @@ def slicer_session():
         h.module = module
         h.moduleInfo = types.SimpleNamespace(path=str(MODULE_PATH))
         h.scriptedModule = module.EPDSegmentation(h.moduleInfo)
+        slicer.app.emit("startupCompleted()")
         parent = mrml_widgets["qMRMLWidget"]()
         parent.setLayout(qt.QVBoxLayout())
         parent.setMRMLScene(mrml.scene)
@@ -449,6 +466,8 @@ def slicer_session():
     finally:
         if h.widget is not None:
             h.widget.cleanup()
+            for combo in h.panel.findChildren(mrml_widgets["qMRMLNodeComboBox"]):
+                combo.detach()
         sys.path.remove(str(REPO / "Testing" / "mrml"))
         for k in [m for m in sys.modules if m.split(".")[0] == "slicer"
                   and m.split(".")[1:2] and m.split(".")[1] in SLICER_MODULES]:

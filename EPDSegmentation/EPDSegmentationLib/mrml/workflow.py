@@ -533,6 +533,9 @@ def describe_device(requested: str = "auto") -> Tuple[str, str]:
     except ImportError:
         return "", ("PyTorch is not installed: Apply offers to install it through the "
                     "PyTorch extension")
+    except OSError as exc:  # a broken CUDA install: the panel must still come up
+        return "", (f"PyTorch is installed but cannot be loaded ({exc}); reinstall it with "
+                    f"the PyTorch Utils module")
     from ..core.inference import select_device
 
     try:
