@@ -41,6 +41,7 @@ from EPDSegmentationLib.core.resources import bundled_model_path, sample_ct_path
 
 DEVICES = ["Auto", "CUDA", "MPS", "CPU"]
 SELECT_PROMPT = "Select a CT volume (or load the sample CT)."
+RESEARCH_NOTICE = "For research use only, not for clinical decisions."
 SLICE_MODES = {"All slices": "all", "Slice under the red view": "current",
                "Slice range": "range"}
 PREVIEW_SOFT_KINDS = {"Fractional segmentation": "fractional",
@@ -216,6 +217,29 @@ def observeSceneImport(scene=None) -> None:
     scene.AddObserver(scene.EndImportEvent, restore)
 
 
+def defaultExportFolder() -> pathlib.Path:
+    """Slicer's default folder for saved scenes (the user's documents), else the home folder."""
+    folder = getattr(slicer.app, "defaultScenePath", "") or os.path.expanduser("~")
+    return pathlib.Path(folder)
+
+
+def showIn3D(segmentationNode) -> None:
+    """Closed surfaces of the segments, shown in the 3D view."""
+    segmentationNode.CreateClosedSurfaceRepresentation()
+    display = segmentationNode.GetDisplayNode()
+    if display is not None:
+        display.SetVisibility3D(True)
+
+
+def openInSegmentEditor(segmentationNode, volumeNode) -> None:
+    """Hand the result to the Segment Editor (its segmentation and source volume set)."""
+    slicer.util.selectModule("SegmentEditor")
+    editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    editor.setSegmentationNode(segmentationNode)
+    if volumeNode is not None:
+        editor.setSourceVolumeNode(volumeNode)
+
+
 #
 # Parameter node
 #
@@ -272,6 +296,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = False
         self._cancelRequested = False
         self._sceneClosed = False
+        self._viewsBeforePreview = None  # capture_views before the first preview
         self._deviceLines = {}  # device choice -> line; asking torch once is enough
 
     def setup(self) -> None:
@@ -289,6 +314,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.previewButton.connect("clicked(bool)", self.onPreview)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.show3DButton.connect("clicked(bool)", self.onShow3D)
+        self.ui.segmentEditorButton.connect("clicked(bool)", self.onSegmentEditor)
+        self.ui.restoreViewsButton.connect("clicked(bool)", self.onRestoreViews)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -306,6 +334,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._running:  # the run stops at its next progress report and adds nothing
             self._cancelRequested = self._sceneClosed = True
+        self._viewsBeforePreview = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -318,6 +347,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = first
+        if str(self._parameterNode.exportFolder) in ("", "."):
+            # not the process's working folder (often Slicer's install folder)
+            self._parameterNode.exportFolder = defaultExportFolder()
 
     def setParameterNode(self, parameterNode: Optional[EPDSegmentationParameterNode]) -> None:
         if self._parameterNode:
@@ -343,7 +375,13 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.firstSliceSpinBox.maximum = last
             self.ui.lastSliceSpinBox.maximum = last
         summary, model_ok = self.logic.modelSummary(p.modelSource, p.modelPath)
-        self.ui.modelSummaryLabel.text = summary
+        lines = summary.split("\n") if model_ok else [summary]
+        # the classes stay in view; factor, network pixel, Dice and device under "Model details"
+        self.ui.modelSummaryLabel.text = lines[0]
+        self.ui.modelDetailsLabel.text = "\n".join(lines[1:]) or "No model card read."
+        trained = [x[len("Trained on: "):] for x in lines if x.startswith("Trained on: ")]
+        self.ui.researchNoticeLabel.text = RESEARCH_NOTICE + (
+            f" Trained on {trained[0]}." if trained else "")
         if p.device not in self._deviceLines:
             self._deviceLines[p.device] = self.logic.deviceSummary(p.device)
         self.ui.deviceStatusLabel.text = self._deviceLines[p.device]
@@ -354,6 +392,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = self._running
         self.ui.previewButton.enabled = bool(p.previewSource) and not self._running
         self.ui.exportButton.enabled = bool(p.resultSegmentation) and not self._running
+        self.ui.show3DButton.enabled = bool(p.resultSegmentation) and not self._running
+        self.ui.segmentEditorButton.enabled = bool(p.resultSegmentation) and not self._running
+        self.ui.restoreViewsButton.enabled = self._viewsBeforePreview is not None
         problem = self.logic.dicomSegProblem(p.resultSegmentation, p.inputVolume)
         self.ui.exportDicomSegCheckBox.enabled = problem is None and not self._running
         self.ui.exportDicomSegCheckBox.toolTip = problem or (
@@ -417,6 +458,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 softVolumes=p.softVolumes, progress=self._progress,
                 shouldCancel=lambda: self._cancelRequested)
             p.resultSegmentation = result.segmentation
+            self._viewsBeforePreview = None  # the results layout replaces the preview's
             mrml_views.show_results(slicer.mrmlScene, p.inputVolume, result)
             slicer.util.resetSliceViews()
             self.ui.statusLabel.text = self.logic.resultSummary(result)
@@ -454,9 +496,15 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPreview(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("EPD preview failed.", waitCursor=True):
+            self._progress(0, 2, "EPD preview: downsampling...")
             preview = self.logic.preview(p.previewSource, p.previewFactor, p.previewClass,
                                          PREVIEW_SOFT_KINDS[p.previewSoftKind], p.inputVolume)
-            mrml_views.show_preview(slicer.mrmlScene, p.inputVolume, preview)
+            self._progress(1, 2, "EPD preview: showing it...")
+            before = mrml_views.show_preview(slicer.mrmlScene, p.inputVolume, preview)
+            if self._viewsBeforePreview is None:  # later previews restore to the first's
+                self._viewsBeforePreview = before
+            self._progress(2, 2, "")
+            self._updateGui()
             slicer.util.resetSliceViews()
             rows = {r["tissue"]: r for r in preview.rows}
             r = rows[p.previewClass]
@@ -472,6 +520,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                         "export DICOM SEG (untick it to "
                                                         "export the rest)"):
                 return
+            self._progress(0, 1, "Exporting...")
             try:
                 paths = self.logic.export(p.exportFolder, p.resultSegmentation,
                                           dicomSeg=dicomSeg)
@@ -481,7 +530,26 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     return
                 paths = self.logic.export(p.exportFolder, p.resultSegmentation, overwrite=True,
                                           dicomSeg=dicomSeg)
-            self.ui.statusLabel.text = "Saved " + ", ".join(os.path.basename(x) for x in paths)
+            self._progress(1, 1, "Saved " + ", ".join(os.path.basename(x) for x in paths))
+
+    def onShow3D(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D.",
+                                             waitCursor=True):
+            self._progress(0, 1, "Making surfaces for the 3D view...")
+            showIn3D(self._parameterNode.resultSegmentation)
+            self._progress(1, 1, "Shown in 3D.")
+
+    def onSegmentEditor(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not open the Segment Editor."):
+            openInSegmentEditor(p.resultSegmentation,
+                                source_volume(p.resultSegmentation) or p.inputVolume)
+
+    def onRestoreViews(self) -> None:
+        if self._viewsBeforePreview is not None:
+            mrml_views.restore_views(slicer.mrmlScene, self._viewsBeforePreview)
+            self._viewsBeforePreview = None
+        self._updateGui()
 
 
 #
@@ -561,6 +629,8 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         mrml.workflow.segment_volume); returns its SegmentationResult."""
         check_ct_volume(volumeNode)  # before the (slow) model load
         checkRequirements(MODEL_PACKAGES)
+        if progress is not None:
+            progress(0, 1, "Loading the model...")
         model, card = self.loadModel(modelPath)
         predict = model_predictor(model, card, volume_array(volumeNode),
                                   slice_pixel_mm(ijk_to_ras(volumeNode)),
@@ -679,7 +749,8 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
 
             self.delayDisplay("EPD preview of the result at 1/4")
             preview = logic.preview(result.segmentation, 4, "IMAT", "fractional", ct)
-            mrml_views.show_preview(slicer.mrmlScene, ct, preview)
+            before = mrml_views.show_preview(slicer.mrmlScene, ct, preview)
+            mrml_views.restore_views(slicer.mrmlScene, before)
             spacing = preview.nearest.GetSpacing()
             self.assertAlmostEqual(spacing[0], ct.GetSpacing()[0] * 4, places=6)
             for row in preview.rows:

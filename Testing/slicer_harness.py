@@ -301,6 +301,8 @@ class Harness:
         self.dialogs = []        # (kind, text)
         self.answer = True       # what confirmOkCancelDisplay answers
         self.pip_installs = []   # requirements passed to slicer.util.pip_install
+        self.modules_selected = []  # slicer.util.selectModule calls
+        self.segment_editor = types.SimpleNamespace(segmentation=None, source=None)
         self.module = None       # the EPDSegmentation module (imported from its file)
         self.widget = None
 
@@ -377,6 +379,7 @@ def _util_stand_ins(h, ui_classes, scene):
                 infoDisplay=lambda text, *a, **kw: h.dialogs.append(("info", str(text))),
                 warningDisplay=lambda text, *a, **kw: h.dialogs.append(("warning", str(text))),
                 resetSliceViews=lambda: None,
+                selectModule=lambda name: h.modules_selected.append(name),
                 settingsValue=lambda key, default=None, converter=None: default,
                 modulePath=lambda name: str(MODULE_PATH),
                 mainWindow=lambda: None)
@@ -386,7 +389,10 @@ class _App:
     """slicer.app: what the module and Slicer's Python layer ask of the application."""
 
     def __init__(self, qapp):
+        import tempfile
+
         self._qapp = qapp
+        self.defaultScenePath = tempfile.gettempdir()
         self.connections = []  # (signal, slot) the module connected
         self.commandOptions = lambda: types.SimpleNamespace(testingEnabled=True)
 
@@ -435,7 +441,14 @@ def slicer_session():
     saved_modules = {k: sys.modules.get(k) for k in ("qt", "ctk", "EPDSegmentation")}
     util_overrides = _util_stand_ins(h, ui_classes, mrml.scene)
     saved_util = {k: getattr(slicer.util, k, None) for k in util_overrides}
-    added = dict(mrml_widgets, mrmlScene=mrml.scene, app=_App(qapp))
+    editor = types.SimpleNamespace(
+        setSegmentationNode=lambda n: setattr(h.segment_editor, "segmentation", n),
+        setSourceVolumeNode=lambda n: setattr(h.segment_editor, "source", n))
+    # the Segment Editor module as the hand-off reaches it (a recorder: no editor here)
+    modules = types.SimpleNamespace(segmenteditor=types.SimpleNamespace(
+        widgetRepresentation=lambda: types.SimpleNamespace(
+            self=lambda: types.SimpleNamespace(editor=editor))))
+    added = dict(mrml_widgets, mrmlScene=mrml.scene, app=_App(qapp), modules=modules)
     saved_attrs = {k: getattr(slicer, k, None) for k in list(added) + list(SLICER_MODULES)
                    + ["selfTests"]}
     loaded = []

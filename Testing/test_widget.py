@@ -388,3 +388,73 @@ add_subdirectory({REPO / 'EPDSegmentation'} ${{CMAKE_BINARY_DIR}}/module)
     assert "docs/panel.png" in top
     assert (REPO / "LICENSE").is_file() and \
         "Apache License" in (REPO / "LICENSE").read_text()[:200]
+
+
+# --- the panel as a radiologist reads it; hand-offs; the preview gives the views back
+
+
+def test_panel_keeps_model_details_collapsed_with_a_research_notice(fresh):
+    h = fresh
+    ui = _ui(h)
+    assert ui.modelDetailsCollapsibleButton.collapsed
+    assert ui.modelSummaryLabel.text.startswith("Classes: MUS, IMAT")
+    assert "Dice" not in ui.modelSummaryLabel.text and "network pixel" not in \
+        ui.modelSummaryLabel.text
+    details = ui.modelDetailsLabel.text
+    assert "Factor 1/2" in details and "network pixel" in details and "Dice" in details
+    assert ui.deviceStatusLabel.parent() is ui.modelDetailsCollapsibleButton
+    notice = ui.researchNoticeLabel.text
+    assert notice.startswith("For research use only") and "Trained on" in notice \
+        and "phantom" in notice and "\n" not in notice
+
+
+def test_export_folder_does_not_default_to_the_working_folder(fresh):
+    import slicer
+
+    p = _param(fresh)
+    assert str(p.exportFolder) not in ("", ".")
+    assert p.exportFolder.is_absolute() or str(p.exportFolder) == slicer.app.defaultScenePath
+
+
+def test_show_3d_and_segment_editor_hand_off(fresh):
+    h = fresh
+    ct = _with_sample(h)
+    ui, p = _ui(h), _param(h)
+    if p.resultSegmentation is None:
+        _apply_range(h, 3, 4)
+    seg = p.resultSegmentation
+    assert ui.show3DButton.enabled and ui.segmentEditorButton.enabled
+    ui.segmentEditorButton.click()
+    assert h.modules_selected[-1] == "SegmentEditor"
+    assert h.segment_editor.segmentation is seg and h.segment_editor.source is ct
+    ui.show3DButton.click()
+    assert h.messages("error") == [], h.messages("error")
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert seg.GetDisplayNode().GetVisibility3D()
+
+
+def test_preview_changes_are_restored(fresh):
+    from EPDSegmentationLib.mrml.views import composite_node, layout_node, slice_node
+
+    h = fresh
+    ct = _with_sample(h)
+    ui, p = _ui(h), _param(h)
+    if p.resultSegmentation is None:
+        _apply_range(h, 3, 4)
+    seg = p.resultSegmentation
+    red, yellow = composite_node(h.scene, "Red"), composite_node(h.scene, "Yellow")
+    yellow.SetLinkedControl(False)
+    layout = layout_node(h.scene).GetViewArrangement()
+    views_before = seg.GetDisplayNode().GetNumberOfViewNodeIDs()
+    assert not ui.restoreViewsButton.enabled
+    ui.previewSourceSelector.setCurrentNode(seg)
+    ui.previewButton.click()
+    ui.previewButton.click()                       # a second preview: still the first state
+    assert seg.GetDisplayNode().GetViewNodeIDs() == (slice_node(h.scene, "Red").GetID(),)
+    assert yellow.GetLinkedControl() and ui.restoreViewsButton.enabled
+    ui.restoreViewsButton.click()
+    assert seg.GetDisplayNode().GetNumberOfViewNodeIDs() == views_before
+    assert not yellow.GetLinkedControl()
+    assert layout_node(h.scene).GetViewArrangement() == layout
+    assert red.GetBackgroundVolumeID() in (None, ct.GetID())
+    assert not ui.restoreViewsButton.enabled
