@@ -458,3 +458,51 @@ def test_preview_changes_are_restored(fresh):
     assert layout_node(h.scene).GetViewArrangement() == layout
     assert red.GetBackgroundVolumeID() in (None, ct.GetID())
     assert not ui.restoreViewsButton.enabled
+
+
+def test_export_with_dicom_seg_for_a_ct_from_dicom(fresh, monkeypatch, tmp_path):
+    """A CT as Slicer's DICOM module leaves it (voxels, geometry, DICOM.instanceUIDs), the
+    series' files found through slicer.dicomDatabase (a dict here): the DICOM SEG box turns
+    on and Export writes SEGs whose frames lie on the CT's instances."""
+    highdicom = pytest.importorskip("highdicom")
+    import slicer
+
+    from EPDSegmentationLib.core.resources import sample_ct_path
+    from EPDSegmentationLib.core.volume import Volume
+    from EPDSegmentationLib.io import read_volume, write_dicom_series
+    from EPDSegmentationLib.mrml.nodes import vtk_matrix
+    from EPDSegmentationLib.mrml.segmentation import labels_from_segmentation
+
+    h = fresh
+    sample = read_volume(sample_ct_path())
+    write_dicom_series(Volume(sample.array[:4].copy(), sample.ijk_to_ras), tmp_path / "dicom")
+    vol = read_volume(tmp_path / "dicom")
+    uids = vol.meta["sop_instance_uids"]
+    monkeypatch.setattr(slicer, "dicomDatabase", types.SimpleNamespace(
+        isOpen=True, fileForInstance=dict(zip(uids, map(str, vol.meta["files"]))).get),
+        raising=False)
+    ct = h.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT from DICOM")
+    slicer.util.updateVolumeFromArray(ct, np.rint(vol.array).astype(np.int16))
+    ct.SetIJKToRASMatrix(vtk_matrix(vol.ijk_to_ras))
+    ct.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    ui, p = _ui(h), _param(h)
+    ui.inputVolumeSelector.setCurrentNode(ct)
+    ui.softSegmentationCheckBox.checked = True
+    _apply_range(h, 1, 2)
+    assert ui.statusLabel.text.startswith("Done: 2 slice(s)"), ui.statusLabel.text
+    assert ui.exportDicomSegCheckBox.enabled, ui.exportDicomSegCheckBox.toolTip
+    ui.exportDicomSegCheckBox.checked = True
+    out = tmp_path / "out"
+    out.mkdir()
+    ui.exportDirectoryButton.directory = str(out)
+    ui.exportButton.click()
+    assert h.messages("error") == [], h.messages("error")
+    names = sorted(x.name for x in out.iterdir())
+    binary = [n for n in names if n.endswith("_seg.dcm") and not n.endswith("_prob_seg.dcm")]
+    assert len(binary) == 1 and any(n.endswith("_prob_seg.dcm") for n in names)
+    seg = highdicom.seg.segread(str(out / binary[0]))
+    labels, _ = labels_from_segmentation(p.resultSegmentation)
+    frames = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    assert np.array_equal(frames, labels)
+    ui.softSegmentationCheckBox.checked = False
+    ui.exportDicomSegCheckBox.checked = False
