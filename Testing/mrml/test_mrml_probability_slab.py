@@ -41,3 +41,16 @@ def test_slab_start_rejects_other_grids():
     beyond = m.copy()
     beyond[2, 3] = 2.5 * 6
     assert slab_start(beyond, (1, 4, 4), m, (6, 4, 4)) is None
+
+
+def test_building_the_outputs_reports_progress(mrml):
+    labels = label_stack(3, 32)
+    ct = add_ct(mrml.scene, labels)
+    seen = []
+    segment_volume(mrml.scene, ct, predictor(soft_maps(labels)), soft_segmentation=True,
+                   soft_volumes=True, progress=lambda d, t, m: seen.append((d, t, m)))
+    stages = [m for d, t, m in seen if m.startswith("creating the outputs")]
+    assert stages == ["creating the outputs: " + s for s in (
+        "tissue segmentation", "measures table", "fractional segmentation",
+        "probability volumes")]
+    assert all(d == t == 3 for d, t, m in seen if m in stages)

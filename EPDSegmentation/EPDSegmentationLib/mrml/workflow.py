@@ -239,7 +239,7 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     name = volume_node.GetName()
     result = SegmentationResult(None, None, rows=rows, slices=slices, device=device,
                                 notes=notes)
-    report(total, "creating the outputs")
+    report(total, "creating the outputs: tissue segmentation")
     with undo_on_failure(scene):
         seg = segmentation_node or scene.AddNewNodeByClass(
             "vtkMRMLSegmentationNode", unique_name(scene, f"{name} tissues"))
@@ -251,11 +251,13 @@ def segment_volume(scene, volume_node, predict: Predict, *,
             record_model(seg, model_card)
         place_beside(seg, volume_node)
         result.segmentation = seg
+        report(total, "creating the outputs: measures table")
         table = table_node or new_table(scene, f"{name} body composition", "measures")
         fill_measures_table(table, rows)
         place_beside(table, volume_node)
         result.table = table
         if soft_segmentation:
+            report(total, "creating the outputs: fractional segmentation")
             soft_seg = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", unique_name(scene, f"{name} tissue probabilities"))
             fill_fractional_segmentation(soft_seg, codes, m, k0=k0, encoded=True)
@@ -263,6 +265,7 @@ def segment_volume(scene, volume_node, predict: Predict, *,
             place_beside(soft_seg, volume_node)
             result.soft_segmentation = soft_seg
         if soft_volumes:
+            report(total, "creating the outputs: probability volumes")
             for c in TISSUES:
                 vol = add_volume(scene, prob_volumes[c.key], slab_matrix(m, k0),
                                  f"{name} {c.key} probability",
