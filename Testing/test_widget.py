@@ -109,13 +109,22 @@ def test_module_metadata_and_scene_import_hook(h):
 # --- Apply
 
 
-def test_load_sample_and_apply_a_range(fresh):
+def test_load_sample_and_apply_a_range(fresh, monkeypatch):
+    import slicer
+
     h = fresh
     ct = _with_sample(h)
     ui = _ui(h)
     assert ui.applyButton.enabled
     assert ui.statusLabel.text.startswith("Ready")
+    shown = []
+    monkeypatch.setattr(slicer.app, "processEvents",
+                        lambda *a: shown.append(ui.statusLabel.text))
     _apply_range(h, 3, 4)
+    # the panel speaks during the model load, the slices and the building of the outputs
+    assert shown[0] == "Loading the model..."
+    assert any(t.startswith("segmenting: 2 of 2") for t in shown)
+    assert "creating the outputs: measures table" in shown
     assert ui.statusLabel.text.startswith("Done: 2 slice(s)"), ui.statusLabel.text
     seg = _param(h).resultSegmentation
     assert seg is not None and seg.GetSegmentation().GetNumberOfSegments() == 5
@@ -416,6 +425,7 @@ def test_export_folder_does_not_default_to_the_working_folder(fresh):
     assert p.exportFolder.is_absolute() or str(p.exportFolder) == slicer.app.defaultScenePath
 
 
+@pytest.mark.slow
 def test_show_3d_and_segment_editor_hand_off(fresh):
     h = fresh
     ct = _with_sample(h)
