@@ -40,13 +40,139 @@ from EPDSegmentationLib.mrml.workflow import (MODEL_SOURCES, OutputExists, devic
 from EPDSegmentationLib.core.resources import bundled_model_path, sample_ct_path
 
 DEVICES = ["Auto", "CUDA", "MPS", "CPU"]
+SELECT_PROMPT = "Select a CT volume (or load the sample CT)."
+RESEARCH_NOTICE = "For research use only, not for clinical decisions."
 SLICE_MODES = {"All slices": "all", "Slice under the red view": "current",
                "Slice range": "range"}
 PREVIEW_SOFT_KINDS = {"Fractional segmentation": "fractional",
                       "Probability volume": "probability"}
+#: PyTorch the network needs; installed through the PyTorch extension's PyTorchUtils.
 TORCH_REQUIREMENT = ">=2.1"
+TORCH_MINIMUM = (2, 1)
+#: Installed with slicer.util.pip_install (neither is part of Slicer's Python nor of torch).
+SAFETENSORS_REQUIREMENT = "safetensors>=0.4"
 #: What DICOM SEG export installs when Slicer lacks it (Slicer 5.12 and later ship it).
 HIGHDICOM_REQUIREMENT = "highdicom>=0.23"
+#: What running the model needs; what DICOM SEG export needs.
+MODEL_PACKAGES = ("torch", "safetensors")
+DICOM_SEG_PACKAGES = ("highdicom",)
+
+
+#
+# Python requirements (the Slicer way: ask, PyTorch through PyTorchUtils, the rest with
+# slicer.util.pip_install; modelled on SlicerTotalSegmentator's setupPythonRequirements)
+#
+
+
+class MissingRequirement(RuntimeError):
+    """A Python package the module needs is missing or unusable; the message says what to do."""
+
+
+def _torch_version(version: str):
+    """(major, minor) of a torch version string such as "2.13.0+cpu"."""
+    parts = version.split("+")[0].split(".")
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts[:2])
+
+
+def requirementProblems(packages=MODEL_PACKAGES):
+    """{package: None when it must be installed, or a MissingRequirement that installing
+    cannot fix} for the packages that cannot be used now. Installs nothing."""
+    problems = {}
+    for name in packages:
+        try:
+            module = __import__(name)
+        except ImportError:
+            problems[name] = None
+            continue
+        except OSError as exc:  # e.g. a broken CUDA install: torch's shared libraries fail
+            problems[name] = MissingRequirement(
+                f"PyTorch is installed but cannot be loaded ({exc}). This usually means a "
+                f"broken or mismatched CUDA installation. Reinstall PyTorch with the PyTorch "
+                f"Utils module (pick the CPU build if unsure), then restart Slicer.")
+            continue
+        if name == "torch" and _torch_version(module.__version__) < TORCH_MINIMUM:
+            problems[name] = MissingRequirement(
+                f"EPD Segmentation needs PyTorch {TORCH_REQUIREMENT}; this Slicer has "
+                f"{module.__version__}. Uninstall it and install a newer one with the PyTorch "
+                f"Utils module, then restart Slicer.")
+    if "highdicom" in problems and problems["highdicom"] is None:
+        import pydicom
+
+        if int(pydicom.__version__.split(".")[0]) < 3:
+            # highdicom needs pydicom 3; upgrading Slicer's own pydicom could break its DICOM
+            # module, so this is left to the user
+            problems["highdicom"] = MissingRequirement(
+                f"DICOM SEG export needs the Python package highdicom, which needs pydicom 3; "
+                f"this Slicer has pydicom {pydicom.__version__}, and upgrading it could break "
+                f"Slicer's DICOM module. Use Slicer 5.12 or later (it ships highdicom), or the "
+                f"command line: epdseg segment ... --dicom-seg.")
+    return problems
+
+
+def checkRequirements(packages=MODEL_PACKAGES) -> None:
+    """MissingRequirement naming what is missing and how to get it; installs nothing (for the
+    Logic called from the console, and for the self-test)."""
+    problems = requirementProblems(packages)
+    for problem in problems.values():
+        if problem is not None:
+            raise problem
+    if problems:
+        raise MissingRequirement(
+            f"EPD Segmentation needs the Python package(s) {', '.join(problems)}. Click "
+            f"Apply (or Export) in the module panel, which offers to install them, or run "
+            f"EPDSegmentation.setupPythonRequirements() in the Python console.")
+
+
+def setupPythonRequirements(packages=MODEL_PACKAGES, askConfirmation: bool = True) -> bool:
+    """Make ``packages`` importable, asking first: PyTorch through the PyTorch extension's
+    PyTorchUtils (it picks the build for the GPU driver), safetensors and highdicom with
+    slicer.util.pip_install. True when all can be imported; False when the user said no;
+    MissingRequirement says what to do when it cannot be done here."""
+    problems = requirementProblems(packages)
+    for problem in problems.values():
+        if problem is not None:
+            raise problem
+    if not problems:
+        return True
+    what = {"torch": "PyTorch (through the PyTorch extension; up to a few GB, the build that "
+                     "suits your GPU driver or the CPU)",
+            "safetensors": f"{SAFETENSORS_REQUIREMENT} (from PyPI, about 1 MB)",
+            "highdicom": f"{HIGHDICOM_REQUIREMENT} (from PyPI, a few MB)"}
+    if "torch" in problems:
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise MissingRequirement(
+                "EPD Segmentation needs PyTorch. Install the 'PyTorch' extension from the "
+                "Extensions Manager, restart Slicer and click Apply again.") from None
+    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            "EPD Segmentation needs these Python packages, which are not installed:\n"
+            + "\n".join(f"- {what[n]}" for n in problems) + "\n\nInstall them now?",
+            "Install Python packages"):
+        return False
+    if "torch" in problems:
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        try:
+            torch = torchLogic.installTorch(askConfirmation=False,
+                                            torchVersionRequirement=TORCH_REQUIREMENT)
+        except Exception as exc:  # noqa: BLE001  pip/light-the-torch failed, or the new
+            # torch cannot be imported in this session (installTorch imports it last)
+            logging.exception("PyTorch installation failed")
+            raise MissingRequirement(f"PyTorch could not be installed or loaded "
+                                     f"({type(exc).__name__}: {exc}). Use the PyTorch Utils "
+                                     f"module to install it, then restart Slicer.") from None
+        if torch is None:
+            raise MissingRequirement("PyTorch was not installed. Use the PyTorch Utils module "
+                                     "to install it, then restart Slicer.")
+    for name, requirement in (("safetensors", SAFETENSORS_REQUIREMENT),
+                              ("highdicom", HIGHDICOM_REQUIREMENT)):
+        if name in problems:
+            slicer.util.pip_install(requirement)
+    still = requirementProblems(packages)
+    if still:
+        raise MissingRequirement(f"{', '.join(still)} installed but cannot be loaded yet. "
+                                 f"Restart Slicer and try again.")
+    return True
 
 
 #
@@ -69,10 +195,49 @@ class EPDSegmentation(ScriptedLoadableModule):
             "volumes (cm3) and HU per tissue. The EPD preview shows what a label map looks "
             "like downsampled by nearest and by EPD. "
             '<a href="https://github.com/epd-segmentation/SlicerEPDSegmentation">Documentation</a>.')
+        # soft labels come back binary from a saved scene unless restored when it is read
+        slicer.app.connect("startupCompleted()", observeSceneImport)
         self.parent.acknowledgementText = (
             "EPD: Ali et al., Towards Efficient and Accurate CT Segmentation via "
             "Edge-Preserving Probabilistic Downsampling, arXiv:2404.03991. Terminology codes: "
             "SNOMED CT.")
+
+
+def observeSceneImport(scene=None) -> None:
+    """After a scene (.mrml, .mrb) is read into ``scene`` (default slicer.mrmlScene), make its
+    soft-label segmentations fractional again (the storage node reads them as binary)."""
+    scene = scene or slicer.mrmlScene
+
+    def restore(caller, event):
+        from EPDSegmentationLib.mrml.segmentation import restore_soft_labels
+
+        for node in restore_soft_labels(caller):
+            logging.info(f"EPD Segmentation: soft labels of '{node.GetName()}' restored")
+
+    scene.AddObserver(scene.EndImportEvent, restore)
+
+
+def defaultExportFolder() -> pathlib.Path:
+    """Slicer's default folder for saved scenes (the user's documents), else the home folder."""
+    folder = getattr(slicer.app, "defaultScenePath", "") or os.path.expanduser("~")
+    return pathlib.Path(folder)
+
+
+def showIn3D(segmentationNode) -> None:
+    """Closed surfaces of the segments, shown in the 3D view."""
+    segmentationNode.CreateClosedSurfaceRepresentation()
+    display = segmentationNode.GetDisplayNode()
+    if display is not None:
+        display.SetVisibility3D(True)
+
+
+def openInSegmentEditor(segmentationNode, volumeNode) -> None:
+    """Hand the result to the Segment Editor (its segmentation and source volume set)."""
+    slicer.util.selectModule("SegmentEditor")
+    editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    editor.setSegmentationNode(segmentationNode)
+    if volumeNode is not None:
+        editor.setSourceVolumeNode(volumeNode)
 
 
 #
@@ -104,7 +269,8 @@ class EPDSegmentationParameterNode:
     outputTable: vtkMRMLTableNode
     softSegmentation: bool = False
     softVolumes: bool = False
-    previewSource: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    # node unions must admit None: the wrapper writes None as the default when it creates the node
+    previewSource: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     previewFactor: Annotated[int, Choice([2, 4, 8])] = 4
     previewClass: Annotated[str, Choice([c.key for c in TISSUES])] = "IMAT"
     previewSoftKind: Annotated[str, Choice(list(PREVIEW_SOFT_KINDS))] = "Fractional segmentation"
@@ -129,6 +295,8 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._running = False
         self._cancelRequested = False
+        self._sceneClosed = False
+        self._viewsBeforePreview = None  # capture_views before the first preview
         self._deviceLines = {}  # device choice -> line; asking torch once is enough
 
     def setup(self) -> None:
@@ -146,6 +314,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.previewButton.connect("clicked(bool)", self.onPreview)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.show3DButton.connect("clicked(bool)", self.onShow3D)
+        self.ui.segmentEditorButton.connect("clicked(bool)", self.onSegmentEditor)
+        self.ui.restoreViewsButton.connect("clicked(bool)", self.onRestoreViews)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -161,6 +332,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._running:  # the run stops at its next progress report and adds nothing
+            self._cancelRequested = self._sceneClosed = True
+        self._viewsBeforePreview = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -173,6 +347,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = first
+        if str(self._parameterNode.exportFolder) in ("", "."):
+            # not the process's working folder (often Slicer's install folder)
+            self._parameterNode.exportFolder = defaultExportFolder()
 
     def setParameterNode(self, parameterNode: Optional[EPDSegmentationParameterNode]) -> None:
         if self._parameterNode:
@@ -198,7 +375,13 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.firstSliceSpinBox.maximum = last
             self.ui.lastSliceSpinBox.maximum = last
         summary, model_ok = self.logic.modelSummary(p.modelSource, p.modelPath)
-        self.ui.modelSummaryLabel.text = summary
+        lines = summary.split("\n") if model_ok else [summary]
+        # the classes stay in view; factor, network pixel, Dice and device under "Model details"
+        self.ui.modelSummaryLabel.text = lines[0]
+        self.ui.modelDetailsLabel.text = "\n".join(lines[1:]) or "No model card read."
+        trained = [x[len("Trained on: "):] for x in lines if x.startswith("Trained on: ")]
+        self.ui.researchNoticeLabel.text = RESEARCH_NOTICE + (
+            f" Trained on {trained[0]}." if trained else "")
         if p.device not in self._deviceLines:
             self._deviceLines[p.device] = self.logic.deviceSummary(p.device)
         self.ui.deviceStatusLabel.text = self._deviceLines[p.device]
@@ -209,13 +392,19 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = self._running
         self.ui.previewButton.enabled = bool(p.previewSource) and not self._running
         self.ui.exportButton.enabled = bool(p.resultSegmentation) and not self._running
+        self.ui.show3DButton.enabled = bool(p.resultSegmentation) and not self._running
+        self.ui.segmentEditorButton.enabled = bool(p.resultSegmentation) and not self._running
+        self.ui.restoreViewsButton.enabled = self._viewsBeforePreview is not None
         problem = self.logic.dicomSegProblem(p.resultSegmentation, p.inputVolume)
         self.ui.exportDicomSegCheckBox.enabled = problem is None and not self._running
         self.ui.exportDicomSegCheckBox.toolTip = problem or (
             "Also write the tissues as DICOM SEG (binary) and, if soft labels were made, the "
             "probabilities as DICOM SEG (fractional), referencing the CT's DICOM series.")
         if not self._running and not p.inputVolume:
-            self.ui.statusLabel.text = "Select a CT volume (or load the sample CT)."
+            self.ui.statusLabel.text = SELECT_PROMPT
+        elif not self._running and self.ui.statusLabel.text in (SELECT_PROMPT,
+                                                                "Select a CT volume."):
+            self.ui.statusLabel.text = "Ready: choose the slices and click Apply."
 
     # --- actions
 
@@ -229,6 +418,8 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = done
         self.ui.statusLabel.text = message
         slicer.app.processEvents()  # keeps the panel (and Cancel) responsive
+        if self._sceneClosed:
+            raise Cancelled("the scene was closed during the run; nothing was added")
 
     def _allowedToReplace(self, node) -> Optional[bool]:
         """None when ``node`` is not picked or empty; else whether the user agrees to
@@ -246,13 +437,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApply(self) -> None:
         p = self._parameterNode
-        try:
-            if not self.logic.ensureTorch(askConfirmation=True):
-                self.ui.statusLabel.text = "PyTorch is needed to run the model; nothing was done."
-                return
-        except RuntimeError as exc:
-            self.ui.statusLabel.text = f"Not done: {exc}"
-            slicer.util.errorDisplay(str(exc), windowTitle="EPD Segmentation")
+        if not self._requirementsReady(MODEL_PACKAGES, "run the model"):
             return
         self._deviceLines.clear()  # torch may have just been installed: ask it again
         answers = [self._allowedToReplace(n) for n in (p.outputSegmentation, p.outputTable)]
@@ -260,7 +445,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = ("Not done: the picked output holds data. Choose 'Create "
                                         "new' or agree to replace it.")
             return
-        self._running, self._cancelRequested = True, False
+        self._running, self._cancelRequested, self._sceneClosed = True, False, False
         self._updateGui()
         try:
             slices = self.logic.slicesFor(p.inputVolume, SLICE_MODES[p.sliceMode],
@@ -273,6 +458,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 softVolumes=p.softVolumes, progress=self._progress,
                 shouldCancel=lambda: self._cancelRequested)
             p.resultSegmentation = result.segmentation
+            self._viewsBeforePreview = None  # the results layout replaces the preview's
             mrml_views.show_results(slicer.mrmlScene, p.inputVolume, result)
             slicer.util.resetSliceViews()
             self.ui.statusLabel.text = self.logic.resultSummary(result)
@@ -284,7 +470,24 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("EPD Segmentation failed")
         finally:
             self._running = False
+            self.ui.cancelButton.enabled = False
             self._updateGui()
+            if self._sceneClosed:  # said after the panel was reset for the new scene
+                self.ui.statusLabel.text = ("Cancelled: the scene was closed during the run; "
+                                            "nothing was added.")
+
+    def _requirementsReady(self, packages, purpose: str) -> bool:
+        """Install what ``packages`` need (asking first); else say why not, in the panel and
+        in a message box. False when nothing should be done."""
+        try:
+            if setupPythonRequirements(packages, askConfirmation=True):
+                return True
+            self.ui.statusLabel.text = (f"Not done: {', '.join(packages)} needed to {purpose} "
+                                        f"(installation declined).")
+        except MissingRequirement as exc:
+            self.ui.statusLabel.text = f"Not done: {exc}"
+            slicer.util.errorDisplay(str(exc), windowTitle="EPD Segmentation")
+        return False
 
     def onCancel(self) -> None:
         self._cancelRequested = True
@@ -293,9 +496,15 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPreview(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("EPD preview failed.", waitCursor=True):
+            self._progress(0, 2, "EPD preview: downsampling...")
             preview = self.logic.preview(p.previewSource, p.previewFactor, p.previewClass,
                                          PREVIEW_SOFT_KINDS[p.previewSoftKind], p.inputVolume)
-            mrml_views.show_preview(slicer.mrmlScene, p.inputVolume, preview)
+            self._progress(1, 2, "EPD preview: showing it...")
+            before = mrml_views.show_preview(slicer.mrmlScene, p.inputVolume, preview)
+            if self._viewsBeforePreview is None:  # later previews restore to the first's
+                self._viewsBeforePreview = before
+            self._progress(2, 2, "")
+            self._updateGui()
             slicer.util.resetSliceViews()
             rows = {r["tissue"]: r for r in preview.rows}
             r = rows[p.previewClass]
@@ -307,10 +516,11 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         dicomSeg = p.exportDicomSeg and self.ui.exportDicomSegCheckBox.enabled
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-            if dicomSeg and not self.logic.ensureHighdicom(askConfirmation=True):
-                self.ui.statusLabel.text = ("DICOM SEG export needs highdicom; nothing was "
-                                            "exported. Untick 'DICOM SEG' to export the rest.")
+            if dicomSeg and not self._requirementsReady(DICOM_SEG_PACKAGES,
+                                                        "export DICOM SEG (untick it to "
+                                                        "export the rest)"):
                 return
+            self._progress(0, 1, "Exporting...")
             try:
                 paths = self.logic.export(p.exportFolder, p.resultSegmentation,
                                           dicomSeg=dicomSeg)
@@ -320,7 +530,26 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     return
                 paths = self.logic.export(p.exportFolder, p.resultSegmentation, overwrite=True,
                                           dicomSeg=dicomSeg)
-            self.ui.statusLabel.text = "Saved " + ", ".join(os.path.basename(x) for x in paths)
+            self._progress(1, 1, "Saved " + ", ".join(os.path.basename(x) for x in paths))
+
+    def onShow3D(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D.",
+                                             waitCursor=True):
+            self._progress(0, 1, "Making surfaces for the 3D view...")
+            showIn3D(self._parameterNode.resultSegmentation)
+            self._progress(1, 1, "Shown in 3D.")
+
+    def onSegmentEditor(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not open the Segment Editor."):
+            openInSegmentEditor(p.resultSegmentation,
+                                source_volume(p.resultSegmentation) or p.inputVolume)
+
+    def onRestoreViews(self) -> None:
+        if self._viewsBeforePreview is not None:
+            mrml_views.restore_views(slicer.mrmlScene, self._viewsBeforePreview)
+            self._viewsBeforePreview = None
+        self._updateGui()
 
 
 #
@@ -369,81 +598,6 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
             self._model, self._modelKey = load_model(path), key
         return self._model
 
-    @staticmethod
-    def ensureTorch(askConfirmation: bool = True) -> bool:
-        """True when torch can be imported; else offer to install it through the PyTorch
-        extension (asking first). RuntimeError says what to do when that is impossible."""
-        try:
-            import torch  # noqa: F401
-            return True
-        except ImportError:
-            pass
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise RuntimeError("EPD Segmentation needs PyTorch. Install the 'PyTorch' extension "
-                               "from the Extensions Manager, restart Slicer and click Apply "
-                               "again.") from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    "EPD Segmentation needs PyTorch, which is not installed. Install it now "
-                    "through the PyTorch extension? It downloads up to a few GB and picks the "
-                    "build that suits your GPU driver (or the CPU build).",
-                    "Install PyTorch"):
-                return False
-            try:
-                torch = torchLogic.installTorch(askConfirmation=False,
-                                                torchVersionRequirement=TORCH_REQUIREMENT)
-            except Exception as exc:  # noqa: BLE001  pip/light-the-torch failed, or the new
-                # torch cannot be imported in this session (installTorch imports it last)
-                logging.exception("PyTorch installation failed")
-                raise RuntimeError(f"PyTorch could not be installed or loaded "
-                                   f"({type(exc).__name__}: {exc}). Use the PyTorch Utils "
-                                   f"module to install it, then restart Slicer.") from None
-            if torch is None:
-                raise RuntimeError("PyTorch was not installed. Use the PyTorch Utils module to "
-                                   "install it, then restart Slicer.")
-        try:
-            import torch  # noqa: F401,F811
-        except ImportError as exc:
-            raise RuntimeError(f"PyTorch was installed but cannot be loaded yet ({exc}). "
-                               f"Restart Slicer and click Apply again.") from None
-        return True
-
-    @staticmethod
-    def ensureHighdicom(askConfirmation: bool = True) -> bool:
-        """True when highdicom (DICOM SEG writing) can be imported; else offer to pip-install
-        it (asking first). RuntimeError says what to do when that is impossible or unsafe."""
-        try:
-            import highdicom  # noqa: F401
-            return True
-        except ImportError:
-            pass
-        import pydicom
-
-        major = int(pydicom.__version__.split(".")[0])
-        if major < 3:
-            # highdicom needs pydicom 3; upgrading Slicer's own pydicom could break its DICOM
-            # module, so this is left to the user
-            raise RuntimeError(
-                f"DICOM SEG export needs the Python package highdicom, which needs pydicom 3; "
-                f"this Slicer has pydicom {pydicom.__version__}, and upgrading it could break "
-                f"Slicer's DICOM module. Use Slicer 5.12 or later (it ships highdicom), or the "
-                f"command line: epdseg segment ... --dicom-seg.")
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                "DICOM SEG export needs the Python package highdicom, which is not installed "
-                f"in this Slicer. Install it now from PyPI ({HIGHDICOM_REQUIREMENT}, a few MB)?",
-                "Install highdicom"):
-            return False
-        slicer.util.pip_install(HIGHDICOM_REQUIREMENT)
-        try:
-            import highdicom  # noqa: F401,F811
-        except ImportError as exc:
-            raise RuntimeError(f"highdicom was installed but cannot be loaded yet ({exc}). "
-                               f"Restart Slicer and export again.") from None
-        return True
-
     # --- work
 
     @staticmethod
@@ -474,6 +628,9 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         """Run the model on the volume's slices and build the outputs (see
         mrml.workflow.segment_volume); returns its SegmentationResult."""
         check_ct_volume(volumeNode)  # before the (slow) model load
+        checkRequirements(MODEL_PACKAGES)
+        if progress is not None:
+            progress(0, 1, "Loading the model...")
         model, card = self.loadModel(modelPath)
         predict = model_predictor(model, card, volume_array(volumeNode),
                                   slice_pixel_mm(ijk_to_ras(volumeNode)),
@@ -548,6 +705,16 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
     def setUp(self):
         slicer.mrmlScene.Clear()
 
+    def _requirementsPresent(self, packages) -> bool:
+        """Whether the packages can be imported; else the test part is skipped with a
+        message (the self-test never installs: Apply in the panel asks and installs)."""
+        try:
+            checkRequirements(packages)
+            return True
+        except MissingRequirement as exc:
+            self.delayDisplay(f"Skipped: {exc}")
+            return False
+
     def runTest(self):
         self.setUp()
         self.test_segment_preview_export()
@@ -558,7 +725,8 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
 
     def test_segment_preview_export(self):
         logic = EPDSegmentationLogic()
-        self.assertTrue(logic.ensureTorch(askConfirmation=False))
+        if not self._requirementsPresent(MODEL_PACKAGES):
+            return
         ct = EPDSegmentationLogic.loadSample()
         with tempfile.TemporaryDirectory() as folder:
             modelPath = bundled_model_path()
@@ -581,7 +749,8 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
 
             self.delayDisplay("EPD preview of the result at 1/4")
             preview = logic.preview(result.segmentation, 4, "IMAT", "fractional", ct)
-            mrml_views.show_preview(slicer.mrmlScene, ct, preview)
+            before = mrml_views.show_preview(slicer.mrmlScene, ct, preview)
+            mrml_views.restore_views(slicer.mrmlScene, before)
             spacing = preview.nearest.GetSpacing()
             self.assertAlmostEqual(spacing[0], ct.GetSpacing()[0] * 4, places=6)
             for row in preview.rows:
@@ -607,21 +776,23 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
         """Four slices of the bundled sample CT written as a DICOM series, imported into a
         temporary DICOM database and loaded by Slicer's DICOM module; its segmentation exported
         as DICOM SEG and read back per instance."""
-        try:
-            import highdicom
-        except ImportError:
-            self.delayDisplay("highdicom is not installed: DICOM SEG export not tested")
+        if not self._requirementsPresent(MODEL_PACKAGES + DICOM_SEG_PACKAGES):
             return
+        try:
+            from DICOMLib import DICOMUtils
+        except ImportError:  # only Slicer's application has the DICOM module
+            self.delayDisplay("Skipped the DICOM SEG test: Slicer's DICOM module (DICOMLib) "
+                              "is not available here")
+            return
+        import highdicom
         import numpy as np
         import pydicom
-        from DICOMLib import DICOMUtils
 
         from EPDSegmentationLib.core.volume import Volume
         from EPDSegmentationLib.io import read_volume, write_dicom_series
         from EPDSegmentationLib.mrml.segmentation import labels_from_segmentation
 
         logic = EPDSegmentationLogic()
-        self.assertTrue(logic.ensureTorch(askConfirmation=False))
         sample = read_volume(sample_ct_path())
         hu = Volume(sample.array[:4].copy(), sample.ijk_to_ras)   # K = 0 keeps the origin
         with tempfile.TemporaryDirectory() as folder:

@@ -1,127 +1,344 @@
-"""The panel without Slicer: every widget the module's code touches and every
-SlicerParameterName in the .ui exist and fit a parameter-node field (the same rules as
-slicer.parameterNodeWrapper's GUI connectors); the .ui loads and renders offscreen."""
+"""The module file itself, run against Slicer's real Python layer (Testing/slicer_harness.py):
+EPDSegmentation.py imported, its parameter node made by the real parameterNodeWrapper, its
+Widget set up with the real .ui (PySide6), and its handlers driven as a user would: load the
+sample CT, Apply (a range, the slice under the red view, all), Cancel half way, close the scene
+during a run, EPD preview, Export, re-Apply into the same outputs, the install-on-demand
+paths, and the module's own self-test. Skips without ../shared/slicer-python, slicer-core or
+PySide6."""
 
 from __future__ import annotations
 
-import ast
-import re
-import xml.etree.ElementTree as ET
+import builtins
+import sys
+import types
 
+import numpy as np
 import pytest
 
-from render_panel import MODULE_PATH, UI_PATH, module_choices, parameter_fields
-
-#: Widget class -> what parameterNodeWrapper/guiConnectors.py can bind it to.
-CONNECTABLE = {
-    "QCheckBox": "bool",
-    "QSpinBox": "int",
-    "QComboBox": "choice",
-    "qMRMLNodeComboBox": "node",
-    "ctkPathLineEdit": "pathlib.Path",
-    "ctkDirectoryButton": "pathlib.Path",
-    "QLineEdit": "str",
-}
-#: Fields the panel does not show (set by the code).
-INTERNAL_FIELDS = {"resultSegmentation"}
+from slicer_harness import MODULE_PATH, REPO, slicer_session
 
 
 @pytest.fixture(scope="module")
-def ui():
-    root = ET.parse(UI_PATH).getroot()
-    widgets = {}
-    for w in root.iter("widget"):
-        props = {}
-        for p in w.findall("property"):
-            value = p.find("string")
-            strings = [s.text for s in p.iter("string")]
-            props[p.get("name")] = value.text if value is not None and len(strings) == 1 \
-                else strings
-        widgets[w.get("name")] = {"class": w.get("class"), "props": props}
-    return widgets
+def h():
+    with slicer_session() as harness:
+        yield harness
 
 
-@pytest.fixture(scope="module")
-def module():
-    source = MODULE_PATH.read_text()
-    tree = ast.parse(source)
-    touched = {node.attr for node in ast.walk(tree)
-               if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-               and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
-               and node.value.value.id == "self"}
-    return {"tree": tree, "fields": parameter_fields(tree), "touched": touched}
+@pytest.fixture
+def fresh(h):
+    """Dialogs and answers reset; Cancel and processEvents as the harness made them."""
+    h.dialogs.clear()
+    h.pip_installs.clear()
+    h.answer = True
+    yield h
+    h.answer = True
 
 
-def _node_classes(annotation: str):
-    return sorted(set(re.findall(r"vtkMRML\w+Node", annotation)))
+def _choose(combo, text):
+    index = combo.findText(text)
+    assert index >= 0, f"{text!r} not offered by {combo.objectName}"
+    combo.currentIndex = index
 
 
-def test_every_widget_the_code_touches_exists(ui, module):
-    assert module["touched"], "the widget code should touch the panel"
-    missing = sorted(module["touched"] - set(ui))
-    assert not missing, f"EPDSegmentation.py uses self.ui.{missing} that the .ui lacks"
+def _ui(h):
+    return h.widget.ui
 
 
-def test_every_parameter_name_matches_a_field_it_can_bind(ui, module):
-    fields = module["fields"]
-    bound = {}
-    for name, w in ui.items():
-        param = w["props"].get("SlicerParameterName")
-        if param is None:
-            continue
-        assert param in fields, f"{name}: SlicerParameterName {param!r} is not a field"
-        assert param not in bound, f"{param!r} bound twice ({bound.get(param)}, {name})"
-        bound[param] = name
-        field = fields[param]
-        kind = CONNECTABLE.get(w["class"])
-        assert kind is not None, f"{name}: no GUI connector for a {w['class']}"
-        if kind == "choice":
-            assert field["choice"] is not None, f"{name}: a QComboBox needs a Choice field"
-        elif kind == "node":
-            classes = _node_classes(field["annotation"])
-            assert classes, f"{name} is a node selector but {param} is {field['annotation']}"
-            assert sorted(w["props"]["nodeTypes"]) == classes, \
-                f"{name}: nodeTypes {w['props']['nodeTypes']} vs field {classes}"
-        else:
-            assert field["base"] == kind, f"{name} ({w['class']}) needs {kind}; " \
-                                          f"{param} is {field['base']}"
-    unbound = set(fields) - set(bound) - INTERNAL_FIELDS
-    assert not unbound, f"fields without a widget: {sorted(unbound)}"
+def _param(h):
+    return h.widget._parameterNode
 
 
-def test_choice_defaults_are_among_the_choices(module):
-    choices = module_choices()
-    for name, field in module["fields"].items():
-        if field["choice"] is not None and field["default"] is not None:
-            assert str(ast.literal_eval(field["default"])) in choices[name], name
-    assert choices["previewClass"] == ["MUS", "IMAT", "SAT", "VAT", "MSC"]
-    assert choices["device"] == ["Auto", "CUDA", "MPS", "CPU"]
+def _with_sample(h):
+    p = _param(h)
+    if p.inputVolume is None or p.inputVolume.GetName() != "EPDPhantomCT":
+        _ui(h).loadSampleButton.click()
+    return p.inputVolume
 
 
-def test_input_selector_excludes_label_maps(ui):
-    """Label maps are scalar volumes too; the CT selector must not offer them."""
-    assert ui["inputVolumeSelector"]["props"]["nodeTypes"] == ["vtkMRMLScalarVolumeNode"]
-    root = ET.parse(UI_PATH).getroot()
-    sel = [x for x in root.iter("widget") if x.get("name") == "inputVolumeSelector"][0]
-    show_child = [p for p in sel.findall("property") if p.get("name") == "showChildNodeTypes"]
-    assert show_child and show_child[0].find("bool").text == "false"
+def _apply_range(h, first, last):
+    ui = _ui(h)
+    _choose(ui.sliceModeComboBox, "Slice range")
+    ui.firstSliceSpinBox.value = first
+    ui.lastSliceSpinBox.value = last
+    ui.applyButton.click()
 
 
-def test_panel_loads_and_renders_offscreen(module, tmp_path, monkeypatch):
-    pytest.importorskip("PySide6.QtUiTools")
-    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
-    from PySide6.QtGui import QImage
-    from PySide6.QtWidgets import QWidget
+def _count(h, cls):
+    return h.scene.GetNumberOfNodesByClass(cls)
 
-    from render_panel import load_panel, render
 
-    _, widget = load_panel()
-    for name in sorted(module["touched"]):
-        assert widget.findChild(QWidget, name) is not None, name
-    out = render(tmp_path / "panel.png", width=420)
-    image = QImage(str(out))
-    assert image.width() == 420 and image.height() > 600
-    assert len({image.pixel(x, y) for x in range(0, 420, 7) for y in range(0, 600, 7)}) > 20
+def _failing_import(names, error):
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name.split(".")[0] in names:
+            raise error(f"simulated: {name} unavailable")
+        return real(name, *args, **kwargs)
+
+    return fake
+
+
+# --- the panel comes up
+
+
+def test_parameter_node_is_made_by_the_real_wrapper(fresh):
+    h = fresh
+    p = _param(h)
+    assert type(p).__name__ == "EPDSegmentationParameterNode"
+    assert p.parameterNode.IsA("vtkMRMLScriptedModuleNode")
+    assert p.parameterNode.GetScene() is h.scene
+    assert p.previewSource is None and p.inputVolume is None
+    ui = _ui(h)
+    assert ui.deviceComboBox.currentText == "Auto"
+    assert [ui.previewClassComboBox.itemText(i) for i in range(ui.previewClassComboBox.count)] \
+        == ["MUS", "IMAT", "SAT", "VAT", "MSC"]
+    ui.softVolumesCheckBox.checked = True        # widget -> parameter node
+    assert p.softVolumes is True
+    p.softVolumes = False                        # parameter node -> widget
+    assert ui.softVolumesCheckBox.checked is False
+    assert not ui.applyButton.enabled and "Select a CT volume" in ui.applyButton.toolTip
+    assert h.dialogs == []
+
+
+def test_module_metadata_and_scene_import_hook(h):
+    assert h.scriptedModule.parent.title == "EPD Segmentation"
+    assert ("startupCompleted()", h.module.observeSceneImport) in [
+        (s, f) for s, f in __import__("slicer").app.connections]
+
+
+# --- Apply
+
+
+def test_load_sample_and_apply_a_range(fresh, monkeypatch):
+    import slicer
+
+    h = fresh
+    ct = _with_sample(h)
+    ui = _ui(h)
+    assert ui.applyButton.enabled
+    assert ui.statusLabel.text.startswith("Ready")
+    shown = []
+    monkeypatch.setattr(slicer.app, "processEvents",
+                        lambda *a: shown.append(ui.statusLabel.text))
+    _apply_range(h, 3, 4)
+    # the panel speaks during the model load, the slices and the building of the outputs
+    assert shown[0] == "Loading the model..."
+    assert any(t.startswith("segmenting: 2 of 2") for t in shown)
+    assert "creating the outputs: measures table" in shown
+    assert ui.statusLabel.text.startswith("Done: 2 slice(s)"), ui.statusLabel.text
+    seg = _param(h).resultSegmentation
+    assert seg is not None and seg.GetSegmentation().GetNumberOfSegments() == 5
+    assert ui.progressBar.value == ui.progressBar.maximum
+    assert not ui.cancelButton.enabled and ui.applyButton.enabled
+    assert ui.exportButton.enabled
+    assert ct.GetName() == "EPDPhantomCT" and h.messages("error") == []
+
+
+def test_apply_the_slice_under_the_red_view(fresh):
+    from EPDSegmentationLib.mrml.nodes import ijk_to_ras
+    from EPDSegmentationLib.mrml.views import slice_node
+
+    h = fresh
+    ct = _with_sample(h)
+    k = 7
+    z = (ijk_to_ras(ct) @ np.array([0.0, 0.0, k, 1.0]))[2]
+    slice_node(h.scene, "Red").SetSliceOffset(z)
+    _choose(_ui(h).sliceModeComboBox, "Slice under the red view")
+    assert not _ui(h).firstSliceSpinBox.enabled
+    assert h.widget.logic.slicesFor(ct, "current") == [k]
+    _ui(h).applyButton.click()
+    assert _ui(h).statusLabel.text.startswith("Done: 1 slice(s)"), _ui(h).statusLabel.text
+
+
+def test_cancel_half_way_leaves_the_scene_as_it_was(fresh, monkeypatch):
+    import slicer
+
+    h = fresh
+    _with_sample(h)
+    before = _count(h, "vtkMRMLSegmentationNode"), _count(h, "vtkMRMLTableNode")
+    calls = []
+
+    def events(*args):   # the user's click arrives while the run processes events
+        calls.append(1)
+        if len(calls) == 2:
+            assert _ui(h).cancelButton.enabled
+            _ui(h).cancelButton.click()
+
+    monkeypatch.setattr(slicer.app, "processEvents", events)
+    _apply_range(h, 0, 15)
+    assert _ui(h).statusLabel.text.startswith("Cancelled"), _ui(h).statusLabel.text
+    assert (_count(h, "vtkMRMLSegmentationNode"), _count(h, "vtkMRMLTableNode")) == before
+    assert _ui(h).applyButton.enabled and not _ui(h).cancelButton.enabled
+
+
+def test_reapply_into_the_same_outputs_asks_and_replaces(fresh):
+    h = fresh
+    _with_sample(h)
+    ui, p = _ui(h), _param(h)
+    if p.resultSegmentation is None:
+        _apply_range(h, 3, 4)
+    seg, table = p.resultSegmentation, None
+    table = next(h.scene.GetNthNodeByClass(i, "vtkMRMLTableNode")
+                 for i in range(_count(h, "vtkMRMLTableNode")))
+    ui.outputSegmentationSelector.setCurrentNode(seg)
+    ui.outputTableSelector.setCurrentNode(table)
+    assert p.outputSegmentation is seg and p.outputTable is table
+    n_segs = _count(h, "vtkMRMLSegmentationNode")
+    h.answer = False
+    _apply_range(h, 5, 5)
+    assert ui.statusLabel.text.startswith("Not done: the picked output holds data")
+    h.answer = True
+    _apply_range(h, 5, 5)
+    assert any("already holds data" in m for m in h.messages("confirm"))
+    assert ui.statusLabel.text.startswith("Done: 1 slice(s)"), ui.statusLabel.text
+    assert _count(h, "vtkMRMLSegmentationNode") == n_segs
+    assert p.resultSegmentation is seg
+    ui.outputSegmentationSelector.setCurrentNode(None)
+    ui.outputTableSelector.setCurrentNode(None)
+
+
+# --- preview and export
+
+
+def test_epd_preview_of_the_result(fresh):
+    h = fresh
+    _with_sample(h)
+    p, ui = _param(h), _ui(h)
+    if p.resultSegmentation is None:
+        _apply_range(h, 3, 4)
+    ui.previewSourceSelector.setCurrentNode(p.resultSegmentation)
+    assert p.previewSource is p.resultSegmentation and ui.previewButton.enabled
+    ui.previewButton.click()
+    assert h.messages("error") == [], h.messages("error")
+    assert ui.statusLabel.text.startswith("1/4: IMAT"), ui.statusLabel.text
+
+
+def test_export_asks_before_replacing_files(fresh, tmp_path):
+    h = fresh
+    _with_sample(h)
+    p, ui = _param(h), _ui(h)
+    if p.resultSegmentation is None:
+        _apply_range(h, 3, 4)
+    assert not ui.exportDicomSegCheckBox.enabled      # the sample CT is not from DICOM
+    assert "DICOM" in ui.exportDicomSegCheckBox.toolTip
+    ui.exportDirectoryButton.directory = str(tmp_path)
+    assert p.exportFolder == tmp_path
+    ui.exportButton.click()
+    assert ui.statusLabel.text.startswith("Saved "), (ui.statusLabel.text, h.dialogs)
+    written = sorted(x.name for x in tmp_path.iterdir())
+    assert any(n.endswith(".seg.nrrd") for n in written) and \
+        any(n.endswith(".csv") for n in written)
+    h.answer = False
+    ui.exportButton.click()
+    assert any("Replace these files?" in m for m in h.messages("confirm"))
+    assert sorted(x.name for x in tmp_path.iterdir()) == written
+
+
+# --- requirements, the Slicer way
+
+
+def test_missing_safetensors_is_offered_and_installed_with_pip_install(fresh, monkeypatch):
+    h = fresh
+    _with_sample(h)
+    monkeypatch.setattr(builtins, "__import__", _failing_import({"safetensors"}, ImportError))
+    h.answer = False
+    _apply_range(h, 3, 3)
+    assert "safetensors" in h.messages("confirm")[-1]
+    assert h.pip_installs == [] and _ui(h).statusLabel.text.startswith("Not done")
+    h.answer = True
+    _apply_range(h, 3, 3)
+    assert h.pip_installs == [h.module.SAFETENSORS_REQUIREMENT]
+    # the recorder installs nothing: the module says to restart, with no traceback
+    assert "Restart Slicer" in h.messages("error")[-1]
+
+
+def test_torch_is_installed_through_pytorchutils_after_asking(fresh, monkeypatch):
+    h = fresh
+    _with_sample(h)
+    calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation, torchVersionRequirement):
+            calls.append((askConfirmation, torchVersionRequirement))
+            return None   # e.g. the user cancelled PyTorchUtils' own dialog
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils",
+                        types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    monkeypatch.setattr(builtins, "__import__", _failing_import({"torch"}, ImportError))
+    _apply_range(h, 3, 3)
+    assert "PyTorch" in h.messages("confirm")[-1]
+    assert calls == [(False, ">=2.1")]
+    assert h.pip_installs == []
+    assert "PyTorch was not installed" in _ui(h).statusLabel.text
+
+
+def test_old_torch_and_broken_torch_give_messages(fresh, monkeypatch):
+    h = fresh
+    _with_sample(h)
+    monkeypatch.setattr(builtins, "__import__", _failing_import({"torch"}, OSError))
+    h.widget._deviceLines.clear()
+    h.widget._updateGui()                            # the panel still comes up
+    assert "cannot be loaded" in _ui(h).deviceStatusLabel.text
+    _apply_range(h, 3, 3)
+    assert "CUDA" in h.messages("error")[-1] and h.messages("confirm") == []
+    monkeypatch.undo()
+    monkeypatch.setattr(sys.modules["torch"], "__version__", "1.13.1+cu117")
+    with pytest.raises(h.module.MissingRequirement, match="1.13.1"):
+        h.module.checkRequirements()
+    h.widget._deviceLines.clear()
+
+
+def test_logic_from_the_console_says_what_is_missing(fresh, monkeypatch):
+    h = fresh
+    ct = _with_sample(h)
+    monkeypatch.setattr(builtins, "__import__", _failing_import({"safetensors"}, ImportError))
+    with pytest.raises(h.module.MissingRequirement, match="setupPythonRequirements"):
+        h.widget.logic.segment(ct, h.widget.logic.modelPathFor("Bundled model"), slices=[3])
+
+
+# --- scene closed during a run; the self-test
+
+
+def test_scene_closed_during_a_run_cancels_it(fresh, monkeypatch):
+    import slicer
+
+    h = fresh
+    _with_sample(h)
+    calls = []
+
+    def events(*args):   # File > Close Scene while the run processes events
+        calls.append(1)
+        if len(calls) == 2:
+            h.scene.Clear()
+
+    monkeypatch.setattr(slicer.app, "processEvents", events)
+    _apply_range(h, 0, 15)
+    assert h.messages("error") == [], h.messages("error")
+    assert _count(h, "vtkMRMLSegmentationNode") == 0
+    assert _count(h, "vtkMRMLTableNode") == 0
+    assert _ui(h).statusLabel.text.startswith("Cancelled"), _ui(h).statusLabel.text
+    assert _param(h) is not None and _param(h).inputVolume is None
+
+
+def test_self_test_does_not_install_and_skips_without_requirements(fresh, monkeypatch):
+    h = fresh
+    monkeypatch.setattr(builtins, "__import__", _failing_import({"safetensors"}, ImportError))
+    h.scriptedModule.runTest(msec=0)
+    assert h.pip_installs == [] and h.messages("confirm") == []
+    assert any(m.startswith("Skipped") and "safetensors" in m for m in h.messages("delay"))
+
+
+@pytest.mark.slow
+def test_self_test_runs(fresh):
+    h = fresh
+    h.scriptedModule.runTest(msec=0)
+    delays = h.messages("delay")
+    assert "Test passed" in delays and "Bad inputs rejected" in delays
+    assert any("DICOMLib" in m for m in delays), delays   # no DICOM module outside Slicer
+    assert h.pip_installs == [] and h.messages("confirm") == []
+
+
+# --- the extension build
 
 
 def test_extension_build_carries_the_module(tmp_path):
@@ -130,8 +347,6 @@ def test_extension_build_carries_the_module(tmp_path):
     and the registered self-test."""
     import shutil
     import subprocess
-
-    from render_panel import REPO
 
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -162,7 +377,7 @@ add_subdirectory({REPO / 'EPDSegmentation'} ${{CMAKE_BINARY_DIR}}/module)
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = out.read_text().splitlines()
-    scripts = {l.split(" ", 1)[1] for l in lines if l.startswith("SCRIPT ")}
+    scripts = {line.split(" ", 1)[1] for line in lines if line.startswith("SCRIPT ")}
     module_dir = REPO / "EPDSegmentation"
     expected = {str(p.relative_to(module_dir)) for p in module_dir.rglob("*.py")
                 if "Testing" not in p.parts and "__pycache__" not in p.parts}
@@ -171,31 +386,133 @@ add_subdirectory({REPO / 'EPDSegmentation'} ${{CMAKE_BINARY_DIR}}/module)
         if line.startswith("RESOURCE "):
             assert (module_dir / line.split(" ", 1)[1]).is_file(), line
     assert {"Resources/UI/EPDSegmentation.ui", "Resources/Icons/EPDSegmentation.png"} <= {
-        l.split(" ", 1)[1] for l in lines if l.startswith("RESOURCE ")}
-    unittests = [l.split(" ", 1)[1] for l in lines if l.startswith("UNITTEST ")]
-    assert unittests == [str(module_dir / "EPDSegmentation.py")]
+        line.split(" ", 1)[1] for line in lines if line.startswith("RESOURCE ")}
+    unittests = [line.split(" ", 1)[1] for line in lines if line.startswith("UNITTEST ")]
+    assert unittests == [str(MODULE_PATH)]
     top = (REPO / "CMakeLists.txt").read_text()
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         assert f"set({key} " in top
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in top
     assert "docs/panel.png" in top
+    assert (REPO / "LICENSE").is_file() and \
+        "Apache License" in (REPO / "LICENSE").read_text()[:200]
 
 
-def test_dicom_seg_option_is_in_export_and_starts_disabled(ui, module):
-    """The DICOM SEG checkbox sits in the Export section, starts disabled with the reason as
-    its tooltip (the widget enables it only for a CT from DICOM) and binds to a bool field."""
-    root = ET.parse(UI_PATH).getroot()
-    export = [w for w in root.iter("widget") if w.get("name") == "exportCollapsibleButton"][0]
-    inside = {w.get("name") for w in export.iter("widget")}
-    assert {"exportDicomSegCheckBox", "exportButton"} <= inside
-    box = ui["exportDicomSegCheckBox"]
-    assert box["class"] == "QCheckBox"
-    assert box["props"]["SlicerParameterName"] == "exportDicomSeg"
-    assert module["fields"]["exportDicomSeg"]["base"] == "bool"
-    assert module["fields"]["exportDicomSeg"]["default"] == "False"
-    sel = [w for w in export.iter("widget") if w.get("name") == "exportDicomSegCheckBox"][0]
-    enabled = [p for p in sel.findall("property") if p.get("name") == "enabled"]
-    assert enabled and enabled[0].find("bool").text == "false"
-    assert box["props"]["toolTip"].startswith("DICOM SEG needs a DICOM source")
-    assert "exportDicomSegCheckBox" in module["touched"]
+# --- the panel as a radiologist reads it; hand-offs; the preview gives the views back
+
+
+def test_panel_keeps_model_details_collapsed_with_a_research_notice(fresh):
+    h = fresh
+    ui = _ui(h)
+    assert ui.modelDetailsCollapsibleButton.collapsed
+    assert ui.modelSummaryLabel.text.startswith("Classes: MUS, IMAT")
+    assert "Dice" not in ui.modelSummaryLabel.text and "network pixel" not in \
+        ui.modelSummaryLabel.text
+    details = ui.modelDetailsLabel.text
+    assert "Factor 1/2" in details and "network pixel" in details and "Dice" in details
+    assert ui.deviceStatusLabel.parent() is ui.modelDetailsCollapsibleButton
+    notice = ui.researchNoticeLabel.text
+    assert notice.startswith("For research use only") and "Trained on" in notice \
+        and "phantom" in notice and "\n" not in notice
+
+
+def test_export_folder_does_not_default_to_the_working_folder(fresh):
+    import slicer
+
+    p = _param(fresh)
+    assert str(p.exportFolder) not in ("", ".")
+    assert p.exportFolder.is_absolute() or str(p.exportFolder) == slicer.app.defaultScenePath
+
+
+@pytest.mark.slow
+def test_show_3d_and_segment_editor_hand_off(fresh):
+    h = fresh
+    ct = _with_sample(h)
+    ui, p = _ui(h), _param(h)
+    if p.resultSegmentation is None:
+        _apply_range(h, 3, 4)
+    seg = p.resultSegmentation
+    assert ui.show3DButton.enabled and ui.segmentEditorButton.enabled
+    ui.segmentEditorButton.click()
+    assert h.modules_selected[-1] == "SegmentEditor"
+    assert h.segment_editor.segmentation is seg and h.segment_editor.source is ct
+    ui.show3DButton.click()
+    assert h.messages("error") == [], h.messages("error")
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert seg.GetDisplayNode().GetVisibility3D()
+
+
+def test_preview_changes_are_restored(fresh):
+    from EPDSegmentationLib.mrml.views import composite_node, layout_node, slice_node
+
+    h = fresh
+    ct = _with_sample(h)
+    ui, p = _ui(h), _param(h)
+    if p.resultSegmentation is None:
+        _apply_range(h, 3, 4)
+    seg = p.resultSegmentation
+    red, yellow = composite_node(h.scene, "Red"), composite_node(h.scene, "Yellow")
+    yellow.SetLinkedControl(False)
+    layout = layout_node(h.scene).GetViewArrangement()
+    views_before = seg.GetDisplayNode().GetNumberOfViewNodeIDs()
+    assert not ui.restoreViewsButton.enabled
+    ui.previewSourceSelector.setCurrentNode(seg)
+    ui.previewButton.click()
+    ui.previewButton.click()                       # a second preview: still the first state
+    assert seg.GetDisplayNode().GetViewNodeIDs() == (slice_node(h.scene, "Red").GetID(),)
+    assert yellow.GetLinkedControl() and ui.restoreViewsButton.enabled
+    ui.restoreViewsButton.click()
+    assert seg.GetDisplayNode().GetNumberOfViewNodeIDs() == views_before
+    assert not yellow.GetLinkedControl()
+    assert layout_node(h.scene).GetViewArrangement() == layout
+    assert red.GetBackgroundVolumeID() in (None, ct.GetID())
+    assert not ui.restoreViewsButton.enabled
+
+
+def test_export_with_dicom_seg_for_a_ct_from_dicom(fresh, monkeypatch, tmp_path):
+    """A CT as Slicer's DICOM module leaves it (voxels, geometry, DICOM.instanceUIDs), the
+    series' files found through slicer.dicomDatabase (a dict here): the DICOM SEG box turns
+    on and Export writes SEGs whose frames lie on the CT's instances."""
+    highdicom = pytest.importorskip("highdicom")
+    import slicer
+
+    from EPDSegmentationLib.core.resources import sample_ct_path
+    from EPDSegmentationLib.core.volume import Volume
+    from EPDSegmentationLib.io import read_volume, write_dicom_series
+    from EPDSegmentationLib.mrml.nodes import vtk_matrix
+    from EPDSegmentationLib.mrml.segmentation import labels_from_segmentation
+
+    h = fresh
+    sample = read_volume(sample_ct_path())
+    write_dicom_series(Volume(sample.array[:4].copy(), sample.ijk_to_ras), tmp_path / "dicom")
+    vol = read_volume(tmp_path / "dicom")
+    uids = vol.meta["sop_instance_uids"]
+    monkeypatch.setattr(slicer, "dicomDatabase", types.SimpleNamespace(
+        isOpen=True, fileForInstance=dict(zip(uids, map(str, vol.meta["files"]))).get),
+        raising=False)
+    ct = h.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT from DICOM")
+    slicer.util.updateVolumeFromArray(ct, np.rint(vol.array).astype(np.int16))
+    ct.SetIJKToRASMatrix(vtk_matrix(vol.ijk_to_ras))
+    ct.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    ui, p = _ui(h), _param(h)
+    ui.inputVolumeSelector.setCurrentNode(ct)
+    ui.softSegmentationCheckBox.checked = True
+    _apply_range(h, 1, 2)
+    assert ui.statusLabel.text.startswith("Done: 2 slice(s)"), ui.statusLabel.text
+    assert ui.exportDicomSegCheckBox.enabled, ui.exportDicomSegCheckBox.toolTip
+    ui.exportDicomSegCheckBox.checked = True
+    out = tmp_path / "out"
+    out.mkdir()
+    ui.exportDirectoryButton.directory = str(out)
+    ui.exportButton.click()
+    assert h.messages("error") == [], h.messages("error")
+    names = sorted(x.name for x in out.iterdir())
+    binary = [n for n in names if n.endswith("_seg.dcm") and not n.endswith("_prob_seg.dcm")]
+    assert len(binary) == 1 and any(n.endswith("_prob_seg.dcm") for n in names)
+    seg = highdicom.seg.segread(str(out / binary[0]))
+    labels, _ = labels_from_segmentation(p.resultSegmentation)
+    frames = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    assert np.array_equal(frames, labels)
+    ui.softSegmentationCheckBox.checked = False
+    ui.exportDicomSegCheckBox.checked = False

@@ -316,6 +316,24 @@ def source_volume(segmentation_node):
         segmentation_node.GetReferenceImageGeometryReferenceRole())
 
 
+def slab_start(slab_matrix, slab_shape, grid_matrix, grid_shape) -> Optional[int]:
+    """The first slice K of a grid (IJK-to-RAS (4, 4), shape (K, J, I)) where a slab of its
+    slices lies (a probability volume of the segmented slices only), or None when the slab
+    is not on that grid."""
+    slab_matrix, grid_matrix = np.asarray(slab_matrix), np.asarray(grid_matrix)
+    n = slab_shape[0]
+    if tuple(slab_shape[1:]) != tuple(grid_shape[1:]) or \
+            not np.allclose(slab_matrix[:3, :3], grid_matrix[:3, :3], atol=1e-6):
+        return None
+    step = grid_matrix[:3, 2]
+    offset = float(np.dot(slab_matrix[:3, 3] - grid_matrix[:3, 3], step) / np.dot(step, step))
+    k0 = int(round(offset))
+    if abs(offset - k0) > 1e-4 or k0 < 0 or k0 + n > grid_shape[0] or not np.allclose(
+            slab_matrix[:3, 3], grid_matrix[:3, 3] + k0 * step, atol=1e-4):
+        return None
+    return k0
+
+
 def result_arrays(volume_node, segmentation_node, soft_segmentation=None,
                   probability_volumes: Sequence[Any] = ()):
     """(labels uint8 (K, J, I), probabilities float32 (6, K, J, I) or None) of a run on the
@@ -331,10 +349,11 @@ def result_arrays(volume_node, segmentation_node, soft_segmentation=None,
         probs = np.zeros((NUM_CLASSES, k, j, i), np.float32)
         for c, vol in zip(TISSUES, volumes):
             array = volume_array(vol)
-            if array.shape != (k, j, i) or not np.allclose(ijk_to_ras(vol), m, atol=1e-6):
+            k0 = slab_start(ijk_to_ras(vol), array.shape, m, (k, j, i))
+            if k0 is None:
                 raise InputProblem(f"'{vol.GetName()}' is not on the grid of "
                                    f"'{volume_node.GetName()}'; cannot export it as DICOM SEG")
-            probs[c.index] = np.clip(array, 0.0, 1.0)
+            probs[c.index, k0:k0 + array.shape[0]] = np.clip(array, 0.0, 1.0)
     elif soft_segmentation is not None:
         soft, sm, k0 = fractional_probabilities(soft_segmentation)
         n = soft.shape[1]

@@ -161,7 +161,6 @@ def tissue_color_table(scene):
     table.SetName(COLOR_TABLE_NAME)
     table.SetTypeToUser()
     table.SetNumberOfColors(len(CLASSES))
-    table.SetNamesInitialised(True)
     for c in CLASSES:
         r, g, b = (v / 255.0 for v in c.color)
         table.SetColor(c.index, c.key, r, g, b, 0.0 if c.index == 0 else 1.0)

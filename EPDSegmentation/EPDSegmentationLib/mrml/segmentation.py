@@ -26,7 +26,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import slicer
@@ -452,6 +452,39 @@ def _restore_fractional(seg_node) -> None:
     finally:
         seg_node.EndModify(was_modifying)
     _ensure_display(seg_node, FRACTIONAL)
+
+
+def read_as_fractional(seg_node) -> bool:
+    """Whether ``seg_node`` was just read from a file written with a Fractional labelmap
+    source but holds binary labelmaps (what vtkMRMLSegmentationStorageNode always reads)."""
+    segmentation = seg_node.GetSegmentation()
+    storage = seg_node.GetStorageNode()
+    if segmentation.GetSourceRepresentationName() == FRACTIONAL or storage is None \
+            or not segmentation.GetNumberOfSegments():
+        return False
+    path = storage.GetFileName()
+    if not path or not os.path.isfile(path):
+        return False
+    try:
+        header = read_nrrd_header(path)
+    except (InputProblem, OSError):
+        return False
+    return header.get("Segmentation_MasterRepresentation") == FRACTIONAL
+
+
+def restore_soft_labels(scene) -> List[Any]:
+    """Soft labels back after a saved scene (.mrml folder or .mrb) is re-opened: every
+    segmentation node read from a fractional .seg.nrrd gets its fractional segments back
+    (the storage node reads them as binary labelmaps of -108..108). Returns those nodes.
+    Call on the scene's EndImportEvent."""
+    restored = []
+    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if read_as_fractional(node):
+            _restore_fractional(node)
+            restored.append(node)
+    return restored
 
 
 def save_segmentation(seg_node, path: PathLike, *, overwrite: bool = False) -> Path:

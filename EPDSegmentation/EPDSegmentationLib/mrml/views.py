@@ -5,7 +5,7 @@ display nodes); Slicer's layout manager builds the views the layout node describ
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import slicer
@@ -122,10 +122,70 @@ def show_results(scene, volume, result) -> None:
     _show_table(scene, result.table)
 
 
-def show_preview(scene, background_volume, preview) -> None:
+def capture_views(scene, nodes: Sequence[Any] = ()) -> Dict[str, Any]:
+    """What the preview changes, to put back with restore_views: the layout, each slice
+    view's orientation, what each composite node shows (volumes, opacities, linking), and
+    the view lists of the display nodes of ``nodes``."""
+    state: Dict[str, Any] = {"layout": None, "slices": {}, "composites": {}, "displays": {}}
+    layout = layout_node(scene)
+    if layout is not None:
+        state["layout"] = layout.GetViewArrangement()
+    for view in PREVIEW_VIEWS:
+        node = slice_node(scene, view)
+        if node is not None:
+            state["slices"][view] = node.GetOrientation()
+        comp = composite_node(scene, view)
+        if comp is not None:
+            state["composites"][view] = (
+                comp.GetBackgroundVolumeID(), comp.GetForegroundVolumeID(),
+                comp.GetLabelVolumeID(), comp.GetForegroundOpacity(), comp.GetLabelOpacity(),
+                comp.GetLinkedControl(), comp.GetHotLinkedControl())
+    for node in nodes:
+        display = node.GetDisplayNode() if node is not None else None
+        if display is not None:
+            state["displays"][display.GetID()] = [display.GetNthViewNodeID(i) for i in
+                                                  range(display.GetNumberOfViewNodeIDs())]
+    return state
+
+
+def restore_views(scene, state: Dict[str, Any]) -> None:
+    """Put back what capture_views recorded (nodes removed since are skipped)."""
+    for view, orientation in state["slices"].items():
+        node = slice_node(scene, view)
+        if node is not None:
+            node.SetOrientation(orientation)
+    for view, values in state["composites"].items():
+        comp = composite_node(scene, view)
+        if comp is None:
+            continue
+        background, foreground, label, fg_opacity, label_opacity, linked, hot = values
+        ids = {i for i in (background, foreground, label) if i}
+        if any(scene.GetNodeByID(i) is None for i in ids):
+            background, foreground, label = (i if i and scene.GetNodeByID(i) else None
+                                             for i in (background, foreground, label))
+        comp.SetBackgroundVolumeID(background)
+        comp.SetForegroundVolumeID(foreground)
+        comp.SetLabelVolumeID(label)
+        comp.SetForegroundOpacity(fg_opacity)
+        comp.SetLabelOpacity(label_opacity)
+        comp.SetLinkedControl(linked)
+        comp.SetHotLinkedControl(hot)
+    for display_id, view_ids in state["displays"].items():
+        display = scene.GetNodeByID(display_id)
+        if display is not None:
+            display.RemoveAllViewNodeIDs()
+            for view_id in view_ids:
+                display.AddViewNodeID(view_id)
+    if state["layout"] is not None:
+        set_layout(scene, state["layout"])
+
+
+def show_preview(scene, background_volume, preview) -> Dict[str, Any]:
     """Original | nearest | EPD side by side in three linked axial views over the CT, the
     area table below. A segmentation source is shown in the first view only (its display
-    node's view list is set; its data is untouched)."""
+    node's view list is set; its data is untouched). Returns capture_views of what it
+    changes, for restore_views."""
+    state = capture_views(scene, [preview.original])
     set_layout(scene, PREVIEW_LAYOUT_ID, preview_layout_xml())
     background = background_volume.GetID() if background_volume is not None else None
     source = preview.original
@@ -159,3 +219,4 @@ def show_preview(scene, background_volume, preview) -> None:
         green.SetForegroundVolumeID(soft.GetID())
         green.SetForegroundOpacity(PROBABILITY_OPACITY)
     _show_table(scene, preview.table)
+    return state

@@ -167,10 +167,11 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     to receive the results (None: new nodes named after the volume); a picked node that
     holds data is replaced only with replace_existing=True (else OutputExists).
     soft_segmentation: also a segmentation with Fractional labelmap segments;
-    soft_volumes: also one probability volume (0..1, float32) per tissue.
+    soft_volumes: also one probability volume (0..1, float32) per tissue, covering only the
+    slab of slices from the first to the last segmented one (placed there in RAS).
     progress(done, total, message) after each chunk and batch; should_cancel() is checked
     between them and raises inference.Cancelled, leaving the scene untouched.
-    Outputs cover the input's full grid (reference geometry = the input); slices that were
+    The segmentations have the input as reference geometry; slices that were
     not processed are empty (probability 0). model_card: the model's card (or
     mrml.dicom.model_summary of it), kept on the segmentation for DICOM SEG export.
     """
@@ -194,7 +195,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     # soft outputs are kept as compactly as they will be stored
     codes = np.full((NUM_CLASSES - 1, slab, J, I), FRACTIONAL_MIN, np.int8) \
         if soft_segmentation else None
-    prob_volumes = {c.key: np.zeros((K, J, I), np.float32) for c in TISSUES} \
+    # only the slab of segmented slices: one slice of a 600-slice CT needs one plane
+    prob_volumes = {c.key: np.zeros((slab, J, I), np.float32) for c in TISSUES} \
         if soft_volumes else None
     sums = []
     notes: List[str] = []
@@ -226,7 +228,7 @@ def segment_volume(scene, volume_node, predict: Predict, *,
             codes[:, rel] = encode_fractional(probs[1:])
         if prob_volumes is not None:
             for c in TISSUES:
-                prob_volumes[c.key][chunk] = probs[c.index]
+                prob_volumes[c.key][rel] = probs[c.index]
         sums.append(bodycomp.slice_sums(probs, hu[chunk]))
         done += len(chunk)
         report(done, f"segmenting: {done} of {total} slices")
@@ -237,7 +239,7 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     name = volume_node.GetName()
     result = SegmentationResult(None, None, rows=rows, slices=slices, device=device,
                                 notes=notes)
-    report(total, "creating the outputs")
+    report(total, "creating the outputs: tissue segmentation")
     with undo_on_failure(scene):
         seg = segmentation_node or scene.AddNewNodeByClass(
             "vtkMRMLSegmentationNode", unique_name(scene, f"{name} tissues"))
@@ -249,11 +251,13 @@ def segment_volume(scene, volume_node, predict: Predict, *,
             record_model(seg, model_card)
         place_beside(seg, volume_node)
         result.segmentation = seg
+        report(total, "creating the outputs: measures table")
         table = table_node or new_table(scene, f"{name} body composition", "measures")
         fill_measures_table(table, rows)
         place_beside(table, volume_node)
         result.table = table
         if soft_segmentation:
+            report(total, "creating the outputs: fractional segmentation")
             soft_seg = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", unique_name(scene, f"{name} tissue probabilities"))
             fill_fractional_segmentation(soft_seg, codes, m, k0=k0, encoded=True)
@@ -261,13 +265,23 @@ def segment_volume(scene, volume_node, predict: Predict, *,
             place_beside(soft_seg, volume_node)
             result.soft_segmentation = soft_seg
         if soft_volumes:
+            report(total, "creating the outputs: probability volumes")
             for c in TISSUES:
-                vol = add_volume(scene, prob_volumes[c.key], m, f"{name} {c.key} probability",
+                vol = add_volume(scene, prob_volumes[c.key], slab_matrix(m, k0),
+                                 f"{name} {c.key} probability",
                                  probability=True, role=f"probability-{c.key}")
                 place_beside(vol, volume_node)
                 result.probability_volumes.append(vol)
         _link_results(scene, result)
     return result
+
+
+def slab_matrix(ijk_to_ras_matrix, k0: int) -> np.ndarray:
+    """IJK-to-RAS (4, 4) of the slab starting at slice k0 of a grid (its origin moved k0
+    slices along K)."""
+    m = np.array(ijk_to_ras_matrix, dtype=float)
+    m[:3, 3] = m[:3, 3] + k0 * m[:3, 2]
+    return m
 
 
 def _link_results(scene, result: SegmentationResult) -> None:
@@ -533,6 +547,9 @@ def describe_device(requested: str = "auto") -> Tuple[str, str]:
     except ImportError:
         return "", ("PyTorch is not installed: Apply offers to install it through the "
                     "PyTorch extension")
+    except OSError as exc:  # a broken CUDA install: the panel must still come up
+        return "", (f"PyTorch is installed but cannot be loaded ({exc}); reinstall it with "
+                    f"the PyTorch Utils module")
     from ..core.inference import select_device
 
     try:
