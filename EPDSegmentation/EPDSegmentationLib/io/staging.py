@@ -42,13 +42,13 @@ def check_output_folder(folder: Path) -> Path:
     """Create ``folder`` if needed and prove it writable by creating and removing a file
     in it: OutputError naming it and the reason otherwise (before any case runs)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: the output path exists and is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{folder}: cannot create the output folder "
                           f"({exc.strerror or exc})") from None
-    if not folder.is_dir():
-        raise OutputError(f"{folder}: the output path exists and is not a folder")
     probe = folder / f".epdseg-write-test-{uuid.uuid4().hex[:8]}"
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
