@@ -502,3 +502,28 @@ def test_a_failing_dicom_seg_keeps_the_other_outputs(cases, tiny_model_path, tmp
     for suffix in OUTPUTS:
         assert (out / f"ct_dicom{suffix}").is_file(), suffix
     assert not list(out.glob("*.dcm")) and _hidden(out) == []
+
+
+def test_dicom_seg_of_a_deidentified_series_without_type2_attributes(cases, tiny_model_path,
+                                                                    tmp_path):
+    """De-identified slices without PatientBirthDate, AccessionNumber, PatientID and with
+    an empty SpecificCharacterSet: both SEGs are written and read back."""
+    import shutil
+
+    import pydicom
+
+    highdicom = pytest.importorskip("highdicom")
+    series = tmp_path / "deid"
+    shutil.copytree(cases / "ct_dicom", series)
+    for f in series.iterdir():
+        ds = pydicom.dcmread(f)
+        for key in ("PatientBirthDate", "AccessionNumber", "PatientID", "SliceThickness"):
+            delattr(ds, key)
+        ds.SpecificCharacterSet = ""
+        ds.save_as(f)
+    out = tmp_path / "out"
+    assert _run(series, "-o", out, "--model", tiny_model_path, "--slices", "1",
+                "--dicom-seg") == 0
+    for name in ("deid_seg.dcm", "deid_prob_seg.dcm"):
+        assert highdicom.seg.segread(out / name).number_of_segments == len(TISSUES)
+        assert pydicom.dcmread(out / name).PatientBirthDate == ""
