@@ -527,3 +527,23 @@ def test_dicom_seg_of_a_deidentified_series_without_type2_attributes(cases, tiny
     for name in ("deid_seg.dcm", "deid_prob_seg.dcm"):
         assert highdicom.seg.segread(out / name).number_of_segments == len(TISSUES)
         assert pydicom.dcmread(out / name).PatientBirthDate == ""
+
+
+def test_manifest_row_with_a_missing_file_is_reported_and_the_others_run(
+        cases, tiny_model_path, tmp_path, capsys):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"image\n{tmp_path / 'gone.nii.gz'}\n{cases / 'ct_a.nii.gz'}\n")
+    out = tmp_path / "out"
+    assert _run(manifest, "-o", out, "--model", tiny_model_path, "--slices", "1") == 1
+    err = capsys.readouterr().err
+    assert "row 2: image" in err and "gone.nii.gz does not exist" in err
+    assert (out / "ct_a_provenance.json").is_file()
+
+
+def test_model_given_as_a_pt_file_is_one_clear_line(cases, tmp_path, capsys):
+    pt = tmp_path / "x.pt"
+    pt.write_bytes(b"\x80\x02}q\x00.")
+    assert _run(cases / "ct_a.nii.gz", "-o", tmp_path / "o", "--model", pt) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.pt" in err and ".safetensors" in err
+    assert "x.pt.safetensors" not in err and "Traceback" not in err

@@ -91,8 +91,8 @@ def _cases_of(path: Path) -> List[Case]:
         raise InputError(path, "no such file or folder")
     ext = extension(path)
     if path.is_file() and ext in MANIFEST_EXTENSIONS:
-        return [Case(_case_name(Path(r["image"])), Path(r["image"]))
-                for r in read_manifest(path, images_only=True)]
+        return [Case(_case_name(Path(r["image"])), Path(r["image"]), problem=r.get("problem"))
+                for r in read_manifest(path, images_only=True, missing_ok=True)]
     if path.is_file() or _has_dicom(path):
         return [Case(_case_name(path), path)]
     found = [p for p in sorted(path.iterdir())
