@@ -10,12 +10,16 @@ Per case (``<case>`` = file or folder name) in the output folder:
                                  volume cm^3, mean and SD of HU per tissue (bodycomp.py)
     <case>_overlay.png           one slice with the overlay, a legend and the areas
     <case>_seg.dcm, <case>_prob_seg.dcm   DICOM SEG (binary, fractional), with --dicom-seg
+    <case>_provenance.json       written last: the completion marker (files, SHA-256) and
+                                 the provenance (source, DICOM UIDs, model, command)
 
 Slices not asked for stay empty (label 0, probability 0). Nothing is overwritten unless
-``overwrite``: a case whose outputs exist is reported and skipped. Every check that can be
-made before the network runs is made first (readable, CT in HU by the module's rule
-volume.hu_range_problem, DICOM sources a SEG can reference); if a case still fails while
-writing, the files it wrote are removed again, so a rerun is not blocked. In a batch, a bad
+``overwrite``: a case whose outputs exist is reported (complete or incomplete) and skipped.
+Every check that can be made before the network runs is made first (readable, CT in HU by
+the module's rule volume.hu_range_problem, DICOM sources a SEG can reference). The outputs
+are staged and committed together under a per-case lock (io/staging.py): a case that fails
+or is interrupted leaves the folder as it was (old outputs included), and two runs on one
+folder never touch each other's files. A DICOM SEG failure keeps the other outputs. In a batch, a bad
 case (an unreadable or missing input, not CT, out of memory, even a bug: its traceback comes
 with it) is reported and the others still run.
 """
