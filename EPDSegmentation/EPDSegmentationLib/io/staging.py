@@ -88,10 +88,22 @@ def _take_lock(lock: Path) -> None:
         except FileExistsError:
             host, pid = _lock_owner(lock)
             if host == socket.gethostname() and pid and not _pid_alive(pid):
-                try:      # stale: its writer is gone; remove it and try once more
-                    lock.unlink()
+                # stale: its writer is gone. Rename it away (only one run can rename that
+                # file) and check it is still the dead writer's: if another run replaced it
+                # meanwhile, put theirs back.
+                away = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(lock, away)
                 except FileNotFoundError:
-                    pass
+                    continue
+                if _lock_owner(away) != (host, pid):
+                    try:
+                        os.link(away, lock)
+                    except OSError:
+                        pass
+                    os.unlink(away)
+                    continue
+                os.unlink(away)
                 continue
             who = f"pid {pid} on {host}" if pid else "another run"
             raise OutputError(f"{lock.parent}: this case is being written by {who} "
