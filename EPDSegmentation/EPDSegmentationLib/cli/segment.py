@@ -267,67 +267,71 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     if case.problem:
         return CaseResult(case, False, case.problem)
     roles = output_roles(dicom_seg=dicom_seg)
+    try:     # the case's lock and staging folder; nothing else is touched
+        stage = CaseStaging(out_dir, case.name, overwrite=overwrite).open()
+    except EPDError as exc:
+        return CaseResult(case, False, str(exc))
     try:
-        with CaseStaging(out_dir, case.name, overwrite=overwrite) as stage:
-            state, present = case_state(out_dir, case.name, roles)
-            if state != "absent" and not overwrite:
-                return CaseResult(case, False, _existing_message(state, present, case.name))
-            paths = {role: stage.path(role) for role in roles}
-            vol = read_volume(case.path, series_uid)
-            problem = ct_problem(vol)
-            if problem:
-                raise InputError(case.path, problem)
-            sources = dicom_seg_sources(vol, case.path) if dicom_seg else None
-            k_idx = parse_slices(slices, vol.array.shape[0])
-            shown = overlay_slice if overlay_slice is not None else k_idx[len(k_idx) // 2]
-            if shown not in k_idx:
-                raise ValueError(f"overlay slice {shown} was not segmented (slices {slices})")
-            si, sj, sk = vol.spacing
-            pred = inference.predict_volume(vol.array, (sj, si), model, card, device=device,
-                                            batch_size=batch_size, slices=k_idx,
-                                            progress=progress)
-            C = pred.probabilities.shape[0]
-            probs = np.zeros((C,) + vol.array.shape, np.float32)
-            probs[:, k_idx] = pred.probabilities
-            labels = np.zeros(vol.array.shape, np.uint8)
-            labels[k_idx] = soft_to_labels(pred.probabilities, class_axis=0)
-            rows = bodycomp.tissue_measures(pred.probabilities, vol.array, vol.spacing, k_idx)
+        state, present = case_state(out_dir, case.name, roles)
+        if state != "absent" and not overwrite:
+            return CaseResult(case, False, _existing_message(state, present, case.name))
+        paths = {role: stage.path(role) for role in roles}
+        vol = read_volume(case.path, series_uid)
+        problem = ct_problem(vol)
+        if problem:
+            raise InputError(case.path, problem)
+        sources = dicom_seg_sources(vol, case.path) if dicom_seg else None
+        k_idx = parse_slices(slices, vol.array.shape[0])
+        shown = overlay_slice if overlay_slice is not None else k_idx[len(k_idx) // 2]
+        if shown not in k_idx:
+            raise ValueError(f"overlay slice {shown} was not segmented (slices {slices})")
+        si, sj, sk = vol.spacing
+        pred = inference.predict_volume(vol.array, (sj, si), model, card, device=device,
+                                        batch_size=batch_size, slices=k_idx,
+                                        progress=progress)
+        C = pred.probabilities.shape[0]
+        probs = np.zeros((C,) + vol.array.shape, np.float32)
+        probs[:, k_idx] = pred.probabilities
+        labels = np.zeros(vol.array.shape, np.uint8)
+        labels[k_idx] = soft_to_labels(pred.probabilities, class_axis=0)
+        rows = bodycomp.tissue_measures(pred.probabilities, vol.array, vol.spacing, k_idx)
 
-            prov = case_provenance(case, vol, card, provenance)
-            write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras,
-                           provenance=nrrd_provenance(prov))
-            write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras,
-                           fractional=True, provenance=nrrd_provenance(prov))
-            write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras)
-            bodycomp.measures_to_csv(rows, paths["table"])
-            slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
-            areas = {key: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
-                     for key, r in slice_rows.items()}
-            overlay.write_overlay_png(
-                paths["overlay"], overlay.display_slice(vol, shown),
-                overlay.display_slice(vol, shown, labels),
-                areas_cm2=areas,
-                title=f"{case.name}: slice {shown} of {vol.array.shape[0]}, "
-                      f"{si:.2f} x {sj:.2f} mm pixels")
-            seg_failure = None
-            if dicom_seg:
-                seg_failure = _write_dicom_segs(sources, labels, probs, card, paths)
-                if seg_failure is not None:
-                    prov["dicom_seg_error"] = seg_failure.message
-            written = stage.commit(prov, old_roles=roles)
-            totals = bodycomp.total_rows(rows)
-            result = CaseResult(case, True, "; ".join(pred.notes[1:]), written, k_idx,
-                                {c.key: float(totals[c.key]["area_cm2"]) for c in TISSUES
-                                 if c.key in totals}, pred.device, time.perf_counter() - t0)
+        prov = case_provenance(case, vol, card, provenance)
+        write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras,
+                       provenance=nrrd_provenance(prov))
+        write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras,
+                       fractional=True, provenance=nrrd_provenance(prov))
+        write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras)
+        bodycomp.measures_to_csv(rows, paths["table"])
+        slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
+        areas = {key: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
+                 for key, r in slice_rows.items()}
+        overlay.write_overlay_png(
+            paths["overlay"], overlay.display_slice(vol, shown),
+            overlay.display_slice(vol, shown, labels),
+            areas_cm2=areas,
+            title=f"{case.name}: slice {shown} of {vol.array.shape[0]}, "
+                  f"{si:.2f} x {sj:.2f} mm pixels")
+        seg_failure = None
+        if dicom_seg:
+            seg_failure = _write_dicom_segs(sources, labels, probs, card, paths)
             if seg_failure is not None:
-                result.ok = False
-                result.message = (f"DICOM SEG not written ({seg_failure.message}); the "
-                                  f"other outputs were written")
-                result.traceback = seg_failure.traceback
-            return result
+                prov["dicom_seg_error"] = seg_failure.message
+        written = stage.commit(prov, old_roles=roles)
+        totals = bodycomp.total_rows(rows)
+        result = CaseResult(case, True, "; ".join(pred.notes[1:]), written, k_idx,
+                            {c.key: float(totals[c.key]["area_cm2"]) for c in TISSUES
+                             if c.key in totals}, pred.device, time.perf_counter() - t0)
+        if seg_failure is not None:
+            result.ok = False
+            result.message = (f"DICOM SEG not written ({seg_failure.message}); the "
+                              f"other outputs were written")
+            result.traceback = seg_failure.traceback
+        return result
     except Exception as exc:
         return _failure(case, exc, time.perf_counter() - t0)
-
+    finally:     # after a commit: the empty staging folder and the lock; else all staged
+        stage.abort()
 
 def _write_dicom_segs(sources, labels, probs, card, paths) -> Optional[CaseResult]:
     """Both SEG files into the staging folder; on failure remove both and return the

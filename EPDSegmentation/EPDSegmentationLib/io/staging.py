@@ -162,6 +162,11 @@ class CaseStaging:
         self.committed: List[Path] = []
 
     # -- lifecycle
+    def open(self) -> "CaseStaging":
+        """Take the case's lock and make the staging folder (OutputError if the case is
+        being written by another run); pair with abort() in a finally."""
+        return self.__enter__()
+
     def __enter__(self) -> "CaseStaging":
         _take_lock(self.lock)
         try:
