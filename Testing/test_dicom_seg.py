@@ -120,3 +120,97 @@ def test_bad_inputs(real_series, tmp_path):
     with pytest.raises(FileExistsError):
         write_dicom_seg(tmp_path / "keep.dcm", sources, labels=labels)
     assert (tmp_path / "keep.dcm").read_bytes() == b"user file"
+
+
+# ------------------------------------------------- de-identified and real-scanner headers
+
+
+@pytest.fixture(scope="module")
+def phantom_series(tmp_path_factory, phantom_ct):
+    """A small phantom CT written as DICOM (explicit VR) and its label map."""
+    from EPDSegmentationLib.io import write_dicom_series
+
+    hu, labels = phantom_ct(5, 3, 64, 5.0)
+    folder = tmp_path_factory.mktemp("phantom_dicom") / "ct"
+    write_dicom_series(hu, folder)
+    return folder, labels.array
+
+
+def _edited(folder, edit):
+    sources = _sorted_series(folder)
+    for ds in sources:
+        edit(ds)
+    return sources
+
+
+def _drop(*keys):
+    def edit(ds):
+        for key in keys:
+            if key in ds:
+                delattr(ds, key)
+    return edit
+
+
+def _set(key, value):
+    return lambda ds: setattr(ds, key, value)
+
+
+@pytest.mark.parametrize("edit", [
+    _drop("PatientBirthDate"), _drop("AccessionNumber"), _drop("PatientID"),
+    _drop("PatientName", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "ReferringPhysicianName", "PatientBirthDate", "AccessionNumber", "PatientID"),
+    _set("SpecificCharacterSet", ""), _set("SpecificCharacterSet", "ISO 2022 IR 100"),
+    _set("SpecificCharacterSet", ["", "ISO 2022 IR 87"]), _drop("SpecificCharacterSet"),
+    _drop("SliceThickness"),
+], ids=["no-birth-date", "no-accession", "no-patient-id", "no-type2-at-all",
+        "charset-empty", "charset-iso2022-ir100", "charset-extensions", "charset-absent",
+        "no-slice-thickness"])
+def test_seg_of_real_world_headers_is_valid_and_reads_back(edit, phantom_series, tmp_path):
+    """Headers as de-identifiers and scanners leave them: both SEG kinds are written,
+    read back by pydicom and highdicom, and decode to the labels on the right instances."""
+    folder, labels = phantom_series
+    sources = _edited(folder, edit)
+    path = write_dicom_seg(tmp_path / "seg.dcm", sources, labels=labels)
+    raw = pydicom.dcmread(path)
+    for key in ("PatientBirthDate", "AccessionNumber", "PatientID"):
+        assert key in raw                     # type 2: present, empty if the source had none
+    assert float(raw.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+                 .SliceThickness) == pytest.approx(5.0)
+    seg = highdicom.seg.segread(path)
+    back = seg.get_pixels_by_source_instance([s.SOPInstanceUID for s in sources],
+                                             combine_segments=True)
+    np.testing.assert_array_equal(back, labels)
+    probs = np.stack([(labels == c).astype(np.float32) for c in range(len(TISSUES) + 1)])
+    prob = highdicom.seg.segread(write_dicom_seg(tmp_path / "prob.dcm", sources,
+                                                 probabilities=probs))
+    assert prob.number_of_segments == len(TISSUES)
+
+
+def test_headers_a_seg_cannot_use_are_refused_naming_file_and_attribute(phantom_series,
+                                                                        tmp_path):
+    folder, labels = phantom_series
+    sources = _edited(folder, _set("SpecificCharacterSet", "ISO_IR 999"))
+    with pytest.raises(DicomSegError, match="SpecificCharacterSet") as info:
+        write_dicom_seg(tmp_path / "seg.dcm", sources, labels=labels)
+    assert sources[0].filename in str(info.value)
+    lone = _edited(folder, _drop("SliceThickness"))[:1]
+    with pytest.raises(DicomSegError, match="no SliceThickness") as info:
+        write_dicom_seg(tmp_path / "seg.dcm", lone, labels=labels[:1])
+    assert lone[0].filename in str(info.value)
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_a_seg_that_does_not_read_back_fails_and_is_not_kept(phantom_series, tmp_path,
+                                                            monkeypatch):
+    """Every SEG is read back before it is kept: one that highdicom cannot read is an
+    error naming the file, and no file is left."""
+    folder, labels = phantom_series
+    sources = _sorted_series(folder)
+
+    def unreadable(path, *args, **kwargs):
+        raise AttributeError("'FileDataset' object has no attribute 'SliceThickness'")
+
+    monkeypatch.setattr(highdicom.seg, "segread", unreadable)
+    with pytest.raises(DicomSegError, match="cannot be read back"):
+        write_dicom_seg(tmp_path / "seg.dcm", sources, labels=labels)
+    assert list(tmp_path.iterdir()) == []

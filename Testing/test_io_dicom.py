@@ -220,3 +220,64 @@ def test_writer_refuses_to_replace_a_series(series, phantom_volume):
     write_dicom_series(phantom_volume, series, overwrite=True, transfer_syntax="rle")
     assert read_volume(series).meta["transfer_syntaxes"] == [TRANSFER_SYNTAXES["rle"]]
     assert not [p for p in series.parent.iterdir() if p.name.startswith(".")]
+
+
+def _unsigned_with_padding(folder, pad_value, mark=True):
+    """Turn every slice into what some scanners write: unsigned 16-bit stored values with
+    the area outside the scan field filled with ``pad_value`` (marked or not)."""
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        arr = ds.pixel_array.astype(np.uint16)
+        arr[:, :6] = pad_value                     # a band outside the field of view
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelData = arr.tobytes()
+        if mark:
+            ds.add_new(0x00280120, "US", pad_value)        # PixelPaddingValue
+        ds.save_as(f)
+
+
+def test_pixel_padding_value_reads_as_air_not_as_bright_tissue(series, phantom_volume):
+    _unsigned_with_padding(series, 65535)
+    vol = read_volume(series)
+    assert vol.meta["padding_voxels"] == 4 * 64 * 6
+    assert (vol.array[:, :, :6] == -1024).all()
+    np.testing.assert_array_equal(vol.array[:, :, 6:],
+                                  np.clip(np.round(phantom_volume.array[:, :, 6:]), -1024, 3071))
+
+
+def test_padding_range_limit_marks_the_whole_range(series):
+    _unsigned_with_padding(series, 65000)
+    for f in sorted(series.iterdir()):
+        ds = pydicom.dcmread(f)
+        arr = ds.pixel_array.copy()
+        arr[:, 6:8] = 65500
+        ds.PixelData = arr.tobytes()
+        ds.add_new(0x00280121, "US", 65535)              # PixelPaddingRangeLimit
+        ds.save_as(f)
+    assert (read_volume(series).array[:, :, :8] == -1024).all()
+
+
+def test_unmarked_padding_is_refused_not_read_as_62512_hu(series, tmp_path):
+    """Without PixelPaddingValue the padding would read as 64511 HU and change every area:
+    the CT rule refuses values above any scanner's range, naming the file."""
+    from EPDSegmentationLib.cli.segment import ct_problem
+
+    _unsigned_with_padding(series, 65535, mark=False)
+    problem = ct_problem(read_volume(series))
+    assert problem is not None and "64511 HU" in problem and "PixelPaddingValue" in problem
+
+
+def test_an_unreadable_file_is_said_to_be_unreadable_not_corrupt(series, monkeypatch):
+    real = pydicom.dcmread
+    victim = sorted(series.iterdir())[1]
+
+    def dcmread(f, *args, **kwargs):
+        if str(f) == str(victim):
+            raise PermissionError(13, "Permission denied", str(f))
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    with pytest.raises(InputError, match="cannot be read \\(Permission denied\\)") as err:
+        read_volume(series)
+    assert victim.name in str(err.value) and "corrupt" not in str(err.value)

@@ -156,3 +156,38 @@ def test_manifest_errors_name_the_row_and_problem(tmp_path, ct, text, message):
     with pytest.raises(InputError, match=message) as err:
         read_manifest(m)
     assert "m.csv" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["ct.nii", "ct.nii.gz"])
+def test_nan_and_inf_in_nifti_are_refused_not_read_as_0_hu(tmp_path, ct, name):
+    """SimpleITK's NIfTI reader turns NaN and inf into 0: the file itself is checked."""
+    bad = ct.array.copy()
+    bad[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    path = write_volume(ct.with_array(bad), tmp_path / name)
+    with pytest.raises(InputError, match="3 voxel\\(s\\) that are not finite") as err:
+        read_volume(path)
+    assert str(path) in str(err.value)
+    all_nan = write_volume(ct.with_array(np.full_like(bad, np.nan)), tmp_path / ("n" + name))
+    with pytest.raises(InputError, match="not finite") as err:
+        read_volume(all_nan)
+    assert "every voxel is 0" not in str(err.value)
+    assert read_volume(write_volume(ct, tmp_path / ("ok" + name))).array.shape == ct.array.shape
+
+
+def test_sheared_grid_is_refused(tmp_path, ct):
+    """Non-orthogonal axes (a sheared NRRD): areas from the spacing alone would be wrong."""
+    import nrrd
+
+    dirs = np.array([[0.8, 0.0, 0.0], [0.24, 0.8, 0.0], [0.0, 0.0, 2.5]])  # rows: i, j, k
+    path = tmp_path / "sheared.nrrd"
+    nrrd.write(str(path), np.zeros((30, 24, 5), np.int16) - 500,
+               {"space": "left-posterior-superior", "space directions": dirs,
+                "space origin": [0.0, 0.0, 0.0]})
+    with pytest.raises(InputError, match="not at right angles \\(sheared by 16.70 degrees"):
+        read_volume(path)
+    ok = tmp_path / "ok.nrrd"
+    dirs[1, 0] = 0.0
+    nrrd.write(str(ok), np.zeros((30, 24, 5), np.int16) - 500,
+               {"space": "left-posterior-superior", "space directions": dirs,
+                "space origin": [0.0, 0.0, 0.0]})
+    assert read_volume(ok).array.shape == (5, 24, 30)

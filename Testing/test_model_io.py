@@ -157,3 +157,61 @@ def test_format_marker_is_in_the_weights(saved):
 
     with safe_open(str(model_paths(saved)[0]), framework="pt") as f:
         assert f.metadata()["format"] == FORMAT
+
+
+def test_a_card_whose_factor_is_not_the_weights_is_refused(saved):
+    """save_model stores the factor with the weights: a card saying 4 beside factor-2
+    weights would put every area at the wrong scale."""
+    from safetensors import safe_open
+
+    weights, card_path = model_paths(saved)
+    with safe_open(str(weights), framework="pt") as f:
+        assert f.metadata()["factor"] == "2"
+    card = json.loads(card_path.read_text())
+    card["factor"] = 4
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelFileError, match="card says factor 4.*saved for factor 2"):
+        load_model(saved)
+
+
+def test_weights_saved_before_the_factor_was_stored_load_on_the_cards_word(saved):
+    from safetensors import safe_open
+
+    weights, _ = model_paths(saved)
+    with safe_open(str(weights), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["factor"]
+    save_file(tensors, str(weights), metadata=meta)
+    assert load_model(saved)[1]["factor"] == 2
+
+
+def test_model_file_error_texts(tmp_path, saved):
+    """--model x.pt is not a path to guess a .safetensors from; an empty weights file says
+    so; and every model error is one of ours."""
+    from EPDSegmentationLib.core.errors import EPDError, ModelError
+
+    pt = tmp_path / "x.pt"
+    pt.write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(ModelFileError) as err:
+        load_model(pt)
+    assert "x.pt.safetensors" not in str(err.value) and "pickled" in str(err.value)
+    assert isinstance(err.value, ModelError) and isinstance(err.value, EPDError)
+    weights, _ = model_paths(saved)
+    weights.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="empty \\(0 bytes\\)"):
+        load_model(saved)
+
+
+def test_checkpoint_errors_say_what_is_wrong_and_never_suggest_unsafe_loading(tmp_path):
+    from training.checkpoint import load_checkpoint
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty \\(0 bytes\\)"):
+        load_checkpoint(empty)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint" * 4)
+    with pytest.raises(ValueError, match="not a readable training checkpoint") as err:
+        load_checkpoint(garbage)
+    assert "weights_only" not in str(err.value) and "()" not in str(err.value)

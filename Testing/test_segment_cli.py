@@ -316,3 +316,234 @@ def test_parse_slices(spec, n, want):
 def test_parse_slices_rejects(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_slices(spec, 4)
+
+
+# ----------------------------------------------------------------------- output safety
+
+#: a real `epdseg segment` process whose inference can be slowed from the environment
+#: (EPD_SLOW_FROM: the n-th predict_volume call (1-based) and later ones sleep
+#: EPD_SLOW_S seconds after touching EPD_STARTED), so a test can signal it mid-case
+RUNNER = """
+import os, sys, time
+from EPDSegmentationLib.core import inference
+real, calls = inference.predict_volume, []
+def slow(*args, **kwargs):
+    calls.append(1)
+    if len(calls) >= int(os.environ.get("EPD_SLOW_FROM", "1")):
+        open(os.environ["EPD_STARTED"], "a").close()
+        time.sleep(float(os.environ.get("EPD_SLOW_S", "0")))
+    return real(*args, **kwargs)
+inference.predict_volume = slow
+from EPDSegmentationLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _process(tmp_path, args, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(repo / "EPDSegmentation"), str(repo), os.environ.get("PYTHONPATH", "")]),
+        EPD_STARTED=str(tmp_path / "started"), **{k: str(v) for k, v in env.items()})
+    return subprocess.Popen([sys.executable, str(script), "segment", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=environ)
+
+
+def _hidden(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_folder_keep_every_case_whole(cases, tiny_model_path, tmp_path):
+    """Two real runs on the same cases and folder at once: each case is written by one of
+    them, complete (all outputs and the marker), nothing of it deleted by the other."""
+    from EPDSegmentationLib.io.staging import case_state
+    from EPDSegmentationLib.cli.segment import output_roles
+
+    out = tmp_path / "out"
+    args = (cases / "ct_a.nii.gz", cases / "ct_dicom", "-o", out, "--model", tiny_model_path,
+            "--slices", "0-1")
+    runs = [_process(tmp_path, args, EPD_SLOW_S=1.5) for _ in range(2)]
+    texts = [r.communicate(timeout=300) for r in runs]
+    for name in ("ct_a", "ct_dicom"):
+        state, files = case_state(out, name, output_roles(dicom_seg=False))
+        assert state == "complete", (name, texts)
+        assert len(files) == 6
+        oks = sum(f"\n{name} " in "\n" + o and any(
+            line.startswith(name + " ") and line.endswith(" ok") for line in o.splitlines())
+            for o, _ in texts)
+        assert oks == 1, texts          # written once; the other run left it alone
+    assert _hidden(out) == []
+    err = "".join(e for _, e in texts)
+    assert "being written by pid" in err or "complete earlier run" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_removes_the_case_in_progress_and_keeps_the_old_outputs(
+        cases, tiny_model_path, tmp_path):
+    """SIGTERM during the second case of a run with --overwrite: exit 143, the summary of
+    the finished case, no traceback; the interrupted case's earlier outputs are intact and
+    nothing half-written (no hidden file) is left."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    common = ("-o", out, "--model", tiny_model_path, "--slices", "1")
+    assert _run(cases / "ct_dicom", *common) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    run = _process(tmp_path, (cases / "ct_a.nii.gz", cases / "ct_dicom", *common,
+                              "--overwrite"), EPD_SLOW_FROM=2, EPD_SLOW_S=60)
+    deadline = time.time() + 120
+    while not (tmp_path / "started").exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGTERM, (stdout, stderr)
+    assert "interrupted by SIGTERM" in stderr and "ct_dicom" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert any(line.startswith("ct_a ") and line.endswith(" ok") for line in stdout.splitlines())
+    assert {p.name: p.read_bytes() for p in out.glob("ct_dicom*")} == before
+    assert (out / "ct_a_provenance.json").is_file() and _hidden(out) == []
+
+
+def test_failed_overwrite_keeps_the_old_outputs(cases, tiny_model_path, tmp_path, capsys,
+                                                monkeypatch):
+    from EPDSegmentationLib.io import overlay
+
+    out = tmp_path / "out"
+    args = (cases / "ct_a.nii.gz", "-o", out, "--model", tiny_model_path, "--slices", "1")
+    assert _run(*args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(overlay, "write_overlay_png", broken)
+    assert _run(*args, "--overwrite") == 1
+    assert "No space left" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_rerun_says_which_cases_are_incomplete(cases, tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = (cases / "ct_a.nii.gz", "-o", out, "--model", tiny_model_path, "--slices", "1")
+    assert _run(*args) == 0
+    assert _run(*args) == 1
+    assert "complete earlier run" in capsys.readouterr().err
+    (out / "ct_a_provenance.json").unlink()          # as an older or killed run leaves it
+    assert _run(*args) == 1
+    err = capsys.readouterr().err
+    assert "INCOMPLETE" in err and "ct_a_provenance.json" in err and "ct_a.seg.nrrd" in err
+    assert _run(*args, "--overwrite") == 0
+    assert (out / "ct_a_provenance.json").is_file()
+
+
+def test_unwritable_output_folder_is_refused_before_any_inference(cases, tiny_model_path,
+                                                                 tmp_path, capsys,
+                                                                 monkeypatch):
+    from EPDSegmentationLib.core import inference
+
+    calls = []
+    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: calls.append(1))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert _run(cases / "ct_a.nii.gz", "-o", blocker / "out", "--model",
+                tiny_model_path) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the output folder" in err and str(blocker) in err
+    assert calls == [] and "Traceback" not in err
+
+
+def test_outputs_carry_their_provenance(cases, tiny_model_path, tmp_path):
+    import json
+
+    import nrrd
+
+    out = tmp_path / "out"
+    assert _run(cases / "ct_dicom", "-o", out, "--model", tiny_model_path, "--slices",
+                "1") == 0
+    prov = json.loads((out / "ct_dicom_provenance.json").read_text())
+    ct = read_volume(cases / "ct_dicom")
+    assert prov["source"] == str((cases / "ct_dicom").resolve())
+    assert prov["dicom"]["series_instance_uid"] == ct.meta["series_uid"]
+    assert prov["dicom"]["study_instance_uid"] == ct.meta["study_uid"]
+    assert prov["dicom"]["sop_instance_uids"] == ct.meta["sop_instance_uids"]
+    assert prov["model"]["factor"] == 2 and prov["epdseg_version"]
+    assert prov["command"].startswith("epdseg segment") and "--slices 1" in prov["command"]
+    assert {o["file"] for o in prov["outputs"]} == {f"ct_dicom{s}" for s in OUTPUTS}
+    header = nrrd.read_header(str(out / "ct_dicom.seg.nrrd"))
+    assert header["EPD_source"] == prov["source"]
+    assert header["EPD_series_instance_uid"] == ct.meta["series_uid"]
+    assert json.loads(header["EPD_model"])["factor"] == 2
+
+
+def test_a_failing_dicom_seg_keeps_the_other_outputs(cases, tiny_model_path, tmp_path,
+                                                     capsys, monkeypatch):
+    pytest.importorskip("highdicom")
+    from EPDSegmentationLib.io import dicom_seg
+
+    def broken(*a, **k):
+        raise dicom_seg.DicomSegError("highdicom cannot read the SEG back")
+
+    monkeypatch.setattr(dicom_seg, "write_dicom_seg", broken)
+    out = tmp_path / "out"
+    assert _run(cases / "ct_dicom", "-o", out, "--model", tiny_model_path, "--slices", "1",
+                "--dicom-seg") == 1
+    captured = capsys.readouterr()
+    assert "DICOM SEG not written" in captured.err and "cannot read the SEG back" in captured.err
+    for suffix in OUTPUTS:
+        assert (out / f"ct_dicom{suffix}").is_file(), suffix
+    assert not list(out.glob("*.dcm")) and _hidden(out) == []
+
+
+def test_dicom_seg_of_a_deidentified_series_without_type2_attributes(cases, tiny_model_path,
+                                                                    tmp_path):
+    """De-identified slices without PatientBirthDate, AccessionNumber, PatientID and with
+    an empty SpecificCharacterSet: both SEGs are written and read back."""
+    import shutil
+
+    import pydicom
+
+    highdicom = pytest.importorskip("highdicom")
+    series = tmp_path / "deid"
+    shutil.copytree(cases / "ct_dicom", series)
+    for f in series.iterdir():
+        ds = pydicom.dcmread(f)
+        for key in ("PatientBirthDate", "AccessionNumber", "PatientID", "SliceThickness"):
+            delattr(ds, key)
+        ds.SpecificCharacterSet = ""
+        ds.save_as(f)
+    out = tmp_path / "out"
+    assert _run(series, "-o", out, "--model", tiny_model_path, "--slices", "1",
+                "--dicom-seg") == 0
+    for name in ("deid_seg.dcm", "deid_prob_seg.dcm"):
+        assert highdicom.seg.segread(out / name).number_of_segments == len(TISSUES)
+        assert pydicom.dcmread(out / name).PatientBirthDate == ""
+
+
+def test_manifest_row_with_a_missing_file_is_reported_and_the_others_run(
+        cases, tiny_model_path, tmp_path, capsys):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"image\n{tmp_path / 'gone.nii.gz'}\n{cases / 'ct_a.nii.gz'}\n")
+    out = tmp_path / "out"
+    assert _run(manifest, "-o", out, "--model", tiny_model_path, "--slices", "1") == 1
+    err = capsys.readouterr().err
+    assert "row 2: image" in err and "gone.nii.gz does not exist" in err
+    assert (out / "ct_a_provenance.json").is_file()
+
+
+def test_model_given_as_a_pt_file_is_one_clear_line(cases, tmp_path, capsys):
+    pt = tmp_path / "x.pt"
+    pt.write_bytes(b"\x80\x02}q\x00.")
+    assert _run(cases / "ct_a.nii.gz", "-o", tmp_path / "o", "--model", pt) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.pt" in err and ".safetensors" in err
+    assert "x.pt.safetensors" not in err and "Traceback" not in err

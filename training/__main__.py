@@ -51,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a command; bad input (arguments, files, devices) -> one error line and exit 2.
     Anything else (a bug, a CUDA failure) keeps its traceback."""
-    from EPDSegmentationLib.core.inference import DeviceError
+    from EPDSegmentationLib.core.errors import EPDError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         args.func(args, argv)
-    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, DeviceError) as exc:
+    except (EPDError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

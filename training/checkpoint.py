@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from EPDSegmentationLib.core.atomic import atomic_write
+from EPDSegmentationLib.core.errors import ModelError
 
 FORMAT = "epd-training-checkpoint"
 VERSION = 1
@@ -56,15 +57,31 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save({"format": FORMAT, "version": VERSION, **state}, tmp))
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why torch.load failed, without torch's advice to retry with weights_only=False (that
+    would unpickle arbitrary objects, which can run code: never do it for a file you did
+    not write)."""
+    text = str(exc).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        return ("not a torch checkpoint of tensors and plain data: damaged, another "
+                "program's file, or one that holds other objects, which are never unpickled")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else f"{type(exc).__name__}, truncated?"
+
+
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     """Read a checkpoint (tensors and plain data only); ValueError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: the checkpoint file is empty (0 bytes): the run that "
+                         f"wrote it was stopped, or the copy was incomplete")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"{path}: not a readable training checkpoint ({exc})") from None
+        raise ModelError(f"{path}: not a readable training checkpoint "
+                         f"({_load_failure(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not an EPD training checkpoint")
     if state.get("version", 0) > VERSION:

@@ -40,59 +40,111 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _segment(args) -> int:
-    from tqdm import tqdm
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM time-out, docker stop) turned into an interruption, handled as Ctrl-C."""
 
-    from ..core.inference import DeviceError, select_device
-    from ..core.model_card import ModelFileError
-    from ..core.model_io import load_model
-    from ..core.resources import bundled_model_path
-    from .segment import find_cases, format_summary, segment_case
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def _segment(args) -> int:
+    """``epdseg segment`` with SIGTERM handled as SIGINT (signal handlers can only be set
+    in the main thread; elsewhere, e.g. a test's worker thread, SIGTERM keeps its default)."""
+    import signal
+    import threading
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if threading.current_thread() is not threading.main_thread():
+        return _segment_cases(args)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _segment_cases(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _segment_cases(args) -> int:
+    import signal
+
+    from tqdm import tqdm
+
+    from .. import __version__
+    from ..core.inference import select_device
+    from ..core.model_io import load_model
+    from ..core.resources import bundled_model_path
+    from ..io.staging import check_output_folder
+    from .segment import find_cases, format_summary, segment_case
+
+    check_output_folder(args.output)      # before any case: not after each inference
     cases = find_cases(args.inputs, strict=False)
     if all(c.problem for c in cases):     # nothing to run at all: a usage error
         for c in cases:
             print(f"epdseg: error: {c.problem}", file=sys.stderr)
         return 2
     model_path = args.model if args.model is not None else bundled_model_path()
-    try:
-        device, reason = select_device(args.device)
-        model, card = load_model(model_path, device="cpu")
-    except (ModelFileError, DeviceError) as exc:
-        print(f"epdseg: error: {exc}", file=sys.stderr)
-        return 2
+    device, reason = select_device(args.device)
+    model, card = load_model(model_path, device="cpu")
     print(f"model {model_path} (factor 1/{card['factor']}, {card['label_mode']} labels); "
           f"device {device}: {reason}; {len(cases)} case(s)")
+    provenance = {"command": " ".join(["epdseg"] + [str(a) for a in args.argv]),
+                  "epdseg_version": __version__, "model_file": str(Path(model_path).resolve())}
     results = []
-    for case in tqdm(cases, desc="cases", unit="case", disable=len(cases) < 2):
-        bar = tqdm(desc=case.name, unit="slice", leave=False)
+    current = None
+    try:
+        for case in tqdm(cases, desc="cases", unit="case", disable=len(cases) < 2):
+            current = case
+            bar = tqdm(desc=case.name, unit="slice", leave=False)
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
 
-        result = segment_case(case, args.output, model, card, device=str(device),
-                              batch_size=args.batch_size, slices=args.slices,
-                              overwrite=args.overwrite, dicom_seg=args.dicom_seg,
-                              overlay_slice=args.overlay_slice, series_uid=args.series_uid,
-                              progress=progress)
-        bar.close()
-        if not result.ok:
-            tqdm.write(f"epdseg: {case.name}: {result.message}", file=sys.stderr)
-            if result.traceback:     # a bug: show where, then go on with the other cases
-                tqdm.write(result.traceback.rstrip(), file=sys.stderr)
-        results.append(result)
+            try:
+                result = segment_case(case, args.output, model, card, device=str(device),
+                                      batch_size=args.batch_size, slices=args.slices,
+                                      overwrite=args.overwrite, dicom_seg=args.dicom_seg,
+                                      overlay_slice=args.overlay_slice,
+                                      series_uid=args.series_uid, progress=progress,
+                                      provenance=provenance)
+            finally:
+                bar.close()
+            current = None
+            if not result.ok:
+                tqdm.write(f"epdseg: {case.name}: {result.message}", file=sys.stderr)
+                if result.traceback:     # a bug: show where, then go on with the other cases
+                    tqdm.write(result.traceback.rstrip(), file=sys.stderr)
+            results.append(result)
+    except KeyboardInterrupt as exc:      # Ctrl-C or SIGTERM: the case in progress is gone
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        name = signal.Signals(signum).name
+        where = (f"case {current.name} was in progress and nothing of it was kept"
+                 if current is not None else "between cases")
+        print(f"\nepdseg: interrupted by {name} ({where}); {len(results)} of {len(cases)} "
+              f"case(s) done", file=sys.stderr)
+        if results:
+            print("\n" + format_summary(results))
+        print(f"outputs in {args.output}")
+        return 128 + int(signum)
     print("\n" + format_summary(results))
     print(f"outputs in {args.output}")
     return 0 if all(r.ok for r in results) else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command; returns its exit code: 0 done, 1 some case failed, 2 a usage or
+    setup error (ours: one line on stderr), 128 + signal when interrupted. An error that is
+    not ours (a bug) is not caught: Python prints its traceback and exits 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from ..io.errors import InputError
+    args.argv = argv
+    from ..core.errors import EPDError
 
     try:
         if args.command == "segment":
@@ -101,9 +153,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .demo import run
 
             run(args.output, args.factors, overwrite=args.overwrite)
-    except (InputError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (EPDError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"epdseg: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:      # before or after the cases: nothing was half-done
+        import signal
+
+        signum = exc.signum if isinstance(exc, Terminated) else int(signal.SIGINT)
+        print(f"\nepdseg: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + int(signum)
     return 0
 
 

@@ -10,12 +10,16 @@ Per case (``<case>`` = file or folder name) in the output folder:
                                  volume cm^3, mean and SD of HU per tissue (bodycomp.py)
     <case>_overlay.png           one slice with the overlay, a legend and the areas
     <case>_seg.dcm, <case>_prob_seg.dcm   DICOM SEG (binary, fractional), with --dicom-seg
+    <case>_provenance.json       written last: the completion marker (files, SHA-256) and
+                                 the provenance (source, DICOM UIDs, model, command)
 
 Slices not asked for stay empty (label 0, probability 0). Nothing is overwritten unless
-``overwrite``: a case whose outputs exist is reported and skipped. Every check that can be
-made before the network runs is made first (readable, CT in HU by the module's rule
-volume.hu_range_problem, DICOM sources a SEG can reference); if a case still fails while
-writing, the files it wrote are removed again, so a rerun is not blocked. In a batch, a bad
+``overwrite``: a case whose outputs exist is reported (complete or incomplete) and skipped.
+Every check that can be made before the network runs is made first (readable, CT in HU by
+the module's rule volume.hu_range_problem, DICOM sources a SEG can reference). The outputs
+are staged and committed together under a per-case lock (io/staging.py): a case that fails
+or is interrupted leaves the folder as it was (old outputs included), and two runs on one
+folder never touch each other's files. A DICOM SEG failure keeps the other outputs. In a batch, a bad
 case (an unreadable or missing input, not CT, out of memory, even a bug: its traceback comes
 with it) is reported and the others still run.
 """
@@ -33,7 +37,7 @@ import numpy as np
 
 from ..core.classes import TISSUES
 from ..core.atomic import extension
-from ..io.errors import InputError
+from ..core.errors import EPDError, InputError
 from ..io.outputs import output_path, safe_stem
 from ..core.volume import hu_range_problem
 
@@ -91,8 +95,8 @@ def _cases_of(path: Path) -> List[Case]:
         raise InputError(path, "no such file or folder")
     ext = extension(path)
     if path.is_file() and ext in MANIFEST_EXTENSIONS:
-        return [Case(_case_name(Path(r["image"])), Path(r["image"]))
-                for r in read_manifest(path, images_only=True)]
+        return [Case(_case_name(Path(r["image"])), Path(r["image"]), problem=r.get("problem"))
+                for r in read_manifest(path, images_only=True, missing_ok=True)]
     if path.is_file() or _has_dicom(path):
         return [Case(_case_name(path), path)]
     found = [p for p in sorted(path.iterdir())
@@ -191,8 +195,9 @@ def dicom_seg_sources(vol, path) -> List:
     return sources
 
 
-#: Errors that say what is wrong with a case (its message is enough, no traceback).
-EXPECTED_ERRORS = (InputError, ValueError, FileExistsError, OSError)
+#: Errors that say what is wrong with a case (its message is enough, no traceback): ours
+#: (core/errors.py; DeviceError among them) and the OS's (a full disk, a permission).
+EXPECTED_ERRORS = (EPDError, ValueError, FileExistsError, OSError)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -205,9 +210,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def _failure(case: Case, exc: BaseException, seconds: float) -> CaseResult:
     """A failed CaseResult: the message of an expected error, a plain out-of-memory
     sentence with a hint, or for anything else (a bug) the error and its traceback."""
-    from ..core.inference import DeviceError
-
-    if isinstance(exc, EXPECTED_ERRORS + (DeviceError,)):
+    if isinstance(exc, EXPECTED_ERRORS):
         return CaseResult(case, False, str(exc), seconds=seconds)
     if _out_of_memory(exc):
         return CaseResult(case, False, f"out of memory ({type(exc).__name__}: {exc}); try a "
@@ -218,46 +221,61 @@ def _failure(case: Case, exc: BaseException, seconds: float) -> CaseResult:
                           traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
-def _remove(paths: Sequence[Path]) -> None:
-    for path in paths:
-        try:
-            Path(path).unlink()
-        except FileNotFoundError:
-            pass
+def output_roles(*, dicom_seg: bool) -> List[str]:
+    """The outputs (outputs.SUFFIXES keys) of one case, without the completion marker."""
+    roles = ["segmentation", "soft_segmentation", "probabilities", "table", "overlay"]
+    return roles + (["dicom_seg", "dicom_fractional_seg"] if dicom_seg else [])
 
 
 def output_paths(out_dir: Path, name: str, *, dicom_seg: bool) -> Dict[str, Path]:
-    roles = ["segmentation", "soft_segmentation", "probabilities", "table", "overlay"]
-    roles += ["dicom_seg", "dicom_fractional_seg"] if dicom_seg else []
-    return {role: output_path(out_dir, name, role) for role in roles}
+    return {role: output_path(out_dir, name, role)
+            for role in output_roles(dicom_seg=dicom_seg)}
+
+
+def _existing_message(state: str, present: Sequence[Path], name: str) -> str:
+    names = ", ".join(p.name for p in present)
+    if state == "complete":
+        return f"outputs exist from a complete earlier run (use --overwrite to replace): {names}"
+    return (f"INCOMPLETE outputs of an earlier run (no valid completion marker "
+            f"{name}_provenance.json: it was interrupted or failed); use --overwrite to "
+            f"replace them: {names}")
 
 
 def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = "auto",
                  batch_size: int = 8, slices: Optional[str] = None, overwrite: bool = False,
                  dicom_seg: bool = False, overlay_slice: Optional[int] = None,
                  series_uid: Optional[str] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> CaseResult:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 provenance: Optional[Dict] = None) -> CaseResult:
     """Segment one case and write its outputs.
 
+    The outputs are written into a staging folder under the case's lock (io/staging.py)
+    and moved into ``out_dir`` together only when all succeeded, the completion marker
+    <case>_provenance.json last; ``overwrite`` replaces an earlier run's files only then.
     Any error comes back as a failed CaseResult (an unexpected one with its traceback in
-    ``traceback``), after removing the files this call had written; KeyboardInterrupt
-    removes them too and is raised again."""
+    ``traceback``) and leaves ``out_dir`` as it was; KeyboardInterrupt (SIGINT, and SIGTERM
+    through cli.main) does too and is raised again. A DICOM SEG that fails does not take
+    the other outputs with it: they are committed and the case is reported failed."""
     from ..core import bodycomp
     from ..core import inference
     from ..io import overlay
     from ..core.epd import soft_to_labels
     from ..io import read_volume, write_probabilities, write_seg_nrrd
+    from ..io.staging import CaseStaging, case_state
 
     t0 = time.perf_counter()
     if case.problem:
         return CaseResult(case, False, case.problem)
-    paths = output_paths(out_dir, case.name, dicom_seg=dicom_seg)
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        return CaseResult(case, False, "outputs exist (use --overwrite to replace): "
-                          + ", ".join(p.name for p in existing))
-    written: List[Path] = []
+    roles = output_roles(dicom_seg=dicom_seg)
+    try:     # the case's lock and staging folder; nothing else is touched
+        stage = CaseStaging(out_dir, case.name, overwrite=overwrite).open()
+    except EPDError as exc:
+        return CaseResult(case, False, str(exc))
     try:
+        state, present = case_state(out_dir, case.name, roles)
+        if state != "absent" and not overwrite:
+            return CaseResult(case, False, _existing_message(state, present, case.name))
+        paths = {role: stage.path(role) for role in roles}
         vol = read_volume(case.path, series_uid)
         problem = ct_problem(vol)
         if problem:
@@ -278,46 +296,96 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         labels[k_idx] = soft_to_labels(pred.probabilities, class_axis=0)
         rows = bodycomp.tissue_measures(pred.probabilities, vol.array, vol.spacing, k_idx)
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written.append(write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras,
-                                      overwrite=overwrite))
-        written.append(write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras,
-                                      fractional=True, overwrite=overwrite))
-        written.append(write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras,
-                                           overwrite=overwrite))
-        written.append(bodycomp.measures_to_csv(rows, paths["table"], overwrite=overwrite))
+        prov = case_provenance(case, vol, card, provenance)
+        write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras,
+                       provenance=nrrd_provenance(prov))
+        write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras,
+                       fractional=True, provenance=nrrd_provenance(prov))
+        write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras)
+        bodycomp.measures_to_csv(rows, paths["table"])
         slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
         areas = {key: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
                  for key, r in slice_rows.items()}
-        written.append(overlay.write_overlay_png(
+        overlay.write_overlay_png(
             paths["overlay"], overlay.display_slice(vol, shown),
             overlay.display_slice(vol, shown, labels),
-            areas_cm2=areas, overwrite=overwrite,
+            areas_cm2=areas,
             title=f"{case.name}: slice {shown} of {vol.array.shape[0]}, "
-                  f"{si:.2f} x {sj:.2f} mm pixels"))
+                  f"{si:.2f} x {sj:.2f} mm pixels")
+        seg_failure = None
         if dicom_seg:
-            _write_dicom_segs(sources, labels, probs, card, paths, overwrite, written)
+            seg_failure = _write_dicom_segs(sources, labels, probs, card, paths)
+            if seg_failure is not None:
+                prov["dicom_seg_error"] = seg_failure.message
+        written = stage.commit(prov, old_roles=roles)
         totals = bodycomp.total_rows(rows)
-        return CaseResult(case, True, "; ".join(pred.notes[1:]), written, k_idx,
-                          {c.key: float(totals[c.key]["area_cm2"]) for c in TISSUES
-                           if c.key in totals}, pred.device, time.perf_counter() - t0)
+        result = CaseResult(case, True, "; ".join(pred.notes[1:]), written, k_idx,
+                            {c.key: float(totals[c.key]["area_cm2"]) for c in TISSUES
+                             if c.key in totals}, pred.device, time.perf_counter() - t0)
+        if seg_failure is not None:
+            result.ok = False
+            result.message = (f"DICOM SEG not written ({seg_failure.message}); the "
+                              f"other outputs were written")
+            result.traceback = seg_failure.traceback
+        return result
     except Exception as exc:
-        _remove(written)
         return _failure(case, exc, time.perf_counter() - t0)
-    except BaseException:           # KeyboardInterrupt: no half-written case, then stop
-        _remove(written)
-        raise
+    finally:     # after a commit: the empty staging folder and the lock; else all staged
+        stage.abort()
 
-
-def _write_dicom_segs(sources, labels, probs, card, paths, overwrite,
-                      written: List[Path]) -> None:
-    """Both SEG files, appended to ``written`` one by one (so a failure can remove them)."""
+def _write_dicom_segs(sources, labels, probs, card, paths) -> Optional[CaseResult]:
+    """Both SEG files into the staging folder; on failure remove both and return the
+    failure (a CaseResult carrying the message and, for a bug, the traceback) instead of
+    raising, so the case's other outputs are still committed."""
     from ..io.dicom_seg import write_dicom_seg
 
-    written.append(write_dicom_seg(paths["dicom_seg"], sources, labels=labels,
-                                   model_card=card, overwrite=overwrite))
-    written.append(write_dicom_seg(paths["dicom_fractional_seg"], sources,
-                                   probabilities=probs, model_card=card, overwrite=overwrite))
+    try:
+        write_dicom_seg(paths["dicom_seg"], sources, labels=labels, model_card=card)
+        write_dicom_seg(paths["dicom_fractional_seg"], sources, probabilities=probs,
+                        model_card=card)
+    except Exception as exc:
+        for role in ("dicom_seg", "dicom_fractional_seg"):
+            try:
+                paths[role].unlink()
+            except FileNotFoundError:
+                pass
+        return _failure(Case("", Path()), exc, 0.0)
+    return None
+
+
+def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None) -> Dict:
+    """Where a case's outputs came from: the source path, its DICOM UIDs, the model's name
+    and factor, this package's version, plus ``extra`` (the command line)."""
+    from .. import __version__
+
+    meta = vol.meta
+    prov = {"software": f"EPD Segmentation {__version__}",
+            "source": str(Path(case.path).resolve()),
+            "source_format": meta.get("format", ""),
+            "model": {k: card.get(k) for k in ("name", "version", "factor", "label_mode",
+                                                "pixel_mm") if k in card}}
+    if meta.get("format") == "dicom":
+        prov["dicom"] = {"study_instance_uid": meta.get("study_uid", ""),
+                         "series_instance_uid": meta.get("series_uid", ""),
+                         "frame_of_reference_uid": meta.get("frame_of_reference_uid", ""),
+                         "sop_instance_uids": list(meta.get("sop_instance_uids", []))}
+    prov.update(extra or {})
+    return prov
+
+
+def nrrd_provenance(prov: Dict) -> Dict[str, str]:
+    """The provenance as NRRD key:value fields (one line each, no SOP instance list)."""
+    import json
+
+    out = {"EPD_software": prov["software"], "EPD_source": prov["source"],
+           "EPD_model": json.dumps(prov["model"], sort_keys=True)}
+    dicom = prov.get("dicom")
+    if dicom:
+        out["EPD_study_instance_uid"] = dicom["study_instance_uid"]
+        out["EPD_series_instance_uid"] = dicom["series_instance_uid"]
+    if "command" in prov:
+        out["EPD_command"] = str(prov["command"])
+    return out
 
 
 def format_summary(results: Sequence[CaseResult]) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .epd import bilinear_image, epd_image, upsample_soft
 from .windowing import window_channels
+from .errors import DeviceError
 
 #: Relative spacing difference below which a slice is used as it is (no resampling).
 SPACING_TOLERANCE = 1e-3
@@ -31,9 +32,6 @@ SPACING_TOLERANCE = 1e-3
 class Cancelled(Exception):
     """Raised by predict_volume when should_cancel() returns True between batches."""
 
-
-class DeviceError(RuntimeError):
-    """A requested device is not available; the message says why."""
 
 
 @dataclass

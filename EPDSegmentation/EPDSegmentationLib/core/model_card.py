@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 
 from .atomic import atomic_write
 from .classes import CLASSES, KEYS
+from .errors import ModelError
 from .windowing import check_windows
 
 FORMAT = "epd-segmentation-model"
@@ -100,7 +101,7 @@ class ModelConfig:
         return cls(**d)
 
 
-class ModelFileError(ValueError):
+class ModelFileError(ModelError):
     """A model file or card that is missing, not ours, corrupt or inconsistent."""
 
 

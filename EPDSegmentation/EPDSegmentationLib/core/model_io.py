@@ -40,7 +40,8 @@ def save_model(path: PathLike, model, card: Mapping[str, Any], *,
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-            "architecture": json.dumps(card["architecture"], sort_keys=True)}
+            "architecture": json.dumps(card["architecture"], sort_keys=True),
+            "factor": str(int(card["factor"]))}
     atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     write_card(card_path, card, overwrite=True)
     return weights_path, card_path
@@ -50,19 +51,38 @@ def load_model(path: PathLike, device: Any = "cpu"):
     """(model in eval mode on ``device``, card) from <stem>.safetensors and <stem>.json.
 
     ModelFileError when a file is missing, is not one of ours, is corrupt, or when the card
-    does not match the weights."""
+    does not match the weights: its architecture, and its downsampling factor, which
+    save_model stores in the weights' metadata (a card saying 4 beside factor-2 weights
+    would give areas at the wrong scale). Files written before the factor was stored
+    (no "factor" in the metadata, e.g. the bundled models so far) are loaded on the card's
+    word: nothing in them can contradict it (re-save them with save_model to add it)."""
     from safetensors import SafetensorError, safe_open
 
+    given = Path(path)
+    if given.suffix.lower() not in ("", ".safetensors", ".json") and not \
+            given.with_name(given.name + ".safetensors").exists():
+        raise ModelFileError(
+            f"{given}: a '{given.suffix}' file is not a model this program loads; models are "
+            f"a .safetensors weights file with its .json card beside it (pickled checkpoints "
+            f"such as .pt are never loaded: they can run code)")
     weights_path, card_path = model_paths(path)
     if not weights_path.is_file():
         raise ModelFileError(f"{weights_path}: weights file not found")
+    if weights_path.stat().st_size == 0:
+        raise ModelFileError(f"{weights_path}: the weights file is empty (0 bytes): an "
+                             f"interrupted copy or download?")
     card = read_card(card_path)
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    except OSError as exc:
+        raise ModelFileError(f"{weights_path}: cannot be read "
+                             f"({exc.strerror or type(exc).__name__})") from None
+    except (SafetensorError, ValueError) as exc:
+        reason = str(exc).strip() or type(exc).__name__
+        raise ModelFileError(f"{weights_path}: not a readable safetensors file, or a "
+                             f"damaged one ({reason})") from None
     if meta.get("format") != FORMAT:
         raise ModelFileError(f"{weights_path}: safetensors file without the EPD Segmentation "
                              f"marker (metadata format={meta.get('format')!r}); not one of our "
@@ -71,6 +91,11 @@ def load_model(path: PathLike, device: Any = "cpu"):
         stored_arch = json.loads(meta.get("architecture", "null"))
     except json.JSONDecodeError:
         stored_arch = None
+    stored_factor = meta.get("factor")
+    if stored_factor is not None and str(stored_factor) != str(card["factor"]):
+        raise ModelFileError(f"{card_path}: the card says factor {card['factor']}, but the "
+                             f"weights were trained and saved for factor {stored_factor}; "
+                             f"use the card that came with these weights")
     if stored_arch != card["architecture"]:
         raise ModelFileError(f"{card_path}: the card's architecture {card['architecture']} does "
                              f"not match the one stored with the weights {stored_arch}")

@@ -15,6 +15,9 @@ import numpy as np
 
 #: A CT of the body holds fat and air; no voxel at or below this means the values are not HU.
 HU_CEILING_OF_MINIMUM = -100.0
+#: No CT scanner writes values above this (the top of the 16-bit extended CT scale); more
+#: means padding outside the scan field not marked as such, or unsigned data misread.
+HU_MAXIMUM = 30720.0
 
 
 def hu_range_problem(lo: float, hi: float) -> Optional[str]:
@@ -22,7 +25,8 @@ def hu_range_problem(lo: float, hi: float) -> Optional[str]:
     as words to follow the image's name ("'T1' ..." in Slicer, "path: ..." on the command
     line). The one "is this CT?" rule of the module and the command line: every voxel the
     same value is an empty image; no voxel at or below HU_CEILING_OF_MINIMUM (fat, air) means
-    MR, PET or CT stored without its rescale slope/intercept."""
+    MR, PET or CT stored without its rescale slope/intercept; a voxel above HU_MAXIMUM is
+    padding the header does not mark, or unsigned data misread (it would change areas)."""
     lo, hi = float(lo), float(hi)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return (f"holds values that are not finite numbers ({lo:g}..{hi:g}); a CT in "
@@ -34,6 +38,11 @@ def hu_range_problem(lo: float, hi: float) -> Optional[str]:
         return (f"does not look like CT in Hounsfield units: its values span {lo:g}..{hi:g}, "
                 f"with nothing at or below {HU_CEILING_OF_MINIMUM:g} HU (fat, air). MR, PET or "
                 f"CT stored without its rescale slope/intercept cannot be segmented.")
+    if hi > HU_MAXIMUM:
+        return (f"holds values up to {hi:g} HU, above the {HU_MAXIMUM:g} HU no CT scanner "
+                f"writes: padding outside the scan field that the header does not mark "
+                f"(DICOM PixelPaddingValue), or unsigned data read with the wrong rescale. "
+                f"Mark or remove the padding first; these values would change the areas.")
     return None
 
 

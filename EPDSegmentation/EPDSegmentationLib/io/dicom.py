@@ -79,6 +79,9 @@ def _headers(path: Path):
                 raise InputError(f, "is not a DICOM file (no DICM preamble)") from None
             skipped.append(f)
             continue
+        except OSError as exc:     # the file system said no: not the file's content
+            raise InputError(f, f"cannot be read ({exc.strerror or type(exc).__name__}); "
+                                f"check its permissions") from None
         except Exception as exc:   # truncated or malformed element data
             raise InputError(f, f"corrupt DICOM file: {type(exc).__name__}: {exc}") from None
         sop_class = _sop_uid(ds, "SOPClassUID")
@@ -218,13 +221,37 @@ def _geometry(items, folder: Path):
     return items, iop, pixel, spacing_k, pos
 
 
+#: HU given to pixels the header marks as padding (outside the scan field): air
+PADDING_HU = -1024.0
+
+
+def _padding_mask(ds, stored: np.ndarray) -> Optional[np.ndarray]:
+    """Pixels marked as padding by PixelPaddingValue (and PixelPaddingRangeLimit: the
+    range between the two, inclusive), compared on the stored values before rescaling;
+    None when the header marks none."""
+    pad = ds.get("PixelPaddingValue")
+    if pad is None or pad == "" or stored.dtype.kind not in "iu":
+        return None
+    if isinstance(pad, bytes):         # VR left ambiguous (US or SS): decode by the data
+        pad = int.from_bytes(pad[:2], "little", signed=stored.dtype.kind == "i")
+    # the stored type decides how the value reads (0xFFFF of an unsigned image is 65535)
+    lo = int(np.array(int(pad)).astype(stored.dtype))
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None or limit == "" or isinstance(limit, bytes):
+        return stored == lo
+    hi = int(np.array(int(limit)).astype(stored.dtype))
+    lo, hi = min(lo, hi), max(lo, hi)
+    return (stored >= lo) & (stored <= hi)
+
+
 def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volume:
     """Read a CT series from a folder (or one slice from a file) into a Volume.
 
     array: float32 HU (K, J, I), K sorted along the slice normal; ijk_to_ras in RAS mm.
     meta: source, format 'dicom', modality, series_uid, study_uid, frame_of_reference_uid,
     series_description, files (sorted), sop_instance_uids, sop_class_uid, transfer_syntaxes,
-    skipped (number of non-DICOM files ignored).
+    skipped (number of non-DICOM files ignored), padding_voxels (pixels the header marks as
+    padding, PixelPaddingValue / PixelPaddingRangeLimit: set to PADDING_HU, air).
     """
     path = Path(path)
     found, skipped = _headers(path)
@@ -245,6 +272,7 @@ def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volu
     rows, cols = int(items[0][1].Rows), int(items[0][1].Columns)
     hu = np.empty((len(items), rows, cols), np.float32)
     syntaxes = set()
+    padded = 0
     for k, (f, ds) in enumerate(items):
         try:
             syntax = ds.file_meta.TransferSyntaxUID
@@ -256,10 +284,14 @@ def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volu
                                 f"{type(exc).__name__}: {exc}") from None
         if arr.shape != (rows, cols):
             raise InputError(f, f"pixel data is {arr.shape}, header says {(rows, cols)}")
+        padding = _padding_mask(ds, arr)
         arr = arr.astype(np.float32)
         if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
             arr = arr.max() - arr
         hu[k] = arr * np.float32(ds.RescaleSlope) + np.float32(ds.RescaleIntercept)
+        if padding is not None:
+            hu[k][padding] = PADDING_HU
+            padded += int(padding.sum())
     r, c = iop[:3], iop[3:]
     normal = np.cross(r, c)
     m = np.eye(4)
@@ -279,6 +311,7 @@ def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volu
         "sop_instance_uids": [_sop_uid(ds, "SOPInstanceUID") for _, ds in items],
         "transfer_syntaxes": sorted(syntaxes),
         "skipped": len(skipped),
+        "padding_voxels": padded,
     }
     return Volume(hu, m, meta)
 

@@ -25,13 +25,68 @@ import numpy as np
 from .. import __version__
 from ..core.atomic import atomic_file, check_target
 from ..core.classes import TISSUES, TissueClass
+from ..core.errors import EPDError
 
 ALGORITHM_NAME = "EPD Segmentation"
 MANUFACTURER = "EPD Segmentation"
 
 
-class DicomSegError(ValueError):
+class DicomSegError(EPDError, ValueError):
     """A DICOM SEG cannot be made from these inputs (the message says why)."""
+
+
+#: Type 2 patient and study attributes a SEG copies from its source: de-identifiers often
+#: remove them, and the standard allows them empty, so a missing one is written empty.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                "ReferringPhysicianName")
+
+
+def _where(ds, n: int) -> str:
+    name = getattr(ds, "filename", None)
+    uid = ds.get("SOPInstanceUID") or "no SOP Instance UID"
+    return f"source instance {n} ({name})" if isinstance(name, str) and name \
+        else f"source instance {n} ({uid})"
+
+
+def seg_character_set(value, where: str = "the source"):
+    """The SpecificCharacterSet to write a SEG with, from the source's: None for the
+    default repertoire (missing, empty, 'ISO 2022 IR 6'); a single 'ISO 2022 IR n' (code
+    extensions announced but only one character set, as some scanners write) becomes the
+    same set without extensions ('ISO_IR n'); a multi-valued one with an empty first value
+    gets 'ISO 2022 IR 6' there. The text values were decoded by pydicom already and are
+    re-encoded with the result. DicomSegError naming ``where`` and the attribute for a
+    character set highdicom cannot write."""
+    from highdicom.enum import SpecificCharacterSetValues
+
+    values = [value] if isinstance(value, str) else list(value or [])
+    values = [str(v).strip() for v in values]
+    if not any(values):
+        return None
+    if len(values) == 1 and values[0].startswith("ISO 2022 IR "):
+        values = ["ISO_IR " + values[0][len("ISO 2022 IR "):]]
+        if values[0] == "ISO_IR 6":
+            return None
+    if len(values) > 1 and values[0] == "":
+        values[0] = "ISO 2022 IR 6"
+    known = {v.value for v in SpecificCharacterSetValues}
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise DicomSegError(f"{where}: SpecificCharacterSet {value!r} holds {bad[0]!r}, a "
+                            f"character set a DICOM SEG cannot be written with")
+    return values[0] if len(values) == 1 else values
+
+
+def _slice_gap_mm(sources) -> Optional[float]:
+    """The distance between neighbouring source slices along their normal (mm), or None
+    for a single slice."""
+    if len(sources) < 2:
+        return None
+    iop = np.asarray([float(v) for v in sources[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    pos = sorted(float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient]))
+                 for ds in sources)
+    return float(np.median(np.diff(pos)))
 
 
 def _coded(code):
@@ -87,6 +142,10 @@ def prepare_sources(sources: Sequence, shape: Sequence[int]) -> List:
     An empty SOP Class/Instance UID in the data set (some de-identifiers blank them) is taken
     from the file meta information, which records the same UIDs. Missing study or series
     UIDs cannot be recovered: the SEG could not reference its source, so that is an error.
+    Missing type 2 patient/study attributes (TYPE2_COPIED) are set empty; a missing
+    SliceThickness becomes the spacing between the slices (a SEG's pixel measures need one;
+    a lone slice without it is an error); the character set is checked (seg_character_set).
+    Every error names the source file and the attribute.
     """
     if len(sources) == 0:
         raise DicomSegError(
@@ -104,19 +163,36 @@ def prepare_sources(sources: Sequence, shape: Sequence[int]) -> List:
             ds.SOPClassUID = meta.get("MediaStorageSOPClassUID", "")
         if not ds.get("SOPInstanceUID") and meta is not None:
             ds.SOPInstanceUID = meta.get("MediaStorageSOPInstanceUID", "")
-        where = f"source instance {n} ({ds.get('SOPInstanceUID') or 'no SOP Instance UID'})"
+        where = _where(ds, n)
         for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                     "FrameOfReferenceUID"):
             if not ds.get(key):
                 raise DicomSegError(
                     f"{where} has no {key} (the series looks de-identified without new UIDs); "
                     f"a DICOM SEG must reference its source by UID")
+        for key in ("Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient",
+                    "PixelSpacing"):
+            if ds.get(key) in (None, ""):
+                raise DicomSegError(f"{where} has no {key}; a DICOM SEG needs the source's "
+                                    f"geometry")
         if (int(ds.Rows), int(ds.Columns)) != (j, i):
             raise DicomSegError(f"{where} is {ds.Rows} x {ds.Columns}, the segmentation "
                                 f"{j} x {i}: the grid must be the source's")
+        for key in TYPE2_COPIED:
+            if key not in ds:
+                setattr(ds, key, "")
+        seg_character_set(ds.get("SpecificCharacterSet"), f"{where}")
         out.append(ds)
     if len({ds.SeriesInstanceUID for ds in out}) != 1:
         raise DicomSegError("the source instances belong to more than one series")
+    gap = None
+    for n, ds in enumerate(out):
+        if ds.get("SliceThickness") in (None, ""):
+            gap = _slice_gap_mm(out) if gap is None else gap
+            if not gap or gap <= 0:
+                raise DicomSegError(f"{_where(ds, n)} has no SliceThickness and no neighbour "
+                                    f"slice to take the spacing from; a DICOM SEG needs it")
+            ds.SliceThickness = f"{gap:.6g}"
     return out
 
 
@@ -185,8 +261,40 @@ def write_dicom_seg(path, sources: Sequence, *, labels: Optional[np.ndarray] = N
         content_label="BODYCOMP" if kind == "BINARY" else "BODYPROB",
         content_creator_name="EPD^Segmentation",
         omit_empty_frames=False,
+        specific_character_set=seg_character_set(sources[0].get("SpecificCharacterSet"),
+                                                 _where(sources[0], 0)),
     )
     seg.SeriesDescription = (series_description or f"EPD body composition {kind.lower()}")[:64]
     with atomic_file(path, overwrite) as tmp:
         seg.save_as(tmp)
+        check_seg_file(tmp, sources, kind)
     return path
+
+
+def check_seg_file(path, sources: Sequence, kind: str) -> None:
+    """Read a written SEG back with pydicom and highdicom and check what a viewer relies on:
+    the segmentation type, five segments, one frame per source slice and segment, and every
+    frame referencing a source instance. DicomSegError (naming the file) if not."""
+    import highdicom as hd
+    import pydicom
+
+    try:
+        raw = pydicom.dcmread(path)
+        seg = hd.seg.segread(path)
+    except Exception as exc:
+        raise DicomSegError(f"{path}: the DICOM SEG just written cannot be read back "
+                            f"({type(exc).__name__}: {exc})") from None
+    problems = []
+    if raw.get("SegmentationType") != kind:
+        problems.append(f"SegmentationType {raw.get('SegmentationType')!r}, not {kind}")
+    if seg.number_of_segments != len(TISSUES):
+        problems.append(f"{seg.number_of_segments} segments, not {len(TISSUES)}")
+    if int(raw.NumberOfFrames) != len(sources) * len(TISSUES):
+        problems.append(f"{raw.NumberOfFrames} frames, not {len(sources) * len(TISSUES)}")
+    refs = {uid for _, _, uid in seg.get_source_image_uids()}
+    missing = {str(ds.SOPInstanceUID) for ds in sources} - refs
+    if missing:
+        problems.append(f"{len(missing)} source instance(s) not referenced")
+    if problems:
+        raise DicomSegError(f"{path}: the DICOM SEG read back is not valid: "
+                            + "; ".join(problems))

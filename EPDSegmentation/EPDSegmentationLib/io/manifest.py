@@ -42,13 +42,16 @@ def _rows(path: Path, required: Sequence[str] = ("image", "label", "split")
     return list(reader)
 
 
-def read_manifest(path: Union[str, Path], *, images_only: bool = False
-                  ) -> List[Dict[str, object]]:
+def read_manifest(path: Union[str, Path], *, images_only: bool = False,
+                  missing_ok: bool = False) -> List[Dict[str, object]]:
     """Read a manifest: [{'image': Path, 'label': Path, 'split': str, 'subject': str}, ...].
 
     Paths come back absolute. Every image and label must exist (a DICOM image may be a
     folder); raises InputError naming the manifest, the row and the problem. With
-    images_only (cases to segment), only the image column is needed and read.
+    images_only (cases to segment), only the image column is needed and read. With
+    missing_ok, a row whose file does not exist is returned with 'problem' (a sentence
+    naming the manifest, the row and the file) instead of raising, so a batch can report
+    it and go on.
     """
     path = Path(path)
     if not path.is_file():
@@ -67,7 +70,9 @@ def read_manifest(path: Union[str, Path], *, images_only: bool = False
             p = Path(value)
             p = (path.parent / p if not p.is_absolute() else p).resolve()
             if not p.exists():
-                raise InputError(path, f"{where}: {key} {p} does not exist")
+                if not missing_ok:
+                    raise InputError(path, f"{where}: {key} {p} does not exist")
+                entry["problem"] = f"{path}: {where}: {key} {p} does not exist"
             entry[key] = p
         split = str(row.get("split") or "").strip().lower()
         if images_only:

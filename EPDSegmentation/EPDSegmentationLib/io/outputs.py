@@ -8,6 +8,8 @@
     <stem>_overlay.png               a slice with the overlay (command line)
     <stem>_seg.dcm                   DICOM SEG, binary
     <stem>_prob_seg.dcm              DICOM SEG, fractional (probability)
+    <stem>_provenance.json           command line: written last, the case's completion
+                                     marker (its files, their SHA-256 and provenance)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ SUFFIXES = {
     "overlay": "_overlay.png",
     "dicom_seg": "_seg.dcm",
     "dicom_fractional_seg": "_prob_seg.dcm",
+    "provenance": "_provenance.json",
 }
 
 

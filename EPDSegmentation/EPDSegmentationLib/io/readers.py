@@ -23,6 +23,59 @@ def _is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+#: how far from orthogonal the axes of an image may be (cosine of the angle between two)
+ORTHOGONAL_TOL = 1e-4
+
+
+def _check_axes(vol: Volume, path: Path) -> None:
+    """InputError for a sheared grid (axes not at right angles): pixel areas and the 2D
+    slices the network sees would be wrong."""
+    d = vol.directions
+    gram = d.T @ d
+    off = np.abs(gram - np.diag(np.diag(gram))).max()
+    if off > ORTHOGONAL_TOL:
+        angle = float(np.degrees(np.arcsin(min(off, 1.0))))    # away from 90 degrees
+        raise InputError(path, f"has axes that are not at right angles (sheared by "
+                               f"{angle:.2f} degrees; space directions "
+                               f"{np.round(vol.ijk_to_ras[:3, :3], 4).tolist()}): areas and "
+                               f"volumes would be wrong. Resample it onto an orthogonal grid")
+
+
+_NIFTI_FLOAT = {16: "f4", 64: "f8"}
+
+
+def nifti_nonfinite_count(path: Union[str, Path]) -> int:
+    """How many voxels of a float NIfTI-1/-2 file are NaN or infinite, read from the file
+    itself (SimpleITK's reader returns them as 0). 0 for integer data."""
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+        for end in "<>":
+            size = int(np.frombuffer(head[:4], end + "i4")[0]) if len(head) >= 4 else 0
+            if size in (348, 540):
+                break
+        else:
+            return 0
+        if size == 348:
+            dtype_code = int(np.frombuffer(head[70:72], end + "i2")[0])
+            dims = np.frombuffer(head[40:56], end + "i2").astype(np.int64)
+            offset = int(np.frombuffer(head[108:112], end + "f4")[0])
+        else:
+            dtype_code = int(np.frombuffer(head[12:14], end + "i2")[0])
+            dims = np.frombuffer(head[16:80], end + "i8")
+            offset = int(np.frombuffer(head[168:176], end + "i8")[0])
+        if dtype_code not in _NIFTI_FLOAT or not 1 <= dims[0] <= 7:
+            return 0
+        n = int(np.prod(dims[1:dims[0] + 1]))
+        dtype = np.dtype(end + _NIFTI_FLOAT[dtype_code])
+        fh.seek(max(offset, size))
+        data = np.frombuffer(fh.read(n * dtype.itemsize), dtype)
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
 def read_volume(path: Union[str, Path], series_uid: Optional[str] = None) -> Volume:
     """Read a CT volume in HU: a DICOM series folder, a single DICOM file, NIfTI (.nii,
     .nii.gz) or NRRD (.nrrd, .nhdr).
@@ -43,7 +96,20 @@ def read_volume(path: Union[str, Path], series_uid: Optional[str] = None) -> Vol
         raise InputError(path, "is a Slicer segmentation, not an image; read it with "
                                "read_labels")
     if ext in IMAGE_EXTENSIONS:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise InputError(path, f"cannot be read ({exc.strerror or type(exc).__name__}); "
+                                   f"check its permissions") from None
         vol = read_itk(path)
+        _check_axes(vol, path)
+        if ext in (".nii", ".nii.gz"):
+            bad = nifti_nonfinite_count(path)
+            if bad:
+                raise InputError(path, f"holds {bad} voxel(s) that are not finite numbers "
+                                       f"(NaN or infinity), which the NIfTI reader would turn "
+                                       f"into 0 HU; a CT in Hounsfield units is needed")
         arr = vol.array
         if arr.dtype.kind == "b" or (arr.dtype.kind in "iu" and arr.size and arr.min() >= 0
                                      and arr.max() <= 255 and len(np.unique(arr)) <= 64):

@@ -79,12 +79,14 @@ def _geometry_string(ijk_to_ras: np.ndarray, shape_kji) -> str:
 
 
 def write_seg_nrrd(path: Union[str, Path], labels_or_probabilities, ijk_to_ras, *,
-                   fractional: bool = False, overwrite: bool = False) -> Path:
+                   fractional: bool = False, overwrite: bool = False,
+                   provenance: Optional[Dict[str, str]] = None) -> Path:
     """Write tissue labels or probabilities as a Slicer .seg.nrrd (gzip), atomically.
 
     labels_or_probabilities: uint8 labels (K, J, I) with classes 0..5 (fractional=False), or
     probabilities float (C, K, J, I) with C = 6 (background first) or 5 (tissues 1..5),
-    values in 0..1 (fractional=True). ijk_to_ras: 4 x 4, RAS mm.
+    values in 0..1 (fractional=True). ijk_to_ras: 4 x 4, RAS mm. provenance: extra
+    key:=value fields (one line each; e.g. EPD_source, EPD_model) kept in the header.
     """
     import nrrd
 
@@ -153,7 +155,10 @@ def write_seg_nrrd(path: Union[str, Path], labels_or_probabilities, ijk_to_ras, 
         header[pre + "LabelValue"] = "1" if fractional else str(c.index)
         header[pre + "Layer"] = str(n) if fractional else "0"
         header[pre + "Tags"] = f"TerminologyEntry:{terminology_tag(c)}|"
-    custom = {key: "string" for key in header if key.startswith("Segment")}
+    for key, value in (provenance or {}).items():
+        header[key] = " ".join(str(value).split())     # one header line each
+    custom = {key: "string" for key in header
+              if key.startswith("Segment") or key in (provenance or {})}
     with atomic_file(path, overwrite) as tmp:
         nrrd.write(str(tmp), np.ascontiguousarray(array), header, index_order="C",
                    custom_field_map=custom)
