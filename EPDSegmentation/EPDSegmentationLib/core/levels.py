@@ -8,10 +8,13 @@ How (all sizes in mm, so 3 mm and thin-slice CT take the same path):
    large piece on both sides; ribs are cut as small pieces and never qualify. The top of the
    lowest run of such slices is the crest, which lies at the L4 body or the L4/L5 disc
    (Tuffier's line). No crest in the scan: the vertebrae cannot be counted and we refuse.
-3. The vertebral body column: per slice, the anterior cortex of the body in a midline strip
-   (the most anterior > 180 HU voxel behind the body centre), smoothed along z. The mean HU
-   of a box just behind that cortex is the body profile; intervertebral discs (~80 HU,
-   between bright endplates) are its minima, at least 18 mm apart.
+3. The vertebral body column: per slice, the brightest point of the blurred midline
+   sagittal image (in cancellous bone of low density, the posterior wall and pedicles),
+   smoothed along z. The mean HU of a box from 5 mm behind to 20 mm in front of it (the
+   front of the body, clear of the facet joints) is the body profile; intervertebral discs (~80 HU)
+   make it dip. Single minima are unreliable (the basivertebral vein, tilted endplates), so
+   the discs are fitted as a comb: evenly spaced teeth (period 24..42 mm, any phase) where
+   the profile is lowest against the bodies half a period away, from 30 mm below the crest to 200 mm above it.
 4. Counting: the highest disc at or below crest + 10 mm is L4/L5; the discs above are
    L3/L4, L2/L3, ... and each level's centre is the midpoint of its two discs (L5: above the
    L4/L5 disc by the mean disc spacing). A level whose upper disc lies outside the scan is
@@ -36,7 +39,8 @@ LATERAL_MM = 60.0          # iliac bone lies further than this from the midline
 ILIAC_SIDE_MM2 = 100.0     # each side's largest lateral piece, per slice, at least
 ILIAC_BOTH_MM2 = 250.0     # both sides together, at least
 ILIAC_WING_MM2 = 600.0     # somewhere in the run, each side: a wing, never a rib
-MIN_DISC_GAP_MM = 18.0
+PERIOD_MM = (24.0, 42.0)   # one vertebral body plus its disc, adult T11..L5
+SPINE_SPAN_MM = 200.0      # the comb is fitted from 30 mm below the crest to this above
 CREST_TOLERANCE_MM = 10.0
 
 
@@ -112,37 +116,62 @@ def _crest(hu: np.ndarray, x_mm: np.ndarray, pixel_mm2: float, sk: float) -> Opt
 
 def _body_profile(hu: np.ndarray, x_mm: np.ndarray, spacing: Tuple[float, float, float]
                   ) -> Tuple[np.ndarray, np.ndarray]:
-    """(profile (K,) mean HU of the vertebral body box per slice, anterior cortex J (K,))."""
+    """(profile (K,) mean HU of a box in the vertebral body per slice, body centre J (K,)).
+
+    The body centre per slice is the brightest point of the midline sagittal image blurred
+    by 6 mm (the vertebral body is the largest bone mass there), behind the middle of the
+    body outline; it is median-filtered over 45 mm along z so that discs do not move it."""
     from scipy import ndimage as ndi
 
     si, sj, sk = spacing
     K, J, _ = hu.shape
-    strip = hu[:, :, np.abs(x_mm) <= 8.0].mean(axis=2)               # (K, J)
-    front = np.full(K, np.nan)
+    sag = hu[:, :, np.abs(x_mm) <= 10.0].mean(axis=2)                 # (K, J)
+    blur = ndi.gaussian_filter(np.clip(sag, -200.0, 600.0), (6.0 / sk, 6.0 / sj))
+    centre = np.full(K, np.nan)
     for k in range(K):
         body = np.nonzero(hu[k] > BODY_HU)[0]
         if len(body) == 0:
             continue
-        centre = 0.5 * (body.min() + body.max())
-        js = np.nonzero(strip[k, : int(centre)] > BONE_HU)[0]
-        if len(js):
-            front[k] = js.max()
-    ok = np.isfinite(front)
+        mid = int(0.5 * (body.min() + body.max()) + 25.0 / sj) + 1   # thin bodies: spine near the middle
+        j = int(np.argmax(blur[k, body.min():mid])) + body.min()
+        if blur[k, j] > 100.0:
+            centre[k] = j
+    ok = np.isfinite(centre)
     if ok.sum() < 3:
         raise LevelError("no vertebral column found (no bone in the midline behind the "
                          "middle of the body)")
-    front = np.interp(np.arange(K), np.nonzero(ok)[0], front[ok])
-    front = ndi.median_filter(front, size=max(3, int(round(45.0 / sk)) | 1), mode="nearest")
+    centre = np.interp(np.arange(K), np.nonzero(ok)[0], centre[ok])
+    centre = ndi.median_filter(centre, size=max(3, int(round(45.0 / sk)) | 1), mode="nearest")
     depth = np.arange(J)[None, :]
-    lo = front[:, None] - 22.0 / sj
-    hi = front[:, None] - 3.0 / sj
-    box = (depth >= lo) & (depth <= hi)                               # (K, J)
-    core = hu[:, :, np.abs(x_mm) <= 10.0].mean(axis=2)                # (K, J)
-    profile = np.array([core[k, box[k]].mean() if box[k].any() else np.nan
+    # anterior of the bright point: facet joints and laminae, bright at the disc levels too,
+    # lie behind it; the discs show best in the front two thirds of the body
+    box = ((depth >= centre[:, None] - 5.0 / sj)
+           & (depth <= centre[:, None] + 20.0 / sj))                    # (K, J)
+    profile = np.array([sag[k, box[k]].mean() if box[k].any() else np.nan
                         for k in range(K)])
     profile = np.where(np.isfinite(profile), profile, np.nanmean(profile))
     profile = ndi.gaussian_filter1d(profile, max(0.5, 2.0 / sk), mode="nearest")
-    return profile, front
+    return profile, centre
+
+
+def _disc_comb(profile: np.ndarray, lo: float, hi: float, sk: float
+               ) -> Optional[np.ndarray]:
+    """Positions K (floats) of evenly spaced discs between lo and hi minimising the mean of
+    ``profile`` at them; None when fewer than three fit."""
+    ks = np.arange(len(profile), dtype=np.float64)
+    best: Optional[Tuple[float, np.ndarray]] = None
+    for period in np.arange(PERIOD_MM[0], PERIOD_MM[1], 0.3) / sk:
+        for phase in np.arange(0.0, period, 0.5 / sk):
+            teeth = np.arange(lo + phase, hi + 1e-9, period)
+            if len(teeth) < 3:
+                continue
+            # discs low against the bodies half a period away: contrast, not level
+            mids = teeth[:-1] + period / 2.0
+            score = float(np.interp(teeth, ks, profile).mean()
+                          - np.interp(mids, ks, profile).mean())
+            if best is None or score < best[0]:
+                best = (score, teeth)
+    return None if best is None else best[1]
 
 
 def find_levels(hu, ijk_to_ras) -> Levels:
@@ -151,8 +180,6 @@ def find_levels(hu, ijk_to_ras) -> Levels:
     Raises LevelError (a sentence for a person) when the levels cannot be counted: not axial,
     no iliac crest in the scan (a chest-only scan, one that stops above the pelvis), or no
     discs found."""
-    from scipy.signal import find_peaks
-
     hu = np.asarray(hu, np.float32)
     if hu.ndim != 3 or hu.shape[0] < 3:
         raise LevelError(f"levels need a volume of several slices; got shape {hu.shape}")
@@ -174,14 +201,17 @@ def find_levels(hu, ijk_to_ras) -> Levels:
                          "needed to count the lumbar vertebrae; a chest-only scan or one "
                          "that stops above the pelvis cannot be levelled")
     profile, front = _body_profile(canon, x_mm, (si, sj, sk))
-    peaks, _ = find_peaks(-profile, distance=max(1, int(MIN_DISC_GAP_MM / sk)),
-                          prominence=10.0)
-    below = [p for p in peaks if p <= crest + CREST_TOLERANCE_MM / sk]
+    lo = max(0.0, crest - 30.0 / sk)
+    hi = min(K - 1.0, crest + SPINE_SPAN_MM / sk)
+    teeth = _disc_comb(profile, lo, hi, sk)
+    if teeth is None:
+        raise LevelError("the scan covers too little of the lumbar spine above the iliac "
+                         "crests to find the discs (at least three are needed)")
+    below = [t for t in teeth if t <= crest + CREST_TOLERANCE_MM / sk]
     if not below:
         raise LevelError("no intervertebral disc found at or below the iliac crests "
                          "(the L4/L5 disc); cannot count the lumbar vertebrae")
-    start = list(peaks).index(below[-1])
-    discs = [float(p) for p in peaks[start:]]
+    discs = [float(t) for t in teeth[len(below) - 1:]]
     names = ["L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1", "T11/T12"][: len(discs)]
     discs = discs[: len(names)]
     centres: Dict[str, float] = {}
