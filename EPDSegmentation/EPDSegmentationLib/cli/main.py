@@ -1,4 +1,5 @@
-"""The ``epdseg`` command line: ``segment`` CT cases (with a cohort table), ``merge`` shard tables, or run the EPD ``demo``."""
+"""The ``epdseg`` command line: ``segment`` CT cases (optionally with a cohort table),
+``merge`` the cohort tables of shards, or run the EPD ``demo``."""
 
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ def _segment_cohort(args, cases) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     if shard is not None:
         cohort.write_shard_plan(args.output, shard, [c.name for c in mine])
-    where = "" if shard is None else f" (shard {shard[0]} of {shard[1]}: {len(mine)} of {len(cases)})"
+    where = ("" if shard is None
+             else f" (shard {shard[0]} of {shard[1]}: {len(mine)} of {len(cases)})")
     print(f"model {model_path}; device {device}: {reason}; {len(mine)} case(s){where}")
     results, rows = [], []
     for case in tqdm(mine, desc="cases", unit="case", disable=len(mine) < 2):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 

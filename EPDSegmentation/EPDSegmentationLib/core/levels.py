@@ -14,7 +14,8 @@ How (all sizes in mm, so 3 mm and thin-slice CT take the same path):
    front of the body, clear of the facet joints) is the body profile; intervertebral discs (~80 HU)
    make it dip. Single minima are unreliable (the basivertebral vein, tilted endplates), so
    the discs are fitted as a comb: evenly spaced teeth (period 24..42 mm, any phase) where
-   the profile is lowest against the bodies half a period away, from 30 mm below the crest to 200 mm above it.
+   the profile is lowest against the bodies half a period away, from 30 mm below the
+   crest to 200 mm above it.
 4. Counting: the highest disc at or below crest + 10 mm is L4/L5; the discs above are
    L3/L4, L2/L3, ... and each level's centre is the midpoint of its two discs (L5: above the
    L4/L5 disc by the mean disc spacing). A level whose upper disc lies outside the scan is
@@ -27,7 +28,7 @@ Validated only on one real CT (TotalSegmentator test data, 3 mm) and synthetic v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -132,7 +133,8 @@ def _body_profile(hu: np.ndarray, x_mm: np.ndarray, spacing: Tuple[float, float,
         body = np.nonzero(hu[k] > BODY_HU)[0]
         if len(body) == 0:
             continue
-        mid = int(0.5 * (body.min() + body.max()) + 25.0 / sj) + 1   # thin bodies: spine near the middle
+        # in thin people the spine reaches the middle of the body outline
+        mid = int(0.5 * (body.min() + body.max()) + 25.0 / sj) + 1
         j = int(np.argmax(blur[k, body.min():mid])) + body.min()
         if blur[k, j] > 100.0:
             centre[k] = j
