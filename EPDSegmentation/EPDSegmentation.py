@@ -313,6 +313,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.previewButton.connect("clicked(bool)", self.onPreview)
+        self.ui.goToL3Button.connect("clicked(bool)", self.onGoToL3)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3D)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onSegmentEditor)
@@ -390,6 +391,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = ("Segment the CT." if can_apply else
                                        "Select a CT volume and a model first.")
         self.ui.cancelButton.enabled = self._running
+        self.ui.goToL3Button.enabled = can_apply
         self.ui.previewButton.enabled = bool(p.previewSource) and not self._running
         self.ui.exportButton.enabled = bool(p.resultSegmentation) and not self._running
         self.ui.show3DButton.enabled = bool(p.resultSegmentation) and not self._running
@@ -488,6 +490,19 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Not done: {exc}"
             slicer.util.errorDisplay(str(exc), windowTitle="EPD Segmentation")
         return False
+
+    def onGoToL3(self) -> None:
+        """Move the red view to the middle of L3 and segment that slice."""
+        p = self._parameterNode
+        try:
+            k = self.logic.goToLevel(p.inputVolume, "L3")
+        except InputProblem as exc:
+            self.ui.statusLabel.text = f"Not done: {exc}"
+            slicer.util.errorDisplay(str(exc), windowTitle="EPD Segmentation")
+            return
+        p.sliceMode = "Slice under the red view"
+        self.ui.statusLabel.text = f"L3 found at slice {k}; segmenting that slice."
+        self.onApply()
 
     def onCancel(self) -> None:
         self._cancelRequested = True
@@ -609,6 +624,17 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
             raise FileNotFoundError(f"The sample CT is not part of this build yet ({exc}).") \
                 from None
         return slicer.util.loadVolume(str(path))
+
+    @staticmethod
+    def goToLevel(volumeNode, level: str = "L3") -> int:
+        """Find ``level`` in the volume (core.levels, no network) and move the red view onto
+        its slice; returns the slice index K. InputProblem with the reason otherwise."""
+        from EPDSegmentationLib.mrml.levels import go_to_level
+
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise InputProblem("No input volume: select a CT volume (or load the sample CT).")
+        k, _ = go_to_level(slicer.mrmlScene, volumeNode, level)
+        return k
 
     @staticmethod
     def slicesFor(volumeNode, mode: str, first: int = 0, last: int = 0):

@@ -1,4 +1,5 @@
-"""The ``epdseg`` command line: ``segment`` CT cases, or run the EPD ``demo``."""
+"""The ``epdseg`` command line: ``segment`` CT cases (optionally with a cohort table),
+``merge`` the cohort tables of shards, or run the EPD ``demo``."""
 
 from __future__ import annotations
 
@@ -32,6 +33,35 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--dicom-seg", action="store_true",
                      help="also write DICOM SEG (binary and fractional); DICOM input only")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    cohort = seg.add_argument_group(
+        "cohort", "one table for all cases (cohort.csv), levels, indices and shards; any of "
+                  "these options writes the table (docs/cohort.md)")
+    cohort.add_argument("--cohort", action="store_true",
+                        help="write the cohort table even without the options below")
+    cohort.add_argument("--level", default=None, type=str.upper,
+                        choices=["T12", "L1", "L2", "L3", "L4", "L5"],
+                        help="find this vertebral level and segment only there (a "
+                             "single-slice input is taken as that level)")
+    cohort.add_argument("--slab-mm", type=float, default=None,
+                        help="with --level: every slice within this thickness (mm) around "
+                             "the level's centre, instead of the one slice")
+    cohort.add_argument("--height", default=None,
+                        help="patient height for the indices, cm or m (172, 1.72, '172 cm'); "
+                             "default: a manifest column height, else DICOM PatientSize")
+    cohort.add_argument("--protocol", action="store_true",
+                        help="also the HU-protocol areas (-29..150 HU muscle, -190..-30 IMAT "
+                             "within the network's muscle; SAT/VAT within their HU ranges)")
+    cohort.add_argument("--shard", default=None, metavar="I/N",
+                        help="run shard I (0..N-1) of N; default: the SLURM array variables "
+                             "when set. Writes cohort.shard-I-of-N.csv; join with 'merge'")
+
+    mrg = sub.add_parser("merge", help="join the cohort.shard-*.csv tables of a folder",
+                         description="Join the cohort tables of the shards of one run into "
+                                     "one, reporting shards and cases missing or failed.")
+    mrg.add_argument("folder", type=Path, help="the output folder the shards wrote into")
+    mrg.add_argument("-o", "--output", type=Path, default=None,
+                     help="merged table (default: FOLDER/cohort.csv)")
+    mrg.add_argument("--overwrite", action="store_true", help="replace an existing table")
 
     demo = sub.add_parser("demo", help="EPD against nearest downsampling on a built-in label map")
     demo.add_argument("--output", type=Path, default=Path("out/demo"), help="output folder")
@@ -82,7 +112,9 @@ def _segment_cases(args) -> int:
     from .segment import find_cases, format_summary, segment_case
 
     check_output_folder(args.output)      # before any case: not after each inference
-    cases = find_cases(args.inputs, strict=False)
+    cases = find_cases(args.inputs, strict=False, discover=args.series_uid is None)
+    if _cohort_mode(args):
+        return _segment_cohort(args, cases)
     if all(c.problem for c in cases):     # nothing to run at all: a usage error
         for c in cases:
             print(f"epdseg: error: {c.problem}", file=sys.stderr)
@@ -137,6 +169,82 @@ def _segment_cases(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _cohort_mode(args) -> bool:
+    from .cohort import parse_shard
+
+    args.shard_ij = parse_shard(args.shard)
+    return bool(args.cohort or args.level or args.height is not None or args.protocol
+                or args.shard_ij is not None or args.slab_mm is not None)
+
+
+def _segment_cohort(args, cases) -> int:
+    """segment with a cohort table: per case the usual outputs, one row per case."""
+    from tqdm import tqdm
+
+    from ..core.inference import DeviceError, select_device
+    from ..core.model_card import ModelFileError
+    from ..core.model_io import load_model
+    from ..core.resources import bundled_model_path
+    from . import cohort
+    from .segment import format_summary
+
+    if args.slab_mm is not None and not args.level:
+        raise ValueError("--slab-mm needs --level")
+    if args.height is not None:
+        from ..core.indices import height_m
+
+        height_m(args.height, "--height")          # a bad value stops before any work
+    shard = args.shard_ij
+    table = args.output / cohort.table_name(shard)
+    if table.exists() and not args.overwrite:
+        raise FileExistsError(f"{table} already exists; pass --overwrite or another -o")
+    mine = cohort.select_shard(cases, shard)
+    model_path = args.model if args.model is not None else bundled_model_path()
+    try:
+        device, reason = select_device(args.device)
+        model, card = load_model(model_path, device="cpu")
+        version = cohort.model_version(model_path)
+    except (ModelFileError, DeviceError) as exc:
+        print(f"epdseg: error: {exc}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    if shard is not None:
+        cohort.write_shard_plan(args.output, shard, [c.name for c in mine])
+    where = ("" if shard is None
+             else f" (shard {shard[0]} of {shard[1]}: {len(mine)} of {len(cases)})")
+    print(f"model {model_path}; device {device}: {reason}; {len(mine)} case(s){where}")
+    results, rows = [], []
+    for case in tqdm(mine, desc="cases", unit="case", disable=len(mine) < 2):
+        result, row = cohort.run_case(
+            case, args.output, model, card, level=args.level, slab_mm=args.slab_mm,
+            height=args.height, protocol=args.protocol, device=str(device),
+            batch_size=args.batch_size, overwrite=args.overwrite, series_uid=args.series_uid,
+            shard=shard, model_version=version)
+        if row["status"] != "ok":
+            tqdm.write(f"epdseg: {case.name}: {row.get('message', '')}", file=sys.stderr)
+        if result is not None:
+            results.append(result)
+        rows.append(row)
+        cohort.write_table(rows, table)          # after every case: a killed job keeps its rows
+    if not mine:
+        cohort.write_table(rows, table)
+    if results:
+        print("\n" + format_summary(results))
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"cohort table {table}: {ok} ok, {len(rows) - ok} not ok; outputs in {args.output}")
+    return 0 if ok == len(rows) else 1
+
+
+def _merge(args) -> int:
+    from . import cohort
+
+    path, report = cohort.merge(args.folder, args.output, overwrite=args.overwrite)
+    n_rows = len(cohort.read_table(path))
+    print(cohort.format_merge_report(path, report, n_rows))
+    bad = report["missing_shards"] or report["missing"] or report["failed"]
+    return 1 if bad else 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command; returns its exit code: 0 done, 1 some case failed, 2 a usage or
     setup error (ours: one line on stderr), 128 + signal when interrupted. An error that is
@@ -149,6 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "segment":
             return _segment(args)
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "demo":
             from .demo import run
 

@@ -54,6 +54,10 @@ class Case:
     #: why this input cannot be segmented, found while listing the inputs (missing path,
     #: empty folder, bad manifest); segment_case reports it as the case's failure
     problem: Optional[str] = None
+    #: the series to read when ``path`` is a folder of several (chosen by find_cases)
+    series_uid: Optional[str] = None
+    #: facts from the input beside the image (manifest columns such as height, weight, sex)
+    info: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,17 +92,97 @@ def _has_dicom(folder: Path) -> bool:
     return False
 
 
-def _cases_of(path: Path) -> List[Case]:
+#: DICOM header fields read to tell series apart (pixels are not read).
+_DISCOVERY_TAGS = ["SeriesInstanceUID", "Modality", "ImageOrientationPatient", "ImageType",
+                   "PatientID", "SeriesNumber", "SeriesDescription"]
+
+
+def _dicom_series(folder: Path) -> Dict[str, List]:
+    """SeriesInstanceUID -> [(file, header), ...] for the DICOM images under folder."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    series: Dict[str, List] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_DISCOVERY_TAGS)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        if "SeriesInstanceUID" not in ds and "ImageOrientationPatient" not in ds:
+            continue                        # a DICOMDIR, a report: not an image
+        series.setdefault(str(getattr(ds, "SeriesInstanceUID", "") or ""), []).append((f, ds))
+    return series
+
+
+def _axial_ct(items) -> bool:
+    ds = items[0][1]
+    if str(getattr(ds, "Modality", "CT") or "CT").upper() != "CT":
+        return False
+    if "LOCALIZER" in [str(t).upper() for t in (getattr(ds, "ImageType", None) or [])]:
+        return False
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    if iop is None or len(iop) != 6:
+        return False
+    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    return abs(normal[2]) >= 0.9
+
+
+def _series_name(ds, fallback: str) -> str:
+    """A case name from DICOM identifiers: PatientID, then series number (or UID tail)."""
+    patient = str(getattr(ds, "PatientID", "") or "").strip()
+    number = str(getattr(ds, "SeriesNumber", "") or "").strip()
+    uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
+    tail = f"s{number}" if number else (uid.rsplit(".", 1)[-1][-8:] if uid else "")
+    return safe_stem("_".join(p for p in (patient or fallback, tail) if p))
+
+
+def _describe_series(series: Dict[str, List]) -> str:
+    return "; ".join(
+        f"{uid or '(no SeriesInstanceUID)'} ({len(items)} files, "
+        f"{str(getattr(items[0][1], 'SeriesDescription', '') or '')!r})"
+        for uid, items in series.items())
+
+
+def _dicom_folder_cases(folder: Path) -> List[Case]:
+    """Cases of a DICOM folder. One series: the folder. Every series a single image (a batch
+    of single-slice studies, one per patient): one case per image file, named from its
+    DICOM identifiers. Several multi-slice series (a study): the one axial CT series, or a
+    problem asking for --series-uid when there are several."""
+    series = _dicom_series(folder)
+    if len(series) <= 1:
+        return [Case(_case_name(folder), folder)]
+    if all(len(items) == 1 for items in series.values()):
+        return [Case(_series_name(items[0][1], _case_name(items[0][0])), items[0][0])
+                for items in series.values()]
+    axial = {uid: items for uid, items in series.items() if len(items) > 1 and _axial_ct(items)}
+    if len(axial) == 1:
+        return [Case(_case_name(folder), folder, series_uid=next(iter(axial)))]
+    if not axial:
+        why = (f"holds {len(series)} series and none is an axial CT series of several "
+               f"slices; pass --series-uid with one of: {_describe_series(series)}")
+    else:
+        why = (f"holds {len(axial)} axial CT series; pass --series-uid with one of: "
+               f"{_describe_series(axial)}")
+    return [Case(_case_name(folder), folder, problem=f"{folder}: {why}")]
+
+
+def _cases_of(path: Path, discover: bool = True) -> List[Case]:
     from ..io import read_manifest
 
     if not path.exists():
         raise InputError(path, "no such file or folder")
     ext = extension(path)
     if path.is_file() and ext in MANIFEST_EXTENSIONS:
-        return [Case(_case_name(Path(r["image"])), Path(r["image"]), problem=r.get("problem"))
+        from ..io.manifest import read_manifest_columns
+
+        columns = read_manifest_columns(path)
+        return [Case(_case_name(Path(r["image"])), Path(r["image"]), problem=r.get("problem"),
+                     info=columns.get(str(Path(r["image"])), {}))
                 for r in read_manifest(path, images_only=True, missing_ok=True)]
-    if path.is_file() or _has_dicom(path):
+    if path.is_file():
         return [Case(_case_name(path), path)]
+    if _has_dicom(path):
+        return _dicom_folder_cases(path) if discover else [Case(_case_name(path), path)]
     found = [p for p in sorted(path.iterdir())
              if (p.is_file() and extension(p) in VOLUME_EXTENSIONS
                  and not p.name.lower().endswith(".seg.nrrd"))
@@ -106,12 +190,34 @@ def _cases_of(path: Path) -> List[Case]:
     if not found:
         raise InputError(path, "holds no DICOM files, no volume files (.nii, .nii.gz, "
                                ".nrrd) and no DICOM series folders")
-    return [Case(_case_name(p), p) for p in found]
+    out: List[Case] = []
+    for p in found:
+        out += _dicom_folder_cases(p) if p.is_dir() and discover else [Case(_case_name(p), p)]
+    return out
 
 
-def find_cases(inputs: Sequence, strict: bool = True) -> List[Case]:
+def _unique_names(cases: List[Case]) -> None:
+    """Give colliding names a suffix from the input's path (and series), so a case keeps its
+    name whatever the order of the arguments."""
+    import hashlib
+
+    groups: Dict[str, List[Case]] = {}
+    for c in cases:
+        groups.setdefault(c.name, []).append(c)
+    for name, group in groups.items():
+        if len(group) < 2:
+            continue
+        for c in group:
+            key = f"{Path(c.path).resolve()}|{c.series_uid or ''}"
+            c.name = f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+
+
+def find_cases(inputs: Sequence, strict: bool = True, discover: bool = True) -> List[Case]:
     """Cases from the command line: volume files, DICOM files or series folders, manifests
-    (CSV/JSON with an image column), or folders of such cases. Names are made unique.
+    (CSV/JSON with an image column), or folders of such cases. A DICOM folder of several
+    series is split (see _dicom_folder_cases) unless ``discover`` is False (the caller
+    names the series). Names come from file names or DICOM identifiers; colliding names
+    get a suffix from the input's path, the same whatever the order of ``inputs``.
 
     An input that gives no case (missing, an empty folder, an unreadable manifest) raises
     InputError when ``strict``; otherwise it becomes a Case whose ``problem`` says why, so
@@ -120,18 +226,13 @@ def find_cases(inputs: Sequence, strict: bool = True) -> List[Case]:
     for raw in inputs:
         path = Path(raw)
         try:
-            cases += _cases_of(path)
+            cases += _cases_of(path, discover)
         except (InputError, OSError) as exc:
             if strict:
                 raise
             message = str(exc) if isinstance(exc, InputError) else f"{path}: {exc}"
             cases.append(Case(_case_name(path), path, problem=message))
-    seen: Dict[str, int] = {}
-    for c in cases:
-        n = seen.get(c.name, 0)
-        seen[c.name] = n + 1
-        if n:
-            c.name = f"{c.name}_{n + 1}"
+    _unique_names(cases)
     return cases
 
 
@@ -276,7 +377,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         if state != "absent" and not overwrite:
             return CaseResult(case, False, _existing_message(state, present, case.name))
         paths = {role: stage.path(role) for role in roles}
-        vol = read_volume(case.path, series_uid)
+        vol = read_volume(case.path, case.series_uid or series_uid)
         problem = ct_problem(vol)
         if problem:
             raise InputError(case.path, problem)

@@ -110,3 +110,19 @@ def write_manifest(rows: Sequence[Dict[str, object]], path: Union[str, Path], *,
     with atomic_file(path, overwrite) as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
     return path
+
+
+def read_manifest_columns(path: Union[str, Path]) -> Dict[str, Dict[str, str]]:
+    """Every column of a cases manifest, keyed by the resolved image path (as read_manifest
+    gives it, as text): {image: {column: text}}, for the facts beside an image (height,
+    weight, sex, subject). Rows without an image are left out (read_manifest reports them)."""
+    path = Path(path)
+    out: Dict[str, Dict[str, str]] = {}
+    for row in _rows(path, ("image",)):
+        value = str(row.get("image") or "").strip()
+        if not value:
+            continue
+        p = Path(value)
+        p = (path.parent / p if not p.is_absolute() else p).resolve()
+        out[str(p)] = {str(k): "" if v is None else str(v).strip() for k, v in row.items()}
+    return out

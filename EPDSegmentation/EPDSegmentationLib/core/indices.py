@@ -1,0 +1,132 @@
+"""Body-composition indices researchers publish, and the standard HU protocol areas.
+
+- Height: metres from DICOM PatientSize, or a value given by a person (``--height``, a
+  manifest column) in metres or centimetres, detected from its size; 0, negative, ambiguous
+  or implausible values are refused with a sentence saying what to pass.
+- Indices: area / height^2 in cm^2/m^2: SMI (skeletal muscle), IMATI, SATI, VATI.
+- Protocol areas (the Alberta protocol used with Slice-O-Matic, GUIDE section 8): within
+  what the network calls muscle (MUS + IMAT probabilities), HU -29..150 is muscle and
+  -190..-30 is IMAT; SAT and VAT are the network's probabilities within their HU ranges
+  (classes.py: SAT -190..-30, VAT -150..-50). Reported beside the network's soft areas, in
+  columns named ``protocol_*``, never in place of them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from .classes import class_by_key
+
+#: Adult heights accepted, metres; outside this a value is refused as implausible.
+HEIGHT_RANGE_M = (1.0, 2.5)
+INDEX_KEYS = {"MUS": "SMI", "IMAT": "IMATI", "SAT": "SATI", "VAT": "VATI"}
+
+
+class HeightError(ValueError):
+    """A height that cannot be used (the message says why and what to pass)."""
+
+
+def height_m(value, source: str = "--height") -> float:
+    """Height in metres from ``value``: a number or text, optionally with a unit ("172",
+    "172 cm", "1.72", "1.72m"). Without a unit, 1.0..2.5 is metres and 100..250 is
+    centimetres; anything else (0, negative, 2.5..100, > 250) raises HeightError naming
+    ``source``."""
+    text = str(value).strip().lower()
+    m = re.fullmatch(r"([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*(m|cm)?", text)
+    if not m:
+        raise HeightError(f"{source}: cannot read height {value!r}; give it in cm (172) "
+                          f"or m (1.72)")
+    number, unit = float(m.group(1)), m.group(2)
+    if not math.isfinite(number) or number <= 0:
+        raise HeightError(f"{source}: height {value!r} must be a positive number (cm or m)")
+    if unit == "cm" or (unit is None and number >= 100):
+        metres = number / 100.0
+    elif unit == "m" or (unit is None and number <= HEIGHT_RANGE_M[1]):
+        metres = number
+    else:
+        raise HeightError(f"{source}: height {value!r} is ambiguous (neither metres, 1.0 to "
+                          f"2.5, nor centimetres, 100 to 250); give it with its unit, e.g. "
+                          f"'172 cm' or '1.72 m'")
+    lo, hi = HEIGHT_RANGE_M
+    if not lo <= metres <= hi:
+        raise HeightError(f"{source}: height {value!r} reads as {metres:.2f} m, outside the "
+                          f"adult range {lo:g} to {hi:g} m; check the unit")
+    return metres
+
+
+def dicom_height_m(patient_size) -> Optional[float]:
+    """Height in metres from DICOM PatientSize (0010,1020), which is in metres; None when
+    absent or empty. A value in centimetres (e.g. 172) is refused with HeightError."""
+    if patient_size is None or str(patient_size).strip() in ("", "0", "0.0"):
+        return None
+    number = float(patient_size)
+    if number > HEIGHT_RANGE_M[1]:
+        raise HeightError(f"DICOM PatientSize {patient_size} is not in metres (it looks like "
+                          f"centimetres); pass --height to override")
+    return height_m(f"{number} m", "DICOM PatientSize")
+
+
+def indices(areas_cm2: Dict[str, float], height: Optional[float]) -> Dict[str, float]:
+    """SMI, IMATI, SATI, VATI (cm^2/m^2) from areas (tissue key -> cm^2) and height (m);
+    NaN for every index when the height is unknown."""
+    out = {}
+    for key, name in INDEX_KEYS.items():
+        area = areas_cm2.get(key, float("nan"))
+        out[name] = float(area) / (height * height) if height else float("nan")
+    return out
+
+
+def protocol_masks(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, np.ndarray]:
+    """Protocol weights per tissue, float32 (n, J, I) in 0..1: the network's compartment
+    probability kept where the HU falls in the protocol's range.
+
+    probabilities: (C, n, J, I) with classes 0 BG, 1 MUS, 2 IMAT, 3 SAT, 4 VAT, 5 MSC;
+    hu: (n, J, I) HU."""
+    p = np.asarray(probabilities, np.float32)
+    h = np.asarray(hu, np.float32)
+    if p.shape[1:] != h.shape:
+        raise ValueError(f"hu {h.shape} does not match probabilities {p.shape[1:]}")
+
+    def within(key: str) -> np.ndarray:
+        lo, hi = class_by_key(key).hu_range
+        return ((h >= lo) & (h <= hi)).astype(np.float32)
+
+    muscle = p[1] + p[2]                 # what the network calls the muscle compartment
+    return {"MUS": muscle * within("MUS"), "IMAT": muscle * within("IMAT"),
+            "SAT": p[3] * within("SAT"), "VAT": p[4] * within("VAT")}
+
+
+def protocol_measures(probabilities: np.ndarray, hu: np.ndarray,
+                      spacing_mm: Sequence[float]) -> Dict[str, float]:
+    """Protocol areas (cm^2, mean per slice) and mean HU per tissue over n slices:
+    keys ``protocol_area_cm2_<KEY>`` and ``protocol_hu_mean_<KEY>`` for MUS, IMAT, SAT, VAT.
+    spacing_mm: (I, J, K) voxel size in mm."""
+    si, sj = float(spacing_mm[0]), float(spacing_mm[1])
+    h = np.asarray(hu, np.float64)
+    out: Dict[str, float] = {}
+    n = max(1, np.shape(hu)[0])
+    for key, w in protocol_masks(probabilities, hu).items():
+        mass = float(w.sum(dtype=np.float64))
+        out[f"protocol_area_cm2_{key}"] = mass * si * sj / 100.0 / n
+        out[f"protocol_hu_mean_{key}"] = (float((w * h).sum()) / mass if mass > 0
+                                          else float("nan"))
+    return out
+
+
+def soft_hu_means(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, float]:
+    """Mean HU per tissue weighted by the network's probabilities: ``hu_mean_<KEY>``."""
+    from .classes import TISSUES
+
+    p = np.asarray(probabilities, np.float64)
+    h = np.asarray(hu, np.float64)
+    out = {}
+    for c in TISSUES:
+        mass = float(p[c.index].sum())
+        out[f"hu_mean_{c.key}"] = float((p[c.index] * h).sum()) / mass if mass > 0 \
+            else float("nan")
+    return out
+
