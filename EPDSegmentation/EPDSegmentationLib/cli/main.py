@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="slice shown in <case>_overlay.png (default: the middle one)")
     seg.add_argument("--dicom-seg", action="store_true",
                      help="also write DICOM SEG (binary and fractional); DICOM input only")
+    seg.add_argument("--probabilities", action="store_true",
+                     help="also write <case>_probabilities.nrrd, the float32 probabilities "
+                          "(6 components; about 4 times the soft .seg.nrrd)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     demo = sub.add_parser("demo", help="EPD against nearest downsampling on a built-in label map")
@@ -78,7 +81,7 @@ def _segment(args) -> int:
                               batch_size=args.batch_size, slices=args.slices,
                               overwrite=args.overwrite, dicom_seg=args.dicom_seg,
                               overlay_slice=args.overlay_slice, series_uid=args.series_uid,
-                              progress=progress)
+                              progress=progress, probabilities=args.probabilities)
         bar.close()
         if not result.ok:
             tqdm.write(f"epdseg: {case.name}: {result.message}", file=sys.stderr)

@@ -5,7 +5,9 @@ Per case (``<case>`` = file or folder name) in the output folder:
     <case>.seg.nrrd              hard labels on the input grid (Slicer segmentation: our
                                  segment names, colours and SNOMED CT terminology)
     <case>_soft.seg.nrrd         the probabilities as Slicer "Fractional labelmap" segments
-    <case>_probabilities.nrrd    the probabilities as one 6-component float32 volume
+    <case>_probabilities.nrrd    with --probabilities: the probabilities as one
+                                 6-component float32 volume (4 x the soft file's size
+                                 before compression; see docs/benchmarks.md)
     <case>_bodycomp.csv          per slice and for the range: area cm^2 (soft and hard),
                                  volume cm^3, mean and SD of HU per tissue (bodycomp.py)
     <case>_overlay.png           one slice with the overlay, a legend and the areas
@@ -25,13 +27,15 @@ from __future__ import annotations
 import re
 import time
 import traceback
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.classes import TISSUES
+from ..core import bodycomp
+from ..core.classes import NUM_CLASSES, TISSUES
 from ..core.atomic import extension
 from ..io.errors import InputError
 from ..io.outputs import output_path, safe_stem
@@ -226,32 +230,52 @@ def _remove(paths: Sequence[Path]) -> None:
             pass
 
 
-def output_paths(out_dir: Path, name: str, *, dicom_seg: bool) -> Dict[str, Path]:
-    roles = ["segmentation", "soft_segmentation", "probabilities", "table", "overlay"]
+def output_paths(out_dir: Path, name: str, *, dicom_seg: bool,
+                 probabilities: bool = False) -> Dict[str, Path]:
+    roles = ["segmentation", "soft_segmentation"]
+    roles += ["probabilities"] if probabilities else []
+    roles += ["table", "overlay"]
     roles += ["dicom_seg", "dicom_fractional_seg"] if dicom_seg else []
     return {role: output_path(out_dir, name, role) for role in roles}
+
+
+@contextmanager
+def _committed(writer, path: Path, written: List[Path]):
+    """Enter a streaming writer; once it has moved its file into place, list it in written."""
+    with writer as w:
+        yield w
+    written.append(path)
 
 
 def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = "auto",
                  batch_size: int = 8, slices: Optional[str] = None, overwrite: bool = False,
                  dicom_seg: bool = False, overlay_slice: Optional[int] = None,
                  series_uid: Optional[str] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> CaseResult:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 probabilities: bool = False,
+                 slab_slices: Optional[int] = None) -> CaseResult:
     """Segment one case and write its outputs.
+
+    The volume is read whole (the readers return it in memory); everything after that
+    streams slab by slab (core.stream): each slab of selected slices is predicted, upsampled
+    and measured on the device, and appended to the .seg.nrrd files (and, with
+    ``probabilities``, the float32 probability NRRD), so memory does not grow with the scan
+    beyond the volume itself. With ``dicom_seg`` the labels and the selected slices'
+    probabilities are held for highdicom, which takes whole arrays.
 
     Any error comes back as a failed CaseResult (an unexpected one with its traceback in
     ``traceback``), after removing the files this call had written; KeyboardInterrupt
     removes them too and is raised again."""
-    from ..core import bodycomp
-    from ..core import inference
+    from ..core import inference, stream
     from ..io import overlay
-    from ..core.epd import soft_to_labels
-    from ..io import read_volume, write_probabilities, write_seg_nrrd
+    from ..io import read_volume
+    from ..io.images import probabilities_slices
+    from ..io.seg_nrrd import seg_nrrd_slices
 
     t0 = time.perf_counter()
     if case.problem:
         return CaseResult(case, False, case.problem)
-    paths = output_paths(out_dir, case.name, dicom_seg=dicom_seg)
+    paths = output_paths(out_dir, case.name, dicom_seg=dicom_seg, probabilities=probabilities)
     existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
         return CaseResult(case, False, "outputs exist (use --overwrite to replace): "
@@ -268,45 +292,93 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         if shown not in k_idx:
             raise ValueError(f"overlay slice {shown} was not segmented (slices {slices})")
         si, sj, sk = vol.spacing
-        pred = inference.predict_volume(vol.array, (sj, si), model, card, device=device,
-                                        batch_size=batch_size, slices=k_idx,
-                                        progress=progress)
-        C = pred.probabilities.shape[0]
-        probs = np.zeros((C,) + vol.array.shape, np.float32)
-        probs[:, k_idx] = pred.probabilities
-        labels = np.zeros(vol.array.shape, np.uint8)
-        labels[k_idx] = soft_to_labels(pred.probabilities, class_axis=0)
-        rows = bodycomp.tissue_measures(pred.probabilities, vol.array, vol.spacing, k_idx)
-
+        grid = vol.array.shape
+        predict = inference.slab_predictor(vol.array, (sj, si), model, card, device=device,
+                                           batch_size=batch_size)
+        acc = stream.Accumulator()
+        held = _Held(grid, len(k_idx)) if dicom_seg else None
+        shown_labels = None
         out_dir.mkdir(parents=True, exist_ok=True)
-        written.append(write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras,
-                                      overwrite=overwrite))
-        written.append(write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras,
-                                      fractional=True, overwrite=overwrite))
-        written.append(write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras,
-                                           overwrite=overwrite))
+        with ExitStack() as files:
+            hard = files.enter_context(_committed(seg_nrrd_slices(
+                paths["segmentation"], vol.ijk_to_ras, grid, overwrite=overwrite),
+                paths["segmentation"], written))
+            soft = files.enter_context(_committed(seg_nrrd_slices(
+                paths["soft_segmentation"], vol.ijk_to_ras, grid, fractional=True,
+                overwrite=overwrite), paths["soft_segmentation"], written))
+            prob = files.enter_context(_committed(probabilities_slices(
+                paths["probabilities"], vol.ijk_to_ras, grid, NUM_CLASSES,
+                overwrite=overwrite), paths["probabilities"], written)) \
+                if probabilities else None
+            next_k = 0
+            for slab in stream.stream_slabs(
+                    vol.array, k_idx, predict, slab_slices=slab_slices or stream.SLAB_SLICES,
+                    probabilities=probabilities or dicom_seg, accumulator=acc,
+                    progress=progress):
+                for s, k in enumerate(slab.slices):
+                    gap = k - next_k
+                    hard.fill(gap, 0)
+                    soft.fill(gap, stream.FRACTIONAL_MIN)
+                    hard.write(slab.labels[s:s + 1])
+                    soft.write(np.moveaxis(slab.codes[:, s:s + 1], 0, -1))
+                    if prob is not None:
+                        prob.fill(gap, 0.0)
+                        prob.write(np.moveaxis(slab.probabilities[:, s:s + 1], 0, -1))
+                    next_k = k + 1
+                    if k == shown:
+                        shown_labels = slab.labels[s]
+                if held is not None:
+                    held.add(slab)
+            for writer, value in ((hard, 0), (soft, stream.FRACTIONAL_MIN), (prob, 0.0)):
+                if writer is not None:
+                    writer.fill(grid[0] - next_k, value)
+        rows = acc.rows(vol.spacing)
         written.append(bodycomp.measures_to_csv(rows, paths["table"], overwrite=overwrite))
         slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
         areas = {key: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
                  for key, r in slice_rows.items()}
+        # display_slice takes slice ``shown`` of a (K, J, I) array: a view, no copies
+        shown_grid = np.broadcast_to(shown_labels, (shown + 1,) + grid[1:])
         written.append(overlay.write_overlay_png(
             paths["overlay"], overlay.display_slice(vol, shown),
-            overlay.display_slice(vol, shown, labels),
+            overlay.display_slice(vol, shown, shown_grid),
             areas_cm2=areas, overwrite=overwrite,
             title=f"{case.name}: slice {shown} of {vol.array.shape[0]}, "
                   f"{si:.2f} x {sj:.2f} mm pixels"))
         if dicom_seg:
-            _write_dicom_segs(sources, labels, probs, card, paths, overwrite, written)
+            _write_dicom_segs(sources, held.labels, held.probabilities(k_idx), card, paths,
+                              overwrite, written)
         totals = bodycomp.total_rows(rows)
-        return CaseResult(case, True, "; ".join(pred.notes[1:]), written, k_idx,
+        return CaseResult(case, True, "; ".join(acc.notes[1:]), written, k_idx,
                           {c.key: float(totals[c.key]["area_cm2"]) for c in TISSUES
-                           if c.key in totals}, pred.device, time.perf_counter() - t0)
+                           if c.key in totals}, acc.device, time.perf_counter() - t0)
     except Exception as exc:
         _remove(written)
         return _failure(case, exc, time.perf_counter() - t0)
     except BaseException:           # KeyboardInterrupt: no half-written case, then stop
         _remove(written)
         raise
+
+
+class _Held:
+    """What DICOM SEG needs whole (highdicom takes whole arrays): the hard labels (K, J, I)
+    uint8 and the selected slices' probabilities (C, n, J, I) float32."""
+
+    def __init__(self, grid, n_selected: int):
+        self.labels = np.zeros(grid, np.uint8)
+        self._probs = np.zeros((NUM_CLASSES, n_selected) + tuple(grid[1:]), np.float32)
+        self._n = 0
+
+    def add(self, slab) -> None:
+        self.labels[slab.slices] = slab.labels
+        self._probs[:, self._n:self._n + len(slab.slices)] = slab.probabilities
+        self._n += len(slab.slices)
+
+    def probabilities(self, k_idx: Sequence[int]) -> np.ndarray:
+        """(C, K, J, I) float32 on the whole grid; slices not segmented hold 0."""
+        full = np.zeros((NUM_CLASSES,) + self.labels.shape, np.float32)
+        full[:, list(k_idx)] = self._probs
+        return full
 
 
 def _write_dicom_segs(sources, labels, probs, card, paths, overwrite,
