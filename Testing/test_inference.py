@@ -249,3 +249,34 @@ def test_streamed_memory_does_not_grow_with_the_slices(saved_model, tmp_path):
         assert result.ok, result.message + result.traceback
     # before streaming: 6 float32 maps x 42 more slices x 64 x 64 = 4 MiB more, at least
     assert peaks[48] - peaks[6] < 0.5 * 2**20, peaks
+
+
+@pytest.mark.parametrize("k, shape", [(2, (64, 64)), (4, (61, 58)), (3, (10, 11)), (1, (5, 6))])
+def test_fast_upsampling_equals_upsample_soft(k, shape):
+    """One F.interpolate (scale exactly k, cropped) samples what epd.upsample_soft samples,
+    partial windows at the far edges included."""
+    from EPDSegmentationLib.core.inference import upsample_soft_fast
+
+    rng = np.random.default_rng(k)
+    low = rng.random((2, 6, -(-shape[0] // k), -(-shape[1] // k))).astype(np.float32)
+    got = upsample_soft_fast(torch.from_numpy(low), shape, k).numpy()
+    np.testing.assert_allclose(got, upsample_soft(low, shape, k), atol=3e-7)
+
+
+def test_device_sums_and_labels_equal_bodycomp():
+    """The torch sums (used on GPUs) and labels equal bodycomp.slice_sums and np.argmax,
+    ties included (the first class wins)."""
+    from EPDSegmentationLib.core.bodycomp import slice_sums
+    from EPDSegmentationLib.core.stream import argmax_classes, slab_sums
+
+    rng = np.random.default_rng(0)
+    p = rng.random((6, 3, 20, 16)).astype(np.float32)
+    p[:, :, :5] = 0.2                                   # ties between all classes
+    p[2:, :, 5:8] = 0.3                                 # ties between classes 2..5
+    p /= p.sum(0)
+    hu = rng.normal(0, 300, (3, 20, 16))
+    labels = argmax_classes(torch.from_numpy(p))
+    np.testing.assert_array_equal(labels.numpy(), np.argmax(p, 0))
+    got = slab_sums(torch.from_numpy(p), torch.from_numpy(hu), labels)
+    for key, want in slice_sums(p, hu).items():
+        np.testing.assert_allclose(got[key], want, rtol=1e-12, atol=1e-9)

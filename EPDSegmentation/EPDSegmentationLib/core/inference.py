@@ -225,14 +225,31 @@ def run_network(model, x: np.ndarray, device, batch_size: int, notes: List[str],
     return out, device, batch_size
 
 
+def upsample_soft_fast(probs, work_shape: Sequence[int], factor: int):
+    """epd.upsample_soft on a torch tensor (n, C, h, w) -> (n, C, *work_shape), on its
+    device, as one bilinear F.interpolate (align_corners=False, scale exactly k, cropped):
+    output pixel j samples low-resolution coordinate (j + 0.5) / k - 0.5, clamped at the
+    edges, the same taps as upsample_soft (equal to float32 rounding; tested). About 50
+    times faster on the CPU than gathering the taps with index_select."""
+    from torch.nn import functional as F
+
+    from .epd import check_up_shape
+
+    k = int(factor)
+    rows, cols = check_up_shape(tuple(probs.shape), tuple(work_shape), (k, k))
+    if k == 1:
+        return probs.float()
+    up = F.interpolate(probs.float(), scale_factor=(k, k), mode="bilinear",
+                       align_corners=False, recompute_scale_factor=False)
+    return up[..., :rows, :cols]
+
+
 def restore_probabilities_torch(probs, work_shape: Sequence[int], input_shape: Sequence[int],
                                 card: Mapping[str, Any]):
     """restore_probabilities on torch tensors, on their device: network output (n, C, h, w)
     -> probabilities (n, C, *input_shape) float32 (equal to the NumPy path to float
     rounding)."""
-    from .epd_torch import upsample_soft_torch
-
-    full = upsample_soft_torch(probs, tuple(work_shape), int(card["factor"]))
+    full = upsample_soft_fast(probs, tuple(work_shape), int(card["factor"]))
     return resample_planes(full, tuple(input_shape))
 
 
