@@ -5,9 +5,10 @@ Side by side in one run, each case in a fresh process:
     for each, the network alone on the same slices (prepared input, batches of --batch) is
     timed in the same process after the run, as the floor: the rest of the time is the
     non-network share (reading, resampling, upsampling, argmax, sums, gzip, overlay);
-  - memory: 60 and 600 slices of 512 x 512 at factor 4: the rise of peak RSS (ru_maxrss)
-    over the segment_case call, and that rise less the input volume itself (the reader
-    returns the volume whole; everything else streams);
+  - memory: 60 and 600 slices of 512 x 512 at factor 4: the rise of peak RSS (VmHWM) over
+    the segment_case call, split at the end of reading (the peak is reset there): the
+    reader's peak, and the streaming part's peak with the volume resident, also less the
+    volume itself (the reader returns the volume whole; everything else streams);
   - gzip level: the soft .seg.nrrd's bytes of the factor-2 run compressed at levels 1, 6, 9.
 The models have the bundled model's architecture, read from its card
 (Resources/Models/EPDBodyComp_f2.json: EPDNet, width 8), with random weights: speed and
@@ -114,8 +115,6 @@ def network_seconds(net, card, volume, device: str, batch: int) -> float:
 def measure_here(case: str, model: str, device: str, batch: int, out: str,
                  network: bool = False, probabilities: bool = False) -> dict:
     t_start = time.perf_counter()
-    import resource
-
     import torch
 
     from EPDSegmentationLib.core.model_io import load_model
@@ -148,7 +147,9 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
     seconds = time.perf_counter() - t0
     if not result.ok:
         raise SystemExit(result.message + result.traceback)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # = VmHWM, in kB
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent,
+    # which holds the test volumes
+    peak_kb = _rss_kb("VmHWM:")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     volume = read_volume(case)
     row = {"seconds": seconds, "startup": startup, "slices": len(result.slices),
