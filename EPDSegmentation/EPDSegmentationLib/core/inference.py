@@ -324,8 +324,7 @@ def slab_predictor(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
     hu = np.asarray(hu)
     pixel_mm = _check_inputs(hu, pixel_mm, batch_size)
     dev, notes = _start_notes(device, hu.shape, pixel_mm, card)
-    state: Dict[str, Any] = {"device": dev, "batch": batch_size, "done": 0}
-    total = hu.shape[0]
+    state: Dict[str, Any] = {"device": dev, "batch": batch_size}
 
     def predict(slices: Sequence[int], progress=None, should_cancel=None):
         idx = check_slices(slices, hu.shape[0])
@@ -334,7 +333,6 @@ def slab_predictor(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
             progress=progress, should_cancel=should_cancel)
         return probs, str(state["device"]), list(notes)
 
-    predict.notes = notes  # type: ignore[attr-defined]
     return predict
 
 

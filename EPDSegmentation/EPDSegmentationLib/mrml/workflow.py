@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import slicer
 
-from ..core import bodycomp, stream
+from ..core import stream
 from ..core.classes import CLASSES, NUM_CLASSES, TISSUES
 from ..core.inference import Cancelled
 from .dicom import (check_dicom_seg_possible, dicom_seg_paths, record_model,
