@@ -129,3 +129,154 @@ def test_bad_input_is_named(saved_model, volume):
         predict_volume(volume, (0.8, 0.8), model, card, device="cpu", slices=[1, 9])
     with pytest.raises(ValueError, match="batch_size"):
         predict_volume(volume, (0.8, 0.8), model, card, device="cpu", batch_size=0)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _reference_rows(path, model, card, idx):
+    """Areas and HU the pre-streaming code computed (commit 8aea6c1): the whole selection's
+    probabilities (n, C, J, I) through prepare_slices, run_network and the NumPy
+    restore_probabilities, then bodycomp.tissue_measures on them."""
+    from EPDSegmentationLib.core.bodycomp import tissue_measures
+    from EPDSegmentationLib.core.inference import restore_probabilities
+    from EPDSegmentationLib.io import read_volume
+
+    vol = read_volume(path)
+    si, sj, _ = vol.spacing
+    x, work = prepare_slices(vol.array[idx], (sj, si), card)
+    probs, _, _ = run_network(model, x, torch.device("cpu"), 8, [])
+    full = np.moveaxis(restore_probabilities(probs, work, vol.array.shape[1:], card), 1, 0)
+    return tissue_measures(full, vol.array, vol.spacing, idx), full
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_same_measures(got, want, pixel_cm2):
+    assert [(str(r["slice"]), r["tissue"]) for r in got] == \
+        [(str(r["slice"]), r["tissue"]) for r in want]
+    for g, w in zip(got, want):
+        for key in ("area_cm2", "volume_cm3", "hu_mean", "hu_sd"):
+            if w[key] != w[key]:                      # NaN: an empty cell
+                assert g[key] == "", (g, key)
+            else:
+                assert float(g[key]) == pytest.approx(w[key], rel=2e-5, abs=1e-6), (g, key)
+        # argmax of maps equal to float rounding: at most a pixel may tip to a neighbour
+        assert float(g["hard_area_cm2"]) == pytest.approx(w["hard_area_cm2"],
+                                                          abs=1.01 * pixel_cm2), g
+
+
+@pytest.fixture(scope="module")
+def stream_cases(tmp_path_factory, phantom_ct):
+    """A NIfTI and a DICOM series of the same 4 phantom slices (96 x 96, resampled by the
+    tiny model from their own pixel size to its 0.8 mm)."""
+    from EPDSegmentationLib.io import write_dicom_series, write_volume
+
+    hu, _ = phantom_ct(5, 4, 96, 5.0)
+    root = tmp_path_factory.mktemp("stream")
+    write_volume(hu, root / "ct.nii.gz")
+    write_dicom_series(hu, root / "ct_dicom")
+    return root
+
+
+@pytest.mark.parametrize("slices, slab, extra", [
+    (None, 3, {}),                                    # the whole volume, slabs of 3 and 1
+    ("2", 16, {}),                                    # one selected slice
+    pytest.param("0,2-3", 2, {"probabilities": True, "dicom_seg": True, "overlay_slice": 2},
+                 marks=pytest.mark.slow),                         # every output
+])
+def test_streamed_segment_gives_the_areas_of_the_whole_volume_code(
+        stream_cases, saved_model, tmp_path, slices, slab, extra):
+    """segment_case, streamed slab by slab, writes the areas, volumes and HU statistics the
+    pre-streaming code computed from whole-volume probabilities; the soft .seg.nrrd and the
+    optional probability NRRD hold those probabilities too."""
+    pytest.importorskip("highdicom")
+    from EPDSegmentationLib.cli.segment import Case, segment_case
+    from EPDSegmentationLib.io import read_seg_nrrd, read_volume
+
+    model, card = saved_model
+    src = stream_cases / ("ct_dicom" if extra.get("dicom_seg") else "ct.nii.gz")
+    result = segment_case(Case("ct", src), tmp_path, model, card, device="cpu", slices=slices,
+                          slab_slices=slab, **extra)
+    assert result.ok, result.message + result.traceback
+    vol = read_volume(src)
+    idx = result.slices
+    assert idx == ([0, 1, 2, 3] if slices is None else [2] if slices == "2" else [0, 2, 3])
+    want, probs = _reference_rows(src, model, card, idx)
+    _assert_same_measures(_csv_rows(tmp_path / "ct_bodycomp.csv"), want,
+                          vol.pixel_area_mm2 / 100)
+    soft = read_seg_nrrd(tmp_path / "ct_soft.seg.nrrd").meta["fractions"]
+    np.testing.assert_allclose(soft[1:, idx], probs[1:], atol=0.5 / 216 + 1e-6)
+    others = [k for k in range(vol.array.shape[0]) if k not in idx]
+    assert not soft[1:, others].any()
+    assert (tmp_path / "ct_probabilities.nrrd").exists() == bool(extra.get("probabilities"))
+    if extra.get("probabilities"):
+        import SimpleITK as sitk
+
+        p = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ct_probabilities.nrrd")))
+        np.testing.assert_allclose(np.moveaxis(p, -1, 0)[:, idx], probs, atol=1e-5)
+        assert (tmp_path / "ct_prob_seg.dcm").is_file() and (tmp_path / "ct_overlay.png").is_file()
+
+
+def test_streamed_memory_does_not_grow_with_the_slices(saved_model, tmp_path):
+    """Host (NumPy/Python) allocations of a streamed run, beyond the volume itself, are the
+    same for 48 slices as for 6: nothing the size of the scan is held (tracemalloc; torch's
+    own allocations are not traced, the probabilities slab stays the same size anyway)."""
+    import tracemalloc
+
+    from EPDSegmentationLib.cli.segment import Case, segment_case
+    from EPDSegmentationLib.core.volume import Volume
+    from EPDSegmentationLib.io import write_volume
+
+    model, card = saved_model
+    rng = np.random.default_rng(1)
+    m = np.diag([0.8, 0.8, 2.0, 1.0])
+    peaks = {}
+    for n in (6, 48):
+        hu = rng.normal(-200, 300, (n, 64, 64)).astype(np.int16)
+        hu[:, 0, 0], hu[:, 1, 1] = -1000, 400
+        write_volume(Volume(hu, m), tmp_path / f"v{n}.nrrd")
+        tracemalloc.start()
+        result = segment_case(Case(f"v{n}", tmp_path / f"v{n}.nrrd"), tmp_path / "out", model,
+                              card, device="cpu", slab_slices=4, batch_size=4)
+        peaks[n] = tracemalloc.get_traced_memory()[1] - hu.nbytes
+        tracemalloc.stop()
+        assert result.ok, result.message + result.traceback
+    # before streaming: 6 float32 maps x 42 more slices x 64 x 64 = 4 MiB more, at least
+    assert peaks[48] - peaks[6] < 0.5 * 2**20, peaks
+
+
+@pytest.mark.parametrize("k, shape", [(2, (64, 64)), (4, (61, 58)), (3, (10, 11)), (1, (5, 6))])
+def test_fast_upsampling_equals_upsample_soft(k, shape):
+    """One F.interpolate (scale exactly k, cropped) samples what epd.upsample_soft samples,
+    partial windows at the far edges included."""
+    from EPDSegmentationLib.core.inference import upsample_soft_fast
+
+    rng = np.random.default_rng(k)
+    low = rng.random((2, 6, -(-shape[0] // k), -(-shape[1] // k))).astype(np.float32)
+    got = upsample_soft_fast(torch.from_numpy(low), shape, k).numpy()
+    np.testing.assert_allclose(got, upsample_soft(low, shape, k), atol=3e-7)
+
+
+def test_device_sums_and_labels_equal_bodycomp():
+    """The torch sums (used on GPUs) and labels equal bodycomp.slice_sums and np.argmax,
+    ties included (the first class wins)."""
+    from EPDSegmentationLib.core.bodycomp import slice_sums
+    from EPDSegmentationLib.core.stream import argmax_classes, slab_sums
+
+    rng = np.random.default_rng(0)
+    p = rng.random((6, 3, 20, 16)).astype(np.float32)
+    p[:, :, :5] = 0.2                                   # ties between all classes
+    p[2:, :, 5:8] = 0.3                                 # ties between classes 2..5
+    p /= p.sum(0)
+    hu = rng.normal(0, 300, (3, 20, 16))
+    labels = argmax_classes(torch.from_numpy(p))
+    np.testing.assert_array_equal(labels.numpy(), np.argmax(p, 0))
+    got = slab_sums(torch.from_numpy(p), torch.from_numpy(hu), labels)
+    for key, want in slice_sums(p, hu).items():
+        np.testing.assert_allclose(got[key], want, rtol=1e-12, atol=1e-9)

@@ -44,7 +44,7 @@ def _run(*args):
 def test_nifti_case_writes_every_output(cases, tiny_model_path, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(cases / "ct_a.nii.gz", "-o", out, "--model", tiny_model_path,
-                "--slices", "0-1") == 0
+                "--slices", "0-1", "--probabilities") == 0
     text = capsys.readouterr().out
     assert "ct_a" in text and "ok" in text and "device cpu" in text
     for suffix in OUTPUTS:
@@ -75,6 +75,7 @@ def test_existing_outputs_are_kept_unless_overwrite(cases, tiny_model_path, tmp_
     out = tmp_path / "out"
     args = (cases / "ct_a.nii.gz", "-o", out, "--model", tiny_model_path, "--slices", "1")
     assert _run(*args) == 0
+    assert not (out / "ct_a_probabilities.nrrd").exists()     # opt-in (--probabilities)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert _run(*args) == 1
     assert "use --overwrite" in capsys.readouterr().err
@@ -100,7 +101,8 @@ def test_batch_reports_bad_cases_and_finishes_the_others(cases, tiny_model_path,
 def test_dicom_input_writes_dicom_seg_that_matches(cases, tiny_model_path, tmp_path):
     highdicom = pytest.importorskip("highdicom")
     out = tmp_path / "out"
-    assert _run(cases / "ct_dicom", "-o", out, "--model", tiny_model_path, "--dicom-seg") == 0
+    assert _run(cases / "ct_dicom", "-o", out, "--model", tiny_model_path, "--dicom-seg",
+                "--probabilities") == 0
     ct = read_volume(cases / "ct_dicom")
     seg = highdicom.seg.segread(out / "ct_dicom_seg.dcm")
     back = seg.get_pixels_by_source_instance(ct.meta["sop_instance_uids"],
@@ -225,7 +227,7 @@ def test_unexpected_error_in_one_case_is_reported_and_the_batch_goes_on(
     traceback on stderr and without leftover files; the next case still runs; exit 1."""
     from EPDSegmentationLib.core import inference
 
-    real = inference.predict_volume
+    real = inference.predict_slab
     calls = []
 
     def flaky(hu, *args, **kwargs):
@@ -235,7 +237,7 @@ def test_unexpected_error_in_one_case_is_reported_and_the_batch_goes_on(
                                "can't allocate memory: you tried to allocate 99 GB")
         return real(hu, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_volume", flaky)
+    monkeypatch.setattr(inference, "predict_slab", flaky)
     out = tmp_path / "out"
     assert _run(cases / "ct_a.nii.gz", cases / "ct_dicom", "-o", out, "--model",
                 tiny_model_path, "--slices", "1") == 1

@@ -1,20 +1,25 @@
-"""Benchmark: ``epdseg segment`` end to end (read, predict, write every output) on CPU/GPU.
+"""Benchmark: ``epdseg segment`` end to end (read, stream slab by slab, write) on CPU/GPU.
 
-Side by side in one run:
-  - a 512 x 512 x 100 volume with models at factors 1, 2 and 4 (ratios against factor 1);
-  - one 512 x 512 slice at factor 2.
+Side by side in one run, each case in a fresh process:
+  - time: a 512 x 512 x N volume (default 48 slices) with models at factors 1, 2 and 4;
+    for each, the network alone on the same slices (prepared input, batches of --batch) is
+    timed in the same process after the run, as the floor: the rest of the time is the
+    non-network share (reading, resampling, upsampling, argmax, sums, gzip, overlay);
+  - memory: 60 and 600 slices of 512 x 512 at factor 4: the rise of peak RSS (VmHWM) over
+    the segment_case call, split at the end of reading (the peak is reset there): the
+    reader's peak, and the streaming part's peak with the volume resident, also less the
+    volume itself (the reader returns the volume whole; everything else streams);
+  - gzip level: the soft .seg.nrrd's bytes of the factor-2 run compressed at levels 1, 6, 9.
 The models have the bundled model's architecture, read from its card
 (Resources/Models/EPDBodyComp_f2.json: EPDNet, width 8), with random weights: speed and
 memory do not depend on the weights; ``--width`` changes only the width. The volume is the
-bundled sample CT (phantom, 16 slices) repeated to 100 slices. Each case runs in a fresh process; its time is the
-pipeline (segment_case: read, infer, write .seg.nrrd x2, probability NRRD, CSV, PNG) after
-imports and model load, and its peak memory the rise of peak RSS over that call (plus
-torch.cuda.max_memory_allocated on a GPU). The process start (Python, torch import, model
-load) is timed separately: it is what a one-off command adds.
+bundled sample CT (phantom, 16 slices) repeated. The outputs are the defaults (hard and
+fractional .seg.nrrd, CSV, PNG); ``--probabilities`` adds the float32 NRRD. The process start
+(Python, torch import, model load) is timed separately.
 
-    python Testing/benchmarks/bench_segment.py               # CPU
-    python Testing/benchmarks/bench_segment.py --device cuda # GPU, when there is one
-    python Testing/benchmarks/bench_segment.py --quick       # tiny: checks the script runs
+    nice -n 5 python Testing/benchmarks/bench_segment.py               # CPU
+    python Testing/benchmarks/bench_segment.py --device cuda           # GPU, when there is one
+    python Testing/benchmarks/bench_segment.py --quick                 # tiny: checks the script runs
 """
 
 from __future__ import annotations
@@ -51,117 +56,224 @@ def bundled_architecture(width: Optional[int] = None):
     return config if width is None else replace(config, width=width)
 
 
-def make_inputs(folder: Path, slices: int, size: int, factors, config) -> dict:
-    """The test volume (NRRD) and one model per factor (architecture ``config``, random
-    weights, real file format)."""
-    import torch
-
-    from EPDSegmentationLib.io import read_volume, write_volume
-    from EPDSegmentationLib.core.model import build_model
-    from EPDSegmentationLib.core.model_card import make_card
-    from EPDSegmentationLib.core.model_io import save_model
+def make_volume(folder: Path, name: str, slices: int, size: int) -> str:
+    """The bundled sample CT repeated to ``slices`` slices of size x size, as int16 NRRD."""
     from EPDSegmentationLib.core.resources import sample_ct_path
     from EPDSegmentationLib.core.volume import Volume
-    from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
+    from EPDSegmentationLib.io import read_volume, write_volume
 
     sample = read_volume(sample_ct_path())
     reps = -(-slices // sample.array.shape[0])
     arr = np.concatenate([sample.array] * reps)[:slices, :size, :size]
-    write_volume(Volume(arr, sample.ijk_to_ras), folder / "volume.nrrd", dtype="int16")
-    write_volume(Volume(arr[:1], sample.ijk_to_ras), folder / "slice.nrrd", dtype="int16")
-    src = sample.spacing[0]
-    models = {}
-    for k in factors:
-        torch.manual_seed(0)
-        net = build_model(config)
-        card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=k,
-                         label_mode="epd", image_mode="average", pixel_mm=(src * k, src * k),
-                         input_size=(size // k, size // k),
-                         training={"data": {}, "command": "benchmark", "seed": 0})
-        save_model(folder / f"model_f{k}", net, card)
-        models[k] = str(folder / f"model_f{k}.safetensors")
-    return {"volume": str(folder / "volume.nrrd"), "slice": str(folder / "slice.nrrd"),
-            "models": models}
+    write_volume(Volume(arr, sample.ijk_to_ras), folder / f"{name}.nrrd", dtype="int16")
+    return str(folder / f"{name}.nrrd")
 
 
-def measure_here(case: str, model: str, device: str, batch: int, out: str) -> dict:
+def make_model(folder: Path, k: int, size: int, config) -> str:
+    """A model of architecture ``config`` at factor k (random weights, real file format)."""
+    import torch
+
+    from EPDSegmentationLib.core.model import build_model
+    from EPDSegmentationLib.core.model_card import make_card
+    from EPDSegmentationLib.core.model_io import save_model
+    from EPDSegmentationLib.core.resources import sample_ct_path
+    from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
+    from EPDSegmentationLib.io import read_volume
+
+    src = read_volume(sample_ct_path()).spacing[0]
+    torch.manual_seed(0)
+    net = build_model(config)
+    card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=k,
+                     label_mode="epd", image_mode="average", pixel_mm=(src * k, src * k),
+                     input_size=(size // k, size // k),
+                     training={"data": {}, "command": "benchmark", "seed": 0})
+    save_model(folder / f"model_f{k}", net, card)
+    return str(folder / f"model_f{k}.safetensors")
+
+
+def network_seconds(net, card, volume, device: str, batch: int) -> float:
+    """The network alone on every slice of the volume: input prepared beforehand (not
+    timed), then run_network in batches, outputs brought to the host as segment does."""
+    import torch
+
+    from EPDSegmentationLib.core.inference import prepare_slices, run_network, select_device
+
+    si, sj, _ = volume.spacing
+    x = np.concatenate([prepare_slices(volume.array[i:i + 16], (sj, si), card)[0]
+                        for i in range(0, volume.array.shape[0], 16)])
+    dev = select_device(device)[0]
+    run_network(net, x[:batch], dev, batch, [])             # warm-up (kernels, allocator)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out, _, _ = run_network(net, x, dev, batch, [], as_tensor=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_here(case: str, model: str, device: str, batch: int, out: str,
+                 network: bool = False, probabilities: bool = False) -> dict:
     t_start = time.perf_counter()
     import torch
 
     from EPDSegmentationLib.core.model_io import load_model
     from EPDSegmentationLib.cli.segment import Case, segment_case
+    from EPDSegmentationLib.io import read_volume
+
+    import EPDSegmentationLib.io as io_pkg
 
     net, card = load_model(model)
     startup = time.perf_counter() - t_start
     base = _rss_kb("VmRSS:")
+    read = io_pkg.read_volume
+    reader = {}
+
+    def read_then_reset(*a, **kw):
+        """The reader's own peak, then reset the peak (Linux clear_refs 5) so that the
+        final peak is that of the streaming part, with the volume resident."""
+        vol = read(*a, **kw)
+        reader["peak_kb"] = _rss_kb("VmHWM:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return vol
+
+    io_pkg.read_volume = read_then_reset
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = segment_case(Case("bench", Path(case)), Path(out), net, card, device=device,
-                          batch_size=batch, overwrite=True)
+                          batch_size=batch, overwrite=True, probabilities=probabilities)
     seconds = time.perf_counter() - t0
     if not result.ok:
-        raise SystemExit(result.message)
+        raise SystemExit(result.message + result.traceback)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent,
+    # which holds the test volumes
+    peak_kb = _rss_kb("VmHWM:")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    return {"seconds": seconds, "startup": startup, "slices": len(result.slices),
-            "peak_mib": (_rss_kb("VmHWM:") - base) / 1024, "gpu_mib": gpu,
-            "device": result.device}
+    volume = read_volume(case)
+    row = {"seconds": seconds, "startup": startup, "slices": len(result.slices),
+           "peak_mib": (max(peak_kb, reader["peak_kb"]) - base) / 1024, "gpu_mib": gpu,
+           "read_peak_mib": (reader["peak_kb"] - base) / 1024,
+           "stream_peak_mib": (_rss_kb("VmHWM:") - base) / 1024,
+           "volume_mib": volume.array.nbytes / 2**20, "device": result.device,
+           "network_s": float("nan"), "soft_mib": Path(out, "bench_soft.seg.nrrd").stat().st_size / 2**20}
+    if network:
+        row["network_s"] = network_seconds(net, card, volume, device, batch)
+    return row
 
 
-def measure(case: str, model: str, device: str, batch: int, out: str) -> dict:
+def measure(case: str, model: str, device: str, batch: int, out: str,
+            network: bool = False, probabilities: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--one", case, model, out, "--device", device,
-           "--batch", str(batch)]
+           "--batch", str(batch)] + (["--network"] if network else []) \
+        + (["--probabilities"] if probabilities else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-2000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def gzip_levels(path: str, levels=(1, 6, 9)) -> list:
+    """(level, seconds, MiB) compressing the raw data of a .seg.nrrd read back."""
+    import zlib
+
+    import nrrd
+
+    data = np.ascontiguousarray(nrrd.read(path, index_order="C")[0]).tobytes()
+    rows = []
+    for level in levels:
+        t0 = time.perf_counter()
+        z = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+        n = len(z.compress(data)) + len(z.flush())
+        rows.append((level, time.perf_counter() - t0, n / 2**20, len(data) / 2**20))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--slices", type=int, default=48, help="slices of the time cases")
+    parser.add_argument("--memory-slices", type=int, nargs=2, default=[60, 600])
+    parser.add_argument("--memory-factor", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--width", type=int, default=None,
                         help="network width (default: the bundled model's, from its card)")
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--quick", action="store_true", help="3 slices of 128 x 128, factors 1 and 2 (same architecture)")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="also write the float32 probability NRRD in every case")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 slices of 128 x 128 (memory: 4 and 12), factors 1 and 2")
+    parser.add_argument("--memory-only", action="store_true", help="skip the time cases")
+    parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_here(*args.one[:2], args.device, args.batch, args.one[2])))
+        print(json.dumps(measure_here(*args.one[:2], args.device, args.batch, args.one[2],
+                                      args.network, args.probabilities)))
         return
     if args.quick:
         args.slices, args.size, args.factors = 3, 128, [1, 2]
+        args.memory_slices, args.memory_factor = [4, 12], 2
 
     import torch
 
     config = bundled_architecture(args.width)
+    mk = args.memory_factor
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        inputs = make_inputs(tmp, args.slices, args.size, args.factors, config)
-        print(f"epdseg segment end to end: {args.size} x {args.size} x {args.slices} volume "
-              f"(bundled sample repeated), the bundled model's architecture at width "
-              f"{config.width}{'' if args.width is None else ' (--width)'}, batch {args.batch}, "
-              f"device {args.device}; {os.cpu_count()} cores, torch {torch.__version__}; "
-              f"each case in a fresh process")
+        models = {k: make_model(tmp, k, args.size, config)
+                  for k in sorted(set(args.factors) | {mk})}
+        volume = make_volume(tmp, "volume", args.slices, args.size)
+        print(f"epdseg segment end to end: {args.size} x {args.size} volumes (bundled sample "
+              f"repeated), the bundled model's architecture at width {config.width}"
+              f"{'' if args.width is None else ' (--width)'}, batch {args.batch}, device "
+              f"{args.device}; {os.cpu_count()} cores, torch {torch.__version__}; each case "
+              f"in a fresh process; outputs: default{' + --probabilities' if args.probabilities else ''}")
         rows = {}
-        for k in args.factors:
-            rows[k] = measure(inputs["volume"], inputs["models"][k], args.device, args.batch,
-                              str(tmp / f"out_f{k}"))
+        for k in ([] if args.memory_only else args.factors):
+            rows[k] = measure(volume, models[k], args.device, args.batch,
+                              str(tmp / f"out_f{k}"), network=True,
+                              probabilities=args.probabilities)
         k2 = 2 if 2 in args.factors else args.factors[-1]
-        one = measure(inputs["slice"], inputs["models"][k2], args.device, args.batch,
-                      str(tmp / "out_slice"))
+        gz = [] if args.memory_only else gzip_levels(str(tmp / f"out_f{k2}" / "bench_soft.seg.nrrd"))
+        mem = {}
+        for n in args.memory_slices:
+            path = make_volume(tmp, f"mem{n}", n, args.size)
+            mem[n] = measure(path, models[mk], args.device, args.batch, str(tmp / f"mem{n}"),
+                             probabilities=args.probabilities)
+            Path(path).unlink()
+            print(f"{n} slices: {json.dumps(mem[n])}", flush=True)
+    if rows:
+        print_time(rows, args)
+    print(f"\nmemory, factor {mk} (MiB; read: the reader's peak; stream: the peak after "
+          f"reading, the volume resident):")
+    print(f"{'slices':>7} {'seconds':>8} {'volume':>8} {'read':>8} {'stream':>8} {'x':>5} "
+          f"{'stream - volume':>15} {'x':>5} {'soft .seg.nrrd':>14}")
+    m0 = mem[args.memory_slices[0]]
+    for n, r in mem.items():
+        rest, rest0 = (r["stream_peak_mib"] - r["volume_mib"],
+                       m0["stream_peak_mib"] - m0["volume_mib"])
+        print(f"{n:7d} {r['seconds']:8.2f} {r['volume_mib']:8.1f} {r['read_peak_mib']:8.1f}"
+              f" {r['stream_peak_mib']:8.1f} {r['stream_peak_mib'] / m0['stream_peak_mib']:5.2f}"
+              f" {rest:15.1f} {rest / rest0:5.2f} {r['soft_mib']:14.1f}")
+    if gz:
+        print(f"\ngzip of the factor-{k2} soft .seg.nrrd data ({gz[0][3]:.1f} MiB raw):")
+    for level, sec, mib, _ in gz:
+        print(f"  level {level}: {sec:6.2f} s, {mib:7.2f} MiB")
+
+
+def print_time(rows: dict, args) -> None:
     ref = rows[args.factors[0]]
-    print(f"\n{'case':<26} {'seconds':>8} {'x f' + str(args.factors[0]):>6} {'s/slice':>8} "
-          f"{'peak MiB':>9} {'x f' + str(args.factors[0]):>6} {'GPU MiB':>8} {'startup s':>9}")
+    print(f"\ntime, {args.slices} slices:")
+    print(f"{'case':<18} {'seconds':>8} {'speed-up':>8} {'s/slice':>8} {'network s':>9} "
+          f"{'non-network':>11} {'peak MiB':>9} {'GPU MiB':>8} {'startup s':>9}")
     for k, r in rows.items():
-        print(f"{f'volume, factor {k}':<26} {r['seconds']:8.2f} {r['seconds'] / ref['seconds']:6.2f}"
-              f" {r['seconds'] / r['slices']:8.3f} {r['peak_mib']:9.1f}"
-              f" {r['peak_mib'] / ref['peak_mib']:6.2f} {r['gpu_mib']:8.1f} {r['startup']:9.2f}")
-    print(f"{f'one slice, factor {k2}':<26} {one['seconds']:8.2f} {'':>6} {one['seconds']:8.3f}"
-          f" {one['peak_mib']:9.1f} {'':>6} {one['gpu_mib']:8.1f} {one['startup']:9.2f}")
+        share = 1 - r["network_s"] / r["seconds"]
+        print(f"{f'factor {k}':<18} {r['seconds']:8.2f} {ref['seconds'] / r['seconds']:8.2f}"
+              f" {r['seconds'] / r['slices']:8.3f} {r['network_s']:9.2f} {share:11.1%}"
+              f" {r['peak_mib']:9.1f} {r['gpu_mib']:8.1f} {r['startup']:9.2f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="slice shown in <case>_overlay.png (default: the middle one)")
     seg.add_argument("--dicom-seg", action="store_true",
                      help="also write DICOM SEG (binary and fractional); DICOM input only")
+    seg.add_argument("--probabilities", action="store_true",
+                     help="also write <case>_probabilities.nrrd, the float32 probabilities "
+                          "(6 components; about 4 times the soft .seg.nrrd)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     cohort = seg.add_argument_group(
         "cohort", "one table for all cases (cohort.csv), levels, indices and shards; any of "
@@ -144,7 +147,7 @@ def _segment_cases(args) -> int:
                                       overwrite=args.overwrite, dicom_seg=args.dicom_seg,
                                       overlay_slice=args.overlay_slice,
                                       series_uid=args.series_uid, progress=progress,
-                                      provenance=provenance)
+                                      provenance=provenance, probabilities=args.probabilities)
             finally:
                 bar.close()
             current = None

@@ -5,7 +5,9 @@ Per case (``<case>`` = file or folder name) in the output folder:
     <case>.seg.nrrd              hard labels on the input grid (Slicer segmentation: our
                                  segment names, colours and SNOMED CT terminology)
     <case>_soft.seg.nrrd         the probabilities as Slicer "Fractional labelmap" segments
-    <case>_probabilities.nrrd    the probabilities as one 6-component float32 volume
+    <case>_probabilities.nrrd    with --probabilities: the probabilities as one
+                                 6-component float32 volume (4 x the soft file's size
+                                 before compression; see docs/benchmarks.md)
     <case>_bodycomp.csv          per slice and for the range: area cm^2 (soft and hard),
                                  volume cm^3, mean and SD of HU per tissue (bodycomp.py)
     <case>_overlay.png           one slice with the overlay, a legend and the areas
@@ -21,7 +23,8 @@ are staged and committed together under a per-case lock (io/staging.py): a case 
 or is interrupted leaves the folder as it was (old outputs included), and two runs on one
 folder never touch each other's files. A DICOM SEG failure keeps the other outputs. In a batch, a bad
 case (an unreadable or missing input, not CT, out of memory, even a bug: its traceback comes
-with it) is reported and the others still run.
+with it) is reported and the others still run. The volume is read whole; everything after
+that streams slab by slab (core.stream), so memory does not grow with the scan beyond it.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from __future__ import annotations
 import re
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.classes import TISSUES
+from ..core.classes import NUM_CLASSES, TISSUES
 from ..core.atomic import extension
 from ..core.errors import EPDError, InputError
 from ..io.outputs import output_path, safe_stem
@@ -322,15 +326,23 @@ def _failure(case: Case, exc: BaseException, seconds: float) -> CaseResult:
                           traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
-def output_roles(*, dicom_seg: bool) -> List[str]:
+def output_roles(*, dicom_seg: bool, probabilities: bool = False) -> List[str]:
     """The outputs (outputs.SUFFIXES keys) of one case, without the completion marker."""
-    roles = ["segmentation", "soft_segmentation", "probabilities", "table", "overlay"]
+    roles = ["segmentation", "soft_segmentation"]
+    roles += ["probabilities"] if probabilities else []
+    roles += ["table", "overlay"]
     return roles + (["dicom_seg", "dicom_fractional_seg"] if dicom_seg else [])
 
 
-def output_paths(out_dir: Path, name: str, *, dicom_seg: bool) -> Dict[str, Path]:
+#: Every output a case can have, whatever was asked this time: what a re-run looks for
+#: before it writes, and what --overwrite replaces (no stale file of an earlier setting).
+ALL_ROLES = output_roles(dicom_seg=True, probabilities=True)
+
+
+def output_paths(out_dir: Path, name: str, *, dicom_seg: bool,
+                 probabilities: bool = False) -> Dict[str, Path]:
     return {role: output_path(out_dir, name, role)
-            for role in output_roles(dicom_seg=dicom_seg)}
+            for role in output_roles(dicom_seg=dicom_seg, probabilities=probabilities)}
 
 
 def _existing_message(state: str, present: Sequence[Path], name: str) -> str:
@@ -347,8 +359,16 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                  dicom_seg: bool = False, overlay_slice: Optional[int] = None,
                  series_uid: Optional[str] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 provenance: Optional[Dict] = None) -> CaseResult:
+                 provenance: Optional[Dict] = None, probabilities: bool = False,
+                 slab_slices: Optional[int] = None) -> CaseResult:
     """Segment one case and write its outputs.
+
+    The volume is read whole (the readers return it in memory); everything after that
+    streams slab by slab (core.stream): each slab of selected slices is predicted, upsampled
+    and measured on the device, and appended to the .seg.nrrd files (and, with
+    ``probabilities``, the float32 probability NRRD), so memory does not grow with the scan
+    beyond the volume itself. With ``dicom_seg`` the labels and the selected slices'
+    probabilities are held for highdicom, which takes whole arrays.
 
     The outputs are written into a staging folder under the case's lock (io/staging.py)
     and moved into ``out_dir`` together only when all succeeded, the completion marker
@@ -357,23 +377,22 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     ``traceback``) and leaves ``out_dir`` as it was; KeyboardInterrupt (SIGINT, and SIGTERM
     through cli.main) does too and is raised again. A DICOM SEG that fails does not take
     the other outputs with it: they are committed and the case is reported failed."""
-    from ..core import bodycomp
-    from ..core import inference
-    from ..io import overlay
-    from ..core.epd import soft_to_labels
-    from ..io import read_volume, write_probabilities, write_seg_nrrd
+    from ..core import bodycomp, inference, stream
+    from ..io import overlay, read_volume
+    from ..io.images import probabilities_slices
+    from ..io.seg_nrrd import seg_nrrd_slices
     from ..io.staging import CaseStaging, case_state
 
     t0 = time.perf_counter()
     if case.problem:
         return CaseResult(case, False, case.problem)
-    roles = output_roles(dicom_seg=dicom_seg)
+    roles = output_roles(dicom_seg=dicom_seg, probabilities=probabilities)
     try:     # the case's lock and staging folder; nothing else is touched
         stage = CaseStaging(out_dir, case.name, overwrite=overwrite).open()
     except EPDError as exc:
         return CaseResult(case, False, str(exc))
     try:
-        state, present = case_state(out_dir, case.name, roles)
+        state, present = case_state(out_dir, case.name, ALL_ROLES)
         if state != "absent" and not overwrite:
             return CaseResult(case, False, _existing_message(state, present, case.name))
         paths = {role: stage.path(role) for role in roles}
@@ -387,42 +406,69 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         if shown not in k_idx:
             raise ValueError(f"overlay slice {shown} was not segmented (slices {slices})")
         si, sj, sk = vol.spacing
-        pred = inference.predict_volume(vol.array, (sj, si), model, card, device=device,
-                                        batch_size=batch_size, slices=k_idx,
-                                        progress=progress)
-        C = pred.probabilities.shape[0]
-        probs = np.zeros((C,) + vol.array.shape, np.float32)
-        probs[:, k_idx] = pred.probabilities
-        labels = np.zeros(vol.array.shape, np.uint8)
-        labels[k_idx] = soft_to_labels(pred.probabilities, class_axis=0)
-        rows = bodycomp.tissue_measures(pred.probabilities, vol.array, vol.spacing, k_idx)
-
+        grid = vol.array.shape
+        predict = inference.slab_predictor(vol.array, (sj, si), model, card, device=device,
+                                           batch_size=batch_size)
+        acc = stream.Accumulator()
+        held = _Held(grid, len(k_idx)) if dicom_seg else None
+        shown_labels = None
         prov = case_provenance(case, vol, card, provenance)
-        write_seg_nrrd(paths["segmentation"], labels, vol.ijk_to_ras,
-                       provenance=nrrd_provenance(prov))
-        write_seg_nrrd(paths["soft_segmentation"], probs, vol.ijk_to_ras,
-                       fractional=True, provenance=nrrd_provenance(prov))
-        write_probabilities(paths["probabilities"], probs, vol.ijk_to_ras)
+        header = nrrd_provenance(prov)
+        with ExitStack() as files:
+            hard = files.enter_context(seg_nrrd_slices(
+                paths["segmentation"], vol.ijk_to_ras, grid, provenance=header))
+            soft = files.enter_context(seg_nrrd_slices(
+                paths["soft_segmentation"], vol.ijk_to_ras, grid, fractional=True,
+                provenance=header))
+            prob = files.enter_context(probabilities_slices(
+                paths["probabilities"], vol.ijk_to_ras, grid, NUM_CLASSES)) \
+                if probabilities else None
+            next_k = 0
+            for slab in stream.stream_slabs(
+                    vol.array, k_idx, predict, slab_slices=slab_slices or stream.SLAB_SLICES,
+                    probabilities=probabilities or dicom_seg, accumulator=acc,
+                    progress=progress):
+                for s, k in enumerate(slab.slices):
+                    gap = k - next_k
+                    hard.fill(gap, 0)
+                    soft.fill(gap, stream.FRACTIONAL_MIN)
+                    hard.write(slab.labels[s:s + 1])
+                    soft.write(np.moveaxis(slab.codes[:, s:s + 1], 0, -1))
+                    if prob is not None:
+                        prob.fill(gap, 0.0)
+                        prob.write(np.moveaxis(slab.probabilities[:, s:s + 1], 0, -1))
+                    next_k = k + 1
+                    if k == shown:
+                        shown_labels = slab.labels[s]
+                if held is not None:
+                    held.add(slab)
+            for writer, value in ((hard, 0), (soft, stream.FRACTIONAL_MIN), (prob, 0.0)):
+                if writer is not None:
+                    writer.fill(grid[0] - next_k, value)
+        rows = acc.rows(vol.spacing)
         bodycomp.measures_to_csv(rows, paths["table"])
         slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
         areas = {key: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
                  for key, r in slice_rows.items()}
+        # display_slice takes slice ``shown`` of a (K, J, I) array: a view, no copies
+        shown_grid = np.broadcast_to(shown_labels, (shown + 1,) + grid[1:])
         overlay.write_overlay_png(
             paths["overlay"], overlay.display_slice(vol, shown),
-            overlay.display_slice(vol, shown, labels),
+            overlay.display_slice(vol, shown, shown_grid),
             areas_cm2=areas,
             title=f"{case.name}: slice {shown} of {vol.array.shape[0]}, "
                   f"{si:.2f} x {sj:.2f} mm pixels")
         seg_failure = None
         if dicom_seg:
-            seg_failure = _write_dicom_segs(sources, labels, probs, card, paths)
+            seg_failure = _write_dicom_segs(sources, held.labels, held.probabilities(k_idx),
+                                            card, paths)
             if seg_failure is not None:
                 prov["dicom_seg_error"] = seg_failure.message
-        written = stage.commit(prov, old_roles=roles)
+        written = stage.commit(prov, old_roles=ALL_ROLES)
         totals = bodycomp.total_rows(rows)
-        result = CaseResult(case, True, "; ".join(pred.notes[1:]), written, k_idx,
+        result = CaseResult(case, True, "; ".join(acc.notes[1:]), written, k_idx,
                             {c.key: float(totals[c.key]["area_cm2"]) for c in TISSUES
-                             if c.key in totals}, pred.device, time.perf_counter() - t0)
+                             if c.key in totals}, acc.device, time.perf_counter() - t0)
         if seg_failure is not None:
             result.ok = False
             result.message = (f"DICOM SEG not written ({seg_failure.message}); the "
@@ -433,6 +479,28 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         return _failure(case, exc, time.perf_counter() - t0)
     finally:     # after a commit: the empty staging folder and the lock; else all staged
         stage.abort()
+
+
+class _Held:
+    """What DICOM SEG needs whole (highdicom takes whole arrays): the hard labels (K, J, I)
+    uint8 and the selected slices' probabilities (C, n, J, I) float32."""
+
+    def __init__(self, grid, n_selected: int):
+        self.labels = np.zeros(grid, np.uint8)
+        self._probs = np.zeros((NUM_CLASSES, n_selected) + tuple(grid[1:]), np.float32)
+        self._n = 0
+
+    def add(self, slab) -> None:
+        self.labels[slab.slices] = slab.labels
+        self._probs[:, self._n:self._n + len(slab.slices)] = slab.probabilities
+        self._n += len(slab.slices)
+
+    def probabilities(self, k_idx: Sequence[int]) -> np.ndarray:
+        """(C, K, J, I) float32 on the whole grid; slices not segmented hold 0."""
+        full = np.zeros((NUM_CLASSES,) + self.labels.shape, np.float32)
+        full[:, list(k_idx)] = self._probs
+        return full
+
 
 def _write_dicom_segs(sources, labels, probs, card, paths) -> Optional[CaseResult]:
     """Both SEG files into the staging folder; on failure remove both and return the

@@ -106,18 +106,21 @@ def _select(p: np.ndarray, hu, slices: Sequence[int]) -> Tuple[np.ndarray, np.nd
                      f"slices nor the volume's {h.shape[0]}")
 
 
-def slice_sums(probabilities, hu) -> Dict[str, np.ndarray]:
+def slice_sums(probabilities, hu, labels: Optional[np.ndarray] = None,
+               checked: bool = False) -> Dict[str, np.ndarray]:
     """Per-slice, per-class sums (float64 (n, C) each, keys SUM_KEYS): probability mass ``p``,
     ``p_hu``, ``p_hu2`` and, over the argmax mask, pixel count ``n``, ``n_hu``, ``n_hu2``.
 
-    probabilities: (C, n, J, I) in 0..1; hu: (n, J, I) HU of the same slices."""
-    p = _check_probabilities(probabilities)
+    probabilities: (C, n, J, I) in 0..1; hu: (n, J, I) HU of the same slices; labels: their
+    argmax (n, J, I) when the caller has it already (core.stream), else computed here;
+    checked: the probabilities were checked already (shape, finite, 0..1)."""
+    p = np.asarray(probabilities) if checked else _check_probabilities(probabilities)
     h = np.asarray(hu, np.float64)
     if h.shape != p.shape[1:]:
         raise ValueError(f"hu {h.shape} does not match probabilities {p.shape[1:]} (n, J, I)")
     n_slices, C = p.shape[1], p.shape[0]
     out = {k: np.zeros((n_slices, C), np.float64) for k in SUM_KEYS}
-    hard = np.argmax(p, axis=0)
+    hard = np.argmax(p, axis=0) if labels is None else np.asarray(labels)
     for s in range(n_slices):  # one slice at a time keeps the float64 scratch small
         hs = h[s]
         ps = p[:, s].astype(np.float64)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -140,3 +141,23 @@ def write_probabilities(path: Union[str, Path], probabilities: np.ndarray, ijk_t
         # gzip level 1: float maps barely compress better at 9, and take twice as long
         sitk.WriteImage(image, str(tmp), useCompression=True, compressionLevel=1)
     return path
+
+
+@contextmanager
+def probabilities_slices(path: Union[str, Path], ijk_to_ras, shape_kji, num_classes: int, *,
+                         overwrite: bool = False) -> Iterator:
+    """The probability NRRD of write_probabilities (C-component float32 vector volume on the
+    grid ijk_to_ras, LPS, gzip) written slice by slice in K order: the writer takes float32
+    (n, J, I, C) slices (io.nrrd_stream.SliceWriter). Atomic."""
+    from .nrrd_stream import nrrd_slices
+
+    path = Path(path)
+    if extension(path) != ".nrrd" or path.name.lower().endswith(".seg.nrrd"):
+        raise ValueError(f"{path}: probability maps are written as a plain .nrrd")
+    m = np.asarray(ijk_to_ras, np.float64)
+    fields = {"space": "left-posterior-superior", "space origin": FLIP @ m[:3, 3],
+              "space directions": np.vstack([np.full(3, np.nan), (FLIP @ m[:3, :3]).T]),
+              "kinds": ["vector", "domain", "domain", "domain"]}
+    shape = tuple(int(n) for n in shape_kji) + (int(num_classes),)
+    with nrrd_slices(path, shape, np.float32, fields, overwrite=overwrite) as out:
+        yield out

@@ -12,8 +12,9 @@ names and common synonyms, case and punctuation ignored).
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
@@ -78,53 +79,18 @@ def _geometry_string(ijk_to_ras: np.ndarray, shape_kji) -> str:
     return ";".join(vals + ["0", str(i - 1), "0", str(j - 1), "0", str(k - 1)]) + ";"
 
 
-def write_seg_nrrd(path: Union[str, Path], labels_or_probabilities, ijk_to_ras, *,
-                   fractional: bool = False, overwrite: bool = False,
-                   provenance: Optional[Dict[str, str]] = None) -> Path:
-    """Write tissue labels or probabilities as a Slicer .seg.nrrd (gzip), atomically.
-
-    labels_or_probabilities: uint8 labels (K, J, I) with classes 0..5 (fractional=False), or
-    probabilities float (C, K, J, I) with C = 6 (background first) or 5 (tissues 1..5),
-    values in 0..1 (fractional=True). ijk_to_ras: 4 x 4, RAS mm. provenance: extra
-    key:=value fields (one line each; e.g. EPD_source, EPD_model) kept in the header.
-    """
-    import nrrd
-
-    path = Path(path)
-    if not path.name.lower().endswith(".seg.nrrd"):
-        raise ValueError(f"{path}: a Slicer segmentation file must end in .seg.nrrd")
-    data = np.asarray(labels_or_probabilities)
+def seg_nrrd_fields(ijk_to_ras, shape_kji, *, fractional: bool,
+                    provenance: Optional[Dict[str, str]] = None) -> Dict[str, object]:
+    """The NRRD header fields (no encoding) of a tissue .seg.nrrd on grid ijk_to_ras with
+    (K, J, I) = shape_kji: hard labels, or Fractional labelmap layers (list axis first).
+    provenance: extra key:=value fields (one line each; e.g. EPD_source, EPD_model)."""
     tissues = CLASSES[1:]
-    if fractional:
-        if data.ndim != 4 or data.shape[0] not in (NUM_CLASSES, NUM_CLASSES - 1):
-            raise ValueError(f"probabilities must be (C, K, J, I) with C = {NUM_CLASSES} or "
-                             f"{NUM_CLASSES - 1}; got shape {data.shape}")
-        if data.dtype.kind not in "fiu":
-            raise ValueError(f"probabilities must be numeric; got {data.dtype}")
-        probs = data[1:] if data.shape[0] == NUM_CLASSES else data
-        if np.nanmin(probs) < -1e-6 or np.nanmax(probs) > 1 + 1e-6 or np.isnan(probs).any():
-            raise ValueError("probabilities must lie in 0..1 (and not be NaN)")
-        lo, hi = FRACTIONAL_RANGE
-        stored = np.round(np.clip(probs, 0, 1) * (hi - lo) + lo).astype(np.int8)
-        array = np.moveaxis(stored, 0, -1)                  # (K, J, I, C): list axis fastest
-        shape_kji = array.shape[:3]
-    else:
-        if data.ndim != 3:
-            raise ValueError(f"labels must be (K, J, I); got shape {data.shape}")
-        if data.dtype.kind not in "iub":
-            raise ValueError(f"labels must be integers; got {data.dtype}")
-        if data.size and (data.min() < 0 or data.max() >= NUM_CLASSES):
-            raise ValueError(f"labels must lie in 0..{NUM_CLASSES - 1}; got "
-                             f"{data.min()}..{data.max()}")
-        array = data.astype(np.uint8)
-        shape_kji = array.shape
     dirs, origin = _space_fields(ijk_to_ras)
     k, j, i = shape_kji
     header = {
         "type": "signed char" if fractional else "unsigned char",
         "space": "left-posterior-superior",
         "space origin": origin,
-        "encoding": "gzip",
     }
     if fractional:
         header["kinds"] = ["list", "domain", "domain", "domain"]
@@ -157,12 +123,82 @@ def write_seg_nrrd(path: Union[str, Path], labels_or_probabilities, ijk_to_ras, 
         header[pre + "Tags"] = f"TerminologyEntry:{terminology_tag(c)}|"
     for key, value in (provenance or {}).items():
         header[key] = " ".join(str(value).split())     # one header line each
-    custom = {key: "string" for key in header
-              if key.startswith("Segment") or key in (provenance or {})}
+    return header
+
+
+def custom_fields(header: Dict[str, object]) -> Dict[str, str]:
+    """pynrrd's custom_field_map for a header of seg_nrrd_fields: the Segment* and EPD_*
+    fields are strings."""
+    return {key: "string" for key in header if key.startswith(("Segment", "EPD_"))}
+
+
+def write_seg_nrrd(path: Union[str, Path], labels_or_probabilities, ijk_to_ras, *,
+                   fractional: bool = False, overwrite: bool = False,
+                   provenance: Optional[Dict[str, str]] = None) -> Path:
+    """Write tissue labels or probabilities as a Slicer .seg.nrrd (gzip), atomically.
+
+    labels_or_probabilities: uint8 labels (K, J, I) with classes 0..5 (fractional=False), or
+    probabilities float (C, K, J, I) with C = 6 (background first) or 5 (tissues 1..5),
+    values in 0..1 (fractional=True). ijk_to_ras: 4 x 4, RAS mm. provenance: extra
+    key:=value fields (one line each; e.g. EPD_source, EPD_model) kept in the header.
+    """
+    import nrrd
+
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        raise ValueError(f"{path}: a Slicer segmentation file must end in .seg.nrrd")
+    data = np.asarray(labels_or_probabilities)
+    if fractional:
+        if data.ndim != 4 or data.shape[0] not in (NUM_CLASSES, NUM_CLASSES - 1):
+            raise ValueError(f"probabilities must be (C, K, J, I) with C = {NUM_CLASSES} or "
+                             f"{NUM_CLASSES - 1}; got shape {data.shape}")
+        if data.dtype.kind not in "fiu":
+            raise ValueError(f"probabilities must be numeric; got {data.dtype}")
+        probs = data[1:] if data.shape[0] == NUM_CLASSES else data
+        if np.nanmin(probs) < -1e-6 or np.nanmax(probs) > 1 + 1e-6 or np.isnan(probs).any():
+            raise ValueError("probabilities must lie in 0..1 (and not be NaN)")
+        lo, hi = FRACTIONAL_RANGE
+        stored = np.round(np.clip(probs, 0, 1) * (hi - lo) + lo).astype(np.int8)
+        array = np.moveaxis(stored, 0, -1)                  # (K, J, I, C): list axis fastest
+        shape_kji = array.shape[:3]
+    else:
+        if data.ndim != 3:
+            raise ValueError(f"labels must be (K, J, I); got shape {data.shape}")
+        if data.dtype.kind not in "iub":
+            raise ValueError(f"labels must be integers; got {data.dtype}")
+        if data.size and (data.min() < 0 or data.max() >= NUM_CLASSES):
+            raise ValueError(f"labels must lie in 0..{NUM_CLASSES - 1}; got "
+                             f"{data.min()}..{data.max()}")
+        array = data.astype(np.uint8)
+        shape_kji = array.shape
+    header = seg_nrrd_fields(ijk_to_ras, shape_kji, fractional=fractional, provenance=provenance)
+    header["encoding"] = "gzip"
+    custom = custom_fields(header)
     with atomic_file(path, overwrite) as tmp:
         nrrd.write(str(tmp), np.ascontiguousarray(array), header, index_order="C",
                    custom_field_map=custom)
     return path
+
+
+@contextmanager
+def seg_nrrd_slices(path: Union[str, Path], ijk_to_ras, shape_kji, *, fractional: bool = False,
+                    overwrite: bool = False,
+                    provenance: Optional[Dict[str, str]] = None) -> Iterator:
+    """A tissue .seg.nrrd written slice by slice in K order (io.nrrd_stream.SliceWriter):
+    hard labels take uint8 (n, J, I) slices; fractional ones int8 (n, J, I, 5) Slicer values
+    (-108..108, tissues 1..5, as stream.encode_fractional_torch gives them after moving the
+    class axis last). Same header as write_seg_nrrd (provenance likewise); atomic."""
+    from .nrrd_stream import nrrd_slices
+
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        raise ValueError(f"{path}: a Slicer segmentation file must end in .seg.nrrd")
+    shape_kji = tuple(int(n) for n in shape_kji)
+    fields = seg_nrrd_fields(ijk_to_ras, shape_kji, fractional=fractional, provenance=provenance)
+    shape = shape_kji + ((NUM_CLASSES - 1,) if fractional else ())
+    with nrrd_slices(path, shape, np.int8 if fractional else np.uint8, fields,
+                     overwrite=overwrite) as out:
+        yield out
 
 
 def _ras_geometry(header, path: Path):

@@ -5,8 +5,9 @@ and measures table out; and export of the results to a folder.
     out = segment_volume(scene, ct, predict, slices=[40, 41, 42], soft_segmentation=True)
 
 ``predict(slices, progress, should_cancel)`` returns class probabilities float32
-(C, n, J, I) for the listed slices (C = 6, background first), plus the device it ran on and
-notes; the Slicer module wraps inference.predict_volume (``model_predictor``), the tests
+(C, n, J, I) (NumPy, or torch on the device) for the listed slices (C = 6, background
+first), plus the device it ran on and
+notes; the Slicer module wraps inference.slab_predictor (``model_predictor``), the tests
 give soft maps of known label maps. The volume is processed in chunks of slices with a
 progress report and a cancel check between chunks (and between the network's batches);
 nothing touches the scene until every chunk is done, and a failure while the outputs are
@@ -16,7 +17,6 @@ built removes what was added, so a cancelled or failed run leaves the scene as i
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import slicer
 
-from ..core import bodycomp
+from ..core import stream
 from ..core.classes import CLASSES, NUM_CLASSES, TISSUES
 from ..core.inference import Cancelled
 from .dicom import (check_dicom_seg_possible, dicom_seg_paths, record_model,
@@ -33,7 +33,7 @@ from .dicom import (check_dicom_seg_possible, dicom_seg_paths, record_model,
 from .nodes import (InputProblem, add_volume, check_ct_volume, ijk_to_ras, place_beside,
                          safe_file_stem, spacing_ijk, undo_on_failure, unique_name,
                          volume_array, ROLE_ATTRIBUTE)
-from .segmentation import (FRACTIONAL_MIN, encode_fractional, fill_fractional_segmentation,
+from .segmentation import (FRACTIONAL_MIN, fill_fractional_segmentation,
                                 fill_tissue_segmentation, save_segmentation)
 from .tables import fill_measures_table, new_table, table_to_csv
 from ..io.outputs import output_path, probability_volume_path
@@ -99,38 +99,14 @@ def resolve_slices(mode: str, n_slices: int, *, current: Optional[int] = None,
 
 def model_predictor(model, card: Mapping[str, Any], hu: np.ndarray, pixel_mm, *,
                     device: Any = "auto", batch_size: int = 8) -> Predict:
-    """A predict(slices, progress, should_cancel) callable running inference.predict_volume.
+    """A predict(slices, progress, should_cancel) callable: inference.slab_predictor, whose
+    probabilities stay on the device for core.stream (upsampling and argmax there).
 
     An out-of-memory fallback (smaller batch, then the CPU) found in one chunk is kept for
     the next chunks, so the panel does not retry the failing setting every chunk."""
-    from ..core.inference import predict_volume
+    from ..core.inference import slab_predictor
 
-    state: Dict[str, Any] = {"device": device, "batch": int(batch_size)}
-
-    def predict(slices: Sequence[int], progress=None, should_cancel=None):
-        pred = predict_volume(hu, pixel_mm, model, card, device=state["device"],
-                              batch_size=state["batch"], slices=list(slices),
-                              progress=progress, should_cancel=should_cancel)
-        for note in pred.notes:
-            m = re.search(r"batch size (\d+)", note)
-            if m:
-                state["batch"] = int(m.group(1))
-        state["device"] = pred.device
-        return pred.probabilities, pred.device, list(pred.notes)
-
-    return predict
-
-
-def _check_probabilities(p, n: int, plane: Tuple[int, int]) -> np.ndarray:
-    p = np.asarray(p)
-    if p.shape != (NUM_CLASSES, n) + tuple(plane):
-        raise ValueError(f"the model returned probabilities of shape {p.shape}; expected "
-                         f"{(NUM_CLASSES, n) + tuple(plane)}")
-    return p
-
-
-def _chunks(slices: Sequence[int], size: int) -> List[List[int]]:
-    return [list(slices[i:i + size]) for i in range(0, len(slices), size)]
+    return slab_predictor(hu, pixel_mm, model, card, device=device, batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -198,44 +174,35 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     # only the slab of segmented slices: one slice of a 600-slice CT needs one plane
     prob_volumes = {c.key: np.zeros((slab, J, I), np.float32) for c in TISSUES} \
         if soft_volumes else None
-    sums = []
-    notes: List[str] = []
-    device = ""
+    acc = stream.Accumulator()
     total = len(slices)
-    done = 0
 
     def report(n_done: int, message: str) -> None:
         if progress is not None:
             progress(n_done, total, message)
 
     report(0, f"segmenting {total} slice(s)")
-    for chunk in _chunks(slices, chunk_slices):
-        if should_cancel is not None and should_cancel():
-            raise Cancelled(f"cancelled after {done} of {total} slices; nothing was changed")
-        offset = done
-
-        def batch_progress(n_done, _total, offset=offset):
-            report(offset + int(n_done), f"segmenting: {offset + int(n_done)} of {total} slices")
-
-        probs, device, chunk_notes = predict(chunk, batch_progress, should_cancel)
-        probs = _check_probabilities(probs, len(chunk), (J, I))
-        for note in chunk_notes:
-            if note not in notes:
-                notes.append(note)
-        rel = [k - k0 for k in chunk]
-        labels[rel] = np.argmax(probs, axis=0).astype(np.uint8)
-        if codes is not None:
-            codes[:, rel] = encode_fractional(probs[1:])
-        if prob_volumes is not None:
-            for c in TISSUES:
-                prob_volumes[c.key][rel] = probs[c.index]
-        sums.append(bodycomp.slice_sums(probs, hu[chunk]))
-        done += len(chunk)
-        report(done, f"segmenting: {done} of {total} slices")
+    # the one streaming path of the CLI too (core.stream): argmax, 8-bit fractions and sums
+    # per chunk, so only the compact outputs are kept
+    try:
+        for part in stream.stream_slabs(
+                hu, slices, predict, slab_slices=chunk_slices, codes=soft_segmentation,
+                probabilities=soft_volumes, accumulator=acc, should_cancel=should_cancel,
+                progress=lambda d, t: report(d, f"segmenting: {d} of {t} slices")):
+            rel = [k - k0 for k in part.slices]
+            labels[rel] = part.labels
+            if codes is not None:
+                codes[:, rel] = part.codes
+            if prob_volumes is not None:
+                for c in TISSUES:
+                    prob_volumes[c.key][rel] = part.probabilities[c.index]
+    except Cancelled as exc:
+        raise Cancelled(f"{exc}; nothing was changed") from None
     if should_cancel is not None and should_cancel():
         raise Cancelled(f"cancelled after {total} of {total} slices; nothing was changed")
 
-    rows = bodycomp.measures_from_sums(bodycomp.concatenate_sums(sums), spacing_ijk(m), slices)
+    rows = acc.rows(spacing_ijk(m))
+    notes, device = acc.notes, acc.device
     name = volume_node.GetName()
     result = SegmentationResult(None, None, rows=rows, slices=slices, device=device,
                                 notes=notes)
