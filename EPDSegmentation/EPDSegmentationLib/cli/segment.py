@@ -388,8 +388,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         return CaseResult(case, False, case.problem)
     roles = output_roles(dicom_seg=dicom_seg, probabilities=probabilities)
     try:     # the case's lock and staging folder; nothing else is touched
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         stage = CaseStaging(out_dir, case.name, overwrite=overwrite).open()
-    except EPDError as exc:
+    except (EPDError, OSError) as exc:
         return CaseResult(case, False, str(exc))
     try:
         state, present = case_state(out_dir, case.name, ALL_ROLES)

@@ -121,7 +121,7 @@ def _take_lock(lock: Path) -> None:
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+        for block in iter(lambda: fh.read(1 << 16), b""):
             h.update(block)
     return h.hexdigest()
 
