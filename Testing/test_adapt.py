@@ -246,3 +246,21 @@ def test_cli_model_of_another_architecture(files, capsys, tiny):
     err = _cli_fails(files, capsys, "--labels", str(files / "labels.nii.gz"),
                      model=files / "wide.safetensors")
     assert "architecture" in err
+
+
+def test_training_adapt_on_a_manifest_uses_the_labelled_slices(files):
+    from EPDSegmentationLib.io.images import write_volume
+    from training.__main__ import main as training_main
+
+    _, labels = body_case()
+    labels[[0, 2, 4]] = 0                       # corrections on slices 1 and 3 only
+    write_volume(Volume(labels, np.diag([1.0, 1.0, 3.0, 1.0])), files / "fixed.nii.gz")
+    (files / "m.csv").write_text("image,label,split\nct.nii.gz,fixed.nii.gz,train\n"
+                                 "ct.nii.gz,labels.nii.gz,val\n")
+    out = files / "site.safetensors"
+    rc = training_main(["adapt", "--model", str(files / "base.safetensors"), "--manifest",
+                        str(files / "m.csv"), "--split", "train", "--steps", "2",
+                        "--output", str(out)])
+    assert rc == 0
+    _, card = load_model(out)
+    assert [c["slices"] for c in card["training"]["data"]["cases"]] == [[1, 3]]
