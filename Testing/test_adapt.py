@@ -161,7 +161,8 @@ def test_entropy_ranks_the_hesitant_slice_first():
     assert e[0, 0, 0] == pytest.approx(1.0, abs=1e-5)
     scores = slice_uncertainty(p)
     assert list(np.argsort(-scores)[:2]) == [2, 0]
-    assert suggest_slices(scores, 2) == [2, 0]
+    assert suggest_slices(scores, 2, min_gap=2) == [2, 0]
+    assert suggest_slices(scores, 2) == [2, 3]
     assert suggest_slices([0.9, 0.8, 0.1, 0.7], 2, min_gap=2) == [0, 3]
 
 

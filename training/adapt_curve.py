@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             strategies += [("random", s) for s in range(args.random_seeds)]
         for strategy, seed in strategies:
             if strategy == "uncertain":
-                chosen = suggest_slices(slice_uncertainty(base.probabilities), k, min_gap=2)
+                chosen = suggest_slices(slice_uncertainty(base.probabilities), k)
             elif strategy == "random":
                 chosen = sorted(np.random.default_rng(seed).choice(K, k, replace=False).tolist())
             else:

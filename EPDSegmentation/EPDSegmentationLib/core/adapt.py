@@ -185,7 +185,7 @@ def slice_uncertainty(probabilities: np.ndarray) -> np.ndarray:
 
 
 def suggest_slices(scores: Sequence[float], n: int, slices: Optional[Sequence[int]] = None,
-                   min_gap: int = 2, exclude: Sequence[int] = ()) -> List[int]:
+                   min_gap: int = 3, exclude: Sequence[int] = ()) -> List[int]:
     """The n most uncertain slices, at least ``min_gap`` slices apart (neighbours teach little
     more than one of them). scores: per slice (of ``slices``, default 0..n-1)."""
     scores = np.asarray(scores, np.float64)
