@@ -162,7 +162,7 @@ def test_entropy_ranks_the_hesitant_slice_first():
     scores = slice_uncertainty(p)
     assert list(np.argsort(-scores)[:2]) == [2, 0]
     assert suggest_slices(scores, 2, min_gap=2) == [2, 0]
-    assert suggest_slices(scores, 2) == [2, 3]
+    assert suggest_slices(scores, 2) == [2]          # the others are within 3 slices
     assert suggest_slices([0.9, 0.8, 0.1, 0.7], 2, min_gap=2) == [0, 3]
 
 
