@@ -30,6 +30,16 @@ def tiny_card(model):
                      training={"data": {"source": "test"}, "command": "test", "seed": 0})
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny networks gain nothing from more, and on a loaded machine the
+    threads' barriers cost more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -23,6 +23,15 @@ from EPDSegmentationLib.mrml.segmentation import (fill_tissue_segmentation,  # n
 from EPDSegmentationLib.mrml.workflow import model_predictor, segment_volume  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (tiny network; thread barriers cost more than the work when loaded)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _segmented(mrml, tiny_model, k=4):
     model, card = tiny_model
     truth = label_stack(k, 48)
