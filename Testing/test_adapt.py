@@ -275,3 +275,11 @@ def test_training_adapt_on_a_manifest_uses_the_labelled_slices(files):
     assert rc == 0
     _, card = load_model(out)
     assert [c["slices"] for c in card["training"]["data"]["cases"]] == [[1, 3]]
+
+
+def test_cli_refuses_the_bundled_folder_before_any_work(files, capsys):
+    target = bundled_model_path().with_name("site.safetensors")
+    rc = main(["adapt", "--image", str(files / "ct.nii.gz"), "--labels",
+               str(files / "labels.nii.gz"), "-o", str(target), "--overwrite"])
+    assert rc == 2 and "bundled" in capsys.readouterr().err
+    assert not target.exists()

@@ -36,15 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptError, AdaptSettings, adapt_model,
-                                               adapted_card, describe, save_adapted)
-    from EPDSegmentationLib.core.model_card import model_paths
+                                               adapted_card, check_destination, describe,
+                                               save_adapted)
     from EPDSegmentationLib.core.model_io import load_model
     from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 
-    if not args.overwrite:
-        for p in model_paths(args.output):
-            if p.exists():
-                raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
+    check_destination(args.output, args.overwrite)
     settings = AdaptSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                              replay_fraction=args.replay, seed=args.seed, device=args.device)
     model, card = load_model(args.model)

@@ -45,9 +45,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
     import numpy as np
 
     from ..core.adapt import (AdaptCase, AdaptError, AdaptSettings, adapt_model, adapted_card,
-                              changed_slices, describe, save_adapted, slice_uncertainty,
+                              changed_slices, check_destination, describe, save_adapted, slice_uncertainty,
                               suggest_slices)
-    from ..core.model_card import model_paths
     from ..core.model_io import load_model
     from ..core.resources import bundled_model_path
     from ..io import read_labels, read_volume
@@ -57,10 +56,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
         raise AdaptError("give --labels (the corrected segmentation), or --suggest N")
     if args.labels is not None and args.output is None:
         raise AdaptError("give -o/--output, the new model file")
-    if args.output is not None and not args.overwrite:
-        for p in model_paths(args.output):
-            if p.exists():
-                raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
+    if args.output is not None:
+        check_destination(args.output, args.overwrite)
     settings = AdaptSettings(steps=args.steps, lr=args.lr, replay_fraction=args.replay,
                              seed=args.seed, device=args.device)
     model_path = args.model if args.model is not None else bundled_model_path()

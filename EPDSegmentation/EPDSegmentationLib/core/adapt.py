@@ -314,7 +314,8 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
         raise AdaptError("no corrected cases given")
     cases = [check_case(c) for c in cases]
     notes: List[str] = []
-    device = torch.device(settings.device) if settings.device != "auto" else select_device("auto")[0]
+    device, reason = select_device(settings.device)
+    notes.append(f"device {device}: {reason}")
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     base = copy.deepcopy(model).to(device).eval()
@@ -387,18 +388,32 @@ def adapted_card(base_card: Mapping[str, Any], base_model: str, cases: Sequence[
                      adapted_from=str(base_model))
 
 
+def check_destination(path, overwrite: bool = False) -> None:
+    """Before any work: ModelFileError for the bundled model's files or folder (even with
+    overwrite), FileExistsError for existing files without overwrite."""
+    from .resources import bundled_model_path
+
+    weights, card_path = model_paths(path)
+    try:
+        bundled = [p.resolve() for p in model_paths(bundled_model_path())]
+    except FileNotFoundError:       # a build without the bundled model: nothing to protect
+        bundled = []
+    if bundled and (weights.resolve() in bundled or card_path.resolve() in bundled
+                    or weights.resolve().parent == bundled[0].parent):
+        raise ModelFileError(f"{weights}: an adapted model is never written over or beside the "
+                             f"bundled model; choose another folder")
+    if not overwrite:
+        for p in (weights, card_path):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass overwrite=True (--overwrite) to replace it")
+
+
 def save_adapted(path, model, card: Mapping[str, Any], *, overwrite: bool = False):
     """Save an adapted model as a NEW file (model_io.save_model: atomic, safetensors + card).
     Refuses the bundled model's files even with overwrite, and existing files without it."""
     from .model_io import save_model
-    from .resources import bundled_model_path
 
-    weights, card_path = model_paths(path)
-    bundled = [p.resolve() for p in model_paths(bundled_model_path())]
-    if weights.resolve() in bundled or card_path.resolve() in bundled or \
-            weights.resolve().parent == bundled[0].parent:
-        raise ModelFileError(f"{weights}: an adapted model is never written over or beside the "
-                             f"bundled model; choose another folder")
+    check_destination(path, overwrite)
     return save_model(path, model, card, overwrite=overwrite)
 
 
@@ -411,5 +426,5 @@ def describe(result: AdaptResult) -> str:
 
 
 __all__ = ["AdaptCase", "AdaptError", "AdaptResult", "AdaptSettings", "adapt_model",
-           "adapted_card", "changed_slices", "check_case", "describe", "entropy_map",
+           "adapted_card", "changed_slices", "check_case", "check_destination", "describe", "entropy_map",
            "save_adapted", "slice_uncertainty", "soft_targets", "suggest_slices"]

@@ -19,6 +19,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.adapt import (AdaptCase, AdaptSettings, adapt_model, adapted_card, changed_slices,
+                          check_destination,
                           describe, entropy_map, save_adapted, slice_uncertainty, suggest_slices)
 from .nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, check_ct_volume, ijk_to_ras,
                     slice_pixel_mm, volume_array)
@@ -112,6 +113,7 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
     from ..core.inference import predict_volume
 
     check_ct_volume(volume_node)
+    check_destination(output_path, overwrite)
     m, shape = _grid(volume_node)
     if slices is None:
         labels, slices = corrected_slices(scene, seg_node, volume_node)
