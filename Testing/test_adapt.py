@@ -283,3 +283,11 @@ def test_cli_refuses_the_bundled_folder_before_any_work(files, capsys):
                str(files / "labels.nii.gz"), "-o", str(target), "--overwrite"])
     assert rc == 2 and "bundled" in capsys.readouterr().err
     assert not target.exists()
+
+
+def test_cli_suggests_slices_to_correct(files, capsys):
+    rc = main(["adapt", "--model", str(files / "base.safetensors"), "--image",
+               str(files / "ct.nii.gz"), "--suggest", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "most uncertain slices" in out
+    assert not list(files.glob("*site*"))
