@@ -59,6 +59,23 @@ def reference_labels(ct, folder: Path) -> np.ndarray:
     return labels
 
 
+def shifted_phantom(seed: int, n_slices: int, size: int = 256):
+    """A held-out torso phantom (T11 to L4, slices spread evenly) of a shifted appearance:
+    muscle 30 HU darker and a smoother kernel (Gaussian blur, sigma 1.2 pixels).
+    Returns (hu float32 (K, J, I), labels uint8 (K, J, I), pixel_mm (row, col))."""
+    from scipy.ndimage import gaussian_filter
+
+    from training.phantom import subject_slices
+
+    slices = subject_slices(seed, n_slices, None, levels=("T11", "L4"), size=size)
+    hu = np.stack([s.hu for s in slices]).astype(np.float32)
+    labels = np.stack([s.labels for s in slices]).astype(np.uint8)
+    hu[labels == class_by_key("MUS").index] -= 30.0
+    hu = np.stack([gaussian_filter(h, 1.2) for h in hu]).astype(np.float32)
+    mm = float(slices[0].pixel_mm)
+    return hu, labels, (mm, mm)
+
+
 def dice_on(pred: np.ndarray, ref: np.ndarray, ks: List[int]) -> Dict[str, float]:
     out = {}
     for key in REPORTED:
@@ -78,20 +95,29 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--replay", type=float, default=0.25)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--phantom-seed", type=int, default=None,
+                   help="use a held-out phantom of shifted appearance (this seed) instead")
+    p.add_argument("--phantom-slices", type=int, default=16)
     args = p.parse_args(argv)
     import torch
 
     from EPDSegmentationLib.io import read_volume
 
     torch.set_num_threads(1)
-    ct = read_volume(args.data / "ct_t11_l2.nii.gz")
-    ref = reference_labels(ct, args.data)
-    si, sj, _ = ct.spacing
+    if args.phantom_seed is None:
+        ct = read_volume(args.data / "ct_t11_l2.nii.gz")
+        hu, ref = ct.array, reference_labels(ct, args.data)
+        si, sj, _ = ct.spacing
+        source = f"the real CT {args.data / 'ct_t11_l2.nii.gz'} with TotalSegmentator's masks"
+    else:
+        hu, ref, (sj, si) = shifted_phantom(args.phantom_seed, args.phantom_slices)
+        source = (f"a held-out torso phantom (seed {args.phantom_seed}, {args.phantom_slices} "
+                  f"slices T11 to L4) with muscle 30 HU darker and a smoother kernel")
     model, card = load_model(bundled_model_path())
-    base = predict_volume(ct.array, (sj, si), model, card, device="cpu")
-    order = suggest_slices(slice_uncertainty(base.probabilities), ct.array.shape[0],
+    base = predict_volume(hu, (sj, si), model, card, device="cpu")
+    order = suggest_slices(slice_uncertainty(base.probabilities), hu.shape[0],
                            min_gap=1)
-    K = ct.array.shape[0]
+    K = hu.shape[0]
     settings = AdaptSettings(steps=args.steps, replay_fraction=args.replay, lr=args.lr)
     rows = []
     for k in args.ks:
@@ -107,13 +133,13 @@ def main(argv=None) -> int:
                 chosen = []
             t0 = time.perf_counter()
             if chosen:
-                res = adapt_model(model, card, [AdaptCase(ct.array, ref, (sj, si), chosen, "ct_t11_l2")],
+                res = adapt_model(model, card, [AdaptCase(hu, ref, (sj, si), chosen, "curve")],
                                   settings)
                 net, secs = res.model, res.seconds
             else:
                 net, secs = model, 0.0
             held = [i for i in range(K) if i not in chosen]
-            pred = predict_volume(ct.array, (sj, si), net, card, device="cpu").probabilities.argmax(0)
+            pred = predict_volume(hu, (sj, si), net, card, device="cpu").probabilities.argmax(0)
             row = {"k": k, "strategy": strategy, "seed": seed, "slices": chosen,
                    "adapt_s": round(secs, 1), "dice": dice_on(pred, ref, held)}
             rows.append(row)
@@ -122,10 +148,10 @@ def main(argv=None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     command = "nice -n 10 python -m training.adapt_curve " + shlex.join(argv or sys.argv[1:])
     write_text(args.output / "curve.json", json.dumps(
-        {"command": command, "settings": settings.to_dict(), "uncertainty_order": order,
+        {"command": command, "source": source, "settings": settings.to_dict(), "uncertainty_order": order,
          "rows": rows}, indent=2), overwrite=True)
-    lines = [f"Made by `{command}` (bundled model, CPU, one thread). Dice on the slices not "
-             f"corrected, of {K}.", "",
+    lines = [f"Made by `{command}` (bundled model, CPU, one thread) on {source}. Dice on the "
+             f"slices not corrected, of {K}.", "",
              "| k | slices chosen | corrected slices | adapt s | MUS | SAT | VAT |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
