@@ -58,6 +58,12 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
         raise AdaptError("give -o/--output, the new model file")
     if args.output is not None:
         check_destination(args.output, args.overwrite)
+    from ..core.inference import DeviceError, select_device
+
+    try:
+        select_device(args.device)
+    except DeviceError as exc:          # a usage error here, not a traceback
+        raise AdaptError(str(exc)) from None
     settings = AdaptSettings(steps=args.steps, lr=args.lr, replay_fraction=args.replay,
                              seed=args.seed, device=args.device)
     model_path = args.model if args.model is not None else bundled_model_path()
