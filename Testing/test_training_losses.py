@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.losses import (LOSSES, Criterion, dice_loss, focal_loss, mae_loss, parse_loss,
+from EPDSegmentationLib.core.losses import (LOSSES, Criterion, dice_loss, focal_loss, mae_loss, parse_loss,
                              soft_ce_loss, tversky_loss)
 from training.train import TrainModule, make_optimizer
 from EPDSegmentationLib.core.model import ModelConfig, build_model

@@ -1,4 +1,4 @@
-"""python -m training {train,evaluate,evaluate-real,bundle,experiment,report} ...: headless
+"""python -m training {train,evaluate,evaluate-real,bundle,experiment,report,adapt} ...: headless
 training and evaluation.
 
     python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
@@ -17,6 +17,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import adapt
     from . import bundle
     from . import evaluate
     from . import experiment
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
          experiment.run),
         ("report", "the results page of an experiment: tables, figures", report.add_arguments,
          report.run),
+        ("adapt", "fine-tune a model on corrected cases (the panel's fine-tuning)",
+         adapt.add_arguments, adapt.run),
     )
     for name, help_text, add_arguments, run in commands:
         command = sub.add_parser(name, help=help_text)

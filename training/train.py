@@ -40,7 +40,7 @@ from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import (Augment, SliceDataset, SliceRecord, epd_target, manifest_records,
                    median_pixel_mm, model_inputs, phantom_records, to_source_grid)
-from .losses import DEFAULT_LOSS, Criterion, parse_loss
+from EPDSegmentationLib.core.losses import DEFAULT_LOSS, Criterion, parse_loss
 
 CHECKPOINT = "checkpoint.pt"
 EXPORT = "model"

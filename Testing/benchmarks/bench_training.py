@@ -52,7 +52,7 @@ def measure(factor: int, size: int, batch: int, width: int, steps: int, warmup: 
     from training.phantom import make_slice
     from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS
     from training.data import model_inputs
-    from training.losses import Criterion
+    from EPDSegmentationLib.core.losses import Criterion
     from training.train import TrainModule, make_optimizer
 
     if threads:

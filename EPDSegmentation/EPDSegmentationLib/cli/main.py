@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", type=Path, default=Path("out/demo"), help="output folder")
     demo.add_argument("--factors", type=int, nargs="+", default=[2, 4, 8])
     demo.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    from .adapt import add_arguments as add_adapt_arguments   # issue 17: learn from corrections
+    add_adapt_arguments(sub.add_parser(
+        "adapt", help="fine-tune a model on slices you corrected (new model file)"))
     return parser
 
 
@@ -266,6 +270,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .demo import run
 
             run(args.output, args.factors, overwrite=args.overwrite)
+        if args.command == "adapt":
+            from .adapt import run as run_adapt
+
+            return run_adapt(args, argv)
     except (EPDError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"epdseg: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,6 @@
-"""Losses against soft targets, and their combination with learned uncertainty weights.
+"""Losses against soft targets, and their combination with learned uncertainty weights: the
+one implementation that training (training/train.py) and fine-tuning from corrections
+(core/adapt.py) share. Imports torch.
 
 Every loss takes logits (B, C, H, W) and a soft target q (B, C, H, W) (EPD fractions, or the
 one-hot of nearest labels), works on p = softmax(logits) in float32, and is the mean over the

@@ -1,0 +1,430 @@
+"""Adapt a model to a site's scans from a few slices the user corrected: the one fine-tuning
+implementation of the Slicer panel (mrml/adapt.py), ``epdseg adapt`` (cli/adapt.py) and
+``python -m training adapt``.
+
+    cases = [AdaptCase(hu, corrected_labels, pixel_mm, slices=[12, 20], name="case01")]
+    result = adapt_model(model, card, cases, AdaptSettings(steps=60))
+    save_adapted("site_model", result.model, adapted_card(card, "bundled", cases, settings,
+                 result, command="..."))
+
+What the network is trained on, exactly as inference prepares a slice (inference.py):
+each corrected slice is resampled to the model's source spacing (card pixel_mm / factor;
+bilinear HU, nearest labels), windowed into the card's channels and downsampled by the card's
+factor (window mean or bilinear, the card's image mode); the target is the EPD soft labels of
+the corrected hard labels at that factor (or the one-hot of the nearest label for a
+``nearest`` model). Loss: the training loss (losses.Criterion, MAE + Dice with learned
+uncertainty weights). Light augmentation: horizontal flip and a whole-slice HU offset.
+
+Replay, so the model does not forget: a share of each batch (``replay_fraction``) comes from
+uncorrected slices of the same case with the base model's own predictions as soft targets
+(self-distillation). Phantom slices are not used because the Slicer panel does not ship
+training/; the model's own predictions on the same scan are available everywhere and hold it
+to what it did before where the user made no correction. They also replay its mistakes, so
+the share is kept small and the corrected slices dominate.
+
+torch is imported inside the functions: importing this module needs NumPy only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .classes import NUM_CLASSES
+from .epd import epd_labels, nearest_labels
+from .inference import Cancelled, prepare_slices, resample_planes, resampled_shape, source_pixel_mm
+from .model_card import ModelFileError, make_card, model_paths
+
+#: Slices of the model's own predictions used for replay at most, per case.
+MAX_REPLAY_SLICES = 16
+
+
+class AdaptError(ValueError):
+    """Corrections, slices or a model that cannot be used for adapting; the message says why."""
+
+
+@dataclass
+class AdaptCase:
+    """One corrected scan. hu: (K, J, I) HU; labels: (K, J, I) class indices 0..5 on the same
+    grid (the corrected result; only ``slices`` are read); pixel_mm: (row, col) = (J, I) mm;
+    slices: the corrected slice indices K; name: says where it came from (in the card)."""
+
+    hu: np.ndarray
+    labels: np.ndarray
+    pixel_mm: Tuple[float, float]
+    slices: List[int]
+    name: str = "case"
+
+
+@dataclass
+class AdaptSettings:
+    """steps: optimiser steps; lr: AdamW learning rate; batch_size: slices per step;
+    replay_fraction: share of each batch from replay slices (0 turns replay off);
+    flip: probability of a horizontal flip; hu_shift: whole-slice offset drawn from
+    +-hu_shift HU; weight_decay: AdamW's on the network; loss: as training's --loss;
+    seed: all randomness; device: "cpu", "cuda", "auto"..."""
+
+    steps: int = 60
+    lr: float = 3e-4
+    batch_size: int = 4
+    replay_fraction: float = 0.25
+    flip: float = 0.5
+    hu_shift: float = 20.0
+    weight_decay: float = 1e-4
+    loss: str = "mae+dice"
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise AdaptError(f"steps must be a positive int; got {self.steps!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise AdaptError(f"batch_size must be a positive int; got {self.batch_size!r}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise AdaptError(f"replay_fraction must be in [0, 1); got {self.replay_fraction!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise AdaptError(f"lr must be > 0; got {self.lr!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AdaptResult:
+    """model: the adapted copy (eval mode, CPU); history: total loss per step;
+    before / after: {"mae", "dice"} losses on the corrected slices (no augmentation) with the
+    base and the adapted model; seconds: wall time of the fine-tuning; notes: what happened."""
+
+    model: Any
+    history: List[float]
+    before: Dict[str, float]
+    after: Dict[str, float]
+    seconds: float
+    notes: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- slices
+
+
+def changed_slices(original: np.ndarray, corrected: np.ndarray) -> List[int]:
+    """Slice indices K where the corrected labels (K, J, I) differ from the original result."""
+    original, corrected = np.asarray(original), np.asarray(corrected)
+    if original.shape != corrected.shape:
+        raise AdaptError(f"the corrected labels {corrected.shape} are not on the grid of the "
+                         f"original result {original.shape} (K, J, I)")
+    diff = (original != corrected).reshape(original.shape[0], -1).any(axis=1)
+    return [int(k) for k in np.flatnonzero(diff)]
+
+
+def check_case(case: AdaptCase) -> AdaptCase:
+    """The case with slices as sorted unique ints; AdaptError for labels on another grid,
+    values outside the classes, no slices, slices out of range or slices with no labels."""
+    hu, labels = np.asarray(case.hu), np.asarray(case.labels)
+    if hu.ndim != 3:
+        raise AdaptError(f"{case.name}: the image must be a (K, J, I) volume; got {hu.shape}")
+    if labels.shape != hu.shape:
+        raise AdaptError(f"{case.name}: the corrected labels {labels.shape} are not on the "
+                         f"image's grid {hu.shape} (K, J, I)")
+    if labels.dtype.kind not in "iu":
+        raise AdaptError(f"{case.name}: labels must be integer classes; got {labels.dtype}")
+    slices = sorted({int(k) for k in case.slices})
+    if not slices:
+        raise AdaptError(f"{case.name}: no corrected slices (correct some slices, or name them)")
+    bad = [k for k in slices if not 0 <= k < hu.shape[0]]
+    if bad:
+        raise AdaptError(f"{case.name}: slice {bad[0]} is outside the volume's 0..{hu.shape[0] - 1}")
+    sub = labels[slices]
+    if sub.size and (sub.min() < 0 or sub.max() >= NUM_CLASSES):
+        raise AdaptError(f"{case.name}: label values must be 0..{NUM_CLASSES - 1}; got "
+                         f"{int(sub.min())}..{int(sub.max())}")
+    empty = [k for k, s in zip(slices, sub) if not s.any()]
+    if empty:
+        raise AdaptError(f"{case.name}: slice(s) {empty} hold no labels: nothing was corrected "
+                         f"there (only slices with a corrected segmentation can teach the model)")
+    pixel_mm = tuple(float(v) for v in case.pixel_mm)
+    if len(pixel_mm) != 2 or not all(math.isfinite(v) and v > 0 for v in pixel_mm):
+        raise AdaptError(f"{case.name}: pixel_mm must be (row mm, column mm) > 0; got {case.pixel_mm!r}")
+    return AdaptCase(hu, labels, pixel_mm, slices, case.name)
+
+
+def soft_targets(labels: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str, Any]) -> np.ndarray:
+    """Hard labels (n, J, I) at pixel_mm -> the network's target float32 (n, C, h, w): resampled
+    to the model's source spacing (nearest) and downsampled by its factor, EPD fractions (or
+    the one-hot of the nearest label for a ``nearest`` model). Same grid as prepare_slices."""
+    labels = np.asarray(labels, np.uint8)
+    work = resampled_shape(labels.shape[-2:], pixel_mm, source_pixel_mm(card))
+    lab = resample_planes(labels, work, labels=True)
+    k = int(card["factor"])
+    if card["label_mode"] == "nearest":
+        return epd_labels(nearest_labels(lab, k), NUM_CLASSES, 1).astype(np.float32)
+    return epd_labels(lab, NUM_CLASSES, k).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def entropy_map(probabilities: np.ndarray, class_axis: int = 0) -> np.ndarray:
+    """Normalised entropy in 0..1 (1 = all classes equally likely) of soft maps, per pixel:
+    probabilities (C, ...) -> (...). Highest along tissue boundaries and where the model
+    hesitates between tissues."""
+    p = np.clip(np.asarray(probabilities, np.float32), 1e-7, 1.0)
+    c = p.shape[class_axis]
+    return (-(p * np.log(p)).sum(axis=class_axis) / np.log(c)).astype(np.float32)
+
+
+def slice_uncertainty(probabilities: np.ndarray) -> np.ndarray:
+    """Per-slice uncertainty (n,) from probabilities (C, n, J, I): the mean normalised
+    entropy over the slice (the same pixel count for every slice, so slices with more
+    uncertain tissue score higher)."""
+    return entropy_map(probabilities).reshape(probabilities.shape[1], -1).mean(axis=1)
+
+
+def suggest_slices(scores: Sequence[float], n: int, slices: Optional[Sequence[int]] = None,
+                   min_gap: int = 3, exclude: Sequence[int] = ()) -> List[int]:
+    """The n most uncertain slices, at least ``min_gap`` slices apart (neighbours teach little
+    more than one of them). scores: per slice (of ``slices``, default 0..n-1)."""
+    scores = np.asarray(scores, np.float64)
+    ks = list(range(len(scores))) if slices is None else [int(k) for k in slices]
+    chosen: List[int] = []
+    for i in np.argsort(-scores, kind="stable"):
+        k = ks[int(i)]
+        if k in exclude or any(abs(k - c) < min_gap for c in chosen):
+            continue
+        chosen.append(k)
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _check_model(model, card: Mapping[str, Any]) -> None:
+    config = getattr(model, "config", None)
+    if config is None or config.to_dict() != dict(card["architecture"]):
+        raise AdaptError(f"the model is not the card's architecture {card['architecture']} "
+                         f"(it is {config.to_dict() if config is not None else type(model).__name__}); "
+                         f"load model and card together with model_io.load_model")
+
+
+def _replay_slices(n_slices: int, corrected: Sequence[int], limit: int) -> List[int]:
+    """Up to ``limit`` uncorrected slices spread evenly over the volume."""
+    free = [k for k in range(n_slices) if k not in set(corrected)]
+    if len(free) <= limit:
+        return free
+    return [free[int(i)] for i in np.linspace(0, len(free) - 1, limit).round()]
+
+
+def _prepare(case: AdaptCase, card, model, device, settings: AdaptSettings, notes: List[str]):
+    """Tensors of one case: hu on the model's source grid (n, H, W) and targets (n, C, h, w),
+    for the corrected and the replay slices."""
+    import torch
+
+    from .inference import run_network
+
+    work = resampled_shape(case.hu.shape[-2:], case.pixel_mm, source_pixel_mm(card))
+    hu = torch.from_numpy(resample_planes(np.asarray(case.hu[case.slices], np.float32), work))
+    target = torch.from_numpy(soft_targets(case.labels[case.slices], case.pixel_mm, card))
+    out = {"hu": hu, "target": target, "replay_hu": None, "replay_target": None}
+    if settings.replay_fraction > 0:
+        ks = _replay_slices(case.hu.shape[0], case.slices, MAX_REPLAY_SLICES)
+        if ks:
+            x, _ = prepare_slices(case.hu[ks], case.pixel_mm, card)
+            probs, _, _ = run_network(model, x, device, settings.batch_size, notes)
+            out["replay_hu"] = torch.from_numpy(
+                resample_planes(np.asarray(case.hu[ks], np.float32), work))
+            out["replay_target"] = torch.from_numpy(probs)
+            notes.append(f"{case.name}: replay of the base model's predictions on "
+                         f"{len(ks)} uncorrected slice(s)")
+    return out
+
+
+def network_input(hu, card: Mapping[str, Any]):
+    """torch HU (B, H, W) on the source grid -> network input (B, channels, h, w), as
+    inference.prepare_slices makes it (window, then window mean or bilinear by the factor)."""
+    from .epd_torch import bilinear_image_torch, epd_image_torch
+    from .windowing import window_channels
+
+    x = window_channels(hu, card["windows"])
+    k = int(card["factor"])
+    return epd_image_torch(x, k) if card["image_mode"] == "average" else bilinear_image_torch(x, k)
+
+
+def _batch(data, n_fit: int, n_replay: int, rng: np.random.Generator, settings, card, device):
+    import torch
+
+    hus, targets = [], []
+    for key, n in (("", n_fit), ("replay_", n_replay)):
+        if n == 0 or data[key + "hu"] is None:
+            continue
+        idx = torch.from_numpy(rng.integers(0, data[key + "hu"].shape[0], n))
+        hus.append(data[key + "hu"][idx])
+        targets.append(data[key + "target"][idx])
+    hu, target = torch.cat(hus).to(device), torch.cat(targets).to(device)
+    b = hu.shape[0]
+    shift = torch.from_numpy(rng.uniform(-settings.hu_shift, settings.hu_shift, b)
+                             .astype(np.float32)).to(device)
+    flip = torch.from_numpy(rng.random(b) < settings.flip).to(device)
+    hu = hu + shift.view(-1, 1, 1)
+    hu = torch.where(flip.view(-1, 1, 1), hu.flip(-1), hu)
+    target = torch.where(flip.view(-1, 1, 1, 1), target.flip(-1), target)
+    return network_input(hu, card), target
+
+
+def _evaluate(net, datas, card, device) -> Dict[str, float]:
+    """Mean MAE and Dice losses over the corrected slices (no augmentation)."""
+    import torch
+
+    from .losses import dice_loss, mae_loss
+
+    net.eval()
+    mae, dice, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for d in datas:
+            for i in range(d["hu"].shape[0]):
+                logits = net.logits(network_input(d["hu"][i:i + 1].to(device), card))
+                t = d["target"][i:i + 1].to(device)
+                mae += float(mae_loss(logits, t))
+                dice += float(dice_loss(logits, t))
+                n += 1
+    return {"mae": mae / n, "dice": dice / n}
+
+
+def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
+                settings: AdaptSettings = AdaptSettings(), *,
+                progress: Optional[Callable[[int, int, float], None]] = None,
+                should_cancel: Optional[Callable[[], bool]] = None) -> AdaptResult:
+    """Fine-tune a copy of ``model`` (from model_io.load_model with its ``card``) on the
+    corrected slices of ``cases``; the given model is left unchanged.
+
+    progress(step, steps, loss) after each step; should_cancel() is checked before each step
+    and raises inference.Cancelled (nothing is kept). AdaptError for unusable input."""
+    import torch
+
+    from .inference import select_device
+    from .losses import Criterion, parse_loss
+
+    _check_model(model, card)
+    if not cases:
+        raise AdaptError("no corrected cases given")
+    cases = [check_case(c) for c in cases]
+    notes: List[str] = []
+    device, reason = select_device(settings.device)
+    notes.append(f"device {device}: {reason}")
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    base = copy.deepcopy(model).to(device).eval()
+    datas = [_prepare(c, card, base, device, settings, notes) for c in cases]
+    net = copy.deepcopy(model).to(device)
+    before = _evaluate(net, datas, card, device)
+    criterion = Criterion(parse_loss(settings.loss)).to(device)
+    groups = [{"params": list(net.parameters()), "weight_decay": settings.weight_decay}]
+    if list(criterion.parameters()):
+        groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=settings.lr)
+    # cases drawn in proportion to their corrected slices
+    weights = np.array([len(c.slices) for c in cases], np.float64)
+    weights /= weights.sum()
+    history: List[float] = []
+    t0 = time.perf_counter()
+    for step in range(settings.steps):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"adapting cancelled after {step} of {settings.steps} steps")
+        d = datas[int(rng.choice(len(datas), p=weights))]
+        n_replay = int(round(settings.batch_size * settings.replay_fraction)) \
+            if d["replay_hu"] is not None else 0
+        n_replay = min(n_replay, settings.batch_size - 1)
+        x, target = _batch(d, settings.batch_size - n_replay, n_replay, rng, settings, card, device)
+        net.train()
+        loss, _ = criterion(net.logits(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, settings.steps, history[-1])
+    seconds = time.perf_counter() - t0
+    after = _evaluate(net, datas, card, device)
+    net = net.cpu().eval()
+    notes.append(f"{settings.steps} steps on {device} in {seconds:.1f} s")
+    return AdaptResult(net, history, before, after, seconds, notes)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def adapted_card(base_card: Mapping[str, Any], base_model: str, cases: Sequence[AdaptCase],
+                 settings: AdaptSettings, result: AdaptResult, command: str) -> Dict[str, Any]:
+    """The card of an adapted model: the base card's architecture, windows, factor, modes and
+    spacing; training records the base model, the cases and slices, the settings and the
+    losses on the corrected slices before and after. The base's metrics and evaluation no
+    longer describe this model: they are kept under training.data.base_model."""
+    skip = {"format", "format_version", "architecture", "classes", "windows", "factor",
+            "label_mode", "image_mode", "pixel_mm", "input_size", "training", "metrics"}
+    base_extra = {k: v for k, v in base_card.items() if k not in skip}
+    data = {
+        "kind": "adapted from corrected slices",
+        "base_model": {"path": str(base_model), "training": dict(base_card["training"]),
+                       "metrics": dict(base_card.get("metrics", {})), **base_extra},
+        "cases": [{"name": c.name, "slices": [int(k) for k in c.slices],
+                   "pixel_mm": [float(v) for v in c.pixel_mm],
+                   "shape_kji": [int(v) for v in np.shape(c.hu)]} for c in cases],
+        "replay": ("the base model's predictions on up to %d uncorrected slices per case"
+                   % MAX_REPLAY_SLICES) if settings.replay_fraction > 0 else "none",
+    }
+    training = {"data": data, "command": command, "seed": settings.seed,
+                "adapt_settings": settings.to_dict(),
+                "corrected_loss": {"before": result.before, "after": result.after},
+                "seconds": round(result.seconds, 2)}
+    return make_card(base_card["architecture"], windows=base_card["windows"],
+                     factor=base_card["factor"], label_mode=base_card["label_mode"],
+                     image_mode=base_card["image_mode"], pixel_mm=base_card["pixel_mm"],
+                     input_size=base_card["input_size"], training=training, metrics={},
+                     adapted_from=str(base_model))
+
+
+def check_destination(path, overwrite: bool = False) -> None:
+    """Before any work: ModelFileError for the bundled model's files or folder (even with
+    overwrite), FileExistsError for existing files without overwrite."""
+    from .resources import bundled_model_path
+
+    weights, card_path = model_paths(path)
+    try:
+        bundled = [p.resolve() for p in model_paths(bundled_model_path())]
+    except FileNotFoundError:       # a build without the bundled model: nothing to protect
+        bundled = []
+    if bundled and (weights.resolve() in bundled or card_path.resolve() in bundled
+                    or weights.resolve().parent == bundled[0].parent):
+        raise ModelFileError(f"{weights}: an adapted model is never written over or beside the "
+                             f"bundled model; choose another folder")
+    if not overwrite:
+        for p in (weights, card_path):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def save_adapted(path, model, card: Mapping[str, Any], *, overwrite: bool = False):
+    """Save an adapted model as a NEW file (model_io.save_model: atomic, safetensors + card).
+    Refuses the bundled model's files even with overwrite, and existing files without it."""
+    from .model_io import save_model
+
+    check_destination(path, overwrite)
+    return save_model(path, model, card, overwrite=overwrite)
+
+
+def describe(result: AdaptResult) -> str:
+    """One line: the loss on the corrected slices before and after, and the time."""
+    b, a = result.before, result.after
+    return (f"corrected slices: MAE {b['mae']:.4f} -> {a['mae']:.4f}, Dice loss "
+            f"{b['dice']:.4f} -> {a['dice']:.4f}; {len(result.history)} steps in "
+            f"{result.seconds:.1f} s")
+
+
+__all__ = ["AdaptCase", "AdaptError", "AdaptResult", "AdaptSettings", "adapt_model",
+           "adapted_card", "changed_slices", "check_case", "check_destination", "describe", "entropy_map",
+           "save_adapted", "slice_uncertainty", "soft_targets", "suggest_slices"]

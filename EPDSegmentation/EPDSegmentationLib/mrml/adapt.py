@@ -1,0 +1,168 @@
+"""The panel's "Improve model from corrected slices": MRML around core/adapt.py.
+
+    snapshot_result(scene, seg, ct)               # right after segmenting: remember the result
+    ... the user corrects some slices in the Segment Editor ...
+    outcome = improve_from_corrections(scene, ct, seg, model, card, "bundled", "site_model")
+    # outcome.slices: the slices the user changed; the other slices are re-segmented with
+    # outcome.model, saved at outcome.paths (never over the bundled model)
+
+The corrected slices are found by comparing the segmentation's labels with the stored
+original result (a hidden label map node tagged with the segmentation's ID), or given.
+uncertainty_volume adds the normalised entropy of a result's probabilities as an overlay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..core.adapt import (AdaptCase, AdaptSettings, adapt_model, adapted_card, changed_slices,
+                          check_destination,
+                          describe, entropy_map, save_adapted, slice_uncertainty, suggest_slices)
+from .nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, check_ct_volume, ijk_to_ras,
+                    slice_pixel_mm, volume_array)
+from .segmentation import fill_tissue_segmentation, labels_from_segmentation
+
+ORIGINAL_ROLE = "original-result"
+ORIGINAL_OF = "EPDSegmentation.OriginalOf"
+
+
+@dataclass
+class AdaptOutcome:
+    """model, card: the adapted model; paths: (weights, card) written; slices: the corrected
+    slices it learned from; resegmented: the slices segmented again with it; summary: one
+    line (loss before / after, time); notes: what happened."""
+
+    model: Any
+    card: dict
+    paths: Tuple[Any, Any]
+    slices: List[int]
+    resegmented: List[int]
+    summary: str
+    notes: List[str] = field(default_factory=list)
+
+
+def _grid(volume_node):
+    hu = volume_array(volume_node)
+    return ijk_to_ras(volume_node), hu.shape
+
+
+def original_node(scene, seg_node):
+    """The stored original result of ``seg_node`` (a hidden label map node), or None."""
+    nodes = scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetAttribute(ORIGINAL_OF) == seg_node.GetID():
+            return node
+    return None
+
+
+def snapshot_result(scene, seg_node, volume_node):
+    """Store the segmentation's current labels on the CT's grid as its original result (a
+    hidden label map node, replaced when it exists). Returns the node."""
+    import slicer
+
+    m, shape = _grid(volume_node)
+    labels, _ = labels_from_segmentation(seg_node, (m, shape))
+    node = original_node(scene, seg_node)
+    if node is None:
+        node = add_volume(scene, labels, m, f"{seg_node.GetName()} original", labelmap=True,
+                          role=ORIGINAL_ROLE)
+        node.SetAttribute(ORIGINAL_OF, seg_node.GetID())
+        node.SetHideFromEditors(True)
+        node.SetSelectable(False)
+    else:
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(labels))
+    return node
+
+
+def corrected_slices(scene, seg_node, volume_node) -> Tuple[np.ndarray, List[int]]:
+    """(labels (K, J, I) of the segmentation on the CT's grid, the slices that differ from
+    the stored original result). InputProblem without a stored original or without changes."""
+    import slicer
+
+    m, shape = _grid(volume_node)
+    labels, _ = labels_from_segmentation(seg_node, (m, shape))
+    node = original_node(scene, seg_node)
+    if node is None:
+        raise InputProblem(f"'{seg_node.GetName()}' has no stored original result to compare "
+                           f"with; mark the corrected slices instead")
+    slices = changed_slices(slicer.util.arrayFromVolume(node), labels)
+    if not slices:
+        raise InputProblem(f"no slice of '{seg_node.GetName()}' differs from the result as "
+                           f"segmented: correct some slices in the Segment Editor first")
+    return labels, slices
+
+
+def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[str, Any],
+                             base_model: str, output_path, *,
+                             slices: Optional[Sequence[int]] = None,
+                             settings: AdaptSettings = AdaptSettings(),
+                             resegment: bool = True, overwrite: bool = False,
+                             progress: Optional[Callable[[int, int, str], None]] = None,
+                             should_cancel: Optional[Callable[[], bool]] = None) -> AdaptOutcome:
+    """Adapt ``model`` to the slices the user corrected in ``seg_node`` (``slices``, default
+    the ones that differ from the stored original), save it at ``output_path`` (a new file;
+    never the bundled model), and re-segment the other slices with it (corrected slices are
+    kept as the user left them); the result becomes the new original.
+
+    progress(done, total, message); should_cancel() raises inference.Cancelled before
+    anything is written or changed. Bad input: InputProblem / AdaptError, nothing changed."""
+    from ..core.inference import predict_volume
+
+    check_ct_volume(volume_node)
+    check_destination(output_path, overwrite)
+    m, shape = _grid(volume_node)
+    if slices is None:
+        labels, slices = corrected_slices(scene, seg_node, volume_node)
+    else:
+        labels, _ = labels_from_segmentation(seg_node, (m, shape))
+    hu = np.asarray(volume_array(volume_node), np.float32)
+    pixel_mm = slice_pixel_mm(m)
+    case = AdaptCase(hu, labels, pixel_mm, list(slices), volume_node.GetName())
+    steps = settings.steps
+
+    def step_progress(step: int, total: int, loss: float) -> None:
+        if progress is not None:
+            progress(step, total + 1, f"adapting: step {step} of {total} (loss {loss:.3f})")
+
+    result = adapt_model(model, card, [case], settings, progress=step_progress,
+                         should_cancel=should_cancel)
+    new_card = adapted_card(card, str(base_model), [case], settings, result,
+                            command="EPD Segmentation panel: Improve model from corrected slices")
+    paths = save_adapted(output_path, result.model, new_card, overwrite=overwrite)
+    others: List[int] = []
+    if resegment:
+        others = [k for k in range(shape[0]) if k not in set(case.slices)]
+        if progress is not None:
+            progress(steps, steps + 1, f"re-segmenting {len(others)} slice(s)")
+        if others:
+            pred = predict_volume(hu, pixel_mm, result.model, new_card, device=settings.device,
+                                  slices=others)
+            labels = labels.copy()
+            labels[others] = pred.probabilities.argmax(axis=0).astype(np.uint8)
+        fill_tissue_segmentation(seg_node, labels, m, reference_volume=volume_node)
+        snapshot_result(scene, seg_node, volume_node)
+    if progress is not None:
+        progress(steps + 1, steps + 1, "done")
+    return AdaptOutcome(result.model, new_card, paths, list(case.slices), others,
+                        describe(result), result.notes)
+
+
+def uncertainty_volume(scene, volume_node, probabilities: np.ndarray, *, n_suggest: int = 3):
+    """(an uncertainty volume node (normalised entropy 0..1 of probabilities (C, K, J, I) on
+    the CT's grid) to overlay, the n_suggest most uncertain slices to correct first)."""
+    m, shape = _grid(volume_node)
+    probabilities = np.asarray(probabilities)
+    if probabilities.shape[1:] != tuple(shape):
+        raise InputProblem(f"probabilities {probabilities.shape[1:]} are not on the CT's grid "
+                           f"{tuple(shape)}")
+    node = add_volume(scene, entropy_map(probabilities), m,
+                      f"{volume_node.GetName()} uncertainty", probability=True, role="uncertainty")
+    return node, suggest_slices(slice_uncertainty(probabilities), n_suggest)
+
+
+__all__ = ["AdaptOutcome", "ORIGINAL_ROLE", "ROLE_ATTRIBUTE", "corrected_slices",
+           "improve_from_corrections", "original_node", "snapshot_result", "uncertainty_volume"]
