@@ -458,7 +458,7 @@ def test_unwritable_output_folder_is_refused_before_any_inference(cases, tiny_mo
     from EPDSegmentationLib.core import inference
 
     calls = []
-    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(inference, "slab_predictor", lambda *a, **k: calls.append(1))
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert _run(cases / "ct_a.nii.gz", "-o", blocker / "out", "--model",
@@ -494,12 +494,13 @@ def test_outputs_carry_their_provenance(cases, tiny_model_path, tmp_path):
 def test_a_failing_dicom_seg_keeps_the_other_outputs(cases, tiny_model_path, tmp_path,
                                                      capsys, monkeypatch):
     pytest.importorskip("highdicom")
+    from EPDSegmentationLib.cli import segment
     from EPDSegmentationLib.io import dicom_seg
 
     def broken(*a, **k):
         raise dicom_seg.DicomSegError("highdicom cannot read the SEG back")
 
-    monkeypatch.setattr(dicom_seg, "write_dicom_seg", broken)
+    monkeypatch.setattr(segment, "write_dicom_seg", broken)      # where segment_case finds it
     out = tmp_path / "out"
     assert _run(cases / "ct_dicom", "-o", out, "--model", tiny_model_path, "--slices", "1",
                 "--dicom-seg") == 1

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-
+from EPDSegmentationLib.core.atomic import atomic_file
+from EPDSegmentationLib.core.resources import SAMPLE_CT, SAMPLE_LABELS
 from EPDSegmentationLib.core.volume import Volume
-from .generate import PhantomSlice, subject_slices
+from EPDSegmentationLib.io import write_dicom_series, write_manifest, write_volume
+
+from .generate import PhantomSlice, make_slice, slice_positions, subject_slices
 
 FORMATS = ("nrrd", "nifti", "dicom")
 #: the bundled sample: subject, slice count and spacing (see Resources/Sample/README.md)
@@ -95,8 +98,6 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
     The split is by subject, fixed by seed.
     """
     from tqdm import tqdm
-
-    from EPDSegmentationLib.io import write_dicom_series, write_manifest, write_volume
 
     out = Path(out_dir)
     formats = tuple(formats)
@@ -197,11 +198,6 @@ def write_sample(out_dir: Union[str, Path], *, seed: int = SAMPLE_SEED,
                  overwrite: bool = False, progress: bool = True) -> List[Path]:
     """Write the bundled sample (EPDPhantomCT.nrrd, EPDPhantomCT-label.nrrd, README.md)."""
     from tqdm import tqdm
-
-    from EPDSegmentationLib.io import write_volume
-    from EPDSegmentationLib.core.atomic import atomic_file
-    from EPDSegmentationLib.core.resources import SAMPLE_CT, SAMPLE_LABELS
-    from .generate import make_slice, slice_positions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

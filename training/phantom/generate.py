@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
-
 from EPDSegmentationLib.core.classes import NUM_CLASSES
 from EPDSegmentationLib.core.epd import epd_labels
+
 from .anatomy import draw, subject_from_seed
 from .raster import Canvas
 from .tissues import CLASS_OF, CODE, TEXTURE_HU, mean_hu
+from .torso import level_centre, levels_span
 
 #: CT number outside the reconstruction circle (as scanners pad it)
 OUTSIDE_HU = -1024.0
@@ -101,16 +102,12 @@ def level_z(seed: int, level: str) -> float:
     """Height z (mm) of the middle of vertebral body ``level`` ('T11' .. 'L4') of subject
     ``seed`` in the torso anatomy (mid-L3 is near 0; each subject's column is shifted a
     little)."""
-    from .torso import level_centre
-
     return level_centre(subject_from_seed(int(seed)), level)
 
 
 def levels_z_range(seed: int, levels: Sequence[Union[str, float]]):
     """(z_low, z_high) mm of subject ``seed`` covered by ``levels``: two level names (e.g.
     ("T11", "L4"): from the disc below the lower to the disc above the upper) or heights."""
-    from .torso import levels_span
-
     return levels_span(subject_from_seed(int(seed)), levels)
 
 

@@ -13,17 +13,30 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+from EPDSegmentationLib.io import read_labels, read_volume
+from EPDSegmentationLib.io.images import read_itk
 
-from .stats import (IMAT, MUS, SAT, VAT, downsampling_area_errors, epd_vs_truth, image_stats,
-                    label_stats, mean_abs, mixed_window_pct, summarize)
+from .generate import make_slice
+from .sheet import SHARED_CANDIDATES, shared_sample_dir
+from .stats import (
+    IMAT,
+    MUS,
+    SAT,
+    VAT,
+    downsampling_area_errors,
+    epd_vs_truth,
+    image_stats,
+    label_stats,
+    mean_abs,
+    mixed_window_pct,
+    summarize,
+)
 
 FACTORS = (2, 4, 8)
 
 
 def phantom_rows(n_subjects: int, progress: bool = True) -> List[Dict[str, object]]:
     from tqdm import tqdm
-
-    from .generate import make_slice
 
     rows = []
     for seed in tqdm(range(n_subjects), desc="phantom slices", disable=not progress):
@@ -52,9 +65,6 @@ def phantom_rows(n_subjects: int, progress: bool = True) -> List[Dict[str, objec
 def real_rows(shared: Path) -> Dict[str, List[Dict[str, float]]]:
     """Image statistics per real slice: 'dicom' (T11/T12, 0.98 mm), 'l3' (3 mm), and mean HU
     inside the TotalSegmentator tissue masks ('masks')."""
-    from EPDSegmentationLib.io import read_labels, read_volume
-    from EPDSegmentationLib.io.images import read_itk
-
     out: Dict[str, List[Dict[str, float]]] = {"dicom": [], "l3": [], "masks": []}
     dcm = shared / "ct_dicom"
     if dcm.is_dir():
@@ -85,8 +95,6 @@ def _col(rows, key, fmt=summarize):
 
 def report(n_subjects: int = 40, shared: Optional[Path] = None, progress: bool = True) -> str:
     """The markdown tables (phantom beside real CT)."""
-    from .sheet import SHARED_CANDIDATES, shared_sample_dir
-
     shared = (shared_sample_dir() or SHARED_CANDIDATES[0]) if shared is None else Path(shared)
     ph = phantom_rows(n_subjects, progress)
     real = real_rows(shared) if shared.is_dir() else {"dicom": [], "l3": [], "masks": []}

@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-
+from EPDSegmentationLib.core.atomic import atomic_file
+from EPDSegmentationLib.io import read_labels, read_volume
 from EPDSegmentationLib.io.overlay import display_slice, overlay_rgb
+
+from .generate import make_slice
+from .stats import body_mask
 
 WINDOW = (-160.0, 240.0)   # W400 / L40
 #: phantom subjects shown: a spread of habitus, muscle quality, phase and tube voltage
@@ -46,8 +50,6 @@ def gray(hu: np.ndarray) -> np.ndarray:
 def body_box(hu: np.ndarray, pixel_mm: float, margin_mm: float = 12.0,
              below_mm: float = 45.0):
     """Slices (rows, cols) framing the body with a margin, and the table below it."""
-    from .stats import body_mask
-
     rows, cols = np.nonzero(body_mask(hu, pixel_mm))
     if len(rows) == 0:
         return slice(None), slice(None)
@@ -84,10 +86,6 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from EPDSegmentationLib.core.atomic import atomic_file
-    from .generate import make_slice
-    from .stats import body_mask
 
     shared = (shared_sample_dir() or SHARED_CANDIDATES[0]) if shared is None else Path(shared)
     columns = [(seed, None) for seed in seeds] + [tuple(v) for v in upper]
@@ -156,9 +154,6 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
 
 def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
     """HU histograms inside the body: the phantom slices against the real DICOM series."""
-    from EPDSegmentationLib.io import read_volume
-    from .stats import body_mask
-
     bins = np.linspace(-250, 250, 101)
     ax.hist(phantom_hu, bins=bins, density=True, histtype="step", color="#f5d24b",
             label="phantom, slices above")
@@ -178,8 +173,6 @@ def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
 def _real_panels(shared: Path):
     """{name: (image, title, rgb or None)} from the shared TotalSegmentator sample, if
     present: dicom (T12), crop (of it), l3, l2, upper0..2 (top of the T11-L2 volume, T12, L1)."""
-    from EPDSegmentationLib.io import read_labels, read_volume
-
     out = {}
     if not shared.is_dir():
         return out

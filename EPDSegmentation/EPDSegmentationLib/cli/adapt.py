@@ -17,6 +17,24 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..core.adapt import (
+    AdaptCase,
+    AdaptError,
+    AdaptSettings,
+    adapt_model,
+    adapted_card,
+    changed_slices,
+    check_destination,
+    describe,
+    save_adapted,
+    slice_uncertainty,
+    suggest_slices,
+)
+from ..core.inference import DeviceError, select_device
+from ..core.resources import bundled_model_path
+from ..io import read_labels, read_volume
+from .segment import parse_slices
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
@@ -44,13 +62,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
     """Returns the exit status; bad input raises ValueError / InputError (main prints it)."""
     import numpy as np
 
-    from ..core.adapt import (AdaptCase, AdaptError, AdaptSettings, adapt_model, adapted_card,
-                              changed_slices, check_destination, describe, save_adapted, slice_uncertainty,
-                              suggest_slices)
     from ..core.model_io import load_model
-    from ..core.resources import bundled_model_path
-    from ..io import read_labels, read_volume
-    from .segment import parse_slices
 
     if args.labels is None and not args.suggest:
         raise AdaptError("give --labels (the corrected segmentation), or --suggest N")
@@ -58,7 +70,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
         raise AdaptError("give -o/--output, the new model file")
     if args.output is not None:
         check_destination(args.output, args.overwrite)
-    from ..core.inference import DeviceError, select_device
 
     try:
         select_device(args.device)

@@ -28,6 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..core.atomic import atomic_file
 from ..core.classes import TISSUES
 from ..core.indices import INDEX_KEYS, HeightError, dicom_height_m, height_m, indices
+from ..core.levels import LevelError, find_levels, level_slices
+from ..io import read_volume
+from ..io.level_picture import write_level_png
+from .segment import EXPECTED_ERRORS, ct_problem, segment_case
 
 PROTOCOL_KEYS = ("MUS", "IMAT", "SAT", "VAT")
 COHORT_COLUMNS: Tuple[str, ...] = (
@@ -161,9 +165,6 @@ def choose_slices(case, vol, level: Optional[str], slab_mm: Optional[float], out
                   overwrite: bool) -> Tuple[List[int], Dict[str, object], List[Path]]:
     """Slices K to segment for ``level`` (all when None), the row's level columns and the
     files written (the levels picture). LevelError when the level cannot be found."""
-    from ..core.levels import LevelError, find_levels, level_slices
-    from ..io.level_picture import write_level_png
-
     n = vol.array.shape[0]
     if level is None:
         return list(range(n)), {"level": "", "level_source": "all slices"}, []
@@ -199,9 +200,6 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
     """Segment one case for the cohort: (CaseResult or None, cohort row). Never raises for
     a bad case: the row's status is "failed" (or "warning" when the areas are there but an
     index is not, e.g. an unusable height) and its message says why."""
-    from ..io import read_volume
-    from .segment import EXPECTED_ERRORS, ct_problem, segment_case
-
     row = cohort_row(case, shard, str(card.get("name", "")), model_version)
     if case.problem:
         row["message"] = case.problem

@@ -8,6 +8,17 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .. import __version__
+from ..core.errors import EPDError
+from ..core.inference import DeviceError, select_device
+from ..core.model_card import ModelFileError
+from ..core.resources import bundled_model_path
+from ..io.staging import check_output_folder
+from . import cohort
+from .adapt import add_arguments as add_adapt_arguments
+from .cohort import parse_shard
+from .segment import find_cases, format_summary, segment_case
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epdseg", description=__doc__)
@@ -71,7 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--factors", type=int, nargs="+", default=[2, 4, 8])
     demo.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
-    from .adapt import add_arguments as add_adapt_arguments   # issue 17: learn from corrections
     add_adapt_arguments(sub.add_parser(
         "adapt", help="fine-tune a model on slices you corrected (new model file)"))
     return parser
@@ -111,12 +121,7 @@ def _segment_cases(args) -> int:
 
     from tqdm import tqdm
 
-    from .. import __version__
-    from ..core.inference import select_device
     from ..core.model_io import load_model
-    from ..core.resources import bundled_model_path
-    from ..io.staging import check_output_folder
-    from .segment import find_cases, format_summary, segment_case
 
     check_output_folder(args.output)      # before any case: not after each inference
     cases = find_cases(args.inputs, strict=False, discover=args.series_uid is None)
@@ -177,8 +182,6 @@ def _segment_cases(args) -> int:
 
 
 def _cohort_mode(args) -> bool:
-    from .cohort import parse_shard
-
     args.shard_ij = parse_shard(args.shard)
     return bool(args.cohort or args.level or args.height is not None or args.protocol
                 or args.shard_ij is not None or args.slab_mm is not None)
@@ -188,12 +191,7 @@ def _segment_cohort(args, cases) -> int:
     """segment with a cohort table: per case the usual outputs, one row per case."""
     from tqdm import tqdm
 
-    from ..core.inference import DeviceError, select_device
-    from ..core.model_card import ModelFileError
     from ..core.model_io import load_model
-    from ..core.resources import bundled_model_path
-    from . import cohort
-    from .segment import format_summary
 
     if args.slab_mm is not None and not args.level:
         raise ValueError("--slab-mm needs --level")
@@ -243,8 +241,6 @@ def _segment_cohort(args, cases) -> int:
 
 
 def _merge(args) -> int:
-    from . import cohort
-
     path, report = cohort.merge(args.folder, args.output, overwrite=args.overwrite)
     n_rows = len(cohort.read_table(path))
     print(cohort.format_merge_report(path, report, n_rows))
@@ -259,7 +255,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
-    from ..core.errors import EPDError
 
     try:
         if args.command == "segment":

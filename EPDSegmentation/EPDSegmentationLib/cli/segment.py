@@ -39,11 +39,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.classes import NUM_CLASSES, TISSUES
+from .. import __version__
+from ..core import bodycomp, inference, stream
 from ..core.atomic import extension
+from ..core.classes import NUM_CLASSES, TISSUES
 from ..core.errors import EPDError, InputError
-from ..io.outputs import output_path, safe_stem
 from ..core.volume import hu_range_problem
+from ..io import overlay, read_manifest, read_volume
+from ..io.dicom_seg import DicomSegError, prepare_sources, write_dicom_seg
+from ..io.images import probabilities_slices
+from ..io.outputs import output_path, safe_stem
+from ..io.seg_nrrd import seg_nrrd_slices
+from ..io.staging import CaseStaging, case_state
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".ima")
 MANIFEST_EXTENSIONS = (".csv", ".json")
@@ -171,8 +178,6 @@ def _dicom_folder_cases(folder: Path) -> List[Case]:
 
 
 def _cases_of(path: Path, discover: bool = True) -> List[Case]:
-    from ..io import read_manifest
-
     if not path.exists():
         raise InputError(path, "no such file or folder")
     ext = extension(path)
@@ -289,8 +294,6 @@ def dicom_seg_sources(vol, path) -> List:
                                "highdicom); install it or drop --dicom-seg") from None
     import pydicom
 
-    from ..io.dicom_seg import DicomSegError, prepare_sources
-
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in vol.meta["files"]]
     try:
         prepare_sources(sources, vol.array.shape)
@@ -377,12 +380,6 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     ``traceback``) and leaves ``out_dir`` as it was; KeyboardInterrupt (SIGINT, and SIGTERM
     through cli.main) does too and is raised again. A DICOM SEG that fails does not take
     the other outputs with it: they are committed and the case is reported failed."""
-    from ..core import bodycomp, inference, stream
-    from ..io import overlay, read_volume
-    from ..io.images import probabilities_slices
-    from ..io.seg_nrrd import seg_nrrd_slices
-    from ..io.staging import CaseStaging, case_state
-
     t0 = time.perf_counter()
     if case.problem:
         return CaseResult(case, False, case.problem)
@@ -507,8 +504,6 @@ def _write_dicom_segs(sources, labels, probs, card, paths) -> Optional[CaseResul
     """Both SEG files into the staging folder; on failure remove both and return the
     failure (a CaseResult carrying the message and, for a bug, the traceback) instead of
     raising, so the case's other outputs are still committed."""
-    from ..io.dicom_seg import write_dicom_seg
-
     try:
         write_dicom_seg(paths["dicom_seg"], sources, labels=labels, model_card=card)
         write_dicom_seg(paths["dicom_fractional_seg"], sources, probabilities=probs,
@@ -526,8 +521,6 @@ def _write_dicom_segs(sources, labels, probs, card, paths) -> Optional[CaseResul
 def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None) -> Dict:
     """Where a case's outputs came from: the source path, its DICOM UIDs, the model's name
     and factor, this package's version, plus ``extra`` (the command line)."""
-    from .. import __version__
-
     meta = vol.meta
     prov = {"software": f"EPD Segmentation {__version__}",
             "source": str(Path(case.path).resolve()),

@@ -37,8 +37,18 @@ import numpy as np
 
 from .classes import NUM_CLASSES
 from .epd import epd_labels, nearest_labels
-from .inference import Cancelled, prepare_slices, resample_planes, resampled_shape, source_pixel_mm
+from .inference import (
+    Cancelled,
+    prepare_slices,
+    resample_planes,
+    resampled_shape,
+    run_network,
+    select_device,
+    source_pixel_mm,
+)
 from .model_card import ModelFileError, make_card, model_paths
+from .resources import bundled_model_path
+from .windowing import window_channels
 
 #: Slices of the model's own predictions used for replay at most, per case.
 MAX_REPLAY_SLICES = 16
@@ -225,8 +235,6 @@ def _prepare(case: AdaptCase, card, model, device, settings: AdaptSettings, note
     for the corrected and the replay slices."""
     import torch
 
-    from .inference import run_network
-
     work = resampled_shape(case.hu.shape[-2:], case.pixel_mm, source_pixel_mm(card))
     hu = torch.from_numpy(resample_planes(np.asarray(case.hu[case.slices], np.float32), work))
     target = torch.from_numpy(soft_targets(case.labels[case.slices], case.pixel_mm, card))
@@ -248,7 +256,6 @@ def network_input(hu, card: Mapping[str, Any]):
     """torch HU (B, H, W) on the source grid -> network input (B, channels, h, w), as
     inference.prepare_slices makes it (window, then window mean or bilinear by the factor)."""
     from .epd_torch import bilinear_image_torch, epd_image_torch
-    from .windowing import window_channels
 
     x = window_channels(hu, card["windows"])
     k = int(card["factor"])
@@ -306,7 +313,6 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
     and raises inference.Cancelled (nothing is kept). AdaptError for unusable input."""
     import torch
 
-    from .inference import select_device
     from .losses import Criterion, parse_loss
 
     _check_model(model, card)
@@ -391,8 +397,6 @@ def adapted_card(base_card: Mapping[str, Any], base_model: str, cases: Sequence[
 def check_destination(path, overwrite: bool = False) -> None:
     """Before any work: ModelFileError for the bundled model's files or folder (even with
     overwrite), FileExistsError for existing files without overwrite."""
-    from .resources import bundled_model_path
-
     weights, card_path = model_paths(path)
     try:
         bundled = [p.resolve() for p in model_paths(bundled_model_path())]

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .classes import class_by_key
+from .classes import TISSUES, class_by_key
 
 #: Adult heights accepted, metres; outside this a value is refused as implausible.
 HEIGHT_RANGE_M = (1.0, 2.5)
@@ -119,8 +119,6 @@ def protocol_measures(probabilities: np.ndarray, hu: np.ndarray,
 
 def soft_hu_means(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, float]:
     """Mean HU per tissue weighted by the network's probabilities: ``hu_mean_<KEY>``."""
-    from .classes import TISSUES
-
     p = np.asarray(probabilities, np.float64)
     h = np.asarray(hu, np.float64)
     out = {}

@@ -21,9 +21,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .epd import bilinear_image, epd_image, upsample_soft
-from .windowing import window_channels
+from .epd import bilinear_image, check_up_shape, epd_image, upsample_soft
 from .errors import DeviceError
+from .windowing import window_channels
 
 #: Relative spacing difference below which a slice is used as it is (no resampling).
 SPACING_TOLERANCE = 1e-3
@@ -230,8 +230,6 @@ def upsample_soft_fast(probs, work_shape: Sequence[int], factor: int):
     edges, the same taps as upsample_soft (equal to float32 rounding; tested). About 50
     times faster on the CPU than gathering the taps with index_select."""
     from torch.nn import functional as F
-
-    from .epd import check_up_shape
 
     k = int(factor)
     rows, cols = check_up_shape(tuple(probs.shape), tuple(work_shape), (k, k))

@@ -8,9 +8,10 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from ..core.volume import Volume
 from ..core.atomic import atomic_file, extension
+from ..core.volume import Volume
 from .errors import InputError
+from .nrrd_stream import nrrd_slices
 
 #: LPS <-> RAS: flip the first two axes
 FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -149,8 +150,6 @@ def probabilities_slices(path: Union[str, Path], ijk_to_ras, shape_kji, num_clas
     """The probability NRRD of write_probabilities (C-component float32 vector volume on the
     grid ijk_to_ras, LPS, gzip) written slice by slice in K order: the writer takes float32
     (n, J, I, C) slices (io.nrrd_stream.SliceWriter). Atomic."""
-    from .nrrd_stream import nrrd_slices
-
     path = Path(path)
     if extension(path) != ".nrrd" or path.name.lower().endswith(".seg.nrrd"):
         raise ValueError(f"{path}: probability maps are written as a plain .nrrd")

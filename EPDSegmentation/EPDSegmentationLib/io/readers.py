@@ -7,11 +7,13 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ..core.atomic import extension
 from ..core.classes import NUM_CLASSES
 from ..core.volume import Volume
-from ..core.atomic import extension
+from .dicom import read_dicom
 from .errors import InputError
 from .images import IMAGE_EXTENSIONS, read_itk
+from .seg_nrrd import read_seg_nrrd
 
 #: how far two grids may differ and still count as the same (mm, and for directions)
 GRID_TOL_MM = 1e-3
@@ -84,8 +86,6 @@ def read_volume(path: Union[str, Path], series_uid: Optional[str] = None) -> Vol
     format, modality, series_uid (DICOM: also files, sop_instance_uids, ...).
     Raises InputError naming the file and the problem.
     """
-    from .dicom import read_dicom
-
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or folder")
@@ -168,8 +168,6 @@ def read_labels(path: Union[str, Path], like: Optional[Volume] = None) -> Volume
     belong to; the label grid must match it (shape, spacing, orientation, origin).
     Raises InputError naming the file and the problem.
     """
-    from .seg_nrrd import read_seg_nrrd
-
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "label file not found")

@@ -18,10 +18,11 @@ from typing import Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
+from ..core.atomic import atomic_file
 from ..core.classes import CLASSES, NUM_CLASSES, TissueClass
 from ..core.volume import Volume
-from ..core.atomic import atomic_file
 from .errors import InputError
+from .nrrd_stream import nrrd_slices
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
 FRACTIONAL_RANGE = (-108, 108)
@@ -188,8 +189,6 @@ def seg_nrrd_slices(path: Union[str, Path], ijk_to_ras, shape_kji, *, fractional
     hard labels take uint8 (n, J, I) slices; fractional ones int8 (n, J, I, 5) Slicer values
     (-108..108, tissues 1..5, as stream.encode_fractional_torch gives them after moving the
     class axis last). Same header as write_seg_nrrd (provenance likewise); atomic."""
-    from .nrrd_stream import nrrd_slices
-
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ValueError(f"{path}: a Slicer segmentation file must end in .seg.nrrd")
