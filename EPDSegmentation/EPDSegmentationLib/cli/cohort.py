@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.atomic import atomic_file
+from ..core.bodycomp import csv_cell
 from ..core.classes import TISSUES
 from ..core.indices import INDEX_KEYS, HeightError, dicom_height_m, height_m, indices
 from ..core.levels import LevelError, find_levels, level_slices
@@ -96,14 +97,6 @@ def table_name(shard: Optional[Tuple[int, int]]) -> str:
 
 # ----------------------------------------------------------------------------- table IO
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
 def write_table(rows: Sequence[Dict[str, object]], path, *, overwrite: bool = True) -> Path:
     """The cohort table as CSV (COHORT_COLUMNS; NaN and None as empty cells), atomically."""
     with atomic_file(path, overwrite) as tmp:
@@ -111,7 +104,7 @@ def write_table(rows: Sequence[Dict[str, object]], path, *, overwrite: bool = Tr
             w = csv.writer(f)
             w.writerow(COHORT_COLUMNS)
             for row in rows:
-                w.writerow([_cell(row.get(k)) for k in COHORT_COLUMNS])
+                w.writerow([csv_cell(row.get(k)) for k in COHORT_COLUMNS])
     return Path(path)
 
 

@@ -208,7 +208,8 @@ def tissue_measures(probabilities, hu, spacing_mm: Sequence[float],
     return measures_from_sums(slice_sums(p, h), spacing_mm, idx)
 
 
-def _cell(value) -> str:
+def csv_cell(value) -> str:
+    """One CSV cell: empty for None and NaN, floats to 6 significant digits."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -229,7 +230,7 @@ def measures_to_csv(rows: Rows, path: Union[str, os.PathLike], *,
             writer = csv.writer(f)
             writer.writerow(COLUMN_KEYS)
             for row in rows:
-                writer.writerow([_cell(row[k]) for k in COLUMN_KEYS])
+                writer.writerow([csv_cell(row[k]) for k in COLUMN_KEYS])
     return Path(path)
 
 
