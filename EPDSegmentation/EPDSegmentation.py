@@ -927,6 +927,10 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
 
         text = (f"Done: {len(result.slices)} slice(s) on {result.device}. "
                 f"{summary_line(result.rows)}.")
+        smi = [r["index_cm2_m2"] for r in result.rows
+               if r.get("slice") == "all" and r.get("index") == "SMI"]
+        if smi:  # only with a height
+            text += f" SMI {smi[0]:.1f} cm2/m2 (indices in the table)."
         fallbacks = [n for n in result.notes if "out of memory" in n]
         return text + (" " + "; ".join(fallbacks) if fallbacks else "")
 

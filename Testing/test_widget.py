@@ -688,6 +688,7 @@ def test_height_gives_the_indices_in_the_measures_table(tiny):
     assert ui.heightStatusLabel.text == "unknown: no indices"
     _apply_range(h, 3, 3)
     assert "index_cm2_m2" not in rows()[("3", "MUS")]
+    assert "SMI" not in ui.statusLabel.text
     for value in (172.0, 1.72):                           # cm, or metres as core.indices reads it
         ui.heightSpinBox.value = value
         assert p.height == value and ui.heightStatusLabel.text.startswith("1.72 m")
@@ -701,6 +702,8 @@ def test_height_gives_the_indices_in_the_measures_table(tiny):
                 assert r["index_cm2_m2"] == pytest.approx(r["area_cm2"] / 1.72 ** 2)
         assert got[("3", "MSC")]["index"] == "" and np.isnan(got[("3", "MSC")]["index_cm2_m2"])
         assert np.isfinite(got[("3", "MUS")]["hu_mean"])    # mean muscle HU beside SMI
+        smi = got[("all", "MUS")]["index_cm2_m2"]
+        assert f"SMI {smi:.1f} cm2/m2" in ui.statusLabel.text, ui.statusLabel.text
     # a height in neither unit: said in the panel, Apply refuses with the reason
     ui.heightSpinBox.value = 50
     assert "ambiguous" in ui.heightStatusLabel.text
