@@ -630,7 +630,8 @@ def test_improve_model_from_corrected_slices(tiny, tmp_path, monkeypatch):
     _correct_slice(h, ct, 5)
     p.exportFolder = bundled_folder
     ui.improveButton.click()
-    assert "bundled model" in h.messages("error")[-1] and sorted(bundled_folder.iterdir()) == listing
+    assert "bundled model" in h.messages("error")[-1]
+    assert sorted(bundled_folder.iterdir()) == listing
     # one click back to the bundled model
     _choose(ui.modelSourceComboBox, "Bundled model")
     assert h.widget.logic.modelPathFor(p.modelSource, p.modelPath) == bundled_model_path()
