@@ -19,7 +19,7 @@ import vtk
 import slicer
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode,
                     vtkMRMLSegmentationNode, vtkMRMLTableNode)
-from slicer.parameterNodeWrapper import Choice, Minimum, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Minimum, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest,
                                            ScriptedLoadableModuleWidget)
@@ -32,6 +32,7 @@ from EPDSegmentationLib.mrml.dicom import (dicom_source, dicom_source_problem, m
                                            source_volume)
 from EPDSegmentationLib.mrml.nodes import (InputProblem, check_ct_volume, ijk_to_ras,
                                            slice_index_at, slice_pixel_mm, volume_array)
+from EPDSegmentationLib.mrml.adapt import snapshot_result
 from EPDSegmentationLib.mrml.preview import epd_preview
 from EPDSegmentationLib.mrml.workflow import (MODEL_SOURCES, OutputExists, device_line,
                                               export_results, model_path_for, model_predictor,
@@ -41,6 +42,9 @@ from EPDSegmentationLib.core.resources import bundled_model_path, sample_ct_path
 
 DEVICES = ["Auto", "CUDA", "MPS", "CPU"]
 SELECT_PROMPT = "Select a CT volume (or load the sample CT)."
+CORRECTIONS_HINT = "Correct a few slices in the Segment Editor, then improve the model."
+#: Slices the uncertainty map suggests correcting first.
+N_SUGGEST = 3
 RESEARCH_NOTICE = "For research use only, not for clinical decisions."
 SLICE_MODES = {"All slices": "all", "Slice under the red view": "current",
                "Slice range": "range"}
@@ -253,9 +257,13 @@ class EPDSegmentationParameterNode:
     file. device: where the network runs. sliceMode, firstSlice, lastSlice: which slices.
     outputSegmentation / outputTable: picked output nodes (None: create new).
     softSegmentation / softVolumes: soft-label outputs. previewSource, previewFactor,
-    previewClass, previewSoftKind: the EPD preview. exportFolder: where Export writes;
+    previewClass, previewSoftKind: the EPD preview. exportFolder: where Export writes
+    (and where an improved model is saved);
     exportDicomSeg: also write DICOM SEG (only for a CT loaded from DICOM).
     resultSegmentation: the last run's segmentation (Export saves it and its companions).
+    height: the patient's height, cm (0 = unknown; 1.0..2.5 is read as metres, as
+    core.indices.height_m does); with it the measures table has SMI, IMATI, SATI, VATI.
+    adaptSteps: fine-tuning steps of "Improve model from corrected slices".
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -277,6 +285,8 @@ class EPDSegmentationParameterNode:
     exportFolder: pathlib.Path
     exportDicomSeg: bool = False
     resultSegmentation: vtkMRMLSegmentationNode
+    height: Annotated[float, WithinRange(0.0, 250.0)] = 0.0
+    adaptSteps: Annotated[int, Minimum(1)] = 60
 
 
 #
@@ -298,6 +308,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._sceneClosed = False
         self._viewsBeforePreview = None  # capture_views before the first preview
         self._deviceLines = {}  # device choice -> line; asking torch once is enough
+        self._suggested = []    # slices the uncertainty map suggests correcting, in order
+        self._nextSuggested = 0
+        self._uncertaintyNode = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -318,6 +331,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3D)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onSegmentEditor)
         self.ui.restoreViewsButton.connect("clicked(bool)", self.onRestoreViews)
+        self.ui.improveButton.connect("clicked(bool)", self.onImprove)
+        self.ui.uncertaintyButton.connect("clicked(bool)", self.onShowUncertainty)
+        self.ui.goToSuggestedButton.connect("clicked(bool)", self.onGoToSuggested)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -336,6 +352,8 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._running:  # the run stops at its next progress report and adds nothing
             self._cancelRequested = self._sceneClosed = True
         self._viewsBeforePreview = None
+        self._setSuggested([], CORRECTIONS_HINT)
+        self._uncertaintyNode = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -397,6 +415,11 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DButton.enabled = bool(p.resultSegmentation) and not self._running
         self.ui.segmentEditorButton.enabled = bool(p.resultSegmentation) and not self._running
         self.ui.restoreViewsButton.enabled = self._viewsBeforePreview is not None
+        can_adapt = bool(p.resultSegmentation) and model_ok and not self._running
+        self.ui.improveButton.enabled = can_adapt
+        self.ui.uncertaintyButton.enabled = can_adapt
+        self.ui.goToSuggestedButton.enabled = bool(self._suggested) and not self._running
+        self.ui.heightStatusLabel.text = self.logic.heightSummary(p.height)
         problem = self.logic.dicomSegProblem(p.resultSegmentation, p.inputVolume)
         self.ui.exportDicomSegCheckBox.enabled = problem is None and not self._running
         self.ui.exportDicomSegCheckBox.toolTip = problem or (
@@ -442,6 +465,12 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._requirementsReady(MODEL_PACKAGES, "run the model"):
             return
         self._deviceLines.clear()  # torch may have just been installed: ask it again
+        try:
+            heightM = self.logic.heightMetres(p.height)
+        except ValueError as exc:
+            self.ui.statusLabel.text = f"Not done: {exc}"
+            slicer.util.errorDisplay(str(exc), windowTitle="EPD Segmentation")
+            return
         answers = [self._allowedToReplace(n) for n in (p.outputSegmentation, p.outputTable)]
         if False in answers:
             self.ui.statusLabel.text = ("Not done: the picked output holds data. Choose 'Create "
@@ -458,8 +487,9 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 segmentationNode=p.outputSegmentation, tableNode=p.outputTable,
                 replaceExisting=True in answers, softSegmentation=p.softSegmentation,
                 softVolumes=p.softVolumes, progress=self._progress,
-                shouldCancel=lambda: self._cancelRequested)
+                shouldCancel=lambda: self._cancelRequested, heightM=heightM)
             p.resultSegmentation = result.segmentation
+            self._setSuggested([], CORRECTIONS_HINT)  # suggestions were for the last result
             self._viewsBeforePreview = None  # the results layout replaces the preview's
             mrml_views.show_results(slicer.mrmlScene, p.inputVolume, result)
             slicer.util.resetSliceViews()
@@ -560,6 +590,118 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             openInSegmentEditor(p.resultSegmentation,
                                 source_volume(p.resultSegmentation) or p.inputVolume)
 
+    # --- learn from corrections
+
+    def _setSuggested(self, slices, text: str) -> None:
+        self._suggested, self._nextSuggested = list(slices), 0
+        self.ui.suggestionsLabel.text = text
+        self.ui.goToSuggestedButton.text = (f"Go to slice {slices[0]}" if slices
+                                            else "Go to slice")
+
+    def _runLong(self, work, what: str, unit: str):
+        """Run ``work()`` as Apply runs the model: buttons off, Cancel on, progress in
+        ``unit``; Cancelled and bad input end in the status line (and a message box for
+        errors). Returns work's result, or None when it did not finish."""
+        self._running, self._cancelRequested, self._sceneClosed = True, False, False
+        self.ui.progressBar.format = f"%v / %m {unit}"
+        self._updateGui()
+        try:
+            return work()
+        except Cancelled as exc:
+            self.ui.statusLabel.text = f"Cancelled: {exc}"
+        except (InputProblem, OutputExists, FileNotFoundError, FileExistsError, ValueError,
+                RuntimeError) as exc:
+            self.ui.statusLabel.text = f"Not done: {exc}"
+            slicer.util.errorDisplay(f"{what} failed.\n{exc}", windowTitle="EPD Segmentation")
+            logging.exception(f"EPD Segmentation: {what} failed")
+        finally:
+            self._running = False
+            self.ui.progressBar.format = "%v / %m slices"
+            self.ui.cancelButton.enabled = False
+            self._updateGui()
+            if self._sceneClosed:
+                self.ui.statusLabel.text = ("Cancelled: the scene was closed during the run; "
+                                            "nothing was changed.")
+        return None
+
+    def onImprove(self) -> None:
+        """Fine-tune the current model on the corrected slices, save it beside the scene,
+        switch the panel to it and segment the other slices again."""
+        p = self._parameterNode
+        if not self._requirementsReady(MODEL_PACKAGES, "adapt the model"):
+            return
+        segmentation = p.resultSegmentation
+        volume = source_volume(segmentation) or p.inputVolume
+
+        def work():
+            modelPath = self.logic.modelPathFor(p.modelSource, p.modelPath)
+            output = self.logic.adaptedModelPath(p.exportFolder, volume)
+            return self.logic.improveModel(
+                volume, segmentation, modelPath, output, device=p.device.lower(),
+                steps=p.adaptSteps, progress=self._progress,
+                shouldCancel=lambda: self._cancelRequested)
+
+        outcome = self._runLong(work, "Improving the model", "steps")
+        if outcome is None:
+            if self.ui.statusLabel.text.startswith("Cancelled"):
+                self.ui.statusLabel.text += " No model was saved; the segmentation is unchanged."
+            return
+        weights = pathlib.Path(outcome.paths[0])
+        p.modelSource, p.modelPath = "Model file", weights
+        self._setSuggested([], CORRECTIONS_HINT)
+        self.ui.statusLabel.text = (
+            f"Improved from corrected slice(s) {', '.join(map(str, outcome.slices))}: saved "
+            f"{weights.name} in {weights.parent}; {len(outcome.resegmented)} other slice(s) "
+            f"segmented again with it ({outcome.summary}). The panel now uses it: choose "
+            f"'Bundled model' under Model to switch back.")
+
+    def onShowUncertainty(self) -> None:
+        """Overlay the model's uncertainty on the segmented slices; list those to correct."""
+        p = self._parameterNode
+        if not self._requirementsReady(MODEL_PACKAGES, "run the model"):
+            return
+        segmentation = p.resultSegmentation
+        volume = source_volume(segmentation) or p.inputVolume
+
+        def work():
+            modelPath = self.logic.modelPathFor(p.modelSource, p.modelPath)
+            return self.logic.uncertainty(volume, segmentation, modelPath,
+                                          device=p.device.lower(), nSuggest=N_SUGGEST,
+                                          progress=self._progress,
+                                          shouldCancel=lambda: self._cancelRequested)
+
+        found = self._runLong(work, "The uncertainty map", "slices")
+        if found is None:
+            return
+        node, slices = found
+        if self._uncertaintyNode is not None and \
+                slicer.mrmlScene.IsNodePresent(self._uncertaintyNode):
+            slicer.mrmlScene.RemoveNode(self._uncertaintyNode)  # one map at a time
+        self._uncertaintyNode = node
+        mrml_views.show_overlay(slicer.mrmlScene, volume, node)
+        self._setSuggested(slices, "Correct first: slice" + ("s " if len(slices) > 1 else " ")
+                           + ", ".join(map(str, slices)) + " (the most uncertain).")
+        self._updateGui()
+        self.ui.statusLabel.text = (f"Uncertainty of '{node.GetName()}' over the CT (0 certain, "
+                                    f"1 uncertain).")
+
+    def onGoToSuggested(self) -> None:
+        """Move the red view to the next suggested slice (cycling through them)."""
+        if not self._suggested:
+            return
+        p = self._parameterNode
+        volume = source_volume(p.resultSegmentation) or p.inputVolume
+        i = self._nextSuggested % len(self._suggested)
+        k = self._suggested[i]
+        with slicer.util.tryWithErrorDisplay("Could not move the red view."):
+            mrml_views.jump_red_to_slice(slicer.mrmlScene, volume, k)
+            self._nextSuggested = i + 1
+            following = self._suggested[self._nextSuggested % len(self._suggested)]
+            self.ui.goToSuggestedButton.text = f"Go to slice {following}"
+            self.ui.statusLabel.text = (f"Red view on slice {k} ({i + 1} of "
+                                        f"{len(self._suggested)}): correct it in the Segment "
+                                        f"Editor.")
+
     def onRestoreViews(self) -> None:
         if self._viewsBeforePreview is not None:
             mrml_views.restore_views(slicer.mrmlScene, self._viewsBeforePreview)
@@ -613,6 +755,28 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
             self._model, self._modelKey = load_model(path), key
         return self._model
 
+    @staticmethod
+    def heightMetres(value) -> Optional[float]:
+        """The panel's height (cm; 0 = unknown) in metres, or None when unknown; a value of
+        1.0..2.5 is metres (core.indices.height_m). HeightError (a ValueError) says why a
+        value cannot be used."""
+        from EPDSegmentationLib.core.indices import height_m
+
+        if not value:
+            return None
+        return height_m(f"{float(value):g}", "Height")
+
+    @classmethod
+    def heightSummary(cls, value) -> str:
+        """One line for the panel: what the height field means now."""
+        try:
+            metres = cls.heightMetres(value)
+        except ValueError as exc:
+            return str(exc)
+        if metres is None:
+            return "unknown: no indices"
+        return f"{metres:.2f} m: SMI, IMATI, SATI, VATI in the table"
+
     # --- work
 
     @staticmethod
@@ -650,9 +814,11 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
     def segment(self, volumeNode, modelPath, *, device: str = "auto", slices=None,
                 segmentationNode=None, tableNode=None, replaceExisting: bool = False,
                 softSegmentation: bool = False, softVolumes: bool = False, batchSize: int = 8,
-                progress=None, shouldCancel=None):
+                progress=None, shouldCancel=None, heightM: Optional[float] = None):
         """Run the model on the volume's slices and build the outputs (see
-        mrml.workflow.segment_volume); returns its SegmentationResult."""
+        mrml.workflow.segment_volume); returns its SegmentationResult. heightM: the
+        patient's height in metres (heightMetres), for the indices in the table. The result
+        is remembered (mrml.adapt.snapshot_result) so that corrections can be found."""
         check_ct_volume(volumeNode)  # before the (slow) model load
         checkRequirements(MODEL_PACKAGES)
         if progress is not None:
@@ -661,12 +827,99 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         predict = model_predictor(model, card, volume_array(volumeNode),
                                   slice_pixel_mm(ijk_to_ras(volumeNode)),
                                   device=device, batch_size=batchSize)
-        return segment_volume(slicer.mrmlScene, volumeNode, predict, slices=slices,
-                              segmentation_node=segmentationNode, table_node=tableNode,
-                              replace_existing=replaceExisting,
-                              soft_segmentation=softSegmentation, soft_volumes=softVolumes,
-                              progress=progress, should_cancel=shouldCancel,
-                              model_card=model_summary(card, modelPath))
+        result = segment_volume(slicer.mrmlScene, volumeNode, predict, slices=slices,
+                                segmentation_node=segmentationNode, table_node=tableNode,
+                                replace_existing=replaceExisting,
+                                soft_segmentation=softSegmentation, soft_volumes=softVolumes,
+                                progress=progress, should_cancel=shouldCancel,
+                                model_card=model_summary(card, modelPath), height_m=heightM)
+        snapshot_result(slicer.mrmlScene, result.segmentation, volumeNode)
+        return result
+
+    @staticmethod
+    def segmentedSlices(volumeNode, segmentationNode):
+        """Slice indices K where the segmentation holds any tissue (what a run covered)."""
+        import numpy as np
+
+        from EPDSegmentationLib.mrml.segmentation import labels_from_segmentation
+
+        labels, _ = labels_from_segmentation(
+            segmentationNode, (ijk_to_ras(volumeNode), volume_array(volumeNode).shape))
+        return [int(k) for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))]
+
+    @staticmethod
+    def adaptedModelPath(folder, volumeNode) -> pathlib.Path:
+        """A new file name for an improved model: <folder>/<CT name>_adapted.safetensors,
+        numbered (_2, _3, ...) when taken, so nothing is overwritten. folder: the export
+        folder, or Slicer's default scene folder when none is set."""
+        from EPDSegmentationLib.core.model_card import model_paths
+        from EPDSegmentationLib.io.outputs import safe_stem
+
+        if folder is None or str(folder) in ("", "."):
+            folder = defaultExportFolder()
+        folder = pathlib.Path(folder)
+        if not folder.is_dir():
+            raise InputProblem(f"The folder for the improved model, {folder}, does not exist: "
+                               f"choose an existing export folder.")
+        stem = safe_stem(volumeNode.GetName() if volumeNode is not None else "")
+        for n in range(1, 1000):
+            path = folder / f"{stem}_adapted{'' if n == 1 else f'_{n}'}.safetensors"
+            if not any(x.exists() for x in model_paths(path)):
+                return path
+        raise InputProblem(f"{folder} already holds 999 improved models of '{stem}'.")
+
+    def improveModel(self, volumeNode, segmentationNode, modelPath, outputPath, *,
+                     device: str = "cpu", steps: int = 60, slices=None, progress=None,
+                     shouldCancel=None):
+        """Fine-tune a copy of the model at ``modelPath`` on the slices corrected in
+        ``segmentationNode`` (default: those differing from the result as segmented), save it
+        at ``outputPath`` (a new file, never the bundled model's) and segment the other
+        slices of the run again with it (mrml.adapt.improve_from_corrections). Returns its
+        AdaptOutcome; nothing is written or changed when it fails or is cancelled."""
+        from EPDSegmentationLib.core.adapt import AdaptSettings, check_destination
+        from EPDSegmentationLib.mrml.adapt import improve_from_corrections
+
+        if segmentationNode is None:
+            raise InputProblem("No result to learn from yet: click Apply first.")
+        check_ct_volume(volumeNode)
+        check_destination(outputPath)  # before the (slow) model load
+        checkRequirements(MODEL_PACKAGES)
+        covered = self.segmentedSlices(volumeNode, segmentationNode)
+        if progress is not None:
+            progress(0, steps + 1, "Loading the model...")
+        model, card = self.loadModel(modelPath)
+        settings = AdaptSettings(steps=int(steps), device=device)
+        return improve_from_corrections(slicer.mrmlScene, volumeNode, segmentationNode, model,
+                                        card, str(modelPath), outputPath, slices=slices,
+                                        settings=settings, resegment_slices=covered,
+                                        progress=progress, should_cancel=shouldCancel)
+
+    def uncertainty(self, volumeNode, segmentationNode, modelPath, *, device: str = "auto",
+                    nSuggest: int = 3, progress=None, shouldCancel=None):
+        """(a volume node with the model's uncertainty (normalised entropy 0..1) on the
+        slices the segmentation covers, 0 elsewhere; the nSuggest most uncertain of those
+        slices, to correct first)."""
+        from EPDSegmentationLib.core.inference import predict_volume
+        from EPDSegmentationLib.mrml.adapt import uncertainty_volume
+
+        if segmentationNode is None:
+            raise InputProblem("No result yet: click Apply first.")
+        check_ct_volume(volumeNode)
+        checkRequirements(MODEL_PACKAGES)
+        slices = self.segmentedSlices(volumeNode, segmentationNode)
+        if not slices:
+            raise InputProblem(f"'{segmentationNode.GetName()}' holds no tissue on any slice.")
+        if progress is not None:
+            progress(0, len(slices), "Loading the model...")
+        model, card = self.loadModel(modelPath)
+        report = None if progress is None else (
+            lambda d, t: progress(d, t, f"uncertainty: {d} of {t} slices"))
+        pred = predict_volume(volume_array(volumeNode),
+                              slice_pixel_mm(ijk_to_ras(volumeNode)), model, card,
+                              device=device, slices=slices, progress=report,
+                              should_cancel=shouldCancel)
+        return uncertainty_volume(slicer.mrmlScene, volumeNode, pred.probabilities,
+                                  n_suggest=nSuggest, slices=pred.slices)
 
     @staticmethod
     def resultSummary(result) -> str:
@@ -674,6 +927,10 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
 
         text = (f"Done: {len(result.slices)} slice(s) on {result.device}. "
                 f"{summary_line(result.rows)}.")
+        smi = [r["index_cm2_m2"] for r in result.rows
+               if r.get("slice") == "all" and r.get("index") == "SMI"]
+        if smi:  # only with a height
+            text += f" SMI {smi[0]:.1f} cm2/m2 (indices in the table)."
         fallbacks = [n for n in result.notes if "out of memory" in n]
         return text + (" " + "; ".join(fallbacks) if fallbacks else "")
 

@@ -516,3 +516,199 @@ def test_export_with_dicom_seg_for_a_ct_from_dicom(fresh, monkeypatch, tmp_path)
     assert np.array_equal(frames, labels)
     ui.softSegmentationCheckBox.checked = False
     ui.exportDicomSegCheckBox.checked = False
+
+
+# --- learn from corrections (issue 17) and the height's indices (issue 18)
+
+
+@pytest.fixture
+def tiny(fresh, tiny_model_path):
+    """The panel on a small CT (12 slices of 64 x 64, tissues of known HU: Testing/mrml/
+    scene.py) with the tiny model as 'Model file' and 2 fine-tuning steps, so each handler
+    runs in seconds on a CPU; the bundled model, height 0 and 60 steps again afterwards."""
+    import torch
+    from scene import add_ct, label_stack
+
+    h = fresh
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny network: thread barriers cost more than the work
+    ct = add_ct(h.scene, label_stack(12, 64), name="Small CT")
+    ui, p = _ui(h), _param(h)
+    ui.inputVolumeSelector.setCurrentNode(ct)
+    assert p.inputVolume is ct
+    _choose(ui.modelSourceComboBox, "Model file")
+    ui.modelPathLineEdit.currentPath = str(tiny_model_path) + ".safetensors"
+    ui.adaptStepsSpinBox.value = 2
+    assert p.adaptSteps == 2 and p.modelSource == "Model file"
+    yield h, ct
+    torch.set_num_threads(threads)
+    _choose(ui.modelSourceComboBox, "Bundled model")
+    ui.heightSpinBox.value = 0
+    p.adaptSteps = 60
+
+
+def _labels(h, ct):
+    from EPDSegmentationLib.mrml.nodes import ijk_to_ras, volume_array
+    from EPDSegmentationLib.mrml.segmentation import labels_from_segmentation
+
+    labels, _ = labels_from_segmentation(_param(h).resultSegmentation,
+                                         (ijk_to_ras(ct), volume_array(ct).shape))
+    return labels
+
+
+def _correct_slice(h, ct, k):
+    """What the user does in the Segment Editor: change the labels of slice k."""
+    from EPDSegmentationLib.mrml.nodes import ijk_to_ras
+    from EPDSegmentationLib.mrml.segmentation import fill_tissue_segmentation
+
+    labels = _labels(h, ct)
+    labels[k, 8:24, 8:24] = (labels[k, 8:24, 8:24] + 1) % 6
+    fill_tissue_segmentation(_param(h).resultSegmentation, labels, ijk_to_ras(ct),
+                             reference_volume=ct)
+    return labels[k].copy()
+
+
+def test_improve_model_from_corrected_slices(tiny, tmp_path, monkeypatch):
+    import json
+
+    import slicer
+
+    from EPDSegmentationLib.core.resources import bundled_model_path
+    from EPDSegmentationLib.io.outputs import safe_stem
+
+    h, ct = tiny
+    ui, p = _ui(h), _param(h)
+    tiny_path = p.modelPath
+    ui.exportDirectoryButton.directory = str(tmp_path)
+    taken = tmp_path / f"{safe_stem(ct.GetName())}_adapted.json"   # e.g. an earlier model
+    taken.write_text("not to be overwritten")
+    _apply_range(h, 3, 5)
+    assert ui.statusLabel.text.startswith("Done: 3 slice(s)"), ui.statusLabel.text
+    assert ui.improveButton.enabled and ui.uncertaintyButton.enabled
+    # nothing corrected yet (Apply stored the result to compare with): said, nothing written
+    ui.improveButton.click()
+    assert "Segment Editor" in h.messages("error")[-1] and list(tmp_path.iterdir()) == [taken]
+    corrected = _correct_slice(h, ct, 4)
+    # Cancel during the fine-tuning: no file, the segmentation and the model choice unchanged
+    calls = []
+
+    def events(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            assert ui.cancelButton.enabled and not ui.improveButton.enabled
+            ui.cancelButton.click()
+
+    monkeypatch.setattr(slicer.app, "processEvents", events)
+    ui.improveButton.click()
+    monkeypatch.undo()
+    assert ui.statusLabel.text.startswith("Cancelled") and "No model was saved" in \
+        ui.statusLabel.text, ui.statusLabel.text
+    assert list(tmp_path.iterdir()) == [taken] and p.modelPath == tiny_path
+    before = _labels(h, ct)
+    # the real run: a new model file beside the scene, used at once, the rest re-segmented
+    ui.improveButton.click()
+    stem = safe_stem(ct.GetName())                  # "Small_CT" (or Small_CT_1 ...)
+    assert ui.statusLabel.text.startswith(f"Improved from corrected slice(s) 4: saved "
+                                          f"{stem}_adapted_2.safetensors"), \
+        (ui.statusLabel.text, h.messages("error"))
+    assert "'Bundled model' under Model to switch back" in ui.statusLabel.text
+    first = tmp_path / f"{stem}_adapted_2.safetensors"           # the name was taken
+    assert taken.read_text() == "not to be overwritten"
+    card = json.loads(first.with_suffix(".json").read_text())
+    assert card["adapted_from"] == str(tiny_path)
+    assert card["training"]["data"]["cases"][0]["slices"] == [4]
+    assert p.modelSource == "Model file" and p.modelPath == first
+    assert ui.modelPathLineEdit.currentPath == str(first)
+    after = _labels(h, ct)
+    np.testing.assert_array_equal(after[4], corrected)             # the correction is kept
+    np.testing.assert_array_equal(after[6:], before[6:])           # unsegmented stay empty
+    assert not after[6:].any() and ui.progressBar.format == "%v / %m slices"
+    # never beside the bundled model, even when the export folder points there
+    bundled_folder = bundled_model_path().parent
+    listing = sorted(bundled_folder.iterdir())
+    _correct_slice(h, ct, 5)
+    p.exportFolder = bundled_folder
+    ui.improveButton.click()
+    assert "bundled model" in h.messages("error")[-1]
+    assert sorted(bundled_folder.iterdir()) == listing
+    # one click back to the bundled model
+    _choose(ui.modelSourceComboBox, "Bundled model")
+    assert h.widget.logic.modelPathFor(p.modelSource, p.modelPath) == bundled_model_path()
+    assert not ui.modelPathLineEdit.enabled and ui.applyButton.enabled
+    assert "adapted" not in ui.modelSummaryLabel.text.lower()
+
+
+def test_show_uncertainty_and_go_to_the_suggested_slices(tiny):
+    from EPDSegmentationLib.mrml.nodes import slice_index_at
+    from EPDSegmentationLib.mrml.views import composite_node, red_slice_ras
+
+    h, ct = tiny
+    ui = _ui(h)
+    _apply_range(h, 2, 11)
+    assert not ui.goToSuggestedButton.enabled
+    ui.uncertaintyButton.click()
+    assert h.messages("error") == [], h.messages("error")
+    node = h.widget._uncertaintyNode
+    import slicer
+
+    u = slicer.util.arrayFromVolume(node)
+    assert u.shape == slicer.util.arrayFromVolume(ct).shape
+    assert not u[:2].any()                               # only the segmented slices
+    assert 0 < u[2:].max() <= 1.0 + 1e-6
+    assert composite_node(h.scene, "Red").GetForegroundVolumeID() == node.GetID()
+    suggested = h.widget._suggested
+    assert len(suggested) == 3 and all(2 <= k <= 11 for k in suggested)
+    assert ui.suggestionsLabel.text == ("Correct first: slices " + ", ".join(map(str, suggested))
+                                        + " (the most uncertain).")
+    assert ui.goToSuggestedButton.enabled
+    assert ui.goToSuggestedButton.text == f"Go to slice {suggested[0]}"
+    for k in suggested[:2]:
+        ui.goToSuggestedButton.click()
+        assert slice_index_at(ct, red_slice_ras(h.scene)) == k
+    assert ui.goToSuggestedButton.text == f"Go to slice {suggested[2]}"
+    ui.uncertaintyButton.click()                          # one map at a time
+    maps = [h.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+            for i in range(_count(h, "vtkMRMLScalarVolumeNode"))]
+    assert sum(m.GetName().startswith(f"{ct.GetName()} uncertainty") for m in maps) == 1
+    _apply_range(h, 3, 3)                                 # a new result: old suggestions go
+    assert not ui.goToSuggestedButton.enabled and ui.suggestionsLabel.text.startswith("Correct a")
+
+
+def test_height_gives_the_indices_in_the_measures_table(tiny):
+    from EPDSegmentationLib.mrml.tables import table_rows
+    from EPDSegmentationLib.mrml.workflow import result_nodes
+
+    h, ct = tiny
+    ui, p = _ui(h), _param(h)
+
+    def rows():
+        table = result_nodes(h.scene, p.resultSegmentation)["table"]
+        return {(r["slice"], r["tissue"]): r for r in table_rows(table)}
+
+    assert ui.heightStatusLabel.text == "unknown: no indices"
+    _apply_range(h, 3, 3)
+    assert "index_cm2_m2" not in rows()[("3", "MUS")]
+    assert "SMI" not in ui.statusLabel.text
+    for value in (172.0, 1.72):                           # cm, or metres as core.indices reads it
+        ui.heightSpinBox.value = value
+        assert p.height == value and ui.heightStatusLabel.text.startswith("1.72 m")
+        _apply_range(h, 3, 3)
+        assert ui.statusLabel.text.startswith("Done"), ui.statusLabel.text
+        got = rows()
+        for key, name in (("MUS", "SMI"), ("IMAT", "IMATI"), ("SAT", "SATI"), ("VAT", "VATI")):
+            for sl in ("3", "all"):
+                r = got[(sl, key)]
+                assert r["index"] == name
+                assert r["index_cm2_m2"] == pytest.approx(r["area_cm2"] / 1.72 ** 2)
+        assert got[("3", "MSC")]["index"] == "" and np.isnan(got[("3", "MSC")]["index_cm2_m2"])
+        assert np.isfinite(got[("3", "MUS")]["hu_mean"])    # mean muscle HU beside SMI
+        smi = got[("all", "MUS")]["index_cm2_m2"]
+        assert f"SMI {smi:.1f} cm2/m2" in ui.statusLabel.text, ui.statusLabel.text
+    # a height in neither unit: said in the panel, Apply refuses with the reason
+    ui.heightSpinBox.value = 50
+    assert "ambiguous" in ui.heightStatusLabel.text
+    n = _count(h, "vtkMRMLSegmentationNode")
+    _apply_range(h, 3, 3)
+    assert ui.statusLabel.text.startswith("Not done: Height") and "ambiguous" in \
+        h.messages("error")[-1]
+    assert _count(h, "vtkMRMLSegmentationNode") == n

@@ -97,3 +97,30 @@ def test_uncertainty_overlay_and_suggestions(mrml):
     node, top = uncertainty_volume(mrml.scene, ct, p, n_suggest=1)
     assert top == [2]
     assert slicer.util.arrayFromVolume(node)[2].max() == pytest.approx(np.log(2) / np.log(6), abs=1e-4)
+
+
+def test_uncertainty_of_some_slices_only(mrml):
+    """The panel's map: probabilities of the segmented slices only; the others are 0 and
+    never suggested."""
+    truth = label_stack(8, 32)
+    ct = add_ct(mrml.scene, truth)
+    p = np.zeros((6, 3) + truth.shape[1:], np.float32)
+    p[1] = 1.0
+    p[1, 1], p[4, 1] = 0.5, 0.5
+    node, top = uncertainty_volume(mrml.scene, ct, p, n_suggest=2, slices=[2, 5, 6])
+    assert top[0] == 5 and set(top) <= {2, 5, 6}
+    u = slicer.util.arrayFromVolume(node)
+    assert u[5].max() > 0.3 and u[[2, 6]].max() < 1e-3          # certain slices: ~0
+    assert not np.delete(u, [2, 5, 6], axis=0).any()             # not computed: exactly 0
+    with pytest.raises(InputProblem, match="grid"):
+        uncertainty_volume(mrml.scene, ct, p, slices=[2, 5])
+
+
+def test_resegment_only_the_given_slices(mrml, tiny_model, tmp_path):
+    model, card = tiny_model
+    ct, seg, truth = _segmented(mrml, tiny_model, 5)
+    _correct(seg, ct, truth, [1])
+    out = improve_from_corrections(mrml.scene, ct, seg, model, card, "tiny", tmp_path / "s",
+                                   settings=AdaptSettings(steps=1, batch_size=2),
+                                   resegment_slices=[0, 1, 2])
+    assert out.slices == [1] and out.resegmented == [0, 2]

@@ -1,8 +1,9 @@
 """Render the module's panel for docs/panel.png from the real .ui, through the module's own
 Widget run against Slicer's Python layer (Testing/slicer_harness.py), in one consistent
-state: the sample CT loaded and slices 7-8 segmented with the bundled model, Model details
-collapsed, the EPD preview section open with the result as its source. Also draws the module
-icon. Needs ../shared/slicer-python, slicer-core, PySide6 and torch.
+state: the sample CT loaded and slices 7-8 segmented with the bundled model (height
+172 cm), Model details collapsed, "Learn from corrections" open, the EPD preview section
+open with the result as its source. Also draws the module icon. Needs ../shared/slicer-python,
+slicer-core, PySide6 and torch.
 
     PYTHONPATH=$PWD/EPDSegmentation:$PWD:$PWD/Testing \
         .venv/bin/python Testing/tools/render_panel.py            # docs/panel.png
@@ -36,6 +37,7 @@ def render(out: Path = PANEL_PNG, width: int = 440) -> Path:
         ui.sliceModeComboBox.currentIndex = ui.sliceModeComboBox.findText("Slice range")
         ui.firstSliceSpinBox.value, ui.lastSliceSpinBox.value = SLICES
         ui.softSegmentationCheckBox.checked = True
+        ui.heightSpinBox.value = 172          # the indices (SMI ...) in the measures table
         ui.applyButton.click()
         if not ui.statusLabel.text.startswith("Done"):
             raise RuntimeError(f"the run did not finish: {ui.statusLabel.text}")

@@ -100,13 +100,17 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
                              base_model: str, output_path, *,
                              slices: Optional[Sequence[int]] = None,
                              settings: AdaptSettings = AdaptSettings(),
-                             resegment: bool = True, overwrite: bool = False,
+                             resegment: bool = True,
+                             resegment_slices: Optional[Sequence[int]] = None,
+                             overwrite: bool = False,
                              progress: Optional[Callable[[int, int, str], None]] = None,
                              should_cancel: Optional[Callable[[], bool]] = None) -> AdaptOutcome:
     """Adapt ``model`` to the slices the user corrected in ``seg_node`` (``slices``, default
     the ones that differ from the stored original), save it at ``output_path`` (a new file;
     never the bundled model), and re-segment the other slices with it (corrected slices are
-    kept as the user left them); the result becomes the new original.
+    kept as the user left them); the result becomes the new original. resegment_slices:
+    the slices to segment again (default every slice not corrected; corrected ones are
+    skipped).
 
     progress(done, total, message); should_cancel() raises inference.Cancelled before
     anything is written or changed. Bad input: InputProblem / AdaptError, nothing changed."""
@@ -135,7 +139,9 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
     paths = save_adapted(output_path, result.model, new_card, overwrite=overwrite)
     others: List[int] = []
     if resegment:
-        others = [k for k in range(shape[0]) if k not in set(case.slices)]
+        candidates = range(shape[0]) if resegment_slices is None else sorted(
+            {int(k) for k in resegment_slices if 0 <= int(k) < shape[0]})
+        others = [k for k in candidates if k not in set(case.slices)]
         if progress is not None:
             progress(steps, steps + 1, f"re-segmenting {len(others)} slice(s)")
         if others:
@@ -151,17 +157,26 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
                         describe(result), result.notes)
 
 
-def uncertainty_volume(scene, volume_node, probabilities: np.ndarray, *, n_suggest: int = 3):
+def uncertainty_volume(scene, volume_node, probabilities: np.ndarray, *, n_suggest: int = 3,
+                       slices: Optional[Sequence[int]] = None):
     """(an uncertainty volume node (normalised entropy 0..1 of probabilities (C, K, J, I) on
-    the CT's grid) to overlay, the n_suggest most uncertain slices to correct first)."""
+    the CT's grid) to overlay, the n_suggest most uncertain slices to correct first).
+    With ``slices``, probabilities are (C, len(slices), J, I) for those slices only: the
+    other slices of the volume are 0 and never suggested."""
     m, shape = _grid(volume_node)
     probabilities = np.asarray(probabilities)
-    if probabilities.shape[1:] != tuple(shape):
+    ks = list(range(shape[0])) if slices is None else [int(k) for k in slices]
+    expected = (len(ks),) + tuple(shape[1:])
+    if probabilities.ndim != 4 or probabilities.shape[1:] != expected:
         raise InputProblem(f"probabilities {probabilities.shape[1:]} are not on the CT's grid "
-                           f"{tuple(shape)}")
-    node = add_volume(scene, entropy_map(probabilities), m,
+                           f"{expected}")
+    if any(not 0 <= k < shape[0] for k in ks):
+        raise InputProblem(f"slices outside the volume's 0..{shape[0] - 1}: {ks}")
+    entropy = np.zeros(tuple(shape), np.float32)
+    entropy[ks] = entropy_map(probabilities)
+    node = add_volume(scene, entropy, m,
                       f"{volume_node.GetName()} uncertainty", probability=True, role="uncertainty")
-    return node, suggest_slices(slice_uncertainty(probabilities), n_suggest)
+    return node, suggest_slices(slice_uncertainty(probabilities), n_suggest, slices=ks)
 
 
 __all__ = ["AdaptOutcome", "ORIGINAL_ROLE", "ROLE_ATTRIBUTE", "corrected_slices",

@@ -35,7 +35,13 @@ AREA_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (
                               "pixels its window covers)"),
     ("epd_error_pct", "EPD error", "%", "EPD minus original, % of original"),
 )
-TEXT_KEYS = ("slice", "tissue", "name")
+TEXT_KEYS = ("slice", "tissue", "name", "index")
+#: Added to the measures table when the patient's height is known (core/indices.py).
+INDEX_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (
+    ("index", "Index", "", "SMI (MUS), IMATI, SATI, VATI: area / height squared"),
+    ("index_cm2_m2", "Index value", "cm2/m2", "soft area (cm2) / height (m) squared; in "
+                                              "'all' rows from the mean area per slice"),
+)
 
 Rows = List[Dict[str, object]]
 
@@ -86,10 +92,28 @@ def fill_table(table_node, rows: Rows, columns: Sequence[Tuple[str, str, str, st
     table_node.EndModify(was_modifying)
 
 
-def fill_measures_table(table_node, rows: Rows) -> None:
+def index_rows(rows: Rows, height_m: float) -> Rows:
+    """Copies of the measure rows with ``index`` (SMI, IMATI, SATI, VATI; "" for MSC) and
+    ``index_cm2_m2`` = area_cm2 / height_m^2 (NaN for MSC). height_m: metres, already
+    checked (core.indices.height_m)."""
+    from ..core.indices import INDEX_KEYS, indices
+
+    out = []
+    for row in rows:
+        key = str(row["tissue"])
+        value = indices({key: float(row["area_cm2"])}, height_m).get(INDEX_KEYS.get(key, ""),
+                                                                     float("nan"))
+        out.append(dict(row, index=INDEX_KEYS.get(key, ""), index_cm2_m2=value))
+    return out
+
+
+def fill_measures_table(table_node, rows: Rows, height_m: Optional[float] = None) -> None:
     """The body-composition rows of bodycomp.tissue_measures, one row per slice and tissue
-    and the "all" rows."""
-    fill_table(table_node, rows, MEASURE_COLUMNS)
+    and the "all" rows; with the height (m) also the indices (INDEX_COLUMNS)."""
+    if height_m:
+        fill_table(table_node, index_rows(rows, height_m), MEASURE_COLUMNS + INDEX_COLUMNS)
+    else:
+        fill_table(table_node, rows, MEASURE_COLUMNS)
 
 
 def area_rows(original: np.ndarray, nearest: np.ndarray, epd: np.ndarray) -> Rows:

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import slicer
 
-from .nodes import numpy_matrix
+from .nodes import ijk_to_ras, numpy_matrix
 
 #: Custom layout: original | nearest 1/k | EPD 1/k, axial, above a table view.
 PREVIEW_LAYOUT_ID = 51701
@@ -79,6 +79,29 @@ def red_slice_ras(scene) -> np.ndarray:
     if node is None:
         raise RuntimeError("the scene has no red slice view")
     return numpy_matrix(node.GetSliceToRAS())[:3, 3]
+
+
+def jump_red_to_slice(scene, volume_node, k: int) -> None:
+    """Move the red slice view onto the centre of the volume's slice K (RAS mm)."""
+    dims = volume_node.GetImageData().GetDimensions()
+    if not 0 <= int(k) < dims[2]:
+        raise ValueError(f"slice {k} is outside '{volume_node.GetName()}' (0..{dims[2] - 1})")
+    centre = ijk_to_ras(volume_node) @ [(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0, int(k), 1.0]
+    red = slice_node(scene, "Red")
+    if red is None:
+        raise RuntimeError("the scene has no red slice view")
+    red.JumpSliceByOffsetting(float(centre[0]), float(centre[1]), float(centre[2]))
+
+
+def show_overlay(scene, volume, overlay, opacity: float = 0.5) -> None:
+    """``overlay`` (e.g. the uncertainty map) as the foreground over ``volume`` in every
+    slice view."""
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for i in range(composites.GetNumberOfItems()):
+        comp = composites.GetItemAsObject(i)
+        comp.SetBackgroundVolumeID(volume.GetID())
+        comp.SetForegroundVolumeID(overlay.GetID())
+        comp.SetForegroundOpacity(opacity)
 
 
 def _show_table(scene, table) -> None:

@@ -35,7 +35,7 @@ from .nodes import (InputProblem, add_volume, check_ct_volume, ijk_to_ras, place
                          volume_array, ROLE_ATTRIBUTE)
 from .segmentation import (FRACTIONAL_MIN, fill_fractional_segmentation,
                                 fill_tissue_segmentation, save_segmentation)
-from .tables import fill_measures_table, new_table, table_to_csv
+from .tables import fill_measures_table, index_rows, new_table, table_to_csv
 from ..io.outputs import output_path, probability_volume_path
 
 #: Slices per chunk between progress reports and cancel checks.
@@ -136,7 +136,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
                    chunk_slices: int = CHUNK_SLICES,
                    progress: Optional[Progress] = None,
                    should_cancel: Optional[Callable[[], bool]] = None,
-                   model_card: Optional[Mapping[str, Any]] = None) -> SegmentationResult:
+                   model_card: Optional[Mapping[str, Any]] = None,
+                   height_m: Optional[float] = None) -> SegmentationResult:
     """Segment a CT volume node into the tissue classes and measure them.
 
     slices: indices K (default all); segmentation_node / table_node: nodes the user picked
@@ -150,6 +151,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     The segmentations have the input as reference geometry; slices that were
     not processed are empty (probability 0). model_card: the model's card (or
     mrml.dicom.model_summary of it), kept on the segmentation for DICOM SEG export.
+    height_m: the patient's height in metres (checked by core.indices.height_m): the table
+    also gets SMI, IMATI, SATI, VATI (cm2/m2).
     """
     check_ct_volume(volume_node)
     _check_output(segmentation_node, replace_existing, "output segmentation")
@@ -202,6 +205,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
         raise Cancelled(f"cancelled after {total} of {total} slices; nothing was changed")
 
     rows = acc.rows(spacing_ijk(m))
+    if height_m:
+        rows = index_rows(rows, height_m)
     notes, device = acc.notes, acc.device
     name = volume_node.GetName()
     result = SegmentationResult(None, None, rows=rows, slices=slices, device=device,
@@ -220,7 +225,7 @@ def segment_volume(scene, volume_node, predict: Predict, *,
         result.segmentation = seg
         report(total, "creating the outputs: measures table")
         table = table_node or new_table(scene, f"{name} body composition", "measures")
-        fill_measures_table(table, rows)
+        fill_measures_table(table, rows, height_m)
         place_beside(table, volume_node)
         result.table = table
         if soft_segmentation:
