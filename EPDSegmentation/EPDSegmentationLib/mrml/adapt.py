@@ -24,6 +24,7 @@ from ..core.adapt import (AdaptCase, AdaptSettings, adapt_model, adapted_card, c
 from .nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, check_ct_volume, ijk_to_ras,
                     slice_pixel_mm, volume_array)
 from .segmentation import fill_tissue_segmentation, labels_from_segmentation
+from ..core.inference import predict_volume
 
 ORIGINAL_ROLE = "original-result"
 ORIGINAL_OF = "EPDSegmentation.OriginalOf"
@@ -114,8 +115,6 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
 
     progress(done, total, message); should_cancel() raises inference.Cancelled before
     anything is written or changed. Bad input: InputProblem / AdaptError, nothing changed."""
-    from ..core.inference import predict_volume
-
     check_ct_volume(volume_node)
     check_destination(output_path, overwrite)
     m, shape = _grid(volume_node)

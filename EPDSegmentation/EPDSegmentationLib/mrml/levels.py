@@ -11,13 +11,12 @@ import vtk
 from ..core.levels import Levels, find_levels
 from .nodes import InputProblem, check_ct_volume, ijk_to_ras, volume_array
 from .views import slice_node
+from ..core.levels import LevelError
 
 
 def node_levels(volume_node) -> Levels:
     """core.levels.find_levels on a scalar volume node (its own IJK-to-RAS; parent
     transforms are not applied). InputProblem with the reason when they cannot be found."""
-    from ..core.levels import LevelError
-
     check_ct_volume(volume_node)
     try:
         return find_levels(volume_array(volume_node), ijk_to_ras(volume_node))

@@ -22,6 +22,7 @@ import vtk
 from ..core import bodycomp
 from ..core.classes import TISSUES
 from .nodes import ROLE_ATTRIBUTE, unique_name
+from ..core.indices import INDEX_KEYS, indices
 
 #: (key, title, unit, description) of the preview's area table.
 AREA_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (
@@ -96,8 +97,6 @@ def index_rows(rows: Rows, height_m: float) -> Rows:
     """Copies of the measure rows with ``index`` (SMI, IMATI, SATI, VATI; "" for MSC) and
     ``index_cm2_m2`` = area_cm2 / height_m^2 (NaN for MSC). height_m: metres, already
     checked (core.indices.height_m)."""
-    from ..core.indices import INDEX_KEYS, indices
-
     out = []
     for row in rows:
         key = str(row["tissue"])

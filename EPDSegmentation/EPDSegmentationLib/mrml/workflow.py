@@ -37,6 +37,9 @@ from .segmentation import (FRACTIONAL_MIN, fill_fractional_segmentation,
                                 fill_tissue_segmentation, save_segmentation)
 from .tables import fill_measures_table, index_rows, new_table, table_to_csv
 from ..io.outputs import output_path, probability_volume_path
+from ..core.inference import select_device, slab_predictor
+from ..core.model_card import ModelFileError, read_card
+from ..core.resources import bundled_model_path
 
 #: Slices per chunk between progress reports and cancel checks.
 CHUNK_SLICES = 16
@@ -104,8 +107,6 @@ def model_predictor(model, card: Mapping[str, Any], hu: np.ndarray, pixel_mm, *,
 
     An out-of-memory fallback (smaller batch, then the CPU) found in one chunk is kept for
     the next chunks, so the panel does not retry the failing setting every chunk."""
-    from ..core.inference import slab_predictor
-
     return slab_predictor(hu, pixel_mm, model, card, device=device, batch_size=batch_size)
 
 
@@ -522,7 +523,6 @@ def describe_device(requested: str = "auto") -> Tuple[str, str]:
     except OSError as exc:  # a broken CUDA install: the panel must still come up
         return "", (f"PyTorch is installed but cannot be loaded ({exc}); reinstall it with "
                     f"the PyTorch Utils module")
-    from ..core.inference import select_device
 
     try:
         dev, reason = select_device(requested)
@@ -548,8 +548,6 @@ MODEL_SOURCES = ("Bundled model", "Model file")
 def model_path_for(source: str, path=None) -> Path:
     """The weights file for the panel's model choice; FileNotFoundError saying what is
     missing (short enough for the panel)."""
-    from ..core.resources import bundled_model_path
-
     if source == MODEL_SOURCES[0]:
         try:
             return bundled_model_path()
@@ -567,8 +565,6 @@ def model_path_for(source: str, path=None) -> Path:
 def model_status(source: str, path=None) -> Tuple[str, bool]:
     """(the panel's model summary, whether the model can be used), from the model card;
     torch is not needed."""
-    from ..core.model_card import ModelFileError, read_card
-
     try:
         card = read_card(model_path_for(source, path))
     except (FileNotFoundError, ModelFileError) as exc:
