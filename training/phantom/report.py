@@ -18,19 +18,8 @@ from EPDSegmentationLib.io.images import read_itk
 
 from .generate import make_slice
 from .sheet import SHARED_CANDIDATES, shared_sample_dir
-from .stats import (
-    IMAT,
-    MUS,
-    SAT,
-    VAT,
-    downsampling_area_errors,
-    epd_vs_truth,
-    image_stats,
-    label_stats,
-    mean_abs,
-    mixed_window_pct,
-    summarize,
-)
+from .stats import (IMAT, MUS, SAT, VAT, downsampling_area_errors, epd_vs_truth, image_stats,
+                    label_stats, mean_abs, mixed_window_pct, summarize)
 
 FACTORS = (2, 4, 8)
 

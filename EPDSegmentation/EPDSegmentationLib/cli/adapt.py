@@ -17,19 +17,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..core.adapt import (
-    AdaptCase,
-    AdaptError,
-    AdaptSettings,
-    adapt_model,
-    adapted_card,
-    changed_slices,
-    check_destination,
-    describe,
-    save_adapted,
-    slice_uncertainty,
-    suggest_slices,
-)
+from ..core.adapt import (AdaptCase, AdaptError, AdaptSettings, adapt_model, adapted_card,
+                          changed_slices, check_destination, describe, save_adapted,
+                          slice_uncertainty, suggest_slices)
 from ..core.inference import DeviceError, select_device
 from ..core.resources import bundled_model_path
 from ..io import read_labels, read_volume

@@ -37,15 +37,8 @@ import numpy as np
 
 from .classes import NUM_CLASSES
 from .epd import epd_labels, nearest_labels
-from .inference import (
-    Cancelled,
-    prepare_slices,
-    resample_planes,
-    resampled_shape,
-    run_network,
-    select_device,
-    source_pixel_mm,
-)
+from .inference import (Cancelled, prepare_slices, resample_planes, resampled_shape, run_network,
+                        select_device, source_pixel_mm)
 from .model_card import ModelFileError, make_card, model_paths
 from .resources import bundled_model_path
 from .windowing import window_channels
