@@ -319,6 +319,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = EPDSegmentationLogic()
+        self._lastResult = None   # the last Apply's SegmentationResult (Go to L3's cohort row)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -477,6 +478,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         "new' or agree to replace it.")
             return
         self._running, self._cancelRequested, self._sceneClosed = True, False, False
+        self._lastResult = None
         self._updateGui()
         try:
             slices = self.logic.slicesFor(p.inputVolume, SLICE_MODES[p.sliceMode],
@@ -489,6 +491,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 softVolumes=p.softVolumes, progress=self._progress,
                 shouldCancel=lambda: self._cancelRequested, heightM=heightM)
             p.resultSegmentation = result.segmentation
+            self._lastResult = result
             self._setSuggested([], CORRECTIONS_HINT)  # suggestions were for the last result
             self._viewsBeforePreview = None  # the results layout replaces the preview's
             mrml_views.show_results(slicer.mrmlScene, p.inputVolume, result)
@@ -532,7 +535,16 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p.sliceMode = "Slice under the red view"
         self.ui.statusLabel.text = f"L3 found at slice {k}; segmenting that slice."
+        self._lastResult = None
         self.onApply()
+        result = self._lastResult
+        if result is not None and list(result.slices) == [k]:
+            status = self.ui.statusLabel.text
+            table = self.logic.addCohortRow(p.inputVolume, result, "L3", k,
+                                            self.logic.heightMetres(p.height),
+                                            self.logic.modelPathFor(p.modelSource, p.modelPath))
+            self.ui.statusLabel.text = (f"{status} Row added to the table "
+                                        f"'{table.GetName()}'.")
 
     def onCancel(self) -> None:
         self._cancelRequested = True
@@ -799,6 +811,22 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
             raise InputProblem("No input volume: select a CT volume (or load the sample CT).")
         k, _ = go_to_level(slicer.mrmlScene, volumeNode, level)
         return k
+
+    @staticmethod
+    def addCohortRow(volumeNode, result, level: str, k: int, heightM, modelPath):
+        """The cohort table's row for this CT segmented at ``level`` (slice K): its areas,
+        mean HU and, with a height (m), the indices; one row per CT, replaced on a rerun.
+        Returns the table node ("Cohort"); the same columns as ``epdseg --cohort``."""
+        from EPDSegmentationLib.core.cohort import COHORT_COLUMNS, level_row
+        from EPDSegmentationLib.mrml.levels import add_cohort_row
+
+        z = ijk_to_ras(volumeNode) @ [0.0, 0.0, float(k), 1.0]
+        row = level_row(volumeNode.GetName(), result.rows, level=level, slices=[k],
+                        z_mm=float(z[2]), height_m=heightM, model=pathlib.Path(modelPath).stem,
+                        level_source="core.levels (panel)",
+                        series_uid=volumeNode.GetAttribute("DICOM.SeriesInstanceUID") or "",
+                        height_source="panel" if heightM else "")
+        return add_cohort_row(slicer.mrmlScene, row, COHORT_COLUMNS)
 
     @staticmethod
     def slicesFor(volumeNode, mode: str, first: int = 0, last: int = 0):

@@ -712,3 +712,39 @@ def test_height_gives_the_indices_in_the_measures_table(tiny):
     assert ui.statusLabel.text.startswith("Not done: Height") and "ambiguous" in \
         h.messages("error")[-1]
     assert _count(h, "vtkMRMLSegmentationNode") == n
+
+
+def test_go_to_l3_segments_the_level_and_fills_the_cohort_table(tiny):
+    """Go to L3 on a CT with a spine and pelvis (Testing/spine.py): the red view's slice is
+    segmented and the "Cohort" table gets this CT's row (level, slice, areas, mean HU, SMI
+    from the height); a second run replaces the row instead of adding one."""
+    import slicer
+    from spine import synthetic_ct
+
+    from EPDSegmentationLib.core.cohort import COHORT_COLUMNS
+    from EPDSegmentationLib.core.levels import find_levels
+    from EPDSegmentationLib.mrml.levels import cohort_rows_from_table
+    from EPDSegmentationLib.mrml.nodes import vtk_matrix
+
+    h, _ = tiny
+    ui, p = _ui(h), _param(h)
+    hu, m, _ = synthetic_ct(3.0, 3.0)
+    ct = h.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Spine CT")
+    slicer.util.updateVolumeFromArray(ct, np.rint(hu).astype(np.int16))
+    ct.SetIJKToRASMatrix(vtk_matrix(m))
+    ui.inputVolumeSelector.setCurrentNode(ct)
+    ui.heightSpinBox.value = 172.0
+    k = find_levels(np.rint(hu), m).slice_of("L3")
+    for _ in range(2):
+        ui.goToL3Button.click()
+        assert "Row added to the table 'Cohort'" in ui.statusLabel.text, ui.statusLabel.text
+        tables = [t for t in h.scene.GetNodesByClass("vtkMRMLTableNode")
+                  if t.GetName() == "Cohort"]
+        assert len(tables) == 1
+        rows = cohort_rows_from_table(tables[0])
+        assert len(rows) == 1 and tables[0].GetTable().GetNumberOfColumns() == len(COHORT_COLUMNS)
+    row = rows[0]
+    assert (row["case"], row["level"], int(row["slice"]), row["status"]) == ("Spine CT", "L3", k,
+                                                                             "ok")
+    assert row["SMI"] == pytest.approx(row["area_cm2_MUS"] / 1.72 ** 2)
+    assert np.isfinite(row["hu_mean_MUS"]) and row["model"] == "tiny"

@@ -9,7 +9,7 @@ import pytest
 
 import slicer
 
-from EPDSegmentationLib.cli.cohort import COHORT_COLUMNS
+from EPDSegmentationLib.core.cohort import COHORT_COLUMNS
 from EPDSegmentationLib.core.levels import find_levels
 from EPDSegmentationLib.mrml.levels import cohort_rows_from_table, fill_cohort_table, go_to_level
 from EPDSegmentationLib.mrml.nodes import InputProblem, vtk_matrix

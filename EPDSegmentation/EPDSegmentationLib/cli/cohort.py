@@ -27,25 +27,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.atomic import atomic_file
 from ..core.bodycomp import csv_cell
-from ..core.classes import TISSUES
+from ..core.cohort import COHORT_COLUMNS
 from ..core.indices import INDEX_KEYS, HeightError, dicom_height_m, height_m, indices
 from ..core.levels import LevelError, find_levels, level_slices
 from ..io import read_volume
 from ..io.level_picture import write_level_png
 from .segment import EXPECTED_ERRORS, ct_problem, segment_case
 
-PROTOCOL_KEYS = ("MUS", "IMAT", "SAT", "VAT")
-COHORT_COLUMNS: Tuple[str, ...] = (
-    ("case", "status", "message", "source", "patient_id", "study_uid", "series_uid",
-     "level", "level_source", "slice", "n_slices", "z_mm", "slab_mm")
-    + tuple(f"area_cm2_{c.key}" for c in TISSUES)
-    + tuple(f"hu_mean_{c.key}" for c in TISSUES)
-    + tuple(f"protocol_area_cm2_{k}" for k in PROTOCOL_KEYS)
-    + tuple(f"protocol_hu_mean_{k}" for k in PROTOCOL_KEYS)
-    + ("height_m", "height_source", "weight_kg", "sex")
-    + tuple(INDEX_KEYS.values())
-    + tuple(f"protocol_{v}" for v in INDEX_KEYS.values())
-    + ("model", "model_version", "shard"))
 SHARD_RE = re.compile(r"cohort\.shard-(\d+)-of-(\d+)\.(csv|json)$")
 
 

@@ -8,10 +8,9 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import vtk
 
-from ..core.levels import Levels, find_levels
-from .nodes import InputProblem, check_ct_volume, ijk_to_ras, volume_array
+from ..core.levels import LevelError, Levels, find_levels
+from .nodes import ROLE_ATTRIBUTE, InputProblem, check_ct_volume, ijk_to_ras, volume_array
 from .views import slice_node
-from ..core.levels import LevelError
 
 
 def node_levels(volume_node) -> Levels:
@@ -89,3 +88,21 @@ def cohort_rows_from_table(table_node) -> List[Dict[str, object]]:
                 else value
         out.append(row)
     return out
+
+
+#: Role of the panel's cohort table (one row per CT segmented at a level in this scene).
+COHORT_ROLE = "cohort"
+
+
+def add_cohort_row(scene, row: Dict[str, object], columns: Sequence[str]):
+    """Put ``row`` into the scene's cohort table (made on first use, named "Cohort"): a row
+    of the same case is replaced, others are kept. Returns the table node."""
+    nodes = scene.GetNodesByClass("vtkMRMLTableNode")
+    table = next((nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())
+                  if nodes.GetItemAsObject(i).GetAttribute(ROLE_ATTRIBUTE) == COHORT_ROLE), None)
+    if table is None:
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", "Cohort")
+        table.SetAttribute(ROLE_ATTRIBUTE, COHORT_ROLE)
+    rows = [r for r in cohort_rows_from_table(table) if r.get("case") != row["case"]]
+    fill_cohort_table(table, rows + [row], columns)
+    return table
