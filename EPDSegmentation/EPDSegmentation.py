@@ -854,7 +854,8 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         model, card = self.loadModel(modelPath)
         predict = model_predictor(model, card, volume_array(volumeNode),
                                   slice_pixel_mm(ijk_to_ras(volumeNode)),
-                                  device=device, batch_size=batchSize)
+                                  device=device, batch_size=batchSize,
+                                  ijk_to_ras=ijk_to_ras(volumeNode))
         result = segment_volume(slicer.mrmlScene, volumeNode, predict, slices=slices,
                                 segmentation_node=segmentationNode, table_node=tableNode,
                                 replace_existing=replaceExisting,
@@ -945,7 +946,7 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         pred = predict_volume(volume_array(volumeNode),
                               slice_pixel_mm(ijk_to_ras(volumeNode)), model, card,
                               device=device, slices=slices, progress=report,
-                              should_cancel=shouldCancel)
+                              should_cancel=shouldCancel, ijk_to_ras=ijk_to_ras(volumeNode))
         return uncertainty_volume(slicer.mrmlScene, volumeNode, pred.probabilities,
                                   n_suggest=nSuggest, slices=pred.slices)
 

@@ -727,7 +727,7 @@ def test_go_to_l3_segments_the_level_and_fills_the_cohort_table(tiny):
     from EPDSegmentationLib.mrml.nodes import vtk_matrix
 
     h, _ = tiny
-    ui, p = _ui(h), _param(h)
+    ui = _ui(h)
     hu, m, _ = synthetic_ct(3.0, 3.0)
     ct = h.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Spine CT")
     slicer.util.updateVolumeFromArray(ct, np.rint(hu).astype(np.int16))

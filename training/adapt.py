@@ -56,7 +56,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         if not slices:
             raise AdaptError(f"{row['label']}: holds no labels (no corrected slice)")
         si, sj, _ = ct.spacing
-        cases.append(AdaptCase(ct.array, labels, (sj, si), slices, str(row["image"])))
+        cases.append(AdaptCase(ct.array, labels, (sj, si), slices, str(row["image"]),
+                               ct.ijk_to_ras))
         print(f"{row['image']}: {len(slices)} corrected slice(s)")
     result = adapt_model(model, card, cases, settings,
                          progress=lambda s, n, loss: print(f"  step {s}/{n}: loss {loss:.4f}")

@@ -108,13 +108,15 @@ def main(argv=None) -> int:
         ct = read_volume(args.data / "ct_t11_l2.nii.gz")
         hu, ref = ct.array, reference_labels(ct, args.data)
         si, sj, _ = ct.spacing
+        m = ct.ijk_to_ras    # the NIfTI is stored RAS+: flipped for the network (orientation)
         source = f"the real CT {args.data / 'ct_t11_l2.nii.gz'} with TotalSegmentator's masks"
     else:
         hu, ref, (sj, si) = shifted_phantom(args.phantom_seed, args.phantom_slices)
+        m = None             # phantom slices are stored as the network was trained
         source = (f"a held-out torso phantom (seed {args.phantom_seed}, {args.phantom_slices} "
                   f"slices T11 to L4) with muscle 30 HU darker and a smoother kernel")
     model, card = load_model(bundled_model_path())
-    base = predict_volume(hu, (sj, si), model, card, device="cpu")
+    base = predict_volume(hu, (sj, si), model, card, device="cpu", ijk_to_ras=m)
     order = suggest_slices(slice_uncertainty(base.probabilities), hu.shape[0],
                            min_gap=1)
     K = hu.shape[0]
@@ -133,13 +135,14 @@ def main(argv=None) -> int:
                 chosen = []
             t0 = time.perf_counter()
             if chosen:
-                res = adapt_model(model, card, [AdaptCase(hu, ref, (sj, si), chosen, "curve")],
+                res = adapt_model(model, card, [AdaptCase(hu, ref, (sj, si), chosen, "curve", m)],
                                   settings)
                 net, secs = res.model, res.seconds
             else:
                 net, secs = model, 0.0
             held = [i for i in range(K) if i not in chosen]
-            pred = predict_volume(hu, (sj, si), net, card, device="cpu").probabilities.argmax(0)
+            pred = predict_volume(hu, (sj, si), net, card, device="cpu",
+                                  ijk_to_ras=m).probabilities.argmax(0)
             row = {"k": k, "strategy": strategy, "seed": seed, "slices": chosen,
                    "adapt_s": round(secs, 1), "dice": dice_on(pred, ref, held)}
             rows.append(row)

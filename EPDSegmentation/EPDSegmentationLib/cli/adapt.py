@@ -74,7 +74,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
     if args.suggest:
         from ..core.inference import predict_volume
 
-        pred = predict_volume(ct.array, (sj, si), model, card, device=args.device)
+        pred = predict_volume(ct.array, (sj, si), model, card, device=args.device,
+                              ijk_to_ras=ct.ijk_to_ras)
         scores = slice_uncertainty(pred.probabilities)
         top = suggest_slices(scores, args.suggest)
         print("most uncertain slices (correct these first): " +
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
         slices = [int(k) for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))]
         if not slices:
             raise AdaptError(f"{args.labels} holds no labels")
-    case = AdaptCase(ct.array, labels, (sj, si), slices, str(args.image))
+    case = AdaptCase(ct.array, labels, (sj, si), slices, str(args.image), ct.ijk_to_ras)
     print(f"adapting {model_path} on {len(slices)} corrected slice(s) {slices} of {args.image}")
 
     def progress(step: int, steps: int, loss: float) -> None:

@@ -221,7 +221,8 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
 
         si, sj, _ = vol.spacing
         pred = inference.predict_volume(vol.array, (sj, si), model, card, device=device,
-                                        batch_size=batch_size, slices=k_idx)
+                                        batch_size=batch_size, slices=k_idx,
+                                        ijk_to_ras=vol.ijk_to_ras)
         row.update(protocol_measures(pred.probabilities, vol.array[k_idx], vol.spacing))
     try:
         metres, source = resolve_height(height, case.info, facts)

@@ -406,7 +406,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         si, sj, sk = vol.spacing
         grid = vol.array.shape
         predict = inference.slab_predictor(vol.array, (sj, si), model, card, device=device,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, ijk_to_ras=vol.ijk_to_ras)
         acc = stream.Accumulator()
         held = _Held(grid, len(k_idx)) if dicom_seg else None
         shown_labels = None

@@ -40,6 +40,7 @@ from .epd import epd_labels, nearest_labels
 from .inference import (Cancelled, prepare_slices, resample_planes, resampled_shape, run_network,
                         select_device, source_pixel_mm)
 from .model_card import ModelFileError, make_card, model_paths
+from .orientation import network_flips
 from .resources import bundled_model_path
 from .windowing import window_channels
 
@@ -55,13 +56,16 @@ class AdaptError(ValueError):
 class AdaptCase:
     """One corrected scan. hu: (K, J, I) HU; labels: (K, J, I) class indices 0..5 on the same
     grid (the corrected result; only ``slices`` are read); pixel_mm: (row, col) = (J, I) mm;
-    slices: the corrected slice indices K; name: says where it came from (in the card)."""
+    slices: the corrected slice indices K; name: says where it came from (in the card);
+    ijk_to_ras (4, 4): the grid's geometry, so the slices are put into the orientation the
+    network was trained in (core.orientation; None: used as stored), as inference does."""
 
     hu: np.ndarray
     labels: np.ndarray
     pixel_mm: Tuple[float, float]
     slices: List[int]
     name: str = "case"
+    ijk_to_ras: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -152,6 +156,11 @@ def check_case(case: AdaptCase) -> AdaptCase:
     pixel_mm = tuple(float(v) for v in case.pixel_mm)
     if len(pixel_mm) != 2 or not all(math.isfinite(v) and v > 0 for v in pixel_mm):
         raise AdaptError(f"{case.name}: pixel_mm must be (row mm, column mm) > 0; got {case.pixel_mm!r}")
+    if case.ijk_to_ras is not None:    # into the network's orientation, as inference does
+        flip_rows, flip_cols, _ = network_flips(case.ijk_to_ras)
+        axes = tuple(a for a, f in ((1, flip_rows), (2, flip_cols)) if f)
+        if axes:
+            hu, labels = np.flip(hu, axes), np.flip(labels, axes)
     return AdaptCase(hu, labels, pixel_mm, slices, case.name)
 
 

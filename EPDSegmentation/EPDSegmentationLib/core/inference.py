@@ -23,6 +23,7 @@ import numpy as np
 
 from .epd import bilinear_image, check_up_shape, epd_image, upsample_soft
 from .errors import DeviceError
+from .orientation import network_flips
 from .windowing import window_channels
 
 #: Relative spacing difference below which a slice is used as it is (no resampling).
@@ -250,17 +251,25 @@ def restore_probabilities_torch(probs, work_shape: Sequence[int], input_shape: S
 
 
 def predict_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
-                 device, batch_size: int, notes: List[str], **network):
+                 device, batch_size: int, notes: List[str],
+                 flips: Tuple[bool, bool] = (False, False), **network):
     """One slab of HU slices (n, J, I) -> (probabilities as a torch tensor (C, n, J, I)
     float32 on the device the network ended on, that device, the batch size that worked).
 
     The network input is prepared on the host; the soft maps are upsampled and resampled
-    back to the input grid on the device. ``network``: progress, should_cancel,
-    done_offset, total, passed to run_network."""
+    back to the input grid on the device. flips: (rows, columns) to flip into the network's
+    orientation (orientation.network_flips) and back. ``network``: progress,
+    should_cancel, done_offset, total, passed to run_network."""
+    flip_rows, flip_cols = flips
+    if flip_rows or flip_cols:
+        hu = np.ascontiguousarray(hu[:, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
     x, work = prepare_slices(hu, pixel_mm, card)
     probs, device, batch_size = run_network(model, x, device, batch_size, notes,
                                             as_tensor=True, **network)
-    full = restore_probabilities_torch(probs, work, hu.shape[1:], card)
+    full = restore_probabilities_torch(probs, work, hu.shape[1:], card)    # (n, C, J, I)
+    dims = [d for d, f in ((2, flip_rows), (3, flip_cols)) if f]
+    if dims:
+        full = full.flip(dims)
     return full.transpose(0, 1), device, batch_size
 
 
@@ -311,22 +320,36 @@ def _start_notes(device, hu_shape, pixel_mm, card) -> Tuple[Any, List[str]]:
     return dev, notes
 
 
+def _flips(ijk_to_ras, notes: List[str]) -> Tuple[bool, bool]:
+    """(flip rows, flip columns) into the network's orientation for a volume's geometry
+    (None: as stored), with the reason added to notes."""
+    if ijk_to_ras is None:
+        return False, False
+    flip_rows, flip_cols, flip_notes = network_flips(ijk_to_ras)
+    notes.extend(flip_notes)
+    return flip_rows, flip_cols
+
+
 def slab_predictor(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
-                   *, device: Any = "auto", batch_size: int = 8):
+                   *, device: Any = "auto", batch_size: int = 8, ijk_to_ras: Any = None):
     """A predict(slices, progress, should_cancel) callable for stream.stream_slabs: the
     probabilities (C, n, J, I) of the listed slices of ``hu`` (K, J, I) as a torch tensor on
     the device, the device's name and the notes so far. An out-of-memory fallback (smaller
-    batch, then the CPU) found in one slab is kept for the next ones."""
+    batch, then the CPU) found in one slab is kept for the next ones. ijk_to_ras (4, 4):
+    the volume's geometry; slices stored in another in-plane orientation than the
+    network's (anterior up, patient's right on the left: orientation.network_flips) are
+    flipped into it and the probabilities flipped back (None: used as stored)."""
     hu = np.asarray(hu)
     pixel_mm = _check_inputs(hu, pixel_mm, batch_size)
     dev, notes = _start_notes(device, hu.shape, pixel_mm, card)
+    flips = _flips(ijk_to_ras, notes)
     state: Dict[str, Any] = {"device": dev, "batch": batch_size}
 
     def predict(slices: Sequence[int], progress=None, should_cancel=None):
         idx = check_slices(slices, hu.shape[0])
         probs, state["device"], state["batch"] = predict_slab(
             hu[idx], pixel_mm, model, card, state["device"], state["batch"], notes,
-            progress=progress, should_cancel=should_cancel)
+            flips=flips, progress=progress, should_cancel=should_cancel)
         return probs, str(state["device"]), list(notes)
 
     return predict
@@ -336,19 +359,23 @@ def predict_volume(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
                    device: Any = "auto", batch_size: int = 8,
                    slices: Optional[Sequence[int]] = None,
                    progress: Optional[Callable[[int, int], None]] = None,
-                   should_cancel: Optional[Callable[[], bool]] = None) -> Prediction:
+                   should_cancel: Optional[Callable[[], bool]] = None,
+                   ijk_to_ras: Any = None) -> Prediction:
     """Class probabilities for slices of a CT volume, held whole in memory (for a few slices,
     evaluation and tests; ``segment`` streams slabs through stream.stream_slabs instead).
 
     hu: (K, J, I) HU; pixel_mm: (row, col) = (J, I) spacing in mm; model, card: from
     model_io.load_model; device: "auto", "cuda", "mps", "cpu" or a torch.device;
     slices: indices K (default all). progress(done, total) is called after each batch;
-    should_cancel() is checked between batches and raises Cancelled.
+    should_cancel() is checked between batches and raises Cancelled. ijk_to_ras (4, 4):
+    the volume's geometry, for the flips into the network's orientation (slab_predictor);
+    None: used as stored.
     """
     hu = np.asarray(hu)
     pixel_mm = _check_inputs(hu, pixel_mm, batch_size)
     slices = check_slices(slices, hu.shape[0])
     dev, notes = _start_notes(device, hu.shape, pixel_mm, card)
+    flips = _flips(ijk_to_ras, notes)
     n = len(slices)
     C = int(card["architecture"]["num_classes"])
     out = np.empty((C, n) + tuple(hu.shape[1:]), np.float32)
@@ -360,7 +387,7 @@ def predict_volume(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled after {done} of {n} slices")
         full, dev, batch_size = predict_slab(hu[idx], pixel_mm, model, card, dev, batch_size,
-                                             notes, progress=progress,
+                                             notes, flips=flips, progress=progress,
                                              should_cancel=should_cancel, done_offset=done,
                                              total=n)
         out[:, g0:g0 + len(idx)] = full.cpu().numpy()

@@ -124,7 +124,7 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
         labels, _ = labels_from_segmentation(seg_node, (m, shape))
     hu = np.asarray(volume_array(volume_node), np.float32)
     pixel_mm = slice_pixel_mm(m)
-    case = AdaptCase(hu, labels, pixel_mm, list(slices), volume_node.GetName())
+    case = AdaptCase(hu, labels, pixel_mm, list(slices), volume_node.GetName(), m)
     steps = settings.steps
 
     def step_progress(step: int, total: int, loss: float) -> None:
@@ -145,7 +145,7 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
             progress(steps, steps + 1, f"re-segmenting {len(others)} slice(s)")
         if others:
             pred = predict_volume(hu, pixel_mm, result.model, new_card, device=settings.device,
-                                  slices=others)
+                                  slices=others, ijk_to_ras=m)
             labels = labels.copy()
             labels[others] = pred.probabilities.argmax(axis=0).astype(np.uint8)
         fill_tissue_segmentation(seg_node, labels, m, reference_volume=volume_node)

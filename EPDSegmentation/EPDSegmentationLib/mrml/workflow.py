@@ -101,13 +101,16 @@ def resolve_slices(mode: str, n_slices: int, *, current: Optional[int] = None,
 
 
 def model_predictor(model, card: Mapping[str, Any], hu: np.ndarray, pixel_mm, *,
-                    device: Any = "auto", batch_size: int = 8) -> Predict:
+                    device: Any = "auto", batch_size: int = 8, ijk_to_ras=None) -> Predict:
     """A predict(slices, progress, should_cancel) callable: inference.slab_predictor, whose
     probabilities stay on the device for core.stream (upsampling and argmax there).
 
     An out-of-memory fallback (smaller batch, then the CPU) found in one chunk is kept for
-    the next chunks, so the panel does not retry the failing setting every chunk."""
-    return slab_predictor(hu, pixel_mm, model, card, device=device, batch_size=batch_size)
+    the next chunks, so the panel does not retry the failing setting every chunk.
+    ijk_to_ras: the volume node's geometry, so its slices reach the network in the
+    orientation it was trained in (core.orientation)."""
+    return slab_predictor(hu, pixel_mm, model, card, device=device, batch_size=batch_size,
+                          ijk_to_ras=ijk_to_ras)
 
 
 # ----------------------------------------------------------------------------- outputs
