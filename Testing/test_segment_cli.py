@@ -554,3 +554,18 @@ def test_model_given_as_a_pt_file_is_one_clear_line(cases, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "x.pt" in err and ".safetensors" in err
     assert "x.pt.safetensors" not in err and "Traceback" not in err
+
+
+def test_a_path_with_letters_beyond_ascii_is_segmented(cases, tiny_model_path, tmp_path):
+    """The provenance in the NRRD headers (ASCII) escapes a path's other letters instead of
+    failing the case (a 'Müller/中' folder failed with UnicodeEncodeError)."""
+    import shutil
+
+    folder = tmp_path / "Müller_中"
+    folder.mkdir()
+    shutil.copy(cases / "ct_a.nii.gz", folder / "ct_ü.nii.gz")
+    out = tmp_path / "out"
+    assert _run(folder / "ct_ü.nii.gz", "-o", out, "--model", tiny_model_path, "--slices",
+                "1") == 0
+    seg = next(out.glob("*.seg.nrrd"))
+    assert read_seg_nrrd(seg).array.shape == read_volume(cases / "ct_a.nii.gz").array.shape

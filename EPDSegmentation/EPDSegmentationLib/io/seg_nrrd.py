@@ -123,7 +123,8 @@ def seg_nrrd_fields(ijk_to_ras, shape_kji, *, fractional: bool,
         header[pre + "Layer"] = str(n) if fractional else "0"
         header[pre + "Tags"] = f"TerminologyEntry:{terminology_tag(c)}|"
     for key, value in (provenance or {}).items():
-        header[key] = " ".join(str(value).split())     # one header line each
+        # one header line each, ASCII as NRRD headers are (a path's other letters escaped)
+        header[key] = " ".join(str(value).split()).encode("ascii", "backslashreplace").decode()
     return header
 
 
