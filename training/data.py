@@ -29,6 +29,8 @@ from EPDSegmentationLib.core.epd_torch import downsample_pair_torch, epd_labels_
 from EPDSegmentationLib.core.inference import resample_planes, resampled_shape
 from EPDSegmentationLib.core.windowing import window_channels
 
+from .randomize import add_kernel_noise, randomize_appearance
+
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
 SPLITS = ("train", "val", "test")
@@ -151,7 +153,10 @@ class Augment:
     not bone, gas or contrast) shifted by offsets drawn from muscle_shift_hu and
     organ_shift_hu, as muscle attenuation (age, fatty infiltration, tube voltage) and organ
     enhancement vary between real patients more than between phantom subjects, so that the
-    network cannot tell muscle from liver by HU alone. lowres and tissue_hu are off by default."""
+    network cannot tell muscle from liver by HU alone; randomize: the slice's appearance drawn
+    anew (training/randomize.py: muscle, fat and organ HU, fatty infiltration, arms, table,
+    field-of-view truncation, streaks, correlated kernel noise), labels kept. lowres,
+    tissue_hu and randomize are off by default."""
 
     flip: float = 0.5
     crop: float = 0.5
@@ -163,6 +168,7 @@ class Augment:
     tissue_hu: float = 0.0
     muscle_shift_hu: Tuple[float, float] = (-30.0, 10.0)
     organ_shift_hu: Tuple[float, float] = (-20.0, 20.0)
+    randomize: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,6 +186,8 @@ class Augment:
         u_low, shrink = rng.random(), rng.uniform(*self.lowres_factor)
         u_hu = rng.random()
         shift_mus, shift_org = rng.uniform(*self.muscle_shift_hu), rng.uniform(*self.organ_shift_hu)
+        # drawn last: turning randomize on keeps every other stream
+        u_rand, rand_seed = rng.random(), int(rng.integers(2 ** 63))
         h, w = hu.shape
         if u[0] < self.flip:
             hu, labels = hu[:, ::-1], labels[:, ::-1]
@@ -194,12 +202,17 @@ class Augment:
             hu[labels == MUS] += shift_mus
             organ = (labels == MSC) & (hu > -50.0) & (hu < 200.0)
             hu[organ] += shift_org
+        rand_rng = np.random.default_rng(rand_seed)
+        if u_rand < self.randomize:
+            hu, labels = randomize_appearance(hu, labels, rand_rng)
         if u_low < self.lowres:
             small = (max(1, int(round(h / shrink))), max(1, int(round(w / shrink))))
             hu = resample_planes(resample_planes(np.ascontiguousarray(hu, np.float32), small),
                                  (h, w))
         if u[2] < self.blur:
             hu = gaussian_filter(hu, sigma, mode="nearest")
+        if u_rand < self.randomize:
+            hu = add_kernel_noise(hu, rand_rng)
         return np.ascontiguousarray(hu, np.float32), np.ascontiguousarray(labels, np.uint8)
 
 

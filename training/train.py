@@ -111,6 +111,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tissue-hu", type=float, default=0.0, metavar="P",
                    help="probability of shifting muscle HU by -30..+10 and organ HU by "
                         "-20..+20 (default 0: off)")
+    g.add_argument("--randomize", type=float, default=0.0, metavar="P",
+                   help="probability of drawing a slice's appearance anew (muscle -10..60 HU "
+                        "with patchy fat, fat -130..-60 HU, organ phase, arms and table as "
+                        "background, truncation, streaks, kernel noise 5..30 HU; labels kept; "
+                        "default 0: off)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
     g.add_argument("--init", type=Path, metavar="MODEL",
@@ -145,6 +150,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0; got {args.lr}")
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
+    if not 0.0 <= args.randomize <= 1.0:
+        raise ValueError(f"--randomize is a probability in 0..1; got {args.randomize}")
     if not 0.0 <= args.tissue_hu <= 1.0:
         raise ValueError(f"--tissue-hu is a probability in 0..1; got {args.tissue_hu}")
     if not args.lowres_max >= Augment.lowres_factor[0]:
@@ -412,7 +419,7 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
 
     augment = None if args.no_augment else Augment(
         lowres=args.lowres, lowres_factor=(Augment.lowres_factor[0], args.lowres_max),
-        tissue_hu=args.tissue_hu)
+        tissue_hu=args.tissue_hu, randomize=args.randomize)
     train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
