@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from training.data import Augment
-from training.randomize import (FAT_MEAN_HU, MUSCLE_MEAN_HU, NOISE_SD_HU, add_kernel_noise,
+from training.randomize import (FAT_MEAN_HU, MUSCLE_MEAN_HU, NOISE_SD_HU, ORGAN_MEDIAN_HU,
+                                add_kernel_noise,
                                 randomize_appearance)
 
 BG, MUS, IMAT, SAT, VAT, MSC = range(6)
@@ -104,3 +105,55 @@ def test_randomize_argument_is_checked():
                                       "--randomize", "1.5"])
     with pytest.raises(ValueError, match="--randomize"):
         check_args(args)
+
+
+def test_organs_keep_their_own_realistic_range_independent_of_muscle():
+    """Organ soft tissue (MSC, 55 HU here) gets a median in 30..130 HU on every slice (never
+    down at fatty-muscle HU), drawn independently of the muscle mean: over many slices muscle
+    is sometimes brighter and sometimes darker than the organs; bone and gas are not moved
+    as organs."""
+    hu, lab = body_slice()
+    organ = (lab == MSC) & (hu == 55.0)
+    brighter = darker = 0
+    for seed in range(80):
+        h, lb = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        keep = organ & (lb == MSC)
+        o = float(np.median(h[keep]))
+        assert ORGAN_MEDIAN_HU[0] - 40 <= o <= ORGAN_MEDIAN_HU[1] + 40  # + one region's offset
+        m = float(np.median(h[lb == MUS]))
+        brighter += m > o
+        darker += m < o
+    assert brighter >= 3 and darker >= 40
+
+
+def test_truncation_keeps_labels_inside_the_field_of_view():
+    """Where truncation cuts the body (air written over it), the label is background; every
+    body pixel that is not cut keeps its class, and some seeds cut with a straight edge
+    (a whole column or row of the body's box set to air)."""
+    hu, lab = body_slice()
+    body = lab > 0
+    straight = 0
+    for seed in range(60):
+        h, lb = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        cut = body & (lb == BG)
+        assert np.all(h[cut] == -1024.0)
+        assert np.array_equal(lb[body & ~cut], lab[body & ~cut])
+        # a straight edge: every column (or row) it touches is cut over the body's whole height
+        cols, rows = np.nonzero(cut.any(0))[0], np.nonzero(cut.any(1))[0]
+        straight += cut.any() and (all(np.array_equal(cut[:, c], body[:, c]) for c in cols)
+                                   or all(np.array_equal(cut[r], body[r]) for r in rows))
+    assert straight >= 3
+
+
+def test_organ_median_does_not_depend_on_the_phantom_phase():
+    """The organ median is drawn anew, not shifted: a phantom organ at 55 HU (unenhanced) and
+    one at 150 HU (enhanced) come out at the same HU from the same generator."""
+    hu, lab = body_slice()
+    organ = (lab == MSC) & (hu == 55.0)
+    bright = hu.copy()
+    bright[organ] = 150.0
+    for seed in range(5):
+        a, la = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        b, lb = randomize_appearance(bright, lab, np.random.default_rng(seed))
+        keep = organ & (la == MSC) & (lb == MSC)
+        assert abs(np.median(a[keep]) - np.median(b[keep])) < 1.0

@@ -205,14 +205,15 @@ class Augment:
         rand_rng = np.random.default_rng(rand_seed)
         if u_rand < self.randomize:
             hu, labels = randomize_appearance(hu, labels, rand_rng)
+            # the scanner's noise comes with its own pixels: a coarser scan (lowres below)
+            # resampled to the training grid has smooth noise, not fine-grained noise
+            hu = add_kernel_noise(hu, rand_rng)
         if u_low < self.lowres:
             small = (max(1, int(round(h / shrink))), max(1, int(round(w / shrink))))
             hu = resample_planes(resample_planes(np.ascontiguousarray(hu, np.float32), small),
                                  (h, w))
         if u[2] < self.blur:
             hu = gaussian_filter(hu, sigma, mode="nearest")
-        if u_rand < self.randomize:
-            hu = add_kernel_noise(hu, rand_rng)
         return np.ascontiguousarray(hu, np.float32), np.ascontiguousarray(labels, np.uint8)
 
 

@@ -7,12 +7,21 @@ Per slice (all HU, pixels of the training grid, about 0.87 mm):
 - muscle (MUS) mean -10..+60 HU, with patchy fatty infiltration (smooth blobs of a random
   size, down to -60 HU below the new mean) and a fine speckle: myosteatosis;
 - fat (SAT, VAT, IMAT) mean -130..-60 HU;
-- organs (MSC between -50 and 200 HU) shifted -30..+60 HU (contrast phase);
+- organs (MSC soft tissue between 25 and 200 HU: liver, spleen, kidneys, bowel wall,
+  vessels) moved to a median drawn from their own range, 30..70 HU unenhanced (40 % of
+  slices) or 70..130 HU enhanced (portal venous liver), independent of the muscle draw, each connected organ region with its own
+  offset (SD 12 HU): real organs do not go as dark as fatty muscle, and muscle is sometimes
+  brighter, sometimes darker than them, so HU alone cannot tell them apart (the previous
+  single organ shift of -30..+60 HU moved organs down to fatty-muscle HU, and the network
+  learnt to call organs muscle); water-like contents (bile, urine, bowel fluid, below
+  25 HU) are kept;
 - gas inside the body (MSC below -300 HU) kept, or filled with fluid or oral contrast;
 - arms beside the body (skin, fat, muscle, humerus), label background: body-composition
   protocols leave the arms out;
 - the table and its pad below the body, label background;
-- field-of-view truncation: outside a circle everything is air and background;
+- field-of-view truncation: outside a circle, or beyond a straight image edge that cuts
+  into the flank or the front of the body (a tight reconstruction field of view), everything
+  is air and background; tissue inside the field of view keeps its label up to the cut;
 - streaks through the densest bone;
 - correlated noise (``add_kernel_noise``): white noise through a soft (Gaussian) or sharp
   (high-pass boosted) reconstruction kernel, SD 5..30 HU.
@@ -30,7 +39,9 @@ AIR_HU = -1024.0
 
 MUSCLE_MEAN_HU = (-10.0, 60.0)
 FAT_MEAN_HU = (-130.0, -60.0)
-ORGAN_SHIFT_HU = (-30.0, 60.0)
+ORGAN_MEDIAN_HU = (30.0, 130.0)
+ORGAN_REGION_SD_HU = 12.0
+ORGAN_MIN_HU = 25.0  # below: fluid (bile, urine, bowel contents), kept
 NOISE_SD_HU = (5.0, 30.0)
 
 
@@ -68,8 +79,17 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
                                                              if (labels == SAT).any() else hu[fat]))
     # organs: contrast phase; gas kept or filled
     msc = labels == MSC
-    organ = msc & (hu > -50.0) & (hu < 200.0)
-    hu[organ] += rng.uniform(*ORGAN_SHIFT_HU)
+    organ = msc & (hu > ORGAN_MIN_HU) & (hu < 200.0)
+    if organ.any():
+        from scipy.ndimage import label as connected
+
+        # unenhanced (30..70 HU, fatty liver included) on 40 % of slices, else enhanced
+        lo, hi = ORGAN_MEDIAN_HU
+        target = rng.uniform(lo, 70.0) if rng.random() < 0.4 else rng.uniform(70.0, hi)
+        hu[organ] += target - float(np.median(hu[organ]))
+        regions, n = connected(organ)
+        jitter = np.concatenate(([0.0], rng.normal(0.0, ORGAN_REGION_SD_HU, n))).astype(np.float32)
+        hu[organ] += jitter[regions[organ]]
     gas = msc & (hu < -300.0)
     fill = rng.random()
     if fill < 0.3 and gas.any():
@@ -123,12 +143,26 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
                 hu += (rng.choice((-1.0, 1.0)) * rng.uniform(20.0, 100.0)
                        * np.exp(-(d / rng.uniform(1.0, 4.0)) ** 2)
                        * (hu > -900.0))
-    # field-of-view truncation: a circle that may cut off the flanks
-    if rng.random() < 0.25:
+    # field-of-view truncation: a circle that may cut off the flanks, or straight image
+    # edges through the flank(s) or the front (at inference the image border is padded
+    # with air, so a cut to air here is what a tight field of view looks like there)
+    u_fov = rng.random()
+    out = np.zeros((h, w), bool)
+    if u_fov < 0.2:
         rad = rng.uniform(0.42, 0.6) * max(h, w)
         out = (rr - h / 2) ** 2 + (cc - w / 2) ** 2 > rad ** 2
-        hu[out] = AIR_HU
-        labels[out] = BG
+    elif u_fov < 0.4:
+        bh = bottom - top + 1
+        cuts = rng.random(3) < (0.6, 0.6, 0.3)
+        depth = rng.uniform(0.0, 0.12, 3)
+        if cuts[0]:
+            out |= cc < left + depth[0] * bw
+        if cuts[1]:
+            out |= cc > right - depth[1] * bw
+        if cuts[2]:
+            out |= rr < top + depth[2] * bh
+    hu[out] = AIR_HU
+    labels[out] = BG
     return hu, labels
 
 
