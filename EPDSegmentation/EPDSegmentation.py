@@ -477,7 +477,8 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         model, card = self.loadModel(modelPath)
         predict = model_predictor(model, card, volume_array(volumeNode),
                                   slice_pixel_mm(ijk_to_ras(volumeNode)),
-                                  device=device, batch_size=batchSize)
+                                  device=device, batch_size=batchSize,
+                                  ijk_to_ras=ijk_to_ras(volumeNode))
         return segment_volume(slicer.mrmlScene, volumeNode, predict, slices=slices,
                               segmentation_node=segmentationNode, table_node=tableNode,
                               replace_existing=replaceExisting,

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                       classes, m))
     si, sj, _ = ct.spacing
     pred = predict_volume(ct.array, (sj, si), model, card, device=args.device,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, ijk_to_ras=ct.ijk_to_ras)
     result = evaluate_masks(pred.probabilities, masks, ct.pixel_area_mm2)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m training " + shlex.join(argv or [])

@@ -270,7 +270,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         si, sj, sk = vol.spacing
         pred = inference.predict_volume(vol.array, (sj, si), model, card, device=device,
                                         batch_size=batch_size, slices=k_idx,
-                                        progress=progress)
+                                        progress=progress, ijk_to_ras=vol.ijk_to_ras)
         C = pred.probabilities.shape[0]
         probs = np.zeros((C,) + vol.array.shape, np.float32)
         probs[:, k_idx] = pred.probabilities

@@ -224,13 +224,17 @@ def predict_volume(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
                    device: Any = "auto", batch_size: int = 8,
                    slices: Optional[Sequence[int]] = None,
                    progress: Optional[Callable[[int, int], None]] = None,
-                   should_cancel: Optional[Callable[[], bool]] = None) -> Prediction:
+                   should_cancel: Optional[Callable[[], bool]] = None,
+                   ijk_to_ras: Optional[Any] = None) -> Prediction:
     """Class probabilities for slices of a CT volume.
 
     hu: (K, J, I) HU; pixel_mm: (row, col) = (J, I) spacing in mm; model, card: from
     model_io.load_model; device: "auto", "cuda", "mps", "cpu" or a torch.device;
     slices: indices K (default all). progress(done, total) is called after each batch;
-    should_cancel() is checked between batches and raises Cancelled.
+    should_cancel() is checked between batches and raises Cancelled. ijk_to_ras (4, 4):
+    the volume's geometry; when given, slices stored in another in-plane orientation than
+    the network's (anterior up, patient's right on the left: orientation.network_flips)
+    are flipped into it and the probabilities flipped back (None: used as stored).
     """
     import torch
 
@@ -260,6 +264,12 @@ def predict_volume(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
     else:
         dev, reason = select_device(device)
         notes.append(f"device {dev}: {reason}")
+    flip_rows = flip_cols = False
+    if ijk_to_ras is not None:
+        from .orientation import network_flips
+
+        flip_rows, flip_cols, flip_notes = network_flips(ijk_to_ras)
+        notes.extend(flip_notes)
     src = source_pixel_mm(card)
     work = resampled_shape(hu.shape[-2:], pixel_mm, src)
     if work != tuple(hu.shape[-2:]):
@@ -277,11 +287,20 @@ def predict_volume(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
         idx = slices[g0:g0 + group]
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled after {done} of {n} slices")
-        x, work = prepare_slices(hu[idx], pixel_mm, card)
+        planes = hu[idx]
+        if flip_rows:
+            planes = planes[:, ::-1]
+        if flip_cols:
+            planes = planes[:, :, ::-1]
+        x, work = prepare_slices(np.ascontiguousarray(planes), pixel_mm, card)
         probs, dev, batch_size = run_network(model, x, dev, batch_size, notes,
                                              progress=progress, should_cancel=should_cancel,
                                              done_offset=done, total=n)
-        full = restore_probabilities(probs, work, hu.shape[1:], card)
+        full = restore_probabilities(probs, work, hu.shape[1:], card)  # (n, C, J, I)
+        if flip_rows:
+            full = full[:, :, ::-1]
+        if flip_cols:
+            full = full[:, :, :, ::-1]
         out[:, g0:g0 + len(idx)] = np.moveaxis(full, 1, 0)
         done += len(idx)
     return Prediction(out, slices, str(dev), notes)

@@ -1,7 +1,8 @@
 """The module's main workflow on MRML nodes: CT volume in; tissue segmentation, soft labels
 and measures table out; and export of the results to a folder.
 
-    predict = model_predictor(model, card, volume_array(ct), slice_pixel_mm(ijk_to_ras(ct)))
+    predict = model_predictor(model, card, volume_array(ct), slice_pixel_mm(ijk_to_ras(ct)),
+                              ijk_to_ras=ijk_to_ras(ct))
     out = segment_volume(scene, ct, predict, slices=[40, 41, 42], soft_segmentation=True)
 
 ``predict(slices, progress, should_cancel)`` returns class probabilities float32
@@ -98,8 +99,9 @@ def resolve_slices(mode: str, n_slices: int, *, current: Optional[int] = None,
 
 
 def model_predictor(model, card: Mapping[str, Any], hu: np.ndarray, pixel_mm, *,
-                    device: Any = "auto", batch_size: int = 8) -> Predict:
-    """A predict(slices, progress, should_cancel) callable running inference.predict_volume.
+                    device: Any = "auto", batch_size: int = 8, ijk_to_ras=None) -> Predict:
+    """A predict(slices, progress, should_cancel) callable running inference.predict_volume
+    (ijk_to_ras (4, 4): the volume's geometry, so slices reach the network anterior up).
 
     An out-of-memory fallback (smaller batch, then the CPU) found in one chunk is kept for
     the next chunks, so the panel does not retry the failing setting every chunk."""
@@ -110,7 +112,8 @@ def model_predictor(model, card: Mapping[str, Any], hu: np.ndarray, pixel_mm, *,
     def predict(slices: Sequence[int], progress=None, should_cancel=None):
         pred = predict_volume(hu, pixel_mm, model, card, device=state["device"],
                               batch_size=state["batch"], slices=list(slices),
-                              progress=progress, should_cancel=should_cancel)
+                              progress=progress, should_cancel=should_cancel,
+                              ijk_to_ras=ijk_to_ras)
         for note in pred.notes:
             m = re.search(r"batch size (\d+)", note)
             if m:
