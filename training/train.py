@@ -113,9 +113,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "-20..+20 (default 0: off)")
     g.add_argument("--randomize", type=float, default=0.0, metavar="P",
                    help="probability of drawing a slice's appearance anew (muscle -10..60 HU "
-                        "with patchy fat, fat -130..-60 HU, organ phase, arms and table as "
-                        "background, truncation, streaks, kernel noise 5..30 HU; labels kept; "
-                        "default 0: off)")
+                        "with patchy fat, fat -130..-60 HU, organs 30..130 HU independent of "
+                        "muscle, arms and table as background, field-of-view cuts, streaks, "
+                        "kernel noise 5..30 HU; labels kept; default 0: off)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
     g.add_argument("--init", type=Path, metavar="MODEL",
