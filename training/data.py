@@ -86,6 +86,7 @@ def manifest_records(path, splits: Sequence[str] = ("train", "val"),
     """Every axial slice of the manifest's cases in ``splits``, by split."""
     from tqdm import tqdm
 
+    from EPDSegmentationLib.core.orientation import network_flips
     from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 
     rows = [r for r in read_manifest(path) if r["split"] in splits]
@@ -94,9 +95,17 @@ def manifest_records(path, splits: Sequence[str] = ("train", "val"),
         vol = read_volume(row["image"])
         lab = read_labels(row["label"], like=vol)
         si, sj, _ = vol.spacing
+        # in the orientation inference gives the network (anterior up, patient's right on
+        # the left), whatever order the file stores the planes in
+        flip_rows, flip_cols, _ = network_flips(vol.ijk_to_ras)
+        hu, labels = vol.array, lab.array
+        if flip_rows:
+            hu, labels = hu[:, ::-1], labels[:, ::-1]
+        if flip_cols:
+            hu, labels = hu[:, :, ::-1], labels[:, :, ::-1]
         for k in range(vol.array.shape[0]):
             out[row["split"]].append(SliceRecord(
-                np.asarray(vol.array[k], np.float32), np.asarray(lab.array[k], np.uint8),
+                np.array(hu[k], np.float32), np.array(labels[k], np.uint8),
                 (sj, si), str(row["subject"]), f"{row['image']} slice {k}"))
     return out
 
