@@ -125,3 +125,34 @@ def test_tissue_hu_shifts_muscle_and_organs_only():
     b, lb = on(hu, lab, np.random.default_rng(3))
     assert np.array_equal(a, hu) and np.array_equal(la, lb)
     assert np.allclose(b - a, [[-20.0, 15.0, 0.0, 0.0, 0.0, -20.0]])
+
+
+def test_manifest_slices_come_in_the_network_orientation(tmp_path):
+    """A case stored in RAS+ order (rows posterior -> anterior, columns left -> right, as
+    NIfTI from TotalSegmentator) is read as the radiological view that inference gives the
+    network (core/orientation.py): the same slices as the phantom-ordered original."""
+    from EPDSegmentationLib.core.volume import Volume
+    from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
+    from EPDSegmentationLib.io.images import write_volume
+    from EPDSegmentationLib.io.manifest import write_manifest
+    from training.phantom import write_dataset
+
+    manifest = write_dataset(tmp_path / "orig", 2, 2, seed=0, size=32, val_fraction=0.5,
+                             progress=False)
+    rows = []
+    for i, row in enumerate(read_manifest(manifest)):
+        vol = read_volume(row["image"])
+        lab = read_labels(row["label"], like=vol)
+        ras = np.diag([1.0, 1.0, 1.0, 1.0])
+        ras[:3, :3] = np.diag(vol.spacing)
+        img = write_volume(Volume(vol.array[:, ::-1, ::-1].copy(), ras), tmp_path / f"c{i}.nii.gz")
+        seg = write_volume(Volume(lab.array[:, ::-1, ::-1].copy(), ras.copy()),
+                           tmp_path / f"c{i}-label.nii.gz")
+        rows.append(dict(row, image=img, label=seg))
+    flipped = manifest_records(write_manifest(rows, tmp_path / "ras.csv"), ("train", "val"))
+    orig = manifest_records(manifest, ("train", "val"))
+    for split in ("train", "val"):
+        assert len(flipped[split]) == len(orig[split]) > 0
+        for a, b in zip(flipped[split], orig[split]):
+            assert np.array_equal(a.labels, b.labels)
+            assert np.allclose(a.hu, b.hu, atol=0.51)

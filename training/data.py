@@ -29,6 +29,8 @@ from EPDSegmentationLib.core.epd_torch import downsample_pair_torch, epd_labels_
 from EPDSegmentationLib.core.inference import resample_planes, resampled_shape
 from EPDSegmentationLib.core.windowing import window_channels
 
+from .randomize import add_kernel_noise, randomize_appearance
+
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
 SPLITS = ("train", "val", "test")
@@ -84,6 +86,7 @@ def manifest_records(path, splits: Sequence[str] = ("train", "val"),
     """Every axial slice of the manifest's cases in ``splits``, by split."""
     from tqdm import tqdm
 
+    from EPDSegmentationLib.core.orientation import network_flips
     from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 
     rows = [r for r in read_manifest(path) if r["split"] in splits]
@@ -92,9 +95,17 @@ def manifest_records(path, splits: Sequence[str] = ("train", "val"),
         vol = read_volume(row["image"])
         lab = read_labels(row["label"], like=vol)
         si, sj, _ = vol.spacing
+        # in the orientation inference gives the network (anterior up, patient's right on
+        # the left), whatever order the file stores the planes in
+        flip_rows, flip_cols, _ = network_flips(vol.ijk_to_ras)
+        hu, labels = vol.array, lab.array
+        if flip_rows:
+            hu, labels = hu[:, ::-1], labels[:, ::-1]
+        if flip_cols:
+            hu, labels = hu[:, :, ::-1], labels[:, :, ::-1]
         for k in range(vol.array.shape[0]):
             out[row["split"]].append(SliceRecord(
-                np.asarray(vol.array[k], np.float32), np.asarray(lab.array[k], np.uint8),
+                np.array(hu[k], np.float32), np.array(labels[k], np.uint8),
                 (sj, si), str(row["subject"]), f"{row['image']} slice {k}"))
     return out
 
@@ -151,7 +162,10 @@ class Augment:
     not bone, gas or contrast) shifted by offsets drawn from muscle_shift_hu and
     organ_shift_hu, as muscle attenuation (age, fatty infiltration, tube voltage) and organ
     enhancement vary between real patients more than between phantom subjects, so that the
-    network cannot tell muscle from liver by HU alone. lowres and tissue_hu are off by default."""
+    network cannot tell muscle from liver by HU alone; randomize: the slice's appearance drawn
+    anew (training/randomize.py: muscle, fat and organ HU, fatty infiltration, arms, table,
+    field-of-view truncation, streaks, correlated kernel noise), labels kept. lowres,
+    tissue_hu and randomize are off by default."""
 
     flip: float = 0.5
     crop: float = 0.5
@@ -163,6 +177,7 @@ class Augment:
     tissue_hu: float = 0.0
     muscle_shift_hu: Tuple[float, float] = (-30.0, 10.0)
     organ_shift_hu: Tuple[float, float] = (-20.0, 20.0)
+    randomize: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,6 +195,8 @@ class Augment:
         u_low, shrink = rng.random(), rng.uniform(*self.lowres_factor)
         u_hu = rng.random()
         shift_mus, shift_org = rng.uniform(*self.muscle_shift_hu), rng.uniform(*self.organ_shift_hu)
+        # drawn last: turning randomize on keeps every other stream
+        u_rand, rand_seed = rng.random(), int(rng.integers(2 ** 63))
         h, w = hu.shape
         if u[0] < self.flip:
             hu, labels = hu[:, ::-1], labels[:, ::-1]
@@ -194,6 +211,12 @@ class Augment:
             hu[labels == MUS] += shift_mus
             organ = (labels == MSC) & (hu > -50.0) & (hu < 200.0)
             hu[organ] += shift_org
+        rand_rng = np.random.default_rng(rand_seed)
+        if u_rand < self.randomize:
+            hu, labels = randomize_appearance(hu, labels, rand_rng)
+            # the scanner's noise comes with its own pixels: a coarser scan (lowres below)
+            # resampled to the training grid has smooth noise, not fine-grained noise
+            hu = add_kernel_noise(hu, rand_rng)
         if u_low < self.lowres:
             small = (max(1, int(round(h / shrink))), max(1, int(round(w / shrink))))
             hu = resample_planes(resample_planes(np.ascontiguousarray(hu, np.float32), small),

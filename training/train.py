@@ -21,6 +21,7 @@ import random
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -110,6 +111,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tissue-hu", type=float, default=0.0, metavar="P",
                    help="probability of shifting muscle HU by -30..+10 and organ HU by "
                         "-20..+20 (default 0: off)")
+    g.add_argument("--randomize", type=float, default=0.0, metavar="P",
+                   help="probability of drawing a slice's appearance anew (muscle -10..60 HU "
+                        "with patchy fat, fat -130..-60 HU, organs 30..130 HU independent of "
+                        "muscle, arms and table as background, field-of-view cuts, streaks, "
+                        "kernel noise 5..30 HU; labels kept; default 0: off)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
     g.add_argument("--init", type=Path, metavar="MODEL",
@@ -144,6 +150,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0; got {args.lr}")
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
+    if not 0.0 <= args.randomize <= 1.0:
+        raise ValueError(f"--randomize is a probability in 0..1; got {args.randomize}")
     if not 0.0 <= args.tissue_hu <= 1.0:
         raise ValueError(f"--tissue-hu is a probability in 0..1; got {args.tissue_hu}")
     if not args.lowres_max >= Augment.lowres_factor[0]:
@@ -331,10 +339,45 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Optional[
         D.cleanup(ctx)
 
 
-def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
+@dataclass
+class RunData:
+    """What the data phase hands to training: datasets and loaders on this rank, the
+    batch sampler and its per-step loss weights, the EPD/windowing settings (cfg), the data
+    recipe for the card, the slice size and spacing, and the augmentation."""
+
+    train_ds: SliceDataset
+    val_ds: SliceDataset
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    sampler: D.RankBatches
+    loss_weights: list
+    cfg: dict
+    recipe: dict
+    size: Tuple[int, int]
+    source_mm: float
+    augment: Optional[Augment]
+
+
+@dataclass
+class RunState:
+    """What the model phase hands to training: the module (network + loss), its DDP wrapper
+    (the module itself on one process), the optimizer, the history so far and the first
+    epoch to run."""
+
+    config: ModelConfig
+    module: TrainModule
+    ddp: nn.Module
+    optimizer: torch.optim.Optimizer
+    history: List[Dict[str, float]]
+    start: int
+    bf16: bool
+
+
+def prepare_output(args, ctx: D.Context) -> Optional[dict]:
+    """Check and create the run folder; the checkpoint's state when resuming (its arguments
+    must match this run's but for RESUMABLE ones), else None."""
     out = Path(args.output)
     ckpt_path = out / CHECKPOINT
-    show = ctx.is_main and not args.quiet
     if args.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {args.batch_size} is the global batch and must be a "
                          f"multiple of the {ctx.world_size} ranks")
@@ -356,11 +399,11 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
         if diff:
             raise ValueError("--resume: arguments differ from the checkpoint's: " + ", ".join(
                 f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
+    return state
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
 
+def build_data(args, ctx: D.Context, show: bool) -> RunData:
+    """Slices on the source grid, the augmentation, datasets, sampler and loaders."""
     train_recs, val_recs, recipe = load_records(args, progress=show)
     source_mm = args.source_mm or median_pixel_mm(train_recs)
     size = tuple(args.size) if args.size else None
@@ -370,19 +413,17 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
     else:
         val_hu = np.zeros((0,) + size, np.float32)
         val_lab = np.zeros((0,) + size, np.uint8)
-    k = args.factor
-    cfg = {"factor": k, "label_mode": args.label_mode, "image_mode": args.image_mode,
+    cfg = {"factor": args.factor, "label_mode": args.label_mode, "image_mode": args.image_mode,
            "windows": args.window_list, "pixel_area_mm2": source_mm * source_mm}
     recipe.update(source_pixel_mm=source_mm, source_size=list(size))
 
     augment = None if args.no_augment else Augment(
         lowres=args.lowres, lowres_factor=(Augment.lowres_factor[0], args.lowres_max),
-        tissue_hu=args.tissue_hu)
+        tissue_hu=args.tissue_hu, randomize=args.randomize)
     train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
     sampler = D.RankBatches(len(train_ds), args.batch_size, ctx.world_size, ctx.rank, args.seed)
-    loss_weights = sampler.weights()
     workers = args.num_workers if args.num_workers is not None else (
         4 if ctx.device.type == "cuda" else 0)
     pin = ctx.device.type == "cuda"
@@ -391,7 +432,13 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
     val_subset = torch.utils.data.Subset(val_ds, list(range(ctx.rank, len(val_ds), ctx.world_size)))
     val_loader = torch.utils.data.DataLoader(val_subset, batch_size=per_rank, shuffle=False,
                                              num_workers=workers, pin_memory=pin)
+    return RunData(train_ds, val_ds, loader, val_loader, sampler, sampler.weights(), cfg,
+                   recipe, size, source_mm, augment)
 
+
+def build_state(args, ctx: D.Context, state: Optional[dict], recipe: dict) -> RunState:
+    """The network (from --init or the checkpoint when given), loss, optimizer and history;
+    the random states restored from the checkpoint; wrapped in DDP on several ranks."""
     config = ModelConfig(in_channels=len(args.window_list), num_classes=NUM_CLASSES,
                          width=args.width)
     net = build_model(config)
@@ -419,103 +466,144 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
     if ctx.distributed:
         ddp = nn.parallel.DistributedDataParallel(
             module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return RunState(config, module, ddp, optimizer, history, start, bf16)
 
+
+def train_one_epoch(args, ctx: D.Context, data: RunData, run: RunState, epoch: int,
+                    show: bool, tqdm) -> Tuple[Dict[str, float], float, float]:
+    """One pass over the training slices: (the epoch's log row so far: training loss and its
+    parts reduced over ranks, the uncertainty weights; seconds; slices trained, all ranks)."""
+    parts_names = run.module.criterion.names
+    data.sampler.set_epoch(epoch)
+    data.train_ds.set_epoch(epoch)
+    run.module.train()
+    sums = np.zeros(2 + len(parts_names))
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    t0 = time.perf_counter()
+    bar = tqdm(data.loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+               disable=not show, leave=False)
+    for step, (hu, lab) in enumerate(bar):
+        hu = hu.to(ctx.device, non_blocking=True)
+        lab = lab.to(ctx.device, non_blocking=True)
+        with torch.no_grad():
+            x, q = model_inputs(hu, lab, factor=args.factor, label_mode=args.label_mode,
+                                image_mode=args.image_mode, windows=args.window_list)
+        loss, parts, _ = run.ddp(x, q)
+        run.optimizer.zero_grad(set_to_none=True)
+        # 1.0 but for a short last batch split unevenly across ranks (RankBatches)
+        (loss * data.loss_weights[step]).backward()
+        run.optimizer.step()
+        n = hu.shape[0]
+        values = torch.stack([loss.detach()] + [parts[p].detach() for p in parts_names])
+        values = values.cpu().tolist()
+        sums += [values[0] * n, n] + [v * n for v in values[1:]]
+        bar.set_postfix(loss=f"{values[0]:.4f}")
+    seconds = time.perf_counter() - t0
+    sums = D.all_reduce_sum(ctx, sums)
+    row: Dict[str, float] = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[1])}
+    for i, p in enumerate(parts_names):
+        row[f"train_{p}"] = float(sums[2 + i] / sums[1])
+    sigmas = run.module.criterion.sigmas
+    if sigmas is not None:
+        for p, s in zip(parts_names, sigmas.detach().cpu().tolist()):
+            row[f"sigma_{p}"] = s
+    return row, seconds, float(sums[1])
+
+
+def save_epoch(args, ctx: D.Context, run: RunState, row: Dict[str, float], epoch: int,
+               tb, show: bool, last_plot: float) -> float:
+    """Checkpoint (atomically), log.csv, TensorBoard and plots after an epoch, on rank 0
+    (every rank takes part in gathering the random states); returns the time of the last
+    plot."""
+    out = Path(args.output)
+    rngs = D.all_gather_object(ctx, rng_state(ctx.device))
+    if ctx.is_main:
+        save_checkpoint(out / CHECKPOINT, {
+            "epoch": epoch + 1, "args": args_dict(args), "history": run.history, "rng": rngs,
+            "model": run.module.net.state_dict(), "criterion": run.module.criterion.state_dict(),
+            "optimizer": run.optimizer.state_dict()})
+        from .logs import plot_history, write_csv
+
+        write_csv(out / "log.csv", run.history)
+        tb.log(row)
+        if epoch + 1 == args.epochs or time.monotonic() - last_plot >= PLOT_INTERVAL_S:
+            plot_history(out / "plots", run.history)
+            last_plot = time.monotonic()
+        if show:
+            msg = f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}"
+            if "val_loss" in row:
+                msg += (f", val loss {row['val_loss']:.4f}, val Dice {row['val_dice']:.3f} "
+                        f"(full res {row['val_full_dice']:.3f})")
+            print(msg + f", {row['slices_per_s']:.1f} slices/s", file=sys.stderr)
+    return last_plot
+
+
+def export_model(args, argv, ctx: D.Context, data: RunData, run: RunState,
+                 last_val) -> Path:
+    """<output>/model.safetensors + model.json: the final weights and their card."""
+    k = args.factor
+    size = data.size
+    card = make_card(
+        run.config.to_dict(), windows=args.window_list, factor=k, label_mode=args.label_mode,
+        image_mode=args.image_mode, pixel_mm=(data.source_mm * k, data.source_mm * k),
+        input_size=(-(-size[0] // k), -(-size[1] // k)),
+        training={"data": data.recipe, "command": command_line(argv, ctx), "seed": args.seed,
+                  "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                  "weight_decay": args.weight_decay, "optimizer": "AdamW", "loss": args.loss,
+                  "augment": data.augment.to_dict() if data.augment else None,
+                  "world_size": ctx.world_size, "device": ctx.device.type, "bf16": run.bf16,
+                  "final_train_loss": run.history[-1]["train_loss"] if run.history else None},
+        metrics=_card_metrics(last_val) if last_val else {})
+    weights, _ = save_model(Path(args.output) / EXPORT, run.module.net, card, overwrite=True)
+    return weights
+
+
+def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
+    """The phases: run folder and checkpoint, seeds, data, model, the epoch loop, export."""
+    show = ctx.is_main and not args.quiet
+    state = prepare_output(args, ctx)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    data = build_data(args, ctx, show)
+    run = build_state(args, ctx, state, data.recipe)
+    size, k = data.size, args.factor
     if show:
-        print(f"training on {ctx.world_size} rank(s), {ctx.device_reason}; {len(train_ds)} "
-              f"training / {len(val_ds)} validation slices of {size[0]} x {size[1]} at "
-              f"{source_mm:.4g} mm, factor {k} -> network input "
+        print(f"training on {ctx.world_size} rank(s), {ctx.device_reason}; "
+              f"{len(data.train_ds)} training / {len(data.val_ds)} validation slices of "
+              f"{size[0]} x {size[1]} at {data.source_mm:.4g} mm, factor {k} -> network input "
               f"{-(-size[0] // k)} x {-(-size[1] // k)}", file=sys.stderr)
-        if sampler.dropped:
-            print(f"note: the last batch of each epoch ({sampler.dropped} slice(s)) has fewer "
-                  f"slices than the {ctx.world_size} ranks and is left out", file=sys.stderr)
+        if data.sampler.dropped:
+            print(f"note: the last batch of each epoch ({data.sampler.dropped} slice(s)) has "
+                  f"fewer slices than the {ctx.world_size} ranks and is left out",
+                  file=sys.stderr)
     tb = None
     if ctx.is_main:
         from .logs import TensorBoard
 
-        tb = TensorBoard(out / "tensorboard", start)
+        tb = TensorBoard(Path(args.output) / "tensorboard", run.start)
     last_val = None
     last_plot = time.monotonic()
-    parts_names = criterion.names
-    for epoch in range(start, args.epochs):
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        module.train()
-        sums = np.zeros(2 + len(parts_names))
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                   disable=not show, leave=False)
-        for step, (hu, lab) in enumerate(bar):
-            hu = hu.to(ctx.device, non_blocking=True)
-            lab = lab.to(ctx.device, non_blocking=True)
-            with torch.no_grad():
-                x, q = model_inputs(hu, lab, factor=k, label_mode=args.label_mode,
-                                    image_mode=args.image_mode, windows=args.window_list)
-            loss, parts, _ = ddp(x, q)
-            optimizer.zero_grad(set_to_none=True)
-            # 1.0 but for a short last batch split unevenly across ranks (RankBatches)
-            (loss * loss_weights[step]).backward()
-            optimizer.step()
-            n = hu.shape[0]
-            values = torch.stack([loss.detach()] + [parts[p].detach() for p in parts_names])
-            values = values.cpu().tolist()
-            sums += [values[0] * n, n] + [v * n for v in values[1:]]
-            bar.set_postfix(loss=f"{values[0]:.4f}")
-        seconds = time.perf_counter() - t0
-        sums = D.all_reduce_sum(ctx, sums)
-        row: Dict[str, float] = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[1])}
-        for i, p in enumerate(parts_names):
-            row[f"train_{p}"] = float(sums[2 + i] / sums[1])
-        if criterion.sigmas is not None:
-            for p, s in zip(parts_names, criterion.sigmas.detach().cpu().tolist()):
-                row[f"sigma_{p}"] = s
-        if len(val_ds):
-            last_val = validate(module, val_loader, ctx, cfg)
+    for epoch in range(run.start, args.epochs):
+        row, seconds, slices = train_one_epoch(args, ctx, data, run, epoch, show, tqdm)
+        if len(data.val_ds):
+            last_val = validate(run.module, data.val_loader, ctx, data.cfg)
             row.update(_row_from_validation(last_val))
-        row.update({"seconds": seconds, "slices_per_s": float(sums[1] / seconds), "lr": args.lr,
+        row.update({"seconds": seconds, "slices_per_s": slices / seconds, "lr": args.lr,
                     "peak_mib": peak_memory_mib(ctx.device)})
-        history.append(row)
-
-        rngs = D.all_gather_object(ctx, rng_state(ctx.device))
-        if ctx.is_main:
-            save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "args": args_dict(args), "history": history, "rng": rngs,
-                "model": module.net.state_dict(), "criterion": module.criterion.state_dict(),
-                "optimizer": optimizer.state_dict()})
-            from .logs import plot_history, write_csv
-
-            write_csv(out / "log.csv", history)
-            tb.log(row)
-            if epoch + 1 == args.epochs or time.monotonic() - last_plot >= PLOT_INTERVAL_S:
-                plot_history(out / "plots", history)
-                last_plot = time.monotonic()
-            if show:
-                msg = f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}"
-                if "val_loss" in row:
-                    msg += (f", val loss {row['val_loss']:.4f}, val Dice {row['val_dice']:.3f} "
-                            f"(full res {row['val_full_dice']:.3f})")
-                print(msg + f", {row['slices_per_s']:.1f} slices/s", file=sys.stderr)
+        run.history.append(row)
+        last_plot = save_epoch(args, ctx, run, row, epoch, tb, show, last_plot)
         D.barrier(ctx)
     if tb is not None:
         tb.close()
 
-    if last_val is None and len(val_ds) and history:
-        last_val = validate(module, val_loader, ctx, cfg)  # resumed after the last epoch
+    if last_val is None and len(data.val_ds) and run.history:
+        # resumed after the last epoch
+        last_val = validate(run.module, data.val_loader, ctx, data.cfg)
     if not ctx.is_main:
         return None
-    card = make_card(
-        config.to_dict(), windows=args.window_list, factor=k, label_mode=args.label_mode,
-        image_mode=args.image_mode, pixel_mm=(source_mm * k, source_mm * k),
-        input_size=(-(-size[0] // k), -(-size[1] // k)),
-        training={"data": recipe, "command": command_line(argv, ctx), "seed": args.seed,
-                  "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                  "weight_decay": args.weight_decay, "optimizer": "AdamW", "loss": args.loss,
-                  "augment": augment.to_dict() if augment else None,
-                  "world_size": ctx.world_size, "device": ctx.device.type, "bf16": bf16,
-                  "final_train_loss": history[-1]["train_loss"] if history else None},
-        metrics=_card_metrics(last_val) if last_val else {})
-    weights, _ = save_model(out / EXPORT, module.net, card, overwrite=True)
+    weights = export_model(args, argv, ctx, data, run, last_val)
     if show:
         print(f"exported {weights} and {weights.with_suffix('.json')}", file=sys.stderr)
     return weights

@@ -1,0 +1,159 @@
+"""Domain randomisation (--randomize, training/randomize.py): ranges, labels kept, reproducible,
+off by default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.data import Augment
+from training.randomize import (FAT_MEAN_HU, MUSCLE_MEAN_HU, NOISE_SD_HU, ORGAN_MEDIAN_HU,
+                                add_kernel_noise,
+                                randomize_appearance)
+
+BG, MUS, IMAT, SAT, VAT, MSC = range(6)
+
+
+def body_slice(n: int = 128):
+    """A round body (n x n pixels): skin-deep SAT ring, a muscle ring, VAT and an organ
+    (MSC, 55 HU) inside, a bone disc (700 HU) and a gas bubble (-900 HU); phantom-like HU."""
+    rr, cc = np.mgrid[0:n, 0:n]
+    d = np.hypot(rr - n / 2, cc - n / 2) / (n / 2)
+    lab = np.zeros((n, n), np.uint8)
+    hu = np.full((n, n), -1024.0, np.float32)
+    for r, cls, value in ((0.8, SAT, -100.0), (0.65, MUS, 50.0), (0.5, VAT, -95.0),
+                          (0.3, MSC, 55.0)):
+        lab[d < r], hu[d < r] = cls, value
+    bone = np.hypot(rr - n * 0.6, cc - n / 2) < n * 0.05
+    gas = np.hypot(rr - n * 0.4, cc - n / 2) < n * 0.04
+    lab[bone | gas], hu[bone], hu[gas] = MSC, 700.0, -900.0
+    return hu, lab
+
+
+def test_randomize_is_off_by_default_and_keeps_the_other_draws():
+    """Augment() does not randomise; turning it on changes the HU only (flip, crop and blur
+    are the same choices: the labels, which randomisation keeps here, are identical)."""
+    assert Augment().randomize == 0.0
+    hu, lab = body_slice()
+    a_hu, a_lab = Augment(flip=1.0, crop=1.0, blur=0.0)(hu, lab, np.random.default_rng(5))
+    b_hu, b_lab = Augment(flip=1.0, crop=1.0, blur=0.0, randomize=1.0)(
+        hu, lab, np.random.default_rng(5))
+    c_hu, _ = Augment(flip=1.0, crop=1.0, blur=0.0, randomize=1.0)(
+        hu, lab, np.random.default_rng(5))
+    assert np.array_equal(b_hu, c_hu)  # reproducible from the generator
+    assert not np.array_equal(a_hu, b_hu)
+    kept = b_lab > 0
+    assert np.array_equal(a_lab[kept], b_lab[kept])  # only truncation / arms set background
+
+
+def test_tissue_means_are_drawn_from_the_real_ranges():
+    """Over many slices: SAT's median lands in -130..-60 HU, muscle's in the myosteatosis
+    range (-10..60 HU, lowered by at most the 60 HU of fatty infiltration), the muscle means
+    spread over most of the range, and labels change only to background."""
+    hu, lab = body_slice()
+    mus_medians = []
+    for seed in range(30):
+        h, lb = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        assert h.dtype == np.float32 and h.shape == hu.shape
+        assert np.all((lb == lab) | (lb == BG))
+        sat = (lb == SAT) & (lab == SAT)
+        if sat.sum() > 100:
+            assert FAT_MEAN_HU[0] - 30 <= np.median(h[sat]) <= FAT_MEAN_HU[1] + 30
+        mus = (lb == MUS)
+        m = float(np.median(h[mus]))
+        assert MUSCLE_MEAN_HU[0] - 60 - 30 <= m <= MUSCLE_MEAN_HU[1] + 30
+        mus_medians.append(m)
+    assert np.ptp(mus_medians) > 40.0
+    # some slices with patchy infiltration: muscle HU varies by more than its texture
+    spreads = [float(np.std(randomize_appearance(hu, lab, np.random.default_rng(s))[0][lab == MUS]))
+               for s in range(10)]
+    assert max(spreads) > 10.0
+
+
+def test_arms_and_truncation_are_background():
+    """Pixels outside the body that randomisation fills (arms, table) stay background, and
+    some seeds put arm-like soft tissue (-200..100 HU) beside the body."""
+    hu, lab = body_slice()
+    outside = lab == BG
+    filled = 0
+    for seed in range(20):
+        h, lb = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        assert np.all(lb[outside] == BG)
+        filled = max(filled, int(((h > -200) & (h < 100) & outside).sum()))
+    assert filled > 100
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_noise_sd_and_correlation(seed):
+    """The added noise has an SD in 5..30 HU inside the body, none in air, and neighbouring
+    pixels are correlated (soft kernel: positive) or anticorrelated (sharp kernel), not white."""
+    hu = np.zeros((128, 128), np.float32)
+    hu[:, :8] = -1024.0
+    n = add_kernel_noise(hu, np.random.default_rng(seed)) - hu
+    body = n[:, 8:]
+    assert NOISE_SD_HU[0] * 0.9 <= body.std() <= NOISE_SD_HU[1] * 1.1
+    assert np.all(n[:, :8] == 0.0)
+    corr = np.corrcoef(body[:, :-1].ravel(), body[:, 1:].ravel())[0, 1]
+    assert abs(corr) > 0.05  # white noise: about 0 +- 0.01 on these 15,000 pairs
+
+
+def test_randomize_argument_is_checked():
+    from training.__main__ import build_parser
+    from training.train import check_args
+
+    args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
+                                      "--randomize", "1.5"])
+    with pytest.raises(ValueError, match="--randomize"):
+        check_args(args)
+
+
+def test_organs_keep_their_own_realistic_range_independent_of_muscle():
+    """Organ soft tissue (MSC, 55 HU here) gets a median in 30..130 HU on every slice (never
+    down at fatty-muscle HU), drawn independently of the muscle mean: over many slices muscle
+    is sometimes brighter and sometimes darker than the organs; bone and gas are not moved
+    as organs."""
+    hu, lab = body_slice()
+    organ = (lab == MSC) & (hu == 55.0)
+    brighter = darker = 0
+    for seed in range(80):
+        h, lb = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        keep = organ & (lb == MSC)
+        o = float(np.median(h[keep]))
+        assert ORGAN_MEDIAN_HU[0] - 40 <= o <= ORGAN_MEDIAN_HU[1] + 40  # + one region's offset
+        m = float(np.median(h[lb == MUS]))
+        brighter += m > o
+        darker += m < o
+    assert brighter >= 3 and darker >= 40
+
+
+def test_truncation_keeps_labels_inside_the_field_of_view():
+    """Where truncation cuts the body (air written over it), the label is background; every
+    body pixel that is not cut keeps its class, and some seeds cut with a straight edge
+    (a whole column or row of the body's box set to air)."""
+    hu, lab = body_slice()
+    body = lab > 0
+    straight = 0
+    for seed in range(60):
+        h, lb = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        cut = body & (lb == BG)
+        assert np.all(h[cut] == -1024.0)
+        assert np.array_equal(lb[body & ~cut], lab[body & ~cut])
+        # a straight edge: every column (or row) it touches is cut over the body's whole height
+        cols, rows = np.nonzero(cut.any(0))[0], np.nonzero(cut.any(1))[0]
+        straight += cut.any() and (all(np.array_equal(cut[:, c], body[:, c]) for c in cols)
+                                   or all(np.array_equal(cut[r], body[r]) for r in rows))
+    assert straight >= 3
+
+
+def test_organ_median_does_not_depend_on_the_phantom_phase():
+    """The organ median is drawn anew, not shifted: a phantom organ at 55 HU (unenhanced) and
+    one at 150 HU (enhanced) come out at the same HU from the same generator."""
+    hu, lab = body_slice()
+    organ = (lab == MSC) & (hu == 55.0)
+    bright = hu.copy()
+    bright[organ] = 150.0
+    for seed in range(5):
+        a, la = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        b, lb = randomize_appearance(bright, lab, np.random.default_rng(seed))
+        keep = organ & (la == MSC) & (lb == MSC)
+        assert abs(np.median(a[keep]) - np.median(b[keep])) < 1.0

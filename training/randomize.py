@@ -1,0 +1,182 @@
+"""Domain randomisation of a labelled CT slice's appearance (``--randomize``), as SynthSeg
+does for MRI: the labels stay exactly as they are (except where the field of view cuts the
+body off), and what a real scanner and a real patient vary is drawn anew per slice, so that
+the network learns tissue by shape and context rather than by the phantom's fixed CT numbers.
+
+Per slice (all HU, pixels of the training grid, about 0.87 mm):
+- muscle (MUS) mean -10..+60 HU, with patchy fatty infiltration (smooth blobs of a random
+  size, down to -60 HU below the new mean) and a fine speckle: myosteatosis;
+- fat (SAT, VAT, IMAT) mean -130..-60 HU;
+- organs (MSC soft tissue between 25 and 200 HU: liver, spleen, kidneys, bowel wall,
+  vessels) moved to a median drawn from their own range, 30..70 HU unenhanced (40 % of
+  slices) or 70..130 HU enhanced (portal venous liver), independent of the muscle draw, each connected organ region with its own
+  offset (SD 12 HU): real organs do not go as dark as fatty muscle, and muscle is sometimes
+  brighter, sometimes darker than them, so HU alone cannot tell them apart (the previous
+  single organ shift of -30..+60 HU moved organs down to fatty-muscle HU, and the network
+  learnt to call organs muscle); water-like contents (bile, urine, bowel fluid, below
+  25 HU) are kept;
+- gas inside the body (MSC below -300 HU) kept, or filled with fluid or oral contrast;
+- arms beside the body (skin, fat, muscle, humerus), label background: body-composition
+  protocols leave the arms out;
+- the table and its pad below the body, label background;
+- field-of-view truncation: outside a circle, or beyond a straight image edge that cuts
+  into the flank or the front of the body (a tight reconstruction field of view), everything
+  is air and background; tissue inside the field of view keeps its label up to the cut;
+- streaks through the densest bone;
+- correlated noise (``add_kernel_noise``): white noise through a soft (Gaussian) or sharp
+  (high-pass boosted) reconstruction kernel, SD 5..30 HU.
+
+Every draw comes from the generator passed in, so a slice's randomisation is reproducible
+from (seed, epoch, slice index) like the rest of the augmentation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BG, MUS, IMAT, SAT, VAT, MSC = range(6)
+AIR_HU = -1024.0
+
+MUSCLE_MEAN_HU = (-10.0, 60.0)
+FAT_MEAN_HU = (-130.0, -60.0)
+ORGAN_MEDIAN_HU = (30.0, 130.0)
+ORGAN_REGION_SD_HU = 12.0
+ORGAN_MIN_HU = 25.0  # below: fluid (bile, urine, bowel contents), kept
+NOISE_SD_HU = (5.0, 30.0)
+
+
+def _smooth_field(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-filtered white noise (H, W), rescaled to mean 0 and SD 1."""
+    from scipy.ndimage import gaussian_filter
+
+    f = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
+    return (f - f.mean()) / max(float(f.std()), 1e-6)
+
+
+def _disk(rr, cc, r0, c0, a, b):
+    return ((rr - r0) / a) ** 2 + ((cc - c0) / b) ** 2 <= 1.0
+
+
+def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies with a new appearance;
+    labels change only where field-of-view truncation removes the body (set to background)."""
+    hu = np.array(hu, np.float32)
+    labels = np.array(labels, np.uint8)
+    h, w = hu.shape
+    mus = labels == MUS
+    # muscle: new mean, then patchy and speckled fatty infiltration
+    if mus.any():
+        hu[mus] += rng.uniform(*MUSCLE_MEAN_HU) - float(np.median(hu[mus]))
+        depth = rng.uniform(0.0, 60.0) * rng.random() ** 0.5
+        blobs = np.maximum(_smooth_field((h, w), rng.uniform(2.0, 8.0), rng)
+                           - rng.uniform(-0.5, 1.0), 0.0)
+        speckle = _smooth_field((h, w), rng.uniform(0.5, 1.2), rng) * rng.uniform(0.0, 12.0)
+        hu[mus] += (-depth * np.minimum(blobs, 2.0) / 2.0 + speckle)[mus]
+    # fat: one new mean for subcutaneous, visceral and intermuscular fat
+    fat = (labels == SAT) | (labels == VAT) | (labels == IMAT)
+    if fat.any():
+        hu[fat] += rng.uniform(*FAT_MEAN_HU) - float(np.median(hu[labels == SAT]
+                                                             if (labels == SAT).any() else hu[fat]))
+    # organs: contrast phase; gas kept or filled
+    msc = labels == MSC
+    organ = msc & (hu > ORGAN_MIN_HU) & (hu < 200.0)
+    if organ.any():
+        from scipy.ndimage import label as connected
+
+        # unenhanced (30..70 HU, fatty liver included) on 40 % of slices, else enhanced
+        lo, hi = ORGAN_MEDIAN_HU
+        target = rng.uniform(lo, 70.0) if rng.random() < 0.4 else rng.uniform(70.0, hi)
+        hu[organ] += target - float(np.median(hu[organ]))
+        regions, n = connected(organ)
+        jitter = np.concatenate(([0.0], rng.normal(0.0, ORGAN_REGION_SD_HU, n))).astype(np.float32)
+        hu[organ] += jitter[regions[organ]]
+    gas = msc & (hu < -300.0)
+    fill = rng.random()
+    if fill < 0.3 and gas.any():
+        hu[gas] = rng.uniform(0.0, 40.0) if fill < 0.15 else rng.uniform(150.0, 400.0)
+    body = labels > 0
+    if not body.any():
+        return hu, labels
+    rows, cols = np.nonzero(body)
+    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+    bw = right - left + 1
+    rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)
+    # the table and its pad below the body
+    if rng.random() < 0.5:
+        pad = rng.uniform(4, 20)
+        table = rng.uniform(6, 25)
+        r0 = bottom + rng.uniform(0, 6)
+        curve = rng.uniform(0.0, 0.0004) * (cc - (left + right) / 2) ** 2
+        y = rr - r0 + curve
+        pad_m = (y > 0) & (y <= pad) & ~body
+        table_m = (y > pad) & (y <= pad + table) & ~body
+        hu[pad_m] = rng.uniform(-900.0, -100.0) + 10 * rng.standard_normal(pad_m.sum())
+        hu[table_m] = rng.uniform(-600.0, 300.0) + 20 * rng.standard_normal(table_m.sum())
+    # arms beside the body: skin, fat, muscle, humerus; background for the tissue classes
+    if rng.random() < 0.5:
+        r_mid = (top + bottom) / 2 + rng.uniform(-0.25, 0.25) * (bottom - top)
+        for side in (-1.0, 1.0):
+            a = bw * rng.uniform(0.12, 0.18)
+            b = a * rng.uniform(0.75, 1.15)
+            gap = rng.uniform(-0.1, 0.6) * b
+            c0 = (left - gap - b) if side < 0 else (right + gap + b)
+            outer = _disk(rr, cc, r_mid, c0, a, b) & ~body
+            fat_t = rng.uniform(0.1, 0.45)
+            core = _disk(rr, cc, r_mid, c0, a * (1 - fat_t), b * (1 - fat_t)) & outer
+            bone = _disk(rr, cc, r_mid + rng.uniform(-0.2, 0.2) * a,
+                         c0 + rng.uniform(-0.2, 0.2) * b, a * 0.22, a * 0.22) & outer
+            marrow = _disk(rr, cc, r_mid, c0, a * 0.12, a * 0.12) & bone
+            hu[outer] = rng.uniform(*FAT_MEAN_HU)
+            hu[core] = rng.uniform(*MUSCLE_MEAN_HU)
+            hu[bone] = rng.uniform(600.0, 1300.0)
+            hu[marrow] = rng.uniform(-50.0, 200.0)
+            labels[outer] = BG
+    # streaks through the densest bone (beam hardening, photon starvation)
+    if rng.random() < 0.4:
+        dense = hu > 500.0
+        if dense.any():
+            dr, dc = np.nonzero(dense)
+            r0, c0 = float(dr.mean()), float(dc.mean())
+            for _ in range(rng.integers(1, 5)):
+                t = rng.uniform(0, np.pi)
+                d = (rr - r0) * np.cos(t) - (cc - c0) * np.sin(t)
+                hu += (rng.choice((-1.0, 1.0)) * rng.uniform(20.0, 100.0)
+                       * np.exp(-(d / rng.uniform(1.0, 4.0)) ** 2)
+                       * (hu > -900.0))
+    # field-of-view truncation: a circle that may cut off the flanks, or straight image
+    # edges through the flank(s) or the front (at inference the image border is padded
+    # with air, so a cut to air here is what a tight field of view looks like there)
+    u_fov = rng.random()
+    out = np.zeros((h, w), bool)
+    if u_fov < 0.2:
+        rad = rng.uniform(0.42, 0.6) * max(h, w)
+        out = (rr - h / 2) ** 2 + (cc - w / 2) ** 2 > rad ** 2
+    elif u_fov < 0.4:
+        bh = bottom - top + 1
+        cuts = rng.random(3) < (0.6, 0.6, 0.3)
+        depth = rng.uniform(0.0, 0.12, 3)
+        if cuts[0]:
+            out |= cc < left + depth[0] * bw
+        if cuts[1]:
+            out |= cc > right - depth[1] * bw
+        if cuts[2]:
+            out |= rr < top + depth[2] * bh
+    hu[out] = AIR_HU
+    labels[out] = BG
+    return hu, labels
+
+
+def add_kernel_noise(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """hu float32 (H, W) HU plus correlated noise of SD 5..30 HU: white noise through a soft
+    kernel (Gaussian, sigma 0.6..1.5 px) or a sharp one (white noise with its high
+    frequencies boosted), as reconstruction kernels shape CT noise."""
+    from scipy.ndimage import gaussian_filter
+
+    n = rng.standard_normal(hu.shape).astype(np.float32)
+    sd = rng.uniform(*NOISE_SD_HU)
+    if rng.random() < 0.5:
+        n = gaussian_filter(n, rng.uniform(0.6, 1.5), mode="wrap")
+    else:
+        n = n + rng.uniform(0.3, 1.0) * (n - gaussian_filter(n, 1.0, mode="wrap"))
+    n *= sd / max(float(n.std()), 1e-6)
+    return (hu + n * (hu > -950.0)).astype(np.float32)
