@@ -8,7 +8,7 @@ import json
 import pytest
 
 from training.__main__ import main
-from training.experiment import PRESETS, grid
+from training.experiment import PRESETS, grid, spec_from_folder
 from training.report import collect, paired_gain, stat
 
 
@@ -24,6 +24,29 @@ def test_grid_has_every_configuration_of_the_paper_once():
     assert {r.seed for r in runs if r.dataset == "large"} == {0}
     # seed by seed: a partial result already holds every main configuration of seed 0
     assert [r.seed for r in runs[:14]] == [0] * 14
+
+
+def test_cpu512_preset_is_the_cpu_preset_at_512_with_the_trimmed_runs_in_order():
+    cpu, big = PRESETS["cpu"], PRESETS["cpu512"]
+    # the same recipe, network, training and split as "cpu"; only the size and the runs differ
+    assert {k: v for k, v in big.items() if k not in ("size", "seeds", "runs")} == \
+        {k: v for k, v in cpu.items() if k not in ("size", "seeds")}
+    assert big["size"] == PRESETS["paper"]["size"] == 512
+    pair = ["small/conventional_f{k}_aug/seed{s}", "small/epd_f{k}_aug/seed{s}"]
+    expected = [p.format(k=k, s=s) for k, s in ((8, 0), (8, 1), (4, 0), (4, 1), (2, 0))
+                for p in pair] + ["small/baseline_f1_aug/seed0"]
+    assert [r.folder for r in grid(big)] == expected
+    assert [r.folder for r in grid(big, seeds=[1])] == expected[2:4] + expected[6:8]
+    assert grid(big, groups=["ablation", "large"]) == []
+
+
+def test_run_folders_parse_back_and_bad_ones_are_refused():
+    for spec in grid(PRESETS["paper"]):
+        assert spec_from_folder(spec.folder) == spec
+    for bad in ("small/epd_f8_aug", "small/epd_fx_aug/seed0", "small/magic_f2_aug/seed0",
+                "medium/epd_f2_aug/seed0", "small/epd_f2_aug/s0"):
+        with pytest.raises(ValueError, match="not a run folder"):
+            spec_from_folder(bad)
 
 
 @pytest.mark.slow
