@@ -9,7 +9,9 @@ import pytest
 
 from training.__main__ import main
 from training.experiment import PRESETS, grid, spec_from_folder
-from training.report import collect, paired_gain, stat
+from training.logs import write_csv
+from training.report import (collect, pairs_at_common_epoch, paired_gain, reference_gains,
+                             stat, unfinished)
 
 
 def test_grid_has_every_configuration_of_the_paper_once():
@@ -49,6 +51,42 @@ def test_run_folders_parse_back_and_bad_ones_are_refused():
             spec_from_folder(bad)
 
 
+def test_report_of_a_running_experiment_lists_unfinished_runs_and_pairs(tmp_path):
+    meta = {"preset": "cpu512", "settings": {k: v for k, v in PRESETS["cpu512"].items()
+                                             if k != "runs"},
+            "runs": [r.folder for r in grid(PRESETS["cpu512"])]}
+    runs = tmp_path / "runs"
+
+    def log(name, ious):
+        (runs / name).mkdir(parents=True)
+        write_csv(runs / name / "log.csv", [{"epoch": i + 1, "seconds": 10.0 * (i + 1),
+                                             "val_full_iou": v} for i, v in enumerate(ious)])
+
+    log("small/conventional_f8_aug/seed0", [0.30, 0.35, 0.40])
+    log("small/epd_f8_aug/seed0", [0.32, 0.39])
+    todo = unfinished(tmp_path, meta)
+    assert [t["run"] for t in todo] == meta["runs"]  # nothing finished, planned order
+    assert todo[0] == {"run": "small/conventional_f8_aug/seed0", "epochs_done": 3,
+                       "epochs": 25, "seconds_per_epoch": 20.0, "val_full_iou": 0.40}
+    assert todo[2]["epochs_done"] == 0
+    (pair,) = pairs_at_common_epoch(tmp_path, meta)  # compared at epoch 2, not 3 against 2
+    assert pair["epoch"] == 2 and pair["gain"] == pytest.approx(0.39 - 0.35)
+    assert pair["pair"] == "small/{conventional,epd}_f8_aug/seed0"
+
+
+def test_reference_gains_from_an_earlier_summary():
+    conf = {f"small/{m}_f{k}_aug": {"seeds": [0, 1], "full": {"IoU": {"mean": v}}}
+            for m, k, v in (("conventional", 2, 0.5), ("epd", 2, 0.55), ("conventional", 4, 0.4),
+                            ("epd", 4, 0.43))}
+    conf["small/epd_f8_aug"] = {"seeds": [0], "full": {"IoU": {"mean": 0.3}}}
+    ref = reference_gains({"configurations": conf})
+    assert set(ref) == {2, 4}  # 1/8 has no conventional run to pair with
+    assert ref[2][0] == pytest.approx(0.05) and ref[4][0] == pytest.approx(0.03)
+    with_gains = reference_gains({"configurations": conf, "gains": {
+        "small/f8_aug": {"full": {"mean": 0.02, "sd": 0.004}}}})
+    assert with_gains[8] == (0.02, 0.004)
+
+
 @pytest.mark.slow
 def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
     out, page = tmp_path / "exp", tmp_path / "page"
@@ -75,6 +113,8 @@ def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
     assert gain[0] == pytest.approx(stat(epd, "full", "IoU")[0] - stat(conv, "full", "IoU")[0])
     summary = json.loads((page / "summary.json").read_text())
     assert summary["configurations"]["small/epd_f2_aug"]["full"]["IoU"]["n"] == 1
-    for name in ("iou_dice_vs_factor.png", "downsampling.png"):
+    assert summary["gains"]["small/f2_aug"]["full"]["per_seed"] == [pytest.approx(gain[0])]
+    assert summary["unfinished"] == []
+    for name in ("iou_dice_vs_factor.png", "downsampling.png", "gain_vs_factor.png"):
         assert (page / name).stat().st_size > 10_000
     assert main(["report", "--runs", str(out), "--output", str(page)]) == 2  # no overwrite
