@@ -51,7 +51,10 @@ def test_run_folders_parse_back_and_bad_ones_are_refused():
             spec_from_folder(bad)
 
 
-def test_report_of_a_running_experiment_lists_unfinished_runs_and_pairs(tmp_path):
+@pytest.fixture
+def running_experiment(tmp_path):
+    """A cpu512 experiment folder in which the first 1/8 pair got 3 and 2 epochs (log.csv
+    only, no model card): (folder, its experiment record)."""
     meta = {"preset": "cpu512", "settings": {k: v for k, v in PRESETS["cpu512"].items()
                                              if k != "runs"},
             "runs": [r.folder for r in grid(PRESETS["cpu512"])]}
@@ -64,14 +67,35 @@ def test_report_of_a_running_experiment_lists_unfinished_runs_and_pairs(tmp_path
 
     log("small/conventional_f8_aug/seed0", [0.30, 0.35, 0.40])
     log("small/epd_f8_aug/seed0", [0.32, 0.39])
-    todo = unfinished(tmp_path, meta)
+    (tmp_path / "experiment.json").write_text(json.dumps(meta))
+    return tmp_path, meta
+
+
+def test_report_of_a_running_experiment_lists_unfinished_runs_and_pairs(running_experiment):
+    folder, meta = running_experiment
+    todo = unfinished(folder, meta)
     assert [t["run"] for t in todo] == meta["runs"]  # nothing finished, planned order
     assert todo[0] == {"run": "small/conventional_f8_aug/seed0", "epochs_done": 3,
                        "epochs": 25, "seconds_per_epoch": 20.0, "val_full_iou": 0.40}
     assert todo[2]["epochs_done"] == 0
-    (pair,) = pairs_at_common_epoch(tmp_path, meta)  # compared at epoch 2, not 3 against 2
+    (pair,) = pairs_at_common_epoch(folder, meta)  # compared at epoch 2, not 3 against 2
     assert pair["epoch"] == 2 and pair["gain"] == pytest.approx(0.39 - 0.35)
     assert pair["pair"] == "small/{conventional,epd}_f8_aug/seed0"
+
+
+@pytest.mark.slow
+def test_report_page_of_an_experiment_with_no_finished_run(running_experiment, tmp_path):
+    """How far each run got and the pairs so far, and no figure of results (none exist)."""
+    folder, _ = running_experiment
+    page = tmp_path / "page"
+    assert main(["report", "--runs", str(folder), "--output", str(page)]) == 0
+    tables = (page / "tables.md").read_text()
+    assert "No run has finished yet." in tables
+    assert "| small/conventional_f8_aug/seed0 | 3 / 25 | 20 | 40.00 |" in tables
+    assert "| small/{conventional,epd}_f8_aug/seed0 | 2 | 35.00 | 39.00 | 4.00 |" in tables
+    assert (page / "progress.png").exists() and not (page / "iou_dice_vs_factor.png").exists()
+    summary = json.loads((page / "summary.json").read_text())
+    assert summary["configurations"] == {} and len(summary["unfinished"]) == 11
 
 
 def test_reference_gains_from_an_earlier_summary():
@@ -88,7 +112,7 @@ def test_reference_gains_from_an_earlier_summary():
 
 
 @pytest.mark.slow
-def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
+def test_experiment_runs_resumes_and_reports(tmp_path, capsys, repo_root):
     out, page = tmp_path / "exp", tmp_path / "page"
     skip = ["small/*_noaug/*", "small/*_f4_*/*", "small/*_f8_*/*"]
     args = ["experiment", "--preset", "smoke", "--output", str(out), "--groups", "main",
@@ -102,7 +126,8 @@ def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
     assert "3 runs, 3 done, 0 to go" in capsys.readouterr().err  # finished runs are skipped
     assert main(["experiment", "--preset", "cpu", "--output", str(out), "--dry-run"]) == 2
 
-    assert main(["report", "--runs", str(out), "--output", str(page)]) == 0
+    assert main(["report", "--runs", str(out), "--output", str(page), "--reference",
+                 str(repo_root / "docs" / "results" / "summary.json")]) == 0
     tables = (page / "tables.md").read_text()
     assert "| EPD 1/2 | 1 |" in tables and "| Conventional 1/2 | 1 |" in tables
     assert "+2.85" in tables  # the paper's gain beside ours
@@ -115,6 +140,7 @@ def test_experiment_runs_resumes_and_reports(tmp_path, capsys):
     assert summary["configurations"]["small/epd_f2_aug"]["full"]["IoU"]["n"] == 1
     assert summary["gains"]["small/f2_aug"]["full"]["per_seed"] == [pytest.approx(gain[0])]
     assert summary["unfinished"] == []
-    for name in ("iou_dice_vs_factor.png", "downsampling.png", "gain_vs_factor.png"):
+    for name in ("iou_dice_vs_factor.png", "downsampling.png", "gain_vs_factor.png",
+                 "progress.png"):
         assert (page / name).stat().st_size > 10_000
     assert main(["report", "--runs", str(out), "--output", str(page)]) == 2  # no overwrite

@@ -12,6 +12,8 @@ writes to --output:
 - iou_dice_vs_factor.png: IoU and Dice against the factor for both methods, the
   full-resolution baseline as a line;
 - downsampling.png: a phantom slice downsampled both ways (the paper's Fig. 3);
+- progress.png: the full-resolution IoU of every planned run against the epoch (log.csv),
+  finished or not;
 - gain_vs_factor.png: EPD's IoU gain at full resolution against the factor, per seed, beside
   the paper's and, with --reference, an earlier experiment's (e.g. another base resolution).
 An experiment still running is reported as far as it got: its finished runs, and for the
@@ -48,7 +50,7 @@ LABELS = {"softDice": "soft Dice", "soft_area_abs_err_cm2": "area err cm²"}
 METHOD_NAMES = {"baseline": "Baseline", "conventional": "Conventional", "epd": "EPD",
                 "epd_labels": "EPD labels + bilinear", "epd_images": "nearest + window mean"}
 OUTPUTS = ("tables.md", "summary.json", "iou_dice_vs_factor.png", "downsampling.png",
-           "gain_vs_factor.png")
+           "gain_vs_factor.png", "progress.png")
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -499,6 +501,44 @@ def plot_gain_vs_factor(data, path: Path, label: str, reference=None,
     save_figure(fig, path)
 
 
+def plot_progress(runs_dir: Path, meta: Dict[str, object], path: Path) -> bool:
+    """Full-resolution validation IoU (%) against the epoch of every planned run with a
+    log.csv (conventional orange, EPD blue, baseline grey; one line style per factor).
+    Returns False (and draws nothing) when no run has finished an epoch."""
+    logs = {}
+    for name in meta.get("runs", []):
+        f = Path(runs_dir) / "runs" / name / "log.csv"
+        if f.exists():
+            logs[name] = read_csv(f)
+    if not any(logs.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .experiment import spec_from_folder
+    from .logs import save_figure
+
+    colors = {"conventional": "tab:orange", "epd": "tab:blue", "baseline": "0.3"}
+    styles = {1: "-", 2: "-.", 4: "--", 8: "-"}
+    markers = {0: "o", 1: "s", 2: "^"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
+    for name, log in logs.items():
+        spec = spec_from_folder(name)
+        ax.plot([r["epoch"] for r in log], [100 * r["val_full_iou"] for r in log],
+                styles.get(spec.factor, ":"), marker=markers.get(spec.seed, "x"), ms=3,
+                color=colors.get(spec.method, "k"),
+                label=f"{spec.method} 1/{spec.factor} seed {spec.seed}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean IoU over tissues at full resolution, %")
+    ax.set_title(f"Validation during training ({base_label(meta)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
 def _nan_to_none(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -536,6 +576,9 @@ def tables_markdown(data, meta: Dict[str, object], command: str, todo=(), pairs=
              f"Settings: {json.dumps(settings)}. Metrics on the validation subjects after "
              f"the last epoch; mean ± SD over seeds; hard metrics (at the threshold that "
              f"maximises Dice) and soft Dice in %, means over the five tissue classes.", ""]
+    if not data:
+        lines += ["No run has finished yet.", ""]
+        return "\n".join(lines + unfinished_markdown(list(todo), list(pairs)))
     for dataset, title in (("small", "Paper-sized set"), ("large", "Larger set")):
         if not any(key[0] == dataset for key in data):
             continue
@@ -587,14 +630,15 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
         raise FileNotFoundError(f"{meta_path} not found: is {runs_dir} an experiment folder?")
     meta = json.loads(meta_path.read_text())
     data = collect(runs_dir)
-    if not data:
-        raise ValueError(f"no finished run under {runs_dir / 'runs'}")
+    todo, pairs = unfinished(runs_dir, meta), pairs_at_common_epoch(runs_dir, meta)
+    if not data and not any(t["epochs_done"] for t in todo):
+        raise ValueError(f"nothing to report: no finished run and no epoch done under "
+                         f"{runs_dir / 'runs'}")
     reference = None
     if args.reference is not None:
         if not Path(args.reference).exists():
             raise FileNotFoundError(f"--reference {args.reference} not found")
         reference = json.loads(Path(args.reference).read_text())
-    todo, pairs = unfinished(runs_dir, meta), pairs_at_common_epoch(runs_dir, meta)
     existing = [n for n in OUTPUTS if (out / n).exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite")
@@ -605,13 +649,19 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
                "gains": _gains(data), "unfinished": todo, "unfinished_pairs": pairs}
     atomic_bytes(out / "summary.json",
                  (json.dumps(_nan_to_none(summary), indent=1) + "\n").encode())
-    plot_vs_factor(data, out / "iou_dice_vs_factor.png")
+    written = ["tables.md", "summary.json"]
+    if data:  # a figure of nothing would look like a result
+        plot_vs_factor(data, out / "iou_dice_vs_factor.png")
+        written.append("iou_dice_vs_factor.png")
     plot_downsampling(out / "downsampling.png")
     plot_gain_vs_factor(data, out / "gain_vs_factor.png", f"ours at {base_label(meta)}",
                         reference_gains(reference) if reference else None,
                         f"ours at {base_label(reference)}" if reference else "", pairs)
+    written += ["downsampling.png", "gain_vs_factor.png"]
+    if plot_progress(runs_dir, meta, out / "progress.png"):
+        written.append("progress.png")
     n = sum(len(v) for v in data.values())
-    print(f"{n} runs in {len(data)} configurations -> {out}/" + ", ".join(OUTPUTS)
+    print(f"{n} finished runs in {len(data)} configurations -> {out}/" + ", ".join(written)
           + (f"; {len(todo)} planned run(s) not finished" if todo else ""), file=sys.stderr)
 
 
