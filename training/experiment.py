@@ -2,6 +2,7 @@
 
     python -m training experiment --preset cpu --output runs/paper_cpu --jobs 2
     python -m training experiment --preset paper --output runs/paper --jobs 1   # a GPU
+    python -m training experiment --preset cpu512 --output runs/paper_cpu512 --jobs 1  # 512 x 512, trimmed
 
 Writes the phantom datasets once (``<output>/data/<set>/manifest.csv``), then trains every
 configuration of the grid, each as its own ``python -m training train`` process (so its time
@@ -38,12 +39,24 @@ from typing import Dict, Iterator, List, Optional, Sequence
 #: "paper" mirrors the paper (57 subjects x 6 slices of 512 x 512, 100 epochs, three seeds);
 #: "cpu" is the same grid reduced to what two CPU cores train in a few hours (128 x 128
 #: slices of the same bodies, so about 3 mm pixels; a narrower network; fewer epochs);
+#: "cpu512" is the "cpu" preset (network, epochs, recipe, split, metrics) at the paper's
+#: 512 x 512 (about 0.87 mm, resampled to the median spacing like "paper": network inputs 532,
+#: 266, 133, 67), trimmed to an explicit, ordered list of runs (``runs``) that answers one
+#: question on two CPU cores: does EPD's gain grow with the factor at the paper's resolution?
+#: (the 1/8 and 1/4 pairs of seed 0 first, so the first hours already compare two factors,
+#: then those of seed 1 for the spread, then 1/2 and the baseline once);
 #: "smoke" checks the machinery in seconds (tests).
 PRESETS: Dict[str, Dict[str, object]] = {
     "paper": dict(size=512, subjects=57, slices=6, large_subjects=334, epochs=100,
                   large_epochs=40, width=16, batch_size=8, lr=1e-3, seeds=(0, 1, 2)),
     "cpu": dict(size=128, subjects=57, slices=6, large_subjects=334, epochs=25,
                 large_epochs=5, width=8, batch_size=8, lr=1e-3, seeds=(0, 1, 2)),
+    "cpu512": dict(size=512, subjects=57, slices=6, large_subjects=334, epochs=25,
+                   large_epochs=5, width=8, batch_size=8, lr=1e-3, seeds=(0, 1),
+                   runs=tuple(f"small/{m}_f{k}_aug/seed{s}"
+                              for k, s in ((8, 0), (4, 0), (8, 1), (4, 1), (2, 0))
+                              for m in ("conventional", "epd"))
+                   + ("small/baseline_f1_aug/seed0",)),
     "smoke": dict(size=64, subjects=5, slices=2, large_subjects=6, epochs=1,
                   large_epochs=1, width=4, batch_size=4, lr=1e-3, seeds=(0,)),
 }
@@ -80,11 +93,34 @@ class RunSpec:
         return f"{self.dataset}/{self.config}/seed{self.seed}"
 
 
+def spec_from_folder(folder: str) -> RunSpec:
+    """'small/epd_f8_aug/seed0' -> its RunSpec (the inverse of RunSpec.folder)."""
+    try:
+        dataset, config, seed = folder.split("/")
+        method, fac, aug = config.rsplit("_", 2)
+        spec = RunSpec(dataset, method, int(fac[1:]), aug == "aug", int(seed[4:]))
+    except ValueError:
+        raise ValueError(f"not a run folder: {folder!r} (e.g. 'small/epd_f8_aug/seed0')") from None
+    if spec.folder != folder or method not in METHODS or dataset not in DATA_SEEDS:
+        raise ValueError(f"not a run folder: {folder!r} (e.g. 'small/epd_f8_aug/seed0')")
+    return spec
+
+
+def _group(spec: RunSpec) -> str:
+    if spec.dataset == "large":
+        return "large"
+    return "ablation" if spec.method in ("epd_labels", "epd_images") else "main"
+
+
 def grid(preset: Dict[str, object], groups: Sequence[str] = GROUPS,
          seeds: Optional[Sequence[int]] = None) -> List[RunSpec]:
     """The runs of the chosen groups, in the order they are started: the main grid seed by
     seed (so a partial result already has every configuration), then the ablations, then
-    the larger set; the costly factor-1 runs first within each."""
+    the larger set; the costly factor-1 runs first within each. A preset with ``runs`` (run
+    folders) is that list, in its order, less the runs outside ``groups`` and ``seeds``."""
+    if "runs" in preset:
+        specs = [spec_from_folder(f) for f in preset["runs"]]
+        return [s for s in specs if _group(s) in groups and (seeds is None or s.seed in seeds)]
     seeds = list(preset["seeds"] if seeds is None else seeds)
     main = [("baseline", 1)] + [(m, k) for k in DOWN_FACTORS for m in ("conventional", "epd")]
     runs: List[RunSpec] = []
@@ -199,8 +235,10 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
     if not specs:
         raise ValueError("no run left to do: --skip leaves out the whole grid")
     record = out / "experiment.json"
+    # the run list is not a setting: a preset may grow runs and still resume its folder
     meta = {"preset": args.preset, "settings": {k: list(v) if isinstance(v, tuple) else v
-                                                for k, v in preset.items()},
+                                                for k, v in preset.items() if k != "runs"},
+            "runs": [s.folder for s in specs],
             "groups": list(args.groups), "seeds": sorted({s.seed for s in specs}),
             "skipped": list(args.skip),
             "command": "python -m training " + shlex.join(list(sys.argv[1:] if argv is None
@@ -255,9 +293,7 @@ def iter_runs(out: Path) -> Iterator[tuple]:
     """(RunSpec, folder) of every finished run under an experiment folder."""
     for card in sorted((Path(out) / "runs").glob("*/*/seed*/model.json")):
         folder = card.parent
-        dataset, config, seed = folder.parent.parent.name, folder.parent.name, folder.name
-        method, fac, aug = config.rsplit("_", 2)
-        yield RunSpec(dataset, method, int(fac[1:]), aug == "aug", int(seed[4:])), folder
+        yield spec_from_folder(folder.relative_to(Path(out) / "runs").as_posix()), folder
 
 
-__all__ = ["PRESETS", "METHODS", "RunSpec", "grid", "train_argv", "run_state", "iter_runs"]
+__all__ = ["PRESETS", "METHODS", "RunSpec", "grid", "spec_from_folder", "train_argv", "run_state", "iter_runs"]

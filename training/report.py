@@ -11,7 +11,14 @@ writes to --output:
 - summary.json: the same numbers, per configuration;
 - iou_dice_vs_factor.png: IoU and Dice against the factor for both methods, the
   full-resolution baseline as a line;
-- downsampling.png: a phantom slice downsampled both ways (the paper's Fig. 3).
+- downsampling.png: a phantom slice downsampled both ways (the paper's Fig. 3);
+- progress.png: the full-resolution IoU of every planned run against the epoch (log.csv),
+  finished or not;
+- gain_vs_factor.png: EPD's IoU gain at full resolution against the factor, per seed, beside
+  the paper's and, with --reference, an earlier experiment's (e.g. another base resolution).
+An experiment still running is reported as far as it got: its finished runs, and for the
+planned runs not finished yet, how far each got (epochs, seconds per epoch) and the gain of
+each pair at the last epoch both reached (from log.csv; no card yet).
 Metrics are those ``train`` logs on the validation subjects after the last epoch (no epoch
 is picked on validation). Hard metrics and soft Dice are given in percent.
 """
@@ -42,7 +49,8 @@ PERCENT = set(HARD_METRICS) | {"softDice"}
 LABELS = {"softDice": "soft Dice", "soft_area_abs_err_cm2": "area err cm²"}
 METHOD_NAMES = {"baseline": "Baseline", "conventional": "Conventional", "epd": "EPD",
                 "epd_labels": "EPD labels + bilinear", "epd_images": "nearest + window mean"}
-OUTPUTS = ("tables.md", "summary.json", "iou_dice_vs_factor.png", "downsampling.png")
+OUTPUTS = ("tables.md", "summary.json", "iou_dice_vs_factor.png", "downsampling.png",
+           "gain_vs_factor.png", "progress.png")
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -84,6 +92,50 @@ def collect(runs_dir: Path) -> Dict[tuple, Dict[int, Dict[str, object]]]:
     for spec, folder in iter_runs(runs_dir):
         out[(spec.dataset, spec.method, spec.factor, spec.augment)][spec.seed] = run_result(folder)
     return dict(out)
+
+
+def unfinished(runs_dir: Path, meta: Dict[str, object]) -> List[Dict[str, object]]:
+    """The planned runs (experiment.json's "runs") without a model card: {'run', 'epochs_done',
+    'epochs', 'seconds_per_epoch' (median, NaN before the first epoch), 'val_full_iou' (at
+    the last epoch done, NaN before it)}, in the planned order."""
+    from .experiment import PRESETS, epochs_of, spec_from_folder
+
+    settings = dict(meta.get("settings") or PRESETS.get(str(meta.get("preset")), {}))
+    out = []
+    for name in meta.get("runs", []):
+        folder = Path(runs_dir) / "runs" / name
+        if (folder / "model.json").exists():
+            continue
+        log = read_csv(folder / "log.csv") if (folder / "log.csv").exists() else []
+        out.append({"run": name, "epochs_done": len(log),
+                    "epochs": epochs_of(spec_from_folder(name), settings),
+                    "seconds_per_epoch": float(np.median([r["seconds"] for r in log]))
+                    if log else math.nan,
+                    "val_full_iou": log[-1]["val_full_iou"] if log else math.nan})
+    return out
+
+
+def pairs_at_common_epoch(runs_dir: Path, meta: Dict[str, object]) -> List[Dict[str, object]]:
+    """For each planned conventional / EPD pair (same set, factor, augmentation, seed) with
+    at least one run unfinished and both past their first epoch: the full-resolution IoU of
+    both and the gain at the last epoch both reached (log.csv's val_full_iou, the metric the
+    card records at the end)."""
+    names = set(meta.get("runs", []))
+    out = []
+    for name in meta.get("runs", []):
+        if "/conventional_" not in name or name.replace("/conventional_", "/epd_") not in names:
+            continue
+        pair = [Path(runs_dir) / "runs" / n for n in (name, name.replace("/conventional_", "/epd_"))]
+        if all((f / "model.json").exists() for f in pair) or \
+                not all((f / "log.csv").exists() for f in pair):
+            continue
+        conv, epd = (read_csv(f / "log.csv") for f in pair)
+        e = min(len(conv), len(epd))
+        if e:
+            c, d = conv[e - 1]["val_full_iou"], epd[e - 1]["val_full_iou"]
+            out.append({"pair": name.replace("/conventional_", "/{conventional,epd}_"),
+                        "epoch": e, "conventional": c, "epd": d, "gain": d - c})
+    return out
 
 
 def _at(run: Dict[str, object], path) -> float:
@@ -208,8 +260,9 @@ def cost_table(data, dataset: str = "small", augment: bool = True) -> List[str]:
         sec, mem = stat(runs, "seconds_per_epoch")[0], stat(runs, "peak_mib")[0]
         size = next(iter(runs.values()))["input_size"]
         rows.append([_row_name(method, k), f"{size[0]} x {size[1]}", f"{sec:.1f}",
-                     f"{stat(runs, 'slices_per_s')[0]:.1f}", f"{b_sec / sec:.2f}",
-                     f"{mem:.0f}", f"{mem / b_mem:.2f}"])
+                     f"{stat(runs, 'slices_per_s')[0]:.1f}",
+                     "–" if math.isnan(b_sec) else f"{b_sec / sec:.2f}",
+                     f"{mem:.0f}", "–" if math.isnan(b_mem) else f"{mem / b_mem:.2f}"])
     return _md(["configuration", "network input", "s / epoch", "slices / s", "speed-up",
                 "peak MiB", "/ baseline"], rows)
 
@@ -347,6 +400,145 @@ def _summary(data) -> Dict[str, object]:
     return out
 
 
+def _gains(data) -> Dict[str, object]:
+    """Paired IoU gains of EPD over conventional, per set / augmentation / factor and
+    resolution: mean, SD, n and the per-seed values (so a later report can plot them)."""
+    out = {}
+    for dataset in sorted({key[0] for key in data}):
+        for augment in (True, False):
+            for k in DOWN_FACTORS:
+                conv = data.get((dataset, "conventional", k, augment), {})
+                epd = data.get((dataset, "epd", k, augment), {})
+                seeds = sorted(set(conv) & set(epd))
+                if not seeds:
+                    continue
+                entry = {"seeds": seeds}
+                for res in ("low", "full"):
+                    entry[res] = dict(zip(("mean", "sd", "n"), paired_gain(conv, epd, res, "IoU")))
+                    entry[res]["per_seed"] = [_at(epd[s], (res, "IoU")) - _at(conv[s], (res, "IoU"))
+                                              for s in seeds]
+                out[f"{dataset}/f{k}_{'aug' if augment else 'noaug'}"] = entry
+    return out
+
+
+def reference_gains(summary: Dict[str, object], dataset: str = "small",
+                    augment: bool = True) -> Dict[int, tuple]:
+    """factor -> (mean, SD) of the full-resolution IoU gain in another experiment's
+    summary.json: its "gains" when it has them, else the difference of the two methods'
+    means (the paired mean when both ran the same seeds) with no SD."""
+    tag = "aug" if augment else "noaug"
+    gains, configs = summary.get("gains") or {}, summary.get("configurations", {})
+    out = {}
+    for k in DOWN_FACTORS:
+        g = gains.get(f"{dataset}/f{k}_{tag}")
+        if g:
+            sd = g["full"]["sd"]
+            out[k] = (g["full"]["mean"], math.nan if sd is None else sd)
+            continue
+        conv, epd = (configs.get(f"{dataset}/{m}_f{k}_{tag}") for m in ("conventional", "epd"))
+        if conv and epd and conv["seeds"] == epd["seeds"]:
+            out[k] = (epd["full"]["IoU"]["mean"] - conv["full"]["IoU"]["mean"], math.nan)
+    return out
+
+
+def base_label(summary_or_meta: Dict[str, object]) -> str:
+    """'512 x 512' from an experiment record's settings (or a summary's experiment)."""
+    meta = summary_or_meta.get("experiment", summary_or_meta)
+    size = (meta.get("settings") or {}).get("size")
+    return f"{size} x {size}" if size else str(meta.get("preset", "?"))
+
+
+def plot_gain_vs_factor(data, path: Path, label: str, reference=None,
+                        reference_label: str = "", partial=()) -> None:
+    """EPD's full-resolution IoU gain (points) against the factor: this experiment's seeds
+    (dots) and mean, the ``reference`` experiment's gains (factor -> (mean, SD)), unfinished
+    pairs at their last common epoch (hollow), and the paper's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .logs import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
+    ax.plot(list(DOWN_FACTORS), [PAPER_IOU_GAIN[k] for k in DOWN_FACTORS], "k^-",
+            label="the paper (512 x 512, real CT)")
+    if reference:
+        ks = sorted(reference)
+        ax.errorbar(ks, [100 * reference[k][0] for k in ks],
+                    yerr=[0 if math.isnan(reference[k][1]) else 100 * reference[k][1] for k in ks],
+                    fmt="o--", color="tab:gray", capsize=3, label=reference_label)
+    ks, means = [], []
+    for k in DOWN_FACTORS:
+        conv = data.get(("small", "conventional", k, True), {})
+        epd = data.get(("small", "epd", k, True), {})
+        seeds = sorted(set(conv) & set(epd))
+        if not seeds:
+            continue
+        per_seed = [100 * (_at(epd[s], ("full", "IoU")) - _at(conv[s], ("full", "IoU")))
+                    for s in seeds]
+        ax.plot([k] * len(per_seed), per_seed, "o", color="tab:blue", alpha=0.5, ms=4)
+        ks.append(k)
+        means.append(float(np.mean(per_seed)))
+    if ks:
+        ax.plot(ks, means, "s-", color="tab:blue", label=f"{label}, mean of seeds (dots)")
+    for p in partial:
+        k = int(p["pair"].split("_f")[1].split("_")[0])
+        ax.plot([k], [100 * p["gain"]], "o", mfc="none", color="tab:red")
+        ax.annotate(f"epoch {p['epoch']}", (k, 100 * p["gain"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    if partial:
+        ax.plot([], [], "o", mfc="none", color="tab:red",
+                label=f"{label}, unfinished pair at its last common epoch")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(DOWN_FACTORS), [f"1/{k}" for k in DOWN_FACTORS])
+    ax.set_xlabel("downsampling factor")
+    ax.set_ylabel("IoU gain of EPD at full resolution, points")
+    ax.set_title("EPD over conventional downsampling, with augmentation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_progress(runs_dir: Path, meta: Dict[str, object], path: Path) -> bool:
+    """Full-resolution validation IoU (%) against the epoch of every planned run with a
+    log.csv (conventional orange, EPD blue, baseline grey; one line style per factor).
+    Returns False (and draws nothing) when no run has finished an epoch."""
+    logs = {}
+    for name in meta.get("runs", []):
+        f = Path(runs_dir) / "runs" / name / "log.csv"
+        if f.exists():
+            logs[name] = read_csv(f)
+    if not any(logs.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .experiment import spec_from_folder
+    from .logs import save_figure
+
+    colors = {"conventional": "tab:orange", "epd": "tab:blue", "baseline": "0.3"}
+    styles = {1: "-", 2: "-.", 4: "--", 8: "-"}
+    markers = {0: "o", 1: "s", 2: "^"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
+    for name, log in logs.items():
+        spec = spec_from_folder(name)
+        ax.plot([r["epoch"] for r in log], [100 * r["val_full_iou"] for r in log],
+                styles.get(spec.factor, ":"), marker=markers.get(spec.seed, "x"), ms=3,
+                color=colors.get(spec.method, "k"),
+                label=f"{spec.method} 1/{spec.factor} seed {spec.seed}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean IoU over tissues at full resolution, %")
+    ax.set_title(f"Validation during training ({base_label(meta)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
 def _nan_to_none(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -357,13 +549,36 @@ def _nan_to_none(obj):
     return obj
 
 
-def tables_markdown(data, meta: Dict[str, object], command: str) -> str:
+def unfinished_markdown(todo: List[Dict[str, object]], pairs: List[Dict[str, object]]) -> List[str]:
+    if not todo:
+        return []
+    lines = ["## Planned runs not finished", "",
+             "Not in the tables above (no model card yet); epochs done so far, the median "
+             "seconds per epoch, and the full-resolution IoU at the last epoch done.", ""]
+    lines += _md(["run", "epochs done", "s / epoch", "IoU full res at that epoch, %"],
+                 [[t["run"], f"{t['epochs_done']} / {t['epochs']}",
+                   "–" if math.isnan(t["seconds_per_epoch"]) else f"{t['seconds_per_epoch']:.0f}",
+                   fmt(t["val_full_iou"], math.nan, "IoU")] for t in todo]) + [""]
+    if pairs:
+        lines += ["Unfinished pairs, compared at the last epoch both reached (full-resolution "
+                  "IoU, %; not final numbers):", ""]
+        lines += _md(["pair", "epoch", "conventional", "EPD", "gain"],
+                     [[p["pair"], str(p["epoch"]), fmt(p["conventional"], math.nan, "IoU"),
+                       fmt(p["epd"], math.nan, "IoU"), fmt(p["gain"], math.nan, "IoU")]
+                      for p in pairs]) + [""]
+    return lines
+
+
+def tables_markdown(data, meta: Dict[str, object], command: str, todo=(), pairs=()) -> str:
     settings = meta.get("settings", {})
     lines = [f"# Results tables: {meta.get('preset', '?')} preset", "",
              f"Made by `{command}` from the runs of `{meta.get('command', '?')}`.", "",
              f"Settings: {json.dumps(settings)}. Metrics on the validation subjects after "
              f"the last epoch; mean ± SD over seeds; hard metrics (at the threshold that "
              f"maximises Dice) and soft Dice in %, means over the five tissue classes.", ""]
+    if not data:
+        lines += ["No run has finished yet.", ""]
+        return "\n".join(lines + unfinished_markdown(list(todo), list(pairs)))
     for dataset, title in (("small", "Paper-sized set"), ("large", "Larger set")):
         if not any(key[0] == dataset for key in data):
             continue
@@ -395,6 +610,7 @@ def tables_markdown(data, meta: Dict[str, object], command: str) -> str:
               "resident memory of the training process (data, model and interpreter "
               "included); speed-up and memory against the baseline.", ""]
     lines += cost_table(data) + [""]
+    lines += unfinished_markdown(list(todo), list(pairs))
     return "\n".join(lines)
 
 
@@ -402,6 +618,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=Path, required=True, help="experiment folder")
     p.add_argument("--output", type=Path, required=True, help="folder for the results page")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results")
+    p.add_argument("--reference", type=Path, metavar="SUMMARY",
+                   help="another experiment's summary.json (e.g. docs/results/summary.json) "
+                        "whose gains gain_vs_factor.png shows beside these")
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
@@ -411,22 +630,40 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
         raise FileNotFoundError(f"{meta_path} not found: is {runs_dir} an experiment folder?")
     meta = json.loads(meta_path.read_text())
     data = collect(runs_dir)
-    if not data:
-        raise ValueError(f"no finished run under {runs_dir / 'runs'}")
+    todo, pairs = unfinished(runs_dir, meta), pairs_at_common_epoch(runs_dir, meta)
+    if not data and not any(t["epochs_done"] for t in todo):
+        raise ValueError(f"nothing to report: no finished run and no epoch done under "
+                         f"{runs_dir / 'runs'}")
+    reference = None
+    if args.reference is not None:
+        if not Path(args.reference).exists():
+            raise FileNotFoundError(f"--reference {args.reference} not found")
+        reference = json.loads(Path(args.reference).read_text())
     existing = [n for n in OUTPUTS if (out / n).exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m training " + shlex.join(list(sys.argv[1:] if argv is None else argv))
-    atomic_bytes(out / "tables.md", tables_markdown(data, meta, command).encode())
-    summary = {"command": command, "experiment": meta, "configurations": _summary(data)}
+    atomic_bytes(out / "tables.md", tables_markdown(data, meta, command, todo, pairs).encode())
+    summary = {"command": command, "experiment": meta, "configurations": _summary(data),
+               "gains": _gains(data), "unfinished": todo, "unfinished_pairs": pairs}
     atomic_bytes(out / "summary.json",
                  (json.dumps(_nan_to_none(summary), indent=1) + "\n").encode())
-    plot_vs_factor(data, out / "iou_dice_vs_factor.png")
+    written = ["tables.md", "summary.json"]
+    if data:  # a figure of nothing would look like a result
+        plot_vs_factor(data, out / "iou_dice_vs_factor.png")
+        written.append("iou_dice_vs_factor.png")
     plot_downsampling(out / "downsampling.png")
+    plot_gain_vs_factor(data, out / "gain_vs_factor.png", f"ours at {base_label(meta)}",
+                        reference_gains(reference) if reference else None,
+                        f"ours at {base_label(reference)}" if reference else "", pairs)
+    written += ["downsampling.png", "gain_vs_factor.png"]
+    if plot_progress(runs_dir, meta, out / "progress.png"):
+        written.append("progress.png")
     n = sum(len(v) for v in data.values())
-    print(f"{n} runs in {len(data)} configurations -> {out}/" + ", ".join(OUTPUTS),
-          file=sys.stderr)
+    print(f"{n} finished runs in {len(data)} configurations -> {out}/" + ", ".join(written)
+          + (f"; {len(todo)} planned run(s) not finished" if todo else ""), file=sys.stderr)
 
 
-__all__ = ["collect", "run_result", "stat", "paired_gain", "tables_markdown", "PAPER_IOU_GAIN"]
+__all__ = ["collect", "run_result", "stat", "paired_gain", "tables_markdown", "PAPER_IOU_GAIN",
+           "unfinished", "pairs_at_common_epoch", "reference_gains"]
