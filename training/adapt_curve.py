@@ -35,6 +35,8 @@ from EPDSegmentationLib.core.inference import predict_volume
 from EPDSegmentationLib.core.model_io import load_model
 from EPDSegmentationLib.core.resources import bundled_model_path
 
+from .logs import save_figure
+
 _REPO = Path(__file__).resolve().parents[1]
 #: ../shared beside this checkout, or beside its folder of worktrees
 TS = next((p for p in (_REPO.parent / "shared", _REPO.parent.parent / "shared") if p.is_dir()),
@@ -174,8 +176,6 @@ def _figure(path: Path, rows) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from EPDSegmentationLib.core.atomic import atomic_file
-
     fig, axes = plt.subplots(1, len(REPORTED), figsize=(4 * len(REPORTED), 3.4), squeeze=False)
     for ax, key in zip(axes[0], REPORTED):
         for strategy, style in (("uncertain", "o-"), ("random", "s--")):
@@ -191,12 +191,7 @@ def _figure(path: Path, rows) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with atomic_file(path, overwrite=True) as tmp:
-            fig.savefig(tmp, dpi=90)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

@@ -120,14 +120,17 @@ def plot_history(folder: Path, history: Sequence[Row]) -> List[Path]:
     return written
 
 
-def save_figure(fig, path: Path, tight: bool = True) -> Path:
-    """Write a matplotlib figure as PNG atomically and close it; returns ``path``."""
+def save_figure(fig, path: Path, tight: bool = True, dpi=None) -> Path:
+    """Write a matplotlib figure as PNG atomically (dpi: matplotlib's default when None)
+    and close it; returns ``path``."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    if tight:
-        fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    try:
+        if tight:
+            fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     atomic_bytes(path, buf.getvalue())
     return path

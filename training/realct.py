@@ -24,8 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from EPDSegmentationLib.core.atomic import atomic_file, write_text
+from EPDSegmentationLib.core.atomic import write_text
 from EPDSegmentationLib.core.classes import CLASSES, class_by_key
+
+from .logs import save_figure
 
 
 def parse_mask(spec: str) -> Tuple[List[int], Path]:
@@ -139,9 +141,4 @@ def _figure(path: Path, ct, labels, masks, display_slice, overlay_rgb) -> None:
         axes[1, j].set_title(f"reference masks, slice {k}")
     for ax in axes.ravel():
         ax.set_axis_off()
-    fig.tight_layout()
-    try:
-        with atomic_file(path, overwrite=True) as tmp:
-            fig.savefig(tmp, dpi=90)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=90)
