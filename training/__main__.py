@@ -15,16 +15,12 @@ import argparse
 import sys
 from typing import List, Optional
 
+from EPDSegmentationLib.core.errors import EPDError
+
+from . import adapt, bundle, evaluate, experiment, realct, report, train
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import adapt
-    from . import bundle
-    from . import evaluate
-    from . import experiment
-    from . import realct
-    from . import report
-    from . import train
-
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a command; bad input (arguments, files, devices) -> one error line and exit 2.
     Anything else (a bug, a CUDA failure) keeps its traceback."""
-    from EPDSegmentationLib.core.errors import EPDError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptError, AdaptSettings, adapt_model,
+                                           adapted_card, check_destination, describe, save_adapted)
+from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,11 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
-    from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptError, AdaptSettings, adapt_model,
-                                               adapted_card, check_destination, describe,
-                                               save_adapted)
     from EPDSegmentationLib.core.model_io import load_model
-    from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 
     check_destination(args.output, args.overwrite)
     settings = AdaptSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,

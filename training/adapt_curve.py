@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-
 from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptSettings, adapt_model, slice_uncertainty,
                                            suggest_slices)
 from EPDSegmentationLib.core.atomic import write_text
@@ -34,6 +33,9 @@ from EPDSegmentationLib.core.classes import class_by_key
 from EPDSegmentationLib.core.inference import predict_volume
 from EPDSegmentationLib.core.model_io import load_model
 from EPDSegmentationLib.core.resources import bundled_model_path
+from EPDSegmentationLib.io import read_labels, read_volume
+
+from training.phantom import subject_slices
 
 from .logs import save_figure
 
@@ -51,8 +53,6 @@ def reference_labels(ct, folder: Path) -> np.ndarray:
     """Our classes (K, J, I) from TotalSegmentator's masks (see the module docstring)."""
     from scipy.ndimage import binary_fill_holes
 
-    from EPDSegmentationLib.io import read_labels
-
     body = np.stack([binary_fill_holes(s > BODY_HU) for s in ct.array])
     labels = np.where(body, class_by_key("MSC").index, 0).astype(np.uint8)
     for name, key in MAPPING:
@@ -66,8 +66,6 @@ def shifted_phantom(seed: int, n_slices: int, size: int = 256):
     muscle 30 HU darker and a smoother kernel (Gaussian blur, sigma 1.2 pixels).
     Returns (hu float32 (K, J, I), labels uint8 (K, J, I), pixel_mm (row, col))."""
     from scipy.ndimage import gaussian_filter
-
-    from training.phantom import subject_slices
 
     slices = subject_slices(seed, n_slices, None, levels=("T11", "L4"), size=size)
     hu = np.stack([s.hu for s in slices]).astype(np.float32)
@@ -102,8 +100,6 @@ def main(argv=None) -> int:
     p.add_argument("--phantom-slices", type=int, default=16)
     args = p.parse_args(argv)
     import torch
-
-    from EPDSegmentationLib.io import read_volume
 
     torch.set_num_threads(1)
     if args.phantom_seed is None:

@@ -20,6 +20,8 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import evaluate, realct
+
 #: The real sample's masks, and the classes each stands for (TotalSegmentator has no IMAT:
 #: its skeletal muscle mask covers the muscle compartment, so it is compared with MUS + IMAT;
 #: its torso fat is fat inside the body wall, roughly our VAT).
@@ -52,9 +54,6 @@ def _per_class(result: Dict, metric: str) -> Dict[str, Optional[float]]:
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.model_io import load_model, save_model
-
-    from . import evaluate
-    from . import realct
 
     weights = Path(args.run) / "model.safetensors"
     model, card = load_model(weights)

@@ -23,11 +23,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-
 from EPDSegmentationLib.core.classes import NUM_CLASSES, class_by_key
 from EPDSegmentationLib.core.epd_torch import downsample_pair_torch, epd_labels_torch
 from EPDSegmentationLib.core.inference import resample_planes, resampled_shape
+from EPDSegmentationLib.core.orientation import network_flips
 from EPDSegmentationLib.core.windowing import window_channels
+from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
+
+from training.phantom import subject_slices
+from training.phantom.dataset import split_subjects, subject_seeds
 
 from .randomize import add_kernel_noise, randomize_appearance
 
@@ -62,9 +66,6 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     stack within them."""
     from tqdm import tqdm
 
-    from training.phantom import subject_slices
-    from training.phantom.dataset import split_subjects, subject_seeds
-
     if n_subjects < 1 or slices_per_subject < 1:
         raise ValueError(f"phantom needs >= 1 subject and >= 1 slice per subject; got "
                          f"{n_subjects} and {slices_per_subject}")
@@ -85,9 +86,6 @@ def manifest_records(path, splits: Sequence[str] = ("train", "val"),
                      progress: bool = False) -> Dict[str, List[SliceRecord]]:
     """Every axial slice of the manifest's cases in ``splits``, by split."""
     from tqdm import tqdm
-
-    from EPDSegmentationLib.core.orientation import network_flips
-    from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 
     rows = [r for r in read_manifest(path) if r["split"] in splits]
     out: Dict[str, List[SliceRecord]] = {s: [] for s in splits}

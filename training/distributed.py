@@ -10,6 +10,7 @@ from typing import Any, List
 import numpy as np
 import torch
 import torch.distributed as dist
+from EPDSegmentationLib.core.inference import DeviceError, select_device
 
 
 @dataclass
@@ -41,8 +42,6 @@ def setup(device: str = "auto") -> Context:
 
     device: "auto" (a GPU when there is one, else the CPU), "cuda" or "cpu". Under torchrun
     each rank takes cuda:LOCAL_RANK with NCCL, or the CPU with gloo."""
-    from EPDSegmentationLib.core.inference import DeviceError, select_device
-
     if not launched_by_torchrun():
         dev, reason = select_device(device)
         if dev.type == "mps":  # training is tested on CUDA and the CPU only

@@ -25,16 +25,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-
 from EPDSegmentationLib.core.classes import CLASSES, KEYS, NUM_CLASSES, color_table
 from EPDSegmentationLib.core.epd import epd_labels
-from EPDSegmentationLib.core.inference import (prepare_slices, resample_planes, restore_probabilities,
-                                          run_network, select_device)
+from EPDSegmentationLib.core.inference import (prepare_slices, resample_planes,
+                                               restore_probabilities, run_network, select_device)
 from EPDSegmentationLib.core.metrics import HARD_METRICS, SOFT_METRICS, MetricStats
 from EPDSegmentationLib.core.model_io import load_model
 
 from .data import SliceRecord, manifest_records, phantom_records
-from .logs import save_figure
+from .logs import atomic_bytes, save_figure
 from .train import add_data_arguments
 
 OUTPUTS = ("metrics.json", "table.md", "table.csv")
@@ -264,8 +263,6 @@ def _jsonable(obj):
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
-    from .logs import atomic_bytes
-
     argv = list(sys.argv[1:] if argv is None else argv)
     out = Path(args.output)
     existing = [out / n for n in OUTPUTS if (out / n).exists()]

@@ -35,6 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from training.phantom.dataset import write_dataset
+
+from .logs import atomic_bytes
+
 #: Presets: data (phantom subjects x slices at `size` pixels), training and seeds.
 #: "paper" mirrors the paper (57 subjects x 6 slices of 512 x 512, 100 epochs, three seeds);
 #: "cpu" is the same grid reduced to what two CPU cores train in a few hours (128 x 128
@@ -170,8 +174,6 @@ def run_state(folder: Path, epochs: int) -> str:
 
 def write_datasets(out: Path, preset: Dict[str, object], names: Sequence[str]) -> Dict[str, Path]:
     """The phantom sets as files, written once; returns set -> manifest."""
-    from training.phantom.dataset import write_dataset
-
     manifests = {}
     for name in names:
         folder = out / "data" / name
@@ -259,7 +261,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
             print(f"{states[s]:>8}  {s.folder}")
         return
     out.mkdir(parents=True, exist_ok=True)
-    from .logs import atomic_bytes
 
     atomic_bytes(record, (json.dumps(meta, indent=2) + "\n").encode())
     manifests = write_datasets(out, preset, sorted({s.dataset for s in specs}))

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-
 from EPDSegmentationLib.core.atomic import write_text
 from EPDSegmentationLib.core.classes import CLASSES, class_by_key
+from EPDSegmentationLib.core.inference import predict_volume
+from EPDSegmentationLib.io import read_labels, read_volume
+from EPDSegmentationLib.io.overlay import display_slice, overlay_rgb
 
 from .logs import save_figure
 
@@ -81,10 +83,7 @@ def evaluate_masks(probabilities: np.ndarray, masks: Sequence[Tuple[str, List[in
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
-    from EPDSegmentationLib.core.inference import predict_volume
-    from EPDSegmentationLib.io import read_labels, read_volume
     from EPDSegmentationLib.core.model_io import load_model
-    from EPDSegmentationLib.io.overlay import display_slice, overlay_rgb
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

@@ -35,12 +35,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-
-from EPDSegmentationLib.core.classes import KEYS
+from EPDSegmentationLib.cli.demo import soft_rgb
+from EPDSegmentationLib.core.classes import KEYS, color_table
+from EPDSegmentationLib.core.epd import bilinear_image, epd_image, epd_labels, nearest_labels
 from EPDSegmentationLib.core.metrics import HARD_METRICS, SOFT_METRICS
 
-from .experiment import DOWN_FACTORS, iter_runs
-from .logs import atomic_bytes, read_csv
+from training.phantom import make_slice
+
+from .experiment import DOWN_FACTORS, PRESETS, epochs_of, iter_runs, spec_from_folder
+from .logs import atomic_bytes, read_csv, save_figure
 
 #: The paper's IoU gains of EPD over conventional downsampling (points; arXiv:2404.03991v1,
 #: abstract). Its tables could not be read here, so only these stand beside our numbers.
@@ -98,8 +101,6 @@ def unfinished(runs_dir: Path, meta: Dict[str, object]) -> List[Dict[str, object
     """The planned runs (experiment.json's "runs") without a model card: {'run', 'epochs_done',
     'epochs', 'seconds_per_epoch' (median, NaN before the first epoch), 'val_full_iou' (at
     the last epoch done, NaN before it)}, in the planned order."""
-    from .experiment import PRESETS, epochs_of, spec_from_folder
-
     settings = dict(meta.get("settings") or PRESETS.get(str(meta.get("preset")), {}))
     out = []
     for name in meta.get("runs", []):
@@ -276,8 +277,6 @@ def plot_vs_factor(data, path: Path, dataset: str = "small") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .logs import save_figure
-
     fig, axes = plt.subplots(2, 2, figsize=(9, 7), dpi=100, sharex=True)
     styles = {("conventional", True): ("tab:orange", "o-", "conventional"),
               ("conventional", False): ("tab:orange", "o--", "conventional, no aug"),
@@ -327,13 +326,6 @@ def plot_downsampling(path: Path, seed: int = 0, size: int = 512) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from EPDSegmentationLib.core.classes import color_table
-    from EPDSegmentationLib.cli.demo import soft_rgb
-    from EPDSegmentationLib.core.epd import bilinear_image, epd_image, epd_labels, nearest_labels
-    from training.phantom import make_slice
-
-    from .logs import save_figure
 
     s = make_slice(seed, size=size)
     hu, lab = s.hu.astype(np.float32), s.labels
@@ -458,8 +450,6 @@ def plot_gain_vs_factor(data, path: Path, label: str, reference=None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .logs import save_figure
-
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
     ax.plot(list(DOWN_FACTORS), [PAPER_IOU_GAIN[k] for k in DOWN_FACTORS], "k^-",
             label="the paper (512 x 512, real CT)")
@@ -516,9 +506,6 @@ def plot_progress(runs_dir: Path, meta: Dict[str, object], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .experiment import spec_from_folder
-    from .logs import save_figure
 
     colors = {"conventional": "tab:orange", "epd": "tab:blue", "baseline": "0.3"}
     styles = {1: "-", 2: "-.", 4: "--", 8: "-"}
