@@ -55,6 +55,13 @@ def _with_sample(h):
     return p.inputVolume
 
 
+def _ensure_result(h):
+    """The panel's result, segmenting slices 3-4 of the current CT first if there is none."""
+    if _param(h).resultSegmentation is None:
+        _apply_range(h, 3, 4)
+    return _param(h).resultSegmentation
+
+
 def _apply_range(h, first, last):
     ui = _ui(h)
     _choose(ui.sliceModeComboBox, "Slice range")
@@ -175,8 +182,7 @@ def test_reapply_into_the_same_outputs_asks_and_replaces(fresh):
     h = fresh
     _with_sample(h)
     ui, p = _ui(h), _param(h)
-    if p.resultSegmentation is None:
-        _apply_range(h, 3, 4)
+    _ensure_result(h)
     seg, table = p.resultSegmentation, None
     table = next(h.scene.GetNthNodeByClass(i, "vtkMRMLTableNode")
                  for i in range(_count(h, "vtkMRMLTableNode")))
@@ -204,8 +210,7 @@ def test_epd_preview_of_the_result(fresh):
     h = fresh
     _with_sample(h)
     p, ui = _param(h), _ui(h)
-    if p.resultSegmentation is None:
-        _apply_range(h, 3, 4)
+    _ensure_result(h)
     ui.previewSourceSelector.setCurrentNode(p.resultSegmentation)
     assert p.previewSource is p.resultSegmentation and ui.previewButton.enabled
     ui.previewButton.click()
@@ -217,8 +222,7 @@ def test_export_asks_before_replacing_files(fresh, tmp_path):
     h = fresh
     _with_sample(h)
     p, ui = _param(h), _ui(h)
-    if p.resultSegmentation is None:
-        _apply_range(h, 3, 4)
+    _ensure_result(h)
     assert not ui.exportDicomSegCheckBox.enabled      # the sample CT is not from DICOM
     assert "DICOM" in ui.exportDicomSegCheckBox.toolTip
     ui.exportDirectoryButton.directory = str(tmp_path)
@@ -430,8 +434,7 @@ def test_show_3d_and_segment_editor_hand_off(fresh):
     h = fresh
     ct = _with_sample(h)
     ui, p = _ui(h), _param(h)
-    if p.resultSegmentation is None:
-        _apply_range(h, 3, 4)
+    _ensure_result(h)
     seg = p.resultSegmentation
     assert ui.show3DButton.enabled and ui.segmentEditorButton.enabled
     ui.segmentEditorButton.click()
@@ -449,8 +452,7 @@ def test_preview_changes_are_restored(fresh):
     h = fresh
     ct = _with_sample(h)
     ui, p = _ui(h), _param(h)
-    if p.resultSegmentation is None:
-        _apply_range(h, 3, 4)
+    _ensure_result(h)
     seg = p.resultSegmentation
     red, yellow = composite_node(h.scene, "Red"), composite_node(h.scene, "Yellow")
     yellow.SetLinkedControl(False)
