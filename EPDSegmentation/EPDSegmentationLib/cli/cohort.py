@@ -203,7 +203,7 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
         return None, row
     result = segment_case(case, out_dir, model, card, device=device, batch_size=batch_size,
                           slices=",".join(str(k) for k in k_idx), overwrite=overwrite,
-                          series_uid=series_uid, progress=progress)
+                          series_uid=series_uid, progress=progress, volume=vol)
     if not result.ok:
         row["message"] = result.message
         return result, row

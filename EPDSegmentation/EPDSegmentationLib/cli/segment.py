@@ -363,7 +363,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                  series_uid: Optional[str] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
                  provenance: Optional[Dict] = None, probabilities: bool = False,
-                 slab_slices: Optional[int] = None) -> CaseResult:
+                 slab_slices: Optional[int] = None, volume=None) -> CaseResult:
     """Segment one case and write its outputs.
 
     The volume is read whole (the readers return it in memory); everything after that
@@ -394,7 +394,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         if state != "absent" and not overwrite:
             return CaseResult(case, False, _existing_message(state, present, case.name))
         paths = {role: stage.path(role) for role in roles}
-        vol = read_volume(case.path, case.series_uid or series_uid)
+        # volume: the case already read by the caller (the cohort finds its level first)
+        vol = volume if volume is not None else read_volume(case.path,
+                                                            case.series_uid or series_uid)
         problem = ct_problem(vol)
         if problem:
             raise InputError(case.path, problem)
