@@ -186,7 +186,7 @@ def test_a_tiny_run_learns_and_beats_chance_on_held_out_slices(tmp_path):
     assert card["metrics"]["full_resolution"]["mean"]["Dice"] > 0.4
 
 
-def test_nearest_labels_bilinear_images_from_a_manifest(tmp_path):
+def test_nearest_labels_bilinear_images_from_a_manifest(tmp_path, capsys):
     from training.phantom import write_dataset
 
     manifest = write_dataset(tmp_path / "data", 3, 2, seed=1, size=32, val_fraction=0.34,
@@ -202,6 +202,23 @@ def test_nearest_labels_bilinear_images_from_a_manifest(tmp_path):
     assert len(card["training"]["data"]["manifest_sha256"]) == 64
     assert card["training"]["augment"] is None and card["training"]["loss"] == "ce"
     assert "sigma_ce" not in read_csv(out / "log.csv")[0]
+
+    # A run folder moved together with its data resumes (the manifest is compared by
+    # content); a manifest with other content does not.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "data").rename(moved / "data")
+    (tmp_path / "run").rename(moved / "run")
+    resume = ["train", "--manifest", str(moved / "data" / manifest.name), "--label-mode",
+              "nearest", "--image-mode", "bilinear", "--factor", "4", "--width", "4",
+              "--batch-size", "2", "--epochs", "2", "--no-augment", "--loss", "ce",
+              "--output", str(moved / "run"), "--quiet", "--resume"]
+    assert main(resume) == 0
+    assert len(read_csv(moved / "run" / "log.csv")) == 2
+    with open(moved / "data" / manifest.name, "a") as f:
+        f.write("\n")
+    assert main([*resume[:-1], "--epochs", "3", "--resume"]) == 2
+    assert "(another file)" in capsys.readouterr().err
 
 
 def test_evaluate_writes_tables_and_figures(tmp_path, uninterrupted):

@@ -373,6 +373,45 @@ class RunState:
     bf16: bool
 
 
+def manifest_digest(manifest) -> Optional[str]:
+    """SHA-256 of the manifest file's bytes, or None without a manifest."""
+    if manifest is None:
+        return None
+    import hashlib
+
+    return hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
+
+
+def resume_differences(state: dict, args) -> List[str]:
+    """The arguments of this run that differ from the checkpoint's, as 'name old -> new'.
+
+    An argument newer than the checkpoint counts as its default (the run used that
+    behaviour). The manifest is compared by content, so a run folder moved together with its
+    data resumes; a checkpoint from before digests were stored accepts a moved manifest only
+    when its old path no longer exists and the file name is the same."""
+    old, new = state["args"], args_dict(args)
+    defaults = argparse.ArgumentParser()
+    add_train_arguments(defaults)
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        if k in RESUMABLE:
+            continue
+        before = old[k] if k in old else defaults.get_default(k)
+        if k == "manifest" and before is not None and new.get(k) is not None:
+            digest = state.get("manifest_sha256")
+            if digest is not None:
+                same = digest == manifest_digest(new[k])
+            else:
+                same = (Path(before) == Path(new[k]) or (
+                    not Path(before).exists() and Path(before).name == Path(new[k]).name))
+            if not same:
+                diff.append(f"manifest {before!r} -> {new[k]!r} (another file)")
+            continue
+        if before != new.get(k):
+            diff.append(f"{k} {before!r} -> {new.get(k)!r}")
+    return diff
+
+
 def prepare_output(args, ctx: D.Context) -> Optional[dict]:
     """Check and create the run folder; the checkpoint's state when resuming (its arguments
     must match this run's but for RESUMABLE ones), else None."""
@@ -392,13 +431,10 @@ def prepare_output(args, ctx: D.Context) -> Optional[dict]:
 
     state = load_checkpoint(ckpt_path) if args.resume else None
     if state is not None:
-        old = state["args"]
-        new = args_dict(args)
-        diff = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE
-                and old.get(k) != new.get(k)]
+        diff = resume_differences(state, args)
         if diff:
-            raise ValueError("--resume: arguments differ from the checkpoint's: " + ", ".join(
-                f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
+            raise ValueError("--resume: arguments differ from the checkpoint's: "
+                             + ", ".join(diff))
     return state
 
 
@@ -521,6 +557,7 @@ def save_epoch(args, ctx: D.Context, run: RunState, row: Dict[str, float], epoch
     if ctx.is_main:
         save_checkpoint(out / CHECKPOINT, {
             "epoch": epoch + 1, "args": args_dict(args), "history": run.history, "rng": rngs,
+            "manifest_sha256": manifest_digest(args.manifest),
             "model": run.module.net.state_dict(), "criterion": run.module.criterion.state_dict(),
             "optimizer": run.optimizer.state_dict()})
         from .logs import plot_history, write_csv
