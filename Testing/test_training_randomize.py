@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from training.data import Augment
-from training.randomize import (FAT_MEAN_HU, MUSCLE_MEAN_HU, NOISE_SD_HU, ORGAN_MEDIAN_HU,
-                                add_kernel_noise,
+from training.randomize import (FAT_MEAN_HU, GRID_MM, MUSCLE_MEAN_HU, NOISE_SD_HU,
+                                ORGAN_MEDIAN_HU, SAT_GROWTH_MM, add_kernel_noise, grow_sat,
                                 randomize_appearance)
 
 BG, MUS, IMAT, SAT, VAT, MSC = range(6)
@@ -42,8 +42,14 @@ def test_randomize_is_off_by_default_and_keeps_the_other_draws():
         hu, lab, np.random.default_rng(5))
     assert np.array_equal(b_hu, c_hu)  # reproducible from the generator
     assert not np.array_equal(a_hu, b_hu)
-    kept = b_lab > 0
-    assert np.array_equal(a_lab[kept], b_lab[kept])  # only truncation / arms set background
+    kept = (b_lab > 0) & (a_lab > 0)
+    # only truncation / arms set background; grow_sat may add SAT and skin outside the body
+    assert np.array_equal(a_lab[kept], b_lab[kept])
+    assert set(np.unique(b_lab[(b_lab > 0) & (a_lab == 0)])) <= {SAT, MSC}
+    # obese=0 turns the growth off and keeps the appearance draws
+    d_hu, d_lab = Augment(flip=1.0, crop=1.0, blur=0.0, randomize=1.0, obese=0.0)(
+        hu, lab, np.random.default_rng(5))
+    assert np.array_equal(d_lab[d_lab > 0], a_lab[d_lab > 0])
 
 
 def test_tissue_means_are_drawn_from_the_real_ranges():
@@ -157,3 +163,48 @@ def test_organ_median_does_not_depend_on_the_phantom_phase():
         b, lb = randomize_appearance(bright, lab, np.random.default_rng(seed))
         keep = organ & (la == MSC) & (lb == MSC)
         assert abs(np.median(a[keep]) - np.median(b[keep])) < 1.0
+
+
+def skinned_body_slice(n: int = 160):
+    """body_slice with a 2-pixel skin (MSC, 40 HU) around it, and a table (BG, 200 HU) below."""
+    hu, lab = body_slice(n)
+    rr, cc = np.mgrid[0:n, 0:n]
+    d = np.hypot(rr - n / 2, cc - n / 2) / (n / 2)
+    skin = (d >= 0.8) & (d < 0.8 + 2.0 / (n / 2))
+    lab[skin], hu[skin] = MSC, 40.0
+    table = rr >= int(n / 2 + 0.8 * n / 2) + 3
+    hu[table] = 200.0
+    return hu, lab
+
+
+def test_grow_sat_makes_the_body_obese_with_exact_labels():
+    """The fat grows outward into air only (not into the table, not below the body), by at
+    most SAT_GROWTH_MM; new pixels are SAT with fat HU and a skin (MSC) at the new surface;
+    every pixel inside the old body keeps its class except the old skin, which becomes SAT;
+    the same generator gives the same body."""
+    hu, lab = skinned_body_slice()
+    body = lab > 0
+    lowest = np.nonzero(body.any(1))[0].max()
+    grown_any = 0
+    for seed in range(8):
+        h, lb = grow_sat(hu, lab, np.random.default_rng(seed))
+        h2, lb2 = grow_sat(hu, lab, np.random.default_rng(seed))
+        assert np.array_equal(h, h2) and np.array_equal(lb, lb2)
+        new = (lb > 0) & ~body
+        grown_any = max(grown_any, int(new.sum()))
+        assert np.all(hu[new] < -800.0)                      # into air only
+        assert not new[lowest + 1:].any()                    # not under the body
+        assert set(np.unique(lb[new])) <= {SAT, MSC}
+        assert np.all(lb[new & (lb == SAT)] == SAT)
+        sat_new = new & (lb == SAT)
+        if sat_new.sum() > 50:
+            assert abs(np.median(h[sat_new]) - np.median(hu[lab == SAT])) < 5.0
+        # the new surface is skin: every grown pixel that touches air is MSC
+        from scipy.ndimage import binary_dilation, distance_transform_edt
+
+        edge = new & binary_dilation(lb == BG)
+        assert np.all(lb[edge] == MSC)
+        assert distance_transform_edt(~body)[new].max() <= SAT_GROWTH_MM[1] / GRID_MM + 1
+        changed = body & (lb != lab)
+        assert np.all(lab[changed] == MSC) and np.all(lb[changed] == SAT)
+    assert grown_any > 500

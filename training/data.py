@@ -33,7 +33,7 @@ from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 from training.phantom import subject_slices
 from training.phantom.dataset import split_subjects, subject_seeds
 
-from .randomize import add_kernel_noise, randomize_appearance
+from .randomize import add_kernel_noise, grow_sat, randomize_appearance
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
@@ -162,7 +162,8 @@ class Augment:
     enhancement vary between real patients more than between phantom subjects, so that the
     network cannot tell muscle from liver by HU alone; randomize: the slice's appearance drawn
     anew (training/randomize.py: muscle, fat and organ HU, fatty infiltration, arms, table,
-    field-of-view truncation, streaks, correlated kernel noise), labels kept. lowres,
+    field-of-view truncation, streaks, correlated kernel noise), labels kept, and on a share
+    ``obese`` of those slices the subcutaneous fat grown outward (randomize.grow_sat). lowres,
     tissue_hu and randomize are off by default."""
 
     flip: float = 0.5
@@ -176,6 +177,8 @@ class Augment:
     muscle_shift_hu: Tuple[float, float] = (-30.0, 10.0)
     organ_shift_hu: Tuple[float, float] = (-20.0, 20.0)
     randomize: float = 0.0
+    #: share of the randomised slices whose body is made obese (randomize.grow_sat)
+    obese: float = 0.3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,6 +214,10 @@ class Augment:
             hu[organ] += shift_org
         rand_rng = np.random.default_rng(rand_seed)
         if u_rand < self.randomize:
+            # its own stream, so the appearance draws are those of a body not grown
+            habitus_rng = np.random.default_rng([rand_seed, 1])
+            if habitus_rng.random() < self.obese:
+                hu, labels = grow_sat(hu, labels, habitus_rng)
             hu, labels = randomize_appearance(hu, labels, rand_rng)
             # the scanner's noise comes with its own pixels: a coarser scan (lowres below)
             # resampled to the training grid has smooth noise, not fine-grained noise

@@ -26,6 +26,14 @@ Per slice (all HU, pixels of the training grid, about 0.87 mm):
 - correlated noise (``add_kernel_noise``): white noise through a soft (Gaussian) or sharp
   (high-pass boosted) reconstruction kernel, SD 5..30 HU.
 
+``grow_sat`` (applied before the above on a share of the randomised slices) makes the body
+obese where the phantom's is not: the subcutaneous fat grows outward by up to 80 mm, most
+over the flanks and the back, as real obese patients carry it (the phantom's SAT reaches
+about 60 mm at most); the new pixels are SAT, the old skin becomes a faint fibrous septum
+inside the fat (label SAT, as the superficial fascia is) and a new skin is drawn at the new
+surface. The fat between the organs may be brighter or darker than the subcutaneous fat by
+its own amount (-8..+15 HU), so the network cannot tell SAT from VAT by HU.
+
 Every draw comes from the generator passed in, so a slice's randomisation is reproducible
 from (seed, epoch, slice index) like the rest of the augmentation.
 """
@@ -43,6 +51,11 @@ ORGAN_MEDIAN_HU = (30.0, 130.0)
 ORGAN_REGION_SD_HU = 12.0
 ORGAN_MIN_HU = 25.0  # below: fluid (bile, urine, bowel contents), kept
 NOISE_SD_HU = (5.0, 30.0)
+VAT_MINUS_SAT_HU = (-8.0, 15.0)
+#: extra subcutaneous fat grown by grow_sat: the largest thickness over the flanks, mm
+SAT_GROWTH_MM = (10.0, 80.0)
+#: the training grid's pixel (mm): the phantom's slices are resampled to about this
+GRID_MM = 0.87
 
 
 def _smooth_field(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -75,8 +88,12 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     # fat: one new mean for subcutaneous, visceral and intermuscular fat
     fat = (labels == SAT) | (labels == VAT) | (labels == IMAT)
     if fat.any():
-        hu[fat] += rng.uniform(*FAT_MEAN_HU) - float(np.median(hu[labels == SAT]
-                                                             if (labels == SAT).any() else hu[fat]))
+        sat = labels == SAT
+        hu[fat] += rng.uniform(*FAT_MEAN_HU) - float(np.median(hu[sat] if sat.any() else hu[fat]))
+        vat = labels == VAT
+        if vat.any() and sat.any():
+            hu[vat] += (float(np.median(hu[sat])) + rng.uniform(*VAT_MINUS_SAT_HU)
+                        - float(np.median(hu[vat])))
     # organs: contrast phase; gas kept or filled
     msc = labels == MSC
     organ = msc & (hu > ORGAN_MIN_HU) & (hu < 200.0)
@@ -180,3 +197,68 @@ def add_kernel_noise(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = n + rng.uniform(0.3, 1.0) * (n - gaussian_filter(n, 1.0, mode="wrap"))
     n *= sd / max(float(n.std()), 1e-6)
     return (hu + n * (hu > -950.0)).astype(np.float32)
+
+
+def grow_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+             pixel_mm: float = GRID_MM):
+    """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies of an obese version of
+    the body: subcutaneous fat grown outward into the air around it (never into the table or
+    anything else denser than air), thickest over one or both flanks and the back (up to
+    SAT_GROWTH_MM), the old skin turned into a faint septum (SAT) and a new skin (the
+    phantom's skin class and HU) at the new surface. A slice without SAT comes back as is."""
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    hu = np.array(hu, np.float32)
+    labels = np.array(labels, np.uint8)
+    body = labels > 0
+    sat = labels == SAT
+    if not sat.any():
+        return hu, labels
+    h, w = hu.shape
+    rows, cols = np.nonzero(body)
+    r0, c0 = rows.mean(), cols.mean()
+    rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)
+    # angle from anterior (image top), towards the image right; flanks at +-pi/2
+    phi = np.arctan2(cc - c0, -(rr - r0))
+    top = rng.uniform(*SAT_GROWTH_MM) / pixel_mm
+    # thickness around the body: a floor everywhere, bulges over the flanks (each its own
+    # size: obese bodies are rarely symmetric) and the back, less in front
+    flank_l, flank_r = rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)
+    back, front = rng.uniform(0.3, 1.0), rng.uniform(0.1, 0.6)
+    width = rng.uniform(0.5, 0.9)
+    shape = (rng.uniform(0.05, 0.2)
+             + flank_r * np.exp(-((phi - np.pi / 2) / width) ** 2)
+             + flank_l * np.exp(-((phi + np.pi / 2) / width) ** 2)
+             + back * np.exp(-((np.abs(phi) - np.pi) / width) ** 2)
+             + front * np.exp(-(phi / width) ** 2))
+    thickness = top * shape / max(float(shape.max()), 1e-6)
+    outside_d = distance_transform_edt(~body)
+    # not below the body's lowest row: the body lies on the table (whose foam core may be
+    # as dark as air), and an obese body spreads sideways on it, not underneath it
+    grow = ~body & (outside_d <= thickness) & (hu < -800.0) & (rr <= rows.max())
+    if not grow.any():
+        return hu, labels
+    fat_hu = float(np.median(hu[sat]))
+    texture = gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), 2.0)
+    texture *= 6.0 / max(float(texture.std()), 1e-6)
+    # the old skin (MSC within 4 pixels of the old surface) becomes a faint septum in the fat
+    inside_d = distance_transform_edt(body)
+    skin = (labels == MSC) & (inside_d <= 4.0) & grow_neighbour(grow)
+    skin_hu = float(np.median(hu[skin])) if skin.any() else fat_hu + 120.0
+    hu[skin] = fat_hu + (hu[skin] - fat_hu) * rng.uniform(0.15, 0.5)
+    labels[skin] = SAT
+    hu[grow] = fat_hu + texture[grow]
+    labels[grow] = SAT
+    # a new skin at the new surface, where the body now meets air
+    new_body = labels > 0
+    new_skin = grow & (distance_transform_edt(new_body) <= rng.uniform(1.5, 2.6) / pixel_mm)
+    hu[new_skin] = skin_hu + texture[new_skin]
+    labels[new_skin] = MSC
+    return hu, labels
+
+
+def grow_neighbour(grow: np.ndarray, reach: int = 6) -> np.ndarray:
+    """Pixels within ``reach`` pixels of the grown region (bool (H, W))."""
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(grow, iterations=reach)
