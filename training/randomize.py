@@ -14,7 +14,8 @@ Per slice (all HU, pixels of the training grid, about 0.87 mm):
   brighter, sometimes darker than them, so HU alone cannot tell them apart (the previous
   single organ shift of -30..+60 HU moved organs down to fatty-muscle HU, and the network
   learnt to call organs muscle); water-like contents (bile, urine, bowel fluid, below
-  25 HU) are kept;
+  25 HU) are kept; on 40 % of slices each organ's inner contrast (kidney cortex against
+  medulla, liver against its vessels) fades to 0..50 % of the phantom's;
 - gas inside the body (MSC below -300 HU) kept, or filled with fluid or oral contrast;
 - arms beside the body (skin, fat, muscle, humerus), label background: body-composition
   protocols leave the arms out;
@@ -50,6 +51,8 @@ FAT_MEAN_HU = (-130.0, -60.0)
 ORGAN_MEDIAN_HU = (30.0, 130.0)
 ORGAN_REGION_SD_HU = 12.0
 ORGAN_MIN_HU = 25.0  # below: fluid (bile, urine, bowel contents), kept
+#: share of slices on which each organ's inner contrast fades (to 0..50 % of it)
+ORGAN_FLATTEN_SHARE = 0.4
 NOISE_SD_HU = (5.0, 30.0)
 VAT_MINUS_SAT_HU = (-8.0, 15.0)
 #: extra subcutaneous fat grown by grow_sat: the largest thickness over the flanks, mm
@@ -107,6 +110,15 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         regions, n = connected(organ)
         jitter = np.concatenate(([0.0], rng.normal(0.0, ORGAN_REGION_SD_HU, n))).astype(np.float32)
         hu[organ] += jitter[regions[organ]]
+        # on some slices each organ's inner contrast (kidney cortex against medulla, liver
+        # against its vessels) fades, as it does without contrast or in a late phase: the
+        # network must not need the phantom's corticomedullary pattern to find a kidney
+        if rng.random() < ORGAN_FLATTEN_SHARE:
+            keep = rng.uniform(0.0, 0.5)
+            idx = regions[organ]
+            sums = np.bincount(idx, weights=hu[organ], minlength=n + 1)
+            means = sums / np.maximum(np.bincount(idx, minlength=n + 1), 1)
+            hu[organ] = means[idx] + (hu[organ] - means[idx]) * keep
     gas = msc & (hu < -300.0)
     fill = rng.random()
     if fill < 0.3 and gas.any():

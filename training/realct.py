@@ -12,6 +12,18 @@ argmax of the predicted probabilities on the CT's grid) with the mask, on the sl
 the mask has any voxel. Writes metrics.json, table.md (Dice, and the areas per slice in cm^2,
 soft and hard, against the mask's), and overlay PNGs of three slices (prediction | mask).
 The masks are another model's output, not ground truth: agreement, not accuracy.
+
+With ``--structures FILE`` (a TotalSegmentator "total" label map on the CT's grid) it also
+reports, per vertebral level (each slice assigned to the vertebra with the most voxels in
+it), the share of the paraspinal (autochthon) and psoas (iliopsoas) voxels we call MUS or
+IMAT, and the share of kidney, liver and spleen voxels we call MUS or IMAT (should be 0), in
+levels.md, and overlays of each level's middle slice with the muscles' outlines
+(levels.png):
+
+    python -m training evaluate-real --model Resources/Models/EPDBodyComp_f2.safetensors \
+        --ct ../shared/data/totalseg-example/ct_abdomen_pelvis.nii.gz \
+        --structures ../shared/data/totalseg-example/ct_abdomen_pelvis_structures.nii.gz \
+        --output runs/realct_levels
 """
 
 from __future__ import annotations
@@ -28,8 +40,17 @@ from EPDSegmentationLib.core.classes import CLASSES, class_by_key
 from EPDSegmentationLib.core.inference import predict_volume
 from EPDSegmentationLib.io import read_labels, read_volume
 from EPDSegmentationLib.io.overlay import display_slice, overlay_rgb
+from EPDSegmentationLib.io.readers import read_itk, same_grid
 
 from .logs import save_figure
+
+
+#: TotalSegmentator "total" (v2) label values: vertebrae, and the structures counted per level
+TS_VERTEBRAE = {33: "T11", 32: "T12", 31: "L1", 30: "L2", 29: "L3", 28: "L4", 27: "L5"}
+TS_GROUPS = (("paraspinal", (86, 87)), ("psoas", (88, 89)), ("kidneys", (2, 3)),
+             ("liver", (5,)), ("spleen", (1,)))
+#: groups that are muscle (the share called MUS/IMAT should be high); the others should be 0
+TS_MUSCLES = ("paraspinal", "psoas")
 
 
 def parse_mask(spec: str) -> Tuple[List[int], Path]:
@@ -47,8 +68,11 @@ def parse_mask(spec: str) -> Tuple[List[int], Path]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--ct", type=Path, required=True, help="CT volume (NIfTI, NRRD or DICOM)")
-    p.add_argument("--mask", action="append", required=True, metavar="KEY[+KEY]=FILE",
+    p.add_argument("--mask", action="append", default=[], metavar="KEY[+KEY]=FILE",
                    help="binary mask on the CT's grid and the class keys it stands for")
+    p.add_argument("--structures", type=Path, default=None, metavar="FILE",
+                   help="TotalSegmentator 'total' label map on the CT's grid: per-level "
+                        "shares of paraspinal and psoas voxels called muscle")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
@@ -82,9 +106,90 @@ def evaluate_masks(probabilities: np.ndarray, masks: Sequence[Tuple[str, List[in
     return out
 
 
+def slice_levels(structures: np.ndarray) -> List[Optional[str]]:
+    """structures int (K, J, I) -> per slice k the vertebra (TS_VERTEBRAE name) with the most
+    voxels in it, or None where there is none."""
+    names: List[Optional[str]] = []
+    ids = np.array(sorted(TS_VERTEBRAE))
+    for k in range(structures.shape[0]):
+        counts = np.array([(structures[k] == i).sum() for i in ids])
+        names.append(TS_VERTEBRAE[int(ids[counts.argmax()])] if counts.max() > 0 else None)
+    return names
+
+
+def level_shares(labels: np.ndarray, structures: np.ndarray) -> Dict[str, Dict[str, object]]:
+    """labels uint8 (K, J, I) our classes, structures int (K, J, I) TotalSegmentator labels ->
+    {level: {"slices": n, group: {"voxels": n, "muscle_share": share of the group's voxels
+    we call MUS or IMAT}}}, levels from cranial to caudal as TS_VERTEBRAE lists them."""
+    per_slice = slice_levels(structures)
+    muscle = np.isin(labels, (1, 2))
+    out: Dict[str, Dict[str, object]] = {}
+    for name in TS_VERTEBRAE.values():
+        ks = [k for k, n in enumerate(per_slice) if n == name]
+        if not ks:
+            continue
+        entry: Dict[str, object] = {"slices": len(ks)}
+        for group, ids in TS_GROUPS:
+            m = np.isin(structures[ks], ids)
+            n = int(m.sum())
+            entry[group] = {"voxels": n,
+                            "muscle_share": float(muscle[ks][m].mean()) if n else None}
+        out[name] = entry
+    return out
+
+
+def _levels_table(shares: Dict[str, Dict[str, object]]) -> List[str]:
+    def cell(g):
+        v = g["muscle_share"]
+        return "-" if v is None else f"{v:.2f} ({g['voxels']})"
+
+    groups = [g for g, _ in TS_GROUPS]
+    lines = ["| level | slices | " + " | ".join(
+                 f"{g} called muscle" + (" (goal >= 0.90)" if g in TS_MUSCLES else " (goal 0)")
+                 for g in groups) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in groups) + " |"]
+    for level, e in shares.items():
+        lines.append(f"| {level} | {e['slices']} | "
+                     + " | ".join(cell(e[g]) for g in groups) + " |")
+    return lines
+
+
+def _levels_figure(path: Path, ct, labels, structures, shares) -> None:
+    """One column per level: its middle slice, our labels, TotalSegmentator's paraspinal
+    (cyan) and psoas (white) outlines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_slice = slice_levels(structures)
+    levels = list(shares)
+    fig, axes = plt.subplots(1, max(len(levels), 1), figsize=(3.6 * max(len(levels), 1), 3.8),
+                             squeeze=False)
+    for j, level in enumerate(levels):
+        ks = [k for k, n in enumerate(per_slice) if n == level]
+        k = ks[len(ks) // 2]
+        hu = display_slice(ct, k)
+        ax = axes[0, j]
+        ax.imshow(overlay_rgb(hu, display_slice(ct, k, labels)), interpolation="nearest")
+        st = display_slice(ct, k, structures)
+        for (_, ids), colour in zip(TS_GROUPS[:2], ("cyan", "white")):
+            m = np.isin(st, ids)
+            if m.any():
+                ax.contour(m.astype(float), [0.5], colors=colour, linewidths=0.8)
+        ps = shares[level]["psoas"]["muscle_share"]
+        pa = shares[level]["paraspinal"]["muscle_share"]
+        ax.set_title(f"{level} (slice {k}): paraspinal {pa if pa is None else round(pa, 2)}, "
+                     f"psoas {ps if ps is None else round(ps, 2)}", fontsize=8)
+        ax.set_axis_off()
+    save_figure(fig, path, dpi=90)
+
+
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.model_io import load_model
 
+    if not args.mask and args.structures is None:
+        raise ValueError("give at least one --mask or --structures")
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} holds results; pass --overwrite to replace them")
@@ -100,10 +205,26 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     pred = predict_volume(ct.array, (sj, si), model, card, device=args.device,
                           batch_size=args.batch_size, ijk_to_ras=ct.ijk_to_ras)
     result = evaluate_masks(pred.probabilities, masks, ct.pixel_area_mm2)
+    labels = pred.probabilities.argmax(0).astype(np.uint8)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m training " + shlex.join(argv or [])
     payload = {"model": str(args.model), "ct": str(args.ct), "command": command,
                "device": pred.device, "notes": pred.notes, "results": result}
+    if args.structures is not None:
+        st = read_itk(args.structures)
+        problem = same_grid(st, ct)
+        if problem is not None:
+            raise ValueError(f"{args.structures}: not on the CT's grid: {problem}")
+        structures = st.array.astype(np.int32)
+        shares = level_shares(labels, structures)
+        payload["levels"] = {"structures": str(args.structures), "shares": shares}
+        table = _levels_table(shares)
+        write_text(out / "levels.md", "\n".join(
+            [f"Model `{args.model}` on `{args.ct}`: share of TotalSegmentator's voxels of "
+             f"each structure that we call MUS or IMAT, per vertebral level (voxels in "
+             f"brackets). Made by `{command}`.", "", *table]) + "\n", overwrite=True)
+        _levels_figure(out / "levels.png", ct, labels, structures, shares)
+        print("\n".join(table))
     write_text(out / "metrics.json", json.dumps(payload, indent=2), overwrite=True)
     lines = [f"Model `{args.model}` on `{args.ct}` ({ct.array.shape[2]} x {ct.array.shape[1]} "
              f"x {ct.array.shape[0]}, {si:.2f} x {sj:.2f} mm pixels). Made by `{command}`.", "",
@@ -112,10 +233,10 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     for name, r in result.items():
         lines.append(f"| {name} | {r['slices']} | {r['dice']:.3f} | {r['mask_area_cm2']:.1f} | "
                      f"{r['soft_area_cm2']:.1f} | {r['hard_area_cm2']:.1f} |")
-    write_text(out / "table.md", "\n".join(lines) + "\n", overwrite=True)
-    _figure(out / "overlays.png", ct, pred.probabilities.argmax(0).astype(np.uint8), masks,
-            display_slice, overlay_rgb)
-    print("\n".join(lines))
+    if masks:
+        write_text(out / "table.md", "\n".join(lines) + "\n", overwrite=True)
+        _figure(out / "overlays.png", ct, labels, masks, display_slice, overlay_rgb)
+        print("\n".join(lines))
     return out
 
 
