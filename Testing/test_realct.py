@@ -79,3 +79,52 @@ def test_bundle_evaluates_and_writes_the_card(tiny_model_path, tmp_path):
     assert ev["real_ct"] is None and card["name"] == "Tiny"
     assert (tmp_path / "report" / "phantom" / "table.md").is_file()
     assert main(args) == 2  # the bundled files exist: kept unless --overwrite
+
+
+def test_level_shares_per_vertebra():
+    """Each slice goes to the vertebra with the most voxels in it; per level, the share of the
+    psoas / paraspinal voxels called MUS or IMAT and of kidney voxels called muscle."""
+    from training.realct import level_shares, slice_levels
+
+    st = np.zeros((3, 6, 6), np.int32)
+    st[0, 0, :4], st[0, 5, :2] = 29, 28          # slice 0: mostly L3
+    st[1, 0, :3], st[2, 0, :3] = 28, 28          # slices 1, 2: L4
+    st[:, 2, :4] = 88                            # psoas, 4 voxels a slice
+    st[:, 3, :2] = 2                             # kidney, 2 voxels a slice
+    assert slice_levels(st) == ["L3", "L4", "L4"]
+    labels = np.zeros((3, 6, 6), np.uint8)
+    labels[0, 2, :4] = 1                         # L3: the whole psoas is muscle
+    labels[1, 2, :1], labels[2, 2, :2] = 2, 5    # L4: 1 of 8 psoas voxels IMAT, the rest not
+    labels[1, 3, :2] = 1                         # L4: 2 of 4 kidney voxels called muscle
+    s = level_shares(labels, st)
+    assert list(s) == ["L3", "L4"] and s["L4"]["slices"] == 2
+    assert s["L3"]["psoas"] == {"voxels": 4, "muscle_share": 1.0}
+    assert s["L4"]["psoas"] == {"voxels": 8, "muscle_share": 0.125}
+    assert s["L4"]["kidneys"]["muscle_share"] == 0.5
+    assert s["L3"]["paraspinal"] == {"voxels": 0, "muscle_share": None}
+
+
+def test_command_with_structures_writes_levels(tiny_model_path, tmp_path):
+    """--structures alone (no --mask): levels.md, levels.png and the shares in metrics.json;
+    a structure map on another grid is refused."""
+    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=80), gap_mm=5.0)
+    write_volume(hu, tmp_path / "ct.nii.gz")
+    st = np.zeros(labels.array.shape, np.int16)
+    st[:, 30:50, 30:50] = 29
+    st[:, 55:60, 30:40] = 88
+    write_volume(labels.with_array(st), tmp_path / "st.nii.gz")
+    out = tmp_path / "eval"
+    args = ["evaluate-real", "--model", str(tiny_model_path) + ".safetensors", "--ct",
+            str(tmp_path / "ct.nii.gz"), "--structures", str(tmp_path / "st.nii.gz"),
+            "--output", str(out)]
+    assert main(args) == 0
+    shares = json.loads((out / "metrics.json").read_text())["levels"]["shares"]
+    assert list(shares) == ["L3"] and shares["L3"]["psoas"]["voxels"] == 2 * 50
+    assert "| L3 | 2 |" in (out / "levels.md").read_text()
+    assert (out / "levels.png").stat().st_size > 0
+    from EPDSegmentationLib.core.volume import Volume
+
+    write_volume(Volume(np.ascontiguousarray(st[:, :40]), labels.ijk_to_ras),
+                 tmp_path / "small.nii.gz")
+    assert main([*args[:-4], "--structures", str(tmp_path / "small.nii.gz"), "--output",
+                 str(tmp_path / "e2")]) == 2
