@@ -76,7 +76,7 @@ def test_bundle_evaluates_and_writes_the_card(tiny_model_path, tmp_path):
     assert "--data-seed 7" in ev["phantom_held_out"]["command"]
     assert "--phantom-levels T12 L1" in ev["phantom_torso_held_out"]["command"]
     assert "(T12-L1)" in ev["phantom_torso_held_out"]["data"]
-    assert ev["real_ct"] is None and card["name"] == "Tiny"
+    assert ev["real_ct"] is None and ev["real_ct_levels"] is None and card["name"] == "Tiny"
     assert (tmp_path / "report" / "phantom" / "table.md").is_file()
     assert main(args) == 2  # the bundled files exist: kept unless --overwrite
 

@@ -8,6 +8,9 @@
    saw) -> <report>/phantom/ (tables, figures);
 2. ``python -m training evaluate-real`` on the real CT with TotalSegmentator's tissue masks,
    when --real-dir exists -> <report>/real/ (Dice, areas, overlays);
+   and, when the folder also holds the abdomen-pelvis CT with TotalSegmentator's structure
+   labels, the per-level share of paraspinal and psoas voxels called muscle ->
+   <report>/real_levels/ (levels.md, levels.png);
 3. the run's weights and card, with an ``evaluation`` section holding both results and the
    exact commands, written to <output>/<name>.safetensors and .json.
 """
@@ -29,6 +32,9 @@ REAL_CT = "ct_t11_l2.nii.gz"
 REAL_MASKS = (("MUS+IMAT", "tissue_skeletal_muscle.nii.gz"),
               ("SAT", "tissue_subcutaneous_fat.nii.gz"),
               ("VAT", "tissue_torso_fat.nii.gz"))
+#: the second real CT (T12 to the pelvis) and its TotalSegmentator "total" labels
+REAL_LEVELS_CT = "ct_abdomen_pelvis.nii.gz"
+REAL_STRUCTURES = "ct_abdomen_pelvis_structures.nii.gz"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +103,24 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         }
     else:
         evaluation["real_ct"] = None
+    if (args.real_dir is not None and (Path(args.real_dir) / REAL_LEVELS_CT).is_file()
+            and (Path(args.real_dir) / REAL_STRUCTURES).is_file()):
+        real = Path(args.real_dir)
+        lv_argv = ["evaluate-real", "--model", str(weights), "--ct", str(real / REAL_LEVELS_CT),
+                   "--structures", str(real / REAL_STRUCTURES),
+                   "--output", str(report / "real_levels"), "--device", args.device]
+        lv_argv += ["--overwrite"] if args.overwrite else []
+        _call(realct.add_arguments, realct.run, lv_argv)
+        lv = json.loads((report / "real_levels" / "metrics.json").read_text())
+        evaluation["real_ct_levels"] = {
+            "command": lv["command"], "ct": REAL_LEVELS_CT,
+            "reference": "TotalSegmentator 'total' structure labels (another model)",
+            "shares": lv["levels"]["shares"],
+            "metric": "share of the structure's voxels whose argmax is MUS or IMAT, per "
+                      "vertebral level (each slice to the vertebra with most voxels in it)",
+        }
+    else:
+        evaluation["real_ct_levels"] = None
 
     card = dict(card)
     card["name"] = args.name

@@ -115,6 +115,22 @@ def test_panel_summary_without_evaluation():
     assert describe_model(card).splitlines()[-1] == "Dice: not recorded in the model card"
 
 
+def test_panel_summary_shows_the_real_ct_levels():
+    """A card whose evaluation has per-level shares (bundle's real_ct_levels) shows a line
+    for the psoas and one for the paraspinal muscles, levels in the card's order; a level
+    without the muscle is left out."""
+    card = {"classes": [{"key": "BG"}, {"key": "MUS"}], "factor": 2,
+            "evaluation": {"phantom_held_out": {"slices": 4, "full_resolution_dice": {
+                "MUS": 0.9}}, "real_ct_levels": {"shares": {
+                    "T12": {"psoas": {"voxels": 0, "muscle_share": None},
+                            "paraspinal": {"voxels": 9, "muscle_share": 0.917}},
+                    "L5": {"psoas": {"voxels": 9, "muscle_share": 0.5},
+                           "paraspinal": {"voxels": 9, "muscle_share": 1.0}}}}}}
+    lines = describe_model(card).replace("\u00a0", " ").splitlines()
+    assert "Real CT, psoas called muscle, by level: L5 0.50" in lines
+    assert "Real CT, paraspinal called muscle, by level: T12 0.92, L5 1.00" in lines
+
+
 class _OutOfMemoryAbove1(torch.nn.Module):
     """The tiny model, failing like a full GPU whenever a batch holds more than one slice."""
 

@@ -450,6 +450,24 @@ def _dice_line(label: str, dice: Mapping[str, Any], slices=None) -> Optional[str
     return f"Dice, {label}{where}: " + ", ".join(values)
 
 
+def _level_lines(levels: Any) -> List[str]:
+    """Per-level shares of a real CT's psoas and paraspinal muscles called muscle (the
+    card's ``evaluation.real_ct_levels``), a line per muscle; [] when not recorded."""
+    shares = levels.get("shares") if isinstance(levels, Mapping) else None
+    if not isinstance(shares, Mapping):
+        return []
+    lines = []
+    for group in ("psoas", "paraspinal"):
+        values = [f"{level}{NBSP}{float(e[group]['muscle_share']):.2f}"
+                  for level, e in shares.items()
+                  if isinstance(e, Mapping) and isinstance(e.get(group), Mapping)
+                  and isinstance(e[group].get("muscle_share"), (int, float))]
+        if values:
+            lines.append(f"Real CT, {group} called muscle, by level: "
+                         + ", ".join(values))
+    return lines
+
+
 def describe_dice(card: Mapping[str, Any]) -> List[str]:
     """Lines of measured Dice per class from the card: the ``evaluation`` that ``python -m
     training bundle`` records (held-out phantoms at full resolution, and agreement with
@@ -478,6 +496,7 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
                               slices.pop() if len(slices) == 1 else None)
             if line:
                 lines.append(line)
+        lines += _level_lines(evaluation.get("real_ct_levels"))
     if lines:
         return lines
     metrics = card.get("metrics") or {}
