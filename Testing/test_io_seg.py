@@ -37,7 +37,7 @@ def mrml():
 
 
 def _slicer_read(mrml, path):
-    slicer, scene = mrml[0], mrml[1]
+    scene = mrml[1]
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     storage.SetFileName(str(path))
