@@ -229,3 +229,19 @@ def test_organ_inner_contrast_fades_on_some_slices():
         gaps.append(float(np.median(h[cortex & keep]) - np.median(h[medulla & keep])))
     assert min(gaps) < 0.5 * 90.0 + 10.0   # faded on some slices
     assert max(gaps) > 70.0                # kept on others
+
+
+def test_separate_muscles_get_their_own_offsets():
+    """Two muscles that do not touch (both 50 HU in the phantom) come out with medians more
+    than 10 HU apart on some slices: infiltration differs between muscles."""
+    hu, lab = body_slice()
+    n = hu.shape[0]
+    rr, cc = np.mgrid[0:n, 0:n]
+    a = np.hypot(rr - n * 0.55, cc - n * 0.38) < n * 0.05
+    b = np.hypot(rr - n * 0.55, cc - n * 0.62) < n * 0.05
+    lab[a | b], hu[a | b] = MUS, 50.0
+    apart = 0
+    for seed in range(20):
+        h, _ = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        apart += abs(np.median(h[a]) - np.median(h[b])) > 10.0
+    assert apart >= 3

@@ -5,7 +5,8 @@ the network learns tissue by shape and context rather than by the phantom's fixe
 
 Per slice (all HU, pixels of the training grid, about 0.87 mm):
 - muscle (MUS) mean -10..+60 HU, with patchy fatty infiltration (smooth blobs of a random
-  size, down to -60 HU below the new mean) and a fine speckle: myosteatosis;
+  size, down to -60 HU below the new mean) and a fine speckle: myosteatosis; each
+  connected muscle with its own offset (SD 12 HU), as infiltration differs between muscles;
 - fat (SAT, VAT, IMAT) mean -130..-60 HU;
 - organs (MSC soft tissue between 25 and 200 HU: liver, spleen, kidneys, bowel wall,
   vessels) moved to a median drawn from their own range, 30..70 HU unenhanced (40 % of
@@ -47,6 +48,7 @@ BG, MUS, IMAT, SAT, VAT, MSC = range(6)
 AIR_HU = -1024.0
 
 MUSCLE_MEAN_HU = (-10.0, 60.0)
+MUSCLE_REGION_SD_HU = 12.0
 FAT_MEAN_HU = (-130.0, -60.0)
 ORGAN_MEDIAN_HU = (30.0, 130.0)
 ORGAN_REGION_SD_HU = 12.0
@@ -88,6 +90,13 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
                            - rng.uniform(-0.5, 1.0), 0.0)
         speckle = _smooth_field((h, w), rng.uniform(0.5, 1.2), rng) * rng.uniform(0.0, 12.0)
         hu[mus] += (-depth * np.minimum(blobs, 2.0) / 2.0 + speckle)[mus]
+        # each muscle its own offset: fatty infiltration differs between muscles (the
+        # paraspinals far darker than the psoas in older patients)
+        from scipy.ndimage import label as connected
+
+        regions, n = connected(mus)
+        offsets = np.concatenate(([0.0], rng.normal(0.0, MUSCLE_REGION_SD_HU, n)))
+        hu[mus] += offsets.astype(np.float32)[regions[mus]]
     # fat: one new mean for subcutaneous, visceral and intermuscular fat
     fat = (labels == SAT) | (labels == VAT) | (labels == IMAT)
     if fat.any():
