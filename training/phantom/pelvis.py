@@ -75,11 +75,11 @@ def pelvis_from_seed(seed: int) -> Pelvis:
     crest = u(-60.0, TOP_MM - 4.0)      # about at L4 (lower body) to the L4-L5 disc
     return Pelvis(
         crest_z=(float(crest + u(-3, 3)), float(crest + u(-3, 3))),
-        crest_u=float(u(0.3, 0.5)), post_drop=float(u(12, 24)), ant_drop=float(u(55, 80)),
+        crest_u=float(u(0.2, 0.4)), post_drop=float(u(6, 16)), ant_drop=float(u(55, 80)),
         reach=float(u(98, 112) * f + 3.0 * (s.sex == "F")), depth=float(u(62, 76) * f),
-        rim_t=float(u(9, 14) * f), plate_t=float(u(2.2, 4.0) * f), post_t=float(u(14, 22) * f),
+        rim_t=float(u(7, 11) * f), plate_t=float(u(2.2, 4.0) * f), post_t=float(u(14, 22) * f),
         glute_min=float(u(12, 18) * f * m ** 0.5), iliacus_t=float(u(14, 22) * f * m ** 0.7),
-        vb_wide=float(u(1.06, 1.14)), psoas_fwd=float(u(6, 12) * f),
+        vb_wide=float(u(1.06, 1.14)), psoas_fwd=float(u(8, 15) * f),
         ivc_conf_z=float(u(-82, -64)), iliac_spread=float(u(26, 34) * f),
     )
 
@@ -167,8 +167,16 @@ def draw_pelvis(cv: Canvas, g) -> None:
             if keep.sum() >= 3:
                 cv.paint(band(0, 0, phi[keep], r_f[keep], r_out[keep] - 0.3), C["muscle"],
                          over=wall)
+            if a == 0:
+                # behind the wing's posterior end, out to the back muscles: gluteus and the
+                # erector spinae's lateral edge (no visceral fat outside the wing)
+                ph = phi[0] + side * np.linspace(0.0, 0.7, 40)
+                r_end = np.full(40, r_out[0] - 2.0 - H[0])
+                cv.paint(band(0, 0, ph, core_radius(g.s, ph) - 0.4, r_end), C["muscle"],
+                         over=(C["vat"], C["fat_pad"], C["imat"]))
             # iliacus: on the inner surface, from the crest down, thickest in the fossa
-            t_il = p.iliacus_t * _smooth(D / 30.0) * _smooth(U / 0.12) * _smooth((0.97 - U) / 0.2)
+            t_il = (p.iliacus_t * _smooth(D / 25.0) * _smooth(U / 0.04)
+                    * (1.0 - 0.5 * _smooth((U - 0.4) / 0.5)) * _smooth((0.97 - U) / 0.2))
             t_il = t_il * (0.55 + 0.45 * lower_weight(g.zr, 40.0))
             inner = P - N * (H[:, None] + 0.2)
             if t_il.max() > 1.0:

@@ -88,7 +88,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     import matplotlib.pyplot as plt
 
     shared = (shared_sample_dir() or SHARED_CANDIDATES[0]) if shared is None else Path(shared)
-    columns = [(seed, None) for seed in seeds] + [tuple(v) for v in upper]
+    columns = [(seed, None, 0.0) for seed in seeds] + [_torso_column(v) for v in upper]
     n = len(columns)
     fig, axes = plt.subplots(3, n, figsize=(3.3 * n, 9.4), facecolor="black")
     for ax in axes.ravel():
@@ -98,12 +98,14 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     style = dict(color="white", fontsize=8.5)
     crop_ph = None
     hist_ph = []
-    for i, (seed, level) in enumerate(columns):
-        s = make_slice(seed) if level is None else make_slice(seed, level=level)
+    for i, (seed, level, dz) in enumerate(columns):
+        s = make_slice(seed) if level is None else make_slice(seed, level=level, z_mm=dz)
         m = s.meta
         box = body_box(s.hu, s.pixel_mm)
         axes[0, i].imshow(gray(s.hu[box]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         where = m["level"] + ("" if level is None else ", torso")
+        if level is not None and dz:
+            where += f" ({level} {dz:+.0f} mm)"
         axes[0, i].set_title(f"phantom seed {seed}: {m['sex']} {m['age']:.0f} y, {where}\n"
                              f"fat {m['adiposity']:.2f}, muscle {m['muscle']:.2f}, "
                              f"myosteat. {m['myosteatosis']:.2f}\n"
@@ -123,11 +125,17 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     # under the L3 columns: real L3 and L2, the crops, the histogram, the clinical T12 slice;
     # under the upper-abdominal columns: real slices from the top of the T11-L2 volume down
     lower = [real.get("l3"), real.get("l2"), crop, real.get("crop"), "hist", real.get("dicom")]
-    top = [real.get(k) for k in ("upper0", "upper1", "upper2")]
+    # under the torso columns: real slices of the upper abdomen, or of L4-L5 and L5 (with
+    # TotalSegmentator's psoas and iliacus outlined) when the columns are that low
+    low = bool(upper) and all(level in ("L4", "L5") for _, level, _ in columns[len(seeds):])
+    top = [real.get(k) for k in (("l45", "l5", "l3") if low else ("upper0", "upper1", "upper2"))]
     n_low = n - len(upper)
     row = lower[:n_low] + [None] * (n_low - len(lower)) + top[:len(upper)]
     if "hist" not in row:
-        row[min(len(row) - 1, 4)] = "hist"
+        if len(row) < n:
+            row.append("hist")
+        else:
+            row[min(len(row) - 1, 4)] = "hist"
     for j, panel in enumerate(row[:n]):
         ax = axes[2, j]
         if panel == "hist":
@@ -150,6 +158,30 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
         fig.savefig(tmp, dpi=dpi, facecolor="black", format="png")
     plt.close(fig)
     return output
+
+
+def _torso_column(v) -> tuple:
+    """(seed, level, dz mm) of a torso column given as (seed, level[, dz])."""
+    v = tuple(v)
+    if len(v) not in (2, 3):
+        raise ValueError(f"a torso panel is (seed, level) or (seed, level, mm); got {v!r}")
+    return int(v[0]), str(v[1]), float(v[2]) if len(v) == 3 else 0.0
+
+
+def parse_torso_panel(text: str) -> tuple:
+    """'SEED:LEVEL' or 'SEED:LEVEL:MM' (MM above the middle of the body of LEVEL, negative
+    below; e.g. 3:L5:19 is about the L4-L5 disc) -> (seed, level, mm)."""
+    from .torso import check_level
+
+    parts = str(text).split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        seed, dz = int(parts[0]), float(parts[2]) if len(parts) == 3 else 0.0
+    except ValueError:
+        raise ValueError(f"--torso {text!r}: use SEED:LEVEL or SEED:LEVEL:MM, e.g. 3:L5 or "
+                         f"3:L5:19") from None
+    return seed, check_level(parts[1]), dz
 
 
 def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
@@ -194,6 +226,23 @@ def _real_panels(shared: Path):
         img = display_slice(v, k)
         out["l3"] = (img[body_box(img, v.spacing[0])],
                      f"real: mid-L3 (NIfTI, {v.spacing[0]:.0f} mm voxels)", None)
+        # L5 and the L4-L5 junction, with TotalSegmentator's iliopsoas (88, 89) as "muscle"
+        # and the hip bones (77, 78) as "other tissue" to show where they are
+        l5 = np.nonzero((lab == 27).any(axis=(1, 2)))[0]
+        l4 = np.nonzero((lab == 28).any(axis=(1, 2)))[0]
+        for key, k, name in (("l5", int(l5.mean()) if len(l5) else None, "mid-L5"),
+                             ("l45", int(round((l5.max() + l4.min()) / 2))
+                              if len(l5) and len(l4) else None, "L4-L5 junction")):
+            if k is None:
+                continue
+            img = display_slice(v, k)
+            marks = np.zeros(lab.shape[1:], np.uint8)
+            marks[np.isin(lab[k], (88, 89))] = 1
+            marks[np.isin(lab[k], (77, 78))] = 5
+            box = body_box(img, v.spacing[0])
+            out[key] = (None, f"real: {name} (NIfTI), TotalSegmentator\niliopsoas red, hip "
+                              f"bones purple", overlay_rgb(img[box], display_slice(
+                                  v, 0, marks[None])[box]))
     ct = shared / "ct_t11_l2.nii.gz"
     masks = [(shared / f"tissue_{n}.nii.gz", c) for n, c in
              (("skeletal_muscle", 1), ("subcutaneous_fat", 3), ("torso_fat", 4))]

@@ -1,4 +1,4 @@
-"""The torso anatomy (``anatomy="torso"``): T11 to L4, the upper abdomen and the lower chest.
+"""The torso anatomy (``anatomy="torso"``): T11 to L5, the upper abdomen and the lower chest.
 
 The default ("lumbar") anatomy in anatomy.py is the abdomen around mid-L3 and simply repeats
 lumbar levels above and below. The torso anatomy follows the vertebral column from T11 down to
@@ -12,7 +12,9 @@ neck beside the vertebra, shaft around the wall, costal cartilage in front) with
 muscle between them. Going up, the abdominal wall muscles thin, psoas and quadratus lumborum
 end, latissimus grows, the body is rounder and carries less visceral fat, the colon ends at
 its flexures and the small bowel below them. Below L2 it is the lumbar anatomy (the same
-layout, outline and organs), so a subject's L3 looks as it does by default.
+layout, outline and organs), so a subject's L3 looks as it does by default. Below mid-L4
+pelvis.py adds the iliac wings, iliacus and gluteus medius, a broader L5 body, the common
+iliac vessels and more small bowel, down to the L5-S1 disc.
 
 Everything is a smooth function of z for one subject: organ sizes rise and fall with the
 height, rib sections slide around the wall as the plane cuts each obliquely running rib at a
@@ -285,7 +287,7 @@ class TorsoGeometry(Geometry):
         self.pel = p = pelvis_from_seed(s.seed)
         low = lower_weight(zr)
         self.vb_rx *= 1.0 + (p.vb_wide - 1.0) * low
-        self.psoas_x = self.vb_rx + 0.75 * self.psoas_r[0] + 2 + 3 * f * low
+        self.psoas_x = self.vb_rx + 0.75 * self.psoas_r[0] + 2 + 2 * f * low
         self.psoas_y -= p.psoas_fwd * low
         self.draw_psoas = self.psoas_r[0] > 1.0
         k = float(np.sqrt(np.clip((t.ql_top_z - zr) / 35.0, 0.0, 1.0)))
