@@ -1,12 +1,17 @@
 """The contact sheet: phantom slices with label overlays beside real CT at the same window.
 
     python -m training.phantom contact-sheet --output docs/phantom_contact_sheet.png
+    python -m training.phantom contact-sheet --seeds --torso 3:L5:19 3:L5 11:L5:19 11:L5 \
+        7:L5:19 7:L5 8:L5:19 8:L5 --output docs/phantom_pelvis_sheet.png
 
 Rows 1-2: six mid-L3 phantom subjects (lumbar anatomy) and three upper-abdominal ones
 (torso anatomy at T11, T12 and L1) with their labels. Real slices come from
 ../shared/data/totalseg-example (read at generation time; only the rendered PNG is kept): a
 slice of the clinical DICOM series (T12, 0.98 mm pixels), T12, L1 and L2 of the T11-L2 NIfTI
-(3 mm voxels) with TotalSegmentator's tissue masks, the L3 level of the abdomen NIfTI. All
+(3 mm voxels) with TotalSegmentator's tissue masks, the L3 level of the abdomen NIfTI. With
+``--torso`` the torso columns are chosen (seed:level[:mm above its middle]); when they all
+lie at L4-L5, row 3 shows the L4-L5 junction and mid-L5 of the abdomen NIfTI with
+TotalSegmentator's iliopsoas and hip bones marked. All
 panels use the abdominal window W400/L40 and are shown in radiological orientation (anterior
 up, patient's right on the image left).
 """
@@ -79,8 +84,8 @@ def _crop(img: np.ndarray, pixel_mm: float, centre_rc, size_mm: float) -> np.nda
 def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
                        shared: Optional[Path] = None, dpi: int = 100,
                        upper: Sequence = UPPER_SHEET) -> Path:
-    """Render the sheet to ``output`` (PNG): L3 phantom slices of ``seeds``, upper-abdominal
-    ones of ``upper`` ((seed, level) pairs), real CT below. Real panels are left out (with a
+    """Render the sheet to ``output`` (PNG): L3 phantom slices of ``seeds``, torso ones of
+    ``upper`` ((seed, level) or (seed, level, mm above its middle)), real CT below. Real panels are left out (with a
     note) when the shared data is absent."""
     import matplotlib
 
@@ -150,14 +155,25 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     if not real:
         axes[2, 0].set_title(f"real CT not found at {shared}", **style)
     fig.suptitle("EPD phantom (rows 1-2) beside real CT (row 3), window W400/L40. "
-                 "Regenerate: python -m training.phantom contact-sheet "
-                 "--output docs/phantom_contact_sheet.png", color="white", fontsize=10)
+                 f"Regenerate: {_command(output, seeds, columns[len(seeds):])}",
+                 color="white", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     output = Path(output)
     with atomic_file(output, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=dpi, facecolor="black", format="png")
     plt.close(fig)
     return output
+
+
+def _command(output, seeds, torso) -> str:
+    """The command line that makes this sheet."""
+    cmd = "python -m training.phantom contact-sheet"
+    if tuple(seeds) != SHEET_SEEDS:
+        cmd += " --seeds" + "".join(f" {v}" for v in seeds)
+    if tuple(torso) != tuple(_torso_column(v) for v in UPPER_SHEET):
+        cmd += " --torso" + "".join(f" {s}:{lv}" + (f":{dz:g}" if dz else "")
+                                    for s, lv, dz in torso)
+    return f"{cmd} --output {Path(output).as_posix()}"
 
 
 def _torso_column(v) -> tuple:
