@@ -167,10 +167,11 @@ def draw_pelvis(cv: Canvas, g) -> None:
             if keep.sum() >= 3:
                 cv.paint(band(0, 0, phi[keep], r_f[keep], r_out[keep] - 0.3), C["muscle"],
                          over=wall)
-            if a == 0:
+            sweep = 0.7 * float(_smooth(D.max() / 20.0))
+            if sweep > 0.02:
                 # behind the wing's posterior end, out to the back muscles: gluteus and the
                 # erector spinae's lateral edge (no visceral fat outside the wing)
-                ph = phi[0] + side * np.linspace(0.0, 0.7, 40)
+                ph = phi[0] + side * np.linspace(0.0, sweep, 40)
                 r_end = np.full(40, r_out[0] - 2.0 - H[0])
                 cv.paint(band(0, 0, ph, core_radius(g.s, ph) - 0.4, r_end), C["muscle"],
                          over=(C["vat"], C["fat_pad"], C["imat"]))

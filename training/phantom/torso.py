@@ -292,7 +292,10 @@ class TorsoGeometry(Geometry):
         self.draw_psoas = self.psoas_r[0] > 1.0
         k = float(np.sqrt(np.clip((t.ql_top_z - zr) / 35.0, 0.0, 1.0)))
         k *= float(_smooth((zr - (min(p.crest_z) - 18.0)) / 16.0))
-        self.ql_r = (self.ql_r[0] * k, self.ql_r[1] * k)
+        # ... broadening towards its insertion on the crest
+        wide = lower_weight(zr, 20.0)
+        self.ql_r = (self.ql_r[0] * k * (1 + 0.5 * wide), self.ql_r[1] * k * (1 + 0.25 * wide))
+        self.ql_x += 6 * f * wide
         self.draw_ql = self.ql_r[0] > 1.5
         self.draw_spleen_tip = False            # draw_spleen draws the whole spleen
         self.wall_scale = (1 - 0.3 * w, 1 - 0.35 * w, 1 - 0.8 * w, 1 - 0.55 * w)
