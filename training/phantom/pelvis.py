@@ -77,7 +77,7 @@ def pelvis_from_seed(seed: int) -> Pelvis:
         crest_z=(float(crest + u(-3, 3)), float(crest + u(-3, 3))),
         crest_u=float(u(0.2, 0.4)), post_drop=float(u(6, 16)), ant_drop=float(u(55, 80)),
         reach=float(u(98, 112) * f + 3.0 * (s.sex == "F")), depth=float(u(62, 76) * f),
-        rim_t=float(u(7, 11) * f), plate_t=float(u(2.2, 4.0) * f), post_t=float(u(14, 22) * f),
+        rim_t=float(u(7, 11) * f), plate_t=float(u(3.0, 5.5) * f), post_t=float(u(16, 26) * f),
         glute_min=float(u(12, 18) * f * m ** 0.5), iliacus_t=float(u(14, 22) * f * m ** 0.7),
         vb_wide=float(u(1.06, 1.14)), psoas_fwd=float(u(8, 15) * f),
         ivc_conf_z=float(u(-82, -64)), iliac_spread=float(u(26, 34) * f),
