@@ -1,5 +1,5 @@
 """The phantom generator: determinism, exact fractions, realistic anatomy and CT numbers,
-for the default (lumbar, around L3) and the torso (T11 to L4) anatomy."""
+for the default (lumbar, around L3) and the torso (T11 to L5) anatomy."""
 
 from __future__ import annotations
 
@@ -447,10 +447,11 @@ def test_torso_levels_follow_the_vertebral_column():
     for level in LEVELS:
         assert make_slice(3, size=48, level=level).meta["level"] == level
     zs = [level_z(3, v) for v in LEVELS]
-    assert all(a > b for a, b in zip(zs[:-1], zs[1:])), "T11 above T12 above ... L4"
+    assert all(a > b for a, b in zip(zs[:-1], zs[1:])), "T11 above T12 above ... L5"
     assert level_z(3, "L3") == pytest.approx(subject_from_seed(3).vertebra_shift)
+    lo, hi = levels_z_range(3, ("L5", "T11"))
+    assert (lo, hi) == levels_z_range(3, ("T11", "L5")) and lo < zs[-1] and hi > zs[0]
     lo, hi = levels_z_range(3, ("L4", "T11"))
-    assert (lo, hi) == levels_z_range(3, ("T11", "L4")) and lo < zs[-1] and hi > zs[0]
     spread = subject_slices(3, 5, None, levels=("T11", "L4"), size=48)
     assert [s.z_mm for s in spread] == pytest.approx(list(np.linspace(lo, hi, 5)))
     assert [s.meta["level"] for s in spread][2] in ("L1", "L2", "L1-L2 disc")

@@ -10,14 +10,19 @@ from typing import List, Optional
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.phantom",
-                                description="The labelled CT phantom (L3; T11 to L4 with "
+                                description="The labelled CT phantom (L3; T11 to L5 with "
                                             "--levels / --level).")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("contact-sheet", help="phantom slices beside real CT (PNG)")
     c.add_argument("--output", type=Path, default=Path("docs/phantom_contact_sheet.png"))
-    c.add_argument("--seeds", type=int, nargs="+", default=None)
+    c.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="mid-L3 (lumbar) columns; --seeds alone: none")
     c.add_argument("--shared", type=Path, default=None,
                    help="folder of the real sample (default ../shared/data/totalseg-example)")
+    c.add_argument("--torso", nargs="+", default=None, metavar="SEED:LEVEL[:MM]",
+                   help="torso-anatomy columns instead of the default T11, T12, L1 ones: a "
+                        "seed and a vertebra, optionally MM above the middle of its body "
+                        "(e.g. 3:L5:19 near the L4-L5 disc, 3:L5)")
     s = sub.add_parser("sample", help="write the bundled sample CT and labels")
     s.add_argument("--output", type=Path, default=Path("Resources/Sample"))
     s.add_argument("--overwrite", action="store_true")
@@ -29,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--levels", nargs=2, metavar=("FROM", "TO"), default=None,
                    help="draw the torso anatomy and place each subject's stack within these "
                         "vertebral levels (at a height drawn from its seed), e.g. --levels "
-                        "T11 L4 (default: centred on mid-L3, lumbar anatomy)")
+                        "T11 L4 or T11 L5 (default: centred on mid-L3, lumbar anatomy)")
     d.add_argument("--spread", action="store_true",
                    help="with --levels: spread each subject's slices evenly from the bottom "
                         "of the lower level to the top of the upper one (no --gap)")
@@ -49,16 +54,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     one.add_argument("--z", type=float, default=0.0,
                      help="height, mm from mid-L3 (with --level: above that vertebra's middle)")
     one.add_argument("--level", default=None,
-                     help="a vertebra, T11 .. L4: draw the torso anatomy there")
+                     help="a vertebra, T11 .. L5: draw the torso anatomy there")
     one.add_argument("--anatomy", choices=("lumbar", "torso"), default=None,
-                     help="lumbar (default; around L3) or torso (T11 to L4)")
+                     help="lumbar (default; around L3) or torso (T11 to L5)")
     one.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
     try:
         if args.command == "contact-sheet":
-            from .sheet import SHEET_SEEDS, make_contact_sheet
+            from .sheet import SHEET_SEEDS, UPPER_SHEET, make_contact_sheet, parse_torso_panel
 
-            out = make_contact_sheet(args.output, args.seeds or SHEET_SEEDS, args.shared)
+            upper = (UPPER_SHEET if args.torso is None
+                     else [parse_torso_panel(v) for v in args.torso])
+            seeds = SHEET_SEEDS if args.seeds is None else args.seeds
+            out = make_contact_sheet(args.output, seeds, args.shared, upper=upper)
             print(f"wrote {out}")
         elif args.command == "sample":
             from .dataset import write_sample

@@ -26,7 +26,8 @@ from .torso import level_centre, levels_span
 #: CT number outside the reconstruction circle (as scanners pad it)
 OUTSIDE_HU = -1024.0
 #: "lumbar": the abdomen around mid-L3 (the default; lumbar levels repeat above and below);
-#: "torso": T11 to L4 with the upper abdomen and lower chest (torso.py)
+#: "torso": T11 to L5 with the upper abdomen and lower chest (torso.py) and the iliac wings
+#: below L4 (pelvis.py)
 ANATOMIES = ("lumbar", "torso")
 
 
@@ -99,7 +100,7 @@ def _check_anatomy(anatomy: Optional[str], level: Optional[str]) -> str:
 
 
 def level_z(seed: int, level: str) -> float:
-    """Height z (mm) of the middle of vertebral body ``level`` ('T11' .. 'L4') of subject
+    """Height z (mm) of the middle of vertebral body ``level`` ('T11' .. 'L5') of subject
     ``seed`` in the torso anatomy (mid-L3 is near 0; each subject's column is shifted a
     little)."""
     return level_centre(subject_from_seed(int(seed)), level)
@@ -119,8 +120,9 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
     pixels at 512; size 64 gives the same field of view at 8 times coarser pixels).
     supersample: subpixels per pixel side for the exact fractions.
-    anatomy: "lumbar" (default: the abdomen around L3) or "torso" (T11 to L4, with liver,
-    spleen, stomach, lung bases, ribs; torso.py). level: a vertebra ('T11' .. 'L4'); the
+    anatomy: "lumbar" (default: the abdomen around L3) or "torso" (T11 to L5, with liver,
+    spleen, stomach, lung bases, ribs; iliac wings below L4; torso.py, pelvis.py). level: a
+    vertebra ('T11' .. 'L5'); the
     slice is then ``z_mm`` above the middle of its body, in the torso anatomy.
     """
     _check(seed, size, pixel_mm, supersample)
@@ -152,7 +154,7 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     meta.update(z_mm=float(z_mm), level=g.level_name(), pixel_mm=pixel_mm, size=int(size),
                 supersample=int(supersample), fov_mm=fov)
     if anatomy == "torso":
-        meta.update(anatomy="torso", torso=g.t.meta())
+        meta.update(anatomy="torso", torso=g.t.meta(), pelvis=g.pel.meta())
     return PhantomSlice(hu=hu, labels=labels, fractions=fractions, pixel_mm=pixel_mm, meta=meta)
 
 

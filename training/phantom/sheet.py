@@ -1,12 +1,17 @@
 """The contact sheet: phantom slices with label overlays beside real CT at the same window.
 
     python -m training.phantom contact-sheet --output docs/phantom_contact_sheet.png
+    python -m training.phantom contact-sheet --seeds --torso 3:L5:19 3:L5 11:L5:19 11:L5 \
+        7:L5:19 7:L5 8:L5:19 8:L5 --output docs/phantom_pelvis_sheet.png
 
 Rows 1-2: six mid-L3 phantom subjects (lumbar anatomy) and three upper-abdominal ones
 (torso anatomy at T11, T12 and L1) with their labels. Real slices come from
 ../shared/data/totalseg-example (read at generation time; only the rendered PNG is kept): a
 slice of the clinical DICOM series (T12, 0.98 mm pixels), T12, L1 and L2 of the T11-L2 NIfTI
-(3 mm voxels) with TotalSegmentator's tissue masks, the L3 level of the abdomen NIfTI. All
+(3 mm voxels) with TotalSegmentator's tissue masks, the L3 level of the abdomen NIfTI. With
+``--torso`` the torso columns are chosen (seed:level[:mm above its middle]); when they all
+lie at L4-L5, row 3 shows the L4-L5 junction and mid-L5 of the abdomen NIfTI with
+TotalSegmentator's iliopsoas and hip bones marked. All
 panels use the abdominal window W400/L40 and are shown in radiological orientation (anterior
 up, patient's right on the image left).
 """
@@ -79,8 +84,8 @@ def _crop(img: np.ndarray, pixel_mm: float, centre_rc, size_mm: float) -> np.nda
 def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
                        shared: Optional[Path] = None, dpi: int = 100,
                        upper: Sequence = UPPER_SHEET) -> Path:
-    """Render the sheet to ``output`` (PNG): L3 phantom slices of ``seeds``, upper-abdominal
-    ones of ``upper`` ((seed, level) pairs), real CT below. Real panels are left out (with a
+    """Render the sheet to ``output`` (PNG): L3 phantom slices of ``seeds``, torso ones of
+    ``upper`` ((seed, level) or (seed, level, mm above its middle)), real CT below. Real panels are left out (with a
     note) when the shared data is absent."""
     import matplotlib
 
@@ -88,7 +93,7 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     import matplotlib.pyplot as plt
 
     shared = (shared_sample_dir() or SHARED_CANDIDATES[0]) if shared is None else Path(shared)
-    columns = [(seed, None) for seed in seeds] + [tuple(v) for v in upper]
+    columns = [(seed, None, 0.0) for seed in seeds] + [_torso_column(v) for v in upper]
     n = len(columns)
     fig, axes = plt.subplots(3, n, figsize=(3.3 * n, 9.4), facecolor="black")
     for ax in axes.ravel():
@@ -98,12 +103,14 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     style = dict(color="white", fontsize=8.5)
     crop_ph = None
     hist_ph = []
-    for i, (seed, level) in enumerate(columns):
-        s = make_slice(seed) if level is None else make_slice(seed, level=level)
+    for i, (seed, level, dz) in enumerate(columns):
+        s = make_slice(seed) if level is None else make_slice(seed, level=level, z_mm=dz)
         m = s.meta
         box = body_box(s.hu, s.pixel_mm)
         axes[0, i].imshow(gray(s.hu[box]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         where = m["level"] + ("" if level is None else ", torso")
+        if level is not None and dz:
+            where += f" ({level} {dz:+.0f} mm)"
         axes[0, i].set_title(f"phantom seed {seed}: {m['sex']} {m['age']:.0f} y, {where}\n"
                              f"fat {m['adiposity']:.2f}, muscle {m['muscle']:.2f}, "
                              f"myosteat. {m['myosteatosis']:.2f}\n"
@@ -123,11 +130,17 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     # under the L3 columns: real L3 and L2, the crops, the histogram, the clinical T12 slice;
     # under the upper-abdominal columns: real slices from the top of the T11-L2 volume down
     lower = [real.get("l3"), real.get("l2"), crop, real.get("crop"), "hist", real.get("dicom")]
-    top = [real.get(k) for k in ("upper0", "upper1", "upper2")]
+    # under the torso columns: real slices of the upper abdomen, or of L4-L5 and L5 (with
+    # TotalSegmentator's psoas and iliacus outlined) when the columns are that low
+    low = bool(upper) and all(level in ("L4", "L5") for _, level, _ in columns[len(seeds):])
+    top = [real.get(k) for k in (("l45", "l5", "l3") if low else ("upper0", "upper1", "upper2"))]
     n_low = n - len(upper)
     row = lower[:n_low] + [None] * (n_low - len(lower)) + top[:len(upper)]
     if "hist" not in row:
-        row[min(len(row) - 1, 4)] = "hist"
+        if len(row) < n:
+            row.append("hist")
+        else:
+            row[min(len(row) - 1, 4)] = "hist"
     for j, panel in enumerate(row[:n]):
         ax = axes[2, j]
         if panel == "hist":
@@ -142,14 +155,49 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     if not real:
         axes[2, 0].set_title(f"real CT not found at {shared}", **style)
     fig.suptitle("EPD phantom (rows 1-2) beside real CT (row 3), window W400/L40. "
-                 "Regenerate: python -m training.phantom contact-sheet "
-                 "--output docs/phantom_contact_sheet.png", color="white", fontsize=10)
+                 f"Regenerate: {_command(output, seeds, columns[len(seeds):])}",
+                 color="white", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     output = Path(output)
     with atomic_file(output, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=dpi, facecolor="black", format="png")
     plt.close(fig)
     return output
+
+
+def _command(output, seeds, torso) -> str:
+    """The command line that makes this sheet."""
+    cmd = "python -m training.phantom contact-sheet"
+    if tuple(seeds) != SHEET_SEEDS:
+        cmd += " --seeds" + "".join(f" {v}" for v in seeds)
+    if tuple(torso) != tuple(_torso_column(v) for v in UPPER_SHEET):
+        cmd += " --torso" + "".join(f" {s}:{lv}" + (f":{dz:g}" if dz else "")
+                                    for s, lv, dz in torso)
+    return f"{cmd} --output {Path(output).as_posix()}"
+
+
+def _torso_column(v) -> tuple:
+    """(seed, level, dz mm) of a torso column given as (seed, level[, dz])."""
+    v = tuple(v)
+    if len(v) not in (2, 3):
+        raise ValueError(f"a torso panel is (seed, level) or (seed, level, mm); got {v!r}")
+    return int(v[0]), str(v[1]), float(v[2]) if len(v) == 3 else 0.0
+
+
+def parse_torso_panel(text: str) -> tuple:
+    """'SEED:LEVEL' or 'SEED:LEVEL:MM' (MM above the middle of the body of LEVEL, negative
+    below; e.g. 3:L5:19 is about the L4-L5 disc) -> (seed, level, mm)."""
+    from .torso import check_level
+
+    parts = str(text).split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        seed, dz = int(parts[0]), float(parts[2]) if len(parts) == 3 else 0.0
+    except ValueError:
+        raise ValueError(f"--torso {text!r}: use SEED:LEVEL or SEED:LEVEL:MM, e.g. 3:L5 or "
+                         f"3:L5:19") from None
+    return seed, check_level(parts[1]), dz
 
 
 def _histograms(ax, phantom_hu: np.ndarray, shared: Path) -> None:
@@ -194,6 +242,23 @@ def _real_panels(shared: Path):
         img = display_slice(v, k)
         out["l3"] = (img[body_box(img, v.spacing[0])],
                      f"real: mid-L3 (NIfTI, {v.spacing[0]:.0f} mm voxels)", None)
+        # L5 and the L4-L5 junction, with TotalSegmentator's iliopsoas (88, 89) as "muscle"
+        # and the hip bones (77, 78) as "other tissue" to show where they are
+        l5 = np.nonzero((lab == 27).any(axis=(1, 2)))[0]
+        l4 = np.nonzero((lab == 28).any(axis=(1, 2)))[0]
+        for key, k, name in (("l5", int(l5.mean()) if len(l5) else None, "mid-L5"),
+                             ("l45", int(round((l5.max() + l4.min()) / 2))
+                              if len(l5) and len(l4) else None, "L4-L5 junction")):
+            if k is None:
+                continue
+            img = display_slice(v, k)
+            marks = np.zeros(lab.shape[1:], np.uint8)
+            marks[np.isin(lab[k], (88, 89))] = 1
+            marks[np.isin(lab[k], (77, 78))] = 5
+            box = body_box(img, v.spacing[0])
+            out[key] = (None, f"real: {name} (NIfTI), TotalSegmentator\niliopsoas red, hip "
+                              f"bones purple", overlay_rgb(img[box], display_slice(
+                                  v, 0, marks[None])[box]))
     ct = shared / "ct_t11_l2.nii.gz"
     masks = [(shared / f"tissue_{n}.nii.gz", c) for n, c in
              (("skeletal_muscle", 1), ("subcutaneous_fat", 3), ("torso_fat", 4))]

@@ -1,4 +1,4 @@
-"""The torso anatomy (``anatomy="torso"``): T11 to L4, the upper abdomen and the lower chest.
+"""The torso anatomy (``anatomy="torso"``): T11 to L5, the upper abdomen and the lower chest.
 
 The default ("lumbar") anatomy in anatomy.py is the abdomen around mid-L3 and simply repeats
 lumbar levels above and below. The torso anatomy follows the vertebral column from T11 down to
@@ -12,7 +12,9 @@ neck beside the vertebra, shaft around the wall, costal cartilage in front) with
 muscle between them. Going up, the abdominal wall muscles thin, psoas and quadratus lumborum
 end, latissimus grows, the body is rounder and carries less visceral fat, the colon ends at
 its flexures and the small bowel below them. Below L2 it is the lumbar anatomy (the same
-layout, outline and organs), so a subject's L3 looks as it does by default.
+layout, outline and organs), so a subject's L3 looks as it does by default. Below mid-L4
+pelvis.py adds the iliac wings, iliacus and gluteus medius, a broader L5 body, the common
+iliac vessels and more small bowel, down to the L5-S1 disc.
 
 Everything is a smooth function of z for one subject: organ sizes rise and fall with the
 height, rib sections slide around the wall as the plane cuts each obliquely running rib at a
@@ -43,6 +45,8 @@ from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, core_radius,
                       draw_abdominal_muscles, draw_back_muscles, draw_body_wall, draw_bowel,
                       draw_kidneys, draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra,
                       mask_points, subject_from_seed)
+from .pelvis import (draw_pelvic_layout, draw_pelvis, iliac_arteries, iliac_veins,
+                     lower_weight, pelvis_from_seed)
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar
 from .subject import PHI, Subject, Tube, plain
 from .tissues import CODE
@@ -58,7 +62,7 @@ COLUMN = (("L5", -76.0), ("L4", -38.0), ("L3", 0.0), ("L2", 38.0), ("L1", 76.0),
           ("T12", 112.0), ("T11", 145.0), ("T10", 177.0), ("T9", 208.0), ("T8", 238.0),
           ("T7", 267.0))
 #: the levels the torso anatomy is made for, cranial to caudal
-LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4")
+LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4", "L5")
 _NAMES = [n for n, _ in COLUMN]
 _CENTRES = np.array([c for _, c in COLUMN])
 _LUMBAR_HALF = 19.0                       # half a lumbar level (anatomy.LEVEL_PERIOD_MM / 2)
@@ -278,10 +282,20 @@ class TorsoGeometry(Geometry):
         # psoas arises from T12-L1, quadratus lumborum from the 12th rib
         k = float(np.clip((t.psoas_top_z - zr) / 60.0, 0.0, 1.0)) ** 0.7
         self.psoas_r = (self.psoas_r[0] * k, self.psoas_r[1] * k)
-        self.psoas_x = self.vb_rx + 0.75 * self.psoas_r[0] + 2
+        # below L4 (pelvis.py): a broader L5 body, the psoas further forward, the quadratus
+        # lumborum ending at the iliac crest
+        self.pel = p = pelvis_from_seed(s.seed)
+        low = lower_weight(zr)
+        self.vb_rx *= 1.0 + (p.vb_wide - 1.0) * low
+        self.psoas_x = self.vb_rx + 0.75 * self.psoas_r[0] + 2 + 2 * f * low
+        self.psoas_y -= p.psoas_fwd * low
         self.draw_psoas = self.psoas_r[0] > 1.0
         k = float(np.sqrt(np.clip((t.ql_top_z - zr) / 35.0, 0.0, 1.0)))
-        self.ql_r = (self.ql_r[0] * k, self.ql_r[1] * k)
+        k *= float(_smooth((zr - (min(p.crest_z) - 18.0)) / 16.0))
+        # ... broadening towards its insertion on the crest
+        wide = lower_weight(zr, 20.0)
+        self.ql_r = (self.ql_r[0] * k * (1 + 0.5 * wide), self.ql_r[1] * k * (1 + 0.25 * wide))
+        self.ql_x += 6 * f * wide
         self.draw_ql = self.ql_r[0] > 1.5
         self.draw_spleen_tip = False            # draw_spleen draws the whole spleen
         self.wall_scale = (1 - 0.3 * w, 1 - 0.35 * w, 1 - 0.8 * w, 1 - 0.55 * w)
@@ -297,7 +311,9 @@ class TorsoGeometry(Geometry):
             return self.level_label
         i = _NAMES.index(self.level_label)
         j = i + (1 if self.zl > 0 else -1)
-        if not 0 <= j < len(_NAMES):
+        if j < 0:
+            return f"{self.level_label}-S1 disc"
+        if j >= len(_NAMES):
             return self.level_label
         upper, lower = (_NAMES[j], _NAMES[i]) if self.zl > 0 else (_NAMES[i], _NAMES[j])
         return f"{upper}-{lower} disc"
@@ -594,7 +610,7 @@ def draw_aorta_and_crura(cv: Canvas, g: TorsoGeometry) -> None:
     anatomy) and the diaphragm crura beside and, at the hiatus, in front of it."""
     s, t = g.subject, g.t
     r, ax, ay = g.aorta_r, g.ax, g.ay
-    aortas = aorta_lumens(ax, ay, r, g.z, s.bifurcation_z)
+    aortas = iliac_arteries(g, aorta_lumens(ax, ay, r, g.z, s.bifurcation_z))
     for x, y, rad in aortas:
         cv.paint(ellipse(x, y, rad + 2.5, rad + 2.5, 0, 48), C["fat_pad"], over=(C["vat"],))
         cv.paint(ellipse(x, y, rad, rad * 0.97, 0, 48), C["aorta"],
@@ -739,8 +755,9 @@ def draw_veins(cv: Canvas, g: TorsoGeometry) -> None:
     t, f = g.t, g.f
     zr, r, ax, ay = g.zr, g.aorta_r, g.ax, g.ay
     ivc_x, ivc_y, rx, ry = ivc_section(g)
-    cv.paint(ellipse(ivc_x, ivc_y, rx, ry, 0.15, 48), C["ivc"],
-             over=(C["vat"], C["fat_pad"], C["liver"], C["diaphragm"]))
+    for vx, vy, vrx, vry in iliac_veins(g, (ivc_x, ivc_y, rx, ry)):
+        cv.paint(ellipse(vx, vy, vrx, vry, 0.15, 48), C["ivc"],
+                 over=(C["vat"], C["fat_pad"], C["liver"], C["diaphragm"]))
     # hepatic veins: from the IVC forwards and to the right through the liver, near the top
     kv = float(_smooth((zr - 118.0) / 25.0))
     if kv > 0:
@@ -918,6 +935,11 @@ def _colon_shift(g: TorsoGeometry, i: int, top: float, z: float) -> Tuple[float,
     flexure lies: the hepatic flexure forwards and medially, under the liver's edge; the
     splenic flexure a little forwards, beside the spleen's tip."""
     v = float(_smooth((z - (top - 50.0)) / 50.0))
+    low = lower_weight(z - g.subject.vertebra_shift)
+    if low > 0:
+        # below L4: the caecum and the descending colon in front of the iliacus
+        side = -1 if i == 0 else 1
+        return -side * 14.0 * g.f * low, -(18.0 if i == 0 else 10.0) * g.f * low
     if v <= 0:
         return 0.0, 0.0
     if i == 0:
@@ -1043,13 +1065,16 @@ def _kidney_shift(i: int, dz: float) -> Tuple[float, float]:
     return 0.0, 0.12 * max(0.0, dz)
 
 
-def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> TorsoGeometry:
-    """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used."""
+def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
+               pelvic_layout: bool = True) -> TorsoGeometry:
+    """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
+    pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing)."""
     g = TorsoGeometry(s, z, torso_from_seed(s.seed))
     cv.shift = np.asarray(s.offset, np.float64)
     g.r_in = inner_radius(g)
     draw_table(cv, g)
     draw_wall(cv, g)
+    draw_pelvis(cv, g)
     draw_aorta_and_crura(cv, g)
     draw_lungs(cv, g)
     draw_kidneys(cv, g, shift=_kidney_shift, rim=2.0 + 8.0 * s.vat)
@@ -1064,4 +1089,6 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> To
     draw_solid_organs(cv, g)
     if with_layout:
         draw_torso_bowel(cv, g)
+        if pelvic_layout:
+            draw_pelvic_layout(cv, g)
     return g
