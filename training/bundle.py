@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seed", type=int, default=7, help="phantom data seed for evaluation")
     p.add_argument("--eval-levels", nargs=2, metavar=("FROM", "TO"),
                    help="also evaluate on held-out torso phantoms at these levels "
-                        "(e.g. T11 L4) -> <report>/phantom_torso")
+                        "(e.g. T11 L5) -> <report>/phantom_torso")
     p.add_argument("--real-dir", type=Path, default=None,
                    help="folder of the real CT sample with TotalSegmentator tissue masks")
     p.add_argument("--device", default="auto")
