@@ -111,6 +111,38 @@ def test_randomize_argument_is_checked():
                                       "--randomize", "1.5"])
     with pytest.raises(ValueError, match="--randomize"):
         check_args(args)
+    for flag, value in (("--organ-flatten", "2"), ("--obese", "-0.1"),
+                        ("--muscle-region-sd", "-1")):
+        args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
+                                          flag, value])
+        with pytest.raises(ValueError, match=flag):
+            check_args(args)
+
+
+def test_switches_turn_the_new_randomisation_off():
+    """muscle_region_sd=0 leaves out the per-muscle offsets; organ_flatten=0 keeps an
+    organ's inner contrast on every slice; Augment passes both (and obese) through."""
+    hu, lab = body_slice()
+    n = hu.shape[0]
+    rr, cc = np.mgrid[0:n, 0:n]
+    a = np.hypot(rr - n * 0.55, cc - n * 0.38) < n * 0.05
+    lab[a], hu[a] = MUS, 50.0
+    kidney = np.hypot(rr - n * 0.45, cc - n * 0.62) < n * 0.08
+    medulla = np.hypot(rr - n * 0.45, cc - n * 0.62) < n * 0.04
+    lab[kidney], hu[kidney], hu[medulla] = MSC, 150.0, 60.0
+    ring = (lab == MUS) & ~a
+    for seed in range(10):
+        h, _ = randomize_appearance(hu, lab, np.random.default_rng(seed), muscle_region_sd=0.0,
+                                    organ_flatten=0.0)
+        h12, _ = randomize_appearance(hu, lab, np.random.default_rng(seed),
+                                      muscle_region_sd=12.0, organ_flatten=0.0)
+        # the same draws but the per-muscle offsets: a constant per muscle, 0 with SD 0
+        da, dr = (h12 - h)[a], (h12 - h)[ring]
+        assert np.ptp(da) < 1e-3 and np.ptp(dr) < 1e-3
+        assert abs(da[0] - dr[0]) > 0.0
+        assert np.median(h[kidney & ~medulla]) - np.median(h[medulla]) > 60.0
+    aug = Augment(randomize=1.0, obese=0.0, muscle_region_sd_hu=0.0, organ_flatten=0.0)
+    assert aug.to_dict()["organ_flatten"] == 0.0 and aug.to_dict()["obese"] == 0.0
 
 
 def test_organs_keep_their_own_realistic_range_independent_of_muscle():

@@ -179,6 +179,9 @@ class Augment:
     randomize: float = 0.0
     #: share of the randomised slices whose body is made obese (randomize.grow_sat)
     obese: float = 0.3
+    #: randomize_appearance's per-muscle HU offset SD and organ contrast fading share
+    muscle_region_sd_hu: float = 12.0
+    organ_flatten: float = 0.4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,7 +221,8 @@ class Augment:
             habitus_rng = np.random.default_rng([rand_seed, 1])
             if habitus_rng.random() < self.obese:
                 hu, labels = grow_sat(hu, labels, habitus_rng)
-            hu, labels = randomize_appearance(hu, labels, rand_rng)
+            hu, labels = randomize_appearance(hu, labels, rand_rng, self.muscle_region_sd_hu,
+                                              self.organ_flatten)
             # the scanner's noise comes with its own pixels: a coarser scan (lowres below)
             # resampled to the training grid has smooth noise, not fine-grained noise
             hu = add_kernel_noise(hu, rand_rng)

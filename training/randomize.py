@@ -75,9 +75,13 @@ def _disk(rr, cc, r0, c0, a, b):
     return ((rr - r0) / a) ** 2 + ((cc - c0) / b) ** 2 <= 1.0
 
 
-def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                         muscle_region_sd: float = MUSCLE_REGION_SD_HU,
+                         organ_flatten: float = ORGAN_FLATTEN_SHARE):
     """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies with a new appearance;
-    labels change only where field-of-view truncation removes the body (set to background)."""
+    labels change only where field-of-view truncation removes the body (set to background).
+    muscle_region_sd: SD (HU) of each connected muscle's own offset; organ_flatten: share of
+    slices whose organs lose most of their inner contrast (0 turns either off)."""
     hu = np.array(hu, np.float32)
     labels = np.array(labels, np.uint8)
     h, w = hu.shape
@@ -95,7 +99,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         from scipy.ndimage import label as connected
 
         regions, n = connected(mus)
-        offsets = np.concatenate(([0.0], rng.normal(0.0, MUSCLE_REGION_SD_HU, n)))
+        offsets = np.concatenate(([0.0], rng.normal(0.0, 1.0, n) * muscle_region_sd))
         hu[mus] += offsets.astype(np.float32)[regions[mus]]
     # fat: one new mean for subcutaneous, visceral and intermuscular fat
     fat = (labels == SAT) | (labels == VAT) | (labels == IMAT)
@@ -122,7 +126,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         # on some slices each organ's inner contrast (kidney cortex against medulla, liver
         # against its vessels) fades, as it does without contrast or in a late phase: the
         # network must not need the phantom's corticomedullary pattern to find a kidney
-        if rng.random() < ORGAN_FLATTEN_SHARE:
+        if rng.random() < organ_flatten:
             keep = rng.uniform(0.0, 0.5)
             idx = regions[organ]
             sums = np.bincount(idx, weights=hu[organ], minlength=n + 1)

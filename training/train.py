@@ -116,6 +116,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "with patchy fat, fat -130..-60 HU, organs 30..130 HU independent of "
                         "muscle, arms and table as background, field-of-view cuts, streaks, "
                         "kernel noise 5..30 HU; labels kept; default 0: off)")
+    g.add_argument("--muscle-region-sd", type=float, default=12.0, metavar="HU",
+                   help="with --randomize: SD of each connected muscle's own HU offset "
+                        "(default 12; 0: one offset for all muscles)")
+    g.add_argument("--organ-flatten", type=float, default=0.4, metavar="P",
+                   help="with --randomize: share of slices whose organs lose most of their "
+                        "inner contrast (default 0.4; 0: off)")
+    g.add_argument("--obese", type=float, default=0.3, metavar="P",
+                   help="with --randomize: share of randomised slices whose subcutaneous fat "
+                        "grows outward (obese bodies; default 0.3; 0: off)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
     g.add_argument("--init", type=Path, metavar="MODEL",
@@ -150,8 +159,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0; got {args.lr}")
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
-    if not 0.0 <= args.randomize <= 1.0:
-        raise ValueError(f"--randomize is a probability in 0..1; got {args.randomize}")
+    for name in ("randomize", "organ_flatten", "obese"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
+                             f"got {getattr(args, name)}")
+    if args.muscle_region_sd < 0:
+        raise ValueError(f"--muscle-region-sd is an SD in HU, >= 0; got {args.muscle_region_sd}")
     if not 0.0 <= args.tissue_hu <= 1.0:
         raise ValueError(f"--tissue-hu is a probability in 0..1; got {args.tissue_hu}")
     if not args.lowres_max >= Augment.lowres_factor[0]:
@@ -455,7 +468,8 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
 
     augment = None if args.no_augment else Augment(
         lowres=args.lowres, lowres_factor=(Augment.lowres_factor[0], args.lowres_max),
-        tissue_hu=args.tissue_hu, randomize=args.randomize)
+        tissue_hu=args.tissue_hu, randomize=args.randomize, obese=args.obese,
+        muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten)
     train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
