@@ -288,7 +288,7 @@ def check_slices(slices: Optional[Sequence[int]], n_slices: int) -> List[int]:
 
 
 def _check_inputs(hu: np.ndarray, pixel_mm: Sequence[float], batch_size) -> Tuple[float, float]:
-    if hu.ndim != 3 or min(hu.shape) == 0:
+    if len(hu.shape) != 3 or min(hu.shape) == 0:
         raise ValueError(f"hu must be a non-empty (K, J, I) volume; got shape {hu.shape}")
     if hu.dtype.kind not in "iuf":
         raise ValueError(f"hu must be numeric HU values; got dtype {hu.dtype}")
@@ -330,16 +330,19 @@ def _flips(ijk_to_ras, notes: List[str]) -> Tuple[bool, bool]:
     return flip_rows, flip_cols
 
 
-def slab_predictor(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
+def slab_predictor(hu, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
                    *, device: Any = "auto", batch_size: int = 8, ijk_to_ras: Any = None):
     """A predict(slices, progress, should_cancel) callable for stream.stream_slabs: the
     probabilities (C, n, J, I) of the listed slices of ``hu`` (K, J, I) as a torch tensor on
-    the device, the device's name and the notes so far. An out-of-memory fallback (smaller
+    the device, the device's name and the notes so far. hu: an array, or anything with
+    ``shape``, ``dtype`` and ``hu[list of slices]`` -> (n, J, I) HU (io.sources' volumes,
+    read slab by slab). An out-of-memory fallback (smaller
     batch, then the CPU) found in one slab is kept for the next ones. ijk_to_ras (4, 4):
     the volume's geometry; slices stored in another in-plane orientation than the
     network's (anterior up, patient's right on the left: orientation.network_flips) are
     flipped into it and the probabilities flipped back (None: used as stored)."""
-    hu = np.asarray(hu)
+    if not (hasattr(hu, "shape") and hasattr(hu, "dtype") and hasattr(hu, "__getitem__")):
+        hu = np.asarray(hu)
     pixel_mm = _check_inputs(hu, pixel_mm, batch_size)
     dev, notes = _start_notes(device, hu.shape, pixel_mm, card)
     flips = _flips(ijk_to_ras, notes)

@@ -137,12 +137,14 @@ def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
     return [list(slices[i:i + size]) for i in range(0, len(slices), size)]
 
 
-def stream_slabs(hu: np.ndarray, slices: Sequence[int], predict: Predict, *,
+def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
                  slab_slices: int = SLAB_SLICES, codes: bool = True,
                  probabilities: bool = False, accumulator: Optional[Accumulator] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
                  should_cancel: Optional[Callable[[], bool]] = None) -> Iterator[Slab]:
-    """Yield one Slab per ``slab_slices`` of the sorted, distinct ``slices`` of hu (K, J, I).
+    """Yield one Slab per ``slab_slices`` of the sorted, distinct ``slices`` of hu (K, J, I):
+    an array, or a volume read by slabs (io.sources: ``hu[list]`` -> (n, J, I) HU, the
+    slab the predictor just read kept, so it is read once).
 
     predict(slices, progress, should_cancel) -> (probabilities (C, n, J, I), device name,
     notes) (inference.slab_predictor, or the Slicer module's predictor). The accumulator,
