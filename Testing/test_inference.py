@@ -282,3 +282,26 @@ def test_device_sums_and_labels_equal_bodycomp():
     got = slab_sums(torch.from_numpy(p), torch.from_numpy(hu), labels)
     for key, want in slice_sums(p, hu).items():
         np.testing.assert_allclose(got[key], want, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("k, shape, pixel", [(4, (3, 61, 58), 0.8), (2, (2, 64, 64), 0.4),
+                                             (3, (2, 10, 11), 0.9), (1, (2, 7, 9), 0.3)])
+def test_torch_input_preparation_equals_prepare_slices(k, shape, pixel):
+    """The inference path prepares the network input in torch (window, then avg_pool2d in
+    float64 with partial windows at the far edges): bit for bit what prepare_slices
+    (NumPy, epd_image) gives, resampling included."""
+    from EPDSegmentationLib.core.inference import prepare_slices_torch
+
+    card = {"factor": k, "image_mode": "average", "windows": DEFAULT_WINDOWS,
+            "pixel_mm": (0.8 * k, 0.8 * k)}
+    hu = np.random.default_rng(k).normal(-100, 400, shape).astype(np.float32)
+    want, work = prepare_slices(hu, (pixel, pixel), card)
+    got, got_work = prepare_slices_torch(hu, (pixel, pixel), card)
+    assert got_work == work and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_network_batch_counts_factor_1_slices():
+    from EPDSegmentationLib.cli.segment import network_batch
+
+    assert [network_batch(8, {"factor": k}) for k in (1, 2, 4)] == [8, 32, 128]

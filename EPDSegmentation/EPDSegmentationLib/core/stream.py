@@ -67,7 +67,9 @@ def encode_fractional_torch(p):
     import torch
 
     steps = FRACTIONAL_MAX - FRACTIONAL_MIN
-    return torch.round(p.float().clamp(0.0, 1.0) * steps + FRACTIONAL_MIN).to(torch.int8)
+    # one scratch tensor, the rest in place (5 full-size temporaries before)
+    q = p.float().clamp(0.0, 1.0)
+    return q.mul_(steps).add_(FRACTIONAL_MIN).round_().to(torch.int8)
 
 
 def argmax_classes(p):

@@ -148,15 +148,19 @@ class _Checks:
         self.stored_lo = self.stored_hi = None
         self.values: Optional[np.ndarray] = np.array([], np.int64) if kind in "iu" else None
 
-    def add(self, stored: Optional[np.ndarray], hu: np.ndarray) -> None:
-        if hu.size == 0:
-            return
-        self.nonfinite += int(hu.size - np.count_nonzero(np.isfinite(hu)))
-        self.lo.append(np.min(hu))
-        self.hi.append(np.max(hu))
-        if stored is None or self.kind not in "iu":
+    def add(self, stored: Optional[np.ndarray], hu: Optional[np.ndarray]) -> None:
+        """One slab: the stored values (None for DICOM) and their HU (None for integers
+        stored unscaled: their HU range is their own range, converted once)."""
+        if hu is not None and hu.size:
+            self.nonfinite += int(hu.size - np.count_nonzero(np.isfinite(hu)))
+            self.lo.append(np.min(hu))
+            self.hi.append(np.max(hu))
+        if stored is None or self.kind not in "iu" or stored.size == 0:
             return
         lo, hi = stored.min(), stored.max()
+        if hu is None:      # float32 is monotonic: min(float32(x)) == float32(min(x))
+            self.lo.append(np.float32(lo))
+            self.hi.append(np.float32(hi))
         self.stored_lo = lo if self.stored_lo is None else min(self.stored_lo, lo)
         self.stored_hi = hi if self.stored_hi is None else max(self.stored_hi, hi)
         if self.values is not None:
@@ -355,7 +359,7 @@ def _open_image(path: Path) -> VolumeSource:
     try:
         for k0 in range(0, shape[0], CHECK_SLICES):
             stored = src.read_stored(k0, min(CHECK_SLICES, shape[0] - k0))
-            checks.add(stored, src.to_hu(stored))
+            checks.add(stored, None if kind in "iu" else src.to_hu(stored))
     except BaseException:
         src.close()
         raise
