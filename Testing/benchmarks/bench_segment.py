@@ -5,10 +5,10 @@ Side by side in one run, each case in a fresh process:
     for each, the network alone on the same slices (prepared input, batches of --batch) is
     timed in the same process after the run, as the floor: the rest of the time is the
     non-network share (reading, resampling, upsampling, argmax, sums, gzip, overlay);
-  - memory: 60 and 600 slices of 512 x 512 at factor 4: the rise of peak RSS (VmHWM) over
-    the segment_case call, split at the end of reading (the peak is reset there): the
-    reader's peak, and the streaming part's peak with the volume resident, also less the
-    volume itself (the reader returns the volume whole; everything else streams);
+  - memory (``--memory`` for this part alone): 60 and 600 slices of 512 x 512 at factor 4
+    (a synthetic int16 gzip NRRD in a temporary folder, removed after): the peak RSS
+    (VmHWM, reset before the call) over the segment_case call, reading included, above the
+    RSS before it; "volume" is what the whole float32 volume would take, for scale;
   - gzip level: the soft .seg.nrrd's bytes of the factor-2 run compressed at levels 1, 6, 9.
 The models have the bundled model's architecture, read from its card
 (Resources/Models/EPDBodyComp_f2.json: EPDNet, width 8), with random weights: speed and
@@ -93,15 +93,18 @@ def make_model(folder: Path, k: int, size: int, config) -> str:
 
 def network_seconds(net, card, volume, device: str, batch: int) -> float:
     """The network alone on every slice of the volume: input prepared beforehand (not
-    timed), then run_network in batches, outputs brought to the host as segment does."""
+    timed), then run_network in the batches segment uses (segment.network_batch), outputs
+    left on the device as segment does."""
     import torch
 
+    from EPDSegmentationLib.cli.segment import network_batch
     from EPDSegmentationLib.core.inference import prepare_slices, run_network, select_device
 
     si, sj, _ = volume.spacing
     x = np.concatenate([prepare_slices(volume.array[i:i + 16], (sj, si), card)[0]
                         for i in range(0, volume.array.shape[0], 16)])
     dev = select_device(device)[0]
+    batch = min(network_batch(batch, card), 16)     # a slab (stream.SLAB_SLICES) caps it
     run_network(net, x[:batch], dev, batch, [])             # warm-up (kernels, allocator)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -121,24 +124,11 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
     from EPDSegmentationLib.cli.segment import Case, segment_case
     from EPDSegmentationLib.io import read_volume
 
-    import EPDSegmentationLib.io as io_pkg
-
     net, card = load_model(model)
     startup = time.perf_counter() - t_start
     base = _rss_kb("VmRSS:")
-    read = io_pkg.read_volume
-    reader = {}
-
-    def read_then_reset(*a, **kw):
-        """The reader's own peak, then reset the peak (Linux clear_refs 5) so that the
-        final peak is that of the streaming part, with the volume resident."""
-        vol = read(*a, **kw)
-        reader["peak_kb"] = _rss_kb("VmHWM:")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return vol
-
-    io_pkg.read_volume = read_then_reset
+    with open("/proc/self/clear_refs", "w") as f:     # reset VmHWM to the RSS now
+        f.write("5")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -153,10 +143,9 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     volume = read_volume(case)
     row = {"seconds": seconds, "startup": startup, "slices": len(result.slices),
-           "peak_mib": (max(peak_kb, reader["peak_kb"]) - base) / 1024, "gpu_mib": gpu,
-           "read_peak_mib": (reader["peak_kb"] - base) / 1024,
-           "stream_peak_mib": (_rss_kb("VmHWM:") - base) / 1024,
+           "peak_mib": (peak_kb - base) / 1024, "gpu_mib": gpu,
            "volume_mib": volume.array.nbytes / 2**20, "device": result.device,
+           "threads": torch.get_num_threads(),
            "network_s": float("nan"), "soft_mib": Path(out, "bench_soft.seg.nrrd").stat().st_size / 2**20}
     if network:
         row["network_s"] = network_seconds(net, card, volume, device, batch)
@@ -205,7 +194,8 @@ def main() -> None:
                         help="also write the float32 probability NRRD in every case")
     parser.add_argument("--quick", action="store_true",
                         help="3 slices of 128 x 128 (memory: 4 and 12), factors 1 and 2")
-    parser.add_argument("--memory-only", action="store_true", help="skip the time cases")
+    parser.add_argument("--memory", "--memory-only", dest="memory_only", action="store_true",
+                        help="only the memory cases (60 and 600 slices), no time cases")
     parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -229,8 +219,10 @@ def main() -> None:
         print(f"epdseg segment end to end: {args.size} x {args.size} volumes (bundled sample "
               f"repeated), the bundled model's architecture at width {config.width}"
               f"{'' if args.width is None else ' (--width)'}, batch {args.batch}, device "
-              f"{args.device}; {os.cpu_count()} cores, torch {torch.__version__}; each case "
-              f"in a fresh process; outputs: default{' + --probabilities' if args.probabilities else ''}")
+              f"{args.device}; {os.cpu_count()} cores, torch {torch.__version__} with "
+              f"{torch.get_num_threads()} threads in every case; each case in a fresh "
+              f"process; outputs: default{' + --probabilities' if args.probabilities else ''}"
+              f"; load average at the start {os.getloadavg()[0]:.1f}", flush=True)
         rows = {}
         for k in ([] if args.memory_only else args.factors):
             rows[k] = measure(volume, models[k], args.device, args.batch,
@@ -245,19 +237,18 @@ def main() -> None:
                              probabilities=args.probabilities)
             Path(path).unlink()
             print(f"{n} slices: {json.dumps(mem[n])}", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (1 min), "
+          f"{os.getloadavg()[1]:.1f} (5 min)")
     if rows:
         print_time(rows, args)
-    print(f"\nmemory, factor {mk} (MiB; read: the reader's peak; stream: the peak after "
-          f"reading, the volume resident):")
-    print(f"{'slices':>7} {'seconds':>8} {'volume':>8} {'read':>8} {'stream':>8} {'x':>5} "
-          f"{'stream - volume':>15} {'x':>5} {'soft .seg.nrrd':>14}")
+    print(f"\nmemory, factor {mk} (MiB; peak: the peak RSS over segment_case, reading "
+          f"included; volume: the whole float32 volume, which is never held):")
+    print(f"{'slices':>7} {'seconds':>8} {'volume':>8} {'peak':>8} {'x':>5} "
+          f"{'soft .seg.nrrd':>14}")
     m0 = mem[args.memory_slices[0]]
     for n, r in mem.items():
-        rest, rest0 = (r["stream_peak_mib"] - r["volume_mib"],
-                       m0["stream_peak_mib"] - m0["volume_mib"])
-        print(f"{n:7d} {r['seconds']:8.2f} {r['volume_mib']:8.1f} {r['read_peak_mib']:8.1f}"
-              f" {r['stream_peak_mib']:8.1f} {r['stream_peak_mib'] / m0['stream_peak_mib']:5.2f}"
-              f" {rest:15.1f} {rest / rest0:5.2f} {r['soft_mib']:14.1f}")
+        print(f"{n:7d} {r['seconds']:8.2f} {r['volume_mib']:8.1f} {r['peak_mib']:8.1f}"
+              f" {r['peak_mib'] / m0['peak_mib']:5.2f} {r['soft_mib']:14.1f}")
     if gz:
         print(f"\ngzip of the factor-{k2} soft .seg.nrrd data ({gz[0][3]:.1f} MiB raw):")
     for level, sec, mib, _ in gz:
