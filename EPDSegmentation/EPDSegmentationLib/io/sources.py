@@ -46,8 +46,9 @@ CHECK_SLICES = 16
 
 class VolumeSource:
     """A volume read by slices: ``shape`` (K, J, I), ``ijk_to_ras``, ``meta``, ``hu_range``;
-    ``source[slices]`` -> float32 HU (n, J, I). Subclasses define ``_read(ks)`` for a run
-    of ascending slice indices."""
+    ``source[slices]`` -> float32 HU (n, J, I), the last one kept (the same array comes
+    back for the same list: read it, do not write into it). Subclasses define
+    ``_read(k0, n)``: slices k0..k0+n-1 as float32 HU."""
 
     dtype = np.dtype(np.float32)
 
