@@ -11,13 +11,16 @@ Side by side in one run, each case in a fresh process:
     RSS before it; "volume" is what the whole float32 volume would take, for scale;
   - gzip level: the soft .seg.nrrd's bytes of the factor-2 run compressed at levels 1, 6, 9.
 The models have the bundled model's architecture, read from its card
-(Resources/Models/EPDBodyComp_f2.json: EPDNet, width 8), with random weights: speed and
-memory do not depend on the weights; ``--width`` changes only the width. The volume is the
+(Resources/Models/EPDBodyComp_f2.json: EPDNet, width 8), with random weights, or with
+``--trained`` the bundled model's weights at every factor: the network's speed and memory do
+not depend on the weights, but the gzip compression of the outputs does (random weights
+give noisy probabilities that compress slowly); ``--width`` changes only the width. The volume is the
 bundled sample CT (phantom, 16 slices) repeated. The outputs are the defaults (hard and
 fractional .seg.nrrd, CSV, PNG); ``--probabilities`` adds the float32 NRRD. The process start
 (Python, torch import, model load) is timed separately.
 
     nice -n 5 python Testing/benchmarks/bench_segment.py               # CPU
+    nice -n 5 python Testing/benchmarks/bench_segment.py --trained     # CPU, trained weights
     python Testing/benchmarks/bench_segment.py --device cuda           # GPU, when there is one
     python Testing/benchmarks/bench_segment.py --quick                 # tiny: checks the script runs
 """
@@ -69,8 +72,10 @@ def make_volume(folder: Path, name: str, slices: int, size: int) -> str:
     return str(folder / f"{name}.nrrd")
 
 
-def make_model(folder: Path, k: int, size: int, config) -> str:
-    """A model of architecture ``config`` at factor k (random weights, real file format)."""
+def make_model(folder: Path, k: int, size: int, config, trained: bool = False) -> str:
+    """A model of architecture ``config`` at factor k (real file format): random weights,
+    or with ``trained`` the bundled model's weights (the same architecture; convolutions
+    do not depend on the factor), whose outputs look like a segmentation's."""
     import torch
 
     from EPDSegmentationLib.core.model import build_model
@@ -83,6 +88,11 @@ def make_model(folder: Path, k: int, size: int, config) -> str:
     src = read_volume(sample_ct_path()).spacing[0]
     torch.manual_seed(0)
     net = build_model(config)
+    if trained:
+        from EPDSegmentationLib.core.model_io import load_model
+        from EPDSegmentationLib.core.resources import bundled_model_path
+
+        net.load_state_dict(load_model(bundled_model_path())[0].state_dict())
     card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=k,
                      label_mode="epd", image_mode="average", pixel_mm=(src * k, src * k),
                      input_size=(size // k, size // k),
@@ -190,6 +200,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None,
                         help="network width (default: the bundled model's, from its card)")
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--trained", action="store_true",
+                        help="the bundled model's trained weights at every factor instead of "
+                             "random ones (not with --width): the network costs the same, "
+                             "but its outputs compress like a real segmentation's")
     parser.add_argument("--probabilities", action="store_true",
                         help="also write the float32 probability NRRD in every case")
     parser.add_argument("--quick", action="store_true",
@@ -199,6 +213,8 @@ def main() -> None:
     parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trained and args.width is not None:
+        parser.error("--trained takes the bundled model's width; drop --width")
     if args.one:
         print(json.dumps(measure_here(*args.one[:2], args.device, args.batch, args.one[2],
                                       args.network, args.probabilities)))
@@ -213,12 +229,14 @@ def main() -> None:
     mk = args.memory_factor
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {k: make_model(tmp, k, args.size, config)
+        models = {k: make_model(tmp, k, args.size, config, trained=args.trained)
                   for k in sorted(set(args.factors) | {mk})}
         volume = make_volume(tmp, "volume", args.slices, args.size)
         print(f"epdseg segment end to end: {args.size} x {args.size} volumes (bundled sample "
               f"repeated), the bundled model's architecture at width {config.width}"
-              f"{'' if args.width is None else ' (--width)'}, batch {args.batch}, device "
+              f"{'' if args.width is None else ' (--width)'}, "
+              f"{'the bundled weights' if args.trained else 'random weights'}, batch "
+              f"{args.batch}, device "
               f"{args.device}; {os.cpu_count()} cores, torch {torch.__version__} with "
               f"{torch.get_num_threads()} threads in every case; each case in a fresh "
               f"process; outputs: default{' + --probabilities' if args.probabilities else ''}"
