@@ -162,8 +162,7 @@ def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mappin
     float32 arithmetic; the window mean (image mode "average") is F.avg_pool2d with the
     partial windows at the far edges averaged over the pixels they hold, in float64 and
     rounded once to float32, as epd_image (equal to it, tested). torch's kernels run on
-    every core in place of NumPy's one: the preparation measured about 10 times faster
-    (docs/benchmarks.md)."""
+    every core in place of NumPy's one (docs/benchmarks.md)."""
     import torch
     from torch.nn import functional as F
 
