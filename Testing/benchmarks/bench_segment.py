@@ -2,9 +2,11 @@
 
 Side by side in one run, each case in a fresh process:
   - time: a 512 x 512 x N volume (default 48 slices) with models at factors 1, 2 and 4;
-    for each, the network alone on the same slices (prepared input, batches of --batch) is
+    for each, the network alone on the same slices (prepared input, segment's batches) is
     timed in the same process after the run, as the floor: the rest of the time is the
-    non-network share (reading, resampling, upsampling, argmax, sums, gzip, overlay);
+    non-network share (reading, resampling, upsampling, argmax, sums, gzip, overlay); and
+    the network's calls during the run itself are timed too ("in run"), which on a shared
+    machine is the steadier measure of the share (the same moment, the same load);
   - memory (``--memory`` for this part alone): 60 and 600 slices of 512 x 512 at factor 4
     (a synthetic int16 gzip NRRD in a temporary folder, removed after): the peak RSS
     (VmHWM, reset before the call) over the segment_case call, reading included, above the
@@ -134,8 +136,23 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
     from EPDSegmentationLib.cli.segment import Case, segment_case
     from EPDSegmentationLib.io import read_volume
 
+    from EPDSegmentationLib.core import inference
+
     net, card = load_model(model)
     startup = time.perf_counter() - t_start
+    run_network = inference.run_network
+    in_run = {"s": 0.0}
+
+    def timed_run_network(*a, **kw):
+        """The network's share of this very run (the same moment, the same load): the
+        wall time of every run_network call segment makes."""
+        t = time.perf_counter()
+        try:
+            return run_network(*a, **kw)
+        finally:
+            in_run["s"] += time.perf_counter() - t
+
+    inference.run_network = timed_run_network
     base = _rss_kb("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:     # reset VmHWM to the RSS now
         f.write("5")
@@ -155,7 +172,7 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
     row = {"seconds": seconds, "startup": startup, "slices": len(result.slices),
            "peak_mib": (peak_kb - base) / 1024, "gpu_mib": gpu,
            "volume_mib": volume.array.nbytes / 2**20, "device": result.device,
-           "threads": torch.get_num_threads(),
+           "threads": torch.get_num_threads(), "network_in_run_s": in_run["s"],
            "network_s": float("nan"), "soft_mib": Path(out, "bench_soft.seg.nrrd").stat().st_size / 2**20}
     if network:
         row["network_s"] = network_seconds(net, card, volume, device, batch)
@@ -275,13 +292,17 @@ def main() -> None:
 
 def print_time(rows: dict, args) -> None:
     ref = rows[args.factors[0]]
-    print(f"\ntime, {args.slices} slices:")
+    print(f"\ntime, {args.slices} slices (network s: alone, after the run; in run: the "
+          f"network's calls during the run, and the share of the rest):")
     print(f"{'case':<18} {'seconds':>8} {'speed-up':>8} {'s/slice':>8} {'network s':>9} "
-          f"{'non-network':>11} {'peak MiB':>9} {'GPU MiB':>8} {'startup s':>9}")
+          f"{'non-network':>11} {'in run s':>8} {'rest':>6} {'peak MiB':>9} {'GPU MiB':>8} "
+          f"{'startup s':>9}")
     for k, r in rows.items():
         share = 1 - r["network_s"] / r["seconds"]
+        rest = 1 - r["network_in_run_s"] / r["seconds"]
         print(f"{f'factor {k}':<18} {r['seconds']:8.2f} {ref['seconds'] / r['seconds']:8.2f}"
               f" {r['seconds'] / r['slices']:8.3f} {r['network_s']:9.2f} {share:11.1%}"
+              f" {r['network_in_run_s']:8.2f} {rest:6.1%}"
               f" {r['peak_mib']:9.1f} {r['gpu_mib']:8.1f} {r['startup']:9.2f}")
 
 
