@@ -2,22 +2,27 @@
 
 Side by side in one run, each case in a fresh process:
   - time: a 512 x 512 x N volume (default 48 slices) with models at factors 1, 2 and 4;
-    for each, the network alone on the same slices (prepared input, batches of --batch) is
+    for each, the network alone on the same slices (prepared input, segment's batches) is
     timed in the same process after the run, as the floor: the rest of the time is the
-    non-network share (reading, resampling, upsampling, argmax, sums, gzip, overlay);
-  - memory: 60 and 600 slices of 512 x 512 at factor 4: the rise of peak RSS (VmHWM) over
-    the segment_case call, split at the end of reading (the peak is reset there): the
-    reader's peak, and the streaming part's peak with the volume resident, also less the
-    volume itself (the reader returns the volume whole; everything else streams);
+    non-network share (reading, resampling, upsampling, argmax, sums, gzip, overlay); and
+    the network's calls during the run itself are timed too ("in run"), which on a shared
+    machine is the steadier measure of the share (the same moment, the same load);
+  - memory (``--memory`` for this part alone): 60 and 600 slices of 512 x 512 at factor 4
+    (a synthetic int16 gzip NRRD in a temporary folder, removed after): the peak RSS
+    (VmHWM, reset before the call) over the segment_case call, reading included, above the
+    RSS before it; "volume" is what the whole float32 volume would take, for scale;
   - gzip level: the soft .seg.nrrd's bytes of the factor-2 run compressed at levels 1, 6, 9.
 The models have the bundled model's architecture, read from its card
-(Resources/Models/EPDBodyComp_f2.json: EPDNet, width 8), with random weights: speed and
-memory do not depend on the weights; ``--width`` changes only the width. The volume is the
+(Resources/Models/EPDBodyComp_f2.json: EPDNet, width 8), with random weights, or with
+``--trained`` the bundled model's weights at every factor: the network's speed and memory do
+not depend on the weights, but the gzip compression of the outputs does (random weights
+give noisy probabilities that compress slowly); ``--width`` changes only the width. The volume is the
 bundled sample CT (phantom, 16 slices) repeated. The outputs are the defaults (hard and
 fractional .seg.nrrd, CSV, PNG); ``--probabilities`` adds the float32 NRRD. The process start
 (Python, torch import, model load) is timed separately.
 
     nice -n 5 python Testing/benchmarks/bench_segment.py               # CPU
+    nice -n 5 python Testing/benchmarks/bench_segment.py --trained     # CPU, trained weights
     python Testing/benchmarks/bench_segment.py --device cuda           # GPU, when there is one
     python Testing/benchmarks/bench_segment.py --quick                 # tiny: checks the script runs
 """
@@ -69,8 +74,10 @@ def make_volume(folder: Path, name: str, slices: int, size: int) -> str:
     return str(folder / f"{name}.nrrd")
 
 
-def make_model(folder: Path, k: int, size: int, config) -> str:
-    """A model of architecture ``config`` at factor k (random weights, real file format)."""
+def make_model(folder: Path, k: int, size: int, config, trained: bool = False) -> str:
+    """A model of architecture ``config`` at factor k (real file format): random weights,
+    or with ``trained`` the bundled model's weights (the same architecture; convolutions
+    do not depend on the factor), whose outputs look like a segmentation's."""
     import torch
 
     from EPDSegmentationLib.core.model import build_model
@@ -83,6 +90,11 @@ def make_model(folder: Path, k: int, size: int, config) -> str:
     src = read_volume(sample_ct_path()).spacing[0]
     torch.manual_seed(0)
     net = build_model(config)
+    if trained:
+        from EPDSegmentationLib.core.model_io import load_model
+        from EPDSegmentationLib.core.resources import bundled_model_path
+
+        net.load_state_dict(load_model(bundled_model_path())[0].state_dict())
     card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=k,
                      label_mode="epd", image_mode="average", pixel_mm=(src * k, src * k),
                      input_size=(size // k, size // k),
@@ -93,15 +105,18 @@ def make_model(folder: Path, k: int, size: int, config) -> str:
 
 def network_seconds(net, card, volume, device: str, batch: int) -> float:
     """The network alone on every slice of the volume: input prepared beforehand (not
-    timed), then run_network in batches, outputs brought to the host as segment does."""
+    timed), then run_network in the batches segment uses (segment.network_batch), outputs
+    left on the device as segment does."""
     import torch
 
+    from EPDSegmentationLib.cli.segment import network_batch
     from EPDSegmentationLib.core.inference import prepare_slices, run_network, select_device
 
     si, sj, _ = volume.spacing
     x = np.concatenate([prepare_slices(volume.array[i:i + 16], (sj, si), card)[0]
                         for i in range(0, volume.array.shape[0], 16)])
     dev = select_device(device)[0]
+    batch = min(network_batch(batch, card), 16)     # a slab (stream.SLAB_SLICES) caps it
     run_network(net, x[:batch], dev, batch, [])             # warm-up (kernels, allocator)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -121,24 +136,26 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
     from EPDSegmentationLib.cli.segment import Case, segment_case
     from EPDSegmentationLib.io import read_volume
 
-    import EPDSegmentationLib.io as io_pkg
+    from EPDSegmentationLib.core import inference
 
     net, card = load_model(model)
     startup = time.perf_counter() - t_start
+    run_network = inference.run_network
+    in_run = {"s": 0.0}
+
+    def timed_run_network(*a, **kw):
+        """The network's share of this very run (the same moment, the same load): the
+        wall time of every run_network call segment makes."""
+        t = time.perf_counter()
+        try:
+            return run_network(*a, **kw)
+        finally:
+            in_run["s"] += time.perf_counter() - t
+
+    inference.run_network = timed_run_network
     base = _rss_kb("VmRSS:")
-    read = io_pkg.read_volume
-    reader = {}
-
-    def read_then_reset(*a, **kw):
-        """The reader's own peak, then reset the peak (Linux clear_refs 5) so that the
-        final peak is that of the streaming part, with the volume resident."""
-        vol = read(*a, **kw)
-        reader["peak_kb"] = _rss_kb("VmHWM:")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return vol
-
-    io_pkg.read_volume = read_then_reset
+    with open("/proc/self/clear_refs", "w") as f:     # reset VmHWM to the RSS now
+        f.write("5")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -153,10 +170,9 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     volume = read_volume(case)
     row = {"seconds": seconds, "startup": startup, "slices": len(result.slices),
-           "peak_mib": (max(peak_kb, reader["peak_kb"]) - base) / 1024, "gpu_mib": gpu,
-           "read_peak_mib": (reader["peak_kb"] - base) / 1024,
-           "stream_peak_mib": (_rss_kb("VmHWM:") - base) / 1024,
+           "peak_mib": (peak_kb - base) / 1024, "gpu_mib": gpu,
            "volume_mib": volume.array.nbytes / 2**20, "device": result.device,
+           "threads": torch.get_num_threads(), "network_in_run_s": in_run["s"],
            "network_s": float("nan"), "soft_mib": Path(out, "bench_soft.seg.nrrd").stat().st_size / 2**20}
     if network:
         row["network_s"] = network_seconds(net, card, volume, device, batch)
@@ -201,14 +217,21 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None,
                         help="network width (default: the bundled model's, from its card)")
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--trained", action="store_true",
+                        help="the bundled model's trained weights at every factor instead of "
+                             "random ones (not with --width): the network costs the same, "
+                             "but its outputs compress like a real segmentation's")
     parser.add_argument("--probabilities", action="store_true",
                         help="also write the float32 probability NRRD in every case")
     parser.add_argument("--quick", action="store_true",
                         help="3 slices of 128 x 128 (memory: 4 and 12), factors 1 and 2")
-    parser.add_argument("--memory-only", action="store_true", help="skip the time cases")
+    parser.add_argument("--memory", "--memory-only", dest="memory_only", action="store_true",
+                        help="only the memory cases (60 and 600 slices), no time cases")
     parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trained and args.width is not None:
+        parser.error("--trained takes the bundled model's width; drop --width")
     if args.one:
         print(json.dumps(measure_here(*args.one[:2], args.device, args.batch, args.one[2],
                                       args.network, args.probabilities)))
@@ -223,14 +246,18 @@ def main() -> None:
     mk = args.memory_factor
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {k: make_model(tmp, k, args.size, config)
+        models = {k: make_model(tmp, k, args.size, config, trained=args.trained)
                   for k in sorted(set(args.factors) | {mk})}
         volume = make_volume(tmp, "volume", args.slices, args.size)
         print(f"epdseg segment end to end: {args.size} x {args.size} volumes (bundled sample "
               f"repeated), the bundled model's architecture at width {config.width}"
-              f"{'' if args.width is None else ' (--width)'}, batch {args.batch}, device "
-              f"{args.device}; {os.cpu_count()} cores, torch {torch.__version__}; each case "
-              f"in a fresh process; outputs: default{' + --probabilities' if args.probabilities else ''}")
+              f"{'' if args.width is None else ' (--width)'}, "
+              f"{'the bundled weights' if args.trained else 'random weights'}, batch "
+              f"{args.batch}, device "
+              f"{args.device}; {os.cpu_count()} cores, torch {torch.__version__} with "
+              f"{torch.get_num_threads()} threads in every case; each case in a fresh "
+              f"process; outputs: default{' + --probabilities' if args.probabilities else ''}"
+              f"; load average at the start {os.getloadavg()[0]:.1f}", flush=True)
         rows = {}
         for k in ([] if args.memory_only else args.factors):
             rows[k] = measure(volume, models[k], args.device, args.batch,
@@ -245,19 +272,18 @@ def main() -> None:
                              probabilities=args.probabilities)
             Path(path).unlink()
             print(f"{n} slices: {json.dumps(mem[n])}", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (1 min), "
+          f"{os.getloadavg()[1]:.1f} (5 min)")
     if rows:
         print_time(rows, args)
-    print(f"\nmemory, factor {mk} (MiB; read: the reader's peak; stream: the peak after "
-          f"reading, the volume resident):")
-    print(f"{'slices':>7} {'seconds':>8} {'volume':>8} {'read':>8} {'stream':>8} {'x':>5} "
-          f"{'stream - volume':>15} {'x':>5} {'soft .seg.nrrd':>14}")
+    print(f"\nmemory, factor {mk} (MiB; peak: the peak RSS over segment_case, reading "
+          f"included; volume: the whole float32 volume, which is never held):")
+    print(f"{'slices':>7} {'seconds':>8} {'volume':>8} {'peak':>8} {'x':>5} "
+          f"{'soft .seg.nrrd':>14}")
     m0 = mem[args.memory_slices[0]]
     for n, r in mem.items():
-        rest, rest0 = (r["stream_peak_mib"] - r["volume_mib"],
-                       m0["stream_peak_mib"] - m0["volume_mib"])
-        print(f"{n:7d} {r['seconds']:8.2f} {r['volume_mib']:8.1f} {r['read_peak_mib']:8.1f}"
-              f" {r['stream_peak_mib']:8.1f} {r['stream_peak_mib'] / m0['stream_peak_mib']:5.2f}"
-              f" {rest:15.1f} {rest / rest0:5.2f} {r['soft_mib']:14.1f}")
+        print(f"{n:7d} {r['seconds']:8.2f} {r['volume_mib']:8.1f} {r['peak_mib']:8.1f}"
+              f" {r['peak_mib'] / m0['peak_mib']:5.2f} {r['soft_mib']:14.1f}")
     if gz:
         print(f"\ngzip of the factor-{k2} soft .seg.nrrd data ({gz[0][3]:.1f} MiB raw):")
     for level, sec, mib, _ in gz:
@@ -266,13 +292,17 @@ def main() -> None:
 
 def print_time(rows: dict, args) -> None:
     ref = rows[args.factors[0]]
-    print(f"\ntime, {args.slices} slices:")
+    print(f"\ntime, {args.slices} slices (network s: alone, after the run; in run: the "
+          f"network's calls during the run, and the share of the rest):")
     print(f"{'case':<18} {'seconds':>8} {'speed-up':>8} {'s/slice':>8} {'network s':>9} "
-          f"{'non-network':>11} {'peak MiB':>9} {'GPU MiB':>8} {'startup s':>9}")
+          f"{'non-network':>11} {'in run s':>8} {'rest':>6} {'peak MiB':>9} {'GPU MiB':>8} "
+          f"{'startup s':>9}")
     for k, r in rows.items():
         share = 1 - r["network_s"] / r["seconds"]
+        rest = 1 - r["network_in_run_s"] / r["seconds"]
         print(f"{f'factor {k}':<18} {r['seconds']:8.2f} {ref['seconds'] / r['seconds']:8.2f}"
               f" {r['seconds'] / r['slices']:8.3f} {r['network_s']:9.2f} {share:11.1%}"
+              f" {r['network_in_run_s']:8.2f} {rest:6.1%}"
               f" {r['peak_mib']:9.1f} {r['gpu_mib']:8.1f} {r['startup']:9.2f}")
 
 

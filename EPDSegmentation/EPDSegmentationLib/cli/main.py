@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="slices K to segment (0-based): all, 40-60, or 12,40-45,50")
     seg.add_argument("--series-uid", default=None,
                      help="SeriesInstanceUID to read when a DICOM folder holds several series")
-    seg.add_argument("--batch-size", type=int, default=8)
+    seg.add_argument("--batch-size", type=int, default=8,
+                     help="slices per network batch at factor 1; a factor-k model takes k^2 "
+                          "times as many (the same pixels), up to a slab of 16")
     seg.add_argument("--overlay-slice", type=int, default=None,
                      help="slice shown in <case>_overlay.png (default: the middle one)")
     seg.add_argument("--dicom-seg", action="store_true",

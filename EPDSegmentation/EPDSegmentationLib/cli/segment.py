@@ -23,8 +23,9 @@ are staged and committed together under a per-case lock (io/staging.py): a case 
 or is interrupted leaves the folder as it was (old outputs included), and two runs on one
 folder never touch each other's files. A DICOM SEG failure keeps the other outputs. In a batch, a bad
 case (an unreadable or missing input, not CT, out of memory, even a bug: its traceback comes
-with it) is reported and the others still run. The volume is read whole; everything after
-that streams slab by slab (core.stream), so memory does not grow with the scan beyond it.
+with it) is reported and the others still run. Nothing the size of the scan is held: the
+volume is read a slab at a time (io.sources.open_volume) and everything after reading
+streams slab by slab (core.stream).
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ from ..core import bodycomp, inference, stream
 from ..core.atomic import extension
 from ..core.classes import NUM_CLASSES, TISSUES
 from ..core.errors import EPDError, InputError
-from ..core.volume import hu_range_problem
-from ..io import overlay, read_manifest, read_volume
+from ..core.volume import Volume, hu_range_problem
+from ..io import overlay, read_manifest
 from ..io.dicom_seg import DicomSegError, prepare_sources, write_dicom_seg
 from ..io.images import probabilities_slices
 from ..io.outputs import output_path, safe_stem
 from ..io.seg_nrrd import seg_nrrd_slices
+from ..io.sources import VolumeSource, as_source, open_volume
 from ..io.staging import CaseStaging, case_state
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".ima")
@@ -269,12 +271,16 @@ def parse_slices(spec: Optional[str], n: int) -> List[int]:
 
 
 def ct_problem(vol) -> Optional[str]:
-    """None when a volume read as CT can be segmented; else why not (words to follow its
-    file name): no voxels, or values that are not CT in HU (volume.hu_range_problem, the
-    rule of the Slicer module's input check)."""
+    """None when a volume read as CT (a Volume, or an io.sources.VolumeSource with the HU
+    range found while opening it) can be segmented; else why not (words to follow its file
+    name): no voxels, or values that are not CT in HU (volume.hu_range_problem, the rule of
+    the Slicer module's input check)."""
+    shape = vol.shape if isinstance(vol, VolumeSource) else np.shape(vol.array)
+    if int(np.prod(shape)) == 0:
+        return f"is an empty volume ({' x '.join(map(str, shape))} voxels)"
+    if isinstance(vol, VolumeSource):
+        return hu_range_problem(*vol.hu_range)
     arr = np.asarray(vol.array)
-    if arr.size == 0:
-        return f"is an empty volume ({' x '.join(map(str, arr.shape))} voxels)"
     return hu_range_problem(np.min(arr), np.max(arr))
 
 
@@ -296,7 +302,7 @@ def dicom_seg_sources(vol, path) -> List:
 
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in vol.meta["files"]]
     try:
-        prepare_sources(sources, vol.array.shape)
+        prepare_sources(sources, vol.shape if isinstance(vol, VolumeSource) else vol.array.shape)
     except DicomSegError as exc:
         raise InputError(path, f"DICOM SEG is not possible: {exc}. Nothing was written; "
                                f"drop --dicom-seg for the other outputs") from None
@@ -366,12 +372,14 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                  slab_slices: Optional[int] = None, volume=None) -> CaseResult:
     """Segment one case and write its outputs.
 
-    The volume is read whole (the readers return it in memory); everything after that
-    streams slab by slab (core.stream): each slab of selected slices is predicted, upsampled
-    and measured on the device, and appended to the .seg.nrrd files (and, with
-    ``probabilities``, the float32 probability NRRD), so memory does not grow with the scan
-    beyond the volume itself. With ``dicom_seg`` the labels and the selected slices'
-    probabilities are held for highdicom, which takes whole arrays.
+    The volume is opened with io.sources.open_volume, which checks it slab by slab as
+    read_volume would and then gives a slab of HU slices at a time; each slab of selected
+    slices is read, predicted, upsampled and measured on the device, and appended to the
+    .seg.nrrd files (and, with ``probabilities``, the float32 probability NRRD), so memory
+    does not grow with the scan. ``volume``: a Volume (or source) the caller already read
+    (the cohort finds its level on it first), used instead of opening the file. With
+    ``dicom_seg`` the labels and the selected slices' probabilities are held for
+    highdicom, which takes whole arrays.
 
     The outputs are written into a staging folder under the case's lock (io/staging.py)
     and moved into ``out_dir`` together only when all succeeded, the completion marker
@@ -384,6 +392,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     if case.problem:
         return CaseResult(case, False, case.problem)
     roles = output_roles(dicom_seg=dicom_seg, probabilities=probabilities)
+    vol = None
     try:     # the case's lock and staging folder; nothing else is touched
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         stage = CaseStaging(out_dir, case.name, overwrite=overwrite).open()
@@ -395,23 +404,24 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
             return CaseResult(case, False, _existing_message(state, present, case.name))
         paths = {role: stage.path(role) for role in roles}
         # volume: the case already read by the caller (the cohort finds its level first)
-        vol = volume if volume is not None else read_volume(case.path,
-                                                            case.series_uid or series_uid)
+        vol = as_source(volume) if volume is not None else open_volume(
+            case.path, case.series_uid or series_uid)
         problem = ct_problem(vol)
         if problem:
             raise InputError(case.path, problem)
         sources = dicom_seg_sources(vol, case.path) if dicom_seg else None
-        k_idx = parse_slices(slices, vol.array.shape[0])
+        k_idx = parse_slices(slices, vol.shape[0])
         shown = overlay_slice if overlay_slice is not None else k_idx[len(k_idx) // 2]
         if shown not in k_idx:
             raise ValueError(f"overlay slice {shown} was not segmented (slices {slices})")
         si, sj, sk = vol.spacing
-        grid = vol.array.shape
-        predict = inference.slab_predictor(vol.array, (sj, si), model, card, device=device,
-                                           batch_size=batch_size, ijk_to_ras=vol.ijk_to_ras)
+        grid = vol.shape
+        predict = inference.slab_predictor(vol, (sj, si), model, card, device=device,
+                                           batch_size=network_batch(batch_size, card),
+                                           ijk_to_ras=vol.ijk_to_ras)
         acc = stream.Accumulator()
         held = _Held(grid, len(k_idx)) if dicom_seg else None
-        shown_labels = None
+        shown_labels = shown_hu = None
         prov = case_provenance(case, vol, card, provenance)
         header = nrrd_provenance(prov)
         with ExitStack() as files:
@@ -425,7 +435,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                 if probabilities else None
             next_k = 0
             for slab in stream.stream_slabs(
-                    vol.array, k_idx, predict, slab_slices=slab_slices or stream.SLAB_SLICES,
+                    vol, k_idx, predict, slab_slices=slab_slices or stream.SLAB_SLICES,
                     probabilities=probabilities or dicom_seg, accumulator=acc,
                     progress=progress):
                 for s, k in enumerate(slab.slices):
@@ -438,8 +448,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                         prob.fill(gap, 0.0)
                         prob.write(np.moveaxis(slab.probabilities[:, s:s + 1], 0, -1))
                     next_k = k + 1
-                    if k == shown:
+                    if k == shown:     # the slab just read is still held by the source
                         shown_labels = slab.labels[s]
+                        shown_hu = vol[slab.slices][s].copy()
                 if held is not None:
                     held.add(slab)
             for writer, value in ((hard, 0), (soft, stream.FRACTIONAL_MIN), (prob, 0.0)):
@@ -450,13 +461,12 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
         areas = {key: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
                  for key, r in slice_rows.items()}
-        # display_slice takes slice ``shown`` of a (K, J, I) array: a view, no copies
-        shown_grid = np.broadcast_to(shown_labels, (shown + 1,) + grid[1:])
+        shown_vol = Volume(shown_hu[None], vol.ijk_to_ras)     # its geometry for the display
         overlay.write_overlay_png(
-            paths["overlay"], overlay.display_slice(vol, shown),
-            overlay.display_slice(vol, shown, shown_grid),
+            paths["overlay"], overlay.display_slice(shown_vol, 0),
+            overlay.display_slice(shown_vol, 0, shown_labels[None]),
             areas_cm2=areas,
-            title=f"{case.name}: slice {shown} of {vol.array.shape[0]}, "
+            title=f"{case.name}: slice {shown} of {grid[0]}, "
                   f"{si:.2f} x {sj:.2f} mm pixels")
         seg_failure = None
         if dicom_seg:
@@ -479,6 +489,17 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         return _failure(case, exc, time.perf_counter() - t0)
     finally:     # after a commit: the empty staging folder and the lock; else all staged
         stage.abort()
+        if vol is not None:
+            vol.close()
+
+
+def network_batch(batch_size: int, card: Dict) -> int:
+    """Slices per network batch: ``batch_size`` counts slices at factor 1; a factor-k input
+    has k^2 times fewer pixels, so k^2 times as many slices take the same memory (a slab,
+    stream.SLAB_SLICES, caps it). At factor 4 on the CPU the network alone ran 48 slices in
+    4.9 s in batches of 16 against 7.6 s in batches of 8 (docs/benchmarks.md): the small
+    layers' fixed costs are shared."""
+    return int(batch_size) * int(card.get("factor", 1)) ** 2
 
 
 class _Held:

@@ -122,15 +122,17 @@ def slice_sums(probabilities, hu, labels: Optional[np.ndarray] = None,
     out = {k: np.zeros((n_slices, C), np.float64) for k in SUM_KEYS}
     hard = np.argmax(p, axis=0) if labels is None else np.asarray(labels)
     for s in range(n_slices):  # one slice at a time keeps the float64 scratch small
-        hs = h[s]
-        ps = p[:, s].astype(np.float64)
-        out["p"][s] = ps.sum(axis=(1, 2))
-        out["p_hu"][s] = (ps * hs).sum(axis=(1, 2))
-        out["p_hu2"][s] = (ps * (hs * hs)).sum(axis=(1, 2))
+        hs = h[s].ravel()
+        hs2 = hs * hs
+        # the three soft sums as one float64 matrix product (C, J*I) @ (J*I, 3): one pass
+        # over the probabilities instead of three
+        ps = p[:, s].reshape(C, -1).astype(np.float64)
+        soft = ps @ np.stack([np.ones_like(hs), hs, hs2], axis=1)
+        out["p"][s], out["p_hu"][s], out["p_hu2"][s] = soft[:, 0], soft[:, 1], soft[:, 2]
         lab = hard[s].ravel()
         out["n"][s] = np.bincount(lab, minlength=C)
-        out["n_hu"][s] = np.bincount(lab, weights=hs.ravel(), minlength=C)
-        out["n_hu2"][s] = np.bincount(lab, weights=(hs * hs).ravel(), minlength=C)
+        out["n_hu"][s] = np.bincount(lab, weights=hs, minlength=C)
+        out["n_hu2"][s] = np.bincount(lab, weights=hs2, minlength=C)
     return out
 
 

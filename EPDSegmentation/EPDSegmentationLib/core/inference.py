@@ -156,6 +156,28 @@ def prepare_slices(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str,
     return np.ascontiguousarray(x, np.float32), work
 
 
+def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str, Any]):
+    """prepare_slices in torch on the CPU, for inference: (network input float32 torch
+    tensor (n, channels, h, w), the resampled shape (rows, cols)). The windowing is the same
+    float32 arithmetic; the window mean (image mode "average") is F.avg_pool2d with the
+    partial windows at the far edges averaged over the pixels they hold, in float64 and
+    rounded once to float32, as epd_image (equal to it, tested). torch's kernels run on
+    every core in place of NumPy's one (docs/benchmarks.md)."""
+    import torch
+    from torch.nn import functional as F
+
+    k = int(card["factor"])
+    if card["image_mode"] != "average":
+        x, work = prepare_slices(hu, pixel_mm, card)
+        return torch.from_numpy(x), work
+    t = torch.from_numpy(np.ascontiguousarray(hu, np.float32))
+    work = resampled_shape(t.shape[-2:], pixel_mm, source_pixel_mm(card))
+    channels = window_channels(resample_planes(t, work), card["windows"])
+    if k == 1:
+        return channels.contiguous(), work
+    return F.avg_pool2d(channels.double(), k, stride=k, ceil_mode=True).float(), work
+
+
 def restore_probabilities(probs: np.ndarray, work_shape: Sequence[int],
                           input_shape: Sequence[int], card: Mapping[str, Any]) -> np.ndarray:
     """Network output (n, C, h, w) -> probabilities (n, C, *input_shape) on the input grid."""
@@ -171,11 +193,12 @@ def _is_oom(exc: BaseException, torch) -> bool:
     return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
-def run_network(model, x: np.ndarray, device, batch_size: int, notes: List[str], *,
+def run_network(model, x, device, batch_size: int, notes: List[str], *,
                 progress: Optional[Callable[[int, int], None]] = None,
                 should_cancel: Optional[Callable[[], bool]] = None,
                 done_offset: int = 0, total: Optional[int] = None, as_tensor: bool = False):
-    """Probabilities float32 (n, C, h, w) for network input x (n, channels, h, w).
+    """Probabilities float32 (n, C, h, w) for network input x (n, channels, h, w), a NumPy
+    array or a CPU torch tensor.
 
     On out-of-memory the batch is halved and retried; at batch size 1 the model moves to the
     CPU. Each retry is recorded in ``notes``. Returns (probabilities, device, batch size):
@@ -195,7 +218,8 @@ def run_network(model, x: np.ndarray, device, batch_size: int, notes: List[str],
         chunk = x[i:i + batch_size]
         try:
             with torch.inference_mode():
-                p = model(torch.from_numpy(chunk).to(device)).float()
+                t = torch.from_numpy(chunk) if isinstance(chunk, np.ndarray) else chunk
+                p = model(t.to(device)).float()
                 p = p if as_tensor else p.cpu().numpy()
         except RuntimeError as exc:
             if not _is_oom(exc, torch):
@@ -263,7 +287,7 @@ def predict_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping
     flip_rows, flip_cols = flips
     if flip_rows or flip_cols:
         hu = np.ascontiguousarray(hu[:, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
-    x, work = prepare_slices(hu, pixel_mm, card)
+    x, work = prepare_slices_torch(hu, pixel_mm, card)
     probs, device, batch_size = run_network(model, x, device, batch_size, notes,
                                             as_tensor=True, **network)
     full = restore_probabilities_torch(probs, work, hu.shape[1:], card)    # (n, C, J, I)
@@ -288,7 +312,7 @@ def check_slices(slices: Optional[Sequence[int]], n_slices: int) -> List[int]:
 
 
 def _check_inputs(hu: np.ndarray, pixel_mm: Sequence[float], batch_size) -> Tuple[float, float]:
-    if hu.ndim != 3 or min(hu.shape) == 0:
+    if len(hu.shape) != 3 or min(hu.shape) == 0:
         raise ValueError(f"hu must be a non-empty (K, J, I) volume; got shape {hu.shape}")
     if hu.dtype.kind not in "iuf":
         raise ValueError(f"hu must be numeric HU values; got dtype {hu.dtype}")
@@ -330,16 +354,19 @@ def _flips(ijk_to_ras, notes: List[str]) -> Tuple[bool, bool]:
     return flip_rows, flip_cols
 
 
-def slab_predictor(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
+def slab_predictor(hu, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
                    *, device: Any = "auto", batch_size: int = 8, ijk_to_ras: Any = None):
     """A predict(slices, progress, should_cancel) callable for stream.stream_slabs: the
     probabilities (C, n, J, I) of the listed slices of ``hu`` (K, J, I) as a torch tensor on
-    the device, the device's name and the notes so far. An out-of-memory fallback (smaller
+    the device, the device's name and the notes so far. hu: an array, or anything with
+    ``shape``, ``dtype`` and ``hu[list of slices]`` -> (n, J, I) HU (io.sources' volumes,
+    read slab by slab). An out-of-memory fallback (smaller
     batch, then the CPU) found in one slab is kept for the next ones. ijk_to_ras (4, 4):
     the volume's geometry; slices stored in another in-plane orientation than the
     network's (anterior up, patient's right on the left: orientation.network_flips) are
     flipped into it and the probabilities flipped back (None: used as stored)."""
-    hu = np.asarray(hu)
+    if not (hasattr(hu, "shape") and hasattr(hu, "dtype") and hasattr(hu, "__getitem__")):
+        hu = np.asarray(hu)
     pixel_mm = _check_inputs(hu, pixel_mm, batch_size)
     dev, notes = _start_notes(device, hu.shape, pixel_mm, card)
     flips = _flips(ijk_to_ras, notes)

@@ -67,7 +67,9 @@ def encode_fractional_torch(p):
     import torch
 
     steps = FRACTIONAL_MAX - FRACTIONAL_MIN
-    return torch.round(p.float().clamp(0.0, 1.0) * steps + FRACTIONAL_MIN).to(torch.int8)
+    # one scratch tensor, the rest in place (5 full-size temporaries before)
+    q = p.float().clamp(0.0, 1.0)
+    return q.mul_(steps).add_(FRACTIONAL_MIN).round_().to(torch.int8)
 
 
 def argmax_classes(p):
@@ -137,12 +139,14 @@ def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
     return [list(slices[i:i + size]) for i in range(0, len(slices), size)]
 
 
-def stream_slabs(hu: np.ndarray, slices: Sequence[int], predict: Predict, *,
+def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
                  slab_slices: int = SLAB_SLICES, codes: bool = True,
                  probabilities: bool = False, accumulator: Optional[Accumulator] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
                  should_cancel: Optional[Callable[[], bool]] = None) -> Iterator[Slab]:
-    """Yield one Slab per ``slab_slices`` of the sorted, distinct ``slices`` of hu (K, J, I).
+    """Yield one Slab per ``slab_slices`` of the sorted, distinct ``slices`` of hu (K, J, I):
+    an array, or a volume read by slabs (io.sources: ``hu[list]`` -> (n, J, I) HU, the
+    slab the predictor just read kept, so it is read once).
 
     predict(slices, progress, should_cancel) -> (probabilities (C, n, J, I), device name,
     notes) (inference.slab_predictor, or the Slicer module's predictor). The accumulator,

@@ -244,15 +244,12 @@ def _padding_mask(ds, stored: np.ndarray) -> Optional[np.ndarray]:
     return (stored >= lo) & (stored <= hi)
 
 
-def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volume:
-    """Read a CT series from a folder (or one slice from a file) into a Volume.
+def dicom_series(path: Union[str, Path], series_uid: Optional[str] = None):
+    """The headers of a CT series, checked and sorted, without decoding any pixel data.
 
-    array: float32 HU (K, J, I), K sorted along the slice normal; ijk_to_ras in RAS mm.
-    meta: source, format 'dicom', modality, series_uid, study_uid, frame_of_reference_uid,
-    series_description, files (sorted), sop_instance_uids, sop_class_uid, transfer_syntaxes,
-    skipped (number of non-DICOM files ignored), padding_voxels (pixels the header marks as
-    padding, PixelPaddingValue / PixelPaddingRangeLimit: set to PADDING_HU, air).
-    """
+    Returns (items [(file, dataset with deferred pixel data)] in K order, (rows, columns),
+    ijk_to_ras (4, 4) RAS mm, meta as read_dicom's less transfer_syntaxes and
+    padding_voxels, which come with the pixels). InputError as read_dicom."""
     path = Path(path)
     found, skipped = _headers(path)
     groups = _group(found)
@@ -270,28 +267,6 @@ def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volu
         _check_ct(f, ds)
     items, iop, pixel, spacing_k, pos = _geometry(items, path)
     rows, cols = int(items[0][1].Rows), int(items[0][1].Columns)
-    hu = np.empty((len(items), rows, cols), np.float32)
-    syntaxes = set()
-    padded = 0
-    for k, (f, ds) in enumerate(items):
-        try:
-            syntax = ds.file_meta.TransferSyntaxUID
-            syntaxes.add(str(syntax))
-            arr = ds.pixel_array
-        except Exception as exc:
-            name = getattr(locals().get("syntax"), "name", "unknown transfer syntax")
-            raise InputError(f, f"pixel data cannot be decoded ({name}): "
-                                f"{type(exc).__name__}: {exc}") from None
-        if arr.shape != (rows, cols):
-            raise InputError(f, f"pixel data is {arr.shape}, header says {(rows, cols)}")
-        padding = _padding_mask(ds, arr)
-        arr = arr.astype(np.float32)
-        if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
-            arr = arr.max() - arr
-        hu[k] = arr * np.float32(ds.RescaleSlope) + np.float32(ds.RescaleIntercept)
-        if padding is not None:
-            hu[k][padding] = PADDING_HU
-            padded += int(padding.sum())
     r, c = iop[:3], iop[3:]
     normal = np.cross(r, c)
     m = np.eye(4)
@@ -309,10 +284,55 @@ def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volu
         "sop_class_uid": _sop_uid(first, "SOPClassUID"),
         "files": [str(f) for f, _ in items],
         "sop_instance_uids": [_sop_uid(ds, "SOPInstanceUID") for _, ds in items],
-        "transfer_syntaxes": sorted(syntaxes),
         "skipped": len(skipped),
-        "padding_voxels": padded,
     }
+    return items, (rows, cols), m, meta
+
+
+def slice_hu(f: Path, ds, rows: int, cols: int):
+    """One slice's pixels in HU: (float32 (rows, cols), number of padding pixels set to
+    PADDING_HU, transfer syntax UID). InputError when they cannot be decoded or do not
+    have the series' size."""
+    try:
+        syntax = ds.file_meta.TransferSyntaxUID
+        arr = ds.pixel_array
+    except Exception as exc:
+        name = getattr(locals().get("syntax"), "name", "unknown transfer syntax")
+        raise InputError(f, f"pixel data cannot be decoded ({name}): "
+                            f"{type(exc).__name__}: {exc}") from None
+    if arr.shape != (rows, cols):
+        raise InputError(f, f"pixel data is {arr.shape}, header says {(rows, cols)}")
+    padding = _padding_mask(ds, arr)
+    arr = arr.astype(np.float32)
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        arr = arr.max() - arr
+    hu = arr * np.float32(ds.RescaleSlope) + np.float32(ds.RescaleIntercept)
+    padded = 0
+    if padding is not None:
+        hu[padding] = PADDING_HU
+        padded = int(padding.sum())
+    return hu, padded, str(syntax)
+
+
+def read_dicom(path: Union[str, Path], series_uid: Optional[str] = None) -> Volume:
+    """Read a CT series from a folder (or one slice from a file) into a Volume.
+
+    array: float32 HU (K, J, I), K sorted along the slice normal; ijk_to_ras in RAS mm.
+    meta: source, format 'dicom', modality, series_uid, study_uid, frame_of_reference_uid,
+    series_description, files (sorted), sop_instance_uids, sop_class_uid, transfer_syntaxes,
+    skipped (number of non-DICOM files ignored), padding_voxels (pixels the header marks as
+    padding, PixelPaddingValue / PixelPaddingRangeLimit: set to PADDING_HU, air).
+    io.sources.open_volume reads the same series slice by slice.
+    """
+    items, (rows, cols), m, meta = dicom_series(path, series_uid)
+    hu = np.empty((len(items), rows, cols), np.float32)
+    syntaxes = set()
+    padded = 0
+    for k, (f, ds) in enumerate(items):
+        hu[k], n_pad, syntax = slice_hu(f, ds, rows, cols)
+        syntaxes.add(syntax)
+        padded += n_pad
+    meta.update(transfer_syntaxes=sorted(syntaxes), padding_voxels=padded)
     return Volume(hu, m, meta)
 
 

@@ -18,22 +18,23 @@ FLIP = np.diag([-1.0, -1.0, 1.0])
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr")
 
 
-def itk_to_volume(image, path: Union[str, Path]) -> Volume:
-    """A SimpleITK image (2D or 3D scalar) -> Volume (K, J, I) in RAS."""
-    import SimpleITK as sitk
-
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"holds {image.GetNumberOfComponentsPerPixel()} values per voxel "
+def itk_geometry(dim: int, components: int, size, spacing, origin, direction,
+                 path: Union[str, Path]):
+    """ITK's image facts (dimension, components per pixel, size (I, J[, K]), spacing, origin,
+    direction, all LPS) -> (shape (K, J, I), ijk_to_ras (4, 4) in RAS). InputError for a
+    vector image or one that is not 2D or 3D. The one conversion of read_itk and the
+    streamed reader (io.sources)."""
+    if components != 1:
+        raise InputError(path, f"holds {components} values per voxel "
                                f"(a vector image); a scalar volume or label map is needed")
-    dim = image.GetDimension()
     if dim not in (2, 3):
         raise InputError(path, f"is a {dim}D image; a 2D slice or 3D volume is needed")
-    array = sitk.GetArrayFromImage(image)
-    spacing = np.array(image.GetSpacing(), np.float64)
-    origin = np.array(image.GetOrigin(), np.float64)
-    direction = np.array(image.GetDirection(), np.float64).reshape(dim, dim)
+    shape = tuple(int(n) for n in reversed(tuple(size)))
+    spacing = np.array(spacing, np.float64)
+    origin = np.array(origin, np.float64)
+    direction = np.array(direction, np.float64).reshape(dim, dim)
     if dim == 2:
-        array = array[None]
+        shape = (1,) + shape
         spacing = np.append(spacing, 1.0)
         origin = np.append(origin, 0.0)
         d3 = np.eye(3)
@@ -42,7 +43,27 @@ def itk_to_volume(image, path: Union[str, Path]) -> Volume:
     m = np.eye(4)
     m[:3, :3] = FLIP @ direction @ np.diag(spacing)
     m[:3, 3] = FLIP @ origin
+    return shape, m
+
+
+def itk_to_volume(image, path: Union[str, Path]) -> Volume:
+    """A SimpleITK image (2D or 3D scalar) -> Volume (K, J, I) in RAS."""
+    import SimpleITK as sitk
+
+    shape, m = itk_geometry(image.GetDimension(), image.GetNumberOfComponentsPerPixel(),
+                            image.GetSize(), image.GetSpacing(), image.GetOrigin(),
+                            image.GetDirection(), path)
+    array = sitk.GetArrayFromImage(image).reshape(shape)
     return Volume(array, m, {"source": str(path)})
+
+
+def itk_error(path: Union[str, Path], exc: RuntimeError) -> InputError:
+    """ITK's reading error as an InputError naming the file (its one telling line)."""
+    first = str(exc).strip().splitlines()
+    detail = next((line for line in first if "ERROR" in line or "rror" in line),
+                  first[-1] if first else "")
+    return InputError(path, f"cannot be read as a {extension(Path(path))} image "
+                            f"(corrupt or not that format): {detail.strip()}")
 
 
 def read_itk(path: Union[str, Path]) -> Volume:
@@ -61,11 +82,7 @@ def read_itk(path: Union[str, Path]) -> Volume:
         reader.ReadImageInformation()
         image = reader.Execute()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "ERROR" in line or "rror" in line),
-                      first[-1] if first else "")
-        raise InputError(path, f"cannot be read as a {extension(path)} image "
-                               f"(corrupt or not that format): {detail.strip()}") from None
+        raise itk_error(path, exc) from None
     vol = itk_to_volume(image, path)
     vol.meta.update(format="nifti" if extension(path).startswith(".nii") else "nrrd",
                     dtype=str(vol.array.dtype),

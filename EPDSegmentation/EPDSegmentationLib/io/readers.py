@@ -29,18 +29,62 @@ def _is_dicom_file(path: Path) -> bool:
 ORTHOGONAL_TOL = 1e-4
 
 
-def _check_axes(vol: Volume, path: Path) -> None:
+def _check_axes(ijk_to_ras: np.ndarray, path: Path) -> None:
     """InputError for a sheared grid (axes not at right angles): pixel areas and the 2D
     slices the network sees would be wrong."""
-    d = vol.directions
+    m = np.asarray(ijk_to_ras, np.float64)
+    d = m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)[None, :]
     gram = d.T @ d
     off = np.abs(gram - np.diag(np.diag(gram))).max()
     if off > ORTHOGONAL_TOL:
         angle = float(np.degrees(np.arcsin(min(off, 1.0))))    # away from 90 degrees
         raise InputError(path, f"has axes that are not at right angles (sheared by "
                                f"{angle:.2f} degrees; space directions "
-                               f"{np.round(vol.ijk_to_ras[:3, :3], 4).tolist()}): areas and "
+                               f"{np.round(m[:3, :3], 4).tolist()}): areas and "
                                f"volumes would be wrong. Resample it onto an orthogonal grid")
+
+
+def nonfinite_error(path: Path, bad: int) -> InputError:
+    """The error for a NIfTI holding ``bad`` NaN or infinite voxels."""
+    return InputError(path, f"holds {bad} voxel(s) that are not finite numbers "
+                            f"(NaN or infinity), which the NIfTI reader would turn "
+                            f"into 0 HU; a CT in Hounsfield units is needed")
+
+
+def looks_like_mask(kind: str, lo, hi, n_values: int) -> bool:
+    """Whether stored values (NumPy dtype kind, min, max, number of distinct values, which
+    only matters for integers within 0..255) are a mask or label map rather than CT."""
+    return kind == "b" or (kind in "iu" and lo >= 0 and hi <= 255 and n_values <= 64)
+
+
+def mask_error(path: Path, n_values: int, lo, hi) -> InputError:
+    return InputError(path, f"holds only {n_values} distinct values in {lo}..{hi}: a mask "
+                            f"or label map, not CT in HU")
+
+
+def input_kind(path: Path) -> str:
+    """'dicom' (a folder or DICOM file) or 'image' (NIfTI, NRRD) for a volume path;
+    InputError for a missing, unreadable, segmentation or unknown file."""
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_dir():
+        return "dicom"
+    ext = extension(path)
+    if ext in (".seg.nrrd", ".seg.nhdr"):
+        raise InputError(path, "is a Slicer segmentation, not an image; read it with "
+                               "read_labels")
+    if ext in IMAGE_EXTENSIONS:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise InputError(path, f"cannot be read ({exc.strerror or type(exc).__name__}); "
+                                   f"check its permissions") from None
+        return "image"
+    if ext in (".dcm", ".ima", "") or _is_dicom_file(path):
+        return "dicom"
+    raise InputError(path, f"unknown file type '{ext}'; expected a DICOM folder or file, "
+                           f".nii, .nii.gz, .nrrd or .nhdr")
 
 
 _NIFTI_FLOAT = {16: "f4", 64: "f8"}
@@ -87,43 +131,26 @@ def read_volume(path: Union[str, Path], series_uid: Optional[str] = None) -> Vol
     Raises InputError naming the file and the problem.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file or folder")
-    if path.is_dir():
+    if input_kind(path) == "dicom":
         return read_dicom(path, series_uid)
-    ext = extension(path)
-    if ext in (".seg.nrrd", ".seg.nhdr"):
-        raise InputError(path, "is a Slicer segmentation, not an image; read it with "
-                               "read_labels")
-    if ext in IMAGE_EXTENSIONS:
-        try:
-            with open(path, "rb") as fh:
-                fh.read(1)
-        except OSError as exc:
-            raise InputError(path, f"cannot be read ({exc.strerror or type(exc).__name__}); "
-                                   f"check its permissions") from None
-        vol = read_itk(path)
-        _check_axes(vol, path)
-        if ext in (".nii", ".nii.gz"):
-            bad = nifti_nonfinite_count(path)
-            if bad:
-                raise InputError(path, f"holds {bad} voxel(s) that are not finite numbers "
-                                       f"(NaN or infinity), which the NIfTI reader would turn "
-                                       f"into 0 HU; a CT in Hounsfield units is needed")
-        arr = vol.array
-        if arr.dtype.kind == "b" or (arr.dtype.kind in "iu" and arr.size and arr.min() >= 0
-                                     and arr.max() <= 255 and len(np.unique(arr)) <= 64):
-            raise InputError(path, f"holds only {len(np.unique(arr))} distinct values in "
-                                   f"{arr.min()}..{arr.max()}: a mask or label map, not CT "
-                                   f"in HU")
-        vol.array = arr.astype(np.float32, copy=False)
-        vol.meta.setdefault("modality", "CT")
-        vol.meta.setdefault("series_uid", None)
-        return vol
-    if ext in (".dcm", ".ima", "") or _is_dicom_file(path):
-        return read_dicom(path, series_uid)
-    raise InputError(path, f"unknown file type '{ext}'; expected a DICOM folder or file, "
-                           f".nii, .nii.gz, .nrrd or .nhdr")
+    vol = read_itk(path)
+    _check_axes(vol.ijk_to_ras, path)
+    if extension(path) in (".nii", ".nii.gz"):
+        bad = nifti_nonfinite_count(path)
+        if bad:
+            raise nonfinite_error(path, bad)
+    arr = vol.array
+    if arr.size and arr.dtype.kind in "biu":
+        lo, hi = arr.min(), arr.max()
+        # np.unique only where it can matter: integers within 0..255
+        if looks_like_mask(arr.dtype.kind, lo, hi, 0):
+            n_values = len(np.unique(arr))
+            if looks_like_mask(arr.dtype.kind, lo, hi, n_values):
+                raise mask_error(path, n_values, lo, hi)
+    vol.array = arr.astype(np.float32, copy=False)
+    vol.meta.setdefault("modality", "CT")
+    vol.meta.setdefault("series_uid", None)
+    return vol
 
 
 def same_grid(a: Volume, b: Volume, tol_mm: float = GRID_TOL_MM) -> Optional[str]:
