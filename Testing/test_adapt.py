@@ -291,3 +291,64 @@ def test_cli_suggests_slices_to_correct(files, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "most uncertain slices" in out
     assert not list(files.glob("*site*"))
+
+
+# ----------------------------------------------------------------------------- the per-case CSV
+
+
+def test_stream_uncertainty_is_the_rankings_measure():
+    """core.stream's per-slab uncertainty (torch, slice by slice) equals core.adapt's
+    slice_uncertainty on the same probabilities."""
+    from EPDSegmentationLib.core.stream import slice_entropy
+
+    rng = np.random.default_rng(1)
+    p = rng.random((6, 4, 10, 12)).astype(np.float32) ** 4
+    p[:, 1] = 0.0
+    p[1, 1] = 1.0                                       # a certain slice
+    p /= p.sum(0)
+    got = slice_entropy(torch.from_numpy(p))
+    np.testing.assert_allclose(got, slice_uncertainty(p), rtol=1e-5, atol=1e-7)
+    assert got[1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_segment_csv_has_each_slices_uncertainty_and_the_slices_to_correct(files, capsys):
+    """epdseg segment's per-case CSV: each slice's uncertainty (the same value on each of its
+    tissue rows, the mean in 'all' rows) equals slice_uncertainty of the model's own
+    probabilities, and 'correct_first' ranks the slices suggest_slices picks from it."""
+    import csv
+
+    from EPDSegmentationLib.core.inference import predict_volume
+    from EPDSegmentationLib.io import read_volume
+    from EPDSegmentationLib.io.images import write_volume
+
+    hu, labels = body_case(9)
+    hu[4] = np.where(labels[4] == 1, -80.0, hu[4])    # a slice whose muscle looks like fat
+    m = np.diag([1.0, 1.0, 3.0, 1.0])
+    write_volume(Volume(hu, m), files / "ct9.nii.gz", dtype="int16")
+    out = files / "out"
+    rc = main(["segment", str(files / "ct9.nii.gz"), "-o", str(out), "--model",
+               str(files / "base.safetensors")])
+    assert rc == 0, capsys.readouterr().err
+    with open(out / "ct9_bodycomp.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-2:] == ["uncertainty", "correct_first"]
+    per_slice = {}
+    for r in rows:
+        if r["slice"] != "all":
+            per_slice.setdefault(int(r["slice"]), set()).add((r["uncertainty"], r["correct_first"]))
+    assert sorted(per_slice) == list(range(9))
+    assert all(len(v) == 1 for v in per_slice.values())     # one value per slice
+    scores = np.array([float(next(iter(per_slice[k]))[0]) for k in range(9)])
+    model, card = load_model(files / "base.safetensors")
+    ct = read_volume(files / "ct9.nii.gz")
+    si, sj, _ = ct.spacing
+    probs = predict_volume(ct.array, (sj, si), model, card, ijk_to_ras=ct.ijk_to_ras).probabilities
+    np.testing.assert_allclose(scores, slice_uncertainty(probs), rtol=1e-4)
+    assert np.all((scores >= 0) & (scores <= 1))
+    ranks = {k: int(next(iter(v))[1]) for k, v in per_slice.items() if next(iter(v))[1]}
+    want = suggest_slices(scores, 3)
+    assert len(want) >= 2 and sorted(ranks, key=ranks.get) == want
+    assert sorted(ranks.values()) == list(range(1, len(want) + 1))
+    alls = [r for r in rows if r["slice"] == "all"]
+    assert all(float(r["uncertainty"]) == pytest.approx(scores.mean(), rel=1e-5) and
+               r["correct_first"] == "" for r in alls)

@@ -46,6 +46,8 @@ from .windowing import window_channels
 
 #: Slices of the model's own predictions used for replay at most, per case.
 MAX_REPLAY_SLICES = 16
+#: AdaptSettings.train: which weights learn.
+TRAIN_CHOICES = ("all", "decoder", "norm")
 
 
 class AdaptError(ValueError):
@@ -74,6 +76,8 @@ class AdaptSettings:
     replay_fraction: share of each batch from replay slices (0 turns replay off);
     flip: probability of a horizontal flip; hu_shift: whole-slice offset drawn from
     +-hu_shift HU; weight_decay: AdamW's on the network; loss: as training's --loss;
+    train: which weights learn ("all"; "decoder": the up-convolutions, decoder blocks and
+    head, the encoder frozen; "norm": the GroupNorm scales and shifts and the head);
     seed: all randomness; device: "cpu", "cuda", "auto"..."""
 
     steps: int = 60
@@ -84,6 +88,7 @@ class AdaptSettings:
     hu_shift: float = 20.0
     weight_decay: float = 1e-4
     loss: str = "mae+dice"
+    train: str = "all"
     seed: int = 0
     device: str = "cpu"
 
@@ -96,6 +101,8 @@ class AdaptSettings:
             raise AdaptError(f"replay_fraction must be in [0, 1); got {self.replay_fraction!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise AdaptError(f"lr must be > 0; got {self.lr!r}")
+        if self.train not in TRAIN_CHOICES:
+            raise AdaptError(f"train must be one of {', '.join(TRAIN_CHOICES)}; got {self.train!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -224,6 +231,24 @@ def _check_model(model, card: Mapping[str, Any]) -> None:
                          f"load model and card together with model_io.load_model")
 
 
+def trainable_parameters(net, train: str) -> list:
+    """The parameters that learn under AdaptSettings.train; the others get
+    requires_grad=False (so their gradients are not even computed)."""
+    import torch
+
+    if train == "all":
+        chosen = list(net.parameters())
+    elif train == "decoder":
+        chosen = [p for name, p in net.named_parameters() if not name.startswith("encoder.")]
+    else:   # "norm"
+        chosen = [p for m in net.modules() if isinstance(m, torch.nn.GroupNorm)
+                  for p in m.parameters()] + list(net.head.parameters())
+    keep = {id(p) for p in chosen}
+    for p in net.parameters():
+        p.requires_grad_(id(p) in keep)
+    return chosen
+
+
 def _replay_slices(n_slices: int, corrected: Sequence[int], limit: int) -> List[int]:
     """Up to ``limit`` uncorrected slices spread evenly over the volume."""
     free = [k for k in range(n_slices) if k not in set(corrected)]
@@ -331,7 +356,8 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
     net = copy.deepcopy(model).to(device)
     before = _evaluate(net, datas, card, device)
     criterion = Criterion(parse_loss(settings.loss)).to(device)
-    groups = [{"params": list(net.parameters()), "weight_decay": settings.weight_decay}]
+    groups = [{"params": trainable_parameters(net, settings.train),
+               "weight_decay": settings.weight_decay}]
     if list(criterion.parameters()):
         groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=settings.lr)
@@ -359,6 +385,8 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
     seconds = time.perf_counter() - t0
     after = _evaluate(net, datas, card, device)
     net = net.cpu().eval()
+    for p in net.parameters():
+        p.requires_grad_(True)
     notes.append(f"{settings.steps} steps on {device} in {seconds:.1f} s")
     return AdaptResult(net, history, before, after, seconds, notes)
 
