@@ -352,3 +352,49 @@ def test_segment_csv_has_each_slices_uncertainty_and_the_slices_to_correct(files
     alls = [r for r in rows if r["slice"] == "all"]
     assert all(float(r["uncertainty"]) == pytest.approx(scores.mean(), rel=1e-5) and
                r["correct_first"] == "" for r in alls)
+
+
+def test_zoom_and_rotation_move_image_and_targets_together(tiny):
+    """The affine augmentation: identity at scale 1 and angle 0; otherwise the targets stay
+    fractions (background outside) and follow the image (a 90 degree turn of a bar)."""
+    from EPDSegmentationLib.core.adapt import _affine
+
+    hu = torch.full((1, 32, 32), -1000.0)
+    hu[0, 14:18, 4:28] = 40.0                           # a horizontal muscle bar
+    target = torch.zeros(1, 6, 16, 16)
+    target[0, 0] = 1.0
+    target[0, 0, 7:9, 2:14], target[0, 1, 7:9, 2:14] = 0.0, 1.0
+    same_hu, same_t = _affine(hu, target, np.random.default_rng(0), 0.0, 0.0)
+    torch.testing.assert_close(same_hu, hu, atol=1e-3, rtol=0)
+    torch.testing.assert_close(same_t, target, atol=1e-5, rtol=0)
+
+    class Turn:                                         # always +90 degrees, scale 1
+        def uniform(self, lo, hi, n):
+            return np.full(n, hi if hi == 90.0 else 1.0)
+
+    turned_hu, turned_t = _affine(hu, target, Turn(), 0.0, 90.0)
+    assert turned_hu[0, 4:28, 14:18].mean() > 0 and turned_hu[0, 14:18, 4:10].mean() < -900
+    torch.testing.assert_close(turned_t.sum(1), torch.ones(1, 16, 16), atol=1e-5, rtol=0)
+    assert turned_t[0, 1, 2:14, 7:9].mean() > 0.9 and turned_t[0, 1, 7:9, 2:5].max() < 0.1
+    result = adapt_model(*tiny, [AdaptCase(*body_case()[:2], PIXEL_MM, [1])],
+                         AdaptSettings(steps=2, zoom=0.1, rotate=10.0, batch_size=2))
+    assert len(result.history) == 2 and np.isfinite(result.history).all()
+
+
+@pytest.mark.parametrize("train", ["decoder", "norm"])
+def test_train_decoder_or_norm_leaves_the_other_weights(tiny, train):
+    model, card = tiny
+    hu, labels = body_case()
+    result = adapt_model(model, card, [AdaptCase(hu, labels, PIXEL_MM, [1, 3])],
+                         AdaptSettings(steps=2, lr=1e-2, batch_size=2, train=train))
+    old, new = model.state_dict(), result.model.state_dict()
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and any(k.startswith("head.") for k in changed)
+    if train == "decoder":
+        assert not any(k.startswith("encoder.") for k in changed)
+    else:
+        assert all(k.startswith("head.") or ".norm" in k or k.endswith((".1.weight", ".1.bias"))
+                   for k in changed), sorted(changed)
+    assert all(p.requires_grad for p in result.model.parameters())
+    with pytest.raises(AdaptError, match="train must be one of"):
+        AdaptSettings(train="encoder")

@@ -33,18 +33,20 @@ from .adapt_curve import dice_on, shifted_phantom
 
 #: The settings the sweep starts from (the defaults of core/adapt.py before the sweep).
 BASE = {"steps": 60, "lr": 3e-4, "batch_size": 4, "replay_fraction": 0.25, "hu_shift": 20.0,
-        "train": "all"}
+        "train": "all", "zoom": 0.0, "rotate": 0.0}
 #: name -> changes from BASE. Every configuration costs about the same network passes as the
 #: base (steps x batch), except "decoder" ones (no encoder gradients: cheaper).
 CONFIGS = {
     "base": {},
     "lr 1e-3": {"lr": 1e-3},
-    "lr 1e-3, no replay": {"lr": 1e-3, "replay_fraction": 0.0},
-    "lr 1e-3, replay 0.5": {"lr": 1e-3, "replay_fraction": 0.5},
-    "lr 1e-3, decoder only": {"lr": 1e-3, "train": "decoder"},
+    "no replay": {"replay_fraction": 0.0},
+    "zoom +-10 %, rotation +-10 deg": {"zoom": 0.1, "rotate": 10.0},
+    "decoder only": {"train": "decoder"},
+    "replay 0.5": {"replay_fraction": 0.5},
+    "120 steps of batch 2": {"steps": 120, "batch_size": 2},
+    "HU offset +-60": {"hu_shift": 60.0},
+    "lr 1e-4": {"lr": 1e-4},
     "lr 3e-3, norm + head only": {"lr": 3e-3, "train": "norm"},
-    "lr 1e-3, 120 steps of batch 2": {"lr": 1e-3, "steps": 120, "batch_size": 2},
-    "lr 1e-3, HU offset +-60": {"lr": 1e-3, "hu_shift": 60.0},
 }
 
 
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     args.output.mkdir(parents=True, exist_ok=True)
+    rows = _earlier_rows(args)
     model, card = load_model(bundled_model_path())
     phantoms = []
     for seed in args.phantom_seeds:
@@ -70,10 +73,11 @@ def main(argv=None) -> int:
         d0 = dice_on(base.probabilities.argmax(0), ref, held)
         phantoms.append((seed, hu, ref, mm, chosen, held, d0))
         print(json.dumps({"seed": seed, "slices": chosen, "bundled": d0}), flush=True)
-    rows = []
     for name in args.configs:
         settings = AdaptSettings(**{**BASE, **CONFIGS[name]})
         for seed, hu, ref, mm, chosen, held, d0 in phantoms:
+            if any(r["changes"] == CONFIGS[name] and r["seed"] == seed for r in rows):
+                continue        # measured by an earlier, stopped run of the same sweep
             res = adapt_model(model, card, [AdaptCase(hu, ref, mm, chosen, f"phantom {seed}")], settings)
             pred = predict_volume(hu, mm, res.model, card, device="cpu").probabilities.argmax(0)
             row = {"config": name, "changes": CONFIGS[name], "seed": seed, "slices": chosen,
@@ -84,11 +88,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _earlier_rows(args) -> list:
+    """Rows of an earlier run into the same folder with the same base, k and slices per
+    phantom (a sweep stopped and started again with other configurations keeps them)."""
+    path = args.output / "sweep.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    if old.get("base") != BASE or old.get("k") != args.k or \
+            old.get("phantom_slices", 16) != args.phantom_slices:
+        return []
+    return [r for r in old["rows"] if r["seed"] in args.phantom_seeds]
+
+
 def _write(args, phantoms, rows) -> None:
     """sweep.json and sweep.md after every configuration (a stopped sweep keeps its rows)."""
     command = "nice -n 5 python -m training.adapt_sweep " + shlex.join(sys.argv[1:])
     write_text(args.output / "sweep.json", json.dumps(
         {"command": command, "base": BASE, "phantom_seeds": args.phantom_seeds, "k": args.k,
+         "phantom_slices": args.phantom_slices,
          "rows": rows, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2),
         overwrite=True)
     seeds = [ph[0] for ph in phantoms]
@@ -103,8 +121,9 @@ def _write(args, phantoms, rows) -> None:
     lines.append("| bundled (k = 0) | %.3f | %s | %.3f | %.3f | 0 |" % (
         mean([ph[6]["MUS"] for ph in phantoms]), " | ".join("%.3f" % ph[6]["MUS"] for ph in phantoms),
         mean([ph[6]["SAT"] for ph in phantoms]), mean([ph[6]["VAT"] for ph in phantoms])))
-    for name in dict.fromkeys(r["config"] for r in rows):
-        rs = [r for r in rows if r["config"] == name]
+    for changes in {json.dumps(r["changes"], sort_keys=True): r["changes"] for r in rows}.values():
+        rs = [r for r in rows if r["changes"] == changes]
+        name = rs[-1]["config"]
         by_seed = {r["seed"]: r["dice"]["MUS"] for r in rs}
         lines.append("| %s | %.3f | %s | %.3f | %.3f | %.0f |" % (
             name, mean([r["dice"]["MUS"] for r in rs]),

@@ -13,7 +13,8 @@ bilinear HU, nearest labels), windowed into the card's channels and downsampled 
 factor (window mean or bilinear, the card's image mode); the target is the EPD soft labels of
 the corrected hard labels at that factor (or the one-hot of the nearest label for a
 ``nearest`` model). Loss: the training loss (losses.Criterion, MAE + Dice with learned
-uncertainty weights). Light augmentation: horizontal flip and a whole-slice HU offset.
+uncertainty weights). Light augmentation: horizontal flip, a whole-slice HU offset and
+(off by default) a random zoom and rotation.
 
 Replay, so the model does not forget: a share of each batch (``replay_fraction``) comes from
 uncorrected slices of the same case with the base model's own predictions as soft targets
@@ -75,7 +76,8 @@ class AdaptSettings:
     """steps: optimiser steps; lr: AdamW learning rate; batch_size: slices per step;
     replay_fraction: share of each batch from replay slices (0 turns replay off);
     flip: probability of a horizontal flip; hu_shift: whole-slice offset drawn from
-    +-hu_shift HU; weight_decay: AdamW's on the network; loss: as training's --loss;
+    +-hu_shift HU; zoom: scale drawn from 1 +- zoom and rotate: angle from +-rotate degrees
+    (one affine per slice, HU and targets alike; 0 and 0: none); weight_decay: AdamW's on the network; loss: as training's --loss;
     train: which weights learn ("all"; "decoder": the up-convolutions, decoder blocks and
     head, the encoder frozen; "norm": the GroupNorm scales and shifts and the head);
     seed: all randomness; device: "cpu", "cuda", "auto"..."""
@@ -86,6 +88,8 @@ class AdaptSettings:
     replay_fraction: float = 0.25
     flip: float = 0.5
     hu_shift: float = 20.0
+    zoom: float = 0.0
+    rotate: float = 0.0
     weight_decay: float = 1e-4
     loss: str = "mae+dice"
     train: str = "all"
@@ -307,7 +311,34 @@ def _batch(data, n_fit: int, n_replay: int, rng: np.random.Generator, settings, 
     hu = hu + shift.view(-1, 1, 1)
     hu = torch.where(flip.view(-1, 1, 1), hu.flip(-1), hu)
     target = torch.where(flip.view(-1, 1, 1, 1), target.flip(-1), target)
+    if settings.zoom > 0 or settings.rotate > 0:
+        hu, target = _affine(hu, target, rng, settings.zoom, settings.rotate)
     return network_input(hu, card), target
+
+
+def _affine(hu, target, rng: np.random.Generator, zoom: float, rotate: float):
+    """One random zoom and rotation about the centre per slice, the same for the HU
+    (B, H, W), bilinear, air (-1000 HU) outside, and the soft targets (B, C, h, w), bilinear
+    (fractions stay fractions), background outside. Both grids span the same field of view,
+    so one normalised affine serves both."""
+    import torch
+    from torch.nn import functional as F
+
+    b = hu.shape[0]
+    scale = rng.uniform(1.0 - zoom, 1.0 + zoom, b)
+    angle = np.deg2rad(rng.uniform(-rotate, rotate, b))
+    aspect = hu.shape[-2] / hu.shape[-1]        # H / W: rotate in pixels, not in -1..1
+    theta = np.zeros((b, 2, 3), np.float32)
+    theta[:, 0, 0], theta[:, 0, 1] = np.cos(angle) / scale, -np.sin(angle) * aspect / scale
+    theta[:, 1, 0], theta[:, 1, 1] = np.sin(angle) / aspect / scale, np.cos(angle) / scale
+    theta = torch.from_numpy(theta).to(hu.device)
+    grid = F.affine_grid(theta, [b, 1] + list(hu.shape[-2:]), align_corners=False)
+    hu = F.grid_sample((hu + 1000.0).unsqueeze(1), grid, align_corners=False).squeeze(1) - 1000.0
+    grid = F.affine_grid(theta, list(target.shape), align_corners=False)
+    target = F.grid_sample(target, grid, align_corners=False)
+    outside = (1.0 - target.sum(dim=1)).clamp(min=0.0)
+    target = torch.cat([target[:, :1] + outside.unsqueeze(1), target[:, 1:]], dim=1)
+    return hu, target
 
 
 def _evaluate(net, datas, card, device) -> Dict[str, float]:
