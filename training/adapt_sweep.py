@@ -35,7 +35,8 @@ from .adapt_curve import dice_on, shifted_phantom
 BASE = {"steps": 60, "lr": 3e-4, "batch_size": 4, "replay_fraction": 0.25, "hu_shift": 20.0,
         "train": "all", "zoom": 0.0, "rotate": 0.0}
 #: name -> changes from BASE. Every configuration costs about the same network passes as the
-#: base (steps x batch), except "decoder" ones (no encoder gradients: cheaper).
+#: base (steps x batch), except "decoder" ones (no encoder gradients: measured about half
+#: the time per step, so twice the steps cost about the base's time).
 CONFIGS = {
     "base": {},
     "lr 1e-3": {"lr": 1e-3},
@@ -43,6 +44,7 @@ CONFIGS = {
     "zoom +-10 %, rotation +-10 deg": {"zoom": 0.1, "rotate": 10.0},
     "decoder only": {"train": "decoder"},
     "replay 0.5": {"replay_fraction": 0.5},
+    "decoder only, 120 steps": {"train": "decoder", "steps": 120},
     "120 steps of batch 2": {"steps": 120, "batch_size": 2},
     "HU offset +-60": {"hu_shift": 60.0},
     "lr 1e-4": {"lr": 1e-4},
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--phantom-seeds", type=int, nargs="+", default=[9001, 9002])
     p.add_argument("--phantom-slices", type=int, default=16)
     p.add_argument("--k", type=int, default=2, help="corrected slices per phantom")
+    p.add_argument("--muscle-darker", type=float, default=30.0, help="HU (adapt_curve's 30)")
+    p.add_argument("--blur", type=float, default=1.2, help="Gaussian sigma, pixels (1.2)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = p.parse_args(argv)
     import torch
@@ -66,7 +70,8 @@ def main(argv=None) -> int:
     model, card = load_model(bundled_model_path())
     phantoms = []
     for seed in args.phantom_seeds:
-        hu, ref, mm = shifted_phantom(seed, args.phantom_slices)
+        hu, ref, mm = shifted_phantom(seed, args.phantom_slices, muscle_darker=args.muscle_darker,
+                                      blur=args.blur)
         base = predict_volume(hu, mm, model, card, device="cpu")
         chosen = suggest_slices(slice_uncertainty(base.probabilities), args.k)
         held = [i for i in range(hu.shape[0]) if i not in chosen]
@@ -96,7 +101,8 @@ def _earlier_rows(args) -> list:
         return []
     old = json.loads(path.read_text())
     if old.get("base") != BASE or old.get("k") != args.k or \
-            old.get("phantom_slices", 16) != args.phantom_slices:
+            old.get("phantom_slices", 16) != args.phantom_slices or \
+            old.get("shift", [30.0, 1.2]) != [args.muscle_darker, args.blur]:
         return []
     return [r for r in old["rows"] if r["seed"] in args.phantom_seeds]
 
@@ -106,12 +112,13 @@ def _write(args, phantoms, rows) -> None:
     command = "nice -n 5 python -m training.adapt_sweep " + shlex.join(sys.argv[1:])
     write_text(args.output / "sweep.json", json.dumps(
         {"command": command, "base": BASE, "phantom_seeds": args.phantom_seeds, "k": args.k,
-         "phantom_slices": args.phantom_slices,
+         "phantom_slices": args.phantom_slices, "shift": [args.muscle_darker, args.blur],
          "rows": rows, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2),
         overwrite=True)
     seeds = [ph[0] for ph in phantoms]
     lines = [f"Made by `{command}` (bundled model, CPU, one thread): held-out phantoms "
-             f"{seeds} of shifted appearance (muscle 30 HU darker, blurred), {args.k} corrected "
+             f"{seeds} of shifted appearance (muscle {args.muscle_darker:g} HU darker, Gaussian "
+             f"blur sigma {args.blur:g} pixels), {args.k} corrected "
              f"slices each (the most uncertain), Dice on the other slices. Base settings: "
              f"{BASE}.", "",
              "| settings | MUS mean | " + " | ".join(f"MUS {s}" for s in seeds) +
