@@ -104,23 +104,26 @@ def _earlier_rows(args) -> list:
             old.get("phantom_slices", 16) != args.phantom_slices or \
             old.get("shift", [30.0, 1.2]) != [args.muscle_darker, args.blur]:
         return []
+    args.earlier_commands = old.get("commands", [old["command"]])
     return [r for r in old["rows"] if r["seed"] in args.phantom_seeds]
 
 
 def _write(args, phantoms, rows) -> None:
     """sweep.json and sweep.md after every configuration (a stopped sweep keeps its rows)."""
     command = "nice -n 5 python -m training.adapt_sweep " + shlex.join(sys.argv[1:])
+    commands = getattr(args, "earlier_commands", []) + [command]
     write_text(args.output / "sweep.json", json.dumps(
-        {"command": command, "base": BASE, "phantom_seeds": args.phantom_seeds, "k": args.k,
-         "phantom_slices": args.phantom_slices, "shift": [args.muscle_darker, args.blur],
+        {"command": command, "commands": commands, "base": BASE,
+         "phantom_seeds": args.phantom_seeds, "k": args.k, "phantom_slices": args.phantom_slices,
+         "shift": [args.muscle_darker, args.blur],
          "rows": rows, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2),
         overwrite=True)
     seeds = [ph[0] for ph in phantoms]
-    lines = [f"Made by `{command}` (bundled model, CPU, one thread): held-out phantoms "
-             f"{seeds} of shifted appearance (muscle {args.muscle_darker:g} HU darker, Gaussian "
-             f"blur sigma {args.blur:g} pixels), {args.k} corrected "
-             f"slices each (the most uncertain), Dice on the other slices. Base settings: "
-             f"{BASE}.", "",
+    lines = ["Made by " + ", then ".join(f"`{c}`" for c in commands) +
+             f" (bundled model, CPU, one thread): held-out phantoms {seeds} of shifted "
+             f"appearance (muscle {args.muscle_darker:g} HU darker, Gaussian blur sigma "
+             f"{args.blur:g} pixels), {args.k} corrected slices each (the most uncertain), "
+             f"Dice on the other slices. Base settings: {BASE}.", "",
              "| settings | MUS mean | " + " | ".join(f"MUS {s}" for s in seeds) +
              " | SAT mean | VAT mean | adapt s (mean) |",
              "| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- |"]

@@ -77,7 +77,8 @@ class AdaptSettings:
     replay_fraction: share of each batch from replay slices (0 turns replay off);
     flip: probability of a horizontal flip; hu_shift: whole-slice offset drawn from
     +-hu_shift HU; zoom: scale drawn from 1 +- zoom and rotate: angle from +-rotate degrees
-    (one affine per slice, HU and targets alike; 0 and 0: none); weight_decay: AdamW's on the network; loss: as training's --loss;
+    (one affine per slice, HU and targets alike; 0 and 0: none); weight_decay: AdamW's on
+    the network; loss: as training's --loss;
     train: which weights learn ("all"; "decoder": the up-convolutions, decoder blocks and
     head, the encoder frozen; "norm": the GroupNorm scales and shifts and the head);
     seed: all randomness; device: "cpu", "cuda", "auto"..."""
