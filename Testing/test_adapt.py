@@ -77,7 +77,7 @@ def test_fine_tuning_lowers_the_loss_on_the_corrected_slices_and_keeps_the_base(
     hu, labels = body_case()
     steps = []
     result = adapt_model(model, card, [AdaptCase(hu, labels, PIXEL_MM, [1, 3], "toy")],
-                         AdaptSettings(steps=12, lr=3e-3, batch_size=2),
+                         AdaptSettings(steps=12, lr=3e-3, batch_size=2, replay_fraction=0.25),
                          progress=lambda s, n, loss: steps.append((s, n)))
     assert result.after["mae"] < result.before["mae"]
     assert result.after["dice"] < result.before["dice"]
