@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             del t0
     args.output.mkdir(parents=True, exist_ok=True)
-    command = "nice -n 10 python -m training.adapt_curve " + shlex.join(argv or sys.argv[1:])
+    command = "python -m training.adapt_curve " + shlex.join(argv or sys.argv[1:])
     write_text(args.output / "curve.json", json.dumps(
         {"command": command, "source": source, "settings": settings.to_dict(), "uncertainty_order": order,
          "rows": rows}, indent=2), overwrite=True)
