@@ -68,8 +68,8 @@ class Accumulator:
         with each slice's uncertainty and the n_suggest slices to correct first
         (bodycomp.with_uncertainty; the rule of core.adapt.suggest_slices)."""
         rows = measures_from_sums(concatenate_sums(self.sums), spacing_mm, self.slices)
-        if len(self.uncertainty) != len(self.sums):     # slabs made without it
-            return rows
+        if len(self.uncertainty) != len(self.sums) or any(u is None for u in self.uncertainty):
+            return rows                                 # slabs made without it
         scores = np.concatenate(self.uncertainty) if self.uncertainty else np.zeros(0)
         return with_uncertainty(rows, self.slices, scores,
                                 suggest_slices(scores, n_suggest, slices=self.slices))
