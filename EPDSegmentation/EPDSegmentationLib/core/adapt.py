@@ -16,12 +16,14 @@ the corrected hard labels at that factor (or the one-hot of the nearest label fo
 uncertainty weights). Light augmentation: horizontal flip, a whole-slice HU offset and
 (off by default) a random zoom and rotation.
 
-Replay, so the model does not forget: a share of each batch (``replay_fraction``) comes from
+Replay (optional), so the model does not forget: a share of each batch (``replay_fraction``) comes from
 uncorrected slices of the same case with the base model's own predictions as soft targets
 (self-distillation). Phantom slices are not used because the Slicer panel does not ship
 training/; the model's own predictions on the same scan are available everywhere and hold it
-to what it did before where the user made no correction. They also replay its mistakes, so
-the share is kept small and the corrected slices dominate.
+to what it did before where the user made no correction. They also replay its mistakes:
+on strongly shifted phantoms that cost more than it kept (docs/adapt.md, the sweep), so
+replay is off by default (``replay_fraction=0``) and the model learns from the corrected
+slices only.
 
 torch is imported inside the functions: importing this module needs NumPy only.
 """
