@@ -651,7 +651,8 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.logic.improveModel(
                 volume, segmentation, modelPath, output, device=p.device.lower(),
                 steps=p.adaptSteps, progress=self._progress,
-                shouldCancel=lambda: self._cancelRequested)
+                shouldCancel=lambda: self._cancelRequested,
+                heightM=self.logic.heightMetres(p.height))
 
         outcome = self._runLong(work, "Improving the model", "steps")
         if outcome is None:
@@ -664,8 +665,8 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = (
             f"Improved from corrected slice(s) {', '.join(map(str, outcome.slices))}: saved "
             f"{weights.name} in {weights.parent}; {len(outcome.resegmented)} other slice(s) "
-            f"segmented again with it ({outcome.summary}). The panel now uses it: choose "
-            f"'Bundled model' under Model to switch back.")
+            f"segmented again with it ({outcome.summary}); measures table updated. The panel "
+            f"now uses it: choose 'Bundled model' under Model to switch back.")
 
     def onShowUncertainty(self) -> None:
         """Overlay the model's uncertainty on the segmented slices; list those to correct."""
@@ -899,14 +900,17 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def improveModel(self, volumeNode, segmentationNode, modelPath, outputPath, *,
                      device: str = "cpu", steps: int = 60, slices=None, progress=None,
-                     shouldCancel=None):
+                     shouldCancel=None, heightM: Optional[float] = None):
         """Fine-tune a copy of the model at ``modelPath`` on the slices corrected in
         ``segmentationNode`` (default: those differing from the result as segmented), save it
-        at ``outputPath`` (a new file, never the bundled model's) and segment the other
-        slices of the run again with it (mrml.adapt.improve_from_corrections). Returns its
-        AdaptOutcome; nothing is written or changed when it fails or is cancelled."""
+        at ``outputPath`` (a new file, never the bundled model's), segment the other slices
+        of the run again with it and fill the run's measures table again, as Apply does
+        (with the indices for heightM, metres) (mrml.adapt.improve_from_corrections).
+        Returns its AdaptOutcome; nothing is written or changed when it fails or is
+        cancelled."""
         from EPDSegmentationLib.core.adapt import AdaptSettings, check_destination
         from EPDSegmentationLib.mrml.adapt import improve_from_corrections
+        from EPDSegmentationLib.mrml.workflow import result_nodes
 
         if segmentationNode is None:
             raise InputProblem("No result to learn from yet: click Apply first.")
@@ -918,9 +922,11 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
             progress(0, steps + 1, "Loading the model...")
         model, card = self.loadModel(modelPath)
         settings = AdaptSettings(steps=int(steps), device=device)
+        table = result_nodes(slicer.mrmlScene, segmentationNode)["table"]
         return improve_from_corrections(slicer.mrmlScene, volumeNode, segmentationNode, model,
                                         card, str(modelPath), outputPath, slices=slices,
                                         settings=settings, resegment_slices=covered,
+                                        table_node=table, height_m=heightM,
                                         progress=progress, should_cancel=shouldCancel)
 
     def uncertainty(self, volumeNode, segmentationNode, modelPath, *, device: str = "auto",

@@ -77,7 +77,7 @@ def test_fine_tuning_lowers_the_loss_on_the_corrected_slices_and_keeps_the_base(
     hu, labels = body_case()
     steps = []
     result = adapt_model(model, card, [AdaptCase(hu, labels, PIXEL_MM, [1, 3], "toy")],
-                         AdaptSettings(steps=12, lr=3e-3, batch_size=2),
+                         AdaptSettings(steps=12, lr=3e-3, batch_size=2, replay_fraction=0.25),
                          progress=lambda s, n, loss: steps.append((s, n)))
     assert result.after["mae"] < result.before["mae"]
     assert result.after["dice"] < result.before["dice"]
@@ -291,3 +291,110 @@ def test_cli_suggests_slices_to_correct(files, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "most uncertain slices" in out
     assert not list(files.glob("*site*"))
+
+
+# ----------------------------------------------------------------------------- the per-case CSV
+
+
+def test_stream_uncertainty_is_the_rankings_measure():
+    """core.stream's per-slab uncertainty (torch, slice by slice) equals core.adapt's
+    slice_uncertainty on the same probabilities."""
+    from EPDSegmentationLib.core.stream import slice_entropy
+
+    rng = np.random.default_rng(1)
+    p = rng.random((6, 4, 10, 12)).astype(np.float32) ** 4
+    p[:, 1] = 0.0
+    p[1, 1] = 1.0                                       # a certain slice
+    p /= p.sum(0)
+    got = slice_entropy(torch.from_numpy(p))
+    np.testing.assert_allclose(got, slice_uncertainty(p), rtol=1e-5, atol=1e-7)
+    assert got[1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_segment_csv_has_each_slices_uncertainty_and_the_slices_to_correct(files, capsys):
+    """epdseg segment's per-case CSV: each slice's uncertainty (the same value on each of its
+    tissue rows, the mean in 'all' rows) equals slice_uncertainty of the model's own
+    probabilities, and 'correct_first' ranks the slices suggest_slices picks from it."""
+    import csv
+
+    from EPDSegmentationLib.core.inference import predict_volume
+    from EPDSegmentationLib.io import read_volume
+    from EPDSegmentationLib.io.images import write_volume
+
+    hu, labels = body_case(9)
+    hu[4] = np.where(labels[4] == 1, -80.0, hu[4])    # a slice whose muscle looks like fat
+    m = np.diag([1.0, 1.0, 3.0, 1.0])
+    write_volume(Volume(hu, m), files / "ct9.nii.gz", dtype="int16")
+    out = files / "out"
+    rc = main(["segment", str(files / "ct9.nii.gz"), "-o", str(out), "--model",
+               str(files / "base.safetensors")])
+    assert rc == 0, capsys.readouterr().err
+    with open(out / "ct9_bodycomp.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-2:] == ["uncertainty", "correct_first"]
+    per_slice = {}
+    for r in rows:
+        if r["slice"] != "all":
+            per_slice.setdefault(int(r["slice"]), set()).add((r["uncertainty"], r["correct_first"]))
+    assert sorted(per_slice) == list(range(9))
+    assert all(len(v) == 1 for v in per_slice.values())     # one value per slice
+    scores = np.array([float(next(iter(per_slice[k]))[0]) for k in range(9)])
+    model, card = load_model(files / "base.safetensors")
+    ct = read_volume(files / "ct9.nii.gz")
+    si, sj, _ = ct.spacing
+    probs = predict_volume(ct.array, (sj, si), model, card, ijk_to_ras=ct.ijk_to_ras).probabilities
+    np.testing.assert_allclose(scores, slice_uncertainty(probs), rtol=1e-4)
+    assert np.all((scores >= 0) & (scores <= 1))
+    ranks = {k: int(next(iter(v))[1]) for k, v in per_slice.items() if next(iter(v))[1]}
+    want = suggest_slices(scores, 3)
+    assert len(want) >= 2 and sorted(ranks, key=ranks.get) == want
+    assert sorted(ranks.values()) == list(range(1, len(want) + 1))
+    alls = [r for r in rows if r["slice"] == "all"]
+    assert all(float(r["uncertainty"]) == pytest.approx(scores.mean(), rel=1e-5) and
+               r["correct_first"] == "" for r in alls)
+
+
+def test_zoom_and_rotation_move_image_and_targets_together(tiny):
+    """The affine augmentation: identity at scale 1 and angle 0; otherwise the targets stay
+    fractions (background outside) and follow the image (a 90 degree turn of a bar)."""
+    from EPDSegmentationLib.core.adapt import _affine
+
+    hu = torch.full((1, 32, 32), -1000.0)
+    hu[0, 14:18, 4:28] = 40.0                           # a horizontal muscle bar
+    target = torch.zeros(1, 6, 16, 16)
+    target[0, 0] = 1.0
+    target[0, 0, 7:9, 2:14], target[0, 1, 7:9, 2:14] = 0.0, 1.0
+    same_hu, same_t = _affine(hu, target, np.random.default_rng(0), 0.0, 0.0)
+    torch.testing.assert_close(same_hu, hu, atol=1e-3, rtol=0)
+    torch.testing.assert_close(same_t, target, atol=1e-5, rtol=0)
+
+    class Turn:                                         # always +90 degrees, scale 1
+        def uniform(self, lo, hi, n):
+            return np.full(n, hi if hi == 90.0 else 1.0)
+
+    turned_hu, turned_t = _affine(hu, target, Turn(), 0.0, 90.0)
+    assert turned_hu[0, 4:28, 14:18].mean() > 0 and turned_hu[0, 14:18, 4:10].mean() < -900
+    torch.testing.assert_close(turned_t.sum(1), torch.ones(1, 16, 16), atol=1e-5, rtol=0)
+    assert turned_t[0, 1, 2:14, 7:9].mean() > 0.9 and turned_t[0, 1, 7:9, 2:5].max() < 0.1
+    result = adapt_model(*tiny, [AdaptCase(*body_case()[:2], PIXEL_MM, [1])],
+                         AdaptSettings(steps=2, zoom=0.1, rotate=10.0, batch_size=2))
+    assert len(result.history) == 2 and np.isfinite(result.history).all()
+
+
+@pytest.mark.parametrize("train", ["decoder", "norm"])
+def test_train_decoder_or_norm_leaves_the_other_weights(tiny, train):
+    model, card = tiny
+    hu, labels = body_case()
+    result = adapt_model(model, card, [AdaptCase(hu, labels, PIXEL_MM, [1, 3])],
+                         AdaptSettings(steps=2, lr=1e-2, batch_size=2, train=train))
+    old, new = model.state_dict(), result.model.state_dict()
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and any(k.startswith("head.") for k in changed)
+    if train == "decoder":
+        assert not any(k.startswith("encoder.") for k in changed)
+    else:
+        assert all(k.startswith("head.") or ".norm" in k or k.endswith((".1.weight", ".1.bias"))
+                   for k in changed), sorted(changed)
+    assert all(p.requires_grad for p in result.model.parameters())
+    with pytest.raises(AdaptError, match="train must be one of"):
+        AdaptSettings(train="encoder")

@@ -624,6 +624,24 @@ def test_improve_model_from_corrected_slices(tiny, tmp_path, monkeypatch):
     after = _labels(h, ct)
     np.testing.assert_array_equal(after[4], corrected)             # the correction is kept
     np.testing.assert_array_equal(after[6:], before[6:])           # unsegmented stay empty
+    # the measures table is filled again for the segmentation as it now stands: the hard
+    # areas are its labels' (slice 4 as corrected: soft = hard), for the run's slices
+    from EPDSegmentationLib.core.classes import TISSUES
+    from EPDSegmentationLib.mrml.nodes import ijk_to_ras, spacing_ijk
+    from EPDSegmentationLib.mrml.tables import table_rows
+    from EPDSegmentationLib.mrml.workflow import result_nodes
+
+    table = result_nodes(h.scene, p.resultSegmentation)["table"]
+    got = {(r["slice"], r["tissue"]): r for r in table_rows(table)}
+    si, sj, _ = spacing_ijk(ijk_to_ras(ct))
+    assert sorted({sl for sl, _ in got}) == ["3", "4", "5", "all"]
+    for k in (3, 4, 5):
+        for c in TISSUES:
+            assert got[(str(k), c.key)]["hard_area_cm2"] == pytest.approx(
+                (after[k] == c.index).sum() * si * sj / 100), (k, c.key)
+    for c in TISSUES:
+        assert got[("4", c.key)]["area_cm2"] == pytest.approx(got[("4", c.key)]["hard_area_cm2"])
+    assert "measures table updated" in ui.statusLabel.text
     assert not after[6:].any() and ui.progressBar.format == "%v / %m slices"
     # never beside the bundled model, even when the export folder points there
     bundled_folder = bundled_model_path().parent

@@ -61,17 +61,18 @@ def reference_labels(ct, folder: Path) -> np.ndarray:
     return labels
 
 
-def shifted_phantom(seed: int, n_slices: int, size: int = 256):
+def shifted_phantom(seed: int, n_slices: int, size: int = 256, muscle_darker: float = 30.0,
+                    blur: float = 1.2):
     """A held-out torso phantom (T11 to L4, slices spread evenly) of a shifted appearance:
-    muscle 30 HU darker and a smoother kernel (Gaussian blur, sigma 1.2 pixels).
-    Returns (hu float32 (K, J, I), labels uint8 (K, J, I), pixel_mm (row, col))."""
+    muscle ``muscle_darker`` HU darker and a smoother kernel (Gaussian blur, sigma ``blur``
+    pixels). Returns (hu float32 (K, J, I), labels uint8 (K, J, I), pixel_mm (row, col))."""
     from scipy.ndimage import gaussian_filter
 
     slices = subject_slices(seed, n_slices, None, levels=("T11", "L4"), size=size)
     hu = np.stack([s.hu for s in slices]).astype(np.float32)
     labels = np.stack([s.labels for s in slices]).astype(np.uint8)
-    hu[labels == class_by_key("MUS").index] -= 30.0
-    hu = np.stack([gaussian_filter(h, 1.2) for h in hu]).astype(np.float32)
+    hu[labels == class_by_key("MUS").index] -= muscle_darker
+    hu = np.stack([gaussian_filter(h, blur) for h in hu]).astype(np.float32)
     mm = float(slices[0].pixel_mm)
     return hu, labels, (mm, mm)
 
@@ -92,9 +93,10 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=TS)
     p.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--random-seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--replay", type=float, default=0.25)
-    p.add_argument("--lr", type=float, default=3e-4)
+    defaults = AdaptSettings()
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--replay", type=float, default=defaults.replay_fraction)
+    p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--phantom-seed", type=int, default=None,
                    help="use a held-out phantom of shifted appearance (this seed) instead")
     p.add_argument("--phantom-slices", type=int, default=16)
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
     order = suggest_slices(slice_uncertainty(base.probabilities), hu.shape[0],
                            min_gap=1)
     K = hu.shape[0]
-    settings = AdaptSettings(steps=args.steps, replay_fraction=args.replay, lr=args.lr)
+    settings = AdaptSettings(steps=args.steps, replay_fraction=args.replay, lr=args.lr)  # the
+    # other fields (batch, augmentation, which weights train) at core/adapt.py's defaults
     rows = []
     for k in args.ks:
         strategies = [("uncertain", None)] if k else [("none", None)]
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             del t0
     args.output.mkdir(parents=True, exist_ok=True)
-    command = "nice -n 10 python -m training.adapt_curve " + shlex.join(argv or sys.argv[1:])
+    command = "python -m training.adapt_curve " + shlex.join(argv or sys.argv[1:])
     write_text(args.output / "curve.json", json.dumps(
         {"command": command, "source": source, "settings": settings.to_dict(), "uncertainty_order": order,
          "rows": rows}, indent=2), overwrite=True)

@@ -39,10 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the new model (.safetensors; its .json card is written beside it)")
     p.add_argument("--suggest", type=int, default=0, metavar="N",
                    help="print the N most uncertain slices under the model (to correct next)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--replay", type=float, default=0.25,
-                   help="share of each batch from the model's own predictions on uncorrected slices")
+    defaults = AdaptSettings()
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--replay", type=float, default=defaults.replay_fraction,
+                   help="share of each batch from the model's own predictions on uncorrected "
+                        "slices (default %(default)s: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -47,6 +47,20 @@ COLUMNS: Tuple[Tuple[str, str, str], ...] = (
     ("hard_hu_sd", "Hard SD HU", "standard deviation of HU over the argmax mask"),
 )
 COLUMN_KEYS = tuple(c[0] for c in COLUMNS)
+#: Per-slice columns that follow COLUMNS in the CSV when the rows have them
+#: (with_uncertainty; ``epdseg segment`` always adds them).
+SLICE_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
+    ("uncertainty", "Uncertainty", "the slice's mean normalised entropy of the soft labels: "
+                                   "per pixel -sum p ln p / ln 6 (entropy in nats over its "
+                                   "maximum, 0 = certain .. 1 = all six classes equally "
+                                   "likely), averaged over every pixel of the slice (the same "
+                                   "for each tissue's row); in 'all' rows the mean over the "
+                                   "slices"),
+    ("correct_first", "Correct first", "1, 2, 3: the slices suggested for correcting first, "
+                                       "in order (the most uncertain, at least 3 slices "
+                                       "apart: core.adapt.suggest_slices); empty otherwise"),
+)
+SLICE_COLUMN_KEYS = tuple(c[0] for c in SLICE_COLUMNS)
 #: Sums kept per slice and class, so long volumes can be measured chunk by chunk.
 SUM_KEYS = ("p", "p_hu", "p_hu2", "n", "n_hu", "n_hu2")
 #: Probabilities may overshoot 0..1 by this much (float rounding) before they are rejected.
@@ -188,6 +202,27 @@ def measures_from_sums(sums: Dict[str, np.ndarray], spacing_mm: Sequence[float],
     return rows
 
 
+def with_uncertainty(rows: Rows, slices: Sequence[int], scores: Sequence[float],
+                     suggested: Sequence[int]) -> Rows:
+    """The rows with SLICE_COLUMNS added: scores (n,) is the uncertainty of each of
+    ``slices`` (0..1, see SLICE_COLUMNS); suggested: slice indices to correct first, in
+    order. "all" rows get the mean uncertainty and no rank. New dicts; rows are unchanged."""
+    scores = np.asarray(scores, np.float64)
+    if scores.shape != (len(slices),):
+        raise ValueError(f"{scores.shape[0] if scores.ndim else 0} uncertainty scores for "
+                         f"{len(slices)} slices")
+    by_slice = {int(k): float(v) for k, v in zip(slices, scores)}
+    rank = {int(k): i + 1 for i, k in enumerate(suggested)}
+    mean = float(scores.mean()) if scores.size else float("nan")
+    out: Rows = []
+    for row in rows:
+        k = row["slice"]
+        extra = {"uncertainty": mean, "correct_first": None} if k == "all" else \
+            {"uncertainty": by_slice.get(int(k), float("nan")), "correct_first": rank.get(int(k))}
+        out.append({**row, **extra})
+    return out
+
+
 def concatenate_sums(parts: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     """Join ``slice_sums`` of consecutive chunks along the slice axis."""
     if not parts:
@@ -221,18 +256,20 @@ def csv_cell(value) -> str:
 
 def measures_to_csv(rows: Rows, path: Union[str, os.PathLike], *,
                     overwrite: bool = False) -> Path:
-    """Write rows as CSV (header = COLUMN_KEYS, NaN as an empty cell), atomically: a temporary
-    file in the same folder, then os.replace. An existing file is kept unless overwrite."""
+    """Write rows as CSV (header = COLUMN_KEYS, then SLICE_COLUMN_KEYS when the first row has
+    them; NaN and None as an empty cell), atomically: a temporary file in the same folder,
+    then os.replace. An existing file is kept unless overwrite."""
+    keys = COLUMN_KEYS + (SLICE_COLUMN_KEYS if rows and SLICE_COLUMN_KEYS[0] in rows[0] else ())
     for i, row in enumerate(rows):
-        missing = [k for k in COLUMN_KEYS if k not in row]
+        missing = [k for k in keys if k not in row]
         if missing:
             raise ValueError(f"row {i} lacks column(s) {', '.join(missing)}")
     with atomic_file(path, overwrite) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(COLUMN_KEYS)
+            writer.writerow(keys)
             for row in rows:
-                writer.writerow([csv_cell(row[k]) for k in COLUMN_KEYS])
+                writer.writerow([csv_cell(row[k]) for k in keys])
     return Path(path)
 
 

@@ -10,7 +10,9 @@ needs comes back to the host, in its compact form:
 
     labels uint8 (n, J, I); codes int8 (C - 1, n, J, I) in -108..108 (Slicer's fractional
     labelmap, probability 0 -> -108, 1 -> 108); probabilities float32 (C, n, J, I) only
-    when asked; sums: bodycomp.SUM_KEYS, float64 (n, C) each.
+    when asked; sums: bodycomp.SUM_KEYS, float64 (n, C) each; uncertainty float64 (n,):
+    each slice's mean normalised entropy (core.adapt.slice_uncertainty, the measure the
+    slices to correct are ranked by), from the same probabilities: no extra network pass.
 
 The caller writes each slab out and drops it; ``Accumulator`` keeps the sums, notes and
 device across slabs. torch is imported inside the functions.
@@ -23,7 +25,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums
+from .adapt import suggest_slices
+from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums, with_uncertainty
 from .inference import Cancelled
 
 #: Slices per slab in ``segment``: two default batches. Memory per slab is about
@@ -31,6 +34,8 @@ from .inference import Cancelled
 SLAB_SLICES = 16
 #: Slicer's fractional labelmap range (mrml.segmentation, io.seg_nrrd use the same).
 FRACTIONAL_MIN, FRACTIONAL_MAX = -108, 108
+#: Slices the per-case table marks to correct first (as the panel's "Correct first").
+N_SUGGEST = 3
 
 Predict = Callable[..., Any]
 
@@ -44,21 +49,30 @@ class Slab:
     codes: Optional[np.ndarray]
     probabilities: Optional[np.ndarray]
     sums: Dict[str, np.ndarray]
+    uncertainty: Optional[np.ndarray] = None
 
 
 @dataclass
 class Accumulator:
     """What outlives the slabs: the per-slice sums (small: 6 x 6 float64 per slice), the
-    notes (each once) and the device the network last ran on."""
+    per-slice uncertainty, the notes (each once) and the device the network last ran on."""
 
     slices: List[int] = field(default_factory=list)
     sums: List[Dict[str, np.ndarray]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     device: str = ""
+    uncertainty: List[np.ndarray] = field(default_factory=list)
 
-    def rows(self, spacing_mm: Sequence[float]):
-        """bodycomp rows (per slice and tissue, then "all") for every slice seen so far."""
-        return measures_from_sums(concatenate_sums(self.sums), spacing_mm, self.slices)
+    def rows(self, spacing_mm: Sequence[float], n_suggest: int = N_SUGGEST):
+        """bodycomp rows (per slice and tissue, then "all") for every slice seen so far,
+        with each slice's uncertainty and the n_suggest slices to correct first
+        (bodycomp.with_uncertainty; the rule of core.adapt.suggest_slices)."""
+        rows = measures_from_sums(concatenate_sums(self.sums), spacing_mm, self.slices)
+        if len(self.uncertainty) != len(self.sums) or any(u is None for u in self.uncertainty):
+            return rows                                 # slabs made without it
+        scores = np.concatenate(self.uncertainty) if self.uncertainty else np.zeros(0)
+        return with_uncertainty(rows, self.slices, scores,
+                                suggest_slices(scores, n_suggest, slices=self.slices))
 
 
 def encode_fractional_torch(p):
@@ -80,6 +94,21 @@ def argmax_classes(p):
     import torch
 
     return torch.max(p, dim=0).indices.to(torch.uint8)
+
+
+def slice_entropy(p) -> np.ndarray:
+    """Per-slice uncertainty float64 (n,) of probabilities p (C, n, J, I) (torch, on their
+    device): the mean over the slice's pixels of the normalised entropy (entropy in nats /
+    ln C, 0..1), as core.adapt.slice_uncertainty. One slice at a time: the scratch stays
+    one slice's size."""
+    import torch
+
+    C = int(p.shape[0])
+    out = np.zeros(int(p.shape[1]), np.float64)
+    for s in range(out.size):
+        q = p[:, s].float().clamp(1e-7, 1.0)
+        out[s] = float(-(q * torch.log(q)).sum(dim=0).mean()) / float(np.log(C))
+    return out
 
 
 def slab_sums(p, hu, labels) -> Dict[str, np.ndarray]:
@@ -132,7 +161,8 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
         sums = slab_sums(p, torch.from_numpy(np.ascontiguousarray(hu)).to(p.device), labels)
     return Slab(list(slices), labels.cpu().numpy(),
                 encode_fractional_torch(p[1:]).cpu().numpy() if codes else None,
-                p.float().cpu().numpy() if probabilities_out else None, sums)
+                p.float().cpu().numpy() if probabilities_out else None, sums,
+                slice_entropy(p))
 
 
 def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
@@ -176,6 +206,7 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
         acc.notes.extend(note for note in notes if note not in acc.notes)
         acc.slices.extend(chunk)
         acc.sums.append(slab.sums)
+        acc.uncertainty.append(slab.uncertainty)
         done += len(chunk)
         if progress is not None:
             progress(done, total)

@@ -2,9 +2,11 @@
 
     snapshot_result(scene, seg, ct)               # right after segmenting: remember the result
     ... the user corrects some slices in the Segment Editor ...
-    outcome = improve_from_corrections(scene, ct, seg, model, card, "bundled", "site_model")
+    outcome = improve_from_corrections(scene, ct, seg, model, card, "bundled", "site_model",
+                                       table_node=table)
     # outcome.slices: the slices the user changed; the other slices are re-segmented with
-    # outcome.model, saved at outcome.paths (never over the bundled model)
+    # outcome.model, saved at outcome.paths (never over the bundled model); the measures
+    # table is filled again for the segmentation as it now stands (outcome.rows)
 
 The corrected slices are found by comparing the segmentation's labels with the stored
 original result (a hidden label map node tagged with the segmentation's ID), or given.
@@ -14,7 +16,7 @@ uncertainty_volume adds the normalised entropy of a result's probabilities as an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,8 +24,11 @@ from ..core.adapt import (AdaptCase, AdaptSettings, adapt_model, adapted_card, c
                           check_destination,
                           describe, entropy_map, save_adapted, slice_uncertainty, suggest_slices)
 from .nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, check_ct_volume, ijk_to_ras,
-                    slice_pixel_mm, volume_array)
+                    slice_pixel_mm, spacing_ijk, volume_array)
 from .segmentation import fill_tissue_segmentation, labels_from_segmentation
+from .tables import fill_measures_table, index_rows
+from ..core.bodycomp import concatenate_sums, measures_from_sums, slice_sums
+from ..core.classes import NUM_CLASSES
 from ..core.inference import predict_volume
 
 ORIGINAL_ROLE = "original-result"
@@ -34,7 +39,8 @@ ORIGINAL_OF = "EPDSegmentation.OriginalOf"
 class AdaptOutcome:
     """model, card: the adapted model; paths: (weights, card) written; slices: the corrected
     slices it learned from; resegmented: the slices segmented again with it; summary: one
-    line (loss before / after, time); notes: what happened."""
+    line (loss before / after, time); notes: what happened; rows: the measures of the
+    segmentation as it now stands (measures_after; empty without re-segmenting)."""
 
     model: Any
     card: dict
@@ -43,6 +49,7 @@ class AdaptOutcome:
     resegmented: List[int]
     summary: str
     notes: List[str] = field(default_factory=list)
+    rows: List[Dict[str, object]] = field(default_factory=list)
 
 
 def _grid(volume_node):
@@ -97,6 +104,28 @@ def corrected_slices(scene, seg_node, volume_node) -> Tuple[np.ndarray, List[int
     return labels, slices
 
 
+def measures_after(hu: np.ndarray, labels: np.ndarray, probabilities: Optional[np.ndarray],
+                   predicted: Sequence[int], corrected: Sequence[int], m,
+                   height_m: Optional[float] = None):
+    """The measures-table rows (bodycomp, as Apply makes them) of the segmentation after
+    Improve: the ``predicted`` slices from the adapted model's probabilities (C, n, J, I),
+    one plane per predicted slice (soft and hard areas, HU), the ``corrected`` slices from
+    the user's labels (K, J, I) (soft = hard there: a correction is certain). hu: (K, J, I)
+    HU; m: IJK-to-RAS; with height_m (metres) the indices as well (tables.index_rows)."""
+    where = {int(k): i for i, k in enumerate(predicted)}
+    slices = sorted(set(where) | {int(k) for k in corrected})
+    parts = []
+    for k in slices:
+        if k in where:
+            p = probabilities[:, where[k]:where[k] + 1]
+        else:
+            p = (labels[k][None, None] == np.arange(NUM_CLASSES).reshape(-1, 1, 1, 1))
+            p = p.astype(np.float32)
+        parts.append(slice_sums(p, hu[k:k + 1]))
+    rows = measures_from_sums(concatenate_sums(parts), spacing_ijk(m), slices)
+    return index_rows(rows, height_m) if height_m else rows
+
+
 def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[str, Any],
                              base_model: str, output_path, *,
                              slices: Optional[Sequence[int]] = None,
@@ -104,6 +133,7 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
                              resegment: bool = True,
                              resegment_slices: Optional[Sequence[int]] = None,
                              overwrite: bool = False,
+                             table_node=None, height_m: Optional[float] = None,
                              progress: Optional[Callable[[int, int, str], None]] = None,
                              should_cancel: Optional[Callable[[], bool]] = None) -> AdaptOutcome:
     """Adapt ``model`` to the slices the user corrected in ``seg_node`` (``slices``, default
@@ -111,7 +141,8 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
     never the bundled model), and re-segment the other slices with it (corrected slices are
     kept as the user left them); the result becomes the new original. resegment_slices:
     the slices to segment again (default every slice not corrected; corrected ones are
-    skipped).
+    skipped). table_node: the run's measures table, filled again (as Apply fills it, with the
+    indices for height_m in metres) for the re-segmented and the corrected slices.
 
     progress(done, total, message); should_cancel() raises inference.Cancelled before
     anything is written or changed. Bad input: InputProblem / AdaptError, nothing changed."""
@@ -137,23 +168,29 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
                             command="EPD Segmentation panel: Improve model from corrected slices")
     paths = save_adapted(output_path, result.model, new_card, overwrite=overwrite)
     others: List[int] = []
+    rows: List[Dict[str, object]] = []
     if resegment:
         candidates = range(shape[0]) if resegment_slices is None else sorted(
             {int(k) for k in resegment_slices if 0 <= int(k) < shape[0]})
         others = [k for k in candidates if k not in set(case.slices)]
         if progress is not None:
             progress(steps, steps + 1, f"re-segmenting {len(others)} slice(s)")
+        probabilities = None
         if others:
             pred = predict_volume(hu, pixel_mm, result.model, new_card, device=settings.device,
                                   slices=others, ijk_to_ras=m)
+            probabilities = pred.probabilities
             labels = labels.copy()
-            labels[others] = pred.probabilities.argmax(axis=0).astype(np.uint8)
+            labels[others] = probabilities.argmax(axis=0).astype(np.uint8)
+        rows = measures_after(hu, labels, probabilities, others, case.slices, m, height_m)
         fill_tissue_segmentation(seg_node, labels, m, reference_volume=volume_node)
         snapshot_result(scene, seg_node, volume_node)
+        if table_node is not None:
+            fill_measures_table(table_node, rows, height_m)
     if progress is not None:
         progress(steps + 1, steps + 1, "done")
     return AdaptOutcome(result.model, new_card, paths, list(case.slices), others,
-                        describe(result), result.notes)
+                        describe(result), result.notes, rows)
 
 
 def uncertainty_volume(scene, volume_node, probabilities: np.ndarray, *, n_suggest: int = 3,
