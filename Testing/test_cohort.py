@@ -237,3 +237,30 @@ def test_bad_height_is_a_warning_and_shards_merge(spine_cases, tiny_model_path, 
     # the table is not replaced without --overwrite
     assert main(["segment", str(manifest), "-o", str(out), "--model", str(tiny_model_path),
                  "--level", "L3", "--shard", "0/2"]) == 2
+
+
+def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp_path):
+    """segment_case(protocol=True) sums the HU-protocol areas from its own slabs (the
+    network runs once per slice) and they equal protocol_measures on predict_volume's
+    probabilities for the same slices."""
+    from EPDSegmentationLib.cli.segment import segment_case
+    from EPDSegmentationLib.core.indices import protocol_measures
+    from EPDSegmentationLib.core.inference import predict_volume
+    from EPDSegmentationLib.core.model_io import load_model
+    from EPDSegmentationLib.io import read_volume
+
+    model, card = load_model(str(tiny_model_path) + ".safetensors")
+    calls = []
+    model.register_forward_hook(lambda _m, inp, _o: calls.append(int(inp[0].shape[0])))
+    vol = read_volume(spine_cases / "full.nii.gz")
+    k_idx = [3, 4, 5, 20]
+    result = segment_case(Case("full", spine_cases / "full.nii.gz"), tmp_path / "out", model,
+                          card, slices=",".join(map(str, k_idx)), protocol=True, device="cpu")
+    assert result.ok and sum(calls) == len(k_idx)               # one network pass
+    si, sj, _ = vol.spacing
+    pred = predict_volume(vol.array, (sj, si), model, card, device="cpu", slices=k_idx,
+                          ijk_to_ras=vol.ijk_to_ras)
+    want = protocol_measures(pred.probabilities, vol.array[k_idx], vol.spacing)
+    assert set(result.protocol) == set(want)
+    for key, value in want.items():
+        assert result.protocol[key] == pytest.approx(value, rel=1e-4, abs=1e-4, nan_ok=True)

@@ -203,7 +203,8 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
         return None, row
     result = segment_case(case, out_dir, model, card, device=device, batch_size=batch_size,
                           slices=",".join(str(k) for k in k_idx), overwrite=overwrite,
-                          series_uid=series_uid, progress=progress, volume=vol)
+                          series_uid=series_uid, progress=progress, volume=vol,
+                          protocol=protocol)
     if not result.ok:
         row["message"] = result.message
         return result, row
@@ -215,15 +216,7 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
     table = Path(out_dir) / f"{case.name}_bodycomp.csv"
     if table.is_file():
         row.update(_totals(table))
-    if protocol:
-        from ..core import inference
-        from ..core.indices import protocol_measures
-
-        si, sj, _ = vol.spacing
-        pred = inference.predict_volume(vol.array, (sj, si), model, card, device=device,
-                                        batch_size=batch_size, slices=k_idx,
-                                        ijk_to_ras=vol.ijk_to_ras)
-        row.update(protocol_measures(pred.probabilities, vol.array[k_idx], vol.spacing))
+    row.update(result.protocol)     # summed from segment's own slabs: no second pass
     try:
         metres, source = resolve_height(height, case.info, facts)
     except HeightError as exc:

@@ -44,6 +44,7 @@ import numpy as np
 
 from .. import __version__
 from ..core import bodycomp, inference, stream
+from ..core.indices import protocol_from_sums
 from ..core.atomic import extension
 from ..core.classes import NUM_CLASSES, TISSUES
 from ..core.errors import EPDError, InputError
@@ -87,6 +88,8 @@ class CaseResult:
     seconds: float = 0.0
     #: the traceback of an error nobody expected (a bug), for the terminal; "" otherwise
     traceback: str = ""
+    #: with protocol=True: indices.protocol_from_sums (HU-protocol areas, mean HU)
+    protocol: Dict[str, float] = field(default_factory=dict)
 
 
 def _case_name(path: Path) -> str:
@@ -371,7 +374,8 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                  series_uid: Optional[str] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
                  provenance: Optional[Dict] = None, probabilities: bool = False,
-                 slab_slices: Optional[int] = None, volume=None) -> CaseResult:
+                 slab_slices: Optional[int] = None, volume=None,
+                 protocol: bool = False) -> CaseResult:
     """Segment one case and write its outputs.
 
     The volume is opened with io.sources.open_volume, which checks it slab by slab as
@@ -381,7 +385,8 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     does not grow with the scan. ``volume``: a Volume (or source) the caller already read
     (the cohort finds its level on it first), used instead of opening the file. With
     ``dicom_seg`` the labels and the selected slices' probabilities are held for
-    highdicom, which takes whole arrays.
+    highdicom, which takes whole arrays. ``protocol``: the HU-protocol areas and mean HU
+    too (core.indices), summed from the same slabs, in the result's ``protocol``.
 
     The outputs are written into a staging folder under the case's lock (io/staging.py)
     and moved into ``out_dir`` together only when all succeeded, the completion marker
@@ -438,8 +443,8 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
             next_k = 0
             for slab in stream.stream_slabs(
                     vol, k_idx, predict, slab_slices=slab_slices or stream.SLAB_SLICES,
-                    probabilities=probabilities or dicom_seg, accumulator=acc,
-                    progress=progress):
+                    probabilities=probabilities or dicom_seg, protocol=protocol,
+                    accumulator=acc, progress=progress):
                 for s, k in enumerate(slab.slices):
                     gap = k - next_k
                     hard.fill(gap, 0)
@@ -480,7 +485,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         totals = bodycomp.total_rows(rows)
         result = CaseResult(case, True, "; ".join(acc.notes[1:]), written, k_idx,
                             {c.key: float(totals[c.key]["area_cm2"]) for c in TISSUES
-                             if c.key in totals}, acc.device, time.perf_counter() - t0)
+                             if c.key in totals}, acc.device, time.perf_counter() - t0,
+                            protocol=protocol_from_sums(acc.protocol, vol.spacing)
+                            if protocol else {})
         if seg_failure is not None:
             result.ok = False
             result.message = (f"DICOM SEG not written ({seg_failure.message}); the "

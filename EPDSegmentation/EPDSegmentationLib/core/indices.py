@@ -100,21 +100,40 @@ def protocol_masks(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, np.nd
             "SAT": p[3] * within("SAT"), "VAT": p[4] * within("VAT")}
 
 
+def protocol_slice_sums(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per tissue, float64 (n, 2): each slice's protocol weight (pixels) and weight x HU;
+    what protocol_from_sums needs, so slabs can be measured as they stream past."""
+    h = np.asarray(hu, np.float64)
+    out = {}
+    for key, w in protocol_masks(probabilities, hu).items():
+        w = w.reshape(w.shape[0], -1).astype(np.float64)
+        out[key] = np.stack([w.sum(axis=1), (w * h.reshape(h.shape[0], -1)).sum(axis=1)], 1)
+    return out
+
+
+def protocol_from_sums(sums: Sequence[Dict[str, np.ndarray]],
+                       spacing_mm: Sequence[float]) -> Dict[str, float]:
+    """Protocol areas (cm^2, mean per slice) and mean HU per tissue from protocol_slice_sums
+    of one or more slabs: keys ``protocol_area_cm2_<KEY>`` and ``protocol_hu_mean_<KEY>``."""
+    si, sj = float(spacing_mm[0]), float(spacing_mm[1])
+    out: Dict[str, float] = {}
+    if not sums:
+        return out
+    for key in sums[0]:
+        both = np.concatenate([s[key] for s in sums])
+        n = max(1, both.shape[0])
+        mass, hu_mass = float(both[:, 0].sum()), float(both[:, 1].sum())
+        out[f"protocol_area_cm2_{key}"] = mass * si * sj / 100.0 / n
+        out[f"protocol_hu_mean_{key}"] = hu_mass / mass if mass > 0 else float("nan")
+    return out
+
+
 def protocol_measures(probabilities: np.ndarray, hu: np.ndarray,
                       spacing_mm: Sequence[float]) -> Dict[str, float]:
     """Protocol areas (cm^2, mean per slice) and mean HU per tissue over n slices:
     keys ``protocol_area_cm2_<KEY>`` and ``protocol_hu_mean_<KEY>`` for MUS, IMAT, SAT, VAT.
-    spacing_mm: (I, J, K) voxel size in mm."""
-    si, sj = float(spacing_mm[0]), float(spacing_mm[1])
-    h = np.asarray(hu, np.float64)
-    out: Dict[str, float] = {}
-    n = max(1, np.shape(hu)[0])
-    for key, w in protocol_masks(probabilities, hu).items():
-        mass = float(w.sum(dtype=np.float64))
-        out[f"protocol_area_cm2_{key}"] = mass * si * sj / 100.0 / n
-        out[f"protocol_hu_mean_{key}"] = (float((w * h).sum()) / mass if mass > 0
-                                          else float("nan"))
-    return out
+    probabilities (C, n, J, I), hu (n, J, I) HU; spacing_mm: (I, J, K) voxel size in mm."""
+    return protocol_from_sums([protocol_slice_sums(probabilities, hu)], spacing_mm)
 
 
 def soft_hu_means(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, float]:

@@ -28,6 +28,7 @@ import numpy as np
 from .adapt import suggest_slices
 from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums, with_uncertainty
 from .inference import Cancelled
+from .indices import protocol_slice_sums
 
 #: Slices per slab in ``segment``: two default batches. Memory per slab is about
 #: 6 x 4 bytes x slices x J x I for the probabilities, plus the network's own.
@@ -50,6 +51,8 @@ class Slab:
     probabilities: Optional[np.ndarray]
     sums: Dict[str, np.ndarray]
     uncertainty: Optional[np.ndarray] = None
+    #: indices.protocol_slice_sums of the slab, when asked for (the HU-protocol areas)
+    protocol: Optional[Dict[str, np.ndarray]] = None
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Accumulator:
     notes: List[str] = field(default_factory=list)
     device: str = ""
     uncertainty: List[np.ndarray] = field(default_factory=list)
+    protocol: List[Dict[str, np.ndarray]] = field(default_factory=list)
 
     def rows(self, spacing_mm: Sequence[float], n_suggest: int = N_SUGGEST):
         """bodycomp rows (per slice and tissue, then "all") for every slice seen so far,
@@ -136,9 +140,10 @@ def slab_sums(p, hu, labels) -> Dict[str, np.ndarray]:
 
 
 def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes: bool = True,
-                 probabilities_out: bool = False) -> Slab:
+                 probabilities_out: bool = False, protocol: bool = False) -> Slab:
     """One Slab from probabilities (C, n, J, I) (torch tensor on any device, or NumPy) and
-    the HU (n, J, I) of the same slices. Checks shape and range as bodycomp does."""
+    the HU (n, J, I) of the same slices. Checks shape and range as bodycomp does.
+    protocol: also the slab's HU-protocol sums (indices.protocol_slice_sums)."""
     import torch
 
     p = probabilities if isinstance(probabilities, torch.Tensor) \
@@ -159,10 +164,11 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
         sums = slice_sums(p.numpy(), hu, labels.numpy(), checked=True)
     else:
         sums = slab_sums(p, torch.from_numpy(np.ascontiguousarray(hu)).to(p.device), labels)
+    prot = protocol_slice_sums(p.float().cpu().numpy(), hu) if protocol else None
     return Slab(list(slices), labels.cpu().numpy(),
                 encode_fractional_torch(p[1:]).cpu().numpy() if codes else None,
                 p.float().cpu().numpy() if probabilities_out else None, sums,
-                slice_entropy(p))
+                slice_entropy(p), prot)
 
 
 def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
@@ -171,7 +177,8 @@ def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
 
 def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
                  slab_slices: int = SLAB_SLICES, codes: bool = True,
-                 probabilities: bool = False, accumulator: Optional[Accumulator] = None,
+                 probabilities: bool = False, protocol: bool = False,
+                 accumulator: Optional[Accumulator] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
                  should_cancel: Optional[Callable[[], bool]] = None) -> Iterator[Slab]:
     """Yield one Slab per ``slab_slices`` of the sorted, distinct ``slices`` of hu (K, J, I):
@@ -200,13 +207,15 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
 
         probs, device, notes = predict(chunk, batch_progress, should_cancel)
         slab = slab_outputs(probs, hu[chunk], chunk, codes=codes,
-                            probabilities_out=probabilities)
+                            probabilities_out=probabilities, protocol=protocol)
         del probs
         acc.device = str(device)
         acc.notes.extend(note for note in notes if note not in acc.notes)
         acc.slices.extend(chunk)
         acc.sums.append(slab.sums)
         acc.uncertainty.append(slab.uncertainty)
+        if slab.protocol is not None:
+            acc.protocol.append(slab.protocol)
         done += len(chunk)
         if progress is not None:
             progress(done, total)
