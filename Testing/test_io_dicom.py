@@ -112,7 +112,7 @@ def test_several_series_in_one_folder(tmp_path, phantom_volume):
     with pytest.raises(InputError, match="holds 2 series") as err:
         read_volume(both)
     assert uids[0] in str(err.value) and uids[1] in str(err.value)
-    assert "series b" in str(err.value)
+    assert "series b" in str(err.value) and "--series-uid" in str(err.value)
     picked = read_volume(both, series_uid=uids[1])
     assert picked.meta["series_uid"] == uids[1]
     assert picked.meta["skipped"] == 1

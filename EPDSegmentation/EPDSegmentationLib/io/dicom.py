@@ -259,7 +259,8 @@ def dicom_series(path: Union[str, Path], series_uid: Optional[str] = None):
                                    f"{_describe([_series_summary(u, i) for u, i in groups.items()])}")
         items = groups[series_uid]
     elif len(groups) > 1:
-        raise InputError(path, f"holds {len(groups)} series; pass series_uid= one of: "
+        raise InputError(path, f"holds {len(groups)} series; choose one (epdseg segment "
+                               f"--series-uid, or series_uid in Python): "
                                f"{_describe([_series_summary(u, i) for u, i in groups.items()])}")
     else:
         series_uid, items = next(iter(groups.items()))
