@@ -90,6 +90,29 @@ def input_kind(path: Path) -> str:
 _NIFTI_FLOAT = {16: "f4", 64: "f8"}
 
 
+def nifti_header(head: bytes):
+    """The fields of a NIfTI-1 or NIfTI-2 header (its first 540 bytes) that the readers use:
+    (byte order '<' or '>', header size 348 or 540, dims int64 (8,), datatype code, offset of
+    the voxels, scl_slope, scl_inter); None when ``head`` is not a NIfTI header."""
+    for end in "<>":
+        size = int(np.frombuffer(head[:4], end + "i4")[0]) if len(head) >= 4 else 0
+        if size in (348, 540):
+            break
+    else:
+        return None
+    if size == 348:
+        dims = np.frombuffer(head[40:56], end + "i2").astype(np.int64)
+        code = int(np.frombuffer(head[70:72], end + "i2")[0])
+        offset = int(np.frombuffer(head[108:112], end + "f4")[0])
+        slope, inter = (float(v) for v in np.frombuffer(head[112:120], end + "f4"))
+    else:
+        dims = np.frombuffer(head[16:80], end + "i8")
+        code = int(np.frombuffer(head[12:14], end + "i2")[0])
+        offset = int(np.frombuffer(head[168:176], end + "i8")[0])
+        slope, inter = (float(v) for v in np.frombuffer(head[176:192], end + "f8"))
+    return end, size, dims, code, offset, slope, inter
+
+
 def nifti_nonfinite_count(path: Union[str, Path]) -> int:
     """How many voxels of a float NIfTI-1/-2 file are NaN or infinite, read from the file
     itself (SimpleITK's reader returns them as 0). 0 for integer data."""
@@ -98,21 +121,10 @@ def nifti_nonfinite_count(path: Union[str, Path]) -> int:
     path = Path(path)
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as fh:
-        head = fh.read(540)
-        for end in "<>":
-            size = int(np.frombuffer(head[:4], end + "i4")[0]) if len(head) >= 4 else 0
-            if size in (348, 540):
-                break
-        else:
+        header = nifti_header(fh.read(540))
+        if header is None:
             return 0
-        if size == 348:
-            dtype_code = int(np.frombuffer(head[70:72], end + "i2")[0])
-            dims = np.frombuffer(head[40:56], end + "i2").astype(np.int64)
-            offset = int(np.frombuffer(head[108:112], end + "f4")[0])
-        else:
-            dtype_code = int(np.frombuffer(head[12:14], end + "i2")[0])
-            dims = np.frombuffer(head[16:80], end + "i8")
-            offset = int(np.frombuffer(head[168:176], end + "i8")[0])
+        end, size, dims, dtype_code, offset, _, _ = header
         if dtype_code not in _NIFTI_FLOAT or not 1 <= dims[0] <= 7:
             return 0
         n = int(np.prod(dims[1:dims[0] + 1]))

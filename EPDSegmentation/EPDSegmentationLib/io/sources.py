@@ -37,8 +37,8 @@ from ..core.volume import Volume
 from .dicom import dicom_series, slice_hu
 from .errors import InputError
 from .images import itk_error, itk_geometry
-from .readers import (_check_axes, input_kind, looks_like_mask, mask_error, nonfinite_error,
-                      read_volume)
+from .readers import (_check_axes, input_kind, looks_like_mask, mask_error, nifti_header,
+                      nonfinite_error, read_volume)
 
 #: slices per read while checking a file at open (float32: 16 x 512 x 512 x 4 = 16 MiB)
 CHECK_SLICES = 16
@@ -202,23 +202,10 @@ def _nifti_layout(path: Path):
     NIfTI file, or None for what the streamed reader does not cover."""
     is_gz = path.name.lower().endswith(".gz")
     with (gzip.open if is_gz else open)(path, "rb") as fh:
-        head = fh.read(540)
-    for end in "<>":
-        size = int(np.frombuffer(head[:4], end + "i4")[0]) if len(head) >= 4 else 0
-        if size in (348, 540):
-            break
-    else:
+        header = nifti_header(fh.read(540))
+    if header is None:
         return None
-    if size == 348:
-        dims = np.frombuffer(head[40:56], end + "i2").astype(np.int64)
-        code = int(np.frombuffer(head[70:72], end + "i2")[0])
-        offset = int(np.frombuffer(head[108:112], end + "f4")[0])
-        slope, inter = (float(v) for v in np.frombuffer(head[112:120], end + "f4"))
-    else:
-        dims = np.frombuffer(head[16:80], end + "i8")
-        code = int(np.frombuffer(head[12:14], end + "i2")[0])
-        offset = int(np.frombuffer(head[168:176], end + "i8")[0])
-        slope, inter = (float(v) for v in np.frombuffer(head[176:192], end + "f8"))
+    end, size, dims, code, offset, slope, inter = header
     if code not in _NIFTI_TYPES or not 1 <= dims[0] <= 7:
         return None
     count = int(np.prod(dims[1:dims[0] + 1]))
