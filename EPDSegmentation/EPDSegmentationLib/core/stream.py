@@ -164,11 +164,12 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
         sums = slice_sums(p.numpy(), hu, labels.numpy(), checked=True)
     else:
         sums = slab_sums(p, torch.from_numpy(np.ascontiguousarray(hu)).to(p.device), labels)
-    prot = protocol_slice_sums(p.float().cpu().numpy(), hu) if protocol else None
+    # one float32 host copy serves both the probability output and the protocol sums
+    host = p.float().cpu().numpy() if (probabilities_out or protocol) else None
     return Slab(list(slices), labels.cpu().numpy(),
                 encode_fractional_torch(p[1:]).cpu().numpy() if codes else None,
-                p.float().cpu().numpy() if probabilities_out else None, sums,
-                slice_entropy(p), prot)
+                host if probabilities_out else None, sums, slice_entropy(p),
+                protocol_slice_sums(host, hu) if protocol else None)
 
 
 def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
