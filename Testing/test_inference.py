@@ -225,9 +225,10 @@ def test_streamed_segment_gives_the_areas_of_the_whole_volume_code(
 
 def test_streamed_memory_does_not_grow_with_the_slices(saved_model, tmp_path):
     """Host (NumPy/Python) allocations of a streamed run, reading included, are the same for
-    48 slices as for 6: nothing the size of the scan is held, not even the volume, which
+    48 slices as for 24: nothing the size of the scan is held, not even the volume, which
     is read slab by slab (tracemalloc; torch's own allocations are not traced, the
-    probabilities slab stays the same size anyway)."""
+    probabilities slab stays the same size anyway). Both runs are longer than what the
+    pipeline holds at once (a slab ahead, 16 slices queued for gzip per output)."""
     import tracemalloc
 
     from EPDSegmentationLib.cli.segment import Case, segment_case
@@ -238,7 +239,7 @@ def test_streamed_memory_does_not_grow_with_the_slices(saved_model, tmp_path):
     rng = np.random.default_rng(1)
     m = np.diag([0.8, 0.8, 2.0, 1.0])
     peaks = {}
-    for n in (6, 48):
+    for n in (24, 48):
         hu = rng.normal(-200, 300, (n, 64, 64)).astype(np.int16)
         hu[:, 0, 0], hu[:, 1, 1] = -1000, 400
         write_volume(Volume(hu, m), tmp_path / f"v{n}.nrrd")
@@ -248,9 +249,9 @@ def test_streamed_memory_does_not_grow_with_the_slices(saved_model, tmp_path):
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert result.ok, result.message + result.traceback
-    # before streaming: 6 float32 maps x 42 more slices x 64 x 64 = 4 MiB more, at least;
-    # with the volume read whole: 42 x 64 x 64 float32 = 0.66 MiB more
-    assert peaks[48] - peaks[6] < 0.25 * 2**20, peaks
+    # before streaming: 6 float32 maps x 24 more slices x 64 x 64 = 2.3 MiB more, at least;
+    # with the volume read whole: 24 x 64 x 64 float32 = 0.38 MiB more
+    assert peaks[48] - peaks[24] < 0.25 * 2**20, peaks
 
 
 @pytest.mark.parametrize("k, shape", [(2, (64, 64)), (4, (61, 58)), (3, (10, 11)), (1, (5, 6))])
@@ -266,8 +267,9 @@ def test_fast_upsampling_equals_upsample_soft(k, shape):
 
 
 def test_device_sums_and_labels_equal_bodycomp():
-    """The torch sums (used on GPUs) and labels equal bodycomp.slice_sums and np.argmax,
-    ties included (the first class wins)."""
+    """The torch sums (used on GPUs) and bodycomp.slice_sums (the CPU) equal the sums by
+    their definition, and the torch labels np.argmax, ties included (the first class
+    wins)."""
     from EPDSegmentationLib.core.bodycomp import slice_sums
     from EPDSegmentationLib.core.stream import argmax_classes, slab_sums
 
@@ -280,16 +282,30 @@ def test_device_sums_and_labels_equal_bodycomp():
     labels = argmax_classes(torch.from_numpy(p))
     np.testing.assert_array_equal(labels.numpy(), np.argmax(p, 0))
     got = slab_sums(torch.from_numpy(p), torch.from_numpy(hu), labels)
-    for key, want in slice_sums(p, hu).items():
+    # float64 throughout, from the definition
+    p64, lab = p.astype(np.float64), np.argmax(p, 0)
+    onehot = (lab[None] == np.arange(6).reshape(6, 1, 1, 1)).astype(np.float64)
+    exact, scale = {}, {}
+    for prefix, w in (("p", p64), ("n", onehot)):
+        for suffix, m in (("", 0), ("_hu", 1), ("_hu2", 2)):
+            exact[prefix + suffix] = (w * hu ** m).sum((2, 3)).T
+            scale[prefix + suffix] = (w * np.abs(hu) ** m).sum((2, 3)).T
+    numpy_sums = slice_sums(p, hu)
+    for key, want in exact.items():
         np.testing.assert_allclose(got[key], want, rtol=1e-12, atol=1e-9)
+        # NumPy's soft sums add float32 row partials (HU rounded to float32, about 1e-7
+        # of the sum of the magnitudes); its hard ones are float64
+        tol = 1e-6 * scale[key] if key[0] == "p" else 1e-12 * scale[key] + 1e-9
+        assert (np.abs(numpy_sums[key] - want) <= tol).all(), key
 
 
 @pytest.mark.parametrize("k, shape, pixel", [(4, (3, 61, 58), 0.8), (2, (2, 64, 64), 0.4),
                                              (3, (2, 10, 11), 0.9), (1, (2, 7, 9), 0.3)])
 def test_torch_input_preparation_equals_prepare_slices(k, shape, pixel):
     """The inference path prepares the network input in torch (window, then avg_pool2d in
-    float64 with partial windows at the far edges): bit for bit what prepare_slices
-    (NumPy, epd_image) gives, resampling included."""
+    float32 with partial windows at the far edges): what prepare_slices (NumPy, epd_image,
+    float64 means) gives to a few float32 steps, resampling included; the windowing is
+    bit for bit the same (factor 1: no mean)."""
     from EPDSegmentationLib.core.inference import prepare_slices_torch
 
     card = {"factor": k, "image_mode": "average", "windows": DEFAULT_WINDOWS,
@@ -298,10 +314,66 @@ def test_torch_input_preparation_equals_prepare_slices(k, shape, pixel):
     want, work = prepare_slices(hu, (pixel, pixel), card)
     got, got_work = prepare_slices_torch(hu, (pixel, pixel), card)
     assert got_work == work and got.dtype == torch.float32
-    np.testing.assert_array_equal(got.numpy(), want)
+    if k == 1:
+        np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=3e-7)
 
 
 def test_network_batch_counts_factor_1_slices():
     from EPDSegmentationLib.cli.segment import network_batch
 
     assert [network_batch(8, {"factor": k}) for k in (1, 2, 4)] == [8, 32, 128]
+
+
+class Shifted(torch.nn.Module):
+    """A network whose output is its wrapped network's plus ``shift`` (NaN for None)."""
+
+    def __init__(self, net, shift):
+        super().__init__()
+        self.net, self.shift = net, shift
+
+    def forward(self, x):
+        return self.net(x) + (float("nan") if self.shift is None else self.shift)
+
+
+@pytest.mark.parametrize("shift", [1.5, -1.0, None])
+def test_a_model_out_of_range_is_refused_before_upsampling(saved_model, volume, shift):
+    """The range check is made once on the network's own output (slab_predictor), and by
+    the stream itself for a predictor that does not make it."""
+    from EPDSegmentationLib.core.inference import slab_predictor
+    from EPDSegmentationLib.core.stream import stream_slabs
+
+    model, card = saved_model
+    bad = Shifted(model, shift)
+    predict = slab_predictor(volume, (0.8, 0.8), bad, card, device="cpu", batch_size=2)
+    assert predict.range_checked
+    with pytest.raises(ValueError, match="finite and lie in 0..1; found (nan|-0.9|1.5)"):
+        list(stream_slabs(volume, [0, 1, 2], predict))
+
+    def plain(slices, progress=None, should_cancel=None):     # another predictor
+        good = slab_predictor(volume, (0.8, 0.8), model, card, device="cpu")
+        probs, device, notes = good(slices)
+        return probs + (float("nan") if shift is None else shift), device, notes
+
+    with pytest.raises(ValueError, match="finite and lie in 0..1"):
+        list(stream_slabs(volume, [0, 1, 2], plain))
+
+
+def test_stream_progress_never_goes_back_and_slabs_come_in_order(saved_model, volume):
+    """The network runs a slab ahead of the outputs (a worker thread): progress still only
+    grows, ends at the total, and the slabs come out in order with their own HU."""
+    from EPDSegmentationLib.core.inference import slab_predictor
+    from EPDSegmentationLib.core.stream import Accumulator, stream_slabs
+
+    model, card = saved_model
+    predict = slab_predictor(volume, (0.8, 0.8), model, card, device="cpu", batch_size=1)
+    seen, acc = [], Accumulator()
+    slabs = list(stream_slabs(volume, [4, 0, 1, 3], predict, slab_slices=2, accumulator=acc,
+                              progress=lambda d, t: seen.append((d, t))))
+    assert [s.slices for s in slabs] == [[0, 1], [3, 4]] and acc.slices == [0, 1, 3, 4]
+    assert seen == sorted(seen) and len(set(seen)) == len(seen) and seen[-1] == (4, 4)
+    whole = predict_volume(volume, (0.8, 0.8), model, card, device="cpu", slices=[0, 1, 3, 4])
+    for i, slab in enumerate(slabs):
+        np.testing.assert_array_equal(slab.hu, volume[slab.slices])
+        np.testing.assert_array_equal(
+            slab.labels, np.argmax(whole.probabilities[:, 2 * i:2 * i + 2], 0))

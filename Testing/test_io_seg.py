@@ -210,3 +210,30 @@ def test_writer_checks_its_input(tmp_path, phantom):
     path = write_seg_nrrd(tmp_path / "a.seg.nrrd", labels.array, labels.ijk_to_ras)
     with pytest.raises(FileExistsError):
         write_seg_nrrd(path, labels.array, labels.ijk_to_ras)
+
+
+def test_streamed_seg_nrrd_compresses_in_order_in_its_thread(tmp_path, monkeypatch, phantom):
+    """seg_nrrd_slices compresses in a thread of its own: the file holds the slices in the
+    order written (more than the queue holds), each as it was when written (the caller may
+    reuse its array), equal to write_seg_nrrd's; an error leaves no file behind."""
+    from EPDSegmentationLib.io import nrrd_stream
+    from EPDSegmentationLib.io.seg_nrrd import read_seg_nrrd, seg_nrrd_slices
+
+    monkeypatch.setattr(nrrd_stream.SliceWriter, "MAX_PENDING", 2)
+    labels = phantom[0]
+    K = labels.array.shape[0]
+    buf = np.empty((1,) + labels.array.shape[1:], np.uint8)
+    with seg_nrrd_slices(tmp_path / "s.seg.nrrd", labels.ijk_to_ras, labels.array.shape) as out:
+        out.fill(1, 0)
+        for k in range(1, K):
+            buf[0] = labels.array[k]
+            out.write(buf)
+            buf[:] = 5                                  # reused at once
+    want = labels.array.copy()
+    want[0] = 0
+    np.testing.assert_array_equal(read_seg_nrrd(tmp_path / "s.seg.nrrd").array, want)
+    with pytest.raises(ValueError, match="never written"):
+        with seg_nrrd_slices(tmp_path / "t.seg.nrrd", labels.ijk_to_ras,
+                             labels.array.shape) as out:
+            out.fill(2, 0)
+    assert not list(tmp_path.glob("t*"))

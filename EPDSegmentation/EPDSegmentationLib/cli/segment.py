@@ -455,9 +455,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                         prob.fill(gap, 0.0)
                         prob.write(np.moveaxis(slab.probabilities[:, s:s + 1], 0, -1))
                     next_k = k + 1
-                    if k == shown:     # the slab just read is still held by the source
+                    if k == shown:
                         shown_labels = slab.labels[s]
-                        shown_hu = vol[slab.slices][s].copy()
+                        shown_hu = slab.hu[s].copy()
                 if held is not None:
                     held.add(slab)
             for writer, value in ((hard, 0), (soft, stream.FRACTIONAL_MIN), (prob, 0.0)):

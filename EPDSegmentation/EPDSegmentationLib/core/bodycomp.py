@@ -129,20 +129,25 @@ def slice_sums(probabilities, hu, labels: Optional[np.ndarray] = None,
     argmax (n, J, I) when the caller has it already (core.stream), else computed here;
     checked: the probabilities were checked already (shape, finite, 0..1)."""
     p = np.asarray(probabilities) if checked else _check_probabilities(probabilities)
-    h = np.asarray(hu, np.float64)
+    h = np.asarray(hu)
     if h.shape != p.shape[1:]:
         raise ValueError(f"hu {h.shape} does not match probabilities {p.shape[1:]} (n, J, I)")
     n_slices, C = p.shape[1], p.shape[0]
     out = {k: np.zeros((n_slices, C), np.float64) for k in SUM_KEYS}
     hard = np.argmax(p, axis=0) if labels is None else np.asarray(labels)
-    for s in range(n_slices):  # one slice at a time keeps the float64 scratch small
-        hs = h[s].ravel()
-        hs2 = hs * hs
-        # the three soft sums as one float64 matrix product (C, J*I) @ (J*I, 3): one pass
-        # over the probabilities instead of three
-        ps = p[:, s].reshape(C, -1).astype(np.float64)
-        soft = ps @ np.stack([np.ones_like(hs), hs, hs2], axis=1)
+    # float32 probabilities: per-row partial sums in float32 (a row of I pixels, relative
+    # rounding about 1e-7), the rows added in float64; no float64 copy of the probabilities
+    work = np.float32 if p.dtype == np.float32 else np.float64
+    for s in range(n_slices):  # one slice at a time keeps the scratch small
+        hw = h[s].astype(work, copy=False)
+        # the three soft sums as one matrix product per row, (J, C, I) @ (J, I, 3): one
+        # pass over the probabilities instead of three
+        rows = np.matmul(p[:, s].transpose(1, 0, 2),
+                         np.stack([np.ones_like(hw), hw, hw * hw], axis=-1))
+        soft = rows.sum(axis=0, dtype=np.float64)                           # (C, 3)
         out["p"][s], out["p_hu"][s], out["p_hu2"][s] = soft[:, 0], soft[:, 1], soft[:, 2]
+        hs = h[s].astype(np.float64).ravel()
+        hs2 = hs * hs
         lab = hard[s].ravel()
         out["n"][s] = np.bincount(lab, minlength=C)
         out["n_hu"][s] = np.bincount(lab, weights=hs, minlength=C)

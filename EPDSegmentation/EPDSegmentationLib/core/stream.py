@@ -20,6 +20,7 @@ device across slabs. torch is imported inside the functions.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from .adapt import suggest_slices
 from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums, with_uncertainty
-from .inference import Cancelled
+from .inference import Cancelled, check_probability_range
 from .indices import protocol_slice_sums
 
 #: Slices per slab in ``segment``: two default batches. Memory per slab is about
@@ -53,6 +54,8 @@ class Slab:
     uncertainty: Optional[np.ndarray] = None
     #: indices.protocol_slice_sums of the slab, when asked for (the HU-protocol areas)
     protocol: Optional[Dict[str, np.ndarray]] = None
+    #: the HU (n, J, I) the slab was measured on (read only: the source's array)
+    hu: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -85,9 +88,10 @@ def encode_fractional_torch(p):
     import torch
 
     steps = FRACTIONAL_MAX - FRACTIONAL_MIN
-    # one scratch tensor, the rest in place (5 full-size temporaries before)
-    q = p.float().clamp(0.0, 1.0)
-    return q.mul_(steps).add_(FRACTIONAL_MIN).round_().to(torch.int8)
+    # one scratch tensor, the rest in place; clamping the codes rather than the
+    # probabilities gives the same values (p*216-108 is monotonic) and saves a pass
+    q = p.float().mul(steps)
+    return q.add_(FRACTIONAL_MIN).clamp_(FRACTIONAL_MIN, FRACTIONAL_MAX).round_().to(torch.int8)
 
 
 def argmax_classes(p):
@@ -140,10 +144,13 @@ def slab_sums(p, hu, labels) -> Dict[str, np.ndarray]:
 
 
 def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes: bool = True,
-                 probabilities_out: bool = False, protocol: bool = False) -> Slab:
+                 probabilities_out: bool = False, protocol: bool = False,
+                 range_checked: bool = False) -> Slab:
     """One Slab from probabilities (C, n, J, I) (torch tensor on any device, or NumPy) and
-    the HU (n, J, I) of the same slices. Checks shape and range as bodycomp does.
-    protocol: also the slab's HU-protocol sums (indices.protocol_slice_sums)."""
+    the HU (n, J, I) of the same slices. Checks shape, and range as bodycomp does unless
+    ``range_checked`` (inference.slab_predictor checks the network's low-resolution output,
+    which upsampling cannot take out of range). protocol: also the slab's HU-protocol sums
+    (indices.protocol_slice_sums)."""
     import torch
 
     p = probabilities if isinstance(probabilities, torch.Tensor) \
@@ -154,13 +161,10 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
                          f"expected (C, {n}) + {tuple(hu.shape[1:])}")
     if not p.is_floating_point():
         raise ValueError(f"probabilities must be floating point; got {p.dtype}")
-    lo, hi = torch.aminmax(p)
-    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))) \
-            or float(lo) < -1e-3 or float(hi) > 1 + 1e-3:
-        raise ValueError(f"probabilities must be finite and lie in 0..1; found "
-                         f"{float(lo):.4g}..{float(hi):.4g}")
+    if not range_checked:
+        check_probability_range(p)
     labels = argmax_classes(p)
-    if p.device.type == "cpu":      # NumPy's float64 sums measured 5 x faster there
+    if p.device.type == "cpu":      # NumPy's sums measured faster there (bodycomp)
         sums = slice_sums(p.numpy(), hu, labels.numpy(), checked=True)
     else:
         sums = slab_sums(p, torch.from_numpy(np.ascontiguousarray(hu)).to(p.device), labels)
@@ -169,7 +173,7 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
     return Slab(list(slices), labels.cpu().numpy(),
                 encode_fractional_torch(p[1:]).cpu().numpy() if codes else None,
                 host if probabilities_out else None, sums, slice_entropy(p),
-                protocol_slice_sums(host, hu) if protocol else None)
+                protocol_slice_sums(host, hu) if protocol else None, hu)
 
 
 def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
@@ -190,34 +194,81 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
     notes) (inference.slab_predictor, or the Slicer module's predictor). The accumulator,
     when given, collects slices, sums, notes and device as slabs pass. progress(done, total)
     in slices after each batch; should_cancel() between slabs and batches raises Cancelled.
+
+    On the CPU a slab's outputs (argmax, codes, sums) are made in a worker thread while
+    the network runs on the next slab, and the caller writes the slab before (its gzip and
+    NumPy work release the GIL too): the per-pixel work at full resolution is mostly
+    single-threaded and the network's small layers do not keep both cores busy either
+    (docs/benchmarks.md). Slabs come out in order; predict, progress and should_cancel are
+    called from the calling thread only (the Slicer module's progress touches Qt). At most
+    two slabs' probabilities are held at once. A source with ``prefetch`` (io.sources)
+    reads the next slab while this one is predicted.
     """
     if not isinstance(slab_slices, int) or slab_slices < 1:
         raise ValueError(f"slab_slices must be a positive int; got {slab_slices!r}")
     order = sorted(set(int(k) for k in slices))
     acc = accumulator if accumulator is not None else Accumulator()
     total = len(order)
+    checked = bool(getattr(predict, "range_checked", False))
+    progress = _monotonic(progress)     # the network runs a slab ahead of the outputs
     done = 0
-    for chunk in _slabs(order, slab_slices):
-        if should_cancel is not None and should_cancel():
-            raise Cancelled(f"cancelled after {done} of {total} slices")
-        offset = done
+    pending = None         # (future or Slab, device, notes) of the slab before
+    chunks = _slabs(order, slab_slices)
+    prefetch = getattr(hu, "prefetch", None)        # io.sources: read the next slab ahead
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="epd-slab") as pool:
+        for i, chunk in enumerate(chunks):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled after {done} of {total} slices")
+            offset = done
 
-        def batch_progress(n_done, _total, offset=offset):
-            if progress is not None:
-                progress(offset + int(n_done), total)
+            def batch_progress(n_done, _total, offset=offset):
+                if progress is not None:
+                    progress(offset + int(n_done), total)
 
-        probs, device, notes = predict(chunk, batch_progress, should_cancel)
-        slab = slab_outputs(probs, hu[chunk], chunk, codes=codes,
-                            probabilities_out=probabilities, protocol=protocol)
-        del probs
-        acc.device = str(device)
-        acc.notes.extend(note for note in notes if note not in acc.notes)
-        acc.slices.extend(chunk)
-        acc.sums.append(slab.sums)
-        acc.uncertainty.append(slab.uncertainty)
-        if slab.protocol is not None:
-            acc.protocol.append(slab.protocol)
-        done += len(chunk)
-        if progress is not None:
-            progress(done, total)
-        yield slab
+            probs, device, notes = predict(chunk, batch_progress, should_cancel)
+            args = (probs, hu[chunk], chunk)
+            if prefetch is not None and i + 1 < len(chunks):
+                prefetch(chunks[i + 1])
+            kwargs = dict(codes=codes, probabilities_out=probabilities, protocol=protocol,
+                          range_checked=checked)
+            # NumPy arrays (other predictors) and CPU tensors; NumPy 2's .device is "cpu"
+            on_cpu = getattr(getattr(probs, "device", None), "type", "cpu") == "cpu"
+            job = pool.submit(slab_outputs, *args, **kwargs) if on_cpu \
+                else slab_outputs(*args, **kwargs)
+            del probs, args
+            if pending is not None:
+                yield _collect(pending, acc, total, progress)
+            pending = (job, device, notes)
+            done += len(chunk)
+        if pending is not None:
+            yield _collect(pending, acc, total, progress)
+
+
+def _monotonic(progress):
+    """progress(done, total) that never goes back (None stays None)."""
+    if progress is None:
+        return None
+    shown = [-1]
+
+    def report(n_done: int, total: int) -> None:
+        if n_done > shown[0]:
+            shown[0] = n_done
+            progress(n_done, total)
+
+    return report
+
+
+def _collect(pending, acc: Accumulator, total: int, progress) -> Slab:
+    """The Slab of a (future or Slab, device, notes), added to the accumulator."""
+    job, device, notes = pending
+    slab = job.result() if isinstance(job, Future) else job
+    acc.device = str(device)
+    acc.notes.extend(note for note in notes if note not in acc.notes)
+    acc.slices.extend(slab.slices)
+    acc.sums.append(slab.sums)
+    acc.uncertainty.append(slab.uncertainty)
+    if slab.protocol is not None:
+        acc.protocol.append(slab.protocol)
+    if progress is not None:
+        progress(len(acc.slices), total)
+    return slab

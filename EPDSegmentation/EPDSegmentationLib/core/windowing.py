@@ -49,7 +49,7 @@ def window_channels(hu, windows: Sequence[Sequence] = DEFAULT_WINDOWS):
         x = hu.float().unsqueeze(-3)
         lo = torch.tensor([w[1] for w in windows], device=x.device).reshape(-1, 1, 1)
         hi = torch.tensor([w[2] for w in windows], device=x.device).reshape(-1, 1, 1)
-        return ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
+        return (x - lo).div_(hi - lo).clamp_(0.0, 1.0)      # one scratch, the rest in place
     x = np.asarray(hu, dtype=np.float32)[..., None, :, :]
     lo = np.array([w[1] for w in windows], np.float32).reshape(-1, 1, 1)
     hi = np.array([w[2] for w in windows], np.float32).reshape(-1, 1, 1)

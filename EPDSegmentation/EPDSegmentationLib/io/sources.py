@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -58,6 +59,8 @@ class VolumeSource:
         self.meta = meta
         self.hu_range: Tuple[float, float] = (float("nan"), float("nan"))
         self._last: Optional[Tuple[Tuple[int, ...], np.ndarray]] = None
+        self._ahead: Optional[Tuple[Tuple[int, ...], Future]] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     # the geometry read as Volume gives it
     spacing = Volume.spacing
@@ -78,11 +81,42 @@ class VolumeSource:
         key = tuple(ks)
         if self._last is not None and self._last[0] == key:
             return self._last[1]
-        out = self._gather(ks)
+        out = self._wait_ahead(key)
+        if out is None:
+            out = self._gather(ks)
         if np.ndim(slices) == 0:
             return out[0]
         self._last = (key, out)
         return out
+
+    def prefetch(self, slices) -> None:
+        """Start reading the slices listed in a thread of its own, so that decompressing
+        the next slab overlaps the network's work on this one (core.stream calls it);
+        ``source[slices]`` then takes what it read. One read at a time: any access waits
+        for it first."""
+        ks = [int(k) for k in slices]
+        if not ks:
+            return
+        self._wait_ahead(None)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epd-read")
+        self._ahead = (tuple(ks), self._pool.submit(self._gather, ks))
+
+    def _wait_ahead(self, key):
+        """The slices read ahead if they are the ones listed in ``key``, else None; either
+        way the read has ended (one read of the file at a time). Its error comes back only
+        with the slices it was reading."""
+        if self._ahead is None:
+            return None
+        ahead, job = self._ahead
+        self._ahead = None
+        if ahead == key:
+            return job.result()
+        try:
+            job.result()
+        except Exception:               # noqa: BLE001 - nobody asked for those slices
+            pass
+        return None
 
     def _gather(self, ks: List[int]) -> np.ndarray:
         bad = [k for k in ks if not 0 <= k < self.shape[0]]
@@ -108,6 +142,10 @@ class VolumeSource:
                       dict(self.meta))
 
     def close(self) -> None:
+        self._wait_ahead(None)              # a read in flight ends before the file closes
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._last = None
 
     def __enter__(self):
@@ -130,6 +168,9 @@ class WholeSource(VolumeSource):
 
     def _read(self, k0: int, n: int) -> np.ndarray:
         return self.volume.array[k0:k0 + n]
+
+    def prefetch(self, slices) -> None:
+        """Nothing to read ahead: the volume is in memory."""
 
     def __getitem__(self, slices) -> np.ndarray:
         arr = self.volume.array
@@ -269,7 +310,7 @@ class FileSource(VolumeSource):
         header (NRRD) or at the file's start (.nii.gz) and is read forward; a step back
         opens it again rather than letting GzipFile rewind to the file's start."""
         if self._fh is not None and self._gz and pos < self._fh.tell():
-            self.close()
+            self._close_files()
         if self._fh is None:
             raw = open(self._data, "rb")
             if self._gz:
@@ -309,6 +350,9 @@ class FileSource(VolumeSource):
 
     def close(self) -> None:
         super().close()
+        self._close_files()
+
+    def _close_files(self) -> None:
         for fh in (self._fh, self._raw):
             if fh is not None:
                 fh.close()
