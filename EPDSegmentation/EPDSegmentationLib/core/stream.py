@@ -225,17 +225,20 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
                 if progress is not None:
                     progress(offset + int(n_done), total)
 
-            probs, device, notes = predict(chunk, batch_progress, should_cancel)
-            args = (probs, hu[chunk], chunk)
+            # this slab read (or taken from the read ahead), the next one started, so that it
+            # is read while the network runs; predict then finds this one kept by the source
+            hu_chunk = hu[chunk]
             if prefetch is not None and i + 1 < len(chunks):
                 prefetch(chunks[i + 1])
+            probs, device, notes = predict(chunk, batch_progress, should_cancel)
+            args = (probs, hu_chunk, chunk)
             kwargs = dict(codes=codes, probabilities_out=probabilities, protocol=protocol,
                           range_checked=checked)
             # NumPy arrays (other predictors) and CPU tensors; NumPy 2's .device is "cpu"
             on_cpu = getattr(getattr(probs, "device", None), "type", "cpu") == "cpu"
             job = pool.submit(slab_outputs, *args, **kwargs) if on_cpu \
                 else slab_outputs(*args, **kwargs)
-            del probs, args
+            del probs, args, hu_chunk
             if pending is not None:
                 yield _collect(pending, acc, total, progress)
             pending = (job, device, notes)
