@@ -177,7 +177,15 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
 
 
 def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
-    return [list(slices[i:i + size]) for i in range(0, len(slices), size)]
+    """Runs of ``size`` slices, the last cut so that it holds at most a quarter slab: its
+    outputs are the ones nothing overlaps (stream_slabs), so a short last slab shortens
+    the run's tail."""
+    out = [list(slices[i:i + size]) for i in range(0, len(slices), size)]
+    tail = max(1, size // 4)
+    if out and len(out[-1]) > tail:
+        last = out.pop()
+        out += [last[:-tail], last[-tail:]]
+    return out
 
 
 def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
