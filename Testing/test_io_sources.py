@@ -221,3 +221,55 @@ def test_prefetched_slabs_equal_direct_reads(tmp_path, ct, kind):
             src[[99]]
         src.prefetch([98])                  # and only there
         np.testing.assert_array_equal(src[[0]], whole.array[[0]])
+
+
+@pytest.mark.parametrize("kind", ["nrrd gzip int16", "nii float32", "dicom"])
+def test_deferred_checks_read_each_slice_once_and_conclude_alike(tmp_path, ct, kind,
+                                                                 monkeypatch):
+    """open_volume(defer_checks=True) reads nothing to check; the checks ride along with the
+    slices read (each read once in a forward pass, as segment streams them), and
+    complete_checks reads only the rest: the same HU range and DICOM meta as checking at
+    opening."""
+    path = _write(kind, ct, tmp_path)
+    reads = []
+    if kind == "dicom":
+        slice_of = DicomSource.slice
+        monkeypatch.setattr(DicomSource, "slice",
+                            lambda self, k: reads.append(k) or slice_of(self, k))
+    else:
+        stored = FileSource.read_stored
+        monkeypatch.setattr(FileSource, "read_stored", lambda self, k0, n: reads.extend(
+            range(k0, k0 + n)) or stored(self, k0, n))
+    whole = read_volume(path)
+    reads.clear()
+    with open_volume(path) as src:
+        want = (src.hu_range, src.meta.get("transfer_syntaxes"), src.meta.get("padding_voxels"))
+    assert sorted(reads) == list(range(37))
+    reads.clear()
+    with open_volume(path, defer_checks=True) as src:
+        assert reads == [] and np.isnan(src.hu_range[0])
+        for ks in ([0, 1, 2, 3], [4, 5, 6], [20, 21]):
+            src.prefetch(ks)
+            np.testing.assert_array_equal(src[ks], whole.array[ks])
+        src.complete_checks()
+        src.complete_checks()                           # once is enough
+        got = (src.hu_range, src.meta.get("transfer_syntaxes"), src.meta.get("padding_voxels"))
+    assert got == want
+    assert sorted(reads) == list(range(37))             # every slice read once
+
+
+def test_deferred_checks_give_the_same_errors_at_the_end(tmp_path, ct):
+    """A mask or a NIfTI with NaN voxels opens with defer_checks; complete_checks then fails
+    with read_volume's message, every time it is asked."""
+    nan = ct.array.copy()
+    nan[30, 2, 3] = np.nan
+    mask = (ct.array > 0).astype(np.uint8)
+    cases = [write_volume(ct.with_array(nan), tmp_path / "nan.nii"),
+             write_volume(ct.with_array(mask), tmp_path / "mask.nrrd")]
+    for path in cases:
+        with open_volume(path, defer_checks=True) as src:
+            src[[0, 1]]
+            for _ in range(2):
+                with pytest.raises(InputError) as err:
+                    src.complete_checks()
+                assert str(err.value) == _error(read_volume, path)

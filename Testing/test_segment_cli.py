@@ -569,3 +569,22 @@ def test_a_path_with_letters_beyond_ascii_is_segmented(cases, tiny_model_path, t
                 "1") == 0
     seg = next(out.glob("*.seg.nrrd"))
     assert read_seg_nrrd(seg).array.shape == read_volume(cases / "ct_a.nii.gz").array.shape
+
+
+def test_nan_voxels_are_named_even_when_the_network_ran_on_them(phantom_volume,
+                                                                 tiny_model_path, tmp_path,
+                                                                 capsys):
+    """segment reads each slice once, checking it as it streams; NaN voxels in a segmented
+    slice make the network's output NaN first, but the message names the input's problem
+    (read_volume's), and nothing is written."""
+    from EPDSegmentationLib.io.readers import nonfinite_error
+
+    hu, _ = phantom_volume
+    arr = hu.array.copy()
+    arr[1, 40:44, 40:44] = np.nan
+    bad = write_volume(hu.with_array(arr), tmp_path / "nan.nii.gz")
+    out = tmp_path / "out"
+    assert _run(bad, "-o", out, "--model", tiny_model_path) == 1
+    err = capsys.readouterr().err
+    assert str(nonfinite_error(bad, 16)) in err and "must be finite" not in err
+    assert not out.exists() or list(out.iterdir()) == []

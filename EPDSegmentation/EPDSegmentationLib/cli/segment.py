@@ -19,8 +19,11 @@ Per case (``<case>`` = file or folder name) in the output folder:
 
 Slices not asked for stay empty (label 0, probability 0). Nothing is overwritten unless
 ``overwrite``: a case whose outputs exist is reported (complete or incomplete) and skipped.
-Every check that can be made before the network runs is made first (readable, CT in HU by
-the module's rule volume.hu_range_problem, DICOM sources a SEG can reference). The outputs
+The checks that need no pixels are made before the network runs (readable, the geometry,
+DICOM sources a SEG can reference); those that need every voxel (CT in HU by the module's
+rule volume.hu_range_problem, a mask, NaN voxels) ride along with the stream, which reads
+each slice once, and are concluded before anything is written: a bad input fails with the
+same message, after the network ran rather than before (docs/benchmarks.md). The outputs
 are staged and committed together under a per-case lock (io/staging.py): a case that fails
 or is interrupted leaves the folder as it was (old outputs included), and two runs on one
 folder never touch each other's files. A DICOM SEG failure keeps the other outputs. In a batch, a bad
@@ -35,7 +38,7 @@ from __future__ import annotations
 import re
 import time
 import traceback
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -378,8 +381,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                  protocol: bool = False) -> CaseResult:
     """Segment one case and write its outputs.
 
-    The volume is opened with io.sources.open_volume, which checks it slab by slab as
-    read_volume would and then gives a slab of HU slices at a time; each slab of selected
+    The volume is opened with io.sources.open_volume, its checks deferred: they are made
+    on each slab as it is read, completed on the slices not selected at the end, and a
+    failed check is reported in place of any error it caused; each slab of selected
     slices is read, predicted, upsampled and measured on the device, and appended to the
     .seg.nrrd files (and, with ``probabilities``, the float32 probability NRRD), so memory
     does not grow with the scan. ``volume``: a Volume (or source) the caller already read
@@ -411,11 +415,12 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
             return CaseResult(case, False, _existing_message(state, present, case.name))
         paths = {role: stage.path(role) for role in roles}
         # volume: the case already read by the caller (the cohort finds its level first)
+        # the file's checks ride along with the stream (each slice read once) and are
+        # completed before anything is written out; an empty volume fails at once
         vol = as_source(volume) if volume is not None else open_volume(
-            case.path, case.series_uid or series_uid)
-        problem = ct_problem(vol)
-        if problem:
-            raise InputError(case.path, problem)
+            case.path, case.series_uid or series_uid, defer_checks=True)
+        if int(np.prod(vol.shape)) == 0:
+            raise InputError(case.path, ct_problem(vol))
         sources = dicom_seg_sources(vol, case.path) if dicom_seg else None
         k_idx = parse_slices(slices, vol.shape[0])
         shown = overlay_slice if overlay_slice is not None else k_idx[len(k_idx) // 2]
@@ -432,6 +437,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         prov = case_provenance(case, vol, card, provenance)
         header = nrrd_provenance(prov)
         with ExitStack() as files:
+            files.enter_context(_input_problems_first(vol, case.path))
             hard = files.enter_context(seg_nrrd_slices(
                 paths["segmentation"], vol.ijk_to_ras, grid, provenance=header))
             soft = files.enter_context(seg_nrrd_slices(
@@ -463,6 +469,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
             for writer, value in ((hard, 0), (soft, stream.FRACTIONAL_MIN), (prob, 0.0)):
                 if writer is not None:
                     writer.fill(grid[0] - next_k, value)
+            _input_problem_first(vol, case.path)
         rows = acc.rows(vol.spacing)
         bodycomp.measures_to_csv(rows, paths["table"])
         slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
@@ -500,6 +507,28 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         stage.abort()
         if vol is not None:
             vol.close()
+
+
+@contextmanager
+def _input_problems_first(vol, path):
+    """On an error (not an interrupt), report the input's own problem instead if it has one
+    (a mask, NaN voxels, not CT: what made the network's output bad)."""
+    try:
+        yield
+    except Exception:
+        _input_problem_first(vol, path)
+        raise
+
+
+def _input_problem_first(vol, path) -> None:
+    """Complete the source's checks (io.sources: the slices not streamed are read now) and
+    raise InputError if the volume cannot be segmented: not CT in HU, a mask, NaN voxels,
+    as read_volume and the CT check say it at opening."""
+    if isinstance(vol, VolumeSource):
+        vol.complete_checks()
+    problem = ct_problem(vol)
+    if problem:
+        raise InputError(path, problem)
 
 
 def network_batch(batch_size: int, card: Dict) -> int:

@@ -6,7 +6,9 @@ read_volume's), ``hu_range`` (min, max HU over every voxel) and ``source[slices]
 float32 HU (n, J, I) of the listed slices. Opening reads the whole file once, a slab at a
 time, to make every check read_volume makes (sheared axes, NaN or infinity in a NIfTI, a
 mask or label map, DICOM decoding, padding), with the same messages, and to find the HU
-range for the CT check; nothing the size of the scan is kept. Reading slices in ascending
+range for the CT check; nothing the size of the scan is kept. With ``defer_checks`` the
+checks ride along with the slices read instead and ``complete_checks()`` concludes them, so
+a forward pass reads each slice once (``segment``). Reading slices in ascending
 order (as core.stream does) moves forward through the file: raw data is read at its offset,
 gzip data is decompressed sequentially (a step back restarts the decompression). The last
 slab read is kept, so the stream's predictor and its statistics read each slab once.
@@ -61,6 +63,11 @@ class VolumeSource:
         self._last: Optional[Tuple[Tuple[int, ...], np.ndarray]] = None
         self._ahead: Optional[Tuple[Tuple[int, ...], Future]] = None
         self._pool: Optional[ThreadPoolExecutor] = None
+        # the checks opening makes, while they are still to be completed (open_volume's
+        # defer_checks): a _Checks, the slices not yet seen, and the final verdict
+        self._checks: Optional["_Checks"] = None
+        self._unchecked: Optional[np.ndarray] = None
+        self._verdict = None
 
     # the geometry read as Volume gives it
     spacing = Volume.spacing
@@ -135,6 +142,49 @@ class VolumeSource:
 
     def _read(self, k0: int, n: int) -> np.ndarray:
         raise NotImplementedError
+
+    def _check_read(self, k0: int, n: int) -> None:
+        """Read slices k0..k0+n-1 only to check them (complete_checks)."""
+        self._read(k0, n)
+
+    def _new_slices(self, k0: int, n: int) -> Optional[slice]:
+        """The part of k0..k0+n-1 (relative to k0) not yet checked, marking it checked; None
+        when the checks are complete. Slices are read forward, so that part is a run."""
+        if self._unchecked is None:
+            return None
+        new = np.flatnonzero(self._unchecked[k0:k0 + n])
+        if not new.size:
+            return None
+        self._unchecked[k0 + new] = False
+        return slice(int(new[0]), int(new[-1]) + 1)
+
+    def complete_checks(self) -> None:
+        """Make the checks opening makes (read_volume's: NaN or infinity in a NIfTI, a mask,
+        DICOM decoding and padding) on the slices not read yet, and their verdict on the
+        whole volume: InputError with read_volume's message, else ``hu_range`` (and the
+        DICOM meta that come with the pixels) are set. A no-op once done; open_volume makes
+        them at once unless told to defer them, so that ``segment`` reads each slice once
+        (the checks ride along with the stream) and completes them at the end."""
+        if self._verdict is None and self._unchecked is not None:
+            self._wait_ahead(None)          # one read of the file at a time
+            todo = np.flatnonzero(self._unchecked)
+            # runs of unchecked slices, CHECK_SLICES at most each
+            starts = todo[np.r_[True, np.diff(todo) > 1]] if todo.size else todo
+            for k in starts:
+                end = int(k)
+                while end < self.shape[0] and self._unchecked[end]:
+                    end += 1
+                for k0 in range(int(k), end, CHECK_SLICES):
+                    self._check_read(k0, min(CHECK_SLICES, end - k0))
+            self._verdict = self._conclude()
+            self._unchecked = None
+        if isinstance(self._verdict, Exception):
+            raise self._verdict
+
+    def _conclude(self):
+        """The checks' verdict once every slice was seen: an InputError, or None (sets
+        hu_range and meta)."""
+        return None
 
     def read_all(self) -> Volume:
         """The whole volume in memory, as read_volume returns it."""
@@ -346,7 +396,37 @@ class FileSource(VolumeSource):
         return (stored.astype(np.float64) * slope + inter).astype(np.float32)
 
     def _read(self, k0: int, n: int) -> np.ndarray:
-        return self.to_hu(self.read_stored(k0, n))
+        stored = self.read_stored(k0, n)
+        hu = self.to_hu(stored)
+        self._check(stored, hu, k0, n)
+        return hu
+
+    def _check_read(self, k0: int, n: int) -> None:
+        stored = self.read_stored(k0, n)
+        self._check(stored, None, k0, n)
+
+    def _check(self, stored: np.ndarray, hu: Optional[np.ndarray], k0: int, n: int) -> None:
+        """Add the slices not checked yet to the checks (integers unscaled: their own range;
+        else their HU, converted here unless given)."""
+        new = self._new_slices(k0, n)
+        if new is None:
+            return
+        if self._checks.kind in "iu":
+            self._checks.add(stored[new], None)
+        else:
+            self._checks.add(stored[new], (self.to_hu(stored) if hu is None else hu)[new])
+
+    def _conclude(self):
+        checks = self._checks
+        if self.meta["format"] == "nifti" and checks.nonfinite:
+            return nonfinite_error(self.path, checks.nonfinite)
+        if checks.values is not None and checks.stored_lo is not None and \
+                looks_like_mask(checks.kind, checks.stored_lo, checks.stored_hi,
+                                len(checks.values)):
+            return mask_error(self.path, len(checks.values), checks.stored_lo,
+                              checks.stored_hi)
+        self.hu_range = checks.hu_range()
+        return None
 
     def close(self) -> None:
         super().close()
@@ -386,23 +466,8 @@ def _open_image(path: Path) -> VolumeSource:
             "header": {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()},
             "modality": "CT", "series_uid": None}
     src = FileSource(path, shape, m, meta, layout)
-    kind = dtype.kind
-    checks = _Checks(kind)
-    try:
-        for k0 in range(0, shape[0], CHECK_SLICES):
-            stored = src.read_stored(k0, min(CHECK_SLICES, shape[0] - k0))
-            checks.add(stored, None if kind in "iu" else src.to_hu(stored))
-    except BaseException:
-        src.close()
-        raise
-    if nifti and checks.nonfinite:
-        src.close()
-        raise nonfinite_error(path, checks.nonfinite)
-    if checks.values is not None and checks.stored_lo is not None and \
-            looks_like_mask(kind, checks.stored_lo, checks.stored_hi, len(checks.values)):
-        src.close()
-        raise mask_error(path, len(checks.values), checks.stored_lo, checks.stored_hi)
-    src.hu_range = checks.hu_range()
+    src._checks = _Checks(dtype.kind)
+    src._unchecked = np.ones(shape[0], bool)
     return src
 
 
@@ -433,32 +498,51 @@ class DicomSource(VolumeSource):
         return slice_hu(f, ds, *self.shape[1:])
 
     def _read(self, k0: int, n: int) -> np.ndarray:
-        return np.stack([self.slice(k)[0] for k in range(k0, k0 + n)])
+        out = []
+        for k in range(k0, k0 + n):
+            hu, n_pad, syntax = self.slice(k)
+            if self._new_slices(k, 1) is not None:
+                self._checks.add(None, hu)
+                self._syntaxes.add(syntax)
+                self._padded += n_pad
+            out.append(hu)
+        return np.stack(out)
+
+    def _conclude(self):
+        self.meta.update(transfer_syntaxes=sorted(self._syntaxes), padding_voxels=self._padded)
+        self.hu_range = self._checks.hu_range()
+        return None
 
 
 def _open_dicom(path: Path, series_uid: Optional[str]) -> DicomSource:
     src = DicomSource(path, series_uid)
-    checks = _Checks("f")
-    syntaxes, padded = set(), 0
-    for k in range(src.shape[0]):
-        hu, n_pad, syntax = src.slice(k)
-        checks.add(None, hu)
-        syntaxes.add(syntax)
-        padded += n_pad
-    src.meta.update(transfer_syntaxes=sorted(syntaxes), padding_voxels=padded)
-    src.hu_range = checks.hu_range()
+    src._checks = _Checks("f")
+    src._syntaxes, src._padded = set(), 0
+    src._unchecked = np.ones(src.shape[0], bool)
     return src
 
 
-def open_volume(path: Union[str, Path], series_uid: Optional[str] = None) -> VolumeSource:
+def open_volume(path: Union[str, Path], series_uid: Optional[str] = None, *,
+                defer_checks: bool = False) -> VolumeSource:
     """read_volume's streaming twin: a VolumeSource for a DICOM series folder or file,
     NIfTI (.nii, .nii.gz) or NRRD (.nrrd, .nhdr), checked as read_volume checks (the same
     InputError messages), holding one slab at a time. Close it (or use ``with``) to
-    release the file."""
+    release the file.
+
+    defer_checks: do not read the file to check it now; the checks ride along with the
+    slices read, and ``complete_checks()`` reads the rest and gives the verdict (and
+    ``hu_range``). ``segment`` reads each slice once this way (docs/benchmarks.md: a
+    JPEG 2000 series decoded twice cost twice the network at factor 2); errors found while
+    reading come as they would at opening, the whole-volume ones at the end."""
     path = Path(path)
-    if input_kind(path) == "dicom":
-        return _open_dicom(path, series_uid)
-    return _open_image(path)
+    src = _open_dicom(path, series_uid) if input_kind(path) == "dicom" else _open_image(path)
+    if not defer_checks:
+        try:
+            src.complete_checks()
+        except BaseException:
+            src.close()
+            raise
+    return src
 
 
 def as_source(volume: Union[Volume, VolumeSource]) -> VolumeSource:
