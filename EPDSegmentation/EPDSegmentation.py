@@ -370,6 +370,10 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if str(self._parameterNode.exportFolder) in ("", "."):
             # not the process's working folder (often Slicer's install folder)
             self._parameterNode.exportFolder = defaultExportFolder()
+        if str(self._parameterNode.modelPath) in ("", "."):
+            # an unset path reads "." in the panel: start from the bundled model's file,
+            # which "Model file" then uses until another is picked
+            self._parameterNode.modelPath = bundled_model_path()
 
     def setParameterNode(self, parameterNode: Optional[EPDSegmentationParameterNode]) -> None:
         if self._parameterNode:

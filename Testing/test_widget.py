@@ -429,6 +429,19 @@ def test_export_folder_does_not_default_to_the_working_folder(fresh):
     assert p.exportFolder.is_absolute() or str(p.exportFolder) == slicer.app.defaultScenePath
 
 
+def test_model_file_field_shows_a_file_not_a_dot(fresh):
+    """An unset Path parameter reads "." in its ctkPathLineEdit (Slicer's connector writes
+    str(Path())): the model field starts at the bundled model's file instead, which the
+    "Model file" choice then loads."""
+    from EPDSegmentationLib.core.resources import bundled_model_path
+
+    p, ui = _param(fresh), fresh.widget.ui
+    assert p.modelPath == bundled_model_path()
+    assert ui.modelPathLineEdit.currentPath == str(bundled_model_path())
+    p.modelSource = "Model file"
+    assert fresh.widget.logic.modelPathFor(p.modelSource, p.modelPath) == bundled_model_path()
+
+
 @pytest.mark.slow
 def test_show_3d_and_segment_editor_hand_off(fresh):
     h = fresh
