@@ -264,3 +264,24 @@ def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp
     assert set(result.protocol) == set(want)
     for key, value in want.items():
         assert result.protocol[key] == pytest.approx(value, rel=1e-4, abs=1e-4, nan_ok=True)
+
+
+def test_cohort_writes_the_outputs_asked_for(tmp_path, tiny_model_path, capsys):
+    """--dicom-seg and --probabilities give a cohort's cases the same outputs as without the
+    table (they were ignored); --overlay-slice, which cannot apply, is refused."""
+    import json
+
+    root = _flat_folder(tmp_path, 1)
+    out = tmp_path / "out"
+    args = ["segment", str(root), "-o", str(out), "--model", str(tiny_model_path),
+            "--level", "L3"]
+    assert main(args + ["--dicom-seg", "--probabilities"]) == 0
+    (row,) = cohort.read_table(out / "cohort.csv")
+    name = row["case"]
+    assert row["status"] == "ok"
+    for suffix in ("_seg.dcm", "_prob_seg.dcm", "_probabilities.nrrd"):
+        assert (out / f"{name}{suffix}").is_file(), suffix
+    prov = json.loads((out / f"{name}_provenance.json").read_text())
+    assert "--dicom-seg" in prov["command"]
+    assert main(args + ["--overlay-slice", "0", "--overwrite"]) == 2
+    assert "--overlay-slice does not apply to a cohort" in capsys.readouterr().err

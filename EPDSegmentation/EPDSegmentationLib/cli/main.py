@@ -197,6 +197,9 @@ def _segment_cohort(args, cases) -> int:
 
     if args.slab_mm is not None and not args.level:
         raise ValueError("--slab-mm needs --level")
+    if args.overlay_slice is not None:
+        raise ValueError("--overlay-slice does not apply to a cohort: each case's overlay "
+                         "shows the middle of the slices segmented (the level's slice)")
     if args.height is not None:
         from ..core.indices import height_m
 
@@ -221,12 +224,15 @@ def _segment_cohort(args, cases) -> int:
              else f" (shard {shard[0]} of {shard[1]}: {len(mine)} of {len(cases)})")
     print(f"model {model_path}; device {device}: {reason}; {len(mine)} case(s){where}")
     results, rows = [], []
+    provenance = {"command": " ".join(["epdseg"] + [str(a) for a in args.argv]),
+                  "epdseg_version": __version__, "model_file": str(Path(model_path).resolve())}
     for case in tqdm(mine, desc="cases", unit="case", disable=len(mine) < 2):
         result, row = cohort.run_case(
             case, args.output, model, card, level=args.level, slab_mm=args.slab_mm,
             height=args.height, protocol=args.protocol, device=str(device),
             batch_size=args.batch_size, overwrite=args.overwrite, series_uid=args.series_uid,
-            shard=shard, model_version=version)
+            shard=shard, model_version=version, dicom_seg=args.dicom_seg,
+            probabilities=args.probabilities, provenance=provenance)
         if row["status"] != "ok":
             tqdm.write(f"epdseg: {case.name}: {row.get('message', '')}", file=sys.stderr)
         if result is not None:
