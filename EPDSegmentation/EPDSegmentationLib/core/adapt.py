@@ -84,6 +84,10 @@ class AdaptSettings:
     the network; loss: as training's --loss;
     train: which weights learn ("all"; "decoder": the up-convolutions, decoder blocks and
     head, the encoder frozen; "norm": the GroupNorm scales and shifts and the head);
+    l2sp: alpha of the L2-SP penalty alpha * sum (w - w_base)^2 over the weights that learn
+    (Li et al. 2018: held near the base model instead of near zero; 0: off);
+    interpolate: after fine-tuning the weights become w_base + interpolate * (w - w_base)
+    (weight-space interpolation, Wortsman et al. 2022, "WiSE-FT"; 1: the fine-tuned weights);
     seed: all randomness; device: "cpu", "cuda", "auto"..."""
 
     steps: int = 60
@@ -97,6 +101,8 @@ class AdaptSettings:
     weight_decay: float = 1e-4
     loss: str = "mae+dice"
     train: str = "all"
+    l2sp: float = 0.0
+    interpolate: float = 1.0
     seed: int = 0
     device: str = "cpu"
 
@@ -109,6 +115,10 @@ class AdaptSettings:
             raise AdaptError(f"replay_fraction must be in [0, 1); got {self.replay_fraction!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise AdaptError(f"lr must be > 0; got {self.lr!r}")
+        if not (math.isfinite(self.l2sp) and self.l2sp >= 0):
+            raise AdaptError(f"l2sp must be >= 0; got {self.l2sp!r}")
+        if not (math.isfinite(self.interpolate) and 0.0 < self.interpolate <= 1.0):
+            raise AdaptError(f"interpolate must be in (0, 1]; got {self.interpolate!r}")
         if self.train not in TRAIN_CHOICES:
             raise AdaptError(f"train must be one of {', '.join(TRAIN_CHOICES)}; got {self.train!r}")
 
@@ -345,6 +355,41 @@ def _affine(hu, target, rng: np.random.Generator, zoom: float, rotate: float):
     return hu, target
 
 
+def _replay_count(settings: AdaptSettings, rng: np.random.Generator) -> int:
+    """Replay slices in this step's batch: batch_size x replay_fraction, the fraction drawn
+    (so 0.1 of a batch of 4 is one replay slice in 40 % of the steps, not always none), and
+    at least one corrected slice."""
+    share = settings.batch_size * settings.replay_fraction
+    n = int(math.floor(share))
+    if share - n > 1e-9:      # no draw when it is whole: the default's random stream is kept
+        n += int(rng.random() < share - n)
+    return min(n, settings.batch_size - 1)
+
+
+def _anchors(net) -> list:
+    """(parameter, detached copy of its base value) for the weights that learn: L2-SP's w_base."""
+    return [(p, p.detach().clone()) for p in net.parameters() if p.requires_grad]
+
+
+def l2sp_penalty(anchors):
+    """sum over the anchored parameters of ||w - w_base||^2 (a scalar tensor; L2-SP without
+    its alpha)."""
+    return sum(((p - a) ** 2).sum() for p, a in anchors)
+
+
+def interpolate_weights(base, tuned, t: float):
+    """A copy of ``tuned`` with every floating weight and buffer base + t x (tuned - base)
+    (t = 1: tuned, t = 0: base). base and tuned: the same architecture."""
+    import torch
+
+    out = copy.deepcopy(tuned)
+    b, s = base.state_dict(), tuned.state_dict()
+    with torch.no_grad():
+        out.load_state_dict({k: (b[k].to(v.device) + t * (v - b[k].to(v.device)))
+                             if v.is_floating_point() else v for k, v in s.items()})
+    return out
+
+
 def _evaluate(net, datas, card, device) -> Dict[str, float]:
     """Mean MAE and Dice losses over the corrected slices (no augmentation)."""
     import torch
@@ -396,6 +441,7 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
     if list(criterion.parameters()):
         groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=settings.lr)
+    anchors = _anchors(net) if settings.l2sp > 0 else None
     # cases drawn in proportion to their corrected slices
     weights = np.array([len(c.slices) for c in cases], np.float64)
     weights /= weights.sum()
@@ -405,12 +451,12 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"adapting cancelled after {step} of {settings.steps} steps")
         d = datas[int(rng.choice(len(datas), p=weights))]
-        n_replay = int(round(settings.batch_size * settings.replay_fraction)) \
-            if d["replay_hu"] is not None else 0
-        n_replay = min(n_replay, settings.batch_size - 1)
+        n_replay = _replay_count(settings, rng) if d["replay_hu"] is not None else 0
         x, target = _batch(d, settings.batch_size - n_replay, n_replay, rng, settings, card, device)
         net.train()
         loss, _ = criterion(net.logits(x), target)
+        if anchors is not None:
+            loss = loss + settings.l2sp * l2sp_penalty(anchors)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -418,6 +464,9 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
         if progress is not None:
             progress(step + 1, settings.steps, history[-1])
     seconds = time.perf_counter() - t0
+    if settings.interpolate < 1.0:
+        net = interpolate_weights(base, net, settings.interpolate)
+        notes.append(f"weights interpolated: base + {settings.interpolate:g} x the fine-tuned change")
     after = _evaluate(net, datas, card, device)
     net = net.cpu().eval()
     for p in net.parameters():
@@ -496,4 +545,5 @@ def describe(result: AdaptResult) -> str:
 
 __all__ = ["AdaptCase", "AdaptError", "AdaptResult", "AdaptSettings", "adapt_model",
            "adapted_card", "changed_slices", "check_case", "check_destination", "describe", "entropy_map",
+           "interpolate_weights", "l2sp_penalty",
            "save_adapted", "slice_uncertainty", "soft_targets", "suggest_slices"]
