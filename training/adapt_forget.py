@@ -46,6 +46,8 @@ CONFIGS = {
     "replay 0.1": {"replay_fraction": 0.1},
     "replay 0, interpolate 0.75": {"replay_fraction": 0.0, "interpolate": 0.75},
     "replay 0, interpolate 0.5": {"replay_fraction": 0.0, "interpolate": 0.5},
+    "replay 0, interpolate 0.4": {"replay_fraction": 0.0, "interpolate": 0.4},
+    "replay 0, interpolate 0.35": {"replay_fraction": 0.0, "interpolate": 0.35},
     "replay 0, interpolate 0.3": {"replay_fraction": 0.0, "interpolate": 0.3},
     "replay 0.25, interpolate 0.75": {"replay_fraction": 0.25, "interpolate": 0.75},
     "replay 0.25, interpolate 0.5": {"replay_fraction": 0.25, "interpolate": 0.5},
@@ -53,7 +55,6 @@ CONFIGS = {
     "replay 0, L2-SP 0.1": {"replay_fraction": 0.0, "l2sp": 0.1},
     "replay 0, L2-SP 1": {"replay_fraction": 0.0, "l2sp": 1.0},
     "replay 0.25, 120 steps": {"replay_fraction": 0.25, "steps": 120},
-    "replay 0.25, lr 1e-3": {"replay_fraction": 0.25, "lr": 1e-3},
 }
 CLASS_KEYS = ("MUS", "IMAT", "SAT", "VAT", "MSC")
 
