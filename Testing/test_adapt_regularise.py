@@ -114,3 +114,38 @@ def test_cli_passes_interpolate_and_l2sp_into_the_card(tmp_path, tiny, capsys):
     assert main(args + ["--interpolate", "0.4", "--l2sp", "0.5", "-o", str(out)]) == 0
     settings = load_model(out)[1]["training"]["adapt_settings"]
     assert (settings["interpolate"], settings["l2sp"]) == (0.4, 0.5)
+
+
+def test_a_loss_mask_drops_pixels_and_changes_nothing_when_full():
+    from EPDSegmentationLib.core.losses import LOSSES, Criterion
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 8, 8, requires_grad=True)
+    target = torch.softmax(torch.randn(2, 6, 8, 8), dim=1)
+    full = torch.ones(2, 1, 8, 8)
+    half = full.clone()
+    half[:, :, :, 4:] = 0.0
+    for name, fn in LOSSES.items():
+        assert float(fn(logits.detach(), target, full)) == pytest.approx(float(fn(logits.detach(), target)), rel=1e-5)
+        # the masked-out pixels neither count nor get a gradient
+        changed = target.clone()
+        changed[:, :, :, 4:] = torch.roll(changed[:, :, :, 4:], 1, dims=1)
+        assert float(fn(logits.detach(), changed, half)) == pytest.approx(float(fn(logits.detach(), target, half)),
+                                                                 rel=1e-5), name
+        logits.grad = None
+        fn(logits, target, half).backward()
+        assert logits.grad[:, :, :, 4:].abs().max() == 0 and logits.grad[:, :, :, :4].abs().max() > 0
+    total, parts = Criterion(["mae", "dice"])(logits, target, half)
+    assert set(parts) == {"mae", "dice"} and torch.isfinite(total)
+
+
+def test_confident_replay_masks_the_hesitant_pixels(tiny):
+    model, card = tiny
+    hu, labels = body_case()
+    result = adapt_model(model, card, [AdaptCase(hu, labels, PIXEL_MM, [1])],
+                         AdaptSettings(steps=2, batch_size=2, replay_fraction=0.5,
+                                       replay_confidence=0.3, zoom=0.1, rotate=5.0))
+    note = [n for n in result.notes if "sure" in n]
+    assert len(note) == 1 and np.isfinite(result.history).all()
+    with pytest.raises(AdaptError, match="replay_confidence"):
+        AdaptSettings(replay_confidence=1.0)

@@ -55,6 +55,12 @@ CONFIGS = {
     "replay 0, L2-SP 0.1": {"replay_fraction": 0.0, "l2sp": 0.1},
     "replay 0, L2-SP 1": {"replay_fraction": 0.0, "l2sp": 1.0},
     "replay 0.25, 120 steps": {"replay_fraction": 0.25, "steps": 120},
+    "replay 0.25, confident 0.9": {"replay_fraction": 0.25, "replay_confidence": 0.9},
+    "replay 0.5, confident 0.9": {"replay_fraction": 0.5, "replay_confidence": 0.9},
+    "replay 0, 120 steps, interpolate 0.35": {"replay_fraction": 0.0, "steps": 120,
+                                              "interpolate": 0.35},
+    "replay 0, 120 steps, interpolate 0.25": {"replay_fraction": 0.0, "steps": 120,
+                                              "interpolate": 0.25},
 }
 CLASS_KEYS = ("MUS", "IMAT", "SAT", "VAT", "MSC")
 

@@ -52,11 +52,14 @@ CONFIGS = {
     # keeping the model near the base (after the forgetting measure, training/adapt_forget.py)
     "no replay, interpolate 0.5": {"replay_fraction": 0.0, "interpolate": 0.5},
     "no replay, interpolate 0.4": {"replay_fraction": 0.0, "interpolate": 0.4},
+    "no replay, interpolate 0.35": {"replay_fraction": 0.0, "interpolate": 0.35},
     "no replay, interpolate 0.3": {"replay_fraction": 0.0, "interpolate": 0.3},
     "no replay, L2-SP 0.1": {"replay_fraction": 0.0, "l2sp": 0.1},
     "no replay, L2-SP 1": {"replay_fraction": 0.0, "l2sp": 1.0},
     "replay 0.1": {"replay_fraction": 0.1},
     "120 steps": {"steps": 120},
+    "replay 0.25, confident 0.9": {"replay_confidence": 0.9},
+    "replay 0.5, confident 0.9": {"replay_fraction": 0.5, "replay_confidence": 0.9},
 }
 
 

@@ -86,6 +86,8 @@ class AdaptSettings:
     head, the encoder frozen; "norm": the GroupNorm scales and shifts and the head);
     l2sp: alpha of the L2-SP penalty alpha * sum (w - w_base)^2 over the weights that learn
     (Li et al. 2018: held near the base model instead of near zero; 0: off);
+    replay_confidence: replay targets only where the base model's highest class probability
+    is at least this (the other pixels of a replay slice add no loss; 0: every pixel);
     interpolate: after fine-tuning the weights become w_base + interpolate * (w - w_base)
     (weight-space interpolation, Wortsman et al. 2022, "WiSE-FT"; 1: the fine-tuned weights);
     seed: all randomness; device: "cpu", "cuda", "auto"..."""
@@ -94,6 +96,7 @@ class AdaptSettings:
     lr: float = 3e-4
     batch_size: int = 4
     replay_fraction: float = 0.25    # 0 fits the case better but forgets (docs/adapt.md)
+    replay_confidence: float = 0.0
     flip: float = 0.5
     hu_shift: float = 20.0
     zoom: float = 0.0
@@ -115,6 +118,8 @@ class AdaptSettings:
             raise AdaptError(f"replay_fraction must be in [0, 1); got {self.replay_fraction!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise AdaptError(f"lr must be > 0; got {self.lr!r}")
+        if not 0.0 <= self.replay_confidence < 1.0:
+            raise AdaptError(f"replay_confidence must be in [0, 1); got {self.replay_confidence!r}")
         if not (math.isfinite(self.l2sp) and self.l2sp >= 0):
             raise AdaptError(f"l2sp must be >= 0; got {self.l2sp!r}")
         if not (math.isfinite(self.interpolate) and 0.0 < self.interpolate <= 1.0):
@@ -283,7 +288,8 @@ def _prepare(case: AdaptCase, card, model, device, settings: AdaptSettings, note
     work = resampled_shape(case.hu.shape[-2:], case.pixel_mm, source_pixel_mm(card))
     hu = torch.from_numpy(resample_planes(np.asarray(case.hu[case.slices], np.float32), work))
     target = torch.from_numpy(soft_targets(case.labels[case.slices], case.pixel_mm, card))
-    out = {"hu": hu, "target": target, "replay_hu": None, "replay_target": None}
+    out = {"hu": hu, "target": target, "replay_hu": None, "replay_target": None,
+           "replay_mask": None}
     if settings.replay_fraction > 0:
         ks = _replay_slices(case.hu.shape[0], case.slices, MAX_REPLAY_SLICES)
         if ks:
@@ -294,6 +300,11 @@ def _prepare(case: AdaptCase, card, model, device, settings: AdaptSettings, note
             out["replay_target"] = torch.from_numpy(probs)
             notes.append(f"{case.name}: replay of the base model's predictions on "
                          f"{len(ks)} uncorrected slice(s)")
+            if settings.replay_confidence > 0:   # its hesitant pixels are not held
+                keep = probs.max(axis=1, keepdims=True) >= settings.replay_confidence
+                out["replay_mask"] = torch.from_numpy(keep.astype(np.float32))
+                notes.append(f"{case.name}: replay on the {keep.mean():.0%} of its pixels where "
+                             f"the base model is >= {settings.replay_confidence:g} sure")
     return out
 
 
@@ -310,14 +321,17 @@ def network_input(hu, card: Mapping[str, Any]):
 def _batch(data, n_fit: int, n_replay: int, rng: np.random.Generator, settings, card, device):
     import torch
 
-    hus, targets = [], []
+    hus, targets, masks = [], [], []
     for key, n in (("", n_fit), ("replay_", n_replay)):
         if n == 0 or data[key + "hu"] is None:
             continue
         idx = torch.from_numpy(rng.integers(0, data[key + "hu"].shape[0], n))
         hus.append(data[key + "hu"][idx])
         targets.append(data[key + "target"][idx])
+        m = data.get(key + "mask")      # corrected slices: every pixel counts
+        masks.append(m[idx] if m is not None else torch.ones_like(targets[-1][:, :1]))
     hu, target = torch.cat(hus).to(device), torch.cat(targets).to(device)
+    mask = torch.cat(masks).to(device) if data.get("replay_mask") is not None and n_replay else None
     b = hu.shape[0]
     shift = torch.from_numpy(rng.uniform(-settings.hu_shift, settings.hu_shift, b)
                              .astype(np.float32)).to(device)
@@ -325,16 +339,19 @@ def _batch(data, n_fit: int, n_replay: int, rng: np.random.Generator, settings, 
     hu = hu + shift.view(-1, 1, 1)
     hu = torch.where(flip.view(-1, 1, 1), hu.flip(-1), hu)
     target = torch.where(flip.view(-1, 1, 1, 1), target.flip(-1), target)
+    if mask is not None:
+        mask = torch.where(flip.view(-1, 1, 1, 1), mask.flip(-1), mask)
     if settings.zoom > 0 or settings.rotate > 0:
-        hu, target = _affine(hu, target, rng, settings.zoom, settings.rotate)
-    return network_input(hu, card), target
+        hu, target, mask = _affine(hu, target, rng, settings.zoom, settings.rotate, mask)
+    return network_input(hu, card), target, mask
 
 
-def _affine(hu, target, rng: np.random.Generator, zoom: float, rotate: float):
+def _affine(hu, target, rng: np.random.Generator, zoom: float, rotate: float, mask=None):
     """One random zoom and rotation about the centre per slice, the same for the HU
     (B, H, W), bilinear, air (-1000 HU) outside, and the soft targets (B, C, h, w), bilinear
-    (fractions stay fractions), background outside. Both grids span the same field of view,
-    so one normalised affine serves both."""
+    (fractions stay fractions), background outside, and a loss mask (B, 1, h, w) or None
+    (nearest). Both grids span the same field of view, so one normalised affine serves both.
+    Returns (hu, target, mask)."""
     import torch
     from torch.nn import functional as F
 
@@ -352,7 +369,9 @@ def _affine(hu, target, rng: np.random.Generator, zoom: float, rotate: float):
     target = F.grid_sample(target, grid, align_corners=False)
     outside = (1.0 - target.sum(dim=1)).clamp(min=0.0)
     target = torch.cat([target[:, :1] + outside.unsqueeze(1), target[:, 1:]], dim=1)
-    return hu, target
+    if mask is not None:
+        mask = F.grid_sample(mask, grid, mode="nearest", padding_mode="border", align_corners=False)
+    return hu, target, mask
 
 
 def _replay_count(settings: AdaptSettings, rng: np.random.Generator) -> int:
@@ -452,9 +471,10 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
             raise Cancelled(f"adapting cancelled after {step} of {settings.steps} steps")
         d = datas[int(rng.choice(len(datas), p=weights))]
         n_replay = _replay_count(settings, rng) if d["replay_hu"] is not None else 0
-        x, target = _batch(d, settings.batch_size - n_replay, n_replay, rng, settings, card, device)
+        x, target, mask = _batch(d, settings.batch_size - n_replay, n_replay, rng, settings,
+                                 card, device)
         net.train()
-        loss, _ = criterion(net.logits(x), target)
+        loss, _ = criterion(net.logits(x), target, mask)
         if anchors is not None:
             loss = loss + settings.l2sp * l2sp_penalty(anchors)
         opt.zero_grad(set_to_none=True)
@@ -494,8 +514,10 @@ def adapted_card(base_card: Mapping[str, Any], base_model: str, cases: Sequence[
         "cases": [{"name": c.name, "slices": [int(k) for k in c.slices],
                    "pixel_mm": [float(v) for v in c.pixel_mm],
                    "shape_kji": [int(v) for v in np.shape(c.hu)]} for c in cases],
-        "replay": ("the base model's predictions on up to %d uncorrected slices per case"
-                   % MAX_REPLAY_SLICES) if settings.replay_fraction > 0 else "none",
+        "replay": ("the base model's predictions on up to %d uncorrected slices per case%s"
+                   % (MAX_REPLAY_SLICES, "" if not settings.replay_confidence else
+                      ", where its highest probability is >= %g" % settings.replay_confidence))
+        if settings.replay_fraction > 0 else "none",
     }
     training = {"data": data, "command": command, "seed": settings.seed,
                 "adapt_settings": settings.to_dict(),
