@@ -41,7 +41,8 @@ def test_interpolate_puts_the_weights_between_base_and_fine_tuned(tiny):
     model, card = tiny
     hu, labels = body_case()
     case = [AdaptCase(hu, labels, PIXEL_MM, [1, 3])]
-    full = adapt_model(model, card, case, AdaptSettings(steps=3, lr=1e-2, batch_size=2))
+    full = adapt_model(model, card, case, AdaptSettings(steps=3, lr=1e-2, batch_size=2,
+                                                        interpolate=1.0))
     half = adapt_model(model, card, case, AdaptSettings(steps=3, lr=1e-2, batch_size=2,
                                                         interpolate=0.5))
     b, f, h = model.state_dict(), full.model.state_dict(), half.model.state_dict()
@@ -59,8 +60,10 @@ def test_l2sp_holds_the_weights_near_the_base(tiny):
     model, card = tiny
     hu, labels = body_case()
     case = [AdaptCase(hu, labels, PIXEL_MM, [1, 3])]
-    free = adapt_model(model, card, case, AdaptSettings(steps=6, lr=1e-2, batch_size=2))
-    held = adapt_model(model, card, case, AdaptSettings(steps=6, lr=1e-2, batch_size=2, l2sp=100.0))
+    free = adapt_model(model, card, case, AdaptSettings(steps=6, lr=1e-2, batch_size=2,
+                                                        interpolate=1.0))
+    held = adapt_model(model, card, case, AdaptSettings(steps=6, lr=1e-2, batch_size=2,
+                                                        interpolate=1.0, l2sp=100.0))
     assert distance(model, held.model) < 0.5 * distance(model, free.model)
     net = build_model(ModelConfig(width=4))
     anchors = [(p, p.detach().clone()) for p in net.parameters()]

@@ -6,7 +6,7 @@ ct_t11_l2 (TotalSegmentator's masks standing in for corrections, as adapt_curve 
     ``python -m training evaluate --model M`` + EVAL (6 subjects x 4 slices, seed 7, T11 to L5).
 
     nice -n 5 python -m training.adapt_forget runs/forget                 # the defaults
-    nice -n 5 python -m training.adapt_forget runs/forget --configs "replay 0" "L2-SP 0.01"
+    nice -n 5 python -m training.adapt_forget runs/forget --configs "replay 0" "replay 0.25"
 
 A configuration is a set of AdaptSettings fields changed from the current defaults (CONFIGS;
 "defaults" changes none). Settings that differ only in ``interpolate`` share one fine-tuning
@@ -38,29 +38,24 @@ from .adapt_curve import TS, dice_on, reference_labels
 EVAL = ["--phantom-subjects", "6", "--phantom-slices", "4", "--data-seed", "7",
         "--phantom-levels", "T11", "L5", "--split", "all", "--device", "cpu", "--quiet",
         "--overwrite"]
-#: name -> AdaptSettings fields changed from the current defaults.
+#: name -> AdaptSettings fields changed from the current defaults (replay and interpolate
+#: always named, so a name keeps its meaning when the defaults change).
 CONFIGS = {
     "defaults": {},
-    "replay 0": {"replay_fraction": 0.0},
-    "replay 0.25": {"replay_fraction": 0.25},
-    "replay 0.1": {"replay_fraction": 0.1},
+    "replay 0": {"replay_fraction": 0.0, "interpolate": 1.0},
+    "replay 0.25": {"replay_fraction": 0.25, "interpolate": 1.0},
+    "replay 0.1": {"replay_fraction": 0.1, "interpolate": 1.0},
     "replay 0, interpolate 0.75": {"replay_fraction": 0.0, "interpolate": 0.75},
     "replay 0, interpolate 0.5": {"replay_fraction": 0.0, "interpolate": 0.5},
     "replay 0, interpolate 0.4": {"replay_fraction": 0.0, "interpolate": 0.4},
     "replay 0, interpolate 0.35": {"replay_fraction": 0.0, "interpolate": 0.35},
     "replay 0, interpolate 0.3": {"replay_fraction": 0.0, "interpolate": 0.3},
     "replay 0.25, interpolate 0.75": {"replay_fraction": 0.25, "interpolate": 0.75},
-    "replay 0.25, interpolate 0.5": {"replay_fraction": 0.25, "interpolate": 0.5},
-    "replay 0, L2-SP 0.01": {"replay_fraction": 0.0, "l2sp": 0.01},
-    "replay 0, L2-SP 0.1": {"replay_fraction": 0.0, "l2sp": 0.1},
-    "replay 0, L2-SP 1": {"replay_fraction": 0.0, "l2sp": 1.0},
-    "replay 0.25, 120 steps": {"replay_fraction": 0.25, "steps": 120},
-    "replay 0.25, confident 0.9": {"replay_fraction": 0.25, "replay_confidence": 0.9},
-    "replay 0.5, confident 0.9": {"replay_fraction": 0.5, "replay_confidence": 0.9},
-    "replay 0, 120 steps, interpolate 0.35": {"replay_fraction": 0.0, "steps": 120,
-                                              "interpolate": 0.35},
-    "replay 0, 120 steps, interpolate 0.25": {"replay_fraction": 0.0, "steps": 120,
-                                              "interpolate": 0.25},
+    "replay 0, L2-SP 0.1": {"replay_fraction": 0.0, "interpolate": 1.0, "l2sp": 0.1},
+    "replay 0, L2-SP 1": {"replay_fraction": 0.0, "interpolate": 1.0, "l2sp": 1.0},
+    "replay 0.25, 120 steps": {"replay_fraction": 0.25, "interpolate": 1.0, "steps": 120},
+    "replay 0.25, confident 0.9": {"replay_fraction": 0.25, "interpolate": 1.0,
+                                   "replay_confidence": 0.9},
 }
 CLASS_KEYS = ("MUS", "IMAT", "SAT", "VAT", "MSC")
 
@@ -83,7 +78,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", type=Path)
-    p.add_argument("--configs", nargs="+", default=["defaults", "replay 0"], choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=["defaults", "replay 0", "replay 0.25"], choices=list(CONFIGS))
     p.add_argument("--data", type=Path, default=TS)
     args = p.parse_args(argv)
     import torch
