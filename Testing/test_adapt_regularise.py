@@ -54,6 +54,7 @@ def test_interpolate_puts_the_weights_between_base_and_fine_tuned(tiny):
     assert distance(interpolate_weights(model, full.model, 1.0), full.model) < 1e-6
     card_out = adapted_card(card, "base", case, AdaptSettings(interpolate=0.5), half, command="t")
     assert card_out["training"]["adapt_settings"]["interpolate"] == 0.5
+    assert "0.5 x the fine-tuned change" in card_out["training"]["data"]["kept_from_base"]
 
 
 def test_l2sp_holds_the_weights_near_the_base(tiny):
