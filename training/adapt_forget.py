@@ -24,7 +24,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptSettings, adapt_model,
                                            interpolate_weights, slice_uncertainty, suggest_slices)
 from EPDSegmentationLib.core.atomic import write_text
@@ -42,6 +41,8 @@ EVAL = ["--phantom-subjects", "6", "--phantom-slices", "4", "--data-seed", "7",
 #: always named, so a name keeps its meaning when the defaults change).
 CONFIGS = {
     "defaults": {},
+    "defaults, seed 1": {"seed": 1},
+    "defaults, seed 2": {"seed": 2},
     "replay 0": {"replay_fraction": 0.0, "interpolate": 1.0},
     "replay 0.25": {"replay_fraction": 0.25, "interpolate": 1.0},
     "replay 0.1": {"replay_fraction": 0.1, "interpolate": 1.0},
