@@ -364,7 +364,7 @@ def test_zoom_and_rotation_move_image_and_targets_together(tiny):
     target = torch.zeros(1, 6, 16, 16)
     target[0, 0] = 1.0
     target[0, 0, 7:9, 2:14], target[0, 1, 7:9, 2:14] = 0.0, 1.0
-    same_hu, same_t = _affine(hu, target, np.random.default_rng(0), 0.0, 0.0)
+    same_hu, same_t, _ = _affine(hu, target, np.random.default_rng(0), 0.0, 0.0)
     torch.testing.assert_close(same_hu, hu, atol=1e-3, rtol=0)
     torch.testing.assert_close(same_t, target, atol=1e-5, rtol=0)
 
@@ -372,7 +372,7 @@ def test_zoom_and_rotation_move_image_and_targets_together(tiny):
         def uniform(self, lo, hi, n):
             return np.full(n, hi if hi == 90.0 else 1.0)
 
-    turned_hu, turned_t = _affine(hu, target, Turn(), 0.0, 90.0)
+    turned_hu, turned_t, _ = _affine(hu, target, Turn(), 0.0, 90.0)
     assert turned_hu[0, 4:28, 14:18].mean() > 0 and turned_hu[0, 14:18, 4:10].mean() < -900
     torch.testing.assert_close(turned_t.sum(1), torch.ones(1, 16, 16), atol=1e-5, rtol=0)
     assert turned_t[0, 1, 2:14, 7:9].mean() > 0.9 and turned_t[0, 1, 7:9, 2:5].max() < 0.1

@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--replay", type=float, default=defaults.replay_fraction)
+    p.add_argument("--interpolate", type=float, default=defaults.interpolate,
+                   help="share of the fine-tuned weight change kept (core.adapt.AdaptSettings)")
+    p.add_argument("--l2sp", type=float, default=defaults.l2sp,
+                   help="L2-SP alpha (core.adapt.AdaptSettings; 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
 
     check_destination(args.output, args.overwrite)
     settings = AdaptSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                             replay_fraction=args.replay, seed=args.seed, device=args.device)
+                             replay_fraction=args.replay, interpolate=args.interpolate,
+                             l2sp=args.l2sp, seed=args.seed, device=args.device)
     model, card = load_model(args.model)
     rows = [r for r in read_manifest(args.manifest) if args.split is None or r["split"] in args.split]
     if not rows:

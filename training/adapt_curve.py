@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--replay", type=float, default=defaults.replay_fraction)
     p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--interpolate", type=float, default=defaults.interpolate)
+    p.add_argument("--l2sp", type=float, default=defaults.l2sp)
     p.add_argument("--phantom-seed", type=int, default=None,
                    help="use a held-out phantom of shifted appearance (this seed) instead")
     p.add_argument("--phantom-slices", type=int, default=16)
@@ -120,8 +122,9 @@ def main(argv=None) -> int:
     order = suggest_slices(slice_uncertainty(base.probabilities), hu.shape[0],
                            min_gap=1)
     K = hu.shape[0]
-    settings = AdaptSettings(steps=args.steps, replay_fraction=args.replay, lr=args.lr)  # the
-    # other fields (batch, augmentation, which weights train) at core/adapt.py's defaults
+    settings = AdaptSettings(steps=args.steps, replay_fraction=args.replay, lr=args.lr,
+                             interpolate=args.interpolate, l2sp=args.l2sp)  # the other
+    # fields (batch, augmentation, which weights train) at core/adapt.py's defaults
     rows = []
     for k in args.ks:
         strategies = [("uncertain", None)] if k else [("none", None)]

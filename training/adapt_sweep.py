@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptSettings, adapt_model, slice_uncertainty,
-                                           suggest_slices)
+from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptSettings, adapt_model,
+                                           interpolate_weights, slice_uncertainty, suggest_slices)
 from EPDSegmentationLib.core.atomic import write_text
 from EPDSegmentationLib.core.inference import predict_volume
 from EPDSegmentationLib.core.model_io import load_model
@@ -31,9 +31,10 @@ from EPDSegmentationLib.core.resources import bundled_model_path
 
 from .adapt_curve import dice_on, shifted_phantom
 
-#: The settings the sweep starts from (the defaults of core/adapt.py before the sweep).
+#: The settings the sweep starts from (the defaults of core/adapt.py before the sweep;
+#: interpolate 1.0 = the fine-tuned weights, as before that option existed).
 BASE = {"steps": 60, "lr": 3e-4, "batch_size": 4, "replay_fraction": 0.25, "hu_shift": 20.0,
-        "train": "all", "zoom": 0.0, "rotate": 0.0}
+        "train": "all", "zoom": 0.0, "rotate": 0.0, "interpolate": 1.0}
 #: name -> changes from BASE. Every configuration costs about the same network passes as the
 #: base (steps x batch), except "decoder" ones (no encoder gradients: measured about half
 #: the time per step, so twice the steps cost about the base's time).
@@ -49,6 +50,15 @@ CONFIGS = {
     "HU offset +-60": {"hu_shift": 60.0},
     "lr 1e-4": {"lr": 1e-4},
     "lr 3e-3, norm + head only": {"lr": 3e-3, "train": "norm"},
+    # keeping the model near the base (after the forgetting measure, training/adapt_forget.py)
+    "no replay, interpolate 0.5": {"replay_fraction": 0.0, "interpolate": 0.5},
+    "no replay, interpolate 0.4": {"replay_fraction": 0.0, "interpolate": 0.4},
+    "no replay, interpolate 0.35": {"replay_fraction": 0.0, "interpolate": 0.35},
+    "no replay, interpolate 0.3": {"replay_fraction": 0.0, "interpolate": 0.3},
+    "no replay, L2-SP 0.1": {"replay_fraction": 0.0, "l2sp": 0.1},
+    "no replay, L2-SP 1": {"replay_fraction": 0.0, "l2sp": 1.0},
+    "replay 0.1": {"replay_fraction": 0.1},
+    "replay 0.25, confident 0.9": {"replay_confidence": 0.9},
 }
 
 
@@ -78,15 +88,24 @@ def main(argv=None) -> int:
         d0 = dice_on(base.probabilities.argmax(0), ref, held)
         phantoms.append((seed, hu, ref, mm, chosen, held, d0))
         print(json.dumps({"seed": seed, "slices": chosen, "bundled": d0}), flush=True)
+    tuned = {}      # fine-tuned models by (settings without interpolate, seed): configurations
+    # that differ only in interpolate share one fine-tuning (interpolated as adapt_model does)
     for name in args.configs:
         settings = AdaptSettings(**{**BASE, **CONFIGS[name]})
         for seed, hu, ref, mm, chosen, held, d0 in phantoms:
             if any(r["changes"] == CONFIGS[name] and r["seed"] == seed for r in rows):
                 continue        # measured by an earlier, stopped run of the same sweep
-            res = adapt_model(model, card, [AdaptCase(hu, ref, mm, chosen, f"phantom {seed}")], settings)
-            pred = predict_volume(hu, mm, res.model, card, device="cpu").probabilities.argmax(0)
+            key = (json.dumps({**settings.to_dict(), "interpolate": 1.0}, sort_keys=True), seed)
+            if key not in tuned:
+                res = adapt_model(model, card, [AdaptCase(hu, ref, mm, chosen, f"phantom {seed}")],
+                                  AdaptSettings(**{**settings.to_dict(), "interpolate": 1.0}))
+                tuned[key] = (res.model, res.seconds)
+            net, seconds = tuned[key]
+            if settings.interpolate < 1.0:
+                net = interpolate_weights(model, net, settings.interpolate)
+            pred = predict_volume(hu, mm, net, card, device="cpu").probabilities.argmax(0)
             row = {"config": name, "changes": CONFIGS[name], "seed": seed, "slices": chosen,
-                   "adapt_s": round(res.seconds, 1), "bundled": d0, "dice": dice_on(pred, ref, held)}
+                   "adapt_s": round(seconds, 1), "bundled": d0, "dice": dice_on(pred, ref, held)}
             rows.append(row)
             print(json.dumps(row), flush=True)
         _write(args, phantoms, rows)

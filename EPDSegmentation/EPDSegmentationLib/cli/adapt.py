@@ -44,7 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--replay", type=float, default=defaults.replay_fraction,
                    help="share of each batch from the model's own predictions on uncorrected "
-                        "slices (default %(default)s: off)")
+                        "slices (default %(default)s)")
+    p.add_argument("--interpolate", type=float, default=defaults.interpolate,
+                   help="keep this share of the fine-tuned change of the weights, 0 < x <= 1 "
+                        "(the rest stays the base model's; default %(default)s)")
+    p.add_argument("--l2sp", type=float, default=defaults.l2sp,
+                   help="L2-SP penalty alpha on the weights' distance to the base model "
+                        "(default %(default)s: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
     except DeviceError as exc:          # a usage error here, not a traceback
         raise AdaptError(str(exc)) from None
     settings = AdaptSettings(steps=args.steps, lr=args.lr, replay_fraction=args.replay,
+                             interpolate=args.interpolate, l2sp=args.l2sp,
                              seed=args.seed, device=args.device)
     model_path = args.model if args.model is not None else bundled_model_path()
     model, card = load_model(model_path)

@@ -14,6 +14,11 @@ share, gradients averaged over ranks) equal to one process with the whole batch.
 - ``tversky``:  1 - mean over classes of (TP + eps) / (TP + a FP + b FN + eps), with soft
                 TP = sum pq, FP = sum p(1 - q), FN = sum (1 - p) q; a = 0.3, b = 0.7.
 
+Every loss takes an optional mask (B, 1, H, W) of 0/1 (or weights): pixels with 0 add
+nothing (the pixel means become means over the masked pixels of each slice, the region losses
+sum over them); None: every pixel, exactly as without it. Fine-tuning masks the replay
+targets with it (core/adapt.py, replay_confidence).
+
 Several losses combine as sum_i L_i / (2 s_i^2) + ln(1 + s_i^2) with one learnable s_i per
 loss (initialised to 1): the paper's learned uncertainty weighting. The ln(1 + s^2) form keeps
 the regulariser positive, so no loss can be switched off by a negative log.
@@ -38,39 +43,53 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
                          f"{tuple(logits.shape)} and {tuple(target.shape)}")
 
 
-def mae_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _pixel_mean(per_pixel: torch.Tensor, mask) -> torch.Tensor:
+    """per_pixel (B, H, W) -> mean over the (masked) pixels of each slice, mean over slices."""
+    if mask is None:
+        return per_pixel.mean()
+    m = mask.float()[:, 0]
+    return ((per_pixel * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(EPS)).mean()
+
+
+def _masked(p: torch.Tensor, q: torch.Tensor, mask):
+    return (p, q) if mask is None else (p * mask.float(), q * mask.float())
+
+
+def mae_loss(logits: torch.Tensor, target: torch.Tensor, mask=None) -> torch.Tensor:
     _check(logits, target)
     p = torch.softmax(logits.float(), dim=1)
-    return (p - target.float()).abs().mean()
+    return _pixel_mean((p - target.float()).abs().mean(dim=1), mask)
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, mask=None) -> torch.Tensor:
     _check(logits, target)
-    p, q = torch.softmax(logits.float(), dim=1), target.float()
+    p, q = _masked(torch.softmax(logits.float(), dim=1), target.float(), mask)
     inter = (p * q).sum(dim=(2, 3))
     denom = p.sum(dim=(2, 3)) + q.sum(dim=(2, 3))
     return 1.0 - ((2 * inter + EPS) / (denom + EPS)).mean()
 
 
-def soft_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def soft_ce_loss(logits: torch.Tensor, target: torch.Tensor, mask=None) -> torch.Tensor:
     _check(logits, target)
-    return -(target.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+    return _pixel_mean(-(target.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1), mask)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = FOCAL_GAMMA) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, mask=None,
+               gamma: float = FOCAL_GAMMA) -> torch.Tensor:
     _check(logits, target)
     logp = F.log_softmax(logits.float(), dim=1)
     weight = (1.0 - logp.exp()).pow(gamma)
-    return -(target.float() * weight * logp).sum(dim=1).mean()
+    return _pixel_mean(-(target.float() * weight * logp).sum(dim=1), mask)
 
 
-def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = TVERSKY_ALPHA,
-                 beta: float = TVERSKY_BETA) -> torch.Tensor:
+def tversky_loss(logits: torch.Tensor, target: torch.Tensor, mask=None,
+                 alpha: float = TVERSKY_ALPHA, beta: float = TVERSKY_BETA) -> torch.Tensor:
     _check(logits, target)
     p, q = torch.softmax(logits.float(), dim=1), target.float()
-    tp = (p * q).sum(dim=(2, 3))
-    fp = (p * (1 - q)).sum(dim=(2, 3))
-    fn = ((1 - p) * q).sum(dim=(2, 3))
+    m = 1.0 if mask is None else mask.float()
+    tp = (m * p * q).sum(dim=(2, 3))
+    fp = (m * p * (1 - q)).sum(dim=(2, 3))
+    fn = (m * (1 - p) * q).sum(dim=(2, 3))
     return 1.0 - ((tp + EPS) / (tp + alpha * fp + beta * fn + EPS)).mean()
 
 
@@ -112,8 +131,9 @@ class Criterion(nn.Module):
         else:
             self.register_parameter("sigmas", None)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        parts = {n: LOSSES[n](logits, target) for n in self.names}
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                mask=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        parts = {n: LOSSES[n](logits, target, mask) for n in self.names}
         if self.sigmas is None:
             return parts[self.names[0]], parts
         s2 = self.sigmas.float() ** 2
