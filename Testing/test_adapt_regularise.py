@@ -13,22 +13,7 @@ from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptError, AdaptSettings,
                                            l2sp_penalty)
 from EPDSegmentationLib.core.model import ModelConfig, build_model
 
-from test_adapt import PIXEL_MM, body_case, tiny_card
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(width=4)).eval()
-    return model, tiny_card(model)
+from test_adapt import PIXEL_MM, body_case, one_thread, tiny  # noqa: F401  (fixtures)
 
 
 def distance(a, b) -> float:
