@@ -285,3 +285,32 @@ def test_cohort_writes_the_outputs_asked_for(tmp_path, tiny_model_path, capsys):
     assert "--dicom-seg" in prov["command"]
     assert main(args + ["--overlay-slice", "0", "--overwrite"]) == 2
     assert "--overlay-slice does not apply to a cohort" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_failed_case_leaves_no_levels_picture(
+        spine_cases, tiny_model_path, tmp_path, monkeypatch):
+    """The levels picture is staged with the case's other outputs: a case that fails after
+    its level was found leaves nothing behind (the picture was written straight into the
+    folder before); run again, the picture is committed and recorded in the completion
+    marker."""
+    import json
+
+    from EPDSegmentationLib.core import stream
+
+    out = tmp_path / "out"
+    args = ["segment", str(spine_cases / "full.nii.gz"), "-o", str(out), "--model",
+            str(tiny_model_path), "--level", "L3"]
+    real = stream.stream_slabs
+
+    def broken(*a, **kw):
+        raise MemoryError("no room for the slab")
+
+    monkeypatch.setattr(stream, "stream_slabs", broken)
+    assert main(args) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["cohort.csv"]
+    monkeypatch.setattr(stream, "stream_slabs", real)
+    assert main(args + ["--overwrite"]) == 0        # the table exists: a new run of it
+    assert (out / "full_levels.png").is_file()
+    marker = json.loads((out / "full_provenance.json").read_text())
+    assert "full_levels.png" in [o["file"] for o in marker["outputs"]]

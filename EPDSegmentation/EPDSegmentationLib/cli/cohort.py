@@ -23,7 +23,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.atomic import atomic_file
 from ..core.bodycomp import csv_cell
@@ -142,27 +142,29 @@ def _totals(table_path: Path) -> Dict[str, float]:
     return out
 
 
-def choose_slices(case, vol, level: Optional[str], slab_mm: Optional[float], out_dir: Path,
-                  overwrite: bool) -> Tuple[List[int], Dict[str, object], List[Path]]:
+def choose_slices(case, vol, level: Optional[str], slab_mm: Optional[float]
+                  ) -> Tuple[List[int], Dict[str, object], Optional[Callable]]:
     """Slices K to segment for ``level`` (all when None), the row's level columns and the
-    files written (the levels picture). LevelError when the level cannot be found."""
+    levels picture to write (a function of segment_case's ``path_of``, for its
+    ``extra_outputs``: the picture is staged and committed with the case's other outputs,
+    so a case that fails leaves none), or None. LevelError when the level cannot be found."""
     n = vol.array.shape[0]
     if level is None:
-        return list(range(n)), {"level": "", "level_source": "all slices"}, []
+        return list(range(n)), {"level": "", "level_source": "all slices"}, None
     if n == 1:                  # a single-slice study: the slice is the level it was taken at
-        return [0], {"level": level, "level_source": "input (a single slice)"}, []
+        return [0], {"level": level, "level_source": "input (a single slice)"}, None
     levels = find_levels(vol.array, vol.ijk_to_ras)
     k_idx = level_slices(levels, level, n, vol.spacing[2], slab_mm)
-    path = out_dir / f"{case.name}_levels.png"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    k_up = vol.ijk_to_ras[2, 2] > 0
-    write_level_png(path, levels.sagittal, (vol.spacing[1], vol.spacing[2]), levels, level,
-                    k_up=k_up, overwrite=overwrite,
-                    title=f"{case.name}: {level} at slice {levels.slice_of(level)}")
     centre = levels.centres[level.upper()]
     if not 0 <= centre <= n - 1:
         raise LevelError(f"level {level} lies outside the scan")
-    return k_idx, {"level": level.upper(), "level_source": "found (core.levels)"}, [path]
+
+    def picture(path_of: Callable[[str], Path]) -> None:
+        write_level_png(path_of("levels"), levels.sagittal, (vol.spacing[1], vol.spacing[2]),
+                        levels, level, k_up=vol.ijk_to_ras[2, 2] > 0,
+                        title=f"{case.name}: {level} at slice {levels.slice_of(level)}")
+
+    return k_idx, {"level": level.upper(), "level_source": "found (core.levels)"}, picture
 
 
 def cohort_row(case, shard: Optional[Tuple[int, int]], model_name: str, model_version: str
@@ -198,7 +200,7 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
         row.update(patient_id=facts.get("patient_id", "") or case.info.get("subject", ""),
                    weight_kg=facts.get("weight_kg") or case.info.get("weight", ""),
                    sex=facts.get("sex") or case.info.get("sex", ""))
-        k_idx, level_cols, _ = choose_slices(case, vol, level, slab_mm, out_dir, overwrite)
+        k_idx, level_cols, picture = choose_slices(case, vol, level, slab_mm)
         row.update(level_cols)
     except EXPECTED_ERRORS as exc:
         row["message"] = str(exc)
@@ -207,7 +209,7 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
                           slices=",".join(str(k) for k in k_idx), overwrite=overwrite,
                           series_uid=series_uid, progress=progress, volume=vol,
                           protocol=protocol, dicom_seg=dicom_seg, probabilities=probabilities,
-                          provenance=provenance)
+                          provenance=provenance, extra_outputs=picture)
     if not result.ok:
         row["message"] = result.message
         return result, row

@@ -353,7 +353,8 @@ def output_roles(*, dicom_seg: bool, probabilities: bool = False) -> List[str]:
 
 #: Every output a case can have, whatever was asked this time: what a re-run looks for
 #: before it writes, and what --overwrite replaces (no stale file of an earlier setting).
-ALL_ROLES = output_roles(dicom_seg=True, probabilities=True)
+#: every output a case can have: what an earlier run left is looked for and replaced by these
+ALL_ROLES = output_roles(dicom_seg=True, probabilities=True) + ["levels"]
 
 
 def output_paths(out_dir: Path, name: str, *, dicom_seg: bool,
@@ -378,7 +379,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                  progress: Optional[Callable[[int, int], None]] = None,
                  provenance: Optional[Dict] = None, probabilities: bool = False,
                  slab_slices: Optional[int] = None, volume=None,
-                 protocol: bool = False) -> CaseResult:
+                 protocol: bool = False,
+                 extra_outputs: Optional[Callable[[Callable[[str], Path]], None]] = None
+                 ) -> CaseResult:
     """Segment one case and write its outputs.
 
     The volume is opened with io.sources.open_volume, its checks deferred: they are made
@@ -391,6 +394,8 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     ``dicom_seg`` the labels and the selected slices' probabilities are held for
     highdicom, which takes whole arrays. ``protocol``: the HU-protocol areas and mean HU
     too (core.indices), summed from the same slabs, in the result's ``protocol``.
+    ``extra_outputs(path_of)``: writes the caller's own outputs of this case (the cohort's
+    levels picture) at ``path_of(role)``, staged and committed with the others.
 
     The outputs are written into a staging folder under the case's lock (io/staging.py)
     and moved into ``out_dir`` together only when all succeeded, the completion marker
@@ -488,6 +493,8 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                                             card, paths)
             if seg_failure is not None:
                 prov["dicom_seg_error"] = seg_failure.message
+        if extra_outputs is not None:
+            extra_outputs(stage.path)
         written = stage.commit(prov, old_roles=ALL_ROLES)
         totals = bodycomp.total_rows(rows)
         result = CaseResult(case, True, "; ".join(acc.notes[1:]), written, k_idx,

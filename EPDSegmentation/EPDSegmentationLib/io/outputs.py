@@ -6,6 +6,7 @@
     <stem>_probability_<KEY>.nrrd    one probability volume per tissue (Slicer export)
     <stem>_bodycomp.csv              the body-composition table
     <stem>_overlay.png               a slice with the overlay (command line)
+    <stem>_levels.png                the vertebral levels found (cohort with --level)
     <stem>_seg.dcm                   DICOM SEG, binary
     <stem>_prob_seg.dcm              DICOM SEG, fractional (probability)
     <stem>_provenance.json           command line: written last, the case's completion
@@ -24,6 +25,7 @@ SUFFIXES = {
     "probabilities": "_probabilities.nrrd",
     "table": "_bodycomp.csv",
     "overlay": "_overlay.png",
+    "levels": "_levels.png",
     "dicom_seg": "_seg.dcm",
     "dicom_fractional_seg": "_prob_seg.dcm",
     "provenance": "_provenance.json",
