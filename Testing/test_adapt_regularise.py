@@ -13,7 +13,7 @@ from EPDSegmentationLib.core.adapt import (AdaptCase, AdaptError, AdaptSettings,
                                            l2sp_penalty)
 from EPDSegmentationLib.core.model import ModelConfig, build_model
 
-from test_adapt import PIXEL_MM, body_case, one_thread, tiny  # noqa: F401  (fixtures)
+from test_adapt import PIXEL_MM, body_case, files, one_thread, tiny  # noqa: F401  (fixtures)
 
 
 def distance(a, b) -> float:
@@ -82,22 +82,14 @@ def test_bad_regularisation_settings_are_named(change, message):
         AdaptSettings(**change)
 
 
-def test_cli_passes_interpolate_and_l2sp_into_the_card(tmp_path, tiny, capsys):
+def test_cli_passes_interpolate_and_l2sp_into_the_card(files, capsys):
     from EPDSegmentationLib.cli.main import main
-    from EPDSegmentationLib.core.model_io import load_model, save_model
-    from EPDSegmentationLib.core.volume import Volume
-    from EPDSegmentationLib.io.images import write_volume
+    from EPDSegmentationLib.core.model_io import load_model
 
-    model, card = tiny
-    save_model(tmp_path / "base", model, card)
-    hu, labels = body_case()
-    m = np.diag([1.0, 1.0, 3.0, 1.0])
-    write_volume(Volume(hu, m), tmp_path / "ct.nii.gz", dtype="int16")
-    write_volume(Volume(labels, m), tmp_path / "labels.nii.gz")
-    args = ["adapt", "--model", str(tmp_path / "base.safetensors"), "--image",
-            str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
+    args = ["adapt", "--model", str(files / "base.safetensors"), "--image",
+            str(files / "ct.nii.gz"), "--labels", str(files / "labels.nii.gz"),
             "--slices", "1,3", "--steps", "2"]
-    out = tmp_path / "site.safetensors"
+    out = files / "site.safetensors"
     assert main(args + ["--interpolate", "0", "-o", str(out)]) == 2
     assert "interpolate must be" in capsys.readouterr().err and not out.exists()
     assert main(args + ["--interpolate", "0.4", "--l2sp", "0.5", "-o", str(out)]) == 0
