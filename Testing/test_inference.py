@@ -359,6 +359,41 @@ def test_a_model_out_of_range_is_refused_before_upsampling(saved_model, volume, 
         list(stream_slabs(volume, [0, 1, 2], plain))
 
 
+def test_slices_restored_one_at_a_time_give_the_outputs_of_the_slab_restored_whole(
+        saved_model, volume):
+    """The stream restores the network's output a slice at a time (predict.deferred, in the
+    worker): every output equals that of the slab restored whole (what any other predictor
+    hands over), with the planes flipped into the network's orientation and resampled."""
+    from EPDSegmentationLib.core.inference import slab_predictor
+    from EPDSegmentationLib.core.stream import stream_slabs
+
+    model, card = saved_model
+    ras = np.diag([0.7, 0.7, 2.5, 1.0])        # stored RAS+: both in-plane axes flipped
+    predict = slab_predictor(volume, (0.7, 0.7), model, card, device="cpu", batch_size=2,
+                             ijk_to_ras=ras)
+    assert hasattr(predict, "deferred")
+    low, _, notes = predict.deferred([0, 2])
+    assert low.flips == (True, True) and any("resampled" in n for n in notes)
+    assert low.shape == (len(card["classes"]), 2) + volume.shape[1:]
+
+    def whole(slices, progress=None, should_cancel=None):       # no .deferred
+        return predict(slices, progress, should_cancel)
+
+    kw = dict(slab_slices=3, probabilities=True, protocol=True)
+    got = list(stream_slabs(volume, [0, 1, 2, 4], predict, **kw))
+    ref = list(stream_slabs(volume, [0, 1, 2, 4], whole, **kw))
+    assert [s.slices for s in got] == [s.slices for s in ref]
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a.uncertainty, b.uncertainty, rtol=1e-6)
+        for key in a.sums:
+            np.testing.assert_allclose(a.sums[key], b.sums[key], rtol=1e-6, atol=1e-6)
+        for key in a.protocol:
+            np.testing.assert_allclose(a.protocol[key], b.protocol[key], rtol=1e-6)
+
+
 def test_stream_progress_never_goes_back_and_slabs_come_in_order(saved_model, volume):
     """The network runs a slab ahead of the outputs (a worker thread): progress still only
     grows, ends at the total, and the slabs come out in order with their own HU."""

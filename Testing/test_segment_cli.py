@@ -227,7 +227,7 @@ def test_unexpected_error_in_one_case_is_reported_and_the_batch_goes_on(
     traceback on stderr and without leftover files; the next case still runs; exit 1."""
     from EPDSegmentationLib.core import inference
 
-    real = inference.predict_slab
+    real = inference.network_slab
     calls = []
 
     def flaky(hu, *args, **kwargs):
@@ -237,7 +237,7 @@ def test_unexpected_error_in_one_case_is_reported_and_the_batch_goes_on(
                                "can't allocate memory: you tried to allocate 99 GB")
         return real(hu, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_slab", flaky)
+    monkeypatch.setattr(inference, "network_slab", flaky)
     out = tmp_path / "out"
     assert _run(cases / "ct_a.nii.gz", cases / "ct_dicom", "-o", out, "--model",
                 tiny_model_path, "--slices", "1") == 1

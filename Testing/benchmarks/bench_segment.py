@@ -128,9 +128,15 @@ def network_seconds(net, card, volume, device: str, batch: int) -> float:
 
 
 def measure_here(case: str, model: str, device: str, batch: int, out: str,
-                 network: bool = False, probabilities: bool = False) -> dict:
+                 network: bool = False, probabilities: bool = False,
+                 heap: str = "keep") -> dict:
     t_start = time.perf_counter()
     import torch
+
+    from EPDSegmentationLib.core.heap import keep_freed_memory
+
+    if heap == "keep":          # as the epdseg process does (cli.main)
+        keep_freed_memory()
 
     from EPDSegmentationLib.core.model_io import load_model
     from EPDSegmentationLib.cli.segment import Case, segment_case
@@ -189,9 +195,9 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
 
 
 def measure(case: str, model: str, device: str, batch: int, out: str,
-            network: bool = False, probabilities: bool = False) -> dict:
+            network: bool = False, probabilities: bool = False, heap: str = "keep") -> dict:
     cmd = [sys.executable, __file__, "--one", case, model, out, "--device", device,
-           "--batch", str(batch)] + (["--network"] if network else []) \
+           "--batch", str(batch), "--heap", heap] + (["--network"] if network else []) \
         + (["--probabilities"] if probabilities else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -236,6 +242,10 @@ def main() -> None:
                         help="3 slices of 128 x 128 (memory: 4 and 12), factors 1 and 2")
     parser.add_argument("--memory", "--memory-only", dest="memory_only", action="store_true",
                         help="only the memory cases (60 and 600 slices), no time cases")
+    parser.add_argument("--heap", choices=("keep", "trim"), default="keep",
+                        help="keep: freed memory reused, as the epdseg process does "
+                             "(core.heap.keep_freed_memory); trim: given back after each "
+                             "slab, as in Slicer's process")
     parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,7 +253,7 @@ def main() -> None:
         parser.error("--trained takes the bundled model's width; drop --width")
     if args.one:
         print(json.dumps(measure_here(*args.one[:2], args.device, args.batch, args.one[2],
-                                      args.network, args.probabilities)))
+                                      args.network, args.probabilities, args.heap)))
         return
     if args.quick:
         args.slices, args.size, args.factors = 3, 128, [1, 2]
@@ -265,20 +275,21 @@ def main() -> None:
               f"{args.batch}, device "
               f"{args.device}; {os.cpu_count()} cores, torch {torch.__version__} with "
               f"{torch.get_num_threads()} threads in every case; each case in a fresh "
-              f"process; outputs: default{' + --probabilities' if args.probabilities else ''}"
+              f"process; heap: {args.heap}; outputs: "
+              f"default{' + --probabilities' if args.probabilities else ''}"
               f"; load average at the start {os.getloadavg()[0]:.1f}", flush=True)
         rows = {}
         for k in ([] if args.memory_only else args.factors):
             rows[k] = measure(volume, models[k], args.device, args.batch,
                               str(tmp / f"out_f{k}"), network=True,
-                              probabilities=args.probabilities)
+                              probabilities=args.probabilities, heap=args.heap)
         k2 = 2 if 2 in args.factors else args.factors[-1]
         gz = [] if args.memory_only else gzip_levels(str(tmp / f"out_f{k2}" / "bench_soft.seg.nrrd"))
         mem = {}
         for n in args.memory_slices:
             path = make_volume(tmp, f"mem{n}", n, args.size)
             mem[n] = measure(path, models[mk], args.device, args.batch, str(tmp / f"mem{n}"),
-                             probabilities=args.probabilities)
+                             probabilities=args.probabilities, heap=args.heap)
             Path(path).unlink()
             print(f"{n} slices: {json.dumps(mem[n])}", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f} (1 min), "

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from .. import __version__
 from ..core.errors import EPDError
+from ..core.heap import keep_freed_memory
 from ..core.inference import DeviceError, select_device
 from ..core.model_card import ModelFileError
 from ..core.resources import bundled_model_path
@@ -109,6 +110,7 @@ def _segment(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    keep_freed_memory()     # our own process: reuse freed memory, do not fault it in again
     if threading.current_thread() is not threading.main_thread():
         return _segment_cases(args)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

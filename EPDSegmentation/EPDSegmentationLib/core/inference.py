@@ -296,16 +296,59 @@ def restore_probabilities_torch(probs, work_shape: Sequence[int], input_shape: S
     return resample_planes(full, tuple(input_shape))
 
 
-def predict_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
+@dataclass
+class Deferred:
+    """The network's output for a slab, restored to the input grid only when asked, a few
+    slices at a time: core.stream makes each slice's outputs from its restored planes
+    while they are still in the core's cache (on the CPU about a third cheaper than
+    restoring the slab whole and passing over it once per output, docs/benchmarks.md),
+    and the network's thread is spared the upsampling.
+
+    probs: torch (n, C, h, w) on ``device``, already range-checked; work: the resampled
+    grid (rows, cols) the network's input came from; shape: the input grid (J, I);
+    flips: (rows, columns) to flip back out of the network's orientation."""
+
+    probs: Any
+    work: Tuple[int, int]
+    input_shape: Tuple[int, int]
+    card: Mapping[str, Any]
+    flips: Tuple[bool, bool] = (False, False)
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(C, n, J, I), as the restored probabilities'."""
+        n, c = int(self.probs.shape[0]), int(self.probs.shape[1])
+        return (c, n) + tuple(int(v) for v in self.input_shape)
+
+    @property
+    def device(self):
+        return self.probs.device
+
+    def planes(self, start: int, stop: int):
+        """Probabilities of slices start..stop-1 of the slab on the input grid: torch float32
+        (C, stop - start, J, I) on the device (restore_probabilities_torch, flipped back)."""
+        full = restore_probabilities_torch(self.probs[start:stop], self.work,
+                                           self.input_shape, self.card)     # (n, C, J, I)
+        dims = [d for d, f in ((2, self.flips[0]), (3, self.flips[1])) if f]
+        if dims:
+            full = full.flip(dims)
+        return full.transpose(0, 1)
+
+    def restore(self):
+        """All the slab's probabilities (C, n, J, I) on the input grid."""
+        return self.planes(0, int(self.probs.shape[0]))
+
+
+def network_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
                  device, batch_size: int, notes: List[str],
                  flips: Tuple[bool, bool] = (False, False), **network):
-    """One slab of HU slices (n, J, I) -> (probabilities as a torch tensor (C, n, J, I)
-    float32 on the device the network ended on, that device, the batch size that worked).
-    ValueError if the network's output is not finite in 0..1 (check_probability_range).
+    """One slab of HU slices (n, J, I) through the network -> (Deferred: its output, to be
+    restored to the input grid; the device the network ended on; the batch size that
+    worked). ValueError if the network's output is not finite in 0..1
+    (check_probability_range).
 
-    The network input is prepared on the host; the soft maps are upsampled and resampled
-    back to the input grid on the device. flips: (rows, columns) to flip into the network's
-    orientation (orientation.network_flips) and back. ``network``: progress,
+    The network input is prepared on the host. flips: (rows, columns) to flip into the
+    network's orientation (orientation.network_flips) and back. ``network``: progress,
     should_cancel, done_offset, total, passed to run_network."""
     flip_rows, flip_cols = flips
     if flip_rows or flip_cols:
@@ -314,11 +357,21 @@ def predict_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping
     probs, device, batch_size = run_network(model, x, device, batch_size, notes,
                                             as_tensor=True, **network)
     check_probability_range(probs)
-    full = restore_probabilities_torch(probs, work, hu.shape[1:], card)    # (n, C, J, I)
-    dims = [d for d, f in ((2, flip_rows), (3, flip_cols)) if f]
-    if dims:
-        full = full.flip(dims)
-    return full.transpose(0, 1), device, batch_size
+    low = Deferred(probs, tuple(work), tuple(int(v) for v in hu.shape[1:]), card,
+                   (bool(flip_rows), bool(flip_cols)))
+    return low, device, batch_size
+
+
+def predict_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
+                 device, batch_size: int, notes: List[str],
+                 flips: Tuple[bool, bool] = (False, False), **network):
+    """One slab of HU slices (n, J, I) -> (probabilities as a torch tensor (C, n, J, I)
+    float32 on the device the network ended on, that device, the batch size that worked):
+    network_slab, restored whole. The soft maps are upsampled and resampled back to the
+    input grid on the device."""
+    low, device, batch_size = network_slab(hu, pixel_mm, model, card, device, batch_size,
+                                           notes, flips, **network)
+    return low.restore(), device, batch_size
 
 
 def check_slices(slices: Optional[Sequence[int]], n_slices: int) -> List[int]:
@@ -388,7 +441,11 @@ def slab_predictor(hu, pixel_mm: Sequence[float], model, card: Mapping[str, Any]
     batch, then the CPU) found in one slab is kept for the next ones. ijk_to_ras (4, 4):
     the volume's geometry; slices stored in another in-plane orientation than the
     network's (anterior up, patient's right on the left: orientation.network_flips) are
-    flipped into it and the probabilities flipped back (None: used as stored)."""
+    flipped into it and the probabilities flipped back (None: used as stored).
+
+    ``predict.deferred`` takes the same arguments and returns the network's output
+    unrestored (a Deferred) in place of the probabilities: core.stream restores it slice
+    by slice as it makes the outputs."""
     if not (hasattr(hu, "shape") and hasattr(hu, "dtype") and hasattr(hu, "__getitem__")):
         hu = np.asarray(hu)
     pixel_mm = _check_inputs(hu, pixel_mm, batch_size)
@@ -396,15 +453,21 @@ def slab_predictor(hu, pixel_mm: Sequence[float], model, card: Mapping[str, Any]
     flips = _flips(ijk_to_ras, notes)
     state: Dict[str, Any] = {"device": dev, "batch": batch_size}
 
-    def predict(slices: Sequence[int], progress=None, should_cancel=None):
+    def deferred(slices: Sequence[int], progress=None, should_cancel=None):
         idx = check_slices(slices, hu.shape[0])
-        probs, state["device"], state["batch"] = predict_slab(
+        low, state["device"], state["batch"] = network_slab(
             hu[idx], pixel_mm, model, card, state["device"], state["batch"], notes,
             flips=flips, progress=progress, should_cancel=should_cancel)
-        return probs, str(state["device"]), list(notes)
+        return low, str(state["device"]), list(notes)
 
-    # tells core.stream the range was checked on the network's output (predict_slab)
+    def predict(slices: Sequence[int], progress=None, should_cancel=None):
+        low, dev_name, dev_notes = deferred(slices, progress, should_cancel)
+        return low.restore(), dev_name, dev_notes
+
+    # tells core.stream the range was checked on the network's output (network_slab), and
+    # how to get that output unrestored (stream restores it a slice at a time)
     predict.range_checked = True
+    predict.deferred = deferred
     return predict
 
 

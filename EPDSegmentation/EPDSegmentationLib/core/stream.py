@@ -3,10 +3,12 @@ module, so that memory is bounded by a slab and not by the scan.
 
 For each slab of selected slices (a few batches of the network), ``predict`` gives the
 class probabilities on the input grid (C, n, J, I), as a torch tensor on the device that ran
-the network (or a NumPy array); there, without a round trip through host memory, this
-module takes the argmax (hard labels), encodes the soft maps as Slicer's 8-bit fractional
-values and sums the body-composition statistics per slice and class. Only what each output
-needs comes back to the host, in its compact form:
+the network (or a NumPy array), or, through ``predict.deferred``, the network's own output
+to be restored to that grid here, one slice at a time (inference.Deferred). On that device,
+without a round trip through host memory, this module takes the argmax (hard labels),
+encodes the soft maps as Slicer's 8-bit fractional values and sums the body-composition
+statistics per slice and class. Only what each output needs comes back to the host, in its
+compact form:
 
     labels uint8 (n, J, I); codes int8 (C - 1, n, J, I) in -108..108 (Slicer's fractional
     labelmap, probability 0 -> -108, 1 -> 108); probabilities float32 (C, n, J, I) only
@@ -28,6 +30,7 @@ import numpy as np
 
 from .adapt import suggest_slices
 from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums, with_uncertainty
+from .heap import start_stream, trim_heap
 from .inference import Cancelled, check_probability_range
 from .indices import protocol_slice_sums
 
@@ -146,34 +149,56 @@ def slab_sums(p, hu, labels) -> Dict[str, np.ndarray]:
 def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes: bool = True,
                  probabilities_out: bool = False, protocol: bool = False,
                  range_checked: bool = False) -> Slab:
-    """One Slab from probabilities (C, n, J, I) (torch tensor on any device, or NumPy) and
-    the HU (n, J, I) of the same slices. Checks shape, and range as bodycomp does unless
+    """One Slab from probabilities (C, n, J, I) (torch tensor on any device, NumPy, or an
+    inference.Deferred: the network's output, restored here a slice at a time) and the HU
+    (n, J, I) of the same slices. Checks shape, and range as bodycomp does unless
     ``range_checked`` (inference.slab_predictor checks the network's low-resolution output,
     which upsampling cannot take out of range). protocol: also the slab's HU-protocol sums
-    (indices.protocol_slice_sums)."""
+    (indices.protocol_slice_sums).
+
+    One slice at a time, every output is made from its planes (C, J, I) while they are in
+    the core's cache: on the CPU a pass over a whole slab's probabilities (16 slices, 100
+    MB at 512 x 512) per output cost a third more (docs/benchmarks.md)."""
     import torch
 
-    p = probabilities if isinstance(probabilities, torch.Tensor) \
+    deferred = hasattr(probabilities, "planes")
+    p = probabilities if deferred or isinstance(probabilities, torch.Tensor) \
         else torch.from_numpy(np.ascontiguousarray(probabilities))
     n = len(slices)
-    if p.dim() != 4 or p.shape[1] != n or tuple(p.shape[2:]) != tuple(hu.shape[1:]):
-        raise ValueError(f"the model returned probabilities of shape {tuple(p.shape)}; "
+    shape = tuple(int(v) for v in p.shape)
+    if len(shape) != 4 or shape[1] != n or shape[2:] != tuple(hu.shape[1:]):
+        raise ValueError(f"the model returned probabilities of shape {shape}; "
                          f"expected (C, {n}) + {tuple(hu.shape[1:])}")
-    if not p.is_floating_point():
-        raise ValueError(f"probabilities must be floating point; got {p.dtype}")
-    if not range_checked:
-        check_probability_range(p)
-    labels = argmax_classes(p)
-    if p.device.type == "cpu":      # NumPy's sums measured faster there (bodycomp)
-        sums = slice_sums(p.numpy(), hu, labels.numpy(), checked=True)
-    else:
-        sums = slab_sums(p, torch.from_numpy(np.ascontiguousarray(hu)).to(p.device), labels)
+    if not deferred:
+        if not p.is_floating_point():
+            raise ValueError(f"probabilities must be floating point; got {p.dtype}")
+        if not range_checked:
+            check_probability_range(p)
+    C = shape[0]
+    labels = np.empty((n,) + shape[2:], np.uint8)
+    code_maps = np.empty((C - 1,) + shape[1:], np.int8) if codes else None
     # one float32 host copy serves both the probability output and the protocol sums
-    host = p.float().cpu().numpy() if (probabilities_out or protocol) else None
-    return Slab(list(slices), labels.cpu().numpy(),
-                encode_fractional_torch(p[1:]).cpu().numpy() if codes else None,
-                host if probabilities_out else None, sums, slice_entropy(p),
-                protocol_slice_sums(host, hu) if protocol else None, hu)
+    host = np.empty(shape, np.float32) if (probabilities_out or protocol) else None
+    entropy = np.zeros(n, np.float64)
+    parts = []
+    on_cpu = p.device.type == "cpu"
+    for s in range(n):
+        q = p.planes(s, s + 1) if deferred else p[:, s:s + 1]               # (C, 1, J, I)
+        lab = argmax_classes(q)
+        if on_cpu:      # NumPy's sums measured faster there (bodycomp)
+            parts.append(slice_sums(q.numpy(), hu[s:s + 1], lab.numpy(), checked=True))
+        else:
+            parts.append(slab_sums(q, torch.from_numpy(np.ascontiguousarray(hu[s:s + 1]))
+                                   .to(q.device), lab))
+        labels[s] = lab[0].cpu().numpy()
+        if code_maps is not None:
+            code_maps[:, s] = encode_fractional_torch(q[1:, 0]).cpu().numpy()
+        if host is not None:
+            host[:, s] = q[:, 0].float().cpu().numpy()
+        entropy[s] = slice_entropy(q)[0]
+    sums = concatenate_sums(parts)
+    return Slab(list(slices), labels, code_maps, host if probabilities_out else None, sums,
+                entropy, protocol_slice_sums(host, hu) if protocol else None, hu)
 
 
 def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
@@ -218,11 +243,15 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
     acc = accumulator if accumulator is not None else Accumulator()
     total = len(order)
     checked = bool(getattr(predict, "range_checked", False))
+    # the network's output unrestored, when the predictor offers it (inference.slab_predictor):
+    # the worker then restores it slice by slice, off the network's thread
+    run = getattr(predict, "deferred", None) or predict
     progress = _monotonic(progress)     # the network runs a slab ahead of the outputs
     done = 0
     pending = None         # (future or Slab, device, notes) of the slab before
     chunks = _slabs(order, slab_slices)
     prefetch = getattr(hu, "prefetch", None)        # io.sources: read the next slab ahead
+    start_stream()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="epd-slab") as pool:
         for i, chunk in enumerate(chunks):
             if should_cancel is not None and should_cancel():
@@ -238,7 +267,7 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
             hu_chunk = hu[chunk]
             if prefetch is not None and i + 1 < len(chunks):
                 prefetch(chunks[i + 1])
-            probs, device, notes = predict(chunk, batch_progress, should_cancel)
+            probs, device, notes = run(chunk, batch_progress, should_cancel)
             args = (probs, hu_chunk, chunk)
             kwargs = dict(codes=codes, probabilities_out=probabilities, protocol=protocol,
                           range_checked=checked)
@@ -267,28 +296,6 @@ def _monotonic(progress):
             progress(n_done, total)
 
     return report
-
-
-_LIBC: List[Any] = []
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim; nothing
-    elsewhere). With the slab worker, the read-ahead and the gzip threads, glibc kept the
-    freed slab buffers resident: a 600-slice run's RSS grew by about 1 MiB a slice, to 800
-    MiB where the code without threads stayed at 250; trimmed after each slab it stays
-    flat (docs/benchmarks.md)."""
-    if not _LIBC:
-        import ctypes
-        import sys
-
-        try:
-            libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-            _LIBC.append(libc.malloc_trim if libc is not None else None)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
 
 
 def _collect(pending, acc: Accumulator, total: int, progress) -> Slab:
