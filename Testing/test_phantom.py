@@ -474,3 +474,32 @@ def test_torso_bad_arguments_are_refused():
         subject_slices(1, 2, levels=("T11", -200.0), size=32)
     with pytest.raises(ValueError, match="levels"):
         subject_slices(1, 2, None, size=32)
+
+
+def test_kidney_contact_lays_the_kidneys_on_their_muscles():
+    """kidney_contact=1 moves both kidneys back and in, onto the quadratus lumborum and
+    psoas: kidney (MSC) pixels then touch muscle with no fat between, the muscles keep
+    every pixel, and nothing changes away from the kidneys. 0 is the phantom as before."""
+    from scipy.ndimage import binary_dilation
+
+    MUS, VAT, MSC = 1, 4, 5
+    before = make_slice(5, anatomy="torso", level="L2", size=256, supersample=2)
+    again = make_slice(5, anatomy="torso", level="L2", size=256, supersample=2,
+                       kidney_contact=0.0)
+    after = make_slice(5, anatomy="torso", level="L2", size=256, supersample=2,
+                       kidney_contact=1.0)
+    assert np.array_equal(before.labels, again.labels) and np.array_equal(before.hu, again.hu)
+    changed = before.labels != after.labels
+    assert changed.any()
+    # the muscles keep almost all their pixels (a few on their edge now share a pixel with
+    # the kidney instead of fat, and a muscle drawn after the kidneys is dented a little);
+    # everything that changes lies around the kidneys
+    mus_diff = (before.labels == MUS) != (after.labels == MUS)
+    assert mus_diff.sum() < 0.15 * changed.sum()
+    assert set(np.unique(before.labels[changed])) <= {MUS, VAT, MSC}
+    kidneys = changed & ((before.labels == MSC) | (after.labels == MSC))
+    assert (changed <= binary_dilation(kidneys, iterations=3)).all()
+    # pixels that were fat and are kidney now, right against a muscle (4-neighbours)
+    moved_to = changed & (after.labels == MSC) & (before.labels == VAT)
+    touching = moved_to & binary_dilation(after.labels == MUS)
+    assert touching.sum() > 20

@@ -8,8 +8,8 @@ import pytest
 
 from training.data import Augment
 from training.randomize import (FAT_MEAN_HU, GRID_MM, MUSCLE_MEAN_HU, NOISE_SD_HU,
-                                ORGAN_MEDIAN_HU, SAT_GROWTH_MM, add_kernel_noise, grow_sat,
-                                randomize_appearance)
+                                ORGAN_MEDIAN_HU, SAT_GROWTH_MM, add_kernel_noise,
+                                close_fat_planes, grow_sat, randomize_appearance)
 
 BG, MUS, IMAT, SAT, VAT, MSC = range(6)
 
@@ -277,3 +277,39 @@ def test_separate_muscles_get_their_own_offsets():
         h, _ = randomize_appearance(hu, lab, np.random.default_rng(seed))
         apart += abs(np.median(h[a]) - np.median(h[b])) > 10.0
     assert apart >= 3
+
+
+def test_close_fat_planes_turns_the_fat_between_organ_and_muscle_into_organ():
+    """A fat plane between an organ and a muscle narrower than the drawn width becomes that
+    organ, all of it (label, and the HU of the nearest organ pixel); a plane wider than any
+    width drawn, fat near only one of them, and every other label stay. Augment's
+    organ_contact=0 (the default) changes nothing; turned on, it keeps the appearance
+    draws and only the closed planes differ."""
+    from training.randomize import CONTACT_MM
+
+    n = 160
+    lab = np.full((n, n), VAT, np.uint8)
+    hu = np.full((n, n), -100.0, np.float32)
+    lab[:, :40], hu[:, :40] = MUS, 45.0                   # a muscle on the left
+    lab[:, 43:80], hu[:, 43:80] = MSC, 30.0               # a kidney 3 px (2.6 mm) away
+    hu[:, 43:80] += np.linspace(0.0, 5.0, n)[:, None]     # its HU varies down the rows
+    lab[:, 140:], hu[:, 140:] = MUS, 45.0                  # 60 px (52 mm) of fat: stays
+    assert 60 * GRID_MM > CONTACT_MM[1] and 3 * GRID_MM < CONTACT_MM[0]
+    for seed in range(5):
+        h, l = close_fat_planes(hu, lab, np.random.default_rng(seed))
+        changed = l != lab
+        assert changed[4:-4, 40:43].all() and not changed[:, :40].any() \
+            and not changed[:, 43:].any()
+        assert (l[4:-4, 40:43] == MSC).all()
+        # the nearest organ pixel is the one in the same row (away from the image's edge,
+        # where the opening that drops thin rims rounds the organ's corners)
+        np.testing.assert_array_equal(h[4:-4, 40:43], hu[4:-4, 43:44].repeat(3, 1))
+    body_hu, body_lab = body_slice()
+    base = Augment(randomize=1.0, obese=0.0)(body_hu, body_lab, np.random.default_rng(3))
+    off = Augment(randomize=1.0, obese=0.0, organ_contact=0.0)(body_hu, body_lab,
+                                                               np.random.default_rng(3))
+    assert np.array_equal(base[0], off[0]) and np.array_equal(base[1], off[1])
+    plain = dict(flip=0.0, crop=0.0, blur=0.0, randomize=1.0, obese=0.0)
+    _, l_on = Augment(organ_contact=1.0, **plain)(hu, lab, np.random.default_rng(4))
+    _, l_off = Augment(**plain)(hu, lab, np.random.default_rng(4))
+    assert (l_on[:, 40:43] == MSC).mean() > 0.5 and (l_off[:, 40:43] == VAT).mean() > 0.5

@@ -33,7 +33,7 @@ from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 from training.phantom import subject_slices
 from training.phantom.dataset import split_subjects, subject_seeds
 
-from .randomize import add_kernel_noise, grow_sat, randomize_appearance
+from .randomize import add_kernel_noise, close_fat_planes, grow_sat, randomize_appearance
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
@@ -58,12 +58,14 @@ class SliceRecord:
 def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 512,
                     seed: int = 0, val_fraction: float = 0.2, slice_gap_mm: float = 5.0,
                     progress: bool = False,
-                    levels: Optional[Sequence[str]] = None) -> Dict[str, List[SliceRecord]]:
+                    levels: Optional[Sequence[str]] = None,
+                    kidney_contact: float = 0.0) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
     ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
     levels=levels)`` writes to disk, generated in memory. levels: None, the slices around
     mid-L3; two vertebral levels such as ("T11", "L4"), the torso anatomy with each subject's
-    stack within them."""
+    stack within them. kidney_contact: with levels, the share of subjects whose kidneys lie
+    on their muscles (phantom.torso.kidney_contact_shift)."""
     from tqdm import tqdm
 
     if n_subjects < 1 or slices_per_subject < 1:
@@ -72,6 +74,12 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     seeds = subject_seeds(seed, n_subjects)
     splits = split_subjects(n_subjects, val_fraction, seed)
     where = {} if levels is None else {"levels": tuple(levels)}
+    if not 0.0 <= kidney_contact <= 1.0:
+        raise ValueError(f"--kidney-contact is a probability in 0..1; got {kidney_contact}")
+    if kidney_contact > 0:
+        if levels is None:
+            raise ValueError("--kidney-contact needs the torso anatomy (--phantom-levels)")
+        where["kidney_contact"] = float(kidney_contact)
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):
         name = f"subject_{i:04d}"
@@ -182,6 +190,9 @@ class Augment:
     #: randomize_appearance's per-muscle HU offset SD and organ contrast fading share
     muscle_region_sd_hu: float = 12.0
     organ_flatten: float = 0.4
+    #: share of the randomised slices whose organ-muscle fat planes close
+    #: (randomize.close_fat_planes)
+    organ_contact: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,6 +232,10 @@ class Augment:
             habitus_rng = np.random.default_rng([rand_seed, 1])
             if habitus_rng.random() < self.obese:
                 hu, labels = grow_sat(hu, labels, habitus_rng)
+            if self.organ_contact > 0:      # its own stream too: off keeps every draw
+                contact_rng = np.random.default_rng([rand_seed, 2])
+                if contact_rng.random() < self.organ_contact:
+                    hu, labels = close_fat_planes(hu, labels, contact_rng)
             hu, labels = randomize_appearance(hu, labels, rand_rng, self.muscle_region_sd_hu,
                                               self.organ_flatten)
             # the scanner's noise comes with its own pixels: a coarser scan (lowres below)

@@ -83,6 +83,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--phantom-levels", nargs=2, metavar=("FROM", "TO"), default=None,
                    help="phantom of the torso from vertebral level FROM to TO (e.g. T11 L5), "
                         "each subject's slices within them; default: around mid-L3")
+    g.add_argument("--kidney-contact", type=float, default=0.0, metavar="P",
+                   help="with --phantom-levels: share of phantom subjects whose kidneys lie "
+                        "on the quadratus lumborum and psoas with no fat between (default 0)")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")
     g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")
@@ -122,6 +125,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--organ-flatten", type=float, default=0.4, metavar="P",
                    help="with --randomize: share of slices whose organs lose most of their "
                         "inner contrast (default 0.4; 0: off)")
+    g.add_argument("--organ-contact", type=float, default=0.0, metavar="P",
+                   help="with --randomize: share of randomised slices whose fat planes "
+                        "between organs and muscles close (kidney against psoas, as in thin "
+                        "patients; default 0: off)")
     g.add_argument("--obese", type=float, default=0.3, metavar="P",
                    help="with --randomize: share of randomised slices whose subcutaneous fat "
                         "grows outward (obese bodies; default 0.3; 0: off)")
@@ -159,7 +166,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0; got {args.lr}")
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
-    for name in ("randomize", "organ_flatten", "obese"):
+    for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
@@ -202,11 +209,12 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
     else:
         recs = phantom_records(args.phantom_subjects, args.phantom_slices, args.phantom_size,
                                args.data_seed, args.val_fraction, args.phantom_gap_mm,
-                               progress=progress, levels=args.phantom_levels)
+                               progress=progress, levels=args.phantom_levels,
+                               kidney_contact=args.kidney_contact)
         recipe = {"source": "phantom", "generator": "training.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
                   "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
-                  "levels": args.phantom_levels,
+                  "levels": args.phantom_levels, "kidney_contact": args.kidney_contact,
                   "seed": args.data_seed, "val_fraction": args.val_fraction,
                   "same_as": f"training.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
@@ -469,7 +477,8 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
     augment = None if args.no_augment else Augment(
         lowres=args.lowres, lowres_factor=(Augment.lowres_factor[0], args.lowres_max),
         tissue_hu=args.tissue_hu, randomize=args.randomize, obese=args.obese,
-        muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten)
+        muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
+        organ_contact=args.organ_contact)
     train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size

@@ -114,7 +114,7 @@ def levels_z_range(seed: int, levels: Sequence[Union[str, float]]):
 
 def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
                z_mm: float = 0.0, supersample: int = 4, anatomy: Optional[str] = None,
-               level: Optional[str] = None) -> PhantomSlice:
+               level: Optional[str] = None, kidney_contact: float = 0.0) -> PhantomSlice:
     """One phantom slice of subject ``seed`` at height ``z_mm`` (mm from mid-L3, + = cranial).
 
     size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
@@ -124,6 +124,9 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     spleen, stomach, lung bases, ribs; iliac wings below L4; torso.py, pelvis.py). level: a
     vertebra ('T11' .. 'L5'); the
     slice is then ``z_mm`` above the middle of its body, in the torso anatomy.
+    kidney_contact: torso anatomy only, the share of subjects whose kidneys lie on the
+    quadratus lumborum and psoas with no fat between (torso.kidney_contact_shift; 0: as
+    before).
     """
     _check(seed, size, pixel_mm, supersample)
     anatomy = _check_anatomy(anatomy, level)
@@ -137,7 +140,7 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     if anatomy == "torso":
         from .torso import draw_torso
 
-        g = draw_torso(cv, s, float(z_mm))
+        g = draw_torso(cv, s, float(z_mm), kidney_contact=float(kidney_contact))
     else:
         g = draw(cv, s, float(z_mm))
     # outside the reconstruction circle there is no image

@@ -1065,10 +1065,37 @@ def _kidney_shift(i: int, dz: float) -> Tuple[float, float]:
     return 0.0, 0.12 * max(0.0, dz)
 
 
+#: kidney_contact: how far (mm, drawn per kidney) a kidney moves back and in, onto the
+#: quadratus lumborum and psoas; the phantom's kidneys otherwise lie about 10 to 20 mm of
+#: fat in front of and beside them
+KIDNEY_CONTACT_MM = (6.0, 20.0)
+
+
+def kidney_contact_shift(s: Subject, share: float):
+    """The kidney shift of subject s (a function for draw_kidneys): with probability
+    ``share`` (drawn from the subject's seed, on a stream of its own, so every other draw
+    is unchanged) both kidneys move back and towards the midline by KIDNEY_CONTACT_MM each,
+    onto the quadratus lumborum and psoas, as real kidneys lie on them; the muscles keep
+    their pixels (kidneys are drawn over fat only), so the kidney touches them with no fat
+    between. share 0: _kidney_shift, the phantom as before."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(s.seed), 5150]))
+    on, t = rng.random() < share, rng.uniform(*KIDNEY_CONTACT_MM, 2)
+    if not on:
+        return _kidney_shift
+
+    def shift(i: int, dz: float) -> Tuple[float, float]:
+        dx, dy = _kidney_shift(i, dz)
+        return dx + 0.5 * t[i], dy + 0.85 * t[i]
+
+    return shift
+
+
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
-               pelvic_layout: bool = True) -> TorsoGeometry:
+               pelvic_layout: bool = True, kidney_contact: float = 0.0) -> TorsoGeometry:
     """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
-    pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing)."""
+    pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing).
+    kidney_contact: share of subjects whose kidneys lie on their muscles
+    (kidney_contact_shift; the bowel layouts are planned without it)."""
     g = TorsoGeometry(s, z, torso_from_seed(s.seed))
     cv.shift = np.asarray(s.offset, np.float64)
     g.r_in = inner_radius(g)
@@ -1077,7 +1104,7 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     draw_pelvis(cv, g)
     draw_aorta_and_crura(cv, g)
     draw_lungs(cv, g)
-    draw_kidneys(cv, g, shift=_kidney_shift, rim=2.0 + 8.0 * s.vat)
+    draw_kidneys(cv, g, shift=kidney_contact_shift(s, kidney_contact), rim=2.0 + 8.0 * s.vat)
     draw_adrenals(cv, g)
     if with_layout:
         draw_torso_colon(cv, g)
