@@ -140,6 +140,40 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
     assert state["epoch"] == 3 and len(state["history"]) == 3
 
 
+@pytest.mark.slow
+def test_average_from_exports_the_mean_of_the_last_epochs_and_resumes_exactly(
+        tmp_path, uninterrupted):
+    """--average-from 2 of 3 epochs trains exactly as without it and exports the mean of
+    the weights after epochs 2 and 3 (epoch 2's from a run stopped there), with the card
+    saying so and its metrics the mean's; stopped after epoch 2 and resumed, the same mean."""
+    def weights(path):
+        net, card = load_model(path)
+        return {k: v.double() for k, v in net.state_dict().items()}, card
+
+    two = tmp_path / "two"
+    train(two, "--epochs", "2")
+    avg = tmp_path / "avg"
+    train(avg, "--epochs", "3", "--average-from", "2")
+    assert curves(avg) == curves(uninterrupted)
+    w2 = {k: v.double() for k, v in load_checkpoint(two / "checkpoint.pt")["model"].items()}
+    w3 = {k: v.double() for k, v in
+          load_checkpoint(uninterrupted / "checkpoint.pt")["model"].items()}
+    got, card = weights(avg / "model.safetensors")
+    for k in got:
+        torch.testing.assert_close(got[k], (w2[k] + w3[k]) / 2, rtol=1e-6, atol=1e-7)
+    assert card["training"]["weights"] == "mean of epochs 2 to 3 (2 epochs)"
+    _, plain = weights(uninterrupted / "model.safetensors")
+    assert plain["training"]["weights"] == "epoch 3"
+    assert card["metrics"] != plain["metrics"]          # validated on the mean's weights
+    resumed = tmp_path / "resumed"
+    train(resumed, "--epochs", "2", "--average-from", "2")
+    train(resumed, "--epochs", "3", "--average-from", "2", "--resume")
+    again, _ = weights(resumed / "model.safetensors")
+    assert all(torch.equal(again[k], got[k]) for k in got)
+    assert main(["train", *TINY, "--epochs", "2", "--average-from", "3",
+                 "--output", str(tmp_path / "bad")]) == 2
+
+
 def test_export_card_and_run_outputs(uninterrupted):
     model, card = load_model(uninterrupted / "model.safetensors")
     state = load_checkpoint(uninterrupted / "checkpoint.pt")

@@ -144,6 +144,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--batch-size", type=int, default=8, help="global batch (all ranks)")
     g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--average-from", type=int, default=0, metavar="EPOCH",
+                   help="export the mean of the weights at the end of epochs EPOCH to the last "
+                        "(1-based; GroupNorm, so nothing to recompute) instead of the last "
+                        "epoch's; its validation is the card's (default 0: the last epoch's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU")
     g = p.add_argument_group("run")
@@ -164,6 +168,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0; got {args.lr}")
+    if not 0 <= args.average_from <= args.epochs:
+        raise ValueError(f"--average-from is an epoch in 1..--epochs ({args.epochs}), or 0; "
+                         f"got {args.average_from}")
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact"):
@@ -392,6 +399,10 @@ class RunState:
     history: List[Dict[str, float]]
     start: int
     bf16: bool
+    #: --average-from: the running mean of the network's weights (float64, on the CPU) and
+    #: how many epochs' weights it holds
+    average: Optional[Dict[str, torch.Tensor]] = None
+    averaged: int = 0
 
 
 def manifest_digest(manifest) -> Optional[str]:
@@ -525,7 +536,30 @@ def build_state(args, ctx: D.Context, state: Optional[dict], recipe: dict) -> Ru
     if ctx.distributed:
         ddp = nn.parallel.DistributedDataParallel(
             module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return RunState(config, module, ddp, optimizer, history, start, bf16)
+    run = RunState(config, module, ddp, optimizer, history, start, bf16)
+    if state is not None and state.get("average") is not None:
+        run.average, run.averaged = state["average"], int(state.get("averaged", 0))
+    return run
+
+
+def update_average(run: RunState) -> None:
+    """Add the network's weights now to the running mean (--average-from); float64 on the
+    CPU, so the mean of many epochs does not drift."""
+    weights = {k: v.detach().to("cpu", torch.float64)
+               for k, v in run.module.net.state_dict().items()}
+    n = run.averaged + 1
+    if run.average is None:
+        run.average = weights
+    else:
+        for k, v in weights.items():
+            run.average[k] += (v - run.average[k]) / n
+    run.averaged = n
+
+
+def load_average(run: RunState) -> None:
+    """Put the running mean into the network (for the final validation and the export)."""
+    current = run.module.net.state_dict()
+    run.module.net.load_state_dict({k: v.to(current[k].dtype) for k, v in run.average.items()})
 
 
 def train_one_epoch(args, ctx: D.Context, data: RunData, run: RunState, epoch: int,
@@ -582,7 +616,8 @@ def save_epoch(args, ctx: D.Context, run: RunState, row: Dict[str, float], epoch
             "epoch": epoch + 1, "args": args_dict(args), "history": run.history, "rng": rngs,
             "manifest_sha256": manifest_digest(args.manifest),
             "model": run.module.net.state_dict(), "criterion": run.module.criterion.state_dict(),
-            "optimizer": run.optimizer.state_dict()})
+            "optimizer": run.optimizer.state_dict(), "average": run.average,
+            "averaged": run.averaged})
         from .logs import plot_history, write_csv
 
         write_csv(out / "log.csv", run.history)
@@ -613,6 +648,9 @@ def export_model(args, argv, ctx: D.Context, data: RunData, run: RunState,
                   "weight_decay": args.weight_decay, "optimizer": "AdamW", "loss": args.loss,
                   "augment": data.augment.to_dict() if data.augment else None,
                   "world_size": ctx.world_size, "device": ctx.device.type, "bf16": run.bf16,
+                  "weights": (f"mean of epochs {args.average_from} to {args.epochs} "
+                              f"({run.averaged} epochs)" if run.average is not None
+                              else f"epoch {len(run.history)}"),
                   "final_train_loss": run.history[-1]["train_loss"] if run.history else None},
         metrics=_card_metrics(last_val) if last_val else {})
     weights, _ = save_model(Path(args.output) / EXPORT, run.module.net, card, overwrite=True)
@@ -647,6 +685,8 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
     last_plot = time.monotonic()
     for epoch in range(run.start, args.epochs):
         row, seconds, slices = train_one_epoch(args, ctx, data, run, epoch, show, tqdm)
+        if args.average_from and epoch + 1 >= args.average_from:
+            update_average(run)
         if len(data.val_ds):
             last_val = validate(run.module, data.val_loader, ctx, data.cfg)
             row.update(_row_from_validation(last_val))
@@ -658,8 +698,14 @@ def _run(args, argv, ctx: D.Context, tqdm) -> Optional[Path]:
     if tb is not None:
         tb.close()
 
+    if run.average is not None:
+        load_average(run)
+        last_val = None                 # the card's validation is the exported weights'
+        if show:
+            print(f"exporting the mean of the weights of epochs {args.average_from} to "
+                  f"{args.epochs}", file=sys.stderr)
     if last_val is None and len(data.val_ds) and run.history:
-        # resumed after the last epoch
+        # resumed after the last epoch, or the averaged weights
         last_val = validate(run.module, data.val_loader, ctx, data.cfg)
     if not ctx.is_main:
         return None
