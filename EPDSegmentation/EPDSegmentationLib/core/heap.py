@@ -31,7 +31,7 @@ GROWTH_LIMIT = 1.2
 REFERENCE_SLABS = 4
 
 _LIBC: List[Any] = []
-_STATE: Dict[str, Any] = {"keeping": False, "slabs": 0, "peak": 0, "trims": 0}
+_STATE: Dict[str, Any] = {"keeping": False, "slabs": 0, "peak": 0}
 
 
 def _libc():
@@ -101,6 +101,5 @@ def trim_heap() -> bool:
             return False
         if rss <= GROWTH_LIMIT * _STATE["peak"]:
             return False
-        _STATE["trims"] += 1
     libc.malloc_trim(0)
     return True

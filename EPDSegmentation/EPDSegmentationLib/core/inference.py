@@ -300,12 +300,12 @@ def restore_probabilities_torch(probs, work_shape: Sequence[int], input_shape: S
 class Deferred:
     """The network's output for a slab, restored to the input grid only when asked, a few
     slices at a time: core.stream makes each slice's outputs from its restored planes
-    while they are still in the core's cache (on the CPU about a third cheaper than
-    restoring the slab whole and passing over it once per output, docs/benchmarks.md),
-    and the network's thread is spared the upsampling.
+    while they are still in the core's cache (on the CPU 30 % cheaper than restoring the
+    slab whole and passing over it once per output, docs/benchmarks.md), and the
+    network's thread is spared the upsampling.
 
     probs: torch (n, C, h, w) on ``device``, already range-checked; work: the resampled
-    grid (rows, cols) the network's input came from; shape: the input grid (J, I);
+    grid (rows, cols) the network's input came from; input_shape: the input grid (J, I);
     flips: (rows, columns) to flip back out of the network's orientation."""
 
     probs: Any

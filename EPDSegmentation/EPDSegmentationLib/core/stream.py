@@ -157,8 +157,8 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
     (indices.protocol_slice_sums).
 
     One slice at a time, every output is made from its planes (C, J, I) while they are in
-    the core's cache: on the CPU a pass over a whole slab's probabilities (16 slices, 100
-    MB at 512 x 512) per output cost a third more (docs/benchmarks.md)."""
+    the core's cache: on the CPU, restoring the whole slab (16 slices, 100 MB at 512 x 512)
+    and passing over it once per output cost 40 % more (docs/benchmarks.md)."""
     import torch
 
     deferred = hasattr(probabilities, "planes")
