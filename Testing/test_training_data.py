@@ -42,6 +42,27 @@ def test_phantom_records_are_the_written_dataset(tmp_path, phantom):
             assert a.pixel_mm == pytest.approx(b.pixel_mm)
 
 
+def test_kidney_contact_records_are_the_written_dataset(tmp_path):
+    """With the torso anatomy and kidney_contact, the in-memory phantom is still what
+    write_dataset(..., kidney_contact=...) writes (the card's "same_as" says so), and it
+    differs from the phantom without it."""
+    from training.phantom import write_dataset
+
+    kw = dict(levels=("L1", "L2"), kidney_contact=1.0)
+    manifest = write_dataset(tmp_path, 2, 1, seed=0, size=64, val_fraction=0.5,
+                             progress=False, **kw)
+    disk = manifest_records(manifest, ("train", "val"))
+    mem = phantom_records(2, 1, 64, 0, 0.5, **kw)
+    plain = phantom_records(2, 1, 64, 0, 0.5, levels=("L1", "L2"))
+    for split in ("train", "val"):
+        for a, b, c in zip(sorted(disk[split], key=lambda r: r.subject), mem[split],
+                           plain[split]):
+            assert np.array_equal(a.labels, b.labels) and np.allclose(a.hu, b.hu, atol=0.51)
+            assert not np.array_equal(b.labels, c.labels)
+    with pytest.raises(ValueError, match="torso anatomy"):
+        write_dataset(tmp_path / "x", 2, 1, size=32, progress=False, kidney_contact=0.5)
+
+
 def test_source_grid_resamples_to_one_spacing_and_pads_with_air():
     hu = np.full((40, 40), 50.0, np.float32)
     lab = np.ones((40, 40), np.uint8)

@@ -227,8 +227,10 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
                              f"seed={args.data_seed}, size={args.phantom_size}, "
                              f"val_fraction={args.val_fraction}"
-                             + (f", levels={tuple(args.phantom_levels)!r})"
-                                if args.phantom_levels else ")")}
+                             + (f", levels={tuple(args.phantom_levels)!r}"
+                                if args.phantom_levels else "")
+                             + (f", kidney_contact={args.kidney_contact}"
+                                if args.kidney_contact else "") + ")"}
     train, val = recs["train"], recs.get("val", [])
     if not train:
         raise ValueError("no training slices (no case with split 'train')")

@@ -81,7 +81,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                   val_fraction: float = 0.2, *, slice_gap_mm: float = 5.0,
                   dicom_syntax: str = "explicit", overwrite: bool = False,
                   progress: bool = True,
-                  levels: Optional[Sequence[Union[str, float]]] = None) -> Path:
+                  levels: Optional[Sequence[Union[str, float]]] = None,
+                  kidney_contact: float = 0.0) -> Path:
     """Write n_subjects phantom volumes (K = slices_per_subject slices, slice_gap_mm apart)
     with their label maps, and manifest.csv (image,label,split,subject; paths relative to
     it). Returns the manifest path.
@@ -89,7 +90,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
     levels: None (default) centres every stack on mid-L3 in the lumbar anatomy; two vertebral
     levels such as ("T11", "L4") draw the torso anatomy with each subject's stack placed
     within them (``generate.subject_slices``; slice_gap_mm=None spreads the K slices over
-    the whole span).
+    the whole span). kidney_contact: with levels, the share of subjects whose kidneys lie on
+    their muscles (torso.kidney_contact_shift).
 
     formats: any of 'nrrd' (images/<subject>.nrrd), 'nifti' (images/<subject>.nii.gz) and
     'dicom' (dicom/<subject>/IM0001.dcm ..., transfer syntax ``dicom_syntax``); the first
@@ -112,6 +114,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
         levels_z_range(subject_seeds(seed, 1)[0], levels)    # refuse bad levels up front
     elif slice_gap_mm is None:
         raise ValueError("slice_gap_mm=None (spread over the levels) needs levels=")
+    if kidney_contact and levels is None:
+        raise ValueError("kidney_contact needs the torso anatomy (levels=)")
     manifest = out / "manifest.csv"
     if manifest.exists() and not overwrite:
         raise FileExistsError(f"{manifest} already exists; pass overwrite=True to replace "
@@ -129,7 +133,7 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
             gap = slice_gap_mm
         else:
             slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size,
-                                    levels=levels)
+                                    levels=levels, kidney_contact=kidney_contact)
             gap = _stack_gap(slices, slice_gap_mm)
         hu, labels, _ = stack(slices, gap)
         paths: Dict[str, Path] = {}
