@@ -253,6 +253,12 @@ def test_nearest_labels_bilinear_images_from_a_manifest(tmp_path, capsys):
         f.write("\n")
     assert main([*resume[:-1], "--epochs", "3", "--resume"]) == 2
     assert "(another file)" in capsys.readouterr().err
+    # the organ appearances need the phantom's tissue codes, which a manifest lacks
+    assert main(["train", "--manifest", str(moved / "data" / manifest.name), "--factor", "4",
+                 "--width", "4", "--batch-size", "2", "--epochs", "1", "--randomize", "1",
+                 "--kidney-unenhanced", "0.5", "--output", str(tmp_path / "organs"),
+                 "--quiet"]) == 2
+    assert "need the phantom's tissue codes" in capsys.readouterr().err
 
 
 def test_evaluate_writes_tables_and_figures(tmp_path, uninterrupted):

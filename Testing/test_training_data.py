@@ -79,6 +79,28 @@ def test_source_grid_resamples_to_one_spacing_and_pads_with_air():
     assert fixed == (16, 24)
 
 
+def test_tissue_codes_are_placed_as_the_labels_and_only_phantoms_have_them(phantom):
+    """The phantom's tissue codes (which organ a pixel is) land on the source grid where its
+    labels do: their classes agree with the labels but for partial-volume edge pixels (a
+    code is the pixel's centre subpixel, a label its majority); a real scan has none."""
+    from training.data import tissues_on_grid
+    from training.phantom.tissues import CLASS_OF
+
+    recs = phantom["train"]
+    assert all(r.tissues is not None and r.tissues.shape == r.labels.shape for r in recs)
+    mm = median_pixel_mm(recs)
+    _, lab, size = to_source_grid(recs, mm)
+    tissues = tissues_on_grid(recs, mm, size)
+    assert tissues.shape == lab.shape and tissues.dtype == np.uint8
+    agree = (CLASS_OF[tissues] == lab).mean()
+    assert agree > 0.93         # 32 x 32 slices: many pixels are edges
+    # a record without codes (a real scan) gives none for the set
+    plain = SliceRecord(recs[0].hu, recs[0].labels, recs[0].pixel_mm, "x", "x")
+    assert tissues_on_grid(list(recs) + [plain], mm, size) is None
+    with pytest.raises(ValueError, match="tissues"):
+        SliceDataset(*to_source_grid(recs, mm)[:2], tissues=tissues[:, :-1])
+
+
 def test_augmentation_depends_only_on_seed_epoch_and_index(phantom):
     hu, lab, _ = to_source_grid(phantom["train"], median_pixel_mm(phantom["train"]))
     ds = SliceDataset(hu, lab, Augment(flip=0.5, crop=1.0, blur=1.0), seed=3)

@@ -313,3 +313,102 @@ def test_close_fat_planes_turns_the_fat_between_organ_and_muscle_into_organ():
     _, l_on = Augment(organ_contact=1.0, **plain)(hu, lab, np.random.default_rng(4))
     _, l_off = Augment(**plain)(hu, lab, np.random.default_rng(4))
     assert (l_on[:, 40:43] == MSC).mean() > 0.5 and (l_off[:, 40:43] == VAT).mean() > 0.5
+
+
+def organ_slice(n: int = 128):
+    """body_slice with a diaphragm band (MSC, muscle HU, tissue code 31) inside the muscle
+    ring, two kidneys (MSC, cortex 150 HU / medulla 140 HU as enhanced, codes 14 / 15) in
+    the VAT and a spinal canal (CSF, 10 HU, code 13); -> (hu, labels, tissues)."""
+    from training.randomize import CANAL_CODE, DIAPHRAGM_CODE, KIDNEY_CODES
+
+    hu, lab = body_slice(n)
+    tissues = np.zeros((n, n), np.uint8)
+    rr, cc = np.mgrid[0:n, 0:n]
+    d = np.hypot(rr - n / 2, cc - n / 2) / (n / 2)
+    band = (d >= 0.47) & (d < 0.5) & (rr < n / 2)
+    lab[band], hu[band], tissues[band] = MSC, 50.0, DIAPHRAGM_CODE
+    canal = np.hypot(rr - n * 0.7, cc - n / 2) < n * 0.03
+    lab[canal], hu[canal], tissues[canal] = MSC, 10.0, CANAL_CODE
+    for c0 in (0.3, 0.7):
+        k = np.hypot((rr - n * 0.62) / 0.6, cc - n * c0) < n * 0.07
+        m = np.hypot((rr - n * 0.62) / 0.6, cc - n * c0) < n * 0.035
+        lab[k], hu[k], tissues[k] = MSC, 150.0, KIDNEY_CODES[0]
+        hu[m], tissues[m] = 140.0, KIDNEY_CODES[1]
+    return hu, lab, tissues
+
+
+def test_organ_look_draws_the_diaphragm_as_muscle_and_the_kidneys_unenhanced():
+    """With OrganLook the diaphragm's median follows the muscle's new mean (-5..+20 HU above
+    it, not the organs' 30..130 HU), the kidneys land at 15..40 HU with at most 20 % of
+    their 10 HU inner contrast and the canal's contents at 0..40 HU; without it the
+    diaphragm moves with the organs (the phantom as before)."""
+    from training.randomize import (CANAL_CODE, DIAPHRAGM_CODE, KIDNEY_CODES,
+                                    KIDNEY_UNENHANCED_HU, OrganLook)
+
+    hu, lab, tissues = organ_slice()
+    dia = tissues == DIAPHRAGM_CODE
+    kid = np.isin(tissues, KIDNEY_CODES)
+    cortex, medulla = tissues == KIDNEY_CODES[0], tissues == KIDNEY_CODES[1]
+    canal = tissues == CANAL_CODE
+    gaps, before, contrast, canals = [], [], [], []
+    for seed in range(40):
+        look = OrganLook(tissues, True, True, np.random.default_rng([seed, 3]),
+                         np.random.default_rng([seed, 4]))
+        # the muscle's mean is the first draw of the appearance generator
+        mean = np.random.default_rng(seed).uniform(*MUSCLE_MEAN_HU)
+        out, out_lab = randomize_appearance(hu, lab, np.random.default_rng(seed), organs=look)
+        inside = out_lab == lab     # truncation may cut the body
+        d = dia & inside & (out_lab == MSC)
+        if d.sum() > 20:
+            gaps.append(float(np.median(out[d])) - mean)
+        k = kid & inside
+        if k.sum() > 50:
+            assert KIDNEY_UNENHANCED_HU[0] - 12 <= np.median(out[k]) <= KIDNEY_UNENHANCED_HU[1] + 12
+            # streaks may cross one part and not the other: compared over all slices below
+            contrast.append(abs(float(np.median(out[cortex & inside]))
+                                - float(np.median(out[medulla & inside]))))
+        if (canal & inside).sum() > 10:
+            canals.append(float(np.median(out[canal & inside])))
+        old, _ = randomize_appearance(hu, lab, np.random.default_rng(seed))
+        if (dia & inside).sum() > 20:
+            before.append(float(np.median(old[dia & inside])) - mean)
+    assert len(gaps) > 20 and len(contrast) > 20
+    assert np.median(contrast) <= 0.2 * 10.0 + 0.5
+    # the canal's contents spread over 0..40 HU (streaks may cross it)
+    assert np.percentile(canals, 10) < 12.0 and np.percentile(canals, 90) > 28.0
+    assert np.median([abs(c - 20.0) for c in canals]) <= 20.0
+    # noise, streaks and kernel blur are not part of randomize_appearance: the gap is the draw
+    assert -8.0 <= min(gaps) and max(gaps) <= 23.0
+    # before, the diaphragm went with the organs: often far above the muscle
+    assert max(before) > 40.0
+
+
+def test_organ_look_is_off_by_default_and_needs_the_tissue_codes():
+    """Augment's diaphragm_muscle / kidney_unenhanced default to 0; at 0, or without tissue
+    codes, the slice is exactly as before (the new draws have their own stream); on, only
+    the diaphragm's and kidneys' HU change (flip and crop move the codes with the labels)."""
+    from training.randomize import CANAL_CODE, DIAPHRAGM_CODE, KIDNEY_CODES
+
+    assert Augment().canal_hu == 0.0 and Augment().diaphragm_muscle == 0.0 and Augment().kidney_unenhanced == 0.0
+    hu, lab, tissues = organ_slice()
+    base = dict(flip=1.0, crop=1.0, blur=0.0, randomize=1.0, obese=0.0)
+    a_hu, a_lab = Augment(**base)(hu, lab, np.random.default_rng(2))
+    b_hu, b_lab = Augment(**base)(hu, lab, np.random.default_rng(2), tissues)
+    c_hu, _ = Augment(**base, diaphragm_muscle=1.0, kidney_unenhanced=1.0, canal_hu=1.0)(
+        hu, lab, np.random.default_rng(2))
+    assert np.array_equal(a_hu, b_hu) and np.array_equal(a_hu, c_hu)
+    d_hu, d_lab = Augment(**base, diaphragm_muscle=1.0, kidney_unenhanced=1.0, canal_hu=1.0)(
+        hu, lab, np.random.default_rng(2), tissues)
+    assert np.array_equal(a_lab, d_lab)
+    # where it changed: the flipped and cropped diaphragm and kidneys (and the noise that
+    # rides on them); elsewhere identical
+    moved = Augment(flip=1.0, crop=1.0, blur=0.0)(hu, tissues, np.random.default_rng(2))[1]
+    changed = ~np.isclose(a_hu, d_hu)
+    assert changed.any()
+    assert np.array_equal(changed, np.isin(moved, (DIAPHRAGM_CODE, CANAL_CODE) + KIDNEY_CODES)
+                          & changed)
+    assert (changed & (moved == CANAL_CODE)).any()
+    # the canal's own stream: turning it on changes nothing of the diaphragm and kidneys
+    e_hu, _ = Augment(**base, diaphragm_muscle=1.0, kidney_unenhanced=1.0)(
+        hu, lab, np.random.default_rng(2), tissues)
+    assert np.array_equal(e_hu[moved != CANAL_CODE], d_hu[moved != CANAL_CODE])

@@ -33,7 +33,8 @@ from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 from training.phantom import subject_slices
 from training.phantom.dataset import split_subjects, subject_seeds
 
-from .randomize import add_kernel_noise, close_fat_planes, grow_sat, randomize_appearance
+from .randomize import (OrganLook, add_kernel_noise, close_fat_planes, grow_sat,
+                        randomize_appearance)
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
@@ -43,13 +44,15 @@ SPLITS = ("train", "val", "test")
 @dataclass
 class SliceRecord:
     """One axial slice as read: hu float32 (H, W) HU, labels uint8 (H, W) classes,
-    pixel_mm (row, col) mm, subject id, and a name saying where it came from."""
+    pixel_mm (row, col) mm, subject id, and a name saying where it came from; tissues: the
+    phantom's uint8 (H, W) tissue codes (phantom.tissues), None for real scans."""
 
     hu: np.ndarray
     labels: np.ndarray
     pixel_mm: Tuple[float, float]
     subject: str
     name: str
+    tissues: Optional[np.ndarray] = None
 
 
 # ----------------------------------------------------------------------------- sources
@@ -86,7 +89,8 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
         for k, s in enumerate(subject_slices(seeds[i], slices_per_subject, slice_gap_mm,
                                              size=size, **where)):
             out[splits[i]].append(SliceRecord(s.hu, s.labels, (s.pixel_mm, s.pixel_mm), name,
-                                              f"phantom {name} (seed {seeds[i]}) slice {k}"))
+                                              f"phantom {name} (seed {seeds[i]}) slice {k}",
+                                              s.tissues))
     return out
 
 
@@ -145,6 +149,21 @@ def to_source_grid(records: Sequence[SliceRecord], source_mm: float,
     return hu, labels, size
 
 
+def tissues_on_grid(records: Sequence[SliceRecord], source_mm: float,
+                    size: Tuple[int, int]) -> Optional[np.ndarray]:
+    """The records' tissue codes placed as to_source_grid places their labels: uint8
+    (N, *size) (0, air, where padded), or None unless every record has them."""
+    if not records or any(r.tissues is None for r in records):
+        return None
+    out = np.zeros((len(records),) + tuple(size), np.uint8)
+    for i, r in enumerate(records):
+        shape = resampled_shape(r.hu.shape, r.pixel_mm, (source_mm, source_mm))
+        t = resample_planes(r.tissues, shape, labels=True)
+        (src_r, dst_r), (src_c, dst_c) = (_centre(shape[0], size[0]), _centre(shape[1], size[1]))
+        out[i, dst_r, dst_c] = t[src_r, src_c]
+    return out
+
+
 def _centre(n: int, m: int):
     """Slices (source, destination) placing an axis of n pixels centred in one of m."""
     if n >= m:
@@ -193,12 +212,22 @@ class Augment:
     #: share of the randomised slices whose organ-muscle fat planes close
     #: (randomize.close_fat_planes)
     organ_contact: float = 0.0
+    #: shares of the randomised slices on which the diaphragm takes the muscle's HU instead
+    #: of the organs', and the kidneys are drawn unenhanced and homogeneous whatever the
+    #: other organs' phase (randomize.organ_appearance; phantom tissue codes needed)
+    diaphragm_muscle: float = 0.0
+    kidney_unenhanced: float = 0.0
+    #: share of the randomised slices whose spinal canal contents are drawn at 0..40 HU
+    canal_hu: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def __call__(self, hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
-        """hu float32 (H, W), labels uint8 (H, W) -> augmented copies of the same shape."""
+    def __call__(self, hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                 tissues: Optional[np.ndarray] = None):
+        """hu float32 (H, W), labels uint8 (H, W) -> augmented copies of the same shape.
+        tissues: the phantom's uint8 (H, W) tissue codes, moved with the labels; needed by
+        diaphragm_muscle, kidney_unenhanced and canal_hu (without them these do nothing)."""
         from scipy.ndimage import gaussian_filter
 
         # draw every number whether or not it is used, so each choice has a fixed stream
@@ -215,12 +244,16 @@ class Augment:
         h, w = hu.shape
         if u[0] < self.flip:
             hu, labels = hu[:, ::-1], labels[:, ::-1]
+            tissues = None if tissues is None else tissues[:, ::-1]
         if u[1] < self.crop:
             ch, cw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
             r0, c0 = int(pos[0] * (h - ch + 1)), int(pos[1] * (w - cw + 1))
             hu = resample_planes(np.ascontiguousarray(hu[r0:r0 + ch, c0:c0 + cw]), (h, w))
             labels = resample_planes(np.ascontiguousarray(labels[r0:r0 + ch, c0:c0 + cw]),
                                      (h, w), labels=True)
+            if tissues is not None:
+                tissues = resample_planes(np.ascontiguousarray(tissues[r0:r0 + ch, c0:c0 + cw]),
+                                          (h, w), labels=True)
         if u_hu < self.tissue_hu:
             hu = np.array(hu, np.float32)
             hu[labels == MUS] += shift_mus
@@ -236,8 +269,17 @@ class Augment:
                 contact_rng = np.random.default_rng([rand_seed, 2])
                 if contact_rng.random() < self.organ_contact:
                     hu, labels = close_fat_planes(hu, labels, contact_rng)
+            organs = None
+            if tissues is not None and max(self.diaphragm_muscle, self.kidney_unenhanced,
+                                           self.canal_hu) > 0:
+                # streams of their own: off keeps every other draw
+                organ_rng = np.random.default_rng([rand_seed, 3])
+                canal_rng = np.random.default_rng([rand_seed, 4])
+                organs = OrganLook(tissues, organ_rng.random() < self.diaphragm_muscle,
+                                   organ_rng.random() < self.kidney_unenhanced, organ_rng,
+                                   canal_rng if canal_rng.random() < self.canal_hu else None)
             hu, labels = randomize_appearance(hu, labels, rand_rng, self.muscle_region_sd_hu,
-                                              self.organ_flatten)
+                                              self.organ_flatten, organs)
             # the scanner's noise comes with its own pixels: a coarser scan (lowres below)
             # resampled to the training grid has smooth noise, not fine-grained noise
             hu = add_kernel_noise(hu, rand_rng)
@@ -252,13 +294,16 @@ class Augment:
 
 class SliceDataset(torch.utils.data.Dataset):
     """Slices on the source grid; item i -> (hu float32 (H, W), labels uint8 (H, W)) tensors,
-    augmented with randomness from (seed, epoch, i) when ``augment`` is given."""
+    augmented with randomness from (seed, epoch, i) when ``augment`` is given (with the
+    phantom's tissue codes (N, H, W), tissues_on_grid, when given: randomize uses them)."""
 
     def __init__(self, hu: np.ndarray, labels: np.ndarray, augment: Optional[Augment] = None,
-                 seed: int = 0):
+                 seed: int = 0, tissues: Optional[np.ndarray] = None):
         if hu.shape != labels.shape or hu.ndim != 3:
             raise ValueError(f"hu and labels must both be (N, H, W); got {hu.shape} and {labels.shape}")
-        self.hu, self.labels = hu, labels
+        if tissues is not None and tissues.shape != labels.shape:
+            raise ValueError(f"tissues must be (N, H, W) as the labels; got {tissues.shape}")
+        self.hu, self.labels, self.tissues = hu, labels, tissues
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
@@ -273,7 +318,8 @@ class SliceDataset(torch.utils.data.Dataset):
         hu, lab = self.hu[i], self.labels[i]
         if self.augment is not None:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(i)]))
-            hu, lab = self.augment(hu, lab, rng)
+            tissues = None if self.tissues is None else self.tissues[i]
+            hu, lab = self.augment(hu, lab, rng, tissues)
         return torch.from_numpy(np.array(hu, np.float32)), torch.from_numpy(np.array(lab, np.uint8))
 
 

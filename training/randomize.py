@@ -36,6 +36,11 @@ inside the fat (label SAT, as the superficial fascia is) and a new skin is drawn
 surface. The fat between the organs may be brighter or darker than the subcutaneous fat by
 its own amount (-8..+15 HU), so the network cannot tell SAT from VAT by HU.
 
+``OrganLook`` (``--diaphragm-muscle``, ``--kidney-unenhanced``, ``--canal-hu``; phantom tissue
+codes needed) draws the diaphragm with the muscle's HU, the kidneys unenhanced and
+homogeneous, and the spinal canal's contents anew, each on a share of the randomised slices
+of its own.
+
 ``close_fat_planes`` (``--organ-contact``, applied before the appearance on a share of the
 randomised slices) closes the fat planes the phantom always draws between an organ and a
 muscle: in thin patients, and at 3 to 5 mm slice thickness, the kidneys, liver and spleen
@@ -46,6 +51,9 @@ from (seed, epoch, slice index) like the rest of the augmentation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -66,6 +74,47 @@ VAT_MINUS_SAT_HU = (-8.0, 15.0)
 SAT_GROWTH_MM = (10.0, 80.0)
 #: the training grid's pixel (mm): the phantom's slices are resampled to about this
 GRID_MM = 0.87
+#: OrganLook: the diaphragm's median against the muscle's new mean (before infiltration)
+DIAPHRAGM_MINUS_MUSCLE_HU = (-5.0, 20.0)
+#: OrganLook: unenhanced kidney parenchyma (about 30 HU; lower at 3 to 5 mm slices, where
+#: the sinus fat and perirenal fat average in), and how much inner contrast it keeps
+KIDNEY_UNENHANCED_HU = (15.0, 40.0)
+KIDNEY_CONTRAST_KEPT = (0.0, 0.2)
+#: OrganLook: the spinal canal's contents (CSF 0..15 HU around a cord of 30..40 HU, which
+#: the phantom does not draw: the canal's mean on a real scan lies between)
+CANAL_HU = (0.0, 40.0)
+#: phantom tissue codes (training.phantom.tissues.CODE) these look at
+DIAPHRAGM_CODE = 31
+KIDNEY_CODES = (14, 15)
+CANAL_CODE = 13
+
+
+@dataclass
+class OrganLook:
+    """Per-organ appearance for randomize_appearance, from the phantom's tissue codes
+    (uint8 (H, W), phantom.tissues), where HU and class alone cannot find the organ:
+    - diaphragm: the diaphragm and its crura (class MSC: not scored as skeletal muscle) take
+      the muscle's new HU (its mean plus -5..+20 HU, without the fatty infiltration) instead
+      of the organs': it is muscle tissue, and on real CT it is as dark as the abdominal wall
+      muscles beside it; moved with the organs (up to 130 HU in an enhanced phase) it taught
+      the network that a muscle-HU band inside the ribs is muscle;
+    - kidneys: drawn unenhanced and homogeneous (15..40 HU, 0..20 % of their inner
+      contrast) whatever the other organs' phase: on real unenhanced CT (PET-CT, many
+      body-composition cohorts) the kidneys are a homogeneous blob at fatty-muscle HU
+      resting on the psoas and quadratus lumborum, and the phantom's subjects are unenhanced
+      only 15 % of the time;
+    - canal: the spinal canal's contents at 0..40 HU instead of the phantom's fixed 10 HU
+      CSF (kept as fluid by the organs' draw): cord and CSF average to 15 to 35 HU at
+      clinical slice thickness, and a homogeneous canal at muscle HU between the
+      paraspinal muscles is called muscle by a network that never saw one.
+    rng: the draws of the diaphragm and kidneys; canal: the canal's, or None (off); streams
+    of their own, so that turning any of them off changes no other draw."""
+
+    tissues: np.ndarray
+    diaphragm: bool
+    kidneys: bool
+    rng: np.random.Generator
+    canal: Optional[np.random.Generator] = None
 
 
 def _smooth_field(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -82,18 +131,22 @@ def _disk(rr, cc, r0, c0, a, b):
 
 def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                          muscle_region_sd: float = MUSCLE_REGION_SD_HU,
-                         organ_flatten: float = ORGAN_FLATTEN_SHARE):
+                         organ_flatten: float = ORGAN_FLATTEN_SHARE,
+                         organs: Optional[OrganLook] = None):
     """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies with a new appearance;
     labels change only where field-of-view truncation removes the body (set to background).
     muscle_region_sd: SD (HU) of each connected muscle's own offset; organ_flatten: share of
-    slices whose organs lose most of their inner contrast (0 turns either off)."""
+    slices whose organs lose most of their inner contrast (0 turns either off); organs:
+    the diaphragm and kidneys drawn on their own (OrganLook), None as before."""
     hu = np.array(hu, np.float32)
     labels = np.array(labels, np.uint8)
     h, w = hu.shape
     mus = labels == MUS
+    muscle_mean = None
     # muscle: new mean, then patchy and speckled fatty infiltration
     if mus.any():
-        hu[mus] += rng.uniform(*MUSCLE_MEAN_HU) - float(np.median(hu[mus]))
+        muscle_mean = rng.uniform(*MUSCLE_MEAN_HU)
+        hu[mus] += muscle_mean - float(np.median(hu[mus]))
         depth = rng.uniform(0.0, 60.0) * rng.random() ** 0.5
         blobs = np.maximum(_smooth_field((h, w), rng.uniform(2.0, 8.0), rng)
                            - rng.uniform(-0.5, 1.0), 0.0)
@@ -118,6 +171,14 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     # organs: contrast phase; gas kept or filled
     msc = labels == MSC
     organ = msc & (hu > ORGAN_MIN_HU) & (hu < 200.0)
+    # the diaphragm and kidneys of OrganLook are drawn after the organs, over what these
+    # give them, so that every other draw stays as it was
+    diaphragm = kidney = None
+    if organs is not None:
+        if organs.diaphragm:
+            diaphragm = msc & (organs.tissues == DIAPHRAGM_CODE)
+        if organs.kidneys:
+            kidney = organ & np.isin(organs.tissues, KIDNEY_CODES)
     if organ.any():
         from scipy.ndimage import label as connected
 
@@ -137,6 +198,26 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
             sums = np.bincount(idx, weights=hu[organ], minlength=n + 1)
             means = sums / np.maximum(np.bincount(idx, minlength=n + 1), 1)
             hu[organ] = means[idx] + (hu[organ] - means[idx]) * keep
+    if diaphragm is not None and diaphragm.any():
+        base = muscle_mean if muscle_mean is not None else organs.rng.uniform(*MUSCLE_MEAN_HU)
+        hu[diaphragm] += (base + organs.rng.uniform(*DIAPHRAGM_MINUS_MUSCLE_HU)
+                          - float(np.median(hu[diaphragm])))
+    if kidney is not None and kidney.any():
+        from scipy.ndimage import label as connected
+
+        regions, n = connected(kidney)
+        idx = regions[kidney]
+        means = (np.bincount(idx, weights=hu[kidney], minlength=n + 1)
+                 / np.maximum(np.bincount(idx, minlength=n + 1), 1))
+        # each kidney its own level around one draw (the two kidneys of a patient match)
+        level = organs.rng.uniform(*KIDNEY_UNENHANCED_HU)
+        targets = level + np.concatenate(([0.0], organs.rng.normal(0.0, 3.0, n)))
+        keep = organs.rng.uniform(*KIDNEY_CONTRAST_KEPT)
+        hu[kidney] = (targets[idx] + (hu[kidney] - means[idx]) * keep).astype(np.float32)
+    if organs is not None and organs.canal is not None:
+        canal = msc & (organs.tissues == CANAL_CODE)
+        if canal.any():
+            hu[canal] += organs.canal.uniform(*CANAL_HU) - float(np.median(hu[canal]))
     gas = msc & (hu < -300.0)
     fill = rng.random()
     if fill < 0.3 and gas.any():

@@ -40,7 +40,8 @@ from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, check_windows
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import (Augment, SliceDataset, SliceRecord, epd_target, manifest_records,
-                   median_pixel_mm, model_inputs, phantom_records, to_source_grid)
+                   median_pixel_mm, model_inputs, phantom_records, tissues_on_grid,
+                   to_source_grid)
 from EPDSegmentationLib.core.losses import DEFAULT_LOSS, Criterion, parse_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -129,6 +130,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --randomize: share of randomised slices whose fat planes "
                         "between organs and muscles close (kidney against psoas, as in thin "
                         "patients; default 0: off)")
+    g.add_argument("--diaphragm-muscle", type=float, default=0.0, metavar="P",
+                   help="with --randomize, phantom only: share of randomised slices whose "
+                        "diaphragm takes the muscle's HU, not the organs' (default 0: off)")
+    g.add_argument("--kidney-unenhanced", type=float, default=0.0, metavar="P",
+                   help="with --randomize, phantom only: share of randomised slices whose "
+                        "kidneys are unenhanced and homogeneous, 15..40 HU, whatever the "
+                        "other organs' phase (default 0: off)")
+    g.add_argument("--canal-hu", type=float, default=0.0, metavar="P",
+                   help="with --randomize, phantom only: share of randomised slices whose "
+                        "spinal canal contents are drawn at 0..40 HU (default 0: off)")
     g.add_argument("--obese", type=float, default=0.3, metavar="P",
                    help="with --randomize: share of randomised slices whose subcutaneous fat "
                         "grows outward (obese bodies; default 0.3; 0: off)")
@@ -173,7 +184,8 @@ def check_args(args: argparse.Namespace) -> None:
                          f"got {args.average_from}")
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
-    for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact"):
+    for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
+                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
@@ -491,8 +503,17 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         lowres=args.lowres, lowres_factor=(Augment.lowres_factor[0], args.lowres_max),
         tissue_hu=args.tissue_hu, randomize=args.randomize, obese=args.obese,
         muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
-        organ_contact=args.organ_contact)
-    train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed)
+        organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
+        kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu)
+    tissues = None
+    if augment is not None and max(args.diaphragm_muscle, args.kidney_unenhanced,
+                                   args.canal_hu) > 0:
+        tissues = tissues_on_grid(train_recs, source_mm, size)
+        if tissues is None:
+            raise ValueError("--diaphragm-muscle, --kidney-unenhanced and --canal-hu need the "
+                             "phantom's tissue codes: train on --phantom-subjects, not a "
+                             "manifest")
+    train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed, tissues=tissues)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
     sampler = D.RankBatches(len(train_ds), args.batch_size, ctx.world_size, ctx.rank, args.seed)

@@ -40,6 +40,9 @@ class PhantomSlice:
     fractions: np.ndarray    # float32 (6, H, W), true area fraction of each class, sum 1
     pixel_mm: float          # square pixels, mm
     meta: Dict[str, object] = field(default_factory=dict)
+    #: uint8 (H, W) tissue code (tissues.TISSUES) at each pixel's centre subpixel: which
+    #: organ a pixel belongs to, for appearance randomisation (training/randomize.py)
+    tissues: Optional[np.ndarray] = None
 
     @property
     def z_mm(self) -> float:
@@ -158,7 +161,10 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
                 supersample=int(supersample), fov_mm=fov)
     if anatomy == "torso":
         meta.update(anatomy="torso", torso=g.t.meta(), pelvis=g.pel.meta())
-    return PhantomSlice(hu=hu, labels=labels, fractions=fractions, pixel_mm=pixel_mm, meta=meta)
+    c = supersample // 2
+    tissues = np.ascontiguousarray(cv.codes[c::supersample, c::supersample], np.uint8)
+    return PhantomSlice(hu=hu, labels=labels, fractions=fractions, pixel_mm=pixel_mm, meta=meta,
+                        tissues=tissues)
 
 
 def slice_positions(n_slices: int, slice_gap_mm: float, centre_mm: float = 0.0) -> List[float]:
