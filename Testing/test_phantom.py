@@ -503,3 +503,34 @@ def test_kidney_contact_lays_the_kidneys_on_their_muscles():
     moved_to = changed & (after.labels == MSC) & (before.labels == VAT)
     touching = moved_to & binary_dilation(after.labels == MUS)
     assert touching.sum() > 20
+
+
+def test_kidney_rise_moves_the_kidneys_up_by_that_much():
+    """kidney_rise=20 draws the kidneys 20 mm higher: each kidney's highest and lowest
+    heights (tissue codes scanned every 4 mm from L4 to T11) move up by 20 mm, to within
+    the scan step; 0 is the phantom as before; the lumbar anatomy refuses it."""
+    from training.data import phantom_records
+    from training.phantom.tissues import CODE
+    from training.phantom.torso import level_centre
+    from training.phantom.anatomy import subject_from_seed
+
+    seed = 3
+    s = subject_from_seed(seed)
+    zs = np.arange(level_centre(s, "L4"), level_centre(s, "T11"), 4.0)
+    kidney = (CODE["kidney_cortex"], CODE["kidney_medulla"])
+
+    def span(rise):
+        have = [z for z in zs if np.isin(make_slice(seed, anatomy="torso", z_mm=float(z),
+                                                    size=64, supersample=2,
+                                                    kidney_rise=rise).tissues, kidney).any()]
+        return min(have), max(have)
+
+    lo0, hi0 = span(0.0)
+    lo1, hi1 = span(20.0)
+    assert abs((lo1 - lo0) - 20.0) <= 4.0 and abs((hi1 - hi0) - 20.0) <= 4.0
+    base = make_slice(seed, anatomy="torso", level="L1", size=64, supersample=2)
+    same = make_slice(seed, anatomy="torso", level="L1", size=64, supersample=2,
+                      kidney_rise=0.0)
+    assert np.array_equal(base.hu, same.hu)
+    with pytest.raises(ValueError, match="torso anatomy"):
+        phantom_records(2, 1, size=32, kidney_rise=20.0)

@@ -62,13 +62,15 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                     seed: int = 0, val_fraction: float = 0.2, slice_gap_mm: float = 5.0,
                     progress: bool = False,
                     levels: Optional[Sequence[str]] = None,
-                    kidney_contact: float = 0.0) -> Dict[str, List[SliceRecord]]:
+                    kidney_contact: float = 0.0,
+                    kidney_rise: float = 0.0) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
     ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
     levels=levels)`` writes to disk, generated in memory. levels: None, the slices around
     mid-L3; two vertebral levels such as ("T11", "L4"), the torso anatomy with each subject's
     stack within them. kidney_contact: with levels, the share of subjects whose kidneys lie
-    on their muscles (phantom.torso.kidney_contact_shift)."""
+    on their muscles (phantom.torso.kidney_contact_shift); kidney_rise: with levels, mm
+    the kidneys lie higher (phantom.torso.draw_torso)."""
     from tqdm import tqdm
 
     if n_subjects < 1 or slices_per_subject < 1:
@@ -83,6 +85,10 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
         if levels is None:
             raise ValueError("--kidney-contact needs the torso anatomy (--phantom-levels)")
         where["kidney_contact"] = float(kidney_contact)
+    if kidney_rise:
+        if levels is None:
+            raise ValueError("--kidney-rise needs the torso anatomy (--phantom-levels)")
+        where["kidney_rise"] = float(kidney_rise)
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):
         name = f"subject_{i:04d}"

@@ -1091,12 +1091,20 @@ def kidney_contact_shift(s: Subject, share: float):
 
 
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
-               pelvic_layout: bool = True, kidney_contact: float = 0.0) -> TorsoGeometry:
+               pelvic_layout: bool = True, kidney_contact: float = 0.0,
+               kidney_rise: float = 0.0) -> TorsoGeometry:
     """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
     pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing).
     kidney_contact: share of subjects whose kidneys lie on their muscles
-    (kidney_contact_shift; the bowel layouts are planned without it)."""
-    g = TorsoGeometry(s, z, torso_from_seed(s.seed))
+    (kidney_contact_shift; the bowel layouts are planned without it). kidney_rise: mm the
+    kidneys (and the adrenals and renal vein with them) lie higher than the torso's own
+    draw (0 to 18 mm above the lumbar model's): the torso's kidneys span about L1 to L3,
+    real ones T12 to L3, the left upper pole at T11 to T12; 20 mm puts them there."""
+    t = torso_from_seed(s.seed)
+    if kidney_rise:
+        t = dataclasses.replace(t, kidney_up=t.kidney_up + float(kidney_rise),
+                                renal_vein_z=t.renal_vein_z + float(kidney_rise))
+    g = TorsoGeometry(s, z, t)
     cv.shift = np.asarray(s.offset, np.float64)
     g.r_in = inner_radius(g)
     draw_table(cv, g)
