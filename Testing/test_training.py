@@ -312,3 +312,33 @@ def test_init_fine_tunes_from_a_model_file_and_refuses_another_factor(tmp_path, 
     bad = [a if a != "2" or TINY[i - 1] != "--factor" else "4" for i, a in enumerate(TINY)]
     assert main(["train", *bad, "--epochs", "1", "--init", str(weights),
                  "--output", str(tmp_path / "bad")]) == 2
+
+
+def test_area_bias_compares_soft_areas_with_the_exact_fractions(tmp_path, uninterrupted, capsys):
+    """area-bias draws held-out phantoms at coarse pixels: its truth is the phantom's exact
+    class areas, its prediction the soft areas of the segment path; both cover the whole
+    image, so the errors over all classes (background included) add up to zero. The JSON
+    is written once, refused a second time without --overwrite."""
+    from EPDSegmentationLib.core.model_io import load_model
+    from training.areabias import area_bias
+    from training.phantom.generate import subject_slices
+
+    model, card = load_model(uninterrupted / "model.safetensors")
+    res = area_bias(model, card, [11], 2, ("L2", "L3"), 6.0, 240.0)
+    assert res["slices"] == 2 and res["size"] == 40
+    exact = [s.fractions.reshape(6, -1).sum(1) * 0.36 for s in
+             subject_slices(11, 2, 12.0, levels=("L2", "L3"), size=40, pixel_mm=6.0,
+                            supersample=15)]
+    assert np.allclose(res["true_cm2"], exact)
+    assert np.allclose(res["soft_cm2"].sum(1), 40 * 40 * 0.36, rtol=1e-5)
+    errors = [v["error_cm2"] for v in res["per_class"].values()]
+    assert abs(sum(errors)) < 1e-3 and max(abs(e) for e in errors) > 0
+    out = tmp_path / "bias.json"
+    args = ["area-bias", "--model", str(uninterrupted / "model.safetensors"), "--pixel-mm", "6",
+            "--fov-mm", "240", "--phantom-subjects", "1", "--phantom-slices", "1",
+            "--output", str(out), "--quiet"]
+    assert main(args) == 0
+    saved = json.loads(out.read_text())
+    assert saved["slices"] == 1 and "area-bias" in saved["command"]
+    assert "MUS" in capsys.readouterr().out
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err

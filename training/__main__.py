@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from EPDSegmentationLib.core.errors import EPDError
 
-from . import adapt, bundle, evaluate, experiment, realct, report, train
+from . import adapt, areabias, bundle, evaluate, experiment, realct, report, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
          report.run),
         ("adapt", "fine-tune a model on corrected cases (the panel's fine-tuning)",
          adapt.add_arguments, adapt.run),
+        ("area-bias", "a model's tissue-area error on phantoms at coarse pixels (exact truth)",
+         areabias.add_arguments, areabias.run),
     )
     for name, help_text, add_arguments, run in commands:
         command = sub.add_parser(name, help=help_text)
