@@ -57,6 +57,8 @@ from typing import Optional
 
 import numpy as np
 
+from .phantom.tissues import CODE
+
 BG, MUS, IMAT, SAT, VAT, MSC = range(6)
 AIR_HU = -1024.0
 
@@ -83,10 +85,10 @@ KIDNEY_CONTRAST_KEPT = (0.0, 0.2)
 #: OrganLook: the spinal canal's contents (CSF 0..15 HU around a cord of 30..40 HU, which
 #: the phantom does not draw: the canal's mean on a real scan lies between)
 CANAL_HU = (0.0, 40.0)
-#: phantom tissue codes (training.phantom.tissues.CODE) these look at
-DIAPHRAGM_CODE = 31
-KIDNEY_CODES = (14, 15)
-CANAL_CODE = 13
+#: the phantom tissue codes these look at
+DIAPHRAGM_CODE = CODE["diaphragm"]
+KIDNEY_CODES = (CODE["kidney_cortex"], CODE["kidney_medulla"])
+CANAL_CODE = CODE["csf"]
 
 
 @dataclass
@@ -96,8 +98,8 @@ class OrganLook:
     - diaphragm: the diaphragm and its crura (class MSC: not scored as skeletal muscle) take
       the muscle's new HU (its mean plus -5..+20 HU, without the fatty infiltration) instead
       of the organs': it is muscle tissue, and on real CT it is as dark as the abdominal wall
-      muscles beside it; moved with the organs (up to 130 HU in an enhanced phase) it taught
-      the network that a muscle-HU band inside the ribs is muscle;
+      muscles beside it; moved with the organs (up to 130 HU in an enhanced phase) it showed
+      the network a diaphragm that no real scan has;
     - kidneys: drawn unenhanced and homogeneous (15..40 HU, 0..20 % of their inner
       contrast) whatever the other organs' phase: on real unenhanced CT (PET-CT, many
       body-composition cohorts) the kidneys are a homogeneous blob at fatty-muscle HU
@@ -137,7 +139,8 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     labels change only where field-of-view truncation removes the body (set to background).
     muscle_region_sd: SD (HU) of each connected muscle's own offset; organ_flatten: share of
     slices whose organs lose most of their inner contrast (0 turns either off); organs:
-    the diaphragm and kidneys drawn on their own (OrganLook), None as before."""
+    the diaphragm, kidneys and spinal canal drawn on their own (OrganLook), None as
+    before."""
     hu = np.array(hu, np.float32)
     labels = np.array(labels, np.uint8)
     h, w = hu.shape
