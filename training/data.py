@@ -140,18 +140,12 @@ def to_source_grid(records: Sequence[SliceRecord], source_mm: float,
     (N, H, W), size)."""
     if not records:
         raise ValueError("no slices to prepare")
-    shapes = [resampled_shape(r.hu.shape, r.pixel_mm, (source_mm, source_mm)) for r in records]
     if size is None:
+        shapes = [resampled_shape(r.hu.shape, r.pixel_mm, (source_mm, source_mm)) for r in records]
         size = (max(s[0] for s in shapes), max(s[1] for s in shapes))
     size = (int(size[0]), int(size[1]))
-    hu = np.full((len(records),) + size, AIR_HU, np.float32)
-    labels = np.zeros((len(records),) + size, np.uint8)
-    for i, (r, shape) in enumerate(zip(records, shapes)):
-        h = resample_planes(r.hu.astype(np.float32), shape)
-        lab = resample_planes(r.labels, shape, labels=True)
-        (src_r, dst_r), (src_c, dst_c) = (_centre(shape[0], size[0]), _centre(shape[1], size[1]))
-        hu[i, dst_r, dst_c] = h[src_r, src_c]
-        labels[i, dst_r, dst_c] = lab[src_r, src_c]
+    hu = _on_grid(records, lambda r: r.hu.astype(np.float32), source_mm, size, AIR_HU)
+    labels = _on_grid(records, lambda r: r.labels, source_mm, size, 0, labels=True)
     return hu, labels, size
 
 
@@ -161,12 +155,22 @@ def tissues_on_grid(records: Sequence[SliceRecord], source_mm: float,
     (N, *size) (0, air, where padded), or None unless every record has them."""
     if not records or any(r.tissues is None for r in records):
         return None
-    out = np.zeros((len(records),) + tuple(size), np.uint8)
+    return _on_grid(records, lambda r: r.tissues, source_mm, tuple(size), 0, labels=True)
+
+
+def _on_grid(records: Sequence[SliceRecord], plane, source_mm: float, size: Tuple[int, int],
+             fill: float, labels: bool = False) -> np.ndarray:
+    """plane(record) (H, W) of every record resampled to source_mm (nearest for labels) and
+    centred in (N, *size), ``fill`` around; the planes' dtype. One record at a time."""
+    out = None
     for i, r in enumerate(records):
+        a = plane(r)
+        if out is None:
+            out = np.full((len(records),) + tuple(size), fill, a.dtype)
         shape = resampled_shape(r.hu.shape, r.pixel_mm, (source_mm, source_mm))
-        t = resample_planes(r.tissues, shape, labels=True)
+        a = resample_planes(a, shape, labels=labels)
         (src_r, dst_r), (src_c, dst_c) = (_centre(shape[0], size[0]), _centre(shape[1], size[1]))
-        out[i, dst_r, dst_c] = t[src_r, src_c]
+        out[i, dst_r, dst_c] = a[src_r, src_c]
     return out
 
 
@@ -220,7 +224,7 @@ class Augment:
     organ_contact: float = 0.0
     #: shares of the randomised slices on which the diaphragm takes the muscle's HU instead
     #: of the organs', and the kidneys are drawn unenhanced and homogeneous whatever the
-    #: other organs' phase (randomize.organ_appearance; phantom tissue codes needed)
+    #: other organs' phase (randomize.OrganLook; phantom tissue codes needed)
     diaphragm_muscle: float = 0.0
     kidney_unenhanced: float = 0.0
     #: share of the randomised slices whose spinal canal contents are drawn at 0..40 HU
