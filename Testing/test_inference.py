@@ -224,11 +224,12 @@ def test_streamed_segment_gives_the_areas_of_the_whole_volume_code(
 
 
 def test_streamed_memory_does_not_grow_with_the_slices(saved_model, tmp_path):
-    """Host (NumPy/Python) allocations of a streamed run, reading included, are the same for
-    48 slices as for 24: nothing the size of the scan is held, not even the volume, which
-    is read slab by slab (tracemalloc; torch's own allocations are not traced, the
-    probabilities slab stays the same size anyway). Both runs are longer than what the
-    pipeline holds at once (a slab ahead, 16 slices queued for gzip per output)."""
+    """Host (NumPy/Python) allocations of a streamed run, reading included, grow from 24 to 96
+    slices by less than half the volume's growth: nothing the size of the scan is held, not
+    even the volume, which is read slab by slab (tracemalloc; torch's own allocations are
+    not traced, the probabilities slab stays the same size anyway). Both runs are longer
+    than what the pipeline holds at once (a slab ahead, 16 slices queued for gzip per
+    output)."""
     import tracemalloc
 
     from EPDSegmentationLib.cli.segment import Case, segment_case
@@ -239,8 +240,9 @@ def test_streamed_memory_does_not_grow_with_the_slices(saved_model, tmp_path):
     rng = np.random.default_rng(1)
     m = np.diag([0.8, 0.8, 2.0, 1.0])
     peaks = {}
-    for n in (24, 48):
-        hu = rng.normal(-200, 300, (n, 64, 64)).astype(np.int16)
+    # a first run pays one-off costs (imports, caches) that would hide growth in a later one
+    for n in (8, 24, 96):
+        hu = rng.normal(-200, 300, (n, 128, 128)).astype(np.int16)
         hu[:, 0, 0], hu[:, 1, 1] = -1000, 400
         write_volume(Volume(hu, m), tmp_path / f"v{n}.nrrd")
         tracemalloc.start()
@@ -249,9 +251,10 @@ def test_streamed_memory_does_not_grow_with_the_slices(saved_model, tmp_path):
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert result.ok, result.message + result.traceback
-    # before streaming: 6 float32 maps x 24 more slices x 64 x 64 = 2.3 MiB more, at least;
-    # with the volume read whole: 24 x 64 x 64 float32 = 0.38 MiB more
-    assert peaks[48] - peaks[24] < 0.25 * 2**20, peaks
+    # 72 more slices: holding the volume whole would add 72 x 128 x 128 float32 = 4.5 MiB,
+    # its probabilities 6 times that; the peaks differ by what is in flight when they occur
+    # (slabs read ahead, queued for gzip: 0.6 to 0.8 MiB measured) and the per-slice sums
+    assert peaks[96] - peaks[24] < 2 * 2**20, peaks
 
 
 @pytest.mark.parametrize("k, shape", [(2, (64, 64)), (4, (61, 58)), (3, (10, 11)), (1, (5, 6))])
