@@ -342,3 +342,44 @@ def test_area_bias_compares_soft_areas_with_the_exact_fractions(tmp_path, uninte
     assert saved["slices"] == 1 and "area-bias" in saved["command"]
     assert "MUS" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_interpolate_mixes_two_models_weights_into_a_run_folder(tmp_path, uninterrupted, capsys):
+    """interpolate writes w x A + (1 - w) x B tensor by tensor into <output>/model.*, a card
+    that says so (both inputs' SHA-256, the command; A's validation metrics dropped), and
+    refuses models whose cards differ in what the weights mean."""
+    import torch
+    from EPDSegmentationLib.core.model_io import save_model
+
+    a_path = uninterrupted / "model.safetensors"
+    net, card = load_model(a_path)
+    a = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.linspace(-1.0, 1.0, p.numel()).reshape(p.shape))
+    b = {k: v.clone() for k, v in net.state_dict().items()}
+    save_model(tmp_path / "b", net, card)
+    out = tmp_path / "mix"
+    assert main(["interpolate", "--model", str(a_path), "--with", str(tmp_path / "b.safetensors"),
+                 "--weight", "0.25", "--output", str(out)]) == 0
+    mixed, mcard = load_model(out / "model.safetensors")
+    for k, v in mixed.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.25 * a[k] + 0.75 * b[k], atol=1e-6), k
+    info = mcard["training"]["interpolated"]
+    assert info["weight_a"] == 0.25 and info["a"]["weights"].startswith("sha256:")
+    assert info["a"]["weights"] != info["b"]["weights"]
+    assert "interpolate" in info["command"] and mcard["metrics"] == {}
+    assert mcard["training"]["weights"].startswith("0.25 x ")
+    # the output is not overwritten silently; bad weights and other factors are refused
+    assert main(["interpolate", "--model", str(a_path), "--with", str(a_path), "--weight", "1",
+                 "--output", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["interpolate", "--model", str(a_path), "--with", str(a_path), "--weight",
+                 "1.5", "--output", str(tmp_path / "w")]) == 2
+    assert "0..1" in capsys.readouterr().err
+    other = dict(card, factor=int(card["factor"]) * 2)
+    save_model(tmp_path / "f", net, other)
+    assert main(["interpolate", "--model", str(a_path), "--with", str(tmp_path / "f.safetensors"),
+                 "--weight", "0.5", "--output", str(tmp_path / "x")]) == 2
+    assert "differ in factor" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from typing import List, Optional
 
 from EPDSegmentationLib.core.errors import EPDError
 
-from . import adapt, areabias, bundle, evaluate, experiment, realct, report, train
+from . import (adapt, areabias, bundle, evaluate, experiment, interpolate, realct, report,
+               train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
          adapt.add_arguments, adapt.run),
         ("area-bias", "a model's tissue-area error on phantoms at coarse pixels (exact truth)",
          areabias.add_arguments, areabias.run),
+        ("interpolate", "mix two models' weights (w x A + (1 - w) x B) into a model folder",
+         interpolate.add_arguments, interpolate.run),
     )
     for name, help_text, add_arguments, run in commands:
         command = sub.add_parser(name, help=help_text)
