@@ -168,5 +168,9 @@ def test_training_data_summary_names_levels_and_fine_tuning():
         "init": {"model": "Resources/Models/EPDBodyComp_f2.safetensors"}}}}
     assert describe_training_data(card) == ("60 phantom subjects x 6 slices (T11-L4), factor 2, "
                                             "fine-tuned from an earlier model")
+    card["training"]["interpolated"] = {"weight_a": 0.5}
+    assert describe_training_data(card).endswith(
+        "fine-tuned from an earlier model, weights mixed 0.5 : 0.5 with another model")
+    del card["training"]["interpolated"]
     card["training"]["data"].update(levels=None, init=None)
     assert describe_training_data(card) == "60 phantom subjects x 6 slices (L3), factor 2"

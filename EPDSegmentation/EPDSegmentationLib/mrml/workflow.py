@@ -412,7 +412,8 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
 
 def describe_training_data(card: Mapping[str, Any]) -> str:
     """The card's training data in a few words, e.g. "60 phantom subjects x 6 slices (L3),
-    factor 2" (the whole recipe stays in the card)."""
+    factor 2", and whether the weights were mixed with another model's (training
+    interpolate); the whole recipe stays in the card."""
     training = card.get("training", {}) or {}
     data = training.get("data", "?") if isinstance(training, Mapping) else "?"
     k = card.get("factor")
@@ -426,6 +427,11 @@ def describe_training_data(card: Mapping[str, Any]) -> str:
         levels = data.get("levels")
         where = "-".join(str(x) for x in levels) if levels else "L3"
         tuned = ", fine-tuned from an earlier model" if data.get("init") else ""
+        mix = training.get("interpolated")
+        if isinstance(mix, Mapping) and isinstance(mix.get("weight_a"), (int, float)):
+            # training interpolate: the weights are a mix, not what the recipe trained
+            w = float(mix["weight_a"])
+            tuned += f", weights mixed {w:g} : {1 - w:g} with another model"
         return f"{data['subjects']} phantom subjects{per} ({where}){at}{tuned}"
     if source == "manifest":
         name = Path(str(data.get("manifest", "manifest"))).name
