@@ -97,6 +97,16 @@ def test_panel_summary_of_the_bundled_card():
     for name, r in card["evaluation"]["real_ct"]["results"].items():
         assert f"{name.split(' vs ')[0]} {r['dice']:.2f}" in real[0]
     assert max(len(line) for line in lines) < 100 and "{" not in "".join(lines)
+    mix = card["training"].get("interpolated")
+    weights = [line for line in lines if line.startswith("Weights:")]
+    if mix is None:
+        assert not weights
+    else:
+        assert weights == [f"Weights: {mix['weight_a']:g} of this training mixed with "
+                           f"{1 - mix['weight_a']:g} of another model"]
+    plain = dict(card, training={k: v for k, v in card["training"].items()
+                                 if k != "interpolated"})
+    assert not any(line.startswith("Weights:") for line in describe_model(plain).splitlines())
 
 
 def test_panel_summary_without_evaluation():
@@ -168,9 +178,5 @@ def test_training_data_summary_names_levels_and_fine_tuning():
         "init": {"model": "Resources/Models/EPDBodyComp_f2.safetensors"}}}}
     assert describe_training_data(card) == ("60 phantom subjects x 6 slices (T11-L4), factor 2, "
                                             "fine-tuned from an earlier model")
-    card["training"]["interpolated"] = {"weight_a": 0.5}
-    assert describe_training_data(card).endswith(
-        "fine-tuned from an earlier model, weights mixed 0.5 : 0.5 with another model")
-    del card["training"]["interpolated"]
     card["training"]["data"].update(levels=None, init=None)
     assert describe_training_data(card) == "60 phantom subjects x 6 slices (L3), factor 2"

@@ -412,8 +412,7 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
 
 def describe_training_data(card: Mapping[str, Any]) -> str:
     """The card's training data in a few words, e.g. "60 phantom subjects x 6 slices (L3),
-    factor 2", and whether the weights were mixed with another model's (training
-    interpolate); the whole recipe stays in the card."""
+    factor 2" (the whole recipe stays in the card)."""
     training = card.get("training", {}) or {}
     data = training.get("data", "?") if isinstance(training, Mapping) else "?"
     k = card.get("factor")
@@ -427,11 +426,6 @@ def describe_training_data(card: Mapping[str, Any]) -> str:
         levels = data.get("levels")
         where = "-".join(str(x) for x in levels) if levels else "L3"
         tuned = ", fine-tuned from an earlier model" if data.get("init") else ""
-        mix = training.get("interpolated")
-        if isinstance(mix, Mapping) and isinstance(mix.get("weight_a"), (int, float)):
-            # training interpolate: the weights are a mix, not what the recipe trained
-            w = float(mix["weight_a"])
-            tuned += f", weights mixed {w:g} : {1 - w:g} with another model"
         return f"{data['subjects']} phantom subjects{per} ({where}){at}{tuned}"
     if source == "manifest":
         name = Path(str(data.get("manifest", "manifest"))).name
@@ -525,7 +519,8 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
 
 def describe_model(card: Mapping[str, Any]) -> str:
     """A few lines about a model for the panel: classes, factor, spacing, training data in
-    short, and the Dice per class the card records. Values stay with their names when the
+    short, whether its weights are a mix (training interpolate), and the Dice per class the
+    card records. Values stay with their names when the
     panel wraps a line (no-break spaces)."""
     classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
                         for c in card.get("classes", [])[1:])
@@ -536,6 +531,11 @@ def describe_model(card: Mapping[str, Any]) -> str:
              f"Factor 1/{k} ({label_mode} labels), network pixel "
              + NBSP.join(f"{px[0]:.2f} x {px[1]:.2f} mm".split()),
              f"Trained on: {describe_training_data(card)}"]
+    mix = (card.get("training") or {}).get("interpolated")
+    if isinstance(mix, Mapping) and isinstance(mix.get("weight_a"), (int, float)):
+        # training interpolate: the weights are a mix, not what the recipe trained alone
+        w = float(mix["weight_a"])
+        lines.append(f"Weights: {w:g} of this training mixed with {1 - w:g} of another model")
     lines += describe_dice(card) or ["Dice: not recorded in the model card"]
     return "\n".join(lines)
 
