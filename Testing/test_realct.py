@@ -77,6 +77,9 @@ def test_bundle_evaluates_and_writes_the_card(tiny_model_path, tmp_path):
     assert "--phantom-levels T12 L1" in ev["phantom_torso_held_out"]["command"]
     assert "(T12-L1)" in ev["phantom_torso_held_out"]["data"]
     assert ev["real_ct"] is None and ev["real_ct_levels"] is None and card["name"] == "Tiny"
+    bias = ev["phantom_area_bias"]
+    assert bias["pixel_mm"] == 3.0 and bias["slices"] == 2 * 3 and "area-bias" in bias["command"]
+    assert abs(sum(bias["error_cm2"].values())) < 1e-3     # the classes share the image
     assert (tmp_path / "report" / "phantom" / "table.md").is_file()
     assert main(args) == 2  # the bundled files exist: kept unless --overwrite
 

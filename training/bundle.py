@@ -11,6 +11,8 @@
    and, when the folder also holds the abdomen-pelvis CT with TotalSegmentator's structure
    labels, the per-level share of paraspinal and psoas voxels called muscle ->
    <report>/real_levels/ (levels.md, levels.png);
+   and ``python -m training area-bias``: soft tissue areas on held-out phantoms drawn at 3 mm
+   pixels against their exact fractions -> <report>/area_bias.json;
 3. the run's weights and card, with an ``evaluation`` section holding both results and the
    exact commands, written to <output>/<name>.safetensors and .json.
 """
@@ -23,7 +25,7 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import evaluate, realct
+from . import areabias, evaluate, realct
 
 #: The real sample's masks, and the classes each stands for (TotalSegmentator has no IMAT:
 #: its skeletal muscle mask covers the muscle compartment, so it is compared with MUS + IMAT;
@@ -85,6 +87,22 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
             "low_resolution_dice": _per_class(ph["low_resolution"], "Dice"),
             "metric": "Dice/IoU after the per-class threshold search (docs/training.md)",
         }
+
+    # tissue areas at 3 mm pixels, against the phantom's exact fractions: what area bias a
+    # user of coarse scans should expect (training/areabias.py)
+    ab_argv = ["area-bias", "--model", str(weights), "--phantom-subjects",
+               str(args.eval_subjects), "--data-seed", str(args.eval_seed),
+               "--output", str(report / "area_bias.json"), "--device", args.device,
+               "--quiet"] + (["--overwrite"] if args.overwrite else [])
+    _call(areabias.add_arguments, areabias.run, ab_argv)
+    ab = json.loads((report / "area_bias.json").read_text())
+    evaluation["phantom_area_bias"] = {
+        "command": ab["command"], "slices": ab["slices"], "pixel_mm": ab["pixel_mm"],
+        "error_cm2": {k: v["error_cm2"] for k, v in ab["per_class"].items()},
+        "true_cm2": {k: v["true_cm2"] for k, v in ab["per_class"].items()},
+        "metric": "mean soft area - exact area per slice (cm^2), held-out phantoms drawn at "
+                  "3 mm pixels (T11-L4)",
+    }
 
     if args.real_dir is not None and (Path(args.real_dir) / REAL_CT).is_file():
         real = Path(args.real_dir)

@@ -104,6 +104,12 @@ def test_panel_summary_of_the_bundled_card():
     else:
         assert weights == [f"Weights: {mix['weight_a']:g} of this training mixed with "
                            f"{1 - mix['weight_a']:g} of another model"]
+    bias = card["evaluation"].get("phantom_area_bias")
+    area = [line for line in lines if line.startswith("Area error")]
+    if bias is None:
+        assert not area
+    else:
+        assert len(area) == 1 and f"MUS {bias['error_cm2']['MUS']:+.1f}" in area[0]
     plain = dict(card, training={k: v for k, v in card["training"].items()
                                  if k != "interpolated"})
     assert not any(line.startswith("Weights:") for line in describe_model(plain).splitlines())

@@ -519,8 +519,8 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
 
 def describe_model(card: Mapping[str, Any]) -> str:
     """A few lines about a model for the panel: classes, factor, spacing, training data in
-    short, whether its weights are a mix (training interpolate), and the Dice per class the
-    card records. Values stay with their names when the
+    short, whether its weights are a mix (training interpolate), the Dice per class the
+    card records and its area error on phantoms at 3 mm (training area-bias). Values stay with their names when the
     panel wraps a line (no-break spaces)."""
     classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
                         for c in card.get("classes", [])[1:])
@@ -537,6 +537,14 @@ def describe_model(card: Mapping[str, Any]) -> str:
         w = float(mix["weight_a"])
         lines.append(f"Weights: {w:g} of this training mixed with {1 - w:g} of another model")
     lines += describe_dice(card) or ["Dice: not recorded in the model card"]
+    bias = (card.get("evaluation") or {}).get("phantom_area_bias")
+    errors = bias.get("error_cm2") if isinstance(bias, Mapping) else None
+    if isinstance(errors, Mapping):
+        # training area-bias: what a user of coarse scans should expect of the areas
+        parts = [f"{k}{NBSP}{v:+.1f}" for k, v in errors.items()
+                 if k != "BG" and isinstance(v, (int, float))]
+        if parts:
+            lines.append(f"Area error, 3{NBSP}mm phantoms (cm²/slice): " + ", ".join(parts))
     return "\n".join(lines)
 
 
