@@ -62,12 +62,15 @@ def area_bias(model, card, seeds: Sequence[int], n_slices: int, levels: Sequence
     pixel_cm2 = pixel_mm * pixel_mm / 100.0
     true, soft = [], []
     for seed in tqdm(list(seeds), desc="phantom subjects", unit="subject", disable=not progress):
-        for s in subject_slices(int(seed), n_slices, slice_gap_mm, levels=tuple(levels),
-                                size=size, pixel_mm=pixel_mm, supersample=supersample):
-            p = predict_volume(s.hu[None], (pixel_mm, pixel_mm), model, card,
-                               device=device).probabilities[:, 0]
-            true.append(s.fractions.reshape(NUM_CLASSES, -1).sum(1, dtype=np.float64) * pixel_cm2)
-            soft.append(p.reshape(p.shape[0], -1).sum(1, dtype=np.float64) * pixel_cm2)
+        stack = subject_slices(int(seed), n_slices, slice_gap_mm, levels=tuple(levels),
+                               size=size, pixel_mm=pixel_mm, supersample=supersample)
+        # a subject's slices share one grid: one call, the network batched
+        p = predict_volume(np.stack([s.hu for s in stack]), (pixel_mm, pixel_mm), model, card,
+                           device=device).probabilities                    # (C, n, H, W)
+        soft += list(p.reshape(p.shape[0], len(stack), -1).sum(2, dtype=np.float64).T
+                     * pixel_cm2)
+        true += [s.fractions.reshape(NUM_CLASSES, -1).sum(1, dtype=np.float64) * pixel_cm2
+                 for s in stack]
     true_a, soft_a = np.array(true), np.array(soft)
     err = soft_a - true_a
     per_class = {k: {"true_cm2": float(true_a[:, i].mean()), "error_cm2": float(err[:, i].mean()),

@@ -520,8 +520,8 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
 def describe_model(card: Mapping[str, Any]) -> str:
     """A few lines about a model for the panel: classes, factor, spacing, training data in
     short, whether its weights are a mix (training interpolate), the Dice per class the
-    card records and its area error on phantoms at 3 mm (training area-bias). Values stay with their names when the
-    panel wraps a line (no-break spaces)."""
+    card records and its area error on phantoms at 3 mm (training area-bias). Values stay
+    with their names when the panel wraps a line (no-break spaces)."""
     classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
                         for c in card.get("classes", [])[1:])
     k = card.get("factor")
