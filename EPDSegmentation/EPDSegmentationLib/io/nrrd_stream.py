@@ -9,7 +9,6 @@ success (core.atomic.atomic_file); on an error nothing is left behind.
 
 from __future__ import annotations
 
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,11 +18,7 @@ from typing import Deque, Dict, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from ..core.atomic import atomic_file
-
-#: gzip level of the streamed outputs, chosen by measurement (docs/benchmarks.md,
-#: "gzip level"): on label and 8-bit fractional slices level 1 is several times faster
-#: than pynrrd's default 9 and the files are somewhat larger.
-GZIP_LEVEL = 1
+from . import deflate
 
 _TYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int8): "signed char",
           np.dtype(np.float32): "float", np.dtype(np.int16): "short"}
@@ -70,20 +65,22 @@ def nrrd_header(shape_c: Sequence[int], dtype, fields: Dict[str, object], *,
 class SliceWriter:
     """Appends slices (the trailing shape given at open) of one dtype to an open NRRD file.
 
-    The gzip compression runs in a thread of its own, in order, while the caller goes on
-    (zlib releases the GIL): on two cores it measured as the largest single step of a
+    The gzip compression (io.deflate: ISA-L when installed, else zlib; at the level it
+    chooses unless ``level``) runs in a thread of its own, in order, while the caller goes
+    on (both release the GIL): on two cores it measured as the largest single step of a
     streamed ``segment`` at factor 4 (docs/benchmarks.md). At most MAX_PENDING slices wait
     to be compressed; an error in the thread comes back from the next write or finish."""
 
     #: slices queued for compression at most (bounds the memory held: one slab's worth)
     MAX_PENDING = 16
 
-    def __init__(self, fh, slice_shape: Sequence[int], dtype, n_slices: int, level: int):
+    def __init__(self, fh, slice_shape: Sequence[int], dtype, n_slices: int,
+                 level: Optional[int] = None, gzip_backend: Optional[str] = None):
         self._fh = fh
         self._shape = tuple(int(n) for n in slice_shape)
         self._dtype = np.dtype(dtype).newbyteorder("<")
         self._left = int(n_slices)
-        self._zip = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+        self._zip = deflate.compressor(gzip_backend, level)
         self._blank: Optional[bytes] = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nrrd-gzip")
         self._pending: Deque = deque()
@@ -103,7 +100,9 @@ class SliceWriter:
         if a.shape[1:] != self._shape or a.shape[0] > self._left:
             raise ValueError(f"slices {a.shape} do not fit: (n <= {self._left},) + "
                              f"{self._shape} expected")
-        self._compress(np.ascontiguousarray(a, self._dtype).tobytes())
+        # one copy, reordered on the way (a C-order copy the thread may read while the
+        # caller changes ``a``); compress takes any contiguous buffer
+        self._compress(memoryview(np.array(a, self._dtype, order="C", copy=True)).cast("B"))
         self._left -= a.shape[0]
 
     def fill(self, n: int, value=0) -> None:
@@ -136,17 +135,19 @@ class SliceWriter:
 
 @contextmanager
 def nrrd_slices(path: Union[str, Path], shape_c: Sequence[int], dtype, fields: Dict[str, object],
-                *, overwrite: bool = False, level: int = GZIP_LEVEL) -> Iterator[SliceWriter]:
+                *, overwrite: bool = False, level: Optional[int] = None,
+                gzip_backend: Optional[str] = None) -> Iterator[SliceWriter]:
     """Open ``path`` for a NRRD of C-order ``shape_c`` (K first) written slice by slice::
 
         with nrrd_slices(path, (K, J, I), np.uint8, fields) as out:
             out.write(labels_of_some_slices); out.fill(3)   # ... K slices in all
 
-    Atomic: the file appears at ``path`` only when every slice was written."""
+    Atomic: the file appears at ``path`` only when every slice was written. level,
+    gzip_backend: io.deflate's (default: ISA-L when installed, at its chosen level)."""
     with atomic_file(path, overwrite) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(nrrd_header(shape_c, dtype, fields))
-            writer = SliceWriter(fh, shape_c[1:], dtype, shape_c[0], level)
+            writer = SliceWriter(fh, shape_c[1:], dtype, shape_c[0], level, gzip_backend)
             try:
                 yield writer
                 writer.finish()

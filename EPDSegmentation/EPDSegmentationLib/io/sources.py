@@ -28,7 +28,6 @@ types) is read whole through read_volume (``WholeSource``): correct, not bounded
 from __future__ import annotations
 
 import gzip
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -37,6 +36,7 @@ import numpy as np
 
 from ..core.atomic import extension
 from ..core.volume import Volume
+from . import deflate
 from .dicom import dicom_series, slice_hu
 from .errors import InputError
 from .images import itk_error, itk_geometry
@@ -365,7 +365,7 @@ class FileSource(VolumeSource):
             raw = open(self._data, "rb")
             if self._gz:
                 raw.seek(self._file_offset)
-                self._fh = gzip.GzipFile(fileobj=raw, mode="rb")
+                self._fh = deflate.reader(raw)
                 self._raw = raw
             else:
                 self._fh = raw
@@ -378,7 +378,7 @@ class FileSource(VolumeSource):
         want = n * self._slice_bytes
         try:
             buf = self._seek(self._offset + k0 * self._slice_bytes).read(want)
-        except (OSError, EOFError, zlib.error) as exc:
+        except (OSError, EOFError) + deflate.ERRORS as exc:
             raise InputError(self.path, f"cannot be read as a {extension(self.path)} image "
                                         f"(corrupt or not that format): {exc}") from None
         if len(buf) != want:
