@@ -274,7 +274,7 @@ def test_device_sums_and_labels_equal_bodycomp():
     their definition, and the torch labels np.argmax, ties included (the first class
     wins)."""
     from EPDSegmentationLib.core.bodycomp import slice_sums
-    from EPDSegmentationLib.core.stream import argmax_classes, slab_sums
+    from EPDSegmentationLib.core.stream import _argmax_torch, argmax_classes, slab_sums
 
     rng = np.random.default_rng(0)
     p = rng.random((6, 3, 20, 16)).astype(np.float32)
@@ -282,8 +282,10 @@ def test_device_sums_and_labels_equal_bodycomp():
     p[2:, :, 5:8] = 0.3                                 # ties between classes 2..5
     p /= p.sum(0)
     hu = rng.normal(0, 300, (3, 20, 16))
-    labels = argmax_classes(torch.from_numpy(p))
+    labels = argmax_classes(torch.from_numpy(p))         # NumPy's running maximum (CPU)
     np.testing.assert_array_equal(labels.numpy(), np.argmax(p, 0))
+    np.testing.assert_array_equal(_argmax_torch(torch.from_numpy(p)).numpy(),   # GPUs'
+                                  np.argmax(p, 0))
     got = slab_sums(torch.from_numpy(p), torch.from_numpy(hu), labels)
     # float64 throughout, from the definition
     p64, lab = p.astype(np.float64), np.argmax(p, 0)
@@ -417,3 +419,57 @@ def test_stream_progress_never_goes_back_and_slabs_come_in_order(saved_model, vo
         np.testing.assert_array_equal(slab.hu, volume[slab.slices])
         idx = [whole.slices.index(k) for k in slab.slices]
         np.testing.assert_array_equal(slab.labels, np.argmax(whole.probabilities[:, idx], 0))
+
+
+def test_fractional_codes_equal_on_every_path():
+    """The 8-bit codes: NumPy's (the CPU stream), torch's (GPUs) and the Slicer writer's
+    (mrml.segmentation.encode_fractional) agree value for value, on steps' halves (ties
+    round to even) and on rounding just outside 0..1 (within the range check's tolerance)."""
+    from EPDSegmentationLib.core.stream import _encode_torch, encode_fractional_torch
+    from EPDSegmentationLib.mrml.segmentation import encode_fractional
+
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.random(4000), (np.arange(433) / 432.0), [-1e-3, -1e-9, 1 + 1e-9,
+                                                                    1 + 1e-3]]).astype(np.float32)
+    want = encode_fractional(p)
+    assert set(np.unique(want)) == set(range(-108, 109))
+    np.testing.assert_array_equal(encode_fractional_torch(torch.from_numpy(p)).numpy(), want)
+    np.testing.assert_array_equal(_encode_torch(torch.from_numpy(p)).numpy(), want)
+
+
+def test_slab_outputs_shared_across_workers_equal_one_worker(saved_model, volume):
+    """On the CPU a slab's slices are shared out among the output pool's threads: the
+    outputs equal those of one thread, the codes laid out as the .seg.nrrd stores them
+    (classes fastest), and each pool thread runs torch on one core while the calling
+    thread, and threads started later, keep their setting."""
+    import threading
+
+    from EPDSegmentationLib.core.inference import slab_predictor
+    from EPDSegmentationLib.core.stream import output_pool, slab_outputs
+
+    model, card = saved_model
+    predict = slab_predictor(volume, (0.7, 0.7), model, card, device="cpu", batch_size=2)
+    ks = [0, 1, 2, 4]
+    low, _, _ = predict.deferred(ks)
+    hu = volume[ks]
+    one = slab_outputs(low, hu, ks, probabilities_out=True, range_checked=True)
+    before = torch.get_num_threads()
+    with output_pool(3) as (pool, n):
+        assert n == 3
+        assert {pool.submit(torch.get_num_threads).result() for _ in range(6)} == {1}
+        assert torch.get_num_threads() == before
+        shared = slab_outputs(low, hu, ks, probabilities_out=True, range_checked=True,
+                              pool=pool, workers=n)
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [before]
+    np.testing.assert_array_equal(shared.labels, one.labels)
+    np.testing.assert_array_equal(shared.codes, one.codes)
+    np.testing.assert_array_equal(shared.probabilities, one.probabilities)
+    np.testing.assert_array_equal(shared.uncertainty, one.uncertainty)
+    for key in one.sums:
+        np.testing.assert_array_equal(shared.sums[key], one.sums[key])
+    assert shared.codes.shape == (len(card["classes"]) - 1, len(ks)) + volume.shape[1:]
+    assert np.moveaxis(shared.codes, 0, -1).flags.c_contiguous

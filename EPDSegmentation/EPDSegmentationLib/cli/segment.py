@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -438,10 +439,13 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                                            ijk_to_ras=vol.ijk_to_ras)
         acc = stream.Accumulator()
         held = _Held(grid, len(k_idx)) if dicom_seg else None
-        shown_labels = shown_hu = None
+        shown_job = None
         prov = case_provenance(case, vol, card, provenance)
         header = nrrd_provenance(prov)
         with ExitStack() as files:
+            # the overlay is drawn in a thread as soon as its slice is out, beside the
+            # outputs of the next slab rather than after the stream (docs/benchmarks.md)
+            drawer = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="epd-overlay"))
             files.enter_context(_input_problems_first(vol, case.path))
             hard = files.enter_context(seg_nrrd_slices(
                 paths["segmentation"], vol.ijk_to_ras, grid, provenance=header))
@@ -467,26 +471,19 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                         prob.write(np.moveaxis(slab.probabilities[:, s:s + 1], 0, -1))
                     next_k = k + 1
                     if k == shown:
-                        shown_labels = slab.labels[s]
-                        shown_hu = slab.hu[s].copy()
+                        shown_job = drawer.submit(
+                            _write_overlay, paths["overlay"], vol, slab, s, k, grid,
+                            f"{case.name}: slice {shown} of {grid[0]}, "
+                            f"{si:.2f} x {sj:.2f} mm pixels")
                 if held is not None:
                     held.add(slab)
             for writer, value in ((hard, 0), (soft, stream.FRACTIONAL_MIN), (prob, 0.0)):
                 if writer is not None:
                     writer.fill(grid[0] - next_k, value)
             _input_problem_first(vol, case.path)
+            shown_job.result()
         rows = acc.rows(vol.spacing)
         bodycomp.measures_to_csv(rows, paths["table"])
-        slice_rows = {r["tissue"]: r for r in rows if r["slice"] == shown}
-        areas = {key: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
-                 for key, r in slice_rows.items()}
-        shown_vol = Volume(shown_hu[None], vol.ijk_to_ras)     # its geometry for the display
-        overlay.write_overlay_png(
-            paths["overlay"], overlay.display_slice(shown_vol, 0),
-            overlay.display_slice(shown_vol, 0, shown_labels[None]),
-            areas_cm2=areas,
-            title=f"{case.name}: slice {shown} of {grid[0]}, "
-                  f"{si:.2f} x {sj:.2f} mm pixels")
         seg_failure = None
         if dicom_seg:
             seg_failure = _write_dicom_segs(sources, held.labels, held.probabilities(k_idx),
@@ -514,6 +511,18 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         stage.abort()
         if vol is not None:
             vol.close()
+
+
+def _write_overlay(path: Path, vol, slab: stream.Slab, s: int, k: int, grid, title: str) -> None:
+    """The overlay PNG of slice k (the slab's s-th), with its soft and hard tissue areas
+    (its rows of bodycomp.measures_from_sums, the same as the CSV's)."""
+    sums = {key: value[s:s + 1] for key, value in slab.sums.items()}
+    areas = {r["tissue"]: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
+             for r in bodycomp.measures_from_sums(sums, vol.spacing, [k]) if r["slice"] == k}
+    shown = Volume(slab.hu[s][None], vol.ijk_to_ras)        # its geometry for the display
+    overlay.write_overlay_png(path, overlay.display_slice(shown, 0),
+                              overlay.display_slice(shown, 0, slab.labels[s][None]),
+                              areas_cm2=areas, title=title)
 
 
 @contextmanager

@@ -232,7 +232,8 @@ def run_network(model, x, device, batch_size: int, notes: List[str], *,
     total = n if total is None else total
     parts = []
     i = 0
-    model.to(device)
+    if any(t.device != device for t in model.parameters()):
+        model.to(device)            # a walk over every module: not once per slab
     model.eval()
     while i < n:
         if should_cancel is not None and should_cancel():

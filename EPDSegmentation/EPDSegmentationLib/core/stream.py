@@ -11,7 +11,8 @@ statistics per slice and class. Only what each output needs comes back to the ho
 compact form:
 
     labels uint8 (n, J, I); codes int8 (C - 1, n, J, I) in -108..108 (Slicer's fractional
-    labelmap, probability 0 -> -108, 1 -> 108); probabilities float32 (C, n, J, I) only
+    labelmap, probability 0 -> -108, 1 -> 108; a view of (n, J, I, C - 1), the order the
+    .seg.nrrd stores); probabilities float32 (C, n, J, I) only
     when asked; sums: bodycomp.SUM_KEYS, float64 (n, C) each; uncertainty float64 (n,):
     each slice's mean normalised entropy (core.adapt.slice_uncertainty, the measure the
     slices to correct are ranked by), from the same probabilities: no extra network pass.
@@ -22,9 +23,11 @@ device across slabs. torch is imported inside the functions.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,9 +88,38 @@ class Accumulator:
                                 suggest_slices(scores, n_suggest, slices=self.slices))
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, shape) -> np.ndarray:
+    """An empty float32 array of ``shape``: in an output_pool thread its own buffer for
+    ``slot``, kept for the next slice (allocating the same arrays afresh for every slice
+    fragmented the single heap of keep_freed_memory: a long scan's resident size crept
+    up, docs/benchmarks.md); elsewhere a new one, so nothing outlives the call."""
+    if not getattr(_SCRATCH, "keep", False):
+        return np.empty(shape, np.float32)
+    held = getattr(_SCRATCH, slot, None)
+    if held is None or held.shape != tuple(shape):
+        held = np.empty(shape, np.float32)
+        setattr(_SCRATCH, slot, held)
+    return held
+
+
 def encode_fractional_torch(p):
     """Probabilities (torch, any shape) in 0..1 -> int8 Slicer fractional values; the same
-    rounding as io.seg_nrrd and mrml.segmentation.encode_fractional (half to even)."""
+    rounding as io.seg_nrrd and mrml.segmentation.encode_fractional (half to even). On the
+    CPU through NumPy (encode_fractional_numpy: the same float32 steps, equal values)."""
+    import torch
+
+    if p.device.type == "cpu":
+        out = np.empty(tuple(p.shape), np.int8)
+        encode_fractional_numpy(p.detach().numpy(), out)
+        return torch.from_numpy(out)
+    return _encode_torch(p)
+
+
+def _encode_torch(p):
+    """encode_fractional_torch on any device, in torch (what GPUs run)."""
     import torch
 
     steps = FRACTIONAL_MAX - FRACTIONAL_MIN
@@ -97,21 +129,68 @@ def encode_fractional_torch(p):
     return q.add_(FRACTIONAL_MIN).clamp_(FRACTIONAL_MIN, FRACTIONAL_MAX).round_().to(torch.int8)
 
 
+def encode_fractional_numpy(p: np.ndarray, out: np.ndarray) -> None:
+    """encode_fractional_torch's arithmetic in NumPy (float32: scale, shift, clamp, round
+    half to even), written into the int8 array ``out`` of p's shape (a view of a slab's
+    codes: no copy of its own). NumPy's kernels measured faster than torch's on the CPU
+    (docs/benchmarks.md)."""
+    q = np.multiply(p, np.float32(FRACTIONAL_MAX - FRACTIONAL_MIN),
+                    out=_scratch("codes", p.shape), dtype=np.float32)
+    q += np.float32(FRACTIONAL_MIN)
+    np.clip(q, FRACTIONAL_MIN, FRACTIONAL_MAX, out=q)
+    np.rint(q, out=q)
+    np.copyto(out, q, casting="unsafe")
+
+
 def argmax_classes(p):
     """Hard labels uint8 (n, J, I) from probabilities (C, n, J, I), on their device: the
-    first class wins a tie, as np.argmax. torch.max's indices, which measured 5 times
-    faster on the CPU than torch.argmax over the outer class axis (16 against 83 ms per
-    512 x 512 slice, docs/benchmarks.md)."""
+    first class wins a tie, as np.argmax. On the CPU argmax_numpy; elsewhere torch.max's
+    indices (5 times faster than torch.argmax over the outer class axis)."""
+    import torch
+
+    if p.device.type == "cpu":
+        return torch.from_numpy(argmax_numpy(p.detach().numpy()))
+    return _argmax_torch(p)
+
+
+def _argmax_torch(p):
+    """argmax_classes on any device, in torch (what GPUs run)."""
     import torch
 
     return torch.max(p, dim=0).indices.to(torch.uint8)
+
+
+def argmax_numpy(p: np.ndarray) -> np.ndarray:
+    """np.argmax(p, axis=0) as uint8 for finite probabilities p (C, ...), C <= 255: a
+    running maximum over the classes, a later class taking a pixel only where it is
+    strictly greater (so the first wins a tie). The label is updated by arithmetic
+    (maximum with c times the comparison: every earlier label is below c), not by a masked
+    write: on a 512 x 512 slice of 6 classes about 0.5 ms against 5 ms for torch.max or
+    np.argmax (docs/benchmarks.md)."""
+    best = p[0].copy()
+    labels = np.zeros(p.shape[1:], np.uint8)
+    step = np.empty(p.shape[1:], np.uint8)
+    for c in range(1, p.shape[0]):
+        np.greater(p[c], best, out=step.view(np.bool_))
+        np.multiply(step, np.uint8(c), out=step)
+        np.maximum(labels, step, out=labels)
+        np.maximum(best, p[c], out=best)
+    return labels
 
 
 def slice_entropy(p) -> np.ndarray:
     """Per-slice uncertainty float64 (n,) of probabilities p (C, n, J, I) (torch, on their
     device): the mean over the slice's pixels of the normalised entropy (entropy in nats /
     ln C, 0..1), as core.adapt.slice_uncertainty. One slice at a time: the scratch stays
-    one slice's size."""
+    one slice's size. On the CPU through NumPy (mean_entropy_numpy)."""
+    if p.device.type == "cpu":
+        return np.array([mean_entropy_numpy(p[:, s].detach().numpy())
+                         for s in range(int(p.shape[1]))], np.float64)
+    return _entropy_torch(p)
+
+
+def _entropy_torch(p) -> np.ndarray:
+    """slice_entropy on any device, in torch (what GPUs run)."""
     import torch
 
     C = int(p.shape[0])
@@ -120,6 +199,18 @@ def slice_entropy(p) -> np.ndarray:
         q = p[:, s].float().clamp(1e-7, 1.0)
         out[s] = float(-(q * torch.log(q)).sum(dim=0).mean()) / float(np.log(C))
     return out
+
+
+def mean_entropy_numpy(p: np.ndarray) -> float:
+    """The mean normalised entropy of one slice's probabilities p (C, J, I), as
+    core.adapt.entropy_map's mean: clipped to 1e-7..1, -sum p ln p / ln C. The sum over
+    classes and pixels is one float32 pairwise sum (NumPy's log measured 3 times faster
+    than torch's on the CPU)."""
+    q = np.clip(p, np.float32(1e-7), np.float32(1.0), out=_scratch("q", p.shape),
+                dtype=np.float32)
+    lq = np.log(q, out=_scratch("log q", p.shape))
+    lq *= q
+    return -float(lq.sum()) / (q[0].size * float(np.log(p.shape[0])))
 
 
 def slab_sums(p, hu, labels) -> Dict[str, np.ndarray]:
@@ -148,7 +239,8 @@ def slab_sums(p, hu, labels) -> Dict[str, np.ndarray]:
 
 def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes: bool = True,
                  probabilities_out: bool = False, protocol: bool = False,
-                 range_checked: bool = False) -> Slab:
+                 range_checked: bool = False, pool: Optional[ThreadPoolExecutor] = None,
+                 workers: int = 1) -> Slab:
     """One Slab from probabilities (C, n, J, I) (torch tensor on any device, NumPy, or an
     inference.Deferred: the network's output, restored here a slice at a time) and the HU
     (n, J, I) of the same slices. Checks shape, and range as bodycomp does unless
@@ -158,7 +250,9 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
 
     One slice at a time, every output is made from its planes (C, J, I) while they are in
     the core's cache: on the CPU, restoring the whole slab (16 slices, 100 MB at 512 x 512)
-    and passing over it once per output cost 40 % more (docs/benchmarks.md)."""
+    and passing over it once per output cost 40 % more (docs/benchmarks.md). On the CPU,
+    with ``pool`` (output_pool), the slices are shared out in ``workers`` runs made at once,
+    one core each: NumPy's kernels are single-threaded."""
     import torch
 
     deferred = hasattr(probabilities, "planes")
@@ -176,29 +270,81 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
             check_probability_range(p)
     C = shape[0]
     labels = np.empty((n,) + shape[2:], np.uint8)
-    code_maps = np.empty((C - 1,) + shape[1:], np.int8) if codes else None
+    # the codes as the .seg.nrrd stores them, classes fastest (n, J, I, C - 1), seen as
+    # (C - 1, n, J, I): the workers reorder them, not the writer's thread
+    code_maps = np.moveaxis(np.empty((n,) + shape[2:] + (C - 1,), np.int8), -1, 0) \
+        if codes else None
     # one float32 host copy serves both the probability output and the protocol sums
     host = np.empty(shape, np.float32) if (probabilities_out or protocol) else None
     entropy = np.zeros(n, np.float64)
-    parts = []
-    on_cpu = p.device.type == "cpu"
-    for s in range(n):
-        q = p.planes(s, s + 1) if deferred else p[:, s:s + 1]               # (C, 1, J, I)
-        lab = argmax_classes(q)
-        if on_cpu:      # NumPy's sums measured faster there (bodycomp)
-            parts.append(slice_sums(q.numpy(), hu[s:s + 1], lab.numpy(), checked=True))
+    parts: List[Any] = [None] * n
+
+    def cpu_slices(start: int, stop: int) -> None:
+        for s in range(start, stop):
+            q = p.planes(s, s + 1) if deferred else p[:, s:s + 1]           # (C, 1, J, I)
+            qn = q.numpy()[:, 0]                                            # (C, J, I)
+            labels[s] = argmax_numpy(qn)
+            parts[s] = slice_sums(qn[:, None], hu[s:s + 1], labels[s:s + 1], checked=True)
+            if code_maps is not None:
+                encode_fractional_numpy(qn[1:], code_maps[:, s])
+            if host is not None:
+                host[:, s] = qn
+            entropy[s] = mean_entropy_numpy(qn)
+
+    if p.device.type == "cpu":      # NumPy's kernels measured faster there (docs/benchmarks.md)
+        runs = max(1, min(int(workers), n)) if pool is not None else 1
+        bounds = [n * i // runs for i in range(runs + 1)]
+        if runs == 1:
+            cpu_slices(0, n)
         else:
-            parts.append(slab_sums(q, torch.from_numpy(np.ascontiguousarray(hu[s:s + 1]))
-                                   .to(q.device), lab))
-        labels[s] = lab[0].cpu().numpy()
-        if code_maps is not None:
-            code_maps[:, s] = encode_fractional_torch(q[1:, 0]).cpu().numpy()
-        if host is not None:
-            host[:, s] = q[:, 0].float().cpu().numpy()
-        entropy[s] = slice_entropy(q)[0]
+            for job in [pool.submit(cpu_slices, bounds[i], bounds[i + 1]) for i in range(runs)]:
+                job.result()
+    else:
+        for s in range(n):
+            q = p.planes(s, s + 1) if deferred else p[:, s:s + 1]
+            lab = argmax_classes(q)
+            parts[s] = slab_sums(q, torch.from_numpy(np.ascontiguousarray(hu[s:s + 1]))
+                                 .to(q.device), lab)
+            labels[s] = lab[0].cpu().numpy()
+            if code_maps is not None:
+                code_maps[:, s] = encode_fractional_torch(q[1:, 0]).cpu().numpy()
+            if host is not None:
+                host[:, s] = q[:, 0].float().cpu().numpy()
+            entropy[s] = slice_entropy(q)[0]
     sums = concatenate_sums(parts)
     return Slab(list(slices), labels, code_maps, host if probabilities_out else None, sums,
                 entropy, protocol_slice_sums(host, hu) if protocol else None, hu)
+
+
+def _single_threaded_torch(ready: threading.Barrier) -> None:
+    """A pool thread's torch kernels on one core. torch's setting is per thread once the
+    thread has taken the global one (its first call does), so that is done first; the
+    global one set_num_threads also changes, output_pool restores."""
+    import torch
+
+    torch.get_num_threads()             # this thread's lazy start, from the global value
+    torch.set_num_threads(1)
+    _SCRATCH.keep = True
+    ready.wait()
+
+
+@contextmanager
+def output_pool(workers: Optional[int] = None) -> Iterator[Tuple[ThreadPoolExecutor, int]]:
+    """(pool, workers) for slab_outputs on the CPU: ``workers`` threads (default: the
+    threads torch runs the network on), each with single-threaded torch, so that the
+    outputs of a slab use every core once while the network waits."""
+    import torch
+
+    threads = torch.get_num_threads()           # the calling thread's
+    n = max(1, int(workers if workers is not None else threads))
+    ready = threading.Barrier(n + 1)
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="epd-outputs",
+                            initializer=_single_threaded_torch, initargs=(ready,)) as pool:
+        for _ in range(n):                      # start every thread now
+            pool.submit(int)
+        ready.wait()
+        torch.set_num_threads(threads)          # the global setting back as it was
+        yield pool, n
 
 
 def _slabs(slices: Sequence[int], size: int) -> List[List[int]]:
@@ -228,14 +374,16 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
     when given, collects slices, sums, notes and device as slabs pass. progress(done, total)
     in slices after each batch; should_cancel() between slabs and batches raises Cancelled.
 
-    On the CPU a slab's outputs (argmax, codes, sums) are made in a worker thread while
-    the network runs on the next slab, and the caller writes the slab before (its gzip and
-    NumPy work release the GIL too): the per-pixel work at full resolution is mostly
-    single-threaded and the network's small layers do not keep both cores busy either
-    (docs/benchmarks.md). Slabs come out in order; predict, progress and should_cancel are
-    called from the calling thread only (the Slicer module's progress touches Qt). At most
-    two slabs' probabilities are held at once. A source with ``prefetch`` (io.sources)
-    reads the next slab while this one is predicted.
+    On the CPU the work goes in two alternating phases, each on every core: the network
+    on a slab (torch's threads), then the slab's outputs (argmax, codes, sums,
+    uncertainty) shared out among output_pool's threads, one slice each at a time. While
+    the outputs are made, a source with ``prefetch`` (io.sources) reads the next slab and
+    the caller writes the slab before (gzip threads). Run beside the network instead, the
+    same work stalled its threads, which wait for each other at every layer
+    (docs/benchmarks.md). On a GPU the outputs are made on the device and the next slab is
+    read while the network runs. Slabs come out in order; predict, progress and
+    should_cancel are called from the calling thread only (the Slicer module's progress
+    touches Qt). At most two slabs' probabilities are held at once.
     """
     if not isinstance(slab_slices, int) or slab_slices < 1:
         raise ValueError(f"slab_slices must be a positive int; got {slab_slices!r}")
@@ -252,7 +400,9 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
     chunks = _slabs(order, slab_slices)
     prefetch = getattr(hu, "prefetch", None)        # io.sources: read the next slab ahead
     start_stream()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="epd-slab") as pool:
+    late_read = True        # read ahead after the network (CPU) or before it (GPUs)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="epd-slab") as pool, \
+            output_pool() as (opool, nworkers):
         for i, chunk in enumerate(chunks):
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"cancelled after {done} of {total} slices")
@@ -262,22 +412,32 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
                 if progress is not None:
                     progress(offset + int(n_done), total)
 
-            # this slab read (or taken from the read ahead), the next one started, so that it
-            # is read while the network runs; predict then finds this one kept by the source
+            # this slab read (or taken from the read ahead); predict then finds it kept by
+            # the source
             hu_chunk = hu[chunk]
-            if prefetch is not None and i + 1 < len(chunks):
-                prefetch(chunks[i + 1])
+            ahead = chunks[i + 1] if prefetch is not None and i + 1 < len(chunks) else None
+            if ahead is not None and not late_read:
+                prefetch(ahead)
             probs, device, notes = run(chunk, batch_progress, should_cancel)
             args = (probs, hu_chunk, chunk)
             kwargs = dict(codes=codes, probabilities_out=probabilities, protocol=protocol,
                           range_checked=checked)
             # NumPy arrays (other predictors) and CPU tensors; NumPy 2's .device is "cpu"
             on_cpu = getattr(getattr(probs, "device", None), "type", "cpu") == "cpu"
-            job = pool.submit(slab_outputs, *args, **kwargs) if on_cpu \
-                else slab_outputs(*args, **kwargs)
+            if on_cpu:
+                # the outputs on every core while the network waits: running beside it
+                # stalled the network's threads (docs/benchmarks.md)
+                job = pool.submit(slab_outputs, *args, pool=opool, workers=nworkers, **kwargs)
+            else:
+                job = slab_outputs(*args, **kwargs)
             del probs, args, hu_chunk
+            if ahead is not None and late_read:
+                prefetch(ahead)             # read while the outputs are made
+            late_read = on_cpu
             if pending is not None:
-                yield _collect(pending, acc, total, progress)
+                yield _collect(pending, acc, total, progress)   # written meanwhile too
+            if isinstance(job, Future):
+                wait([job])                 # before the network's next slab
             pending = (job, device, notes)
             done += len(chunk)
         if pending is not None:
@@ -313,3 +473,4 @@ def _collect(pending, acc: Accumulator, total: int, progress) -> Slab:
     if progress is not None:
         progress(len(acc.slices), total)
     return slab
+
