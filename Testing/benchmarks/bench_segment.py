@@ -129,7 +129,7 @@ def network_seconds(net, card, volume, device: str, batch: int) -> float:
 
 def measure_here(case: str, model: str, device: str, batch: int, out: str,
                  network: bool = False, probabilities: bool = False,
-                 heap: str = "keep") -> dict:
+                 heap: str = "keep", repeat: int = 1) -> dict:
     t_start = time.perf_counter()
     import torch
 
@@ -181,23 +181,31 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
            "threads": torch.get_num_threads(), "network_in_run_s": in_run["s"],
            "network_s": float("nan"), "soft_mib": Path(out, "bench_soft.seg.nrrd").stat().st_size / 2**20}
     if network:
-        # the same case again in this process, as the next case of a cohort run: no first-
-        # call costs (library imports such as SimpleITK's, kernel set-up, thread start)
-        t1 = time.perf_counter()
-        again = segment_case(Case("bench", Path(case)), Path(out + "_again"), net, card,
-                             device=device, batch_size=batch, overwrite=True,
-                             probabilities=probabilities)
-        row["seconds_again"] = time.perf_counter() - t1
-        if not again.ok:
-            raise SystemExit(again.message + again.traceback)
-        row["network_s"] = network_seconds(net, card, volume, device, batch)
+        # the same case again in this process, as the next case of a cohort run (no first-
+        # call costs: library imports such as SimpleITK's, kernel set-up, thread start),
+        # ``repeat`` times, each followed by the network alone: medians of alternate runs,
+        # since a shared machine's speed drifts
+        row["again_all"], row["network_all"] = [], []
+        for _ in range(max(1, repeat)):
+            t1 = time.perf_counter()
+            again = segment_case(Case("bench", Path(case)), Path(out + "_again"), net, card,
+                                 device=device, batch_size=batch, overwrite=True,
+                                 probabilities=probabilities)
+            row["again_all"].append(time.perf_counter() - t1)
+            if not again.ok:
+                raise SystemExit(again.message + again.traceback)
+            row["network_all"].append(network_seconds(net, card, volume, device, batch))
+        row["seconds_again"] = float(np.median(row["again_all"]))
+        row["network_s"] = float(np.median(row["network_all"]))
     return row
 
 
 def measure(case: str, model: str, device: str, batch: int, out: str,
-            network: bool = False, probabilities: bool = False, heap: str = "keep") -> dict:
+            network: bool = False, probabilities: bool = False, heap: str = "keep",
+            repeat: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--one", case, model, out, "--device", device,
-           "--batch", str(batch), "--heap", heap] + (["--network"] if network else []) \
+           "--batch", str(batch), "--heap", heap, "--repeat", str(repeat)] \
+        + (["--network"] if network else []) \
         + (["--probabilities"] if probabilities else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -205,19 +213,23 @@ def measure(case: str, model: str, device: str, batch: int, out: str,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def gzip_levels(path: str, levels=(1, 6, 9)) -> list:
-    """(level, seconds, MiB) compressing the raw data of a .seg.nrrd read back."""
-    import zlib
-
+def gzip_levels(path: str) -> list:
+    """(backend, level, seconds, MiB, raw MiB) compressing the raw data of a .seg.nrrd read
+    back: zlib at levels 1, 6 and 9, and ISA-L's at 0 to 3 when installed (io.deflate)."""
     import nrrd
 
+    from EPDSegmentationLib.io import deflate
+
     data = np.ascontiguousarray(nrrd.read(path, index_order="C")[0]).tobytes()
+    tries = [("zlib", level) for level in (1, 6, 9)]
+    if deflate.backend() == "isal":
+        tries += [("isal", level) for level in (0, 1, 2, 3)]
     rows = []
-    for level in levels:
+    for name, level in tries:
         t0 = time.perf_counter()
-        z = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+        z = deflate.compressor(name, level)
         n = len(z.compress(data)) + len(z.flush())
-        rows.append((level, time.perf_counter() - t0, n / 2**20, len(data) / 2**20))
+        rows.append((name, level, time.perf_counter() - t0, n / 2**20, len(data) / 2**20))
     return rows
 
 
@@ -246,6 +258,8 @@ def main() -> None:
                         help="keep: freed memory reused, as the epdseg process does "
                              "(core.heap.keep_freed_memory); trim: given back after each "
                              "slab, as in Slicer's process")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="'again' runs, each followed by the network alone (medians)")
     parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,11 +267,12 @@ def main() -> None:
         parser.error("--trained takes the bundled model's width; drop --width")
     if args.one:
         print(json.dumps(measure_here(*args.one[:2], args.device, args.batch, args.one[2],
-                                      args.network, args.probabilities, args.heap)))
+                                      args.network, args.probabilities, args.heap,
+                                      args.repeat)))
         return
     if args.quick:
         args.slices, args.size, args.factors = 3, 128, [1, 2]
-        args.memory_slices, args.memory_factor = [4, 12], 2
+        args.memory_slices, args.memory_factor, args.repeat = [4, 12], 2, 1
 
     import torch
 
@@ -282,7 +297,8 @@ def main() -> None:
         for k in ([] if args.memory_only else args.factors):
             rows[k] = measure(volume, models[k], args.device, args.batch,
                               str(tmp / f"out_f{k}"), network=True,
-                              probabilities=args.probabilities, heap=args.heap)
+                              probabilities=args.probabilities, heap=args.heap,
+                              repeat=args.repeat)
         k2 = 2 if 2 in args.factors else args.factors[-1]
         gz = [] if args.memory_only else gzip_levels(str(tmp / f"out_f{k2}" / "bench_soft.seg.nrrd"))
         mem = {}
@@ -305,17 +321,26 @@ def main() -> None:
         print(f"{n:7d} {r['seconds']:8.2f} {r['volume_mib']:8.1f} {r['peak_mib']:8.1f}"
               f" {r['peak_mib'] / m0['peak_mib']:5.2f} {r['soft_mib']:14.1f}")
     if gz:
-        print(f"\ngzip of the factor-{k2} soft .seg.nrrd data ({gz[0][3]:.1f} MiB raw):")
-    for level, sec, mib, _ in gz:
-        print(f"  level {level}: {sec:6.2f} s, {mib:7.2f} MiB")
+        print(f"\ngzip of the factor-{k2} soft .seg.nrrd data ({gz[0][4]:.1f} MiB raw; the "
+              f"outputs use {deflate_default()}):")
+    for name, level, sec, mib, _ in gz:
+        print(f"  {name} level {level}: {sec:6.2f} s, {mib:7.2f} MiB")
+
+
+def deflate_default() -> str:
+    from EPDSegmentationLib.io import deflate
+
+    name = deflate.backend()
+    return f"{name} level {deflate.LEVELS[name]}"
 
 
 def print_time(rows: dict, args) -> None:
     ref = rows[args.factors[0]]
-    print(f"\ntime, {args.slices} slices (network s: alone, after the run; in run: the "
-          f"network's calls during the run, and the share of the rest; again: the same "
-          f"case once more in the same process, as a cohort's next case, and its "
-          f"non-network share against the network alone):")
+    print(f"\ntime, {args.slices} slices (network s: alone, the median of {args.repeat} "
+          f"timings after the run; in run: the network's calls during the first run, and "
+          f"the share of the rest; again: the same case once more in the same process, as "
+          f"a cohort's next case, the median of {args.repeat} runs alternating with the "
+          f"network's, and its non-network share against the network alone):")
     print(f"{'case':<18} {'seconds':>8} {'speed-up':>8} {'s/slice':>8} {'network s':>9} "
           f"{'non-network':>11} {'in run s':>8} {'rest':>6} {'again s':>8} {'again':>6} "
           f"{'peak MiB':>9} {'GPU MiB':>8} {'startup s':>9}")
@@ -328,6 +353,9 @@ def print_time(rows: dict, args) -> None:
               f" {r['network_in_run_s']:8.2f} {rest:6.1%} {again:8.2f}"
               f" {1 - r['network_s'] / again:6.1%}"
               f" {r['peak_mib']:9.1f} {r['gpu_mib']:8.1f} {r['startup']:9.2f}")
+    for k, r in rows.items():
+        print(f"  factor {k}: again s " + " ".join(f"{v:.2f}" for v in r["again_all"])
+              + "; network s " + " ".join(f"{v:.2f}" for v in r["network_all"]))
 
 
 if __name__ == "__main__":
