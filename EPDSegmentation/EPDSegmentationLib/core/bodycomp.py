@@ -148,7 +148,7 @@ def slice_sums(probabilities, hu, labels: Optional[np.ndarray] = None,
         out["p"][s], out["p_hu"][s], out["p_hu2"][s] = soft[:, 0], soft[:, 1], soft[:, 2]
         hs = h[s].astype(np.float64).ravel()
         hs2 = hs * hs
-        lab = hard[s].ravel()
+        lab = hard[s].ravel().astype(np.intp)      # bincount's own type: converted once
         out["n"][s] = np.bincount(lab, minlength=C)
         out["n_hu"][s] = np.bincount(lab, weights=hs, minlength=C)
         out["n_hu2"][s] = np.bincount(lab, weights=hs2, minlength=C)

@@ -139,7 +139,12 @@ def encode_fractional_numpy(p: np.ndarray, out: np.ndarray) -> None:
     q += np.float32(FRACTIONAL_MIN)
     np.clip(q, FRACTIONAL_MIN, FRACTIONAL_MAX, out=q)
     np.rint(q, out=q)
-    np.copyto(out, q, casting="unsafe")
+    # one class plane at a time: into the file's order (classes fastest) that copies 4
+    # times faster than one copy of the whole (docs/benchmarks.md)
+    for c in range(q.shape[0]) if q.ndim > 1 else ():
+        np.copyto(out[c], q[c], casting="unsafe")
+    if q.ndim <= 1:
+        np.copyto(out, q, casting="unsafe")
 
 
 def argmax_classes(p):
