@@ -473,3 +473,28 @@ def test_slab_outputs_shared_across_workers_equal_one_worker(saved_model, volume
         np.testing.assert_array_equal(shared.sums[key], one.sums[key])
     assert shared.codes.shape == (len(card["classes"]) - 1, len(ks)) + volume.shape[1:]
     assert np.moveaxis(shared.codes, 0, -1).flags.c_contiguous
+
+
+def test_gpu_kernels_give_the_cpu_outputs(saved_model, volume):
+    """slab_outputs with torch's kernels (what a GPU runs; here on the CPU) gives the
+    outputs of NumPy's: the same labels and codes, the sums and uncertainty to float
+    rounding."""
+    from EPDSegmentationLib.core.inference import slab_predictor
+    from EPDSegmentationLib.core.stream import slab_outputs
+
+    model, card = saved_model
+    predict = slab_predictor(volume, (0.7, 0.7), model, card, device="cpu", batch_size=2)
+    ks = [0, 1, 3]
+    low, _, _ = predict.deferred(ks)
+    hu = volume[ks]
+    cpu = slab_outputs(low, hu, ks, probabilities_out=True, range_checked=True)
+    gpu = slab_outputs(low, hu, ks, probabilities_out=True, range_checked=True,
+                       kernels="torch")
+    np.testing.assert_array_equal(gpu.labels, cpu.labels)
+    np.testing.assert_array_equal(gpu.codes, cpu.codes)
+    np.testing.assert_array_equal(gpu.probabilities, cpu.probabilities)
+    np.testing.assert_allclose(gpu.uncertainty, cpu.uncertainty, rtol=1e-5)
+    for key in cpu.sums:
+        np.testing.assert_allclose(gpu.sums[key], cpu.sums[key], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="kernels"):
+        slab_outputs(low, hu, ks, kernels="cuda")

@@ -245,7 +245,7 @@ def slab_sums(p, hu, labels) -> Dict[str, np.ndarray]:
 def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes: bool = True,
                  probabilities_out: bool = False, protocol: bool = False,
                  range_checked: bool = False, pool: Optional[ThreadPoolExecutor] = None,
-                 workers: int = 1) -> Slab:
+                 workers: int = 1, kernels: str = "auto") -> Slab:
     """One Slab from probabilities (C, n, J, I) (torch tensor on any device, NumPy, or an
     inference.Deferred: the network's output, restored here a slice at a time) and the HU
     (n, J, I) of the same slices. Checks shape, and range as bodycomp does unless
@@ -257,7 +257,9 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
     the core's cache: on the CPU, restoring the whole slab (16 slices, 100 MB at 512 x 512)
     and passing over it once per output cost 40 % more (docs/benchmarks.md). On the CPU,
     with ``pool`` (output_pool), the slices are shared out in ``workers`` runs made at once,
-    one core each: NumPy's kernels are single-threaded."""
+    one core each: NumPy's kernels are single-threaded. kernels: "auto" (NumPy on the CPU,
+    torch elsewhere) or "torch" (torch's, what GPUs run, on any device: the tests run the
+    GPU path on the CPU so)."""
     import torch
 
     deferred = hasattr(probabilities, "planes")
@@ -296,7 +298,9 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
                 host[:, s] = qn
             entropy[s] = mean_entropy_numpy(qn)
 
-    if p.device.type == "cpu":      # NumPy's kernels measured faster there (docs/benchmarks.md)
+    if kernels not in ("auto", "torch"):
+        raise ValueError(f"kernels must be 'auto' or 'torch'; got {kernels!r}")
+    if p.device.type == "cpu" and kernels == "auto":    # NumPy's measured faster there
         runs = max(1, min(int(workers), n)) if pool is not None else 1
         bounds = [n * i // runs for i in range(runs + 1)]
         if runs == 1:
@@ -307,15 +311,15 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
     else:
         for s in range(n):
             q = p.planes(s, s + 1) if deferred else p[:, s:s + 1]
-            lab = argmax_classes(q)
+            lab = _argmax_torch(q)
             parts[s] = slab_sums(q, torch.from_numpy(np.ascontiguousarray(hu[s:s + 1]))
                                  .to(q.device), lab)
             labels[s] = lab[0].cpu().numpy()
             if code_maps is not None:
-                code_maps[:, s] = encode_fractional_torch(q[1:, 0]).cpu().numpy()
+                code_maps[:, s] = _encode_torch(q[1:, 0]).cpu().numpy()
             if host is not None:
                 host[:, s] = q[:, 0].float().cpu().numpy()
-            entropy[s] = slice_entropy(q)[0]
+            entropy[s] = _entropy_torch(q)[0]
     sums = concatenate_sums(parts)
     return Slab(list(slices), labels, code_maps, host if probabilities_out else None, sums,
                 entropy, protocol_slice_sums(host, hu) if protocol else None, hu)
