@@ -422,19 +422,29 @@ def test_stream_progress_never_goes_back_and_slabs_come_in_order(saved_model, vo
 
 
 def test_fractional_codes_equal_on_every_path():
-    """The 8-bit codes: NumPy's (the CPU stream), torch's (GPUs) and the Slicer writer's
-    (mrml.segmentation.encode_fractional) agree value for value, on steps' halves (ties
-    round to even) and on rounding just outside 0..1 (within the range check's tolerance)."""
+    """The 8-bit codes: core.fractional's (the files' and the Slicer nodes'), the CPU
+    stream's (into a classes-fastest view) and torch's (GPUs) agree value for value with
+    round(216 p - 108) of p clipped to 0..1 first (float32, half to even), on steps' halves
+    and on values just outside 0..1 (within the range check's tolerance)."""
+    from EPDSegmentationLib.core.fractional import decode_fractional, encode_fractional
     from EPDSegmentationLib.core.stream import _encode_torch, encode_fractional_torch
-    from EPDSegmentationLib.mrml.segmentation import encode_fractional
+    from EPDSegmentationLib.mrml.segmentation import encode_fractional as mrml_encode
 
     rng = np.random.default_rng(3)
     p = np.concatenate([rng.random(4000), (np.arange(433) / 432.0), [-1e-3, -1e-9, 1 + 1e-9,
                                                                     1 + 1e-3]]).astype(np.float32)
-    want = encode_fractional(p)
+    want = np.rint(np.clip(p, 0, 1) * np.float32(216) - np.float32(108)).astype(np.int8)
+    got = encode_fractional(p)
+    np.testing.assert_array_equal(got, want)
     assert set(np.unique(want)) == set(range(-108, 109))
+    assert mrml_encode is encode_fractional
     np.testing.assert_array_equal(encode_fractional_torch(torch.from_numpy(p)).numpy(), want)
     np.testing.assert_array_equal(_encode_torch(torch.from_numpy(p)).numpy(), want)
+    planes = p[:4000].reshape(5, 20, 40)
+    inter = np.zeros((20, 40, 5), np.int8)
+    encode_fractional(planes, np.moveaxis(inter, -1, 0))
+    np.testing.assert_array_equal(inter, np.moveaxis(want[:4000].reshape(5, 20, 40), 0, -1))
+    assert np.abs(decode_fractional(got) - np.clip(p, 0, 1)).max() <= 0.5 / 216 + 1e-7
 
 
 def test_slab_outputs_shared_across_workers_equal_one_worker(saved_model, volume):

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .adapt import suggest_slices
+from .fractional import FRACTIONAL_MAX, FRACTIONAL_MIN, encode_fractional
 from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums, with_uncertainty
 from .heap import start_stream, trim_heap
 from .inference import Cancelled, check_probability_range
@@ -40,8 +41,6 @@ from .indices import protocol_slice_sums
 #: Slices per slab in ``segment``: two default batches. Memory per slab is about
 #: 6 x 4 bytes x slices x J x I for the probabilities, plus the network's own.
 SLAB_SLICES = 16
-#: Slicer's fractional labelmap range (mrml.segmentation, io.seg_nrrd use the same).
-FRACTIONAL_MIN, FRACTIONAL_MAX = -108, 108
 #: Slices the per-case table marks to correct first (as the panel's "Correct first").
 N_SUGGEST = 3
 
@@ -106,9 +105,9 @@ def _scratch(slot: str, shape) -> np.ndarray:
 
 
 def encode_fractional_torch(p):
-    """Probabilities (torch, any shape) in 0..1 -> int8 Slicer fractional values; the same
-    rounding as io.seg_nrrd and mrml.segmentation.encode_fractional (half to even). On the
-    CPU through NumPy (encode_fractional_numpy: the same float32 steps, equal values)."""
+    """Probabilities (torch, any shape) in 0..1 -> int8 Slicer fractional values
+    (core.fractional). On the CPU through NumPy; elsewhere torch's same float32 steps
+    (equal values, tested)."""
     import torch
 
     if p.device.type == "cpu":
@@ -130,21 +129,10 @@ def _encode_torch(p):
 
 
 def encode_fractional_numpy(p: np.ndarray, out: np.ndarray) -> None:
-    """encode_fractional_torch's arithmetic in NumPy (float32: scale, shift, clamp, round
-    half to even), written into the int8 array ``out`` of p's shape (a view of a slab's
-    codes: no copy of its own). NumPy's kernels measured faster than torch's on the CPU
-    (docs/benchmarks.md)."""
-    q = np.multiply(p, np.float32(FRACTIONAL_MAX - FRACTIONAL_MIN),
-                    out=_scratch("codes", p.shape), dtype=np.float32)
-    q += np.float32(FRACTIONAL_MIN)
-    np.clip(q, FRACTIONAL_MIN, FRACTIONAL_MAX, out=q)
-    np.rint(q, out=q)
-    # one class plane at a time: into the file's order (classes fastest) that copies 4
-    # times faster than one copy of the whole (docs/benchmarks.md)
-    for c in range(q.shape[0]) if q.ndim > 1 else ():
-        np.copyto(out[c], q[c], casting="unsafe")
-    if q.ndim <= 1:
-        np.copyto(out, q, casting="unsafe")
+    """core.fractional.encode_fractional into ``out`` (a view of a slab's codes), computed
+    in this output thread's scratch. NumPy's kernels measured faster than torch's on the
+    CPU (docs/benchmarks.md)."""
+    encode_fractional(p, out, _scratch("codes", np.shape(p)))
 
 
 def argmax_classes(p):

@@ -20,12 +20,12 @@ import numpy as np
 
 from ..core.atomic import atomic_file
 from ..core.classes import CLASSES, NUM_CLASSES, TissueClass
+from ..core.fractional import decode_fractional, encode_fractional
 from ..core.volume import Volume
 from .errors import InputError
 from .nrrd_stream import nrrd_slices
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
-FRACTIONAL_RANGE = (-108, 108)
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
@@ -159,8 +159,7 @@ def write_seg_nrrd(path: Union[str, Path], labels_or_probabilities, ijk_to_ras, 
         probs = data[1:] if data.shape[0] == NUM_CLASSES else data
         if np.nanmin(probs) < -1e-6 or np.nanmax(probs) > 1 + 1e-6 or np.isnan(probs).any():
             raise ValueError("probabilities must lie in 0..1 (and not be NaN)")
-        lo, hi = FRACTIONAL_RANGE
-        stored = np.round(np.clip(probs, 0, 1) * (hi - lo) + lo).astype(np.int8)
+        stored = encode_fractional(probs)
         array = np.moveaxis(stored, 0, -1)                  # (K, J, I, C): list axis fastest
         shape_kji = array.shape[:3]
     else:
@@ -271,14 +270,12 @@ def read_seg_nrrd(path: Union[str, Path]) -> Volume:
     labels = np.zeros(shape, np.uint8)
     fractions = None
     if fractional:
-        lo, hi = FRACTIONAL_RANGE
         fractions = np.zeros((NUM_CLASSES,) + shape, np.float32)
         for seg in segments:
             if not 0 <= seg["layer"] < len(layers):
                 raise InputError(path, f"segment {seg['name']!r} is on layer {seg['layer']}, "
                                        f"but the file has {len(layers)} layer(s)")
-            p = (layers[seg["layer"]].astype(np.float32) - lo) / (hi - lo)
-            fractions[seg["class"]] += np.clip(p, 0, 1)
+            fractions[seg["class"]] += decode_fractional(layers[seg["layer"]])
         fractions[0] = np.clip(1 - fractions[1:].sum(axis=0), 0, 1)
         labels = np.argmax(fractions, axis=0).astype(np.uint8)
     else:

@@ -34,31 +34,15 @@ import vtk
 from vtk.util import numpy_support
 
 from ..core.classes import NUM_CLASSES, TISSUES, TissueClass
+from ..core.fractional import (FRACTIONAL_MAX, FRACTIONAL_MIN, FRACTIONAL_STEPS,  # noqa: F401
+                               decode_fractional, encode_fractional)
 from ..io.seg_nrrd import class_for_segment, terminology_tag
 from .nodes import InputProblem, ijk_to_ras, numpy_matrix, vtk_matrix
 
 BINARY = "Binary labelmap"
 FRACTIONAL = "Fractional labelmap"
-FRACTIONAL_MIN = -108
-FRACTIONAL_MAX = 108
-FRACTIONAL_STEPS = FRACTIONAL_MAX - FRACTIONAL_MIN
 
 PathLike = Union[str, os.PathLike]
-
-
-# ----------------------------------------------------------------------------- encoding
-
-
-def encode_fractional(probabilities) -> np.ndarray:
-    """Probabilities in 0..1 -> int8 in -108..108 (Slicer's fractional labelmap values)."""
-    p = np.clip(np.asarray(probabilities, np.float32), 0.0, 1.0)
-    return np.rint(p * FRACTIONAL_STEPS + FRACTIONAL_MIN).astype(np.int8)
-
-
-def decode_fractional(values) -> np.ndarray:
-    """int8 fractional labelmap values -> float32 probabilities (step 1/216)."""
-    v = np.asarray(values, np.float32)
-    return np.clip((v - FRACTIONAL_MIN) / FRACTIONAL_STEPS, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- images
