@@ -237,3 +237,21 @@ def test_streamed_seg_nrrd_compresses_in_order_in_its_thread(tmp_path, monkeypat
                              labels.array.shape) as out:
             out.fill(2, 0)
     assert not list(tmp_path.glob("t*"))
+
+
+def test_frozen_slices_are_compressed_without_a_copy(tmp_path, phantom):
+    """write(frozen=True) hands the caller's array to the compression thread when it is in
+    the file's order already (the stream's slabs), and copies anything else, as write does:
+    the files are the same."""
+    from EPDSegmentationLib.io.seg_nrrd import read_seg_nrrd, seg_nrrd_slices
+
+    labels = phantom[0]
+    arr = np.ascontiguousarray(labels.array)
+    K = arr.shape[0]
+    for name, frozen in (("copied", False), ("frozen", True)):
+        with seg_nrrd_slices(tmp_path / f"{name}.seg.nrrd", labels.ijk_to_ras, arr.shape) as out:
+            for k in range(K):          # every other slice not in C order: copied
+                view = arr[k:k + 1] if k % 2 else np.asfortranarray(arr[k:k + 1])
+                out.write(view, frozen=frozen)
+        np.testing.assert_array_equal(read_seg_nrrd(tmp_path / f"{name}.seg.nrrd").array, arr)
+    assert (tmp_path / "copied.seg.nrrd").read_bytes() == (tmp_path / "frozen.seg.nrrd").read_bytes()

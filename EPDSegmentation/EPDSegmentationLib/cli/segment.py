@@ -464,8 +464,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                     gap = k - next_k
                     hard.fill(gap, 0)
                     soft.fill(gap, stream.FRACTIONAL_MIN)
-                    hard.write(slab.labels[s:s + 1])
-                    soft.write(np.moveaxis(slab.codes[:, s:s + 1], 0, -1))
+                    # the slab's own arrays, never changed after: compressed in place
+                    hard.write(slab.labels[s:s + 1], frozen=True)
+                    soft.write(np.moveaxis(slab.codes[:, s:s + 1], 0, -1), frozen=True)
                     if prob is not None:
                         prob.fill(gap, 0.0)
                         prob.write(np.moveaxis(slab.probabilities[:, s:s + 1], 0, -1))

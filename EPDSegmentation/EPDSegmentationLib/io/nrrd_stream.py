@@ -94,15 +94,19 @@ class SliceWriter:
         while self._pending:
             self._fh.write(self._pending.popleft().result())
 
-    def write(self, slices: np.ndarray) -> None:
-        """Append (n,) + slice_shape values, in K order (copied: the array may change after)."""
+    def write(self, slices: np.ndarray, *, frozen: bool = False) -> None:
+        """Append (n,) + slice_shape values, in K order. Copied, since the caller may change
+        the array after, unless ``frozen``: the caller will not, and the thread compresses
+        the array itself when it is in order already (a slab's outputs: no copy, no
+        allocation per slice)."""
         a = np.asarray(slices)
         if a.shape[1:] != self._shape or a.shape[0] > self._left:
             raise ValueError(f"slices {a.shape} do not fit: (n <= {self._left},) + "
                              f"{self._shape} expected")
-        # one copy, reordered on the way (a C-order copy the thread may read while the
-        # caller changes ``a``); compress takes any contiguous buffer
-        self._compress(memoryview(np.array(a, self._dtype, order="C", copy=True)).cast("B"))
+        if not (frozen and a.dtype == self._dtype and a.flags.c_contiguous):
+            # one copy, reordered on the way
+            a = np.array(a, self._dtype, order="C", copy=True)
+        self._compress(memoryview(a).cast("B"))     # any contiguous buffer; keeps ``a``
         self._left -= a.shape[0]
 
     def fill(self, n: int, value=0) -> None:
