@@ -24,7 +24,7 @@ device across slabs. torch is imported inside the functions.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -92,9 +92,9 @@ _SCRATCH = threading.local()
 
 def _scratch(slot: str, shape) -> np.ndarray:
     """An empty float32 array of ``shape``: in an output_pool thread its own buffer for
-    ``slot``, kept for the next slice (allocating the same arrays afresh for every slice
-    fragmented the single heap of keep_freed_memory: a long scan's resident size crept
-    up, docs/benchmarks.md); elsewhere a new one, so nothing outlives the call."""
+    ``slot``, kept for the next slice (fewer allocations per slice in the one heap that
+    keep_freed_memory makes all threads share, which fragments as they allocate,
+    docs/benchmarks.md); elsewhere a new one, so nothing outlives the call."""
     if not getattr(_SCRATCH, "keep", False):
         return np.empty(shape, np.float32)
     held = getattr(_SCRATCH, slot, None)
@@ -434,7 +434,7 @@ def stream_slabs(hu, slices: Sequence[int], predict: Predict, *,
             if pending is not None:
                 yield _collect(pending, acc, total, progress)   # written meanwhile too
             if isinstance(job, Future):
-                wait([job])                 # before the network's next slab
+                job.result()                # before the network's next slab; raises now
             pending = (job, device, notes)
             done += len(chunk)
         if pending is not None:
