@@ -299,14 +299,15 @@ def test_cli_suggests_slices_to_correct(files, capsys):
 def test_stream_uncertainty_is_the_rankings_measure():
     """core.stream's per-slab uncertainty (NumPy on the CPU, torch on GPUs; slice by slice)
     equals core.adapt's slice_uncertainty on the same probabilities."""
-    from EPDSegmentationLib.core.stream import _entropy_torch, slice_entropy
+    from EPDSegmentationLib.core.stream import entropy_torch, mean_entropy_numpy
 
     rng = np.random.default_rng(1)
     p = rng.random((6, 4, 10, 12)).astype(np.float32) ** 4
     p[:, 1] = 0.0
     p[1, 1] = 1.0                                       # a certain slice
     p /= p.sum(0)
-    for got in (slice_entropy(torch.from_numpy(p)), _entropy_torch(torch.from_numpy(p))):
+    cpu = np.array([mean_entropy_numpy(p[:, s]) for s in range(p.shape[1])])
+    for got in (cpu, entropy_torch(torch.from_numpy(p))):
         np.testing.assert_allclose(got, slice_uncertainty(p), rtol=1e-5, atol=1e-7)
         assert got[1] == pytest.approx(0.0, abs=1e-5)
 

@@ -274,7 +274,7 @@ def test_device_sums_and_labels_equal_bodycomp():
     their definition, and the torch labels np.argmax, ties included (the first class
     wins)."""
     from EPDSegmentationLib.core.bodycomp import slice_sums
-    from EPDSegmentationLib.core.stream import _argmax_torch, argmax_classes, slab_sums
+    from EPDSegmentationLib.core.stream import argmax_numpy, argmax_torch, slab_sums
 
     rng = np.random.default_rng(0)
     p = rng.random((6, 3, 20, 16)).astype(np.float32)
@@ -282,10 +282,9 @@ def test_device_sums_and_labels_equal_bodycomp():
     p[2:, :, 5:8] = 0.3                                 # ties between classes 2..5
     p /= p.sum(0)
     hu = rng.normal(0, 300, (3, 20, 16))
-    labels = argmax_classes(torch.from_numpy(p))         # NumPy's running maximum (CPU)
+    labels = argmax_torch(torch.from_numpy(p))           # GPUs'
     np.testing.assert_array_equal(labels.numpy(), np.argmax(p, 0))
-    np.testing.assert_array_equal(_argmax_torch(torch.from_numpy(p)).numpy(),   # GPUs'
-                                  np.argmax(p, 0))
+    np.testing.assert_array_equal(argmax_numpy(p), np.argmax(p, 0))      # the CPU's
     got = slab_sums(torch.from_numpy(p), torch.from_numpy(hu), labels)
     # float64 throughout, from the definition
     p64, lab = p.astype(np.float64), np.argmax(p, 0)
@@ -427,7 +426,7 @@ def test_fractional_codes_equal_on_every_path():
     round(216 p - 108) of p clipped to 0..1 first (float32, half to even), on steps' halves
     and on values just outside 0..1 (within the range check's tolerance)."""
     from EPDSegmentationLib.core.fractional import decode_fractional, encode_fractional
-    from EPDSegmentationLib.core.stream import _encode_torch, encode_fractional_torch
+    from EPDSegmentationLib.core.stream import encode_fractional_numpy, encode_fractional_torch
     from EPDSegmentationLib.mrml.segmentation import encode_fractional as mrml_encode
 
     rng = np.random.default_rng(3)
@@ -439,7 +438,9 @@ def test_fractional_codes_equal_on_every_path():
     assert set(np.unique(want)) == set(range(-108, 109))
     assert mrml_encode is encode_fractional
     np.testing.assert_array_equal(encode_fractional_torch(torch.from_numpy(p)).numpy(), want)
-    np.testing.assert_array_equal(_encode_torch(torch.from_numpy(p)).numpy(), want)
+    out = np.zeros(p.shape, np.int8)
+    encode_fractional_numpy(p, out)
+    np.testing.assert_array_equal(out, want)
     planes = p[:4000].reshape(5, 20, 40)
     inter = np.zeros((20, 40, 5), np.int8)
     encode_fractional(planes, np.moveaxis(inter, -1, 0))

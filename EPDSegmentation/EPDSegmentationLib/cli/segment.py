@@ -52,6 +52,7 @@ from ..core.indices import protocol_from_sums
 from ..core.atomic import extension
 from ..core.classes import NUM_CLASSES, TISSUES
 from ..core.errors import EPDError, InputError
+from ..core.fractional import FRACTIONAL_MIN
 from ..core.volume import Volume, hu_range_problem
 from ..io import overlay, read_manifest
 from ..io.dicom_seg import DicomSegError, prepare_sources, write_dicom_seg
@@ -463,7 +464,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                 for s, k in enumerate(slab.slices):
                     gap = k - next_k
                     hard.fill(gap, 0)
-                    soft.fill(gap, stream.FRACTIONAL_MIN)
+                    soft.fill(gap, FRACTIONAL_MIN)
                     # the slab's own arrays, never changed after: compressed in place
                     hard.write(slab.labels[s:s + 1], frozen=True)
                     soft.write(np.moveaxis(slab.codes[:, s:s + 1], 0, -1), frozen=True)
@@ -478,7 +479,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                             f"{si:.2f} x {sj:.2f} mm pixels")
                 if held is not None:
                     held.add(slab)
-            for writer, value in ((hard, 0), (soft, stream.FRACTIONAL_MIN), (prob, 0.0)):
+            for writer, value in ((hard, 0), (soft, FRACTIONAL_MIN), (prob, 0.0)):
                 if writer is not None:
                     writer.fill(grid[0] - next_k, value)
             _input_problem_first(vol, case.path)

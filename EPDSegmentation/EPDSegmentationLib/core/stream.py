@@ -32,8 +32,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .adapt import suggest_slices
-from .fractional import FRACTIONAL_MAX, FRACTIONAL_MIN, encode_fractional
 from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums, with_uncertainty
+from .fractional import FRACTIONAL_MAX, FRACTIONAL_MIN, encode_fractional
 from .heap import start_stream, trim_heap
 from .inference import Cancelled, check_probability_range
 from .indices import protocol_slice_sums
@@ -104,21 +104,14 @@ def _scratch(slot: str, shape) -> np.ndarray:
     return held
 
 
+# Two implementations of each per-slice output, equal to float rounding (tested): NumPy's
+# for the CPU (measured faster there, docs/benchmarks.md) and torch's for the GPU, on the
+# device that ran the network.
+
+
 def encode_fractional_torch(p):
-    """Probabilities (torch, any shape) in 0..1 -> int8 Slicer fractional values
-    (core.fractional). On the CPU through NumPy; elsewhere torch's same float32 steps
-    (equal values, tested)."""
-    import torch
-
-    if p.device.type == "cpu":
-        out = np.empty(tuple(p.shape), np.int8)
-        encode_fractional_numpy(p.detach().numpy(), out)
-        return torch.from_numpy(out)
-    return _encode_torch(p)
-
-
-def _encode_torch(p):
-    """encode_fractional_torch on any device, in torch (what GPUs run)."""
+    """core.fractional.encode_fractional in torch, on p's device (GPUs): probabilities
+    (any shape) -> int8 codes, the same float32 steps."""
     import torch
 
     steps = FRACTIONAL_MAX - FRACTIONAL_MIN
@@ -130,33 +123,23 @@ def _encode_torch(p):
 
 def encode_fractional_numpy(p: np.ndarray, out: np.ndarray) -> None:
     """core.fractional.encode_fractional into ``out`` (a view of a slab's codes), computed
-    in this output thread's scratch. NumPy's kernels measured faster than torch's on the
-    CPU (docs/benchmarks.md)."""
+    in this output thread's scratch (the CPU)."""
     encode_fractional(p, out, _scratch("codes", np.shape(p)))
 
 
-def argmax_classes(p):
-    """Hard labels uint8 (n, J, I) from probabilities (C, n, J, I), on their device: the
-    first class wins a tie, as np.argmax. On the CPU argmax_numpy; elsewhere torch.max's
-    indices (5 times faster than torch.argmax over the outer class axis)."""
-    import torch
-
-    if p.device.type == "cpu":
-        return torch.from_numpy(argmax_numpy(p.detach().numpy()))
-    return _argmax_torch(p)
-
-
-def _argmax_torch(p):
-    """argmax_classes on any device, in torch (what GPUs run)."""
+def argmax_torch(p):
+    """Hard labels uint8 from probabilities (C, ...) in torch, on their device (GPUs): the
+    first class wins a tie, as np.argmax. torch.max's indices, 5 times faster than
+    torch.argmax over the outer class axis."""
     import torch
 
     return torch.max(p, dim=0).indices.to(torch.uint8)
 
 
 def argmax_numpy(p: np.ndarray) -> np.ndarray:
-    """np.argmax(p, axis=0) as uint8 for finite probabilities p (C, ...), C <= 255: a
-    running maximum over the classes, a later class taking a pixel only where it is
-    strictly greater (so the first wins a tie). The label is updated by arithmetic
+    """np.argmax(p, axis=0) as uint8 for finite probabilities p (C, ...), C <= 255 (the
+    CPU): a running maximum over the classes, a later class taking a pixel only where it
+    is strictly greater (so the first wins a tie). The label is updated by arithmetic
     (maximum with c times the comparison: every earlier label is below c), not by a masked
     write: on a 512 x 512 slice of 6 classes about 0.5 ms against 5 ms for torch.max or
     np.argmax (docs/benchmarks.md)."""
@@ -171,19 +154,10 @@ def argmax_numpy(p: np.ndarray) -> np.ndarray:
     return labels
 
 
-def slice_entropy(p) -> np.ndarray:
-    """Per-slice uncertainty float64 (n,) of probabilities p (C, n, J, I) (torch, on their
-    device): the mean over the slice's pixels of the normalised entropy (entropy in nats /
-    ln C, 0..1), as core.adapt.slice_uncertainty. One slice at a time: the scratch stays
-    one slice's size. On the CPU through NumPy (mean_entropy_numpy)."""
-    if p.device.type == "cpu":
-        return np.array([mean_entropy_numpy(p[:, s].detach().numpy())
-                         for s in range(int(p.shape[1]))], np.float64)
-    return _entropy_torch(p)
-
-
-def _entropy_torch(p) -> np.ndarray:
-    """slice_entropy on any device, in torch (what GPUs run)."""
+def entropy_torch(p) -> np.ndarray:
+    """Per-slice uncertainty float64 (n,) of probabilities p (C, n, J, I) in torch, on their
+    device (GPUs): each slice's mean_entropy_numpy. One slice at a time: the scratch stays
+    one slice's size."""
     import torch
 
     C = int(p.shape[0])
@@ -195,8 +169,9 @@ def _entropy_torch(p) -> np.ndarray:
 
 
 def mean_entropy_numpy(p: np.ndarray) -> float:
-    """The mean normalised entropy of one slice's probabilities p (C, J, I), as
-    core.adapt.entropy_map's mean: clipped to 1e-7..1, -sum p ln p / ln C. The sum over
+    """The uncertainty of one slice (the CPU): the mean over its pixels of the normalised
+    entropy of its probabilities p (C, J, I) (entropy in nats / ln C, 0..1), as
+    core.adapt.slice_uncertainty: clipped to 1e-7..1, -sum p ln p / ln C. The sum over
     classes and pixels is one float32 pairwise sum (NumPy's log measured 3 times faster
     than torch's on the CPU)."""
     q = np.clip(p, np.float32(1e-7), np.float32(1.0), out=_scratch("q", p.shape),
@@ -299,15 +274,15 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
     else:
         for s in range(n):
             q = p.planes(s, s + 1) if deferred else p[:, s:s + 1]
-            lab = _argmax_torch(q)
+            lab = argmax_torch(q)
             parts[s] = slab_sums(q, torch.from_numpy(np.ascontiguousarray(hu[s:s + 1]))
                                  .to(q.device), lab)
             labels[s] = lab[0].cpu().numpy()
             if code_maps is not None:
-                code_maps[:, s] = _encode_torch(q[1:, 0]).cpu().numpy()
+                code_maps[:, s] = encode_fractional_torch(q[1:, 0]).cpu().numpy()
             if host is not None:
                 host[:, s] = q[:, 0].float().cpu().numpy()
-            entropy[s] = _entropy_torch(q)[0]
+            entropy[s] = entropy_torch(q)[0]
     sums = concatenate_sums(parts)
     return Slab(list(slices), labels, code_maps, host if probabilities_out else None, sums,
                 entropy, protocol_slice_sums(host, hu) if protocol else None, hu)

@@ -187,8 +187,8 @@ def seg_nrrd_slices(path: Union[str, Path], ijk_to_ras, shape_kji, *, fractional
                     provenance: Optional[Dict[str, str]] = None) -> Iterator:
     """A tissue .seg.nrrd written slice by slice in K order (io.nrrd_stream.SliceWriter):
     hard labels take uint8 (n, J, I) slices; fractional ones int8 (n, J, I, 5) Slicer values
-    (-108..108, tissues 1..5, as stream.encode_fractional_torch gives them after moving the
-    class axis last). Same header as write_seg_nrrd (provenance likewise); atomic."""
+    (-108..108, tissues 1..5, core.fractional's codes with the class axis last, as
+    core.stream makes them). Same header as write_seg_nrrd (provenance likewise); atomic."""
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ValueError(f"{path}: a Slicer segmentation file must end in .seg.nrrd")
