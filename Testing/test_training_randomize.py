@@ -412,3 +412,36 @@ def test_organ_look_is_off_by_default_and_needs_the_tissue_codes():
     e_hu, _ = Augment(**base, diaphragm_muscle=1.0, kidney_unenhanced=1.0)(
         hu, lab, np.random.default_rng(2), tissues)
     assert np.array_equal(e_hu[moved != CANAL_CODE], d_hu[moved != CANAL_CODE])
+
+
+def test_organ_look_finds_enhanced_kidneys_above_200_hu_by_their_codes():
+    """A phantom kidney enhanced past 200 HU (portal venous at 80 kVp: cortex about 235) is
+    found by its tissue codes: with the kidneys drawn unenhanced every one of its pixels
+    lands near the draw, and with the organ look on but the kidneys not redrawn, it moves
+    with the organs as one piece. An HU window split such a kidney into drawn pixels and
+    pixels left at their enhanced HU, a speckle of 150 HU."""
+    from training.randomize import KIDNEY_CODES, KIDNEY_UNENHANCED_HU, OrganLook
+
+    hu, lab, tissues = organ_slice()
+    kid = np.isin(tissues, KIDNEY_CODES)
+    noise = np.random.default_rng(0).normal(0.0, 15.0, hu.shape).astype(np.float32)
+    hu = np.where(kid, np.where(tissues == KIDNEY_CODES[0], 235.0, 225.0) + noise, hu)
+    assert 0.02 < (hu[kid] < 200.0).mean() < 0.2      # the window would split it
+    checked = 0
+    for seed in range(12):
+        for redraw in (True, False):
+            look = OrganLook(tissues, False, redraw, np.random.default_rng([seed, 3]))
+            out, out_lab = randomize_appearance(hu, lab, np.random.default_rng(seed),
+                                                organs=look)
+            k = kid & (out_lab == lab)
+            if k.sum() < 50:
+                continue
+            v = out[k]
+            med = float(np.median(v))
+            if redraw:
+                assert KIDNEY_UNENHANCED_HU[0] - 12 <= med <= KIDNEY_UNENHANCED_HU[1] + 12
+            # one piece: no pixels left 100 HU and more from the kidney's median (streaks
+            # through the spine may cross it, by at most 100 HU on a few pixels)
+            assert (np.abs(v - med) > 100.0).mean() < 0.01, (seed, redraw)
+            checked += 1
+    assert checked >= 20

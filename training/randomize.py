@@ -104,7 +104,8 @@ class OrganLook:
       contrast) whatever the other organs' phase: on real unenhanced CT (PET-CT, many
       body-composition cohorts) the kidneys are a homogeneous blob at fatty-muscle HU
       resting on the psoas and quadratus lumborum, and the phantom's subjects are unenhanced
-      only 15 % of the time;
+      only 15 % of the time. Found by the codes, not by HU: an enhanced phantom kidney
+      (up to about 330 HU) is redrawn whole, keeping a share of its own inner contrast;
     - canal: the spinal canal's contents at 0..40 HU instead of the phantom's fixed 10 HU
       CSF (kept as fluid by the organs' draw): cord and CSF average to 15 to 35 HU at
       clinical slice thickness, and a homogeneous canal at muscle HU between the
@@ -141,6 +142,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     slices whose organs lose most of their inner contrast (0 turns either off); organs:
     the diaphragm, kidneys and spinal canal drawn on their own (OrganLook), None as
     before."""
+    phantom_hu = np.asarray(hu, np.float32)
     hu = np.array(hu, np.float32)
     labels = np.array(labels, np.uint8)
     h, w = hu.shape
@@ -178,10 +180,15 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     # give them, so that every other draw stays as it was
     diaphragm = kidney = None
     if organs is not None:
+        # with the tissue codes a kidney is a kidney whatever its HU: enhanced cortex passes
+        # 200 HU (portal venous at 80 kVp: about 235), and an HU window split such kidneys
+        # into drawn and undrawn pixels, a speckle no scan shows
+        kidneys = msc & np.isin(organs.tissues, KIDNEY_CODES)
+        organ |= kidneys
         if organs.diaphragm:
             diaphragm = msc & (organs.tissues == DIAPHRAGM_CODE)
         if organs.kidneys:
-            kidney = organ & np.isin(organs.tissues, KIDNEY_CODES)
+            kidney = kidneys
     if organ.any():
         from scipy.ndimage import label as connected
 
@@ -210,13 +217,16 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
 
         regions, n = connected(kidney)
         idx = regions[kidney]
-        means = (np.bincount(idx, weights=hu[kidney], minlength=n + 1)
+        # the inner contrast kept is the phantom's own (cortex, medulla, its texture),
+        # not what the organs' draw and fading made of it
+        inner = phantom_hu[kidney]
+        means = (np.bincount(idx, weights=inner, minlength=n + 1)
                  / np.maximum(np.bincount(idx, minlength=n + 1), 1))
         # each kidney its own level around one draw (the two kidneys of a patient match)
         level = organs.rng.uniform(*KIDNEY_UNENHANCED_HU)
         targets = level + np.concatenate(([0.0], organs.rng.normal(0.0, 3.0, n)))
         keep = organs.rng.uniform(*KIDNEY_CONTRAST_KEPT)
-        hu[kidney] = (targets[idx] + (hu[kidney] - means[idx]) * keep).astype(np.float32)
+        hu[kidney] = (targets[idx] + (inner - means[idx]) * keep).astype(np.float32)
     if organs is not None and organs.canal is not None:
         canal = msc & (organs.tissues == CANAL_CODE)
         if canal.any():
