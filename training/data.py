@@ -63,14 +63,16 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                     progress: bool = False,
                     levels: Optional[Sequence[str]] = None,
                     kidney_contact: float = 0.0,
-                    kidney_rise: float = 0.0) -> Dict[str, List[SliceRecord]]:
+                    kidney_rise: float = 0.0,
+                    kidney_tilt: float = 0.0) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
     ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
     levels=levels)`` writes to disk, generated in memory. levels: None, the slices around
     mid-L3; two vertebral levels such as ("T11", "L4"), the torso anatomy with each subject's
     stack within them. kidney_contact: with levels, the share of subjects whose kidneys lie
     on their muscles (phantom.torso.kidney_contact_shift); kidney_rise: with levels, mm
-    the kidneys lie higher (phantom.torso.draw_torso)."""
+    the kidneys lie higher (phantom.torso.draw_torso); kidney_tilt: with levels, degrees the
+    kidneys' long axes lean towards the midline going up (phantom.torso.tilted_kidney_shift)."""
     from tqdm import tqdm
 
     if n_subjects < 1 or slices_per_subject < 1:
@@ -89,6 +91,12 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
         if levels is None:
             raise ValueError("--kidney-rise needs the torso anatomy (--phantom-levels)")
         where["kidney_rise"] = float(kidney_rise)
+    if kidney_tilt:
+        if levels is None:
+            raise ValueError("--kidney-tilt needs the torso anatomy (--phantom-levels)")
+        if not 0.0 <= kidney_tilt < 45.0:
+            raise ValueError(f"--kidney-tilt is an angle in 0..45 degrees; got {kidney_tilt}")
+        where["kidney_tilt"] = float(kidney_tilt)
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):
         name = f"subject_{i:04d}"

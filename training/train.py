@@ -90,6 +90,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kidney-rise", type=float, default=0.0, metavar="MM",
                    help="with --phantom-levels: the phantom's kidneys this much higher "
                         "(20 puts them at T12 to L3, as in real patients; default 0)")
+    g.add_argument("--kidney-tilt", type=float, default=0.0, metavar="DEG",
+                   help="with --phantom-levels: the phantom's kidneys' long axes lean this "
+                        "many degrees towards the midline going up, upper poles beside the "
+                        "crura as in real patients (default 0: upright)")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")
     g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")
@@ -233,12 +237,13 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                                args.data_seed, args.val_fraction, args.phantom_gap_mm,
                                progress=progress, levels=args.phantom_levels,
                                kidney_contact=args.kidney_contact,
-                               kidney_rise=args.kidney_rise)
+                               kidney_rise=args.kidney_rise,
+                               kidney_tilt=args.kidney_tilt)
         recipe = {"source": "phantom", "generator": "training.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
                   "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
                   "levels": args.phantom_levels, "kidney_contact": args.kidney_contact,
-                  "kidney_rise": args.kidney_rise,
+                  "kidney_rise": args.kidney_rise, "kidney_tilt": args.kidney_tilt,
                   "seed": args.data_seed, "val_fraction": args.val_fraction,
                   "same_as": f"training.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
@@ -249,7 +254,9 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                              + (f", kidney_contact={args.kidney_contact}"
                                 if args.kidney_contact else "")
                              + (f", kidney_rise={args.kidney_rise}"
-                                if args.kidney_rise else "") + ")"}
+                                if args.kidney_rise else "")
+                             + (f", kidney_tilt={args.kidney_tilt}"
+                                if args.kidney_tilt else "") + ")"}
     train, val = recs["train"], recs.get("val", [])
     if not train:
         raise ValueError("no training slices (no case with split 'train')")

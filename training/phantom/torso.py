@@ -1090,16 +1090,35 @@ def kidney_contact_shift(s: Subject, share: float):
     return shift
 
 
+def tilted_kidney_shift(shift, degrees: float):
+    """``shift`` (a draw_kidneys shift) with each kidney's sections moved towards the midline
+    by tan(degrees) mm per mm above its middle (and away from it below): real kidneys' long
+    axes lean in going up, their upper poles beside the crura and the vertebral bodies at
+    T12 to L1, where the psoas has barely begun; the phantom drew them upright, leaving that
+    place to the psoas's small origin."""
+    if not 0.0 <= degrees < 45.0:
+        raise ValueError(f"kidney_tilt is an angle in 0..45 degrees; got {degrees}")
+    k = float(np.tan(np.radians(degrees)))
+
+    def tilted(i: int, dz: float) -> Tuple[float, float]:
+        dx, dy = shift(i, dz)
+        return dx + k * dz, dy
+
+    return tilted
+
+
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
                pelvic_layout: bool = True, kidney_contact: float = 0.0,
-               kidney_rise: float = 0.0) -> TorsoGeometry:
+               kidney_rise: float = 0.0, kidney_tilt: float = 0.0) -> TorsoGeometry:
     """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
     pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing).
     kidney_contact: share of subjects whose kidneys lie on their muscles
     (kidney_contact_shift; the bowel layouts are planned without it). kidney_rise: mm the
     kidneys (and the adrenals and renal vein with them) lie higher than the torso's own
     draw (0 to 18 mm above the lumbar model's): the torso's kidneys span about L1 to L3,
-    real ones T12 to L3, the left upper pole at T11 to T12; 20 mm puts them there."""
+    real ones T12 to L3, the left upper pole at T11 to T12; 20 mm puts them there.
+    kidney_tilt: degrees the kidneys' long axes lean towards the midline going up
+    (tilted_kidney_shift; 0: upright, as before)."""
     t = torso_from_seed(s.seed)
     if kidney_rise:
         t = dataclasses.replace(t, kidney_up=t.kidney_up + float(kidney_rise),
@@ -1112,7 +1131,10 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     draw_pelvis(cv, g)
     draw_aorta_and_crura(cv, g)
     draw_lungs(cv, g)
-    draw_kidneys(cv, g, shift=kidney_contact_shift(s, kidney_contact), rim=2.0 + 8.0 * s.vat)
+    shift = kidney_contact_shift(s, kidney_contact)
+    if kidney_tilt:
+        shift = tilted_kidney_shift(shift, kidney_tilt)
+    draw_kidneys(cv, g, shift=shift, rim=2.0 + 8.0 * s.vat)
     draw_adrenals(cv, g)
     if with_layout:
         draw_torso_colon(cv, g)
