@@ -142,7 +142,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     slices whose organs lose most of their inner contrast (0 turns either off); organs:
     the diaphragm, kidneys and spinal canal drawn on their own (OrganLook), None as
     before."""
-    phantom_hu = np.asarray(hu, np.float32)
+    source = hu
     hu = np.array(hu, np.float32)
     labels = np.array(labels, np.uint8)
     h, w = hu.shape
@@ -219,7 +219,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         idx = regions[kidney]
         # the inner contrast kept is the phantom's own (cortex, medulla, its texture),
         # not what the organs' draw and fading made of it
-        inner = phantom_hu[kidney]
+        inner = np.asarray(source, np.float32)[kidney]
         means = (np.bincount(idx, weights=inner, minlength=n + 1)
                  / np.maximum(np.bincount(idx, minlength=n + 1), 1))
         # each kidney its own level around one draw (the two kidneys of a patient match)
