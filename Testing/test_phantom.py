@@ -573,3 +573,47 @@ def test_kidney_tilt_brings_the_upper_poles_towards_the_midline():
         tilted_kidney_shift(lambda i, dz: (0.0, 0.0), 50.0)
     with pytest.raises(ValueError, match="torso anatomy"):
         phantom_records(2, 1, size=32, kidney_tilt=15.0)
+
+
+def test_costal_diaphragm_lines_the_lower_ribs():
+    """costal_diaphragm=1 draws diaphragm (MSC) just inside the cut ribs at T12 to L1, in
+    place of visceral fat, wall muscle or the organs that filled that fat, within a few mm
+    of the rib layer, and nothing else; nothing changes at L4 (no ribs), and 0 is the
+    phantom as before; the share is checked."""
+    from scipy.ndimage import binary_dilation
+
+    from training.data import phantom_records
+    from training.phantom.tissues import CODE
+    from training.phantom.torso import has_costal_diaphragm
+
+    rib = [CODE[k] for k in ("cortex", "marrow", "cartilage", "calcification")]
+    for seed in (3, 11):
+        for level in ("T12", "L1"):
+            a = make_slice(seed, anatomy="torso", level=level, size=128, supersample=2)
+            b = make_slice(seed, anatomy="torso", level=level, size=128, supersample=2,
+                           costal_diaphragm=1.0)
+            changed = a.tissues != b.tissues
+            assert changed.sum() >= 20
+            assert set(np.unique(b.tissues[changed])) == {CODE["diaphragm"]}
+            # fat, wall muscle, or the organs that now stop at the sheet: never bone or SAT
+            assert set(np.unique(a.labels[changed])) <= {1, 2, 4, 5}
+            assert not np.isin(a.tissues[changed], rib).any()
+            assert (b.labels == 5).sum() > (a.labels == 5).sum()   # pixels of 3 mm: mixed
+            # within 8 mm of a rib or the intercostal muscle between the ribs
+            near = binary_dilation(np.isin(a.tissues, rib) | (a.tissues == CODE["muscle"]),
+                                   iterations=int(np.ceil(8.0 / a.pixel_mm)))
+            assert near[changed].all()
+        low = [make_slice(seed, anatomy="torso", level="L4", size=64, supersample=2,
+                          costal_diaphragm=v) for v in (0.0, 1.0)]
+        assert np.array_equal(low[0].tissues, low[1].tissues)
+    base = make_slice(3, anatomy="torso", level="T12", size=64, supersample=2)
+    same = make_slice(3, anatomy="torso", level="T12", size=64, supersample=2,
+                      costal_diaphragm=0.0)
+    assert np.array_equal(base.hu, same.hu)
+    from training.phantom.anatomy import subject_from_seed
+    share = np.mean([has_costal_diaphragm(subject_from_seed(s), 0.5) for s in range(200)])
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match="0..1"):
+        has_costal_diaphragm(subject_from_seed(3), 1.5)
+    with pytest.raises(ValueError, match="torso anatomy"):
+        phantom_records(2, 1, size=32, costal_diaphragm=1.0)

@@ -64,7 +64,8 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                     levels: Optional[Sequence[str]] = None,
                     kidney_contact: float = 0.0,
                     kidney_rise: float = 0.0,
-                    kidney_tilt: float = 0.0) -> Dict[str, List[SliceRecord]]:
+                    kidney_tilt: float = 0.0,
+                    costal_diaphragm: float = 0.0) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
     ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
     levels=levels)`` writes to disk, generated in memory. levels: None, the slices around
@@ -72,7 +73,9 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     stack within them. kidney_contact: with levels, the share of subjects whose kidneys lie
     on their muscles (phantom.torso.kidney_contact_shift); kidney_rise: with levels, mm
     the kidneys lie higher (phantom.torso.draw_torso); kidney_tilt: with levels, degrees the
-    kidneys' long axes lean towards the midline going up (phantom.torso.tilted_kidney_shift)."""
+    kidneys' long axes lean towards the midline going up (phantom.torso.tilted_kidney_shift);
+    costal_diaphragm: with levels, the share of subjects with the diaphragm lining their
+    lower ribs (phantom.torso.draw_ribcage)."""
     from tqdm import tqdm
 
     if n_subjects < 1 or slices_per_subject < 1:
@@ -95,6 +98,12 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
         if levels is None:
             raise ValueError("--kidney-tilt needs the torso anatomy (--phantom-levels)")
         where["kidney_tilt"] = float(kidney_tilt)
+    if not 0.0 <= costal_diaphragm <= 1.0:
+        raise ValueError(f"--costal-diaphragm is a share in 0..1; got {costal_diaphragm}")
+    if costal_diaphragm > 0:
+        if levels is None:
+            raise ValueError("--costal-diaphragm needs the torso anatomy (--phantom-levels)")
+        where["costal_diaphragm"] = float(costal_diaphragm)
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):
         name = f"subject_{i:04d}"

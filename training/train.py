@@ -94,6 +94,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --phantom-levels: the phantom's kidneys' long axes lean this "
                         "many degrees towards the midline going up, upper poles beside the "
                         "crura as in real patients (default 0: upright)")
+    g.add_argument("--costal-diaphragm", type=float, default=0.0, metavar="P",
+                   help="with --phantom-levels: the share of phantom subjects whose lower "
+                        "ribs the diaphragm lines, as in real patients, where the wall "
+                        "muscles lie without it (default 0)")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")
     g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")
@@ -238,12 +242,14 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                                progress=progress, levels=args.phantom_levels,
                                kidney_contact=args.kidney_contact,
                                kidney_rise=args.kidney_rise,
-                               kidney_tilt=args.kidney_tilt)
+                               kidney_tilt=args.kidney_tilt,
+                               costal_diaphragm=args.costal_diaphragm)
         recipe = {"source": "phantom", "generator": "training.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
                   "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
                   "levels": args.phantom_levels, "kidney_contact": args.kidney_contact,
                   "kidney_rise": args.kidney_rise, "kidney_tilt": args.kidney_tilt,
+                  "costal_diaphragm": args.costal_diaphragm,
                   "seed": args.data_seed, "val_fraction": args.val_fraction,
                   "same_as": f"training.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
@@ -256,7 +262,9 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                              + (f", kidney_rise={args.kidney_rise}"
                                 if args.kidney_rise else "")
                              + (f", kidney_tilt={args.kidney_tilt}"
-                                if args.kidney_tilt else "") + ")"}
+                                if args.kidney_tilt else "")
+                             + (f", costal_diaphragm={args.costal_diaphragm}"
+                                if args.costal_diaphragm else "") + ")"}
     train, val = recs["train"], recs.get("val", [])
     if not train:
         raise ValueError("no training slices (no case with split 'train')")

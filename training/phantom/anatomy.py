@@ -203,15 +203,28 @@ def _radial_layer(g: Geometry, lo: float, hi: float, n: int = 96):
     return ph, core_radius(g.s, ph)
 
 
-def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
+def wall_layers(g: Geometry) -> Dict[str, float]:
+    """The abdominal wall's layout at this height: half width of the linea alba ``la`` and
+    angular width of each rectus ``rect_w`` (rad, from anterior); the lateral wall's span
+    ``start``..``end`` (rad from anterior); thicknesses (mm) of the rectus and of the
+    external oblique, internal oblique and transversus (``t_rect``, ``t_eo``, ``t_io``,
+    ``t_ta``) and the fat plane between the layers (``plane``)."""
     s, f, m = g.s, g.f, g.m
     r0 = float(core_radius(s, np.array([0.0]))[0])
-    la = (4 + 8 * s.adiposity) / r0                         # half width of the linea alba
-    rect_w = (62 + 10 * m) * f / r0                          # angular width of each rectus
+    la = (4 + 8 * s.adiposity) / r0
+    rect_w = (62 + 10 * m) * f / r0
     ws = g.wall_scale
-    t_rect = 10.5 * f * m * ws[0]
-    t_eo, t_io, t_ta = 6.5 * f * m * ws[1], 8.0 * f * m * ws[2], 5.0 * f * m * ws[3]
-    plane = 0.8 + 1.2 * s.adiposity + 0.6 * s.myosteatosis  # fat between the layers, mm
+    return {"la": la, "rect_w": rect_w, "start": la + 0.8 * rect_w, "end": 2.05 + 0.08 * m,
+            "t_rect": 10.5 * f * m * ws[0], "t_eo": 6.5 * f * m * ws[1],
+            "t_io": 8.0 * f * m * ws[2], "t_ta": 5.0 * f * m * ws[3],
+            "plane": 0.8 + 1.2 * s.adiposity + 0.6 * s.myosteatosis}
+
+
+def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
+    s, f, m = g.s, g.f, g.m
+    w = wall_layers(g)
+    la, rect_w = w["la"], w["rect_w"]
+    t_rect, t_eo, t_io, t_ta, plane = w["t_rect"], w["t_eo"], w["t_io"], w["t_ta"], w["plane"]
     ph, rc = _radial_layer(g, -la, la, 16)
     cv.paint(band(0, 0, ph, rc - 0.3, rc - 2.2), C["fascia"], over=(C["vat"],))
     for side in (-1, 1):
@@ -221,7 +234,7 @@ def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
         t = t_rect * (0.25 + 0.75 * _bump(0.12 + 0.88 * u, 0.7)) * (1 - 0.3 * u)
         cv.paint(band(0, 0, side * ph, rc - 0.4, rc - 0.4 - t), C["muscle"])
         # lateral wall: external oblique, internal oblique, transversus abdominis
-        start, end = la + 0.8 * rect_w, 2.05 + 0.08 * m
+        start, end = w["start"], w["end"]
         ph, rc = _radial_layer(g, start, end, 128)
 
         def window(lo, hi, p=0.5):

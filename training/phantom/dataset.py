@@ -83,7 +83,7 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                   progress: bool = True,
                   levels: Optional[Sequence[Union[str, float]]] = None,
                   kidney_contact: float = 0.0, kidney_rise: float = 0.0,
-                  kidney_tilt: float = 0.0) -> Path:
+                  kidney_tilt: float = 0.0, costal_diaphragm: float = 0.0) -> Path:
     """Write n_subjects phantom volumes (K = slices_per_subject slices, slice_gap_mm apart)
     with their label maps, and manifest.csv (image,label,split,subject; paths relative to
     it). Returns the manifest path.
@@ -94,7 +94,9 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
     the whole span). kidney_contact: with levels, the share of subjects whose kidneys lie on
     their muscles (torso.kidney_contact_shift); kidney_rise: with levels, mm the kidneys
     lie higher (torso.draw_torso); kidney_tilt: with levels, degrees the kidneys' long axes
-    lean towards the midline going up (torso.tilted_kidney_shift).
+    lean towards the midline going up (torso.tilted_kidney_shift); costal_diaphragm: with
+    levels, the share of subjects with the diaphragm lining their lower ribs
+    (torso.draw_ribcage).
 
     formats: any of 'nrrd' (images/<subject>.nrrd), 'nifti' (images/<subject>.nii.gz) and
     'dicom' (dicom/<subject>/IM0001.dcm ..., transfer syntax ``dicom_syntax``); the first
@@ -117,9 +119,9 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
         levels_z_range(subject_seeds(seed, 1)[0], levels)    # refuse bad levels up front
     elif slice_gap_mm is None:
         raise ValueError("slice_gap_mm=None (spread over the levels) needs levels=")
-    if (kidney_contact or kidney_rise or kidney_tilt) and levels is None:
-        raise ValueError("kidney_contact, kidney_rise and kidney_tilt need the torso anatomy "
-                         "(levels=)")
+    if (kidney_contact or kidney_rise or kidney_tilt or costal_diaphragm) and levels is None:
+        raise ValueError("kidney_contact, kidney_rise, kidney_tilt and costal_diaphragm need "
+                         "the torso anatomy (levels=)")
     manifest = out / "manifest.csv"
     if manifest.exists() and not overwrite:
         raise FileExistsError(f"{manifest} already exists; pass overwrite=True to replace "
@@ -138,7 +140,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
         else:
             slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size,
                                     levels=levels, kidney_contact=kidney_contact,
-                                    kidney_rise=kidney_rise, kidney_tilt=kidney_tilt)
+                                    kidney_rise=kidney_rise, kidney_tilt=kidney_tilt,
+                                    costal_diaphragm=costal_diaphragm)
             gap = _stack_gap(slices, slice_gap_mm)
         hu, labels, _ = stack(slices, gap)
         paths: Dict[str, Path] = {}

@@ -118,7 +118,8 @@ def levels_z_range(seed: int, levels: Sequence[Union[str, float]]):
 def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
                z_mm: float = 0.0, supersample: int = 4, anatomy: Optional[str] = None,
                level: Optional[str] = None, kidney_contact: float = 0.0,
-               kidney_rise: float = 0.0, kidney_tilt: float = 0.0) -> PhantomSlice:
+               kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
+               costal_diaphragm: float = 0.0) -> PhantomSlice:
     """One phantom slice of subject ``seed`` at height ``z_mm`` (mm from mid-L3, + = cranial).
 
     size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
@@ -133,6 +134,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     before). kidney_rise: torso anatomy only, mm the kidneys lie higher (torso.draw_torso;
     0: as before). kidney_tilt: torso anatomy only, degrees the kidneys' long axes lean
     towards the midline going up (torso.tilted_kidney_shift; 0: as before).
+    costal_diaphragm: torso anatomy only, the share of subjects whose lateral wall inside
+    the ribs is the diaphragm (torso.draw_ribcage; 0: wall muscle, as before).
     """
     _check(seed, size, pixel_mm, supersample)
     anatomy = _check_anatomy(anatomy, level)
@@ -147,7 +150,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
         from .torso import draw_torso
 
         g = draw_torso(cv, s, float(z_mm), kidney_contact=float(kidney_contact),
-                       kidney_rise=float(kidney_rise), kidney_tilt=float(kidney_tilt))
+                       kidney_rise=float(kidney_rise), kidney_tilt=float(kidney_tilt),
+                       costal_diaphragm=float(costal_diaphragm))
     else:
         g = draw(cv, s, float(z_mm))
     # outside the reconstruction circle there is no image

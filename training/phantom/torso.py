@@ -44,7 +44,7 @@ import numpy as np
 from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, core_radius,
                       draw_abdominal_muscles, draw_back_muscles, draw_body_wall, draw_bowel,
                       draw_kidneys, draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra,
-                      mask_points, subject_from_seed)
+                      mask_points, subject_from_seed, wall_layers)
 from .pelvis import (draw_pelvic_layout, draw_pelvis, iliac_arteries, iliac_veins,
                      lower_weight, pelvis_from_seed)
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar
@@ -454,8 +454,14 @@ def rib_paths(g: TorsoGeometry):
     return out
 
 
-def draw_ribcage(cv: Canvas, g: TorsoGeometry) -> None:
-    """Ribs (cortex and marrow), costal cartilage and the intercostal muscle between them."""
+def draw_ribcage(cv: Canvas, g: TorsoGeometry, costal: bool = False) -> None:
+    """Ribs (cortex and marrow), costal cartilage and the intercostal muscle between them.
+
+    costal: the lateral wall's layers inside the cut ribs (internal oblique, transversus and
+    the fat between them) are the diaphragm's costal part instead (label MSC): in real
+    patients the diaphragm lines the lower ribs from its dome down to its costal
+    attachments, and the wall muscles start below them; without it the phantom shows wall
+    muscle inside the ribs up to T11."""
     t = g.t
     paths = rib_paths(g)
     wall_over = (C["vat"], C["muscle"], C["imat"], C["fascia"])
@@ -473,6 +479,7 @@ def draw_ribcage(cv: Canvas, g: TorsoGeometry) -> None:
                 cuts.append((pts[sl], dz[sl], is_bone))
                 spans[side].extend(a[sl][inside].tolist())
     # intercostal muscle: a sheet along the rib layer between the first and last rib cut
+    sheets = []
     for side, a_cut in spans.items():
         if len(a_cut) < 2:
             continue
@@ -485,6 +492,7 @@ def draw_ribcage(cv: Canvas, g: TorsoGeometry) -> None:
         half = 0.5 * 0.85 * t.rib_t * np.minimum(1.0, 0.3 + 0.7 * _smooth(
             np.minimum(aa - lo, hi - aa) / 0.06))
         cv.paint(band(0, 0, phi, rr + half, rr - half), C["muscle"], over=wall_over)
+        sheets.append((side, lo, hi))
     for pts, dz, is_bone in cuts:
         if is_bone:
             _paint_tube_cut(cv, pts, dz, t.rib_h, t.rib_t, C["cortex"], wall_over + (C["muscle"],),
@@ -495,18 +503,50 @@ def draw_ribcage(cv: Canvas, g: TorsoGeometry) -> None:
                             inner=(C["cartilage"], 0.3 + 0.6 * (t.cart_calc - 0.5)))
         else:
             _paint_tube_cut(cv, pts, dz, t.cart_h, t.cart_t, C["cartilage"], wall_over)
+    if costal:                  # after the ribs, which it must not cover
+        for side, lo, hi in sheets:
+            _paint_costal_diaphragm(cv, g, side, lo, hi)
+
+
+def _paint_costal_diaphragm(cv: Canvas, g: TorsoGeometry, side: int, lo: float,
+                            hi: float) -> None:
+    """The diaphragm's costal part where the ribs are cut on this side (angles lo..hi from
+    the posterior midline): a sheet of the subject's diaphragm thickness over the visceral
+    fat along the rib layer's inner surface (organs drawn later stop at it; the lung bases,
+    drawn later, lie outside it), and over the lateral wall's layers that lie inside the rib
+    layer (muscle and IMAT down to beyond the transversus). Tapering over 0.1 rad at
+    either end of the cut ribs and of the lateral wall."""
+    aa = np.linspace(lo, hi, 128)
+    phi = side * (np.pi - aa)
+    outer = rib_radius(g, phi) - 0.5 * 0.85 * g.t.rib_t
+    taper = _smooth(np.minimum(aa - lo, hi - aa) / 0.1)
+    cv.paint(band(0, 0, phi, outer, outer - g.t.dia_t * taper), C["diaphragm"],
+             over=(C["vat"],))
+    w = wall_layers(g)
+    a0, a1 = max(lo, np.pi - w["end"]), min(hi, np.pi - w["start"])   # the lateral wall
+    if a1 - a0 < 0.05:
+        return
+    aa = np.linspace(a0, a1, 96)
+    phi = side * (np.pi - aa)
+    outer = rib_radius(g, phi) - 0.5 * 0.85 * g.t.rib_t
+    # the transversus's inner surface where the layers are whole (draw_abdominal_muscles)
+    inner = core_radius(g.s, phi) - 1.4 - (w["t_eo"] + w["t_io"] + w["t_ta"] + 1.8 * w["plane"])
+    taper = _smooth(np.minimum(aa - a0, a1 - aa) / 0.1)
+    inner = outer - np.maximum(outer - inner, 0.0) * taper
+    cv.paint(band(0, 0, phi, outer, inner), C["diaphragm"], over=(C["muscle"], C["imat"]))
 
 
 # ----------------------------------------------------------------------------- the wall
 
 
-def draw_wall(cv: Canvas, g: TorsoGeometry) -> None:
-    """Skin, SAT, the fascia filled with VAT, wall and back muscles, vertebra and ribs."""
+def draw_wall(cv: Canvas, g: TorsoGeometry, costal: bool = False) -> None:
+    """Skin, SAT, the fascia filled with VAT, wall and back muscles, vertebra and ribs
+    (costal: draw_ribcage's costal diaphragm)."""
     draw_body_wall(cv, g)
     draw_abdominal_muscles(cv, g)
     draw_back_muscles(cv, g)
     draw_vertebra(cv, g)
-    draw_ribcage(cv, g)
+    draw_ribcage(cv, g, costal)
 
 
 def inner_radius(g: TorsoGeometry) -> np.ndarray:
@@ -1107,9 +1147,20 @@ def tilted_kidney_shift(shift, degrees: float):
     return tilted
 
 
+def has_costal_diaphragm(s: Subject, share: float) -> bool:
+    """Whether subject s is drawn with draw_ribcage's costal diaphragm: with probability
+    ``share``, drawn from the subject's seed on a stream of its own (every other draw is
+    unchanged; share 0: never, the phantom as before)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"costal_diaphragm is a share in 0..1; got {share}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(s.seed), 5171]))
+    return bool(rng.random() < share)
+
+
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
                pelvic_layout: bool = True, kidney_contact: float = 0.0,
-               kidney_rise: float = 0.0, kidney_tilt: float = 0.0) -> TorsoGeometry:
+               kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
+               costal_diaphragm: float = 0.0) -> TorsoGeometry:
     """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
     pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing).
     kidney_contact: share of subjects whose kidneys lie on their muscles
@@ -1118,7 +1169,9 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     draw (0 to 18 mm above the lumbar model's): the torso's kidneys span about L1 to L3,
     real ones T12 to L3, the left upper pole at T11 to T12; 20 mm puts them there.
     kidney_tilt: degrees the kidneys' long axes lean towards the midline going up
-    (tilted_kidney_shift; 0: upright, as before)."""
+    (tilted_kidney_shift; 0: upright, as before). costal_diaphragm: share of subjects
+    whose lateral wall inside the ribs is the diaphragm (draw_ribcage's costal;
+    has_costal_diaphragm; 0: wall muscle, as before)."""
     t = torso_from_seed(s.seed)
     if kidney_rise:
         t = dataclasses.replace(t, kidney_up=t.kidney_up + float(kidney_rise),
@@ -1127,7 +1180,7 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     cv.shift = np.asarray(s.offset, np.float64)
     g.r_in = inner_radius(g)
     draw_table(cv, g)
-    draw_wall(cv, g)
+    draw_wall(cv, g, has_costal_diaphragm(s, costal_diaphragm))
     draw_pelvis(cv, g)
     draw_aorta_and_crura(cv, g)
     draw_lungs(cv, g)
