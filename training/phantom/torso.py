@@ -457,11 +457,10 @@ def rib_paths(g: TorsoGeometry):
 def draw_ribcage(cv: Canvas, g: TorsoGeometry, costal: bool = False) -> None:
     """Ribs (cortex and marrow), costal cartilage and the intercostal muscle between them.
 
-    costal: the lateral wall's layers inside the cut ribs (internal oblique, transversus and
-    the fat between them) are the diaphragm's costal part instead (label MSC): in real
-    patients the diaphragm lines the lower ribs from its dome down to its costal
-    attachments, and the wall muscles start below them; without it the phantom shows wall
-    muscle inside the ribs up to T11."""
+    costal: also the diaphragm's costal part along the inside of the cut ribs
+    (_paint_costal_diaphragm; label MSC): in real patients it lines the lower ribs from its
+    dome down to its attachments on ribs 7 to 12; without it only the posterior recesses
+    near the lung bases have diaphragm (draw_lungs), and the organs and fat reach the ribs."""
     t = g.t
     paths = rib_paths(g)
     wall_over = (C["vat"], C["muscle"], C["imat"], C["fascia"])
