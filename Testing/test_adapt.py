@@ -310,6 +310,11 @@ def test_stream_uncertainty_is_the_rankings_measure():
     for got in (cpu, entropy_torch(torch.from_numpy(p))):
         np.testing.assert_allclose(got, slice_uncertainty(p), rtol=1e-5, atol=1e-7)
         assert got[1] == pytest.approx(0.0, abs=1e-5)
+    # slices of more values than one dot product of the NumPy path takes, and a remainder
+    big = rng.random((6, 2, 30, 37)).astype(np.float32) ** 4
+    big /= big.sum(0)
+    np.testing.assert_allclose([mean_entropy_numpy(big[:, s]) for s in range(2)],
+                               slice_uncertainty(big), rtol=1e-6)
 
 
 def test_segment_csv_has_each_slices_uncertainty_and_the_slices_to_correct(files, capsys):
