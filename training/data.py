@@ -84,26 +84,17 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     seeds = subject_seeds(seed, n_subjects)
     splits = split_subjects(n_subjects, val_fraction, seed)
     where = {} if levels is None else {"levels": tuple(levels)}
-    if not 0.0 <= kidney_contact <= 1.0:
-        raise ValueError(f"--kidney-contact is a probability in 0..1; got {kidney_contact}")
-    if kidney_contact > 0:
-        if levels is None:
-            raise ValueError("--kidney-contact needs the torso anatomy (--phantom-levels)")
-        where["kidney_contact"] = float(kidney_contact)
-    if kidney_rise:
-        if levels is None:
-            raise ValueError("--kidney-rise needs the torso anatomy (--phantom-levels)")
-        where["kidney_rise"] = float(kidney_rise)
-    if kidney_tilt:
-        if levels is None:
-            raise ValueError("--kidney-tilt needs the torso anatomy (--phantom-levels)")
-        where["kidney_tilt"] = float(kidney_tilt)
-    if not 0.0 <= costal_diaphragm <= 1.0:
-        raise ValueError(f"--costal-diaphragm is a share in 0..1; got {costal_diaphragm}")
-    if costal_diaphragm > 0:
-        if levels is None:
-            raise ValueError("--costal-diaphragm needs the torso anatomy (--phantom-levels)")
-        where["costal_diaphragm"] = float(costal_diaphragm)
+    for key, value, share in (("kidney_contact", kidney_contact, True),
+                              ("kidney_rise", kidney_rise, False),
+                              ("kidney_tilt", kidney_tilt, False),
+                              ("costal_diaphragm", costal_diaphragm, True)):
+        flag = "--" + key.replace("_", "-")
+        if share and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} is a share in 0..1; got {value}")
+        if value:
+            if levels is None:
+                raise ValueError(f"{flag} needs the torso anatomy (--phantom-levels)")
+            where[key] = float(value)
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):
         name = f"subject_{i:04d}"
