@@ -96,8 +96,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "crura as in real patients (default 0: upright)")
     g.add_argument("--costal-diaphragm", type=float, default=0.0, metavar="P",
                    help="with --phantom-levels: the share of phantom subjects whose lower "
-                        "ribs the diaphragm lines, as in real patients, where the wall "
-                        "muscles lie without it (default 0)")
+                        "ribs the diaphragm lines on the inside, as in real patients "
+                        "(default 0: diaphragm only near the lung bases)")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")
     g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")

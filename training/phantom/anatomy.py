@@ -221,7 +221,7 @@ def wall_layers(g: Geometry) -> Dict[str, float]:
 
 
 def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
-    s, f, m = g.s, g.f, g.m
+    m = g.m
     w = wall_layers(g)
     la, rect_w = w["la"], w["rect_w"]
     t_rect, t_eo, t_io, t_ta, plane = w["t_rect"], w["t_eo"], w["t_io"], w["t_ta"], w["plane"]
