@@ -134,8 +134,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     before). kidney_rise: torso anatomy only, mm the kidneys lie higher (torso.draw_torso;
     0: as before). kidney_tilt: torso anatomy only, degrees the kidneys' long axes lean
     towards the midline going up (torso.tilted_kidney_shift; 0: as before).
-    costal_diaphragm: torso anatomy only, the share of subjects whose lateral wall inside
-    the ribs is the diaphragm (torso.draw_ribcage; 0: wall muscle, as before).
+    costal_diaphragm: torso anatomy only, the share of subjects whose lower ribs the
+    diaphragm lines on the inside (torso.draw_ribcage; 0: as before).
     """
     _check(seed, size, pixel_mm, supersample)
     anatomy = _check_anatomy(anatomy, level)

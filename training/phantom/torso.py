@@ -1169,8 +1169,8 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     real ones T12 to L3, the left upper pole at T11 to T12; 20 mm puts them there.
     kidney_tilt: degrees the kidneys' long axes lean towards the midline going up
     (tilted_kidney_shift; 0: upright, as before). costal_diaphragm: share of subjects
-    whose lateral wall inside the ribs is the diaphragm (draw_ribcage's costal;
-    has_costal_diaphragm; 0: wall muscle, as before)."""
+    whose lower ribs the diaphragm lines on the inside (draw_ribcage's costal;
+    has_costal_diaphragm; 0: as before)."""
     t = torso_from_seed(s.seed)
     if kidney_rise:
         t = dataclasses.replace(t, kidney_up=t.kidney_up + float(kidney_rise),
