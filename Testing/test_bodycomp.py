@@ -90,6 +90,53 @@ def test_whole_volume_probabilities_are_indexed_by_slices():
     assert [r["slice"] for r in full[::5]] == [4, 1, "all"]
 
 
+@pytest.mark.parametrize("kind", ["int16", "integer float32", "wide", "fractional", "nan"])
+def test_sums_equal_their_definition_for_every_kind_of_hu(kind):
+    """slice_sums against the float64 definition: the hard sums exact for integer HU (CT's,
+    counted per class and HU value, or, spanning more than _HU_BINS values, by weighted
+    bincounts), to float64 rounding for others; the soft sums to float32 rounding, over a
+    slice longer than one of their partial sums plus a remainder."""
+    rng = np.random.default_rng(4)
+    shape = (2, 37, 59)                          # 2183 pixels: two chunks of 1024 and 135
+    p = rng.random((NUM_CLASSES,) + shape).astype(np.float32)
+    p /= p.sum(axis=0)
+    hu = rng.integers(-1024, 3072, shape).astype(np.float32)
+    hu[0, 0, :3] = (-3024, 3071, 0)
+    if kind == "int16":
+        hu = hu.astype(np.int16)
+    elif kind == "wide":
+        hu[1, 5, 5] = bodycomp._HU_BINS * 2          # integers, too many values to count
+    elif kind == "fractional":
+        hu[1] += np.float32(0.25)
+    elif kind == "nan":
+        hu[1, 2, 3] = np.nan
+    integer = kind in ("int16", "integer float32")
+    for s in range(2):
+        found = bodycomp._integer_hu(hu[s].reshape(-1))
+        assert (found is not None) == (integer or s == 0)     # slice 1 holds the odd value
+    got = slice_sums(p, hu)
+    lab = np.argmax(p, axis=0)
+    h = hu.astype(np.float64)
+    for c in range(NUM_CLASSES):
+        mask = lab == c
+        for prefix, w in (("p", p.astype(np.float64)[c]), ("n", mask.astype(np.float64))):
+            for suffix, m in (("", 0), ("_hu", 1), ("_hu2", 2)):
+                want = (w * h ** m).sum(axis=(1, 2))
+                key = prefix + suffix
+                if kind == "nan" and m:
+                    assert np.isnan(got[key][1, c]) == (prefix == "p" or mask[1, 2, 3])
+                    want, have = want[:1], got[key][:1, c]
+                else:
+                    have = got[key][:, c]
+                if prefix == "p":
+                    scale = (w * np.abs(h) ** m).sum(axis=(1, 2))[:len(want)]
+                    assert (np.abs(have - want) <= 1e-6 * scale).all(), key
+                elif kind == "fractional":
+                    np.testing.assert_allclose(have, want, rtol=1e-12, err_msg=key)
+                else:
+                    np.testing.assert_array_equal(have, want, err_msg=key)
+
+
 def test_chunked_sums_equal_one_pass():
     rng = np.random.default_rng(1)
     p = rng.random((NUM_CLASSES, 7, 6, 6)).astype(np.float32)

@@ -120,6 +120,74 @@ def _select(p: np.ndarray, hu, slices: Sequence[int]) -> Tuple[np.ndarray, np.nd
                      f"slices nor the volume's {h.shape[0]}")
 
 
+#: pixels per float32 partial sum of the soft sums (one matrix product each); on a 512 x 512
+#: slice within 1.2e-7 of the float64 sums (docs/benchmarks.md)
+_SOFT_CHUNK = 1024
+#: the hard sums count pixels per class and HU value when the HU are integers spanning at
+#: most this many values (CT's -1024..3071, extended scales to about 30,000), else they
+#: sum float64 weights
+_HU_BINS = 1 << 16
+
+
+def _soft_sums(p: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
+    """out (C, 3) float64 += sum over pixels of p (C, N) times [1, h, h^2] (h (N,) HU), as
+    float32 matrix products of _SOFT_CHUNK pixels each, added in float64 (the rows of
+    powers laid out contiguously: no (N, 3) stack)."""
+    work = p.dtype
+    powers = np.empty((3, h.size), work)
+    powers[0] = 1
+    np.copyto(powers[1], h, casting="unsafe")
+    np.multiply(powers[1], powers[1], out=powers[2])
+    C, D = p.shape[0], _SOFT_CHUNK
+    whole = h.size // D * D
+    if whole:
+        parts = np.matmul(p[:, :whole].reshape(C, -1, D).transpose(1, 0, 2),
+                          powers[:, :whole].reshape(3, -1, D).transpose(1, 2, 0))
+        out += parts.sum(axis=0, dtype=np.float64)
+    if whole < h.size:
+        out += (p[:, whole:] @ powers[:, whole:].T).astype(np.float64)
+
+
+def _integer_hu(h: np.ndarray) -> Optional[Tuple[np.ndarray, int, int]]:
+    """(h as int32, its minimum, maximum) when every HU in h (N,) is an integer and they span
+    at most _HU_BINS values; else None."""
+    if h.dtype.kind in "iu" and h.dtype.itemsize <= 2:
+        hi = h.astype(np.int32)
+    else:
+        with np.errstate(invalid="ignore"):     # NaN or out of int32's range: not equal
+            hi = h.astype(np.int32)
+        if not np.array_equal(hi.astype(h.dtype), h):
+            return None
+    if not hi.size:
+        return None
+    lo, top = int(hi.min()), int(hi.max())
+    return (hi, lo, top) if top - lo < _HU_BINS else None
+
+
+def _hard_sums(labels: np.ndarray, h: np.ndarray, C: int, out: np.ndarray) -> None:
+    """out (C, 3) float64 = pixel count, sum of HU and sum of HU^2 per class over the argmax
+    labels (N,) (h (N,) HU). Integer HU (CT's): one count per class and HU value, then
+    exact float64 dot products with the values; others: float64 weighted bincounts.
+    Either is exact for integer HU."""
+    found = _integer_hu(h)
+    if found is None:
+        hs = h.astype(np.float64)
+        lab = labels.astype(np.intp)               # bincount's own type: converted once
+        out[:, 0] = np.bincount(lab, minlength=C)
+        out[:, 1] = np.bincount(lab, weights=hs, minlength=C)
+        out[:, 2] = np.bincount(lab, weights=hs * hs, minlength=C)
+        return
+    hi, lo, top = found
+    width = top - lo + 1
+    key = labels.astype(np.int32)
+    key *= width
+    key += hi
+    key -= lo
+    counts = np.bincount(key, minlength=C * width).reshape(C, width).astype(np.float64)
+    values = np.arange(lo, top + 1, dtype=np.float64)
+    out[:] = counts @ np.stack([np.ones_like(values), values, values * values], axis=1)
+
+
 def slice_sums(probabilities, hu, labels: Optional[np.ndarray] = None,
                checked: bool = False) -> Dict[str, np.ndarray]:
     """Per-slice, per-class sums (float64 (n, C) each, keys SUM_KEYS): probability mass ``p``,
@@ -127,31 +195,27 @@ def slice_sums(probabilities, hu, labels: Optional[np.ndarray] = None,
 
     probabilities: (C, n, J, I) in 0..1; hu: (n, J, I) HU of the same slices; labels: their
     argmax (n, J, I) when the caller has it already (core.stream), else computed here;
-    checked: the probabilities were checked already (shape, finite, 0..1)."""
+    checked: the probabilities were checked already (shape, finite, 0..1).
+
+    float32 probabilities are summed in float32 partial sums of _SOFT_CHUNK pixels (relative
+    rounding about 1e-7), added in float64, with no float64 copy of the probabilities; the
+    hard sums are exact for integer HU."""
     p = np.asarray(probabilities) if checked else _check_probabilities(probabilities)
     h = np.asarray(hu)
     if h.shape != p.shape[1:]:
         raise ValueError(f"hu {h.shape} does not match probabilities {p.shape[1:]} (n, J, I)")
     n_slices, C = p.shape[1], p.shape[0]
-    out = {k: np.zeros((n_slices, C), np.float64) for k in SUM_KEYS}
     hard = np.argmax(p, axis=0) if labels is None else np.asarray(labels)
-    # float32 probabilities: per-row partial sums in float32 (a row of I pixels, relative
-    # rounding about 1e-7), the rows added in float64; no float64 copy of the probabilities
     work = np.float32 if p.dtype == np.float32 else np.float64
+    soft = np.zeros((n_slices, C, 3), np.float64)
+    counted = np.zeros((n_slices, C, 3), np.float64)
     for s in range(n_slices):  # one slice at a time keeps the scratch small
-        hw = h[s].astype(work, copy=False)
-        # the three soft sums as one matrix product per row, (J, C, I) @ (J, I, 3): one
-        # pass over the probabilities instead of three
-        rows = np.matmul(p[:, s].transpose(1, 0, 2),
-                         np.stack([np.ones_like(hw), hw, hw * hw], axis=-1))
-        soft = rows.sum(axis=0, dtype=np.float64)                           # (C, 3)
-        out["p"][s], out["p_hu"][s], out["p_hu2"][s] = soft[:, 0], soft[:, 1], soft[:, 2]
-        hs = h[s].astype(np.float64).ravel()
-        hs2 = hs * hs
-        lab = hard[s].ravel().astype(np.intp)      # bincount's own type: converted once
-        out["n"][s] = np.bincount(lab, minlength=C)
-        out["n_hu"][s] = np.bincount(lab, weights=hs, minlength=C)
-        out["n_hu2"][s] = np.bincount(lab, weights=hs2, minlength=C)
+        ps = p[:, s].reshape(C, -1).astype(work, copy=False)
+        _soft_sums(ps, h[s].reshape(-1), soft[s])
+        _hard_sums(hard[s].reshape(-1), h[s].reshape(-1), C, counted[s])
+    out = {key: np.ascontiguousarray(soft[:, :, i]) for i, key in enumerate(SUM_KEYS[:3])}
+    out.update((key, np.ascontiguousarray(counted[:, :, i]))
+               for i, key in enumerate(SUM_KEYS[3:]))
     return out
 
 

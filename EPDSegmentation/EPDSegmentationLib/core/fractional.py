@@ -18,16 +18,18 @@ FRACTIONAL_STEPS = FRACTIONAL_MAX - FRACTIONAL_MIN
 
 
 def encode_fractional(probabilities, out: Optional[np.ndarray] = None,
-                      scratch: Optional[np.ndarray] = None) -> np.ndarray:
+                      scratch: Optional[np.ndarray] = None, clamp: bool = True) -> np.ndarray:
     """Probabilities (any shape, 0..1; a little outside is clamped) -> int8 codes, written
     into ``out`` (any int8 array of that shape, a strided view included) or a new array.
     scratch: a float32 array of that shape to compute in (else one is made). Clamping the
     scaled values rather than the probabilities gives the same codes (216 p - 108 is
-    monotonic) and saves a pass."""
+    monotonic) and saves a pass. clamp=False skips it for probabilities known to lie within
+    0.5 / FRACTIONAL_STEPS of 0..1, which round into -108..108 unclamped (a pass less)."""
     p = np.asarray(probabilities)
     q = np.multiply(p, np.float32(FRACTIONAL_STEPS), out=scratch, dtype=np.float32)
     q += np.float32(FRACTIONAL_MIN)
-    np.clip(q, FRACTIONAL_MIN, FRACTIONAL_MAX, out=q)
+    if clamp:
+        np.clip(q, FRACTIONAL_MIN, FRACTIONAL_MAX, out=q)
     np.rint(q, out=q)
     if out is None:
         return q.astype(np.int8)
