@@ -156,6 +156,10 @@ def prepare_slices(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str,
     return np.ascontiguousarray(x, np.float32), work
 
 
+#: slices windowed and averaged at once by prepare_slices_torch
+_PREPARE_SLICES = 2
+
+
 def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str, Any]):
     """prepare_slices in torch on the CPU, for inference: (network input float32 torch
     tensor (n, channels, h, w), the resampled shape (rows, cols)). The windowing is the same
@@ -174,10 +178,15 @@ def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mappin
         return torch.from_numpy(x), work
     t = torch.from_numpy(np.ascontiguousarray(hu, np.float32))
     work = resampled_shape(t.shape[-2:], pixel_mm, source_pixel_mm(card))
-    channels = window_channels(resample_planes(t, work), card["windows"])
     if k == 1:
-        return channels.contiguous(), work
-    return F.avg_pool2d(channels, k, stride=k, ceil_mode=True), work
+        return window_channels(resample_planes(t, work), card["windows"]).contiguous(), work
+    # _PREPARE_SLICES at a time, so that the windowed full-resolution channels stay in the
+    # cache (16 slices at once: 50 MB at 512 x 512): 13 to 14 ms against 16.5 a 16-slice
+    # slab at factor 4, the same values
+    parts = [F.avg_pool2d(window_channels(resample_planes(t[i:i + _PREPARE_SLICES], work),
+                                          card["windows"]), k, stride=k, ceil_mode=True)
+             for i in range(0, max(1, int(t.shape[0])), _PREPARE_SLICES)]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), work
 
 
 def restore_probabilities(probs: np.ndarray, work_shape: Sequence[int],
