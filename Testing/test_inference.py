@@ -297,7 +297,7 @@ def test_device_sums_and_labels_equal_bodycomp():
     numpy_sums = slice_sums(p, hu)
     for key, want in exact.items():
         np.testing.assert_allclose(got[key], want, rtol=1e-12, atol=1e-9)
-        # NumPy's soft sums add float32 row partials (HU rounded to float32, about 1e-7
+        # NumPy's soft sums add float32 partials of 1024 pixels (HU rounded to float32, about 1e-7
         # of the sum of the magnitudes); its hard ones are float64
         tol = 1e-6 * scale[key] if key[0] == "p" else 1e-12 * scale[key] + 1e-9
         assert (np.abs(numpy_sums[key] - want) <= tol).all(), key
