@@ -3,10 +3,10 @@
 # lent a GPU machine through the device tool. Two steps:
 #
 #   bash Testing/benchmarks/device_check.sh prepare    # here, once: the packages the GPU
-#       # machine lacks, for its Python 3.12, into .device/ (git-ignored, about 31 MB:
+#       # machine lacks, for its Python 3.12, into .device/ (git-ignored, 28 MB:
 #       # SimpleITK repacked as .tar.xz to fit the 64 MiB the tool carries; isal; pynrrd)
 #   bash Testing/benchmarks/device_check.sh run        # there, as the device tool's command
-#       # with carry [".device"] and timeout_s 600; about 3 to 5 minutes
+#       # with carry [".device"] and timeout_s 600 (its time on a GPU not yet measured)
 #
 # `run` checks that the CUDA path agrees with the CPU path on the bundled sample CT (areas,
 # hard labels), then runs bench_segment.py --device cuda (100 slices of 512 x 512 at
