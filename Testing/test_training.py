@@ -195,6 +195,19 @@ def test_export_card_and_run_outputs(uninterrupted):
     assert [r["epoch"] for r in read_csv(uninterrupted / "log.csv")] == [1.0, 2.0, 3.0]
 
 
+def test_thick_slices_train_from_the_phantoms_planes(tmp_path):
+    """--thick-slices: the training slices' planes rendered, used, recorded in the card."""
+    out = tmp_path / "thick"
+    assert main(["train", "--phantom-subjects", "3", "--phantom-slices", "1", "--phantom-size",
+                 "48", "--phantom-levels", "T12", "L1", "--val-fraction", "0.34", "--factor",
+                 "2", "--width", "4", "--batch-size", "2", "--epochs", "1", "--randomize", "1",
+                 "--kidney-unenhanced", "1", "--thick-slices", "1", "--output", str(out),
+                 "--quiet"]) == 0
+    _, card = load_model(out / "model.safetensors")
+    assert card["training"]["data"]["thick_planes_mm"] == [-2.0, -1.0, 1.0, 2.0]
+    assert "--thick-slices 1" in card["training"]["command"]
+
+
 @pytest.mark.slow
 def test_a_tiny_run_learns_and_beats_chance_on_held_out_slices(tmp_path):
     out = tmp_path / "learn"

@@ -445,3 +445,153 @@ def test_organ_look_finds_enhanced_kidneys_above_200_hu_by_their_codes():
             assert (np.abs(v - med) > 100.0).mean() < 0.01, (seed, redraw)
             checked += 1
     assert checked >= 20
+
+
+# ----------------------------------------------------------------------------- thick slices
+
+
+def test_slice_profile_weighs_the_planes_a_slice_takes_in():
+    """A box profile over planes 1 mm apart: 0.6 and 1 mm are the centre plane alone, 3 mm
+    the three middle planes alike, 5 mm all five alike, 4 mm the outer two at half weight;
+    the weights sum to one and spread as the slice thickens."""
+    from training.randomize import slice_profile
+
+    assert np.allclose(slice_profile(0.6), [0, 0, 1, 0, 0])
+    assert np.allclose(slice_profile(1.0), [0, 0, 1, 0, 0])
+    assert np.allclose(slice_profile(3.0), [0, 1 / 3, 1 / 3, 1 / 3, 0])
+    assert np.allclose(slice_profile(4.0), [0.125, 0.25, 0.25, 0.25, 0.125])
+    assert np.allclose(slice_profile(5.0), [0.2] * 5)
+    centre = [slice_profile(t)[2] for t in np.linspace(0.6, 5.0, 23)]
+    assert np.all(np.diff(centre) <= 1e-12) and centre[-1] < centre[0]
+    for t in np.linspace(0.6, 5.0, 23):
+        assert abs(slice_profile(t).sum() - 1.0) < 1e-12
+    with pytest.raises(ValueError, match="thickness"):
+        slice_profile(0.0)
+
+
+def test_a_stack_of_planes_gets_one_appearance():
+    """randomize_appearance on (P, H, W) planes: identical planes come out identical (one
+    muscle mean, one organ phase, the same fields, table, arms, streaks and cut in every
+    plane), and a stack of one draws exactly as the slice alone."""
+    from training.randomize import OrganLook
+
+    hu, lab, tissues = organ_slice()
+    for seed in range(8):
+        look = OrganLook(np.stack([tissues] * 3), True, True, np.random.default_rng([seed, 3]),
+                         np.random.default_rng([seed, 4]))
+        out, out_lab = randomize_appearance(np.stack([hu] * 3), np.stack([lab] * 3),
+                                            np.random.default_rng(seed), organs=look)
+        assert out.shape == (3,) + hu.shape and out_lab.shape == (3,) + hu.shape
+        assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])
+        assert np.array_equal(out_lab[0], out_lab[2])
+        one = randomize_appearance(hu[None], lab[None], np.random.default_rng(seed),
+                                   organs=OrganLook(tissues[None], True, True,
+                                                    np.random.default_rng([seed, 3]),
+                                                    np.random.default_rng([seed, 4])))
+        flat = randomize_appearance(hu, lab, np.random.default_rng(seed),
+                                    organs=OrganLook(tissues, True, True,
+                                                     np.random.default_rng([seed, 3]),
+                                                     np.random.default_rng([seed, 4])))
+        assert np.array_equal(one[0][0], flat[0]) and np.array_equal(one[1][0], flat[1])
+    with pytest.raises(ValueError, match="alike"):
+        randomize_appearance(np.stack([hu] * 2), lab, np.random.default_rng(0))
+
+
+def _planes(hu, lab, tissues, step_hu: float = 40.0):
+    """Planes at PLANE_OFFSETS_MM: the slice's HU plus step_hu per mm squared inside the
+    body (so that the profile's mean differs from the centre), and
+    the labels one class up (1..5) in the lowest plane, so that the centre's are told
+    apart."""
+    from training.randomize import PLANE_OFFSETS_MM
+
+    p_hu = np.stack([np.where(lab > 0, hu + step_hu * o * o, hu) for o in PLANE_OFFSETS_MM])
+    p_lab = np.stack([lab] * len(PLANE_OFFSETS_MM))
+    p_lab[0] = np.where(lab > 0, lab % 5 + 1, 0)
+    return p_hu.astype(np.float32), p_lab, np.stack([tissues] * len(PLANE_OFFSETS_MM))
+
+
+def test_a_thick_slice_is_the_profile_mean_of_its_planes():
+    """Without randomisation a thick slice's HU are its planes' HU averaged over the slice
+    profile (with flip and crop applied to every plane alike), its labels the centre's."""
+    from training.randomize import PLANE_OFFSETS_MM, slice_profile
+
+    hu, lab, tissues = organ_slice()
+    planes = _planes(hu, lab, tissues)
+    offsets = sorted(PLANE_OFFSETS_MM + (0.0,))
+    stack = np.stack([hu if o == 0.0 else planes[0][PLANE_OFFSETS_MM.index(o)] for o in offsets])
+    for t in (2.0, 3.0, 4.5, 5.0):
+        out, out_lab = Augment(flip=0.0, crop=0.0, blur=0.0, thick=1.0, thickness_mm=(t, t))(
+            hu, lab, np.random.default_rng(1), tissues, planes)
+        expect = np.tensordot(slice_profile(t, offsets), stack, axes=1)
+        assert np.allclose(out, expect, atol=1e-3)
+        assert np.array_equal(out_lab, lab)
+        assert np.median(out[lab > 0] - hu[lab > 0]) > 10.0
+    # flipped and cropped alike: the same as flipping and cropping the averaged slice
+    moved = Augment(flip=1.0, crop=1.0, blur=0.0, thick=1.0, thickness_mm=(5.0, 5.0))(
+        hu, lab, np.random.default_rng(1), tissues, planes)
+    mean = np.tensordot(slice_profile(5.0, offsets), stack, axes=1).astype(np.float32)
+    ref = Augment(flip=1.0, crop=1.0, blur=0.0)(mean, lab, np.random.default_rng(1))
+    assert np.allclose(moved[0], ref[0], atol=1e-2) and np.array_equal(moved[1], ref[1])
+
+
+def test_thin_slices_and_uniform_anatomy_are_as_before():
+    """thick is off by default and changes nothing without planes or at 0; a slice drawn
+    0.6 mm thick (the centre plane alone) is exactly the thin slice, randomised and with the
+    organ looks included; a 5 mm slice through anatomy that does not change with height is
+    the thin slice too (one appearance for all planes, averaged before the noise)."""
+    hu, lab, tissues = organ_slice()
+    planes = _planes(hu, lab, tissues)
+    uniform = (np.stack([hu] * 4), np.stack([lab] * 4), np.stack([tissues] * 4))
+    assert Augment().thick == 0.0
+    base = dict(flip=1.0, crop=1.0, blur=0.0, randomize=1.0, obese=0.0, diaphragm_muscle=1.0,
+                kidney_unenhanced=1.0, canal_hu=1.0, lowres=0.5)
+    for seed in range(6):
+        thin = Augment(**base)(hu, lab, np.random.default_rng(seed), tissues)
+        for aug, pl in ((Augment(**base, thick=1.0), None), (Augment(**base), planes),
+                        (Augment(**base, thick=1.0, thickness_mm=(0.6, 0.6)), planes)):
+            out = aug(hu, lab, np.random.default_rng(seed), tissues, pl)
+            assert np.array_equal(out[0], thin[0]) and np.array_equal(out[1], thin[1])
+        out = Augment(**base, thick=1.0, thickness_mm=(5.0, 5.0))(
+            hu, lab, np.random.default_rng(seed), tissues, uniform)
+        assert np.allclose(out[0], thin[0], atol=1e-2) and np.array_equal(out[1], thin[1])
+
+
+def test_thick_slices_from_the_phantom(tmp_path):
+    """phantom_records renders each training slice's planes (the subject at the slice's
+    height plus each offset), not the validation slices'; planes_on_grid places them as the
+    slices; --thick-slices is a share, and needs the phantom."""
+    from training.data import phantom_records, planes_on_grid, to_source_grid
+    from training.phantom.generate import make_slice, subject_slices
+    from training.randomize import PLANE_OFFSETS_MM
+
+    recs = phantom_records(3, 1, size=48, seed=0, val_fraction=0.34, levels=("T12", "L1"),
+                           plane_offsets_mm=PLANE_OFFSETS_MM)
+    assert recs["val"] and all(r.planes is None for r in recs["val"])
+    r = recs["train"][0]
+    assert r.planes.hu.shape == (4, 48, 48) and r.planes.offsets_mm == PLANE_OFFSETS_MM
+    seed = int(r.name.split("seed ")[1].split(")")[0])
+    z = subject_slices(seed, 1, 5.0, size=48, levels=("T12", "L1"))[0].z_mm
+    for i, o in enumerate(PLANE_OFFSETS_MM):
+        p = make_slice(seed, z_mm=z + o, size=48, supersample=2, anatomy="torso")
+        assert np.array_equal(r.planes.labels[i], p.labels)
+        assert np.array_equal(r.planes.hu[i], p.hu)
+    again = phantom_records(3, 1, size=48, seed=0, val_fraction=0.34, levels=("T12", "L1"))
+    assert all(a.planes is None for a in again["train"])
+    assert np.array_equal(again["train"][0].labels, r.labels)
+    hu, _, size = to_source_grid(recs["train"], 1.0)
+    p_hu, p_lab, p_tis = planes_on_grid(recs["train"], 1.0, size)
+    assert p_hu.shape == (len(recs["train"]), 4) + tuple(size) == p_lab.shape == p_tis.shape
+    assert planes_on_grid(recs["val"], 1.0, size) is None
+    # the planes lie where the subject is 1 and 2 mm away: most labels agree with the slice,
+    # not all (the anatomy changes with height)
+    agree = [(r.planes.labels[i] == r.labels).mean() for i in range(4)]
+    assert min(agree) > 0.5 and max(agree) < 1.0
+
+    from training.__main__ import build_parser
+    from training.train import check_args
+
+    for extra, match in ((["--phantom-subjects", "2", "--thick-slices", "1.5"], "--thick-slices"),
+                         (["--manifest", str(tmp_path / "m.csv"), "--thick-slices", "0.5"],
+                          "needs the phantom")):
+        with pytest.raises(ValueError, match=match):
+            check_args(build_parser().parse_args(["train", *extra, "--output", "x"]))

@@ -33,8 +33,9 @@ from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 from training.phantom import subject_slices
 from training.phantom.dataset import split_subjects, subject_seeds
 
-from .randomize import (OrganLook, add_kernel_noise, close_fat_planes, grow_sat,
-                        randomize_appearance)
+from .randomize import (PLANE_OFFSETS_MM, SLICE_THICKNESS_MM, OrganLook, add_kernel_noise,
+                        close_fat_planes, grow_sat, randomize_appearance, slice_profile,
+                        through_plane)
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
@@ -53,6 +54,19 @@ class SliceRecord:
     subject: str
     name: str
     tissues: Optional[np.ndarray] = None
+    #: the phantom rendered above and below the slice, for thick slices (``SlicePlanes``)
+    planes: Optional["SlicePlanes"] = None
+
+
+@dataclass
+class SlicePlanes:
+    """A phantom slice's neighbouring planes, at the slice's pixels: offsets_mm (P,) mm from
+    the slice (+ cranial), hu float32 (P, H, W) HU, labels and tissues uint8 (P, H, W)."""
+
+    offsets_mm: Tuple[float, ...]
+    hu: np.ndarray
+    labels: np.ndarray
+    tissues: np.ndarray
 
 
 # ----------------------------------------------------------------------------- sources
@@ -65,7 +79,8 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                     kidney_contact: float = 0.0,
                     kidney_rise: float = 0.0,
                     kidney_tilt: float = 0.0,
-                    costal_diaphragm: float = 0.0) -> Dict[str, List[SliceRecord]]:
+                    costal_diaphragm: float = 0.0,
+                    plane_offsets_mm: Sequence[float] = ()) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
     ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
     levels=levels)`` writes to disk, generated in memory. levels: None, the slices around
@@ -75,7 +90,10 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     the kidneys lie higher (phantom.torso.draw_torso); kidney_tilt: with levels, degrees the
     kidneys' long axes lean towards the midline going up (phantom.torso.tilted_kidney_shift);
     costal_diaphragm: with levels, the share of subjects with the diaphragm lining their
-    lower ribs (phantom.torso.draw_ribcage)."""
+    lower ribs (phantom.torso.draw_ribcage). plane_offsets_mm: the training slices also
+    rendered at these heights (mm from each slice) as ``SlicePlanes`` for thick slices
+    (Augment.thick; 2 subpixels a side, as only their HU are averaged in), validation
+    slices not."""
     from tqdm import tqdm
 
     if n_subjects < 1 or slices_per_subject < 1:
@@ -95,15 +113,33 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
             if levels is None:
                 raise ValueError(f"{flag} needs the torso anatomy (--phantom-levels)")
             where[key] = float(value)
+    offsets = tuple(float(o) for o in plane_offsets_mm)
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):
         name = f"subject_{i:04d}"
         for k, s in enumerate(subject_slices(seeds[i], slices_per_subject, slice_gap_mm,
                                              size=size, **where)):
+            planes = None
+            if offsets and splits[i] == "train":
+                planes = phantom_planes(seeds[i], s.z_mm, offsets, size, where)
             out[splits[i]].append(SliceRecord(s.hu, s.labels, (s.pixel_mm, s.pixel_mm), name,
                                               f"phantom {name} (seed {seeds[i]}) slice {k}",
-                                              s.tissues))
+                                              s.tissues, planes))
     return out
+
+
+def phantom_planes(seed: int, z_mm: float, offsets_mm: Sequence[float], size: int,
+                   where: dict) -> SlicePlanes:
+    """Subject ``seed`` rendered at ``z_mm`` + each offset (mm), as subject_slices renders
+    it at z_mm (``where``: its levels and anatomy keywords), 2 subpixels a side."""
+    from training.phantom.generate import make_slice
+
+    kw = {k: v for k, v in where.items() if k != "levels"}
+    if "levels" in where:
+        kw["anatomy"] = "torso"
+    ps = [make_slice(seed, z_mm=z_mm + o, size=size, supersample=2, **kw) for o in offsets_mm]
+    return SlicePlanes(tuple(offsets_mm), np.stack([p.hu for p in ps]),
+                       np.stack([p.labels for p in ps]), np.stack([p.tissues for p in ps]))
 
 
 def manifest_records(path, splits: Sequence[str] = ("train", "val"),
@@ -164,6 +200,25 @@ def tissues_on_grid(records: Sequence[SliceRecord], source_mm: float,
     return _on_grid(records, lambda r: r.tissues, source_mm, tuple(size), 0, labels=True)
 
 
+def planes_on_grid(records: Sequence[SliceRecord], source_mm: float,
+                   size: Tuple[int, int]) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The records' SlicePlanes placed as to_source_grid places the slices: (hu float32,
+    labels uint8, tissues uint8), each (N, P, *size), or None unless every record has
+    planes at the same offsets."""
+    if not records or any(r.planes is None for r in records):
+        return None
+    offsets = records[0].planes.offsets_mm
+    if any(r.planes.offsets_mm != offsets for r in records):
+        raise ValueError("the records' planes lie at different offsets")
+    size = tuple(size)
+    out = []
+    for field, fill, lab in (("hu", AIR_HU, False), ("labels", 0, True), ("tissues", 0, True)):
+        out.append(np.stack([_on_grid(records, lambda r: getattr(r.planes, field)[p],
+                                      source_mm, size, fill, labels=lab)
+                             for p in range(len(offsets))], axis=1))
+    return out[0], out[1], out[2]
+
+
 def _on_grid(records: Sequence[SliceRecord], plane, source_mm: float, size: Tuple[int, int],
              fill: float, labels: bool = False) -> np.ndarray:
     """plane(record) (H, W) of every record resampled to source_mm (nearest for labels) and
@@ -206,8 +261,13 @@ class Augment:
     network cannot tell muscle from liver by HU alone; randomize: the slice's appearance drawn
     anew (training/randomize.py: muscle, fat and organ HU, fatty infiltration, arms, table,
     field-of-view truncation, streaks, correlated kernel noise), labels kept, and on a share
-    ``obese`` of those slices the subcutaneous fat grown outward (randomize.grow_sat). lowres,
-    tissue_hu and randomize are off by default."""
+    ``obese`` of those slices the subcutaneous fat grown outward (randomize.grow_sat); thick:
+    the share of slices (with planes: the phantom's, SliceDataset) drawn as a thick slice,
+    nominal thickness from ``thickness_mm``: its planes (randomize.PLANE_OFFSETS_MM) get the
+    same augmentation and appearance and are averaged over the slice profile
+    (randomize.slice_profile) before the noise, so partial volume runs across the slice as
+    on a 3 to 5 mm scan; the labels stay the centre plane's. lowres, tissue_hu, randomize and
+    thick are off by default."""
 
     flip: float = 0.5
     crop: float = 0.5
@@ -235,15 +295,21 @@ class Augment:
     kidney_unenhanced: float = 0.0
     #: share of the randomised slices whose spinal canal contents are drawn at 0..40 HU
     canal_hu: float = 0.0
+    #: share of the slices with planes drawn thick, and the thickness range, mm
+    thick: float = 0.0
+    thickness_mm: Tuple[float, float] = SLICE_THICKNESS_MM
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __call__(self, hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                 tissues: Optional[np.ndarray] = None):
+                 tissues: Optional[np.ndarray] = None, planes=None):
         """hu float32 (H, W), labels uint8 (H, W) -> augmented copies of the same shape.
         tissues: the phantom's uint8 (H, W) tissue codes, moved with the labels; needed by
-        diaphragm_muscle, kidney_unenhanced and canal_hu (without them these do nothing)."""
+        diaphragm_muscle, kidney_unenhanced and canal_hu (without them these do nothing).
+        planes: (hu float32, labels uint8, tissues uint8 or None), each (P, H, W), the
+        phantom at randomize.PLANE_OFFSETS_MM from the slice, for ``thick`` (without them
+        every slice is thin)."""
         from scipy.ndimage import gaussian_filter
 
         # draw every number whether or not it is used, so each choice has a fixed stream
@@ -258,18 +324,25 @@ class Augment:
         # drawn last: turning randomize on keeps every other stream
         u_rand, rand_seed = rng.random(), int(rng.integers(2 ** 63))
         h, w = hu.shape
+        # thick: a stream of its own from the last draw, so off keeps every draw
+        thick_rng = np.random.default_rng([rand_seed, 5])
+        profile = None
+        if planes is not None and thick_rng.random() < self.thick:
+            hu, labels, tissues, profile = _stack_planes(
+                hu, labels, tissues, planes, thick_rng.uniform(*self.thickness_mm))
         if u[0] < self.flip:
-            hu, labels = hu[:, ::-1], labels[:, ::-1]
-            tissues = None if tissues is None else tissues[:, ::-1]
+            hu, labels = hu[..., ::-1], labels[..., ::-1]
+            tissues = None if tissues is None else tissues[..., ::-1]
         if u[1] < self.crop:
             ch, cw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
             r0, c0 = int(pos[0] * (h - ch + 1)), int(pos[1] * (w - cw + 1))
-            hu = resample_planes(np.ascontiguousarray(hu[r0:r0 + ch, c0:c0 + cw]), (h, w))
-            labels = resample_planes(np.ascontiguousarray(labels[r0:r0 + ch, c0:c0 + cw]),
+            hu = resample_planes(np.ascontiguousarray(hu[..., r0:r0 + ch, c0:c0 + cw]), (h, w))
+            labels = resample_planes(np.ascontiguousarray(labels[..., r0:r0 + ch, c0:c0 + cw]),
                                      (h, w), labels=True)
             if tissues is not None:
-                tissues = resample_planes(np.ascontiguousarray(tissues[r0:r0 + ch, c0:c0 + cw]),
-                                          (h, w), labels=True)
+                tissues = resample_planes(
+                    np.ascontiguousarray(tissues[..., r0:r0 + ch, c0:c0 + cw]), (h, w),
+                    labels=True)
         if u_hu < self.tissue_hu:
             hu = np.array(hu, np.float32)
             hu[labels == MUS] += shift_mus
@@ -280,11 +353,11 @@ class Augment:
             # its own stream, so the appearance draws are those of a body not grown
             habitus_rng = np.random.default_rng([rand_seed, 1])
             if habitus_rng.random() < self.obese:
-                hu, labels = grow_sat(hu, labels, habitus_rng)
+                hu, labels = _each_plane(grow_sat, hu, labels, habitus_rng)
             if self.organ_contact > 0:      # its own stream too: off keeps every draw
                 contact_rng = np.random.default_rng([rand_seed, 2])
                 if contact_rng.random() < self.organ_contact:
-                    hu, labels = close_fat_planes(hu, labels, contact_rng)
+                    hu, labels = _each_plane(close_fat_planes, hu, labels, contact_rng)
             organs = None
             if tissues is not None and max(self.diaphragm_muscle, self.kidney_unenhanced,
                                            self.canal_hu) > 0:
@@ -296,9 +369,13 @@ class Augment:
                                    canal_rng if canal_rng.random() < self.canal_hu else None)
             hu, labels = randomize_appearance(hu, labels, rand_rng, self.muscle_region_sd_hu,
                                               self.organ_flatten, organs)
+            if profile is not None:
+                hu, labels = through_plane(hu, labels, *profile)
             # the scanner's noise comes with its own pixels: a coarser scan (lowres below)
             # resampled to the training grid has smooth noise, not fine-grained noise
             hu = add_kernel_noise(hu, rand_rng)
+        elif profile is not None:
+            hu, labels = through_plane(hu, labels, *profile)
         if u_low < self.lowres:
             small = (max(1, int(round(h / shrink))), max(1, int(round(w / shrink))))
             hu = resample_planes(resample_planes(np.ascontiguousarray(hu, np.float32), small),
@@ -308,18 +385,54 @@ class Augment:
         return np.ascontiguousarray(hu, np.float32), np.ascontiguousarray(labels, np.uint8)
 
 
+def _stack_planes(hu, labels, tissues, planes, thickness_mm: float):
+    """The slice and those of its planes (P, H, W) that a slice ``thickness_mm`` thick takes
+    in, as (P', H, W) stacks ordered by height, and (their weights, the slice's index)."""
+    p_hu, p_lab, p_tis = planes
+    offsets = list(PLANE_OFFSETS_MM)
+    if len(offsets) != p_hu.shape[0]:
+        raise ValueError(f"planes must be at {offsets} mm; got {p_hu.shape[0]} planes")
+    at = int(np.searchsorted(offsets, 0.0))
+    order = offsets[:at] + [0.0] + offsets[at:]
+    weights = slice_profile(thickness_mm, order)
+    take = np.nonzero(weights > 0)[0]
+
+    def stack(centre, others):
+        return np.stack([centre if i == at else others[i - (i > at)] for i in take])
+
+    hu = stack(np.asarray(hu, np.float32), np.asarray(p_hu, np.float32))
+    labels = stack(labels, p_lab)
+    if tissues is not None:
+        tissues = stack(tissues, p_tis) if p_tis is not None else None
+    return hu, labels, tissues, (weights[take], int(np.searchsorted(take, at)))
+
+
+def _each_plane(fn, hu, labels, rng):
+    """fn(hu, labels, rng) on a slice, or on each plane of a stack with the same draws."""
+    if hu.ndim == 2:
+        return fn(hu, labels, rng)
+    import copy
+
+    outs = [fn(hu[p], labels[p], copy.deepcopy(rng)) for p in range(hu.shape[0])]
+    return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """Slices on the source grid; item i -> (hu float32 (H, W), labels uint8 (H, W)) tensors,
     augmented with randomness from (seed, epoch, i) when ``augment`` is given (with the
-    phantom's tissue codes (N, H, W), tissues_on_grid, when given: randomize uses them)."""
+    phantom's tissue codes (N, H, W), tissues_on_grid, when given: randomize uses them;
+    planes, planes_on_grid's (hu, labels, tissues) (N, P, H, W): Augment.thick uses them)."""
 
     def __init__(self, hu: np.ndarray, labels: np.ndarray, augment: Optional[Augment] = None,
-                 seed: int = 0, tissues: Optional[np.ndarray] = None):
+                 seed: int = 0, tissues: Optional[np.ndarray] = None, planes=None):
         if hu.shape != labels.shape or hu.ndim != 3:
             raise ValueError(f"hu and labels must both be (N, H, W); got {hu.shape} and {labels.shape}")
         if tissues is not None and tissues.shape != labels.shape:
             raise ValueError(f"tissues must be (N, H, W) as the labels; got {tissues.shape}")
-        self.hu, self.labels, self.tissues = hu, labels, tissues
+        if planes is not None and any(a.shape[0] != hu.shape[0] or a.shape[2:] != hu.shape[1:]
+                                      for a in planes):
+            raise ValueError(f"planes must be (N, P, H, W) with N, H, W of hu {hu.shape}")
+        self.hu, self.labels, self.tissues, self.planes = hu, labels, tissues, planes
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
@@ -335,7 +448,8 @@ class SliceDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(i)]))
             tissues = None if self.tissues is None else self.tissues[i]
-            hu, lab = self.augment(hu, lab, rng, tissues)
+            planes = None if self.planes is None else tuple(a[i] for a in self.planes)
+            hu, lab = self.augment(hu, lab, rng, tissues, planes)
         return torch.from_numpy(np.array(hu, np.float32)), torch.from_numpy(np.array(lab, np.uint8))
 
 

@@ -52,7 +52,7 @@ from (seed, epoch, slice index) like the rest of the augmentation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -138,14 +138,25 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
                          organs: Optional[OrganLook] = None):
     """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies with a new appearance;
     labels change only where field-of-view truncation removes the body (set to background).
+    Or (P, H, W) stacks: the P planes of one thick slice (``through_plane``), which get one
+    appearance (each connected muscle or organ found in 3D, the same fields, table, arms,
+    streaks and field of view in every plane); (H, W) draws exactly as a stack of one.
     muscle_region_sd: SD (HU) of each connected muscle's own offset; organ_flatten: share of
     slices whose organs lose most of their inner contrast (0 turns either off); organs:
     the diaphragm, kidneys and spinal canal drawn on their own (OrganLook), None as
     before."""
-    source = hu
+    flat = np.ndim(hu) == 2
+    source = np.asarray(hu, np.float32)
     hu = np.array(hu, np.float32)
     labels = np.array(labels, np.uint8)
-    h, w = hu.shape
+    if flat:
+        source, hu, labels = source[None], hu[None], labels[None]
+        if organs is not None:
+            organs = replace(organs, tissues=organs.tissues[None])
+    if hu.shape != labels.shape or hu.ndim != 3:
+        raise ValueError(f"hu and labels must be (H, W) or (P, H, W) alike; got {hu.shape} "
+                         f"and {labels.shape}")
+    h, w = hu.shape[-2:]
     mus = labels == MUS
     muscle_mean = None
     # muscle: new mean, then patchy and speckled fatty infiltration
@@ -156,7 +167,8 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         blobs = np.maximum(_smooth_field((h, w), rng.uniform(2.0, 8.0), rng)
                            - rng.uniform(-0.5, 1.0), 0.0)
         speckle = _smooth_field((h, w), rng.uniform(0.5, 1.2), rng) * rng.uniform(0.0, 12.0)
-        hu[mus] += (-depth * np.minimum(blobs, 2.0) / 2.0 + speckle)[mus]
+        field = -depth * np.minimum(blobs, 2.0) / 2.0 + speckle
+        hu[mus] += np.broadcast_to(field, hu.shape)[mus]
         # each muscle its own offset: fatty infiltration differs between muscles (the
         # paraspinals far darker than the psoas in older patients)
         from scipy.ndimage import label as connected
@@ -219,7 +231,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         idx = regions[kidney]
         # the inner contrast kept is the phantom's own (cortex, medulla, its texture),
         # not what the organs' draw and fading made of it
-        inner = np.asarray(source, np.float32)[kidney]
+        inner = source[kidney]
         means = (np.bincount(idx, weights=inner, minlength=n + 1)
                  / np.maximum(np.bincount(idx, minlength=n + 1), 1))
         # each kidney its own level around one draw (the two kidneys of a patient match)
@@ -237,8 +249,8 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         hu[gas] = rng.uniform(0.0, 40.0) if fill < 0.15 else rng.uniform(150.0, 400.0)
     body = labels > 0
     if not body.any():
-        return hu, labels
-    rows, cols = np.nonzero(body)
+        return (hu[0], labels[0]) if flat else (hu, labels)
+    rows, cols = np.nonzero(body.any(axis=0))
     top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
     bw = right - left + 1
     rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -249,10 +261,12 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         r0 = bottom + rng.uniform(0, 6)
         curve = rng.uniform(0.0, 0.0004) * (cc - (left + right) / 2) ** 2
         y = rr - r0 + curve
-        pad_m = (y > 0) & (y <= pad) & ~body
-        table_m = (y > pad) & (y <= pad + table) & ~body
-        hu[pad_m] = rng.uniform(-900.0, -100.0) + 10 * rng.standard_normal(pad_m.sum())
-        hu[table_m] = rng.uniform(-600.0, 300.0) + 20 * rng.standard_normal(table_m.sum())
+        # (H, W): the table is the same in every plane of a thick slice
+        anywhere = body.any(axis=0)
+        pad_m = (y > 0) & (y <= pad) & ~anywhere
+        table_m = (y > pad) & (y <= pad + table) & ~anywhere
+        hu[:, pad_m] = rng.uniform(-900.0, -100.0) + 10 * rng.standard_normal(pad_m.sum())
+        hu[:, table_m] = rng.uniform(-600.0, 300.0) + 20 * rng.standard_normal(table_m.sum())
     # arms beside the body: skin, fat, muscle, humerus; background for the tissue classes
     if rng.random() < 0.5:
         r_mid = (top + bottom) / 2 + rng.uniform(-0.25, 0.25) * (bottom - top)
@@ -276,7 +290,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     if rng.random() < 0.4:
         dense = hu > 500.0
         if dense.any():
-            dr, dc = np.nonzero(dense)
+            dr, dc = np.nonzero(dense.any(axis=0))
             r0, c0 = float(dr.mean()), float(dc.mean())
             for _ in range(rng.integers(1, 5)):
                 t = rng.uniform(0, np.pi)
@@ -302,9 +316,9 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
             out |= cc > right - depth[1] * bw
         if cuts[2]:
             out |= rr < top + depth[2] * bh
-    hu[out] = AIR_HU
-    labels[out] = BG
-    return hu, labels
+    hu[:, out] = AIR_HU
+    labels[:, out] = BG
+    return (hu[0], labels[0]) if flat else (hu, labels)
 
 
 def add_kernel_noise(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -321,6 +335,40 @@ def add_kernel_noise(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = n + rng.uniform(0.3, 1.0) * (n - gaussian_filter(n, 1.0, mode="wrap"))
     n *= sd / max(float(n.std()), 1e-6)
     return (hu + n * (hu > -950.0)).astype(np.float32)
+
+
+#: thick slices (``--thick-slices``): the nominal slice thickness drawn per slice, mm, and
+#: the heights of the phantom planes averaged into it (mm from the slice's centre, 1 mm
+#: apart; the centre plane is the slice itself)
+SLICE_THICKNESS_MM = (0.6, 5.0)
+PLANE_OFFSETS_MM = (-2.0, -1.0, 1.0, 2.0)
+PLANE_SPACING_MM = 1.0
+
+
+def slice_profile(thickness_mm: float, offsets_mm=(-2.0, -1.0, 0.0, 1.0, 2.0),
+                  spacing_mm: float = PLANE_SPACING_MM) -> np.ndarray:
+    """Weights float64 (P,), summing to 1, of planes at ``offsets_mm`` (mm from the slice's
+    centre, ``spacing_mm`` apart, one at 0) in a slice ``thickness_mm`` thick: each plane
+    stands for the ``spacing_mm`` of tissue around it, weighted by how much of that lies in
+    the slice (a box slice profile, as a scanner's nominal thickness approximates it).
+    0.6 mm is the centre plane alone; 5 mm all five planes alike."""
+    if not thickness_mm > 0:
+        raise ValueError(f"slice thickness must be > 0 mm; got {thickness_mm}")
+    o = np.asarray(offsets_mm, np.float64)
+    half = thickness_mm / 2.0
+    w = np.clip(np.minimum(o + spacing_mm / 2, half) - np.maximum(o - spacing_mm / 2, -half),
+                0.0, None)
+    if not w.sum() > 0:
+        raise ValueError(f"no plane within {thickness_mm} mm of the centre: {list(o)}")
+    return w / w.sum()
+
+
+def through_plane(hu: np.ndarray, labels: np.ndarray, weights: np.ndarray, centre: int):
+    """A thick slice from its planes: hu float32 (P, H, W) HU averaged with ``weights``
+    (P,) (slice_profile) into (H, W), the partial volume across the slice; the labels
+    those of the centre plane (uint8 (H, W)), the anatomy at the slice's nominal height."""
+    out = np.tensordot(np.asarray(weights, np.float32), hu.astype(np.float32), axes=1)
+    return out.astype(np.float32), np.array(labels[centre], np.uint8)
 
 
 #: close_fat_planes: the widest fat plane between an organ and a muscle that closes, mm

@@ -40,8 +40,8 @@ from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, check_windows
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import (Augment, SliceDataset, SliceRecord, epd_target, manifest_records,
-                   median_pixel_mm, model_inputs, phantom_records, tissues_on_grid,
-                   to_source_grid)
+                   median_pixel_mm, model_inputs, phantom_records, planes_on_grid,
+                   tissues_on_grid, to_source_grid)
 from EPDSegmentationLib.core.losses import DEFAULT_LOSS, Criterion, parse_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -151,6 +151,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--canal-hu", type=float, default=0.0, metavar="P",
                    help="with --randomize, phantom only: share of randomised slices whose "
                         "spinal canal contents are drawn at 0..40 HU (default 0: off)")
+    g.add_argument("--thick-slices", type=float, default=0.0, metavar="P",
+                   help="phantom only: share of training slices drawn as a thick slice, "
+                        "0.6 to 5 mm: the phantom rendered 1 and 2 mm above and below, "
+                        "given the slice's augmentation and appearance, and averaged over "
+                        "the slice profile (partial volume across the slice); labels the "
+                        "slice's own (default 0: off)")
     g.add_argument("--obese", type=float, default=0.3, metavar="P",
                    help="with --randomize: share of randomised slices whose subcutaneous fat "
                         "grows outward (obese bodies; default 0.3; 0: off)")
@@ -196,7 +202,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
-                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu"):
+                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "thick_slices"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
@@ -209,6 +215,9 @@ def check_args(args: argparse.Namespace) -> None:
                          f"got {args.lowres_max}")
     if args.source_mm is not None and not args.source_mm > 0:
         raise ValueError(f"--source-mm must be > 0; got {args.source_mm}")
+    if args.thick_slices > 0 and args.manifest is not None:
+        raise ValueError("--thick-slices needs the phantom's planes above and below each "
+                         "slice: train on --phantom-subjects, not a manifest")
     if args.phantom_subjects is not None and args.phantom_subjects < 2:
         raise ValueError("--phantom-subjects must be >= 2 (one at least is held out)")
 
@@ -228,6 +237,15 @@ def args_dict(args: argparse.Namespace) -> Dict[str, object]:
 # ----------------------------------------------------------------------------- data
 
 
+def thick_planes(args) -> Tuple[float, ...]:
+    """The heights (mm) the phantom's training slices are also rendered at: those of
+    randomize.PLANE_OFFSETS_MM with --thick-slices, none without."""
+    from .randomize import PLANE_OFFSETS_MM
+
+    on = getattr(args, "thick_slices", 0.0) > 0 and not getattr(args, "no_augment", False)
+    return tuple(PLANE_OFFSETS_MM) if on else ()
+
+
 def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRecord], dict]:
     """(training slices, validation slices, data recipe for the card)."""
     if args.manifest is not None:
@@ -243,7 +261,8 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                                kidney_contact=args.kidney_contact,
                                kidney_rise=args.kidney_rise,
                                kidney_tilt=args.kidney_tilt,
-                               costal_diaphragm=args.costal_diaphragm)
+                               costal_diaphragm=args.costal_diaphragm,
+                               plane_offsets_mm=thick_planes(args))
         recipe = {"source": "phantom", "generator": "training.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
                   "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
@@ -265,6 +284,8 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                                 if args.kidney_tilt else "")
                              + (f", costal_diaphragm={args.costal_diaphragm}"
                                 if args.costal_diaphragm else "") + ")"}
+        if thick_planes(args):
+            recipe["thick_planes_mm"] = list(thick_planes(args))
     train, val = recs["train"], recs.get("val", [])
     if not train:
         raise ValueError("no training slices (no case with split 'train')")
@@ -526,7 +547,14 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         tissue_hu=args.tissue_hu, randomize=args.randomize, obese=args.obese,
         muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
-        kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu)
+        kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu,
+        thick=args.thick_slices)
+    planes = None
+    if augment is not None and args.thick_slices > 0:
+        planes = planes_on_grid(train_recs, source_mm, size)
+        if planes is None:
+            raise ValueError("--thick-slices needs the phantom's planes above and below each "
+                             "slice: train on --phantom-subjects, not a manifest")
     tissues = None
     if augment is not None and max(args.diaphragm_muscle, args.kidney_unenhanced,
                                    args.canal_hu) > 0:
@@ -535,7 +563,8 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
             raise ValueError("--diaphragm-muscle, --kidney-unenhanced and --canal-hu need the "
                              "phantom's tissue codes: train on --phantom-subjects, not a "
                              "manifest")
-    train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed, tissues=tissues)
+    train_ds = SliceDataset(train_hu, train_lab, augment, seed=args.seed, tissues=tissues,
+                            planes=planes)
     val_ds = SliceDataset(val_hu, val_lab)
     per_rank = args.batch_size // ctx.world_size
     sampler = D.RankBatches(len(train_ds), args.batch_size, ctx.world_size, ctx.rank, args.seed)
