@@ -551,9 +551,13 @@ def test_thin_slices_and_uniform_anatomy_are_as_before():
                         (Augment(**base, thick=1.0, thickness_mm=(0.6, 0.6)), planes)):
             out = aug(hu, lab, np.random.default_rng(seed), tissues, pl)
             assert np.array_equal(out[0], thin[0]) and np.array_equal(out[1], thin[1])
-        out = Augment(**base, thick=1.0, thickness_mm=(5.0, 5.0))(
-            hu, lab, np.random.default_rng(seed), tissues, uniform)
-        assert np.allclose(out[0], thin[0], atol=1e-2) and np.array_equal(out[1], thin[1])
+        # with the body grown obese and the fat planes closed, plane by plane, too
+        for extra in ({}, {"obese": 1.0, "organ_contact": 1.0}):
+            kw = dict(base, **extra)
+            thin = Augment(**kw)(hu, lab, np.random.default_rng(seed), tissues)
+            out = Augment(**kw, thick=1.0, thickness_mm=(5.0, 5.0))(
+                hu, lab, np.random.default_rng(seed), tissues, uniform)
+            assert np.allclose(out[0], thin[0], atol=1e-2) and np.array_equal(out[1], thin[1])
 
 
 def test_thick_slices_from_the_phantom(tmp_path):
