@@ -549,12 +549,8 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
         kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu,
         thick=args.thick_slices)
-    planes = None
-    if augment is not None and args.thick_slices > 0:
-        planes = planes_on_grid(train_recs, source_mm, size)
-        if planes is None:
-            raise ValueError("--thick-slices needs the phantom's planes above and below each "
-                             "slice: train on --phantom-subjects, not a manifest")
+    # check_args refuses --thick-slices with a manifest, so the phantom's records have planes
+    planes = planes_on_grid(train_recs, source_mm, size) if thick_planes(args) else None
     tissues = None
     if augment is not None and max(args.diaphragm_muscle, args.kidney_unenhanced,
                                    args.canal_hu) > 0:
