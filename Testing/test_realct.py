@@ -131,3 +131,61 @@ def test_command_with_structures_writes_levels(tiny_model_path, tmp_path):
                  tmp_path / "small.nii.gz")
     assert main([*args[:-4], "--structures", str(tmp_path / "small.nii.gz"), "--output",
                  str(tmp_path / "e2")]) == 2
+
+
+def _ras_copy(volume, array=None):
+    """The same volume stored as a RAS+ NIfTI would store it: rows posterior -> anterior,
+    columns left -> right (flipped planes, +x and +y axes)."""
+    from EPDSegmentationLib.core.volume import Volume
+
+    a = volume.array if array is None else array
+    m = np.array(volume.ijk_to_ras, np.float64)
+    m[:3, :3] = np.diag(np.abs(np.diag(m[:3, :3])))
+    return Volume(np.ascontiguousarray(a[:, ::-1, ::-1]), m)
+
+
+def test_simulate_draws_in_the_training_orientation_and_changes_the_masks():
+    """Screws (metal) on a phantom volume, stored as DICOM would and as RAS+: the same screws
+    in the same anatomy either way (the slices are drawn anterior up, then turned back), on
+    every slice, with the masks losing the metal's voxels; cachexia needs a SAT mask and cuts
+    only SAT and skin off."""
+    from EPDSegmentationLib.core.orientation import network_flips
+    from training.metal import METAL_HU
+    from training.realsim import simulate
+
+    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=128), gap_mm=5.0)
+    assert network_flips(hu.ijk_to_ras)[:2] == (False, False)
+    ras = _ras_copy(hu)
+    assert network_flips(ras.ijk_to_ras)[:2] == (True, True)
+    lab = labels.array
+    masks = [("MUS", [1], lab == 1), ("SAT", [3], lab == 3)]
+    a, a_masks = simulate(hu, masks, "metal", 4)
+    b, b_masks = simulate(ras, [(n, c, m[:, ::-1, ::-1]) for n, c, m in masks], "metal", 4)
+    assert np.array_equal(a.array, b.array[:, ::-1, ::-1])
+    metal = a.array >= METAL_HU[0]
+    assert all(metal[k].any() for k in range(metal.shape[0]))
+    assert np.array_equal(a.ijk_to_ras, hu.ijk_to_ras) and hu.array.max() < METAL_HU[0]
+    for (_, _, before), (_, _, after) in zip(masks, a_masks):
+        assert not (after & metal).any() and np.array_equal(after, before & ~metal)
+    with pytest.raises(ValueError, match="SAT"):
+        simulate(hu, masks[:1], "cachexia", 0)
+    c, c_masks = simulate(hu, masks, "cachexia", 0)
+    assert 0 < c_masks[1][2].sum() < masks[1][2].sum()
+    cut = c.array != hu.array
+    assert set(np.unique(lab[cut])) <= {0, 3, 5}     # SAT, skin (MSC), its partial-volume edge
+    assert np.array_equal(c_masks[0][2], masks[0][2])             # muscle untouched
+    with pytest.raises(ValueError, match="--simulate"):
+        simulate(hu, masks, "tattoo", 0)
+
+
+def test_command_with_simulate_records_it(tiny_model_path, tmp_path):
+    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=80), gap_mm=5.0)
+    write_volume(hu, tmp_path / "ct.nii.gz")
+    write_volume(labels.with_array((labels.array == 3).astype(np.uint8)), tmp_path / "sat.nii.gz")
+    out = tmp_path / "eval"
+    assert main(["evaluate-real", "--model", str(tiny_model_path) + ".safetensors", "--ct",
+                 str(tmp_path / "ct.nii.gz"), "--mask", f"SAT={tmp_path / 'sat.nii.gz'}",
+                 "--simulate", "cachexia", "--simulate-seed", "3", "--output", str(out)]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["simulate"] == {"what": "cachexia", "seed": 3}
+    assert "simulated cachexia (seed 3)" in (out / "table.md").read_text()

@@ -33,8 +33,10 @@ from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 from training.phantom import subject_slices
 from training.phantom.dataset import split_subjects, subject_seeds
 
+from .metal import add_metal
 from .randomize import (PLANE_OFFSETS_MM, SLICE_THICKNESS_MM, OrganLook, add_kernel_noise,
                         close_fat_planes, grow_sat, randomize_appearance, slice_profile,
+                        thin_sat,
                         through_plane)
 
 AIR_HU = -1024.0
@@ -261,7 +263,9 @@ class Augment:
     network cannot tell muscle from liver by HU alone; randomize: the slice's appearance drawn
     anew (training/randomize.py: muscle, fat and organ HU, fatty infiltration, arms, table,
     field-of-view truncation, streaks, correlated kernel noise), labels kept, and on a share
-    ``obese`` of those slices the subcutaneous fat grown outward (randomize.grow_sat); thick:
+    ``obese`` of those slices the subcutaneous fat grown outward (randomize.grow_sat), on a
+    share ``cachectic`` of the others cut down to 1..6 mm (randomize.thin_sat), and on a
+    share ``metal`` spinal screws or clips drawn with their streaks (metal.add_metal); thick:
     the share of slices (with planes: the phantom's, SliceDataset) drawn as a thick slice,
     nominal thickness from ``thickness_mm``: its planes (randomize.PLANE_OFFSETS_MM) get the
     same augmentation and appearance and are averaged over the slice profile
@@ -282,6 +286,10 @@ class Augment:
     randomize: float = 0.0
     #: share of the randomised slices whose body is made obese (randomize.grow_sat)
     obese: float = 0.3
+    #: shares of the randomised slices (not made obese) whose subcutaneous fat is cut down
+    #: (randomize.thin_sat), and that get metal and its streaks (metal.add_metal)
+    cachectic: float = 0.0
+    metal: float = 0.0
     #: randomize_appearance's per-muscle HU offset SD and organ contrast fading share
     muscle_region_sd_hu: float = 12.0
     organ_flatten: float = 0.4
@@ -354,6 +362,10 @@ class Augment:
             habitus_rng = np.random.default_rng([rand_seed, 1])
             if habitus_rng.random() < self.obese:
                 hu, labels = _each_plane(grow_sat, hu, labels, habitus_rng)
+            elif self.cachectic > 0:        # its own stream: off keeps every draw
+                thin_rng = np.random.default_rng([rand_seed, 6])
+                if thin_rng.random() < self.cachectic:
+                    hu, labels = _each_plane(thin_sat, hu, labels, thin_rng)
             if self.organ_contact > 0:      # its own stream too: off keeps every draw
                 contact_rng = np.random.default_rng([rand_seed, 2])
                 if contact_rng.random() < self.organ_contact:
@@ -371,6 +383,10 @@ class Augment:
                                               self.organ_flatten, organs)
             if profile is not None:
                 hu, labels = through_plane(hu, labels, *profile)
+            if self.metal > 0:              # its own stream: off keeps every draw
+                metal_rng = np.random.default_rng([rand_seed, 7])
+                if metal_rng.random() < self.metal:
+                    hu, labels = add_metal(hu, labels, metal_rng)
             # the scanner's noise comes with its own pixels: a coarser scan (lowres below)
             # resampled to the training grid has smooth noise, not fine-grained noise
             hu = add_kernel_noise(hu, rand_rng)

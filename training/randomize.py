@@ -473,3 +473,70 @@ def grow_neighbour(grow: np.ndarray, reach: int = 6) -> np.ndarray:
     from scipy.ndimage import binary_dilation
 
     return binary_dilation(grow, iterations=reach)
+
+
+#: thin_sat: the subcutaneous fat left where a cachectic body keeps it, mm (drawn per slice)
+CACHECTIC_SAT_MM = (1.0, 6.0)
+
+
+def thin_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+             pixel_mm: float = GRID_MM):
+    """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies of a cachectic
+    version of the body: the subcutaneous fat over the front and flanks cut down to 1..6 mm
+    (CACHECTIC_SAT_MM, drawn per slice and varied around the body), the skin moved inward
+    onto what is left; the back, which lies on the table and carries its fat flattened, is
+    left as it is. Removed pixels become air and background; every other pixel keeps its
+    class and HU except the new skin (the phantom's skin HU, class MSC). The phantom's
+    thinnest subjects keep about 5 mm or more all round; cancer, ICU and older patients
+    often keep almost none. A slice without SAT comes back as is."""
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+    from scipy.ndimage import label as connected
+
+    hu = np.array(hu, np.float32)
+    labels = np.array(labels, np.uint8)
+    body = labels > 0
+    sat = labels == SAT
+    if not sat.any():
+        return hu, labels
+    h, w = hu.shape
+    inside_d = distance_transform_edt(body)
+    skin = (labels == MSC) & (inside_d <= 3.5 / pixel_mm)
+    deep = body & ~sat & ~skin
+    if not deep.any():
+        return hu, labels
+    rows, cols = np.nonzero(body)
+    r0, c0 = rows.mean(), cols.mean()
+    rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)
+    # angle from anterior (image top); the back (|phi| near pi) is kept
+    phi = np.arctan2(cc - c0, -(rr - r0))
+    keep_px = rng.uniform(*CACHECTIC_SAT_MM) / pixel_mm
+    skin_px = rng.uniform(1.5, 2.6) / pixel_mm
+    wobble = 1.0 + 0.4 * np.sin(phi * rng.integers(1, 4) + rng.uniform(0, 2 * np.pi))
+    front = np.clip((np.cos(phi) + 0.6) / 0.4, 0.0, 1.0)   # 1 up to 127 deg from the front
+    d_deep = distance_transform_edt(~deep)
+    remove = body & ~deep & (d_deep > keep_px * wobble + skin_px) & (front > 0.5)
+    if not remove.any():
+        return hu, labels
+    kept = body & ~remove
+    # drop islands of fat or skin the cut left outside the body
+    regions, n = connected(kept)
+    if n > 1:
+        sizes = np.bincount(regions.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        island = kept & (regions != int(sizes.argmax()))
+        remove |= island
+        kept &= ~island
+    air = hu[~body]
+    air_hu = float(np.median(air)) if air.size else AIR_HU
+    hu[remove] = air_hu
+    labels[remove] = BG
+    # the skin at the new surface, over the cut
+    skin_hu = float(np.median(hu[skin])) if skin.any() else 40.0
+    texture = gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), 2.0)
+    texture *= 6.0 / max(float(texture.std()), 1e-6)
+    near_cut = distance_transform_edt(~remove) <= 3.0 / pixel_mm
+    new_skin = (kept & ~deep & near_cut
+                & (distance_transform_edt(kept) <= max(skin_px, 1.0)))   # a pixel at least
+    hu[new_skin] = skin_hu + texture[new_skin]
+    labels[new_skin] = MSC
+    return hu, labels

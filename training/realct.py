@@ -43,6 +43,7 @@ from EPDSegmentationLib.io.overlay import display_slice, overlay_rgb
 from EPDSegmentationLib.io.readers import read_itk, same_grid
 
 from .logs import save_figure
+from .realsim import SIMULATIONS, simulate
 
 
 #: TotalSegmentator "total" (v2) label values: vertebrae, and the structures counted per level
@@ -73,6 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--structures", type=Path, default=None, metavar="FILE",
                    help="TotalSegmentator 'total' label map on the CT's grid: per-level "
                         "shares of paraspinal and psoas voxels called muscle")
+    p.add_argument("--simulate", choices=SIMULATIONS, default=None,
+                   help="draw the training's spinal screws (metal) or thin subcutaneous fat "
+                        "(cachexia: needs a SAT --mask) on every slice first, the masks "
+                        "changed to match (training/realsim.py): a stress check on real "
+                        "anatomy")
+    p.add_argument("--simulate-seed", type=int, default=0, metavar="SEED")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
@@ -201,6 +208,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         m = read_labels(path, like=ct).array > 0
         masks.append(("+".join(CLASSES[c].key for c in classes) + f" vs {path.name}",
                       classes, m))
+    if args.simulate is not None:
+        ct, masks = simulate(ct, masks, args.simulate, args.simulate_seed)
     si, sj, _ = ct.spacing
     pred = predict_volume(ct.array, (sj, si), model, card, device=args.device,
                           batch_size=args.batch_size, ijk_to_ras=ct.ijk_to_ras)
@@ -209,7 +218,9 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m training " + shlex.join(argv or [])
     payload = {"model": str(args.model), "ct": str(args.ct), "command": command,
-               "device": pred.device, "notes": pred.notes, "results": result}
+               "device": pred.device, "notes": pred.notes, "results": result,
+               "simulate": None if args.simulate is None else {
+                   "what": args.simulate, "seed": args.simulate_seed}}
     if args.structures is not None:
         st = read_itk(args.structures)
         problem = same_grid(st, ct)
@@ -226,8 +237,11 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         _levels_figure(out / "levels.png", ct, labels, structures, shares)
         print("\n".join(table))
     write_text(out / "metrics.json", json.dumps(payload, indent=2), overwrite=True)
+    drawn = ("" if args.simulate is None else
+             f" With simulated {args.simulate} (seed {args.simulate_seed}), masks changed to match.")
     lines = [f"Model `{args.model}` on `{args.ct}` ({ct.array.shape[2]} x {ct.array.shape[1]} "
-             f"x {ct.array.shape[0]}, {si:.2f} x {sj:.2f} mm pixels). Made by `{command}`.", "",
+             f"x {ct.array.shape[0]}, {si:.2f} x {sj:.2f} mm pixels).{drawn} Made by "
+             f"`{command}`.", "",
              "| ours vs mask | slices | Dice | mask cm2/slice | ours soft | ours hard |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, r in result.items():

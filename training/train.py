@@ -160,6 +160,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--obese", type=float, default=0.3, metavar="P",
                    help="with --randomize: share of randomised slices whose subcutaneous fat "
                         "grows outward (obese bodies; default 0.3; 0: off)")
+    g.add_argument("--cachectic", type=float, default=0.0, metavar="P",
+                   help="with --randomize: share of randomised slices (not made obese) whose "
+                        "subcutaneous fat over the front and flanks is cut down to 1..6 mm "
+                        "(cachectic bodies; default 0: off)")
+    g.add_argument("--metal", type=float, default=0.0, metavar="P",
+                   help="with --randomize: share of randomised slices given spinal screws "
+                        "and rods or surgical clips, with their streaks (default 0: off)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
     g.add_argument("--init", type=Path, metavar="MODEL",
@@ -202,7 +209,8 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
-                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "thick_slices"):
+                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "thick_slices",
+                 "cachectic", "metal"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
@@ -548,7 +556,7 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
         kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu,
-        thick=args.thick_slices)
+        thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal)
     # check_args refuses --thick-slices with a manifest, so the phantom's records have planes
     planes = planes_on_grid(train_recs, source_mm, size) if thick_planes(args) else None
     tissues = None

@@ -1,0 +1,81 @@
+"""A real CT as a patient with spinal screws, or a cachectic one, would give it: the training
+randomisation's metal (metal.add_metal, screws) or thin subcutaneous fat
+(randomize.thin_sat) drawn on each axial slice of a real scan, with the reference masks
+changed to match. ``evaluate-real --simulate`` uses it to measure what the phantom-only
+training of these did to a real patient's anatomy: the anatomy stays real, only what is drawn
+is ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from EPDSegmentationLib.core.orientation import network_flips
+
+from .metal import METAL_HU, add_metal
+from .randomize import MSC, SAT, thin_sat
+
+SIMULATIONS = ("metal", "cachexia")
+
+
+def body_mask(plane: np.ndarray) -> np.ndarray:
+    """plane float32 (J, I) HU -> bool (J, I): the largest connected region above -500 HU
+    with its holes filled (the patient, not the table or the air in the bowel)."""
+    from scipy.ndimage import binary_fill_holes
+    from scipy.ndimage import label as connected
+
+    regions, n = connected(plane > -500.0)
+    if not n:
+        return np.zeros(plane.shape, bool)
+    sizes = np.bincount(regions.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    return binary_fill_holes(regions == int(sizes.argmax()))
+
+
+def simulate(ct, masks: Sequence[Tuple[str, List[int], np.ndarray]], what: str, seed: int):
+    """ct: a Volume (array float32 (K, J, I) HU, ijk_to_ras); masks: (name, our classes,
+    bool (K, J, I)) as evaluate-real reads them. Returns (a new Volume, new masks).
+
+    metal: two pedicle screws with their head and rod, and their streaks, on every slice
+    with a vertebra, drawn from ``seed`` alike on every slice (the same hardware's place
+    relative to each slice's vertebra); the masks lose the metal's voxels.
+    cachexia: the subcutaneous fat over the front and flanks cut down to 1..6 mm under a new
+    skin on every slice, drawn from ``seed`` alike on every slice; needs a mask standing for
+    SAT (its voxels are the fat that is cut); every mask loses the voxels cut off or turned
+    into skin. Slices go through in the training orientation (anterior up) and come back as
+    stored."""
+    if what not in SIMULATIONS:
+        raise ValueError(f"--simulate is one of {', '.join(SIMULATIONS)}; got {what!r}")
+    sat_masks = [m for _, classes, m in masks if SAT in classes]
+    if what == "cachexia" and not sat_masks:
+        raise ValueError("--simulate cachexia needs a --mask for SAT (the subcutaneous fat "
+                         "to cut down)")
+    flip_rows, flip_cols, _ = network_flips(ct.ijk_to_ras)
+    si, sj, _ = ct.spacing
+    pixel_mm = float(np.sqrt(si * sj))
+
+    def turn(a):
+        return a[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
+
+    array = np.array(ct.array, np.float32)
+    lost = np.zeros(array.shape, bool)
+    for k in range(array.shape[0]):
+        hu = np.ascontiguousarray(turn(array[k]))
+        labels = np.where(body_mask(hu), MSC, 0).astype(np.uint8)
+        rng = np.random.default_rng(seed)
+        if what == "metal":
+            new_hu, new_labels = add_metal(hu, labels, rng, pixel_mm, kind="screws")
+            gone = (new_hu >= METAL_HU[0]) & ~(hu >= METAL_HU[0])
+        else:
+            sat = np.zeros(hu.shape, bool)
+            for m in sat_masks:
+                sat |= turn(m[k])
+            labels[sat & (labels > 0)] = SAT
+            new_hu, new_labels = thin_sat(hu, labels, rng, pixel_mm)
+            gone = new_labels != labels
+        array[k] = turn(new_hu)
+        lost[k] = turn(gone)
+    new_masks = [(name, classes, m & ~lost) for name, classes, m in masks]
+    return replace(ct, array=array), new_masks
