@@ -36,6 +36,10 @@ inside the fat (label SAT, as the superficial fascia is) and a new skin is drawn
 surface. The fat between the organs may be brighter or darker than the subcutaneous fat by
 its own amount (-8..+15 HU), so the network cannot tell SAT from VAT by HU.
 
+``thin_sat`` (``--cachectic``, on a share of the randomised slices not made obese) makes the
+body cachectic: the subcutaneous fat over the front and flanks cut down to 1..6 mm under a
+new skin. Metal and its streaks (``--metal``) are in ``metal.py``.
+
 ``OrganLook`` (``--diaphragm-muscle``, ``--kidney-unenhanced``, ``--canal-hu``; phantom tissue
 codes needed) draws the diaphragm with the muscle's HU, the kidneys unenhanced and
 homogeneous, and the spinal canal's contents anew, each on a share of the randomised slices
