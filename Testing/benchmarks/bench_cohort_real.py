@@ -69,7 +69,8 @@ def soft_or_protocol(data: Path) -> None:
         ("VAT", "tissue_torso_fat.nii.gz")]}
     model, card = load_model(bundled_model_path(), device="cpu")
     si, sj, _ = v.spacing
-    p = inference.predict_volume(v.array, (sj, si), model, card, device="cpu").probabilities
+    p = inference.predict_volume(v.array, (sj, si), model, card, device="cpu",
+                                 ijk_to_ras=v.ijk_to_ras).probabilities
     prot = protocol_masks(p, v.array)
     soft = {"MUS": p[1], "SAT": p[3], "VAT": p[4]}
     px = si * sj / 100.0
