@@ -421,7 +421,7 @@ def grow_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     anything else denser than air), thickest over one or both flanks and the back (up to
     SAT_GROWTH_MM), the old skin turned into a faint septum (SAT) and a new skin (the
     phantom's skin class and HU) at the new surface. A slice without SAT comes back as is."""
-    from scipy.ndimage import distance_transform_edt, gaussian_filter
+    from scipy.ndimage import distance_transform_edt
 
     hu = np.array(hu, np.float32)
     labels = np.array(labels, np.uint8)
@@ -430,11 +430,9 @@ def grow_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     if not sat.any():
         return hu, labels
     h, w = hu.shape
-    rows, cols = np.nonzero(body)
-    r0, c0 = rows.mean(), cols.mean()
-    rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)
-    # angle from anterior (image top), towards the image right; flanks at +-pi/2
-    phi = np.arctan2(cc - c0, -(rr - r0))
+    rows = np.nonzero(body)[0]
+    rr = np.mgrid[0:h, 0:w][0].astype(np.float32)
+    phi = _angle_from_front(body)
     top = rng.uniform(*SAT_GROWTH_MM) / pixel_mm
     # thickness around the body: a floor everywhere, bulges over the flanks (each its own
     # size: obese bodies are rarely symmetric) and the back, less in front
@@ -454,8 +452,7 @@ def grow_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     if not grow.any():
         return hu, labels
     fat_hu = float(np.median(hu[sat]))
-    texture = gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), 2.0)
-    texture *= 6.0 / max(float(texture.std()), 1e-6)
+    texture = _skin_texture((h, w), rng)
     # the old skin (MSC within 4 pixels of the old surface) becomes a faint septum in the fat
     inside_d = distance_transform_edt(body)
     skin = (labels == MSC) & (inside_d <= 4.0) & grow_neighbour(grow)
@@ -470,6 +467,22 @@ def grow_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     hu[new_skin] = skin_hu + texture[new_skin]
     labels[new_skin] = MSC
     return hu, labels
+
+
+def _angle_from_front(body: np.ndarray) -> np.ndarray:
+    """float32 (H, W): each pixel's angle (rad) about the body's centroid (bool (H, W)), 0
+    anterior (image top), growing towards the image right; flanks at +-pi/2, back at +-pi."""
+    rows, cols = np.nonzero(body)
+    rr, cc = np.mgrid[0:body.shape[0], 0:body.shape[1]].astype(np.float32)
+    return np.arctan2(cc - cols.mean(), -(rr - rows.mean()))
+
+
+def _skin_texture(shape, rng: np.random.Generator) -> np.ndarray:
+    """float32 (H, W): smooth texture of SD 6 HU for grown fat and new skin."""
+    from scipy.ndimage import gaussian_filter
+
+    texture = gaussian_filter(rng.standard_normal(shape).astype(np.float32), 2.0)
+    return texture * (6.0 / max(float(texture.std()), 1e-6))
 
 
 def grow_neighbour(grow: np.ndarray, reach: int = 6) -> np.ndarray:
@@ -493,7 +506,7 @@ def thin_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     class and HU except the new skin (the phantom's skin HU, class MSC). The phantom's
     thinnest subjects keep about 5 mm or more all round; cancer, ICU and older patients
     often keep almost none. A slice without SAT comes back as is."""
-    from scipy.ndimage import distance_transform_edt, gaussian_filter
+    from scipy.ndimage import distance_transform_edt
     from scipy.ndimage import label as connected
 
     hu = np.array(hu, np.float32)
@@ -508,11 +521,8 @@ def thin_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     deep = body & ~sat & ~skin
     if not deep.any():
         return hu, labels
-    rows, cols = np.nonzero(body)
-    r0, c0 = rows.mean(), cols.mean()
-    rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)
-    # angle from anterior (image top); the back (|phi| near pi) is kept
-    phi = np.arctan2(cc - c0, -(rr - r0))
+    # the back (|phi| near pi) is kept
+    phi = _angle_from_front(body)
     keep_px = rng.uniform(*CACHECTIC_SAT_MM) / pixel_mm
     skin_px = rng.uniform(1.5, 2.6) / pixel_mm
     wobble = 1.0 + 0.4 * np.sin(phi * rng.integers(1, 4) + rng.uniform(0, 2 * np.pi))
@@ -536,8 +546,7 @@ def thin_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     labels[remove] = BG
     # the skin at the new surface, over the cut
     skin_hu = float(np.median(hu[skin])) if skin.any() else 40.0
-    texture = gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), 2.0)
-    texture *= 6.0 / max(float(texture.std()), 1e-6)
+    texture = _skin_texture((h, w), rng)
     near_cut = distance_transform_edt(~remove) <= 3.0 / pixel_mm
     new_skin = (kept & ~deep & near_cut
                 & (distance_transform_edt(kept) <= max(skin_px, 1.0)))   # a pixel at least
