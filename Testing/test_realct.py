@@ -77,6 +77,7 @@ def test_bundle_evaluates_and_writes_the_card(tiny_model_path, tmp_path):
     assert "--phantom-levels T12 L1" in ev["phantom_torso_held_out"]["command"]
     assert "(T12-L1)" in ev["phantom_torso_held_out"]["data"]
     assert ev["real_ct"] is None and ev["real_ct_levels"] is None and card["name"] == "Tiny"
+    assert ev["real_ct_simulated"] is None
     bias = ev["phantom_area_bias"]
     assert bias["pixel_mm"] == 3.0 and bias["slices"] == 2 * 3 and "area-bias" in bias["command"]
     assert abs(sum(bias["error_cm2"].values())) < 1e-3     # the classes share the image
@@ -189,3 +190,46 @@ def test_command_with_simulate_records_it(tiny_model_path, tmp_path):
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["simulate"] == {"what": "cachexia", "seed": 3}
     assert "simulated cachexia (seed 3)" in (out / "table.md").read_text()
+
+
+def test_bundle_measures_the_real_cts_with_metal_and_cachexia_drawn_in(tiny_model_path,
+                                                                      tmp_path):
+    """With a real-CT folder (here phantom volumes under the sample's file names), the card
+    also records the same CTs with screws and a cut drawn in (evaluate-real --simulate,
+    draw 0), each with its command and results, beside the plain ones."""
+    import shutil
+
+    from EPDSegmentationLib.core.model_io import load_model
+    from training.bundle import REAL_CT, REAL_LEVELS_CT, REAL_MASKS, REAL_STRUCTURES
+
+    real = tmp_path / "real"
+    real.mkdir()
+    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=96), gap_mm=5.0)
+    for name in (REAL_CT, REAL_LEVELS_CT):
+        write_volume(hu, real / name)
+    for keys, name in REAL_MASKS:
+        classes = {"MUS+IMAT": (1, 2), "SAT": (3,), "VAT": (4,)}[keys]
+        write_volume(labels.with_array(np.isin(labels.array, classes).astype(np.uint8)),
+                     real / name)
+    st = np.zeros(labels.array.shape, np.int16)
+    st[:, 40:56, 40:56] = 29
+    st[labels.array == 1] = 86
+    write_volume(labels.with_array(st), real / REAL_STRUCTURES)
+    run = tmp_path / "run"
+    run.mkdir()
+    for ext in (".safetensors", ".json"):
+        shutil.copy(str(tiny_model_path) + ext, run / f"model{ext}")
+    assert main(["bundle", "--run", str(run), "--name", "Tiny", "--output",
+                 str(tmp_path / "models"), "--report", str(tmp_path / "report"),
+                 "--eval-subjects", "2", "--eval-slices", "1", "--real-dir", str(real),
+                 "--device", "cpu"]) == 0
+    ev = load_model(tmp_path / "models" / "Tiny.safetensors")[1]["evaluation"]
+    sim = ev["real_ct_simulated"]
+    assert set(ev["real_ct"]["results"]) == set(sim["metal"]["results"])
+    assert "--simulate metal --simulate-seed 0" in sim["metal"]["command"]
+    assert "--simulate cachexia" in sim["cachexia"]["command"]
+    assert sim["cachexia"]["results"]["SAT vs " + REAL_MASKS[1][1]]["mask_area_cm2"] < \
+        ev["real_ct"]["results"]["SAT vs " + REAL_MASKS[1][1]]["mask_area_cm2"]
+    assert set(sim["metal_levels"]["shares"]) == set(ev["real_ct_levels"]["shares"]) == {"L3"}
+    for folder in ("real_metal", "real_cachexia", "real_levels_metal"):
+        assert (tmp_path / "report" / folder / "metrics.json").is_file()

@@ -10,7 +10,10 @@
    when --real-dir exists -> <report>/real/ (Dice, areas, overlays);
    and, when the folder also holds the abdomen-pelvis CT with TotalSegmentator's structure
    labels, the per-level share of paraspinal and psoas voxels called muscle ->
-   <report>/real_levels/ (levels.md, levels.png);
+   <report>/real_levels/ (levels.md, levels.png); and both again with the training's
+   spinal screws drawn into every slice, and ct_t11_l2 with its subcutaneous fat cut down
+   (``evaluate-real --simulate metal|cachexia``, draw 0: training/realsim.py) ->
+   <report>/real_metal/, real_cachexia/, real_levels_metal/;
    and ``python -m training area-bias``: soft tissue areas on held-out phantoms drawn at 3 mm
    pixels against their exact fractions -> <report>/area_bias.json;
 3. the run's weights and card, with an ``evaluation`` section holding both results and the
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import areabias, evaluate, realct
+from .realsim import SIMULATIONS
 
 #: The real sample's masks, and the classes each stands for (TotalSegmentator has no IMAT:
 #: its skeletal muscle mask covers the muscle compartment, so it is compared with MUS + IMAT;
@@ -104,15 +108,23 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                   "3 mm pixels (T11-L4)",
     }
 
-    if args.real_dir is not None and (Path(args.real_dir) / REAL_CT).is_file():
-        real = Path(args.real_dir)
-        re_argv = ["evaluate-real", "--model", str(weights), "--ct", str(real / REAL_CT),
-                   "--output", str(report / "real"), "--device", args.device]
-        for keys, name in REAL_MASKS:
-            re_argv += ["--mask", f"{keys}={real / name}"]
+    def evaluate_real(ct: Path, inputs: List[str], folder: str) -> Dict:
+        re_argv = ["evaluate-real", "--model", str(weights), "--ct", str(ct), *inputs,
+                   "--output", str(report / folder), "--device", args.device]
         re_argv += ["--overwrite"] if args.overwrite else []
         _call(realct.add_arguments, realct.run, re_argv)
-        rc = json.loads((report / "real" / "metrics.json").read_text())
+        return json.loads((report / folder / "metrics.json").read_text())
+
+    simulated: Dict[str, object] = {}
+    if args.real_dir is not None and (Path(args.real_dir) / REAL_CT).is_file():
+        real = Path(args.real_dir)
+        masks = [a for keys, name in REAL_MASKS for a in ("--mask", f"{keys}={real / name}")]
+        rc = evaluate_real(real / REAL_CT, masks, "real")
+        for what in SIMULATIONS:
+            sim = evaluate_real(real / REAL_CT, [*masks, "--simulate", what,
+                                                 "--simulate-seed", "0"], f"real_{what}")
+            simulated[what] = {"command": sim["command"], "ct": REAL_CT,
+                               "results": sim["results"]}
         evaluation["real_ct"] = {
             "command": rc["command"], "ct": REAL_CT,
             "reference": "TotalSegmentator tissue_types masks (another model, not ground "
@@ -124,12 +136,12 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     if (args.real_dir is not None and (Path(args.real_dir) / REAL_LEVELS_CT).is_file()
             and (Path(args.real_dir) / REAL_STRUCTURES).is_file()):
         real = Path(args.real_dir)
-        lv_argv = ["evaluate-real", "--model", str(weights), "--ct", str(real / REAL_LEVELS_CT),
-                   "--structures", str(real / REAL_STRUCTURES),
-                   "--output", str(report / "real_levels"), "--device", args.device]
-        lv_argv += ["--overwrite"] if args.overwrite else []
-        _call(realct.add_arguments, realct.run, lv_argv)
-        lv = json.loads((report / "real_levels" / "metrics.json").read_text())
+        structures = ["--structures", str(real / REAL_STRUCTURES)]
+        lv = evaluate_real(real / REAL_LEVELS_CT, structures, "real_levels")
+        sim = evaluate_real(real / REAL_LEVELS_CT, [*structures, "--simulate", "metal",
+                                                    "--simulate-seed", "0"], "real_levels_metal")
+        simulated["metal_levels"] = {"command": sim["command"], "ct": REAL_LEVELS_CT,
+                                     "shares": sim["levels"]["shares"]}
         evaluation["real_ct_levels"] = {
             "command": lv["command"], "ct": REAL_LEVELS_CT,
             "reference": "TotalSegmentator 'total' structure labels (another model)",
@@ -139,6 +151,10 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         }
     else:
         evaluation["real_ct_levels"] = None
+    evaluation["real_ct_simulated"] = dict(
+        simulated, reference="the same TotalSegmentator masks and labels, less the voxels "
+                             "the simulation removed (metal, cut fat)",
+        metric="as real_ct and real_ct_levels") if simulated else None
 
     card = dict(card)
     card["name"] = args.name

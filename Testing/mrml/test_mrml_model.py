@@ -97,6 +97,14 @@ def test_panel_summary_of_the_bundled_card():
     for name, r in card["evaluation"]["real_ct"]["results"].items():
         assert f"{name.split(' vs ')[0]} {r['dice']:.2f}" in real[0]
     assert max(len(line) for line in lines) < 100 and "{" not in "".join(lines)
+    simulated = card["evaluation"].get("real_ct_simulated")
+    screws = [line for line in lines if line.startswith("Dice, the same CT with spinal screws")]
+    if simulated is None:
+        assert not screws
+    else:
+        assert len(screws) == 1
+        for name, r in simulated["metal"]["results"].items():
+            assert f"{name.split(' vs ')[0]} {r['dice']:.2f}" in screws[0]
     mix = card["training"].get("interpolated")
     weights = [line for line in lines if line.startswith("Weights:")]
     if mix is None:

@@ -450,6 +450,12 @@ def _dice_line(label: str, dice: Mapping[str, Any], slices=None) -> Optional[str
     return f"Dice, {label}{where}: " + ", ".join(values)
 
 
+def _result_dice(results: Mapping[str, Any]) -> Dict[str, float]:
+    """evaluate-real's results ({"MUS+IMAT vs file": {"dice": ...}}) -> {"MUS+IMAT": dice}."""
+    return {str(name).split(" vs ")[0]: r["dice"] for name, r in results.items()
+            if isinstance(r, Mapping) and isinstance(r.get("dice"), (int, float))}
+
+
 def _level_lines(levels: Any) -> List[str]:
     """Per-level shares of a real CT's psoas and paraspinal muscles called muscle (the
     card's ``evaluation.real_ct_levels``), a line per muscle; [] when not recorded."""
@@ -486,8 +492,7 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
         real = evaluation.get("real_ct")
         results = real.get("results") if isinstance(real, Mapping) else None
         if isinstance(results, Mapping):
-            dice = {str(name).split(" vs ")[0]: r["dice"] for name, r in results.items()
-                    if isinstance(r, Mapping) and isinstance(r.get("dice"), (int, float))}
+            dice = _result_dice(results)
             slices = {r.get("slices") for r in results.values() if isinstance(r, Mapping)}
             words = str(real.get("reference", "")).split()
             against = (f"{words[0]} masks" if len(words) > 1 and "masks" in words[:3]
@@ -496,6 +501,13 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
                               slices.pop() if len(slices) == 1 else None)
             if line:
                 lines.append(line)
+            simulated = evaluation.get("real_ct_simulated")
+            metal = simulated.get("metal") if isinstance(simulated, Mapping) else None
+            if isinstance(metal, Mapping) and isinstance(metal.get("results"), Mapping):
+                line = _dice_line("the same CT with spinal screws drawn in",
+                                  _result_dice(metal["results"]))
+                if line:
+                    lines.append(line)
         lines += _level_lines(evaluation.get("real_ct_levels"))
     if lines:
         return lines
