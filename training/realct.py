@@ -24,6 +24,11 @@ levels.md, and overlays of each level's middle slice with the muscles' outlines
         --ct ../shared/data/totalseg-example/ct_abdomen_pelvis.nii.gz \
         --structures ../shared/data/totalseg-example/ct_abdomen_pelvis_structures.nii.gz \
         --output runs/realct_levels
+
+With ``--simulate metal`` (or ``cachexia``, which needs a SAT mask) the training's spinal
+screws (or its thin subcutaneous fat) are first drawn into every slice, and the masks lose
+the voxels the drawing removed (training/realsim.py): how a model copes with hardware or a
+cachectic body on real anatomy. ``training bundle`` records draw 0 of both in the card.
 """
 
 from __future__ import annotations
