@@ -36,8 +36,7 @@ from training.phantom.dataset import split_subjects, subject_seeds
 from .metal import add_metal
 from .randomize import (PLANE_OFFSETS_MM, SLICE_THICKNESS_MM, OrganLook, add_kernel_noise,
                         close_fat_planes, grow_sat, randomize_appearance, slice_profile,
-                        thin_sat,
-                        through_plane)
+                        thin_sat, through_plane)
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index

@@ -15,23 +15,10 @@ import numpy as np
 from EPDSegmentationLib.core.orientation import network_flips
 
 from .metal import METAL_HU, add_metal
+from .phantom.stats import body_mask
 from .randomize import MSC, SAT, thin_sat
 
 SIMULATIONS = ("metal", "cachexia")
-
-
-def body_mask(plane: np.ndarray) -> np.ndarray:
-    """plane float32 (J, I) HU -> bool (J, I): the largest connected region above -500 HU
-    with its holes filled (the patient, not the table or the air in the bowel)."""
-    from scipy.ndimage import binary_fill_holes
-    from scipy.ndimage import label as connected
-
-    regions, n = connected(plane > -500.0)
-    if not n:
-        return np.zeros(plane.shape, bool)
-    sizes = np.bincount(regions.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    return binary_fill_holes(regions == int(sizes.argmax()))
 
 
 def simulate(ct, masks: Sequence[Tuple[str, List[int], np.ndarray]], what: str, seed: int):
@@ -63,7 +50,7 @@ def simulate(ct, masks: Sequence[Tuple[str, List[int], np.ndarray]], what: str, 
     lost = np.zeros(array.shape, bool)
     for k in range(array.shape[0]):
         hu = np.ascontiguousarray(turn(array[k]))
-        labels = np.where(body_mask(hu), MSC, 0).astype(np.uint8)
+        labels = np.where(body_mask(hu, pixel_mm), MSC, 0).astype(np.uint8)
         rng = np.random.default_rng(seed)
         if what == "metal":
             new_hu, new_labels = add_metal(hu, labels, rng, pixel_mm, kind="screws")
