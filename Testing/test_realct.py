@@ -145,11 +145,10 @@ def _ras_copy(volume, array=None):
     return Volume(np.ascontiguousarray(a[:, ::-1, ::-1]), m)
 
 
-def test_simulate_draws_in_the_training_orientation_and_changes_the_masks():
+def test_simulate_draws_in_the_training_orientation_and_reports_what_it_took():
     """Screws (metal) on a phantom volume, stored as DICOM would and as RAS+: the same screws
     in the same anatomy either way (the slices are drawn anterior up, then turned back), on
-    every slice, with the masks losing the metal's voxels; cachexia needs a SAT mask and cuts
-    only SAT and skin off."""
+    every slice; ``lost`` is the metal; cachexia needs the SAT and takes only SAT and skin."""
     from EPDSegmentationLib.core.orientation import network_flips
     from training.metal import METAL_HU
     from training.realsim import simulate
@@ -159,24 +158,52 @@ def test_simulate_draws_in_the_training_orientation_and_changes_the_masks():
     ras = _ras_copy(hu)
     assert network_flips(ras.ijk_to_ras)[:2] == (True, True)
     lab = labels.array
-    masks = [("MUS", [1], lab == 1), ("SAT", [3], lab == 3)]
-    a, a_masks = simulate(hu, masks, "metal", 4)
-    b, b_masks = simulate(ras, [(n, c, m[:, ::-1, ::-1]) for n, c, m in masks], "metal", 4)
+    a, a_lost = simulate(hu, "metal", 4)
+    b, b_lost = simulate(ras, "metal", 4)
     assert np.array_equal(a.array, b.array[:, ::-1, ::-1])
+    assert np.array_equal(a_lost, b_lost[:, ::-1, ::-1])
     metal = a.array >= METAL_HU[0]
     assert all(metal[k].any() for k in range(metal.shape[0]))
     assert np.array_equal(a.ijk_to_ras, hu.ijk_to_ras) and hu.array.max() < METAL_HU[0]
-    for (_, _, before), (_, _, after) in zip(masks, a_masks):
-        assert not (after & metal).any() and np.array_equal(after, before & ~metal)
+    assert np.array_equal(a_lost, metal)
     with pytest.raises(ValueError, match="SAT"):
-        simulate(hu, masks[:1], "cachexia", 0)
-    c, c_masks = simulate(hu, masks, "cachexia", 0)
-    assert 0 < c_masks[1][2].sum() < masks[1][2].sum()
+        simulate(hu, "cachexia", 0)
+    sat = lab == 3
+    c, c_lost = simulate(hu, "cachexia", 0, sat)
+    assert 0 < (sat & c_lost).sum() < sat.sum()
     cut = c.array != hu.array
-    assert set(np.unique(lab[cut])) <= {0, 3, 5}     # SAT, skin (MSC), its partial-volume edge
-    assert np.array_equal(c_masks[0][2], masks[0][2])             # muscle untouched
+    assert not (cut & ~c_lost).any()
+    assert set(np.unique(lab[c_lost])) <= {0, 3, 5}   # SAT, skin (MSC), its partial-volume edge
+    assert not (c_lost & (lab == 1)).any()                        # muscle untouched
     with pytest.raises(ValueError, match="--simulate"):
-        simulate(hu, masks, "tattoo", 0)
+        simulate(hu, "tattoo", 0)
+
+
+def test_command_with_simulate_and_structures_drops_the_metal_from_them(tiny_model_path,
+                                                                       tmp_path):
+    """--simulate metal with --structures: the structures under the metal are not counted
+    (the voxel counts of the paraspinal muscle drop by the metal's voxels in it)."""
+    from training.metal import METAL_HU
+    from training.realsim import simulate
+    from EPDSegmentationLib.io import read_volume
+
+    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=128), gap_mm=5.0)
+    write_volume(hu, tmp_path / "ct.nii.gz")
+    st = np.zeros(labels.array.shape, np.int16)
+    st[:, 40:88, 40:88] = 29
+    st[labels.array == 1] = 86
+    write_volume(labels.with_array(st), tmp_path / "st.nii.gz")
+    base = ["evaluate-real", "--model", str(tiny_model_path) + ".safetensors", "--ct",
+            str(tmp_path / "ct.nii.gz"), "--structures", str(tmp_path / "st.nii.gz")]
+    assert main([*base, "--output", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--simulate", "metal", "--output", str(tmp_path / "metal")]) == 0
+    plain, drawn = (json.loads((tmp_path / f / "metrics.json").read_text())["levels"]["shares"]
+                    for f in ("plain", "metal"))
+    _, lost = simulate(read_volume(tmp_path / "ct.nii.gz"), "metal", 0)
+    in_muscle = int((lost & (st == 86)).sum())
+    assert in_muscle > 0
+    assert (plain["L3"]["paraspinal"]["voxels"] - drawn["L3"]["paraspinal"]["voxels"]
+            == in_muscle)
 
 
 def test_command_with_simulate_records_it(tiny_model_path, tmp_path):

@@ -26,9 +26,9 @@ levels.md, and overlays of each level's middle slice with the muscles' outlines
         --output runs/realct_levels
 
 With ``--simulate metal`` (or ``cachexia``, which needs a SAT mask) the training's spinal
-screws (or its thin subcutaneous fat) are first drawn into every slice, and the masks lose
-the voxels the drawing removed (training/realsim.py): how a model copes with hardware or a
-cachectic body on real anatomy. ``training bundle`` records draw 0 of both in the card.
+screws (or its thin subcutaneous fat) are first drawn into every slice, and the masks and
+the structure labels lose the voxels the drawing removed (training/realsim.py): how a model
+copes with hardware or a cachectic body on real anatomy. ``training bundle`` records draw 0 of both in the card.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shares of paraspinal and psoas voxels called muscle")
     p.add_argument("--simulate", choices=SIMULATIONS, default=None,
                    help="draw the training's spinal screws (metal) or thin subcutaneous fat "
-                        "(cachexia: needs a SAT --mask) on every slice first, the masks "
-                        "changed to match (training/realsim.py): a stress check on real "
-                        "anatomy")
+                        "(cachexia: needs a SAT --mask) on every slice first; masks and "
+                        "structures lose the voxels it took (training/realsim.py): a stress "
+                        "check on real anatomy")
     p.add_argument("--simulate-seed", type=int, default=0, metavar="SEED")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--device", default="auto")
@@ -213,8 +213,12 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         m = read_labels(path, like=ct).array > 0
         masks.append(("+".join(CLASSES[c].key for c in classes) + f" vs {path.name}",
                       classes, m))
+    lost = None
     if args.simulate is not None:
-        ct, masks = simulate(ct, masks, args.simulate, args.simulate_seed)
+        sat = [m for _, classes, m in masks if class_by_key("SAT").index in classes]
+        ct, lost = simulate(ct, args.simulate, args.simulate_seed,
+                            np.logical_or.reduce(sat) if sat else None)
+        masks = [(name, classes, m & ~lost) for name, classes, m in masks]
     si, sj, _ = ct.spacing
     pred = predict_volume(ct.array, (sj, si), model, card, device=args.device,
                           batch_size=args.batch_size, ijk_to_ras=ct.ijk_to_ras)
@@ -232,6 +236,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         if problem is not None:
             raise ValueError(f"{args.structures}: not on the CT's grid: {problem}")
         structures = st.array.astype(np.int32)
+        if lost is not None:
+            structures[lost] = 0        # the drawing's voxels are no structure's
         shares = level_shares(labels, structures)
         payload["levels"] = {"structures": str(args.structures), "shares": shares}
         table = _levels_table(shares)

@@ -9,7 +9,7 @@ is ours.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import List, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 from EPDSegmentationLib.core.orientation import network_flips
@@ -21,22 +21,22 @@ from .randomize import MSC, SAT, thin_sat
 SIMULATIONS = ("metal", "cachexia")
 
 
-def simulate(ct, masks: Sequence[Tuple[str, List[int], np.ndarray]], what: str, seed: int):
-    """ct: a Volume (array float32 (K, J, I) HU, ijk_to_ras); masks: (name, our classes,
-    bool (K, J, I)) as evaluate-real reads them. Returns (a new Volume, new masks).
+def simulate(ct, what: str, seed: int, sat: Optional[np.ndarray] = None):
+    """ct: a Volume (array float32 (K, J, I) HU, ijk_to_ras); sat: bool (K, J, I), the
+    subcutaneous fat (a reference mask; needed by cachexia). Returns (a new Volume, lost:
+    bool (K, J, I), the voxels the drawing took from the patient's tissue, which every
+    reference mask and structure map must lose).
 
     metal: two pedicle screws with their head and rod, and their streaks, on every slice
     with a vertebra, drawn from ``seed`` alike on every slice (the same hardware's place
-    relative to each slice's vertebra); the masks lose the metal's voxels.
+    relative to each slice's vertebra); lost: the metal.
     cachexia: the subcutaneous fat over the front and flanks cut down to 1..6 mm under a new
-    skin on every slice, drawn from ``seed`` alike on every slice; needs a mask standing for
-    SAT (its voxels are the fat that is cut); every mask loses the voxels cut off or turned
-    into skin. Slices go through in the training orientation (anterior up) and come back as
-    stored."""
+    skin on every slice, drawn from ``seed`` alike on every slice; lost: what is cut off or
+    turned into skin. Slices go through in the training orientation (anterior up) and come
+    back as stored."""
     if what not in SIMULATIONS:
         raise ValueError(f"--simulate is one of {', '.join(SIMULATIONS)}; got {what!r}")
-    sat_masks = [m for _, classes, m in masks if SAT in classes]
-    if what == "cachexia" and not sat_masks:
+    if what == "cachexia" and sat is None:
         raise ValueError("--simulate cachexia needs a --mask for SAT (the subcutaneous fat "
                          "to cut down)")
     flip_rows, flip_cols, _ = network_flips(ct.ijk_to_ras)
@@ -56,13 +56,9 @@ def simulate(ct, masks: Sequence[Tuple[str, List[int], np.ndarray]], what: str, 
             new_hu, new_labels = add_metal(hu, labels, rng, pixel_mm, kind="screws")
             gone = (new_hu >= METAL_HU[0]) & ~(hu >= METAL_HU[0])
         else:
-            sat = np.zeros(hu.shape, bool)
-            for m in sat_masks:
-                sat |= turn(m[k])
-            labels[sat & (labels > 0)] = SAT
+            labels[turn(sat[k]) & (labels > 0)] = SAT
             new_hu, new_labels = thin_sat(hu, labels, rng, pixel_mm)
             gone = new_labels != labels
         array[k] = turn(new_hu)
         lost[k] = turn(gone)
-    new_masks = [(name, classes, m & ~lost) for name, classes, m in masks]
-    return replace(ct, array=array), new_masks
+    return replace(ct, array=array), lost
