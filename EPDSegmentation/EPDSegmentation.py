@@ -847,10 +847,13 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
     def segment(self, volumeNode, modelPath, *, device: str = "auto", slices=None,
                 segmentationNode=None, tableNode=None, replaceExisting: bool = False,
                 softSegmentation: bool = False, softVolumes: bool = False, batchSize: int = 8,
-                progress=None, shouldCancel=None, heightM: Optional[float] = None):
+                progress=None, shouldCancel=None, heightM: Optional[float] = None,
+                mirror: bool = True):
         """Run the model on the volume's slices and build the outputs (see
         mrml.workflow.segment_volume); returns its SegmentationResult. heightM: the
-        patient's height in metres (heightMetres), for the indices in the table. The result
+        patient's height in metres (heightMetres), for the indices in the table. mirror:
+        mirror averaging (each slice and its mirror image; False halves the network's
+        time), as ``epdseg segment`` does by default. The result
         is remembered (mrml.adapt.snapshot_result) so that corrections can be found."""
         check_ct_volume(volumeNode)  # before the (slow) model load
         checkRequirements(MODEL_PACKAGES)
@@ -860,7 +863,7 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         predict = model_predictor(model, card, volume_array(volumeNode),
                                   slice_pixel_mm(ijk_to_ras(volumeNode)),
                                   device=device, batch_size=batchSize,
-                                  ijk_to_ras=ijk_to_ras(volumeNode))
+                                  ijk_to_ras=ijk_to_ras(volumeNode), mirror=mirror)
         result = segment_volume(slicer.mrmlScene, volumeNode, predict, slices=slices,
                                 segmentation_node=segmentationNode, table_node=tableNode,
                                 replace_existing=replaceExisting,

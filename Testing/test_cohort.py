@@ -256,7 +256,8 @@ def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp
     k_idx = [3, 4, 5, 20]
     result = segment_case(Case("full", spine_cases / "full.nii.gz"), tmp_path / "out", model,
                           card, slices=",".join(map(str, k_idx)), protocol=True, device="cpu")
-    assert result.ok and sum(calls) == len(k_idx)               # one network pass
+    # one pass over the slices (each run twice, the second time mirrored: mirror averaging)
+    assert result.ok and sum(calls) == 2 * len(k_idx)
     si, sj, _ = vol.spacing
     pred = predict_volume(vol.array, (sj, si), model, card, device="cpu", slices=k_idx,
                           ijk_to_ras=vol.ijk_to_ras)

@@ -44,7 +44,8 @@ def test_same_spacing_is_exactly_window_downsample_predict_upsample(saved_model,
     """At the model's source spacing nothing is resampled: the documented pipeline by hand."""
     model, card = saved_model
     assert source_pixel_mm(card) == (0.8, 0.8)
-    pred = predict_volume(volume, (0.8, 0.8), model, card, device="cpu", slices=[3, 1])
+    pred = predict_volume(volume, (0.8, 0.8), model, card, device="cpu", slices=[3, 1],
+                          mirror=False)
     x = epd_image(window_channels(volume[[3, 1]], DEFAULT_WINDOWS), 2)
     with torch.no_grad():
         p = model(torch.from_numpy(x)).numpy()
@@ -52,6 +53,26 @@ def test_same_spacing_is_exactly_window_downsample_predict_upsample(saved_model,
     assert pred.slices == [3, 1]
     assert np.allclose(pred.probabilities, expected, atol=1e-6)
     assert not any("resampled" in n for n in pred.notes)
+
+
+def test_mirror_averaging_is_the_mean_with_the_mirror_images_prediction(saved_model, volume):
+    """The default: the mean of the network's output for each slice and, flipped back, for
+    its left-right mirror image; --no-mirror (mirror=False) is the plain output."""
+    model, card = saved_model
+    x = epd_image(window_channels(volume[[3, 1]], DEFAULT_WINDOWS), 2)
+    with torch.no_grad():
+        plain = model(torch.from_numpy(x)).numpy()
+        mirrored = model(torch.from_numpy(np.ascontiguousarray(x[..., ::-1]))).numpy()[..., ::-1]
+    want = {False: plain, True: (plain + mirrored) / 2}
+    assert np.abs(want[True] - want[False]).max() > 1e-3       # the tiny model is not symmetric
+    for mirror in (True, False, None):                          # None: the default
+        kw = {} if mirror is None else {"mirror": mirror}
+        got, _, _ = run_network(model, x, torch.device("cpu"), 1, [], **kw)
+        np.testing.assert_allclose(got, want[mirror is not False], atol=1e-6)
+        pred = predict_volume(volume, (0.8, 0.8), model, card, device="cpu", slices=[3, 1],
+                              **kw)
+        expected = np.moveaxis(upsample_soft(want[mirror is not False], (40, 52), 2), 1, 0)
+        np.testing.assert_allclose(pred.probabilities, expected, atol=1e-6)
 
 
 def test_other_spacing_is_resampled_to_the_models_scale(saved_model, volume):
@@ -96,7 +117,8 @@ def test_out_of_memory_halves_the_batch_and_records_it(saved_model, volume):
     model, card = saved_model
     x, _ = prepare_slices(volume, (0.8, 0.8), card)
     notes = []
-    got, dev, bs = run_network(OutOfMemoryAbove(model, 2), x, torch.device("cpu"), 8, notes)
+    got, dev, bs = run_network(OutOfMemoryAbove(model, 2), x, torch.device("cpu"), 8, notes,
+                               mirror=False)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     assert np.allclose(got, expected, atol=1e-6)

@@ -68,10 +68,18 @@ def test_bundle_evaluates_and_writes_the_card(tiny_model_path, tmp_path):
     args = ["bundle", "--run", str(run), "--name", "Tiny", "--output", str(tmp_path / "models"),
             "--report", str(tmp_path / "report"), "--eval-subjects", "2", "--eval-slices", "1",
             "--real-dir", str(tmp_path / "nothing"), "--device", "cpu",
-            "--eval-levels", "T12", "L1"]
+            "--eval-levels", "T12", "L1", "--no-mirror"]
     assert main(args) == 0
     _, card = load_model(tmp_path / "models" / "Tiny.safetensors")
     ev = card["evaluation"]
+    # --no-mirror reaches every evaluation, and the card says how its numbers were measured
+    assert ev["mirror"] is False
+    assert "--no-mirror" in ev["phantom_held_out"]["command"]
+    assert "--no-mirror" in ev["phantom_area_bias"]["command"]
+    for part in ("phantom", "phantom_torso"):
+        metrics = json.loads((tmp_path / "report" / part / "metrics.json").read_text())
+        assert metrics["mirror"] is False
+    assert json.loads((tmp_path / "report" / "area_bias.json").read_text())["mirror"] is False
     assert set(ev["phantom_held_out"]["full_resolution_dice"]) >= {"MUS", "SAT", "VAT"}
     assert "--data-seed 7" in ev["phantom_held_out"]["command"]
     assert "--phantom-levels T12 L1" in ev["phantom_torso_held_out"]["command"]
@@ -251,6 +259,8 @@ def test_bundle_measures_the_real_cts_with_metal_and_cachexia_drawn_in(tiny_mode
                  "--eval-subjects", "2", "--eval-slices", "1", "--real-dir", str(real),
                  "--device", "cpu"]) == 0
     ev = load_model(tmp_path / "models" / "Tiny.safetensors")[1]["evaluation"]
+    assert ev["mirror"] is True and "--no-mirror" not in ev["real_ct"]["command"]
+    assert json.loads((tmp_path / "report" / "real" / "metrics.json").read_text())["mirror"]
     sim = ev["real_ct_simulated"]
     assert set(ev["real_ct"]["results"]) == set(sim["metal"]["results"])
     assert "--simulate metal --simulate-seed 0" in sim["metal"]["command"]

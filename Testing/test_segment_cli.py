@@ -491,6 +491,26 @@ def test_outputs_carry_their_provenance(cases, tiny_model_path, tmp_path):
     assert json.loads(header["EPD_model"])["factor"] == 2
 
 
+def test_no_mirror_runs_the_network_once_and_says_so(cases, tiny_model_path, tmp_path):
+    """--no-mirror: other probabilities than the default mirror averaging (a random model
+    is not left-right symmetric), and the provenance and headers say which was used."""
+    import json
+
+    import nrrd
+
+    soft = {}
+    for flag in ([], ["--no-mirror"]):
+        out = tmp_path / ("plain" if flag else "mirrored")
+        assert _run(cases / "ct_a.nii.gz", "-o", out, "--model", tiny_model_path, "--slices",
+                    "1", *flag) == 0
+        prov = json.loads((out / "ct_a_provenance.json").read_text())
+        assert prov["model"]["mirror"] is not bool(flag)
+        header = nrrd.read_header(str(out / "ct_a.seg.nrrd"))
+        assert json.loads(header["EPD_model"])["mirror"] is not bool(flag)
+        soft[bool(flag)] = read_seg_nrrd(out / "ct_a_soft.seg.nrrd").meta["fractions"]
+    assert np.abs(soft[True].astype(float) - soft[False].astype(float)).max() > 0.01
+
+
 def test_a_failing_dicom_seg_keeps_the_other_outputs(cases, tiny_model_path, tmp_path,
                                                      capsys, monkeypatch):
     pytest.importorskip("highdicom")

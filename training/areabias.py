@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from EPDSegmentationLib.cli.options import add_mirror_argument
 from EPDSegmentationLib.core.atomic import write_text
 from EPDSegmentationLib.core.classes import KEYS, NUM_CLASSES
 
@@ -41,11 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, help="also write the result as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mirror_argument(p)
 
 
 def area_bias(model, card, seeds: Sequence[int], n_slices: int, levels: Sequence[str],
               pixel_mm: float, fov_mm: float, slice_gap_mm: float = 12.0, device="cpu",
-              progress: bool = False) -> Dict[str, object]:
+              progress: bool = False, mirror: bool = True) -> Dict[str, object]:
     """Per slice true and soft areas (cm^2), float64 (n, C) each, of the phantom subjects
     ``seeds`` drawn at ``pixel_mm`` mm pixels; and per class the mean true area, mean error
     (soft - true) and mean absolute error, cm^2 per slice."""
@@ -66,7 +68,7 @@ def area_bias(model, card, seeds: Sequence[int], n_slices: int, levels: Sequence
                                size=size, pixel_mm=pixel_mm, supersample=supersample)
         # a subject's slices share one grid: one call, the network batched
         p = predict_volume(np.stack([s.hu for s in stack]), (pixel_mm, pixel_mm), model, card,
-                           device=device).probabilities                    # (C, n, H, W)
+                           device=device, mirror=mirror).probabilities     # (C, n, H, W)
         soft += list(p.reshape(p.shape[0], len(stack), -1).sum(2, dtype=np.float64).T
                      * pixel_cm2)
         true += [s.fractions.reshape(NUM_CLASSES, -1).sum(1, dtype=np.float64) * pixel_cm2
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Dict[str,
     model, card = load_model(args.model)
     res = area_bias(model, card, subject_seeds(args.data_seed, args.phantom_subjects),
                     args.phantom_slices, args.phantom_levels, args.pixel_mm, args.fov_mm,
-                    args.slice_gap_mm, args.device, progress=not args.quiet)
+                    args.slice_gap_mm, args.device, progress=not args.quiet,
+                    mirror=args.mirror)
     print(f"{args.model}: {res['slices']} phantom slices at {args.pixel_mm} mm "
           f"({'-'.join(args.phantom_levels)}, data seed {args.data_seed}); cm2 per slice")
     print(f"{'class':6s} {'true':>8s} {'soft-true':>10s} {'|error|':>8s}")
@@ -102,5 +105,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Dict[str,
     if args.output is not None:
         out = {k: v for k, v in res.items() if k not in ("true_cm2", "soft_cm2")}
         out["command"] = "python -m training " + shlex.join(argv or [])
+        out["mirror"] = args.mirror
         write_text(args.output, json.dumps(out, indent=2) + "\n", overwrite=args.overwrite)
     return res

@@ -28,6 +28,8 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from EPDSegmentationLib.cli.options import add_mirror_argument
+
 from . import areabias, evaluate, realct
 from .realsim import SIMULATIONS
 
@@ -58,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of the real CT sample with TotalSegmentator tissue masks")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
+    add_mirror_argument(p)
 
 
 def _per_class(result: Dict, metric: str) -> Dict[str, Optional[float]]:
@@ -70,7 +73,9 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     weights = Path(args.run) / "model.safetensors"
     model, card = load_model(weights)
     report = Path(args.report)
-    evaluation: Dict[str, object] = {}
+    # every number below measured as `epdseg segment` and the module run by default
+    evaluation: Dict[str, object] = {"mirror": args.mirror}
+    no_mirror = [] if args.mirror else ["--no-mirror"]
 
     runs = [("phantom_held_out", "phantom", [])]
     if args.eval_levels:
@@ -81,7 +86,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                    str(args.eval_subjects), "--phantom-slices", str(args.eval_slices),
                    "--data-seed", str(args.eval_seed), *extra, "--split", "all",
                    "--output", str(report / folder), "--device", args.device,
-                   "--quiet"] + (["--overwrite"] if args.overwrite else [])
+                   "--quiet"] + (["--overwrite"] if args.overwrite else []) + no_mirror
         _call(evaluate.add_evaluate_arguments, evaluate.run, ev_argv)
         ph = json.loads((report / folder / "metrics.json").read_text())
         evaluation[key] = {
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     ab_argv = ["area-bias", "--model", str(weights), "--phantom-subjects",
                str(args.eval_subjects), "--data-seed", str(args.eval_seed),
                "--output", str(report / "area_bias.json"), "--device", args.device,
-               "--quiet"] + (["--overwrite"] if args.overwrite else [])
+               "--quiet"] + (["--overwrite"] if args.overwrite else []) + no_mirror
     _call(areabias.add_arguments, areabias.run, ab_argv)
     ab = json.loads((report / "area_bias.json").read_text())
     evaluation["phantom_area_bias"] = {
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     def evaluate_real(ct: Path, inputs: List[str], folder: str) -> Dict:
         re_argv = ["evaluate-real", "--model", str(weights), "--ct", str(ct), *inputs,
                    "--output", str(report / folder), "--device", args.device]
-        re_argv += ["--overwrite"] if args.overwrite else []
+        re_argv += (["--overwrite"] if args.overwrite else []) + no_mirror
         _call(realct.add_arguments, realct.run, re_argv)
         return json.loads((report / folder / "metrics.json").read_text())
 

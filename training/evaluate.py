@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from EPDSegmentationLib.cli.options import add_mirror_argument
 from EPDSegmentationLib.core.classes import CLASSES, KEYS, NUM_CLASSES, color_table
 from EPDSegmentationLib.core.epd import epd_labels
 from EPDSegmentationLib.core.inference import (prepare_slices, resample_planes,
@@ -52,6 +53,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=4, help="slices shown in examples.png")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mirror_argument(p)
 
 
 def load_split(args) -> (List[SliceRecord], str):
@@ -99,9 +101,11 @@ def _groups(records: Sequence[SliceRecord], batch: int):
 
 
 def evaluate(model, card, records: Sequence[SliceRecord], *, device="auto", batch_size=8,
-             examples: int = 4, progress: bool = False) -> Dict[str, object]:
+             examples: int = 4, progress: bool = False, mirror: bool = True
+             ) -> Dict[str, object]:
     """Metrics of a model on slices: {"low": result, "full": result, "areas": per-slice
-    true and predicted areas (cm^2), "examples": a few slices for figures, "notes": ...}."""
+    true and predicted areas (cm^2), "examples": a few slices for figures, "notes": ...}.
+    mirror: mirror averaging (inference.forward), as ``segment`` does by default."""
     from tqdm import tqdm
 
     dev, reason = select_device(device) if isinstance(device, str) else (device, "given")
@@ -115,7 +119,7 @@ def evaluate(model, card, records: Sequence[SliceRecord], *, device="auto", batc
         lab = np.stack([r.labels for r in group])
         row_mm, col_mm = group[0].pixel_mm
         x, work = prepare_slices(hu, (row_mm, col_mm), card)
-        probs, dev, batch_size = run_network(model, x, dev, batch_size, notes)
+        probs, dev, batch_size = run_network(model, x, dev, batch_size, notes, mirror=mirror)
         # the network's grid: the resampled slice downsampled by k
         work_area = (row_mm * hu.shape[1] / work[0]) * (col_mm * hu.shape[2] / work[1])
         target = epd_labels(resample_planes(lab, work, labels=True), NUM_CLASSES, k)
@@ -277,7 +281,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     model, card = load_model(args.model)
     records, what = load_split(args)
     ev = evaluate(model, card, records, device=args.device, batch_size=args.batch_size,
-                  examples=args.examples, progress=not args.quiet)
+                  examples=args.examples, progress=not args.quiet, mirror=args.mirror)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m training " + shlex.join(argv)
     k = card["factor"]
@@ -295,7 +299,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         area_table(ev["full"]),
     ]) + "\n"
     metrics = {"model": str(args.model), "data": what, "command": command, "slices": ev["slices"],
-               "notes": ev["notes"], "low_resolution": ev["low"], "full_resolution": ev["full"]}
+               "notes": ev["notes"], "mirror": args.mirror, "low_resolution": ev["low"],
+               "full_resolution": ev["full"]}
     atomic_bytes(out / "metrics.json", json.dumps(_jsonable(metrics), indent=1).encode())
     atomic_bytes(out / "table.md", text.encode())
     atomic_bytes(out / "table.csv", csv_table({"low": ev["low"], "full": ev["full"]}).encode())

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from EPDSegmentationLib.cli.options import add_mirror_argument
 from EPDSegmentationLib.core.atomic import write_text
 from EPDSegmentationLib.core.classes import CLASSES, class_by_key
 from EPDSegmentationLib.core.inference import predict_volume
@@ -89,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--overwrite", action="store_true")
+    add_mirror_argument(p)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -221,13 +223,15 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         masks = [(name, classes, m & ~lost) for name, classes, m in masks]
     si, sj, _ = ct.spacing
     pred = predict_volume(ct.array, (sj, si), model, card, device=args.device,
-                          batch_size=args.batch_size, ijk_to_ras=ct.ijk_to_ras)
+                          batch_size=args.batch_size, ijk_to_ras=ct.ijk_to_ras,
+                          mirror=args.mirror)
     result = evaluate_masks(pred.probabilities, masks, ct.pixel_area_mm2)
     labels = pred.probabilities.argmax(0).astype(np.uint8)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m training " + shlex.join(argv or [])
     payload = {"model": str(args.model), "ct": str(args.ct), "command": command,
-               "device": pred.device, "notes": pred.notes, "results": result,
+               "device": pred.device, "notes": pred.notes, "mirror": args.mirror,
+               "results": result,
                "simulate": None if args.simulate is None else {
                    "what": args.simulate, "seed": args.simulate_seed}}
     if args.structures is not None:

@@ -103,7 +103,7 @@ def make_model(folder: Path, k: int, size: int, config, trained: bool = False) -
     return str(folder / f"model_f{k}.safetensors")
 
 
-def network_seconds(net, card, volume, device: str, batch: int) -> float:
+def network_seconds(net, card, volume, device: str, batch: int, mirror: bool = True) -> float:
     """The network alone on every slice of the volume: input prepared beforehand (not
     timed), then run_network in the batches segment uses (segment.network_batch), outputs
     left on the device as segment does."""
@@ -117,11 +117,11 @@ def network_seconds(net, card, volume, device: str, batch: int) -> float:
                         for i in range(0, volume.array.shape[0], 16)])
     dev = select_device(device)[0]
     batch = min(network_batch(batch, card), 16)     # a slab (stream.SLAB_SLICES) caps it
-    run_network(net, x[:batch], dev, batch, [])             # warm-up (kernels, allocator)
+    run_network(net, x[:batch], dev, batch, [], mirror=mirror)     # warm-up (kernels, allocator)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out, _, _ = run_network(net, x, dev, batch, [], as_tensor=True)
+    out, _, _ = run_network(net, x, dev, batch, [], as_tensor=True, mirror=mirror)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -129,7 +129,7 @@ def network_seconds(net, card, volume, device: str, batch: int) -> float:
 
 def measure_here(case: str, model: str, device: str, batch: int, out: str,
                  network: bool = False, probabilities: bool = False,
-                 heap: str = "keep", repeat: int = 1) -> dict:
+                 heap: str = "keep", repeat: int = 1, mirror: bool = True) -> dict:
     t_start = time.perf_counter()
     import torch
 
@@ -166,7 +166,8 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = segment_case(Case("bench", Path(case)), Path(out), net, card, device=device,
-                          batch_size=batch, overwrite=True, probabilities=probabilities)
+                          batch_size=batch, overwrite=True, probabilities=probabilities,
+                          mirror=mirror)
     seconds = time.perf_counter() - t0
     if not result.ok:
         raise SystemExit(result.message + result.traceback)
@@ -190,11 +191,12 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
             t1 = time.perf_counter()
             again = segment_case(Case("bench", Path(case)), Path(out + "_again"), net, card,
                                  device=device, batch_size=batch, overwrite=True,
-                                 probabilities=probabilities)
+                                 probabilities=probabilities, mirror=mirror)
             row["again_all"].append(time.perf_counter() - t1)
             if not again.ok:
                 raise SystemExit(again.message + again.traceback)
-            row["network_all"].append(network_seconds(net, card, volume, device, batch))
+            row["network_all"].append(network_seconds(net, card, volume, device, batch,
+                                                      mirror))
         row["seconds_again"] = float(np.median(row["again_all"]))
         row["network_s"] = float(np.median(row["network_all"]))
     return row
@@ -202,11 +204,12 @@ def measure_here(case: str, model: str, device: str, batch: int, out: str,
 
 def measure(case: str, model: str, device: str, batch: int, out: str,
             network: bool = False, probabilities: bool = False, heap: str = "keep",
-            repeat: int = 1) -> dict:
+            repeat: int = 1, mirror: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--one", case, model, out, "--device", device,
            "--batch", str(batch), "--heap", heap, "--repeat", str(repeat)] \
         + (["--network"] if network else []) \
-        + (["--probabilities"] if probabilities else [])
+        + (["--probabilities"] if probabilities else []) \
+        + ([] if mirror else ["--no-mirror"])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-2000:])
@@ -260,6 +263,9 @@ def main() -> None:
                              "slab, as in Slicer's process")
     parser.add_argument("--repeat", type=int, default=5,
                         help="'again' runs, each followed by the network alone (medians)")
+    parser.add_argument("--no-mirror", dest="mirror", action="store_false",
+                        help="segment as `epdseg segment --no-mirror`: the network once per "
+                             "slice (the default runs it on the mirror image too)")
     parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,7 +274,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure_here(*args.one[:2], args.device, args.batch, args.one[2],
                                       args.network, args.probabilities, args.heap,
-                                      args.repeat)))
+                                      args.repeat, args.mirror)))
         return
     if args.quick:
         args.slices, args.size, args.factors = 3, 128, [1, 2]
@@ -292,20 +298,22 @@ def main() -> None:
               f"{torch.get_num_threads()} threads in every case; each case in a fresh "
               f"process; heap: {args.heap}; outputs: "
               f"default{' + --probabilities' if args.probabilities else ''}"
+              f"; {'mirror averaging' if args.mirror else '--no-mirror'}"
               f"; load average at the start {os.getloadavg()[0]:.1f}", flush=True)
         rows = {}
         for k in ([] if args.memory_only else args.factors):
             rows[k] = measure(volume, models[k], args.device, args.batch,
                               str(tmp / f"out_f{k}"), network=True,
                               probabilities=args.probabilities, heap=args.heap,
-                              repeat=args.repeat)
+                              repeat=args.repeat, mirror=args.mirror)
         k2 = 2 if 2 in args.factors else args.factors[-1]
         gz = [] if args.memory_only else gzip_levels(str(tmp / f"out_f{k2}" / "bench_soft.seg.nrrd"))
         mem = {}
         for n in args.memory_slices:
             path = make_volume(tmp, f"mem{n}", n, args.size)
             mem[n] = measure(path, models[mk], args.device, args.batch, str(tmp / f"mem{n}"),
-                             probabilities=args.probabilities, heap=args.heap)
+                             probabilities=args.probabilities, heap=args.heap,
+                             mirror=args.mirror)
             Path(path).unlink()
             print(f"{n} slices: {json.dumps(mem[n])}", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f} (1 min), "

@@ -112,6 +112,11 @@ def test_panel_summary_of_the_bundled_card():
     else:
         assert weights == [f"Weights: {mix['weight_a']:g} of this training mixed with "
                            f"{1 - mix['weight_a']:g} of another model"]
+    mirror = card["evaluation"].get("mirror")
+    measured = [line for line in lines if line.startswith("Measured ")]
+    assert measured == ([] if mirror is None else
+                        [f"Measured {'with' if mirror else 'without'} mirror averaging "
+                         f"(segmentation uses it)"])
     bias = card["evaluation"].get("phantom_area_bias")
     area = [line for line in lines if line.startswith("Area error")]
     if bias is None:
@@ -180,8 +185,9 @@ def test_out_of_memory_fallback_is_kept_for_later_chunks(mrml, tiny_model):
     out = segment_volume(scene, ct, predict, chunk_slices=2)
     assert out.segmentation.GetSegmentation().GetNumberOfSegments() == 5
     assert any("out of memory" in n and "batch size" in n for n in out.notes)
-    # first chunk: 2 -> fails, retried at 1; second chunk starts at 1 straight away
-    assert flaky.batches == [2, 1, 1, 1, 1]
+    # first chunk: 2 -> fails, retried at 1; second chunk starts at 1 straight away; each
+    # batch runs twice, the second time mirrored (mirror averaging, the default)
+    assert flaky.batches == [2] + [1, 1] * 4
 
 
 def test_training_data_summary_names_levels_and_fine_tuning():

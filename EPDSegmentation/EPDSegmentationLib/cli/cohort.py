@@ -180,11 +180,11 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
              overwrite: bool = False, series_uid: Optional[str] = None,
              shard: Optional[Tuple[int, int]] = None, model_version: str = "",
              progress=None, dicom_seg: bool = False, probabilities: bool = False,
-             provenance: Optional[Dict] = None):
+             provenance: Optional[Dict] = None, mirror: bool = True):
     """Segment one case for the cohort: (CaseResult or None, cohort row). Never raises for
     a bad case: the row's status is "failed" (or "warning" when the areas are there but an
     index is not, e.g. an unusable height) and its message says why. dicom_seg,
-    probabilities, provenance: as segment_case (the same outputs as without the table)."""
+    probabilities, provenance, mirror: as segment_case (the same outputs as without the table)."""
     row = cohort_row(case, shard, str(card.get("name", "")), model_version)
     if case.problem:
         row["message"] = case.problem
@@ -209,7 +209,7 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
                           slices=",".join(str(k) for k in k_idx), overwrite=overwrite,
                           series_uid=series_uid, progress=progress, volume=vol,
                           protocol=protocol, dicom_seg=dicom_seg, probabilities=probabilities,
-                          provenance=provenance, extra_outputs=picture)
+                          provenance=provenance, mirror=mirror, extra_outputs=picture)
     if not result.ok:
         row["message"] = result.message
         return result, row

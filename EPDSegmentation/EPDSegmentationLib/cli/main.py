@@ -18,6 +18,7 @@ from ..io.staging import check_output_folder
 from . import cohort
 from .adapt import add_arguments as add_adapt_arguments
 from .cohort import parse_shard
+from .options import add_mirror_argument
 from .segment import find_cases, format_summary, segment_case
 
 
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="also write <case>_probabilities.nrrd, the float32 probabilities "
                           "(6 components; about 4 times the soft .seg.nrrd)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_mirror_argument(seg)
     cohort = seg.add_argument_group(
         "cohort", "one table for all cases (cohort.csv), levels, indices and shards; any of "
                   "these options writes the table (docs/cohort.md)")
@@ -160,7 +162,8 @@ def _segment_cases(args) -> int:
                                       overwrite=args.overwrite, dicom_seg=args.dicom_seg,
                                       overlay_slice=args.overlay_slice,
                                       series_uid=args.series_uid, progress=progress,
-                                      provenance=provenance, probabilities=args.probabilities)
+                                      provenance=provenance, probabilities=args.probabilities,
+                                      mirror=args.mirror)
             finally:
                 bar.close()
             current = None
@@ -234,7 +237,7 @@ def _segment_cohort(args, cases) -> int:
             height=args.height, protocol=args.protocol, device=str(device),
             batch_size=args.batch_size, overwrite=args.overwrite, series_uid=args.series_uid,
             shard=shard, model_version=version, dicom_seg=args.dicom_seg,
-            probabilities=args.probabilities, provenance=provenance)
+            probabilities=args.probabilities, provenance=provenance, mirror=args.mirror)
         if row["status"] != "ok":
             tqdm.write(f"epdseg: {case.name}: {row.get('message', '')}", file=sys.stderr)
         if result is not None:

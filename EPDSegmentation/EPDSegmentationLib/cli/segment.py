@@ -381,7 +381,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                  progress: Optional[Callable[[int, int], None]] = None,
                  provenance: Optional[Dict] = None, probabilities: bool = False,
                  slab_slices: Optional[int] = None, volume=None,
-                 protocol: bool = False,
+                 protocol: bool = False, mirror: bool = True,
                  extra_outputs: Optional[Callable[[Callable[[str], Path]], None]] = None
                  ) -> CaseResult:
     """Segment one case and write its outputs.
@@ -396,6 +396,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     ``dicom_seg`` the labels and the selected slices' probabilities are held for
     highdicom, which takes whole arrays. ``protocol``: the HU-protocol areas and mean HU
     too (core.indices), summed from the same slabs, in the result's ``protocol``.
+    ``mirror``: mirror averaging (inference.forward), recorded in the provenance's model.
     ``extra_outputs(path_of)``: writes the caller's own outputs of this case (the cohort's
     levels picture) at ``path_of(role)``, staged and committed with the others.
 
@@ -437,11 +438,11 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
         grid = vol.shape
         predict = inference.slab_predictor(vol, (sj, si), model, card, device=device,
                                            batch_size=network_batch(batch_size, card),
-                                           ijk_to_ras=vol.ijk_to_ras)
+                                           ijk_to_ras=vol.ijk_to_ras, mirror=mirror)
         acc = stream.Accumulator()
         held = _Held(grid, len(k_idx)) if dicom_seg else None
         shown_job = None
-        prov = case_provenance(case, vol, card, provenance)
+        prov = case_provenance(case, vol, card, provenance, mirror=mirror)
         header = nrrd_provenance(prov)
         with ExitStack() as files:
             # the overlay is drawn in a thread as soon as its slice is out, beside the
@@ -597,15 +598,18 @@ def _write_dicom_segs(sources, labels, probs, card, paths) -> Optional[CaseResul
     return None
 
 
-def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None) -> Dict:
+def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None,
+                    mirror: bool = True) -> Dict:
     """Where a case's outputs came from: the source path, its DICOM UIDs, the model's name
-    and factor, this package's version, plus ``extra`` (the command line)."""
+    and factor and how it was applied (mirror averaging or not), this package's version,
+    plus ``extra`` (the command line)."""
     meta = vol.meta
     prov = {"software": f"EPD Segmentation {__version__}",
             "source": str(Path(case.path).resolve()),
             "source_format": meta.get("format", ""),
             "model": {k: card.get(k) for k in ("name", "version", "factor", "label_mode",
                                                 "pixel_mm") if k in card}}
+    prov["model"]["mirror"] = bool(mirror)
     if meta.get("format") == "dicom":
         prov["dicom"] = {"study_instance_uid": meta.get("study_uid", ""),
                          "series_instance_uid": meta.get("series_uid", ""),

@@ -224,12 +224,26 @@ def _is_oom(exc: BaseException, torch) -> bool:
     return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
+def forward(model, t, mirror: bool = True):
+    """The network's probabilities (n, C, h, w) float32 for a batch t (n, channels, h, w) on
+    the model's device. ``mirror``: the mean of the predictions for the slices and for their
+    left-right mirror images (flipped back), as nnU-Net's test-time mirroring does: twice the
+    network's time. The networks are trained with left-right flips (training.data.Augment),
+    so the mirror image is a slice like those they learned from; the mean of two softmax
+    outputs still sums to one. Measured in docs/model.md (mirror averaging)."""
+    p = model(t).float()
+    if mirror:
+        p = (p + model(t.flip(-1)).float().flip(-1)) * 0.5
+    return p
+
+
 def run_network(model, x, device, batch_size: int, notes: List[str], *,
                 progress: Optional[Callable[[int, int], None]] = None,
                 should_cancel: Optional[Callable[[], bool]] = None,
-                done_offset: int = 0, total: Optional[int] = None, as_tensor: bool = False):
+                done_offset: int = 0, total: Optional[int] = None, as_tensor: bool = False,
+                mirror: bool = True):
     """Probabilities float32 (n, C, h, w) for network input x (n, channels, h, w), a NumPy
-    array or a CPU torch tensor.
+    array or a CPU torch tensor; ``mirror``: averaged with the mirror images' (forward).
 
     On out-of-memory the batch is halved and retried; at batch size 1 the model moves to the
     CPU. Each retry is recorded in ``notes``. Returns (probabilities, device, batch size):
@@ -251,7 +265,7 @@ def run_network(model, x, device, batch_size: int, notes: List[str], *,
         try:
             with torch.inference_mode():
                 t = torch.from_numpy(chunk) if isinstance(chunk, np.ndarray) else chunk
-                p = model(t.to(device)).float()
+                p = forward(model, t.to(device), mirror)
                 p = p if as_tensor else p.cpu().numpy()
         except RuntimeError as exc:
             if not _is_oom(exc, torch):
@@ -359,7 +373,7 @@ def network_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping
 
     The network input is prepared on the host. flips: (rows, columns) to flip into the
     network's orientation (orientation.network_flips) and back. ``network``: progress,
-    should_cancel, done_offset, total, passed to run_network."""
+    should_cancel, done_offset, total, mirror, passed to run_network."""
     flip_rows, flip_cols = flips
     if flip_rows or flip_cols:
         hu = np.ascontiguousarray(hu[:, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
@@ -442,7 +456,8 @@ def _flips(ijk_to_ras, notes: List[str]) -> Tuple[bool, bool]:
 
 
 def slab_predictor(hu, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
-                   *, device: Any = "auto", batch_size: int = 8, ijk_to_ras: Any = None):
+                   *, device: Any = "auto", batch_size: int = 8, ijk_to_ras: Any = None,
+                   mirror: bool = True):
     """A predict(slices, progress, should_cancel) callable for stream.stream_slabs: the
     probabilities (C, n, J, I) of the listed slices of ``hu`` (K, J, I) as a torch tensor on
     the device, the device's name and the notes so far. hu: an array, or anything with
@@ -451,7 +466,8 @@ def slab_predictor(hu, pixel_mm: Sequence[float], model, card: Mapping[str, Any]
     batch, then the CPU) found in one slab is kept for the next ones. ijk_to_ras (4, 4):
     the volume's geometry; slices stored in another in-plane orientation than the
     network's (anterior up, patient's right on the left: orientation.network_flips) are
-    flipped into it and the probabilities flipped back (None: used as stored).
+    flipped into it and the probabilities flipped back (None: used as stored). ``mirror``:
+    mirror averaging (forward).
 
     ``predict.deferred`` takes the same arguments and returns the network's output
     unrestored (a Deferred) in place of the probabilities: core.stream restores it slice
@@ -467,7 +483,7 @@ def slab_predictor(hu, pixel_mm: Sequence[float], model, card: Mapping[str, Any]
         idx = check_slices(slices, hu.shape[0])
         low, state["device"], state["batch"] = network_slab(
             hu[idx], pixel_mm, model, card, state["device"], state["batch"], notes,
-            flips=flips, progress=progress, should_cancel=should_cancel)
+            flips=flips, progress=progress, should_cancel=should_cancel, mirror=mirror)
         return low, str(state["device"]), list(notes)
 
     def predict(slices: Sequence[int], progress=None, should_cancel=None):
@@ -486,7 +502,7 @@ def predict_volume(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
                    slices: Optional[Sequence[int]] = None,
                    progress: Optional[Callable[[int, int], None]] = None,
                    should_cancel: Optional[Callable[[], bool]] = None,
-                   ijk_to_ras: Any = None) -> Prediction:
+                   ijk_to_ras: Any = None, mirror: bool = True) -> Prediction:
     """Class probabilities for slices of a CT volume, held whole in memory (for a few slices,
     evaluation and tests; ``segment`` streams slabs through stream.stream_slabs instead).
 
@@ -495,7 +511,7 @@ def predict_volume(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
     slices: indices K (default all). progress(done, total) is called after each batch;
     should_cancel() is checked between batches and raises Cancelled. ijk_to_ras (4, 4):
     the volume's geometry, for the flips into the network's orientation (slab_predictor);
-    None: used as stored.
+    None: used as stored. mirror: mirror averaging (forward).
     """
     hu = np.asarray(hu)
     pixel_mm = _check_inputs(hu, pixel_mm, batch_size)
@@ -515,7 +531,7 @@ def predict_volume(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mappi
         full, dev, batch_size = predict_slab(hu[idx], pixel_mm, model, card, dev, batch_size,
                                              notes, flips=flips, progress=progress,
                                              should_cancel=should_cancel, done_offset=done,
-                                             total=n)
+                                             total=n, mirror=mirror)
         out[:, g0:g0 + len(idx)] = full.cpu().numpy()
         done += len(idx)
     return Prediction(out, slices, str(dev), notes)

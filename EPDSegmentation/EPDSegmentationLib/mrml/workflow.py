@@ -101,16 +101,18 @@ def resolve_slices(mode: str, n_slices: int, *, current: Optional[int] = None,
 
 
 def model_predictor(model, card: Mapping[str, Any], hu: np.ndarray, pixel_mm, *,
-                    device: Any = "auto", batch_size: int = 8, ijk_to_ras=None) -> Predict:
+                    device: Any = "auto", batch_size: int = 8, ijk_to_ras=None,
+                    mirror: bool = True) -> Predict:
     """A predict(slices, progress, should_cancel) callable: inference.slab_predictor, whose
     probabilities stay on the device for core.stream (upsampling and argmax there).
 
     An out-of-memory fallback (smaller batch, then the CPU) found in one chunk is kept for
     the next chunks, so the panel does not retry the failing setting every chunk.
     ijk_to_ras: the volume node's geometry, so its slices reach the network in the
-    orientation it was trained in (core.orientation)."""
+    orientation it was trained in (core.orientation). mirror: mirror averaging
+    (inference.forward), as ``epdseg segment`` does unless --no-mirror."""
     return slab_predictor(hu, pixel_mm, model, card, device=device, batch_size=batch_size,
-                          ijk_to_ras=ijk_to_ras)
+                          ijk_to_ras=ijk_to_ras, mirror=mirror)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -549,6 +551,10 @@ def describe_model(card: Mapping[str, Any]) -> str:
         w = float(mix["weight_a"])
         lines.append(f"Weights: {w:g} of this training mixed with {1 - w:g} of another model")
     lines += describe_dice(card) or ["Dice: not recorded in the model card"]
+    mirror = (card.get("evaluation") or {}).get("mirror")
+    if isinstance(mirror, bool):      # training bundle: how its numbers were measured
+        lines.append(f"Measured {'with' if mirror else 'without'} mirror averaging "
+                     f"(segmentation uses it)")
     bias = (card.get("evaluation") or {}).get("phantom_area_bias")
     errors = bias.get("error_cm2") if isinstance(bias, Mapping) else None
     if isinstance(errors, Mapping):
