@@ -269,8 +269,12 @@ class Augment:
     nominal thickness from ``thickness_mm``: its planes (randomize.PLANE_OFFSETS_MM) get the
     same augmentation and appearance and are averaged over the slice profile
     (randomize.slice_profile) before the noise, so partial volume runs across the slice as
-    on a 3 to 5 mm scan; the labels stay the centre plane's. lowres, tissue_hu, randomize and
-    thick are off by default."""
+    on a 3 to 5 mm scan; the labels stay the centre plane's; zoom_out: the share of slices
+    shrunk by a factor drawn from zoom_out_scale into a frame of air (background), placed at
+    random, instead of the crop: the crop only ever enlarges the anatomy (by 1 to 1.33), so
+    without this the network sees bodies only at the phantom's size or larger (a smaller
+    patient, or the phantom's body in a wider field of view). lowres, tissue_hu, randomize,
+    thick and zoom_out are off by default."""
 
     flip: float = 0.5
     crop: float = 0.5
@@ -305,6 +309,8 @@ class Augment:
     #: share of the slices with planes drawn thick, and the thickness range, mm
     thick: float = 0.0
     thickness_mm: Tuple[float, float] = SLICE_THICKNESS_MM
+    zoom_out: float = 0.0
+    zoom_out_scale: Tuple[float, float] = (0.75, 1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -340,7 +346,12 @@ class Augment:
         if u[0] < self.flip:
             hu, labels = hu[..., ::-1], labels[..., ::-1]
             tissues = None if tissues is None else tissues[..., ::-1]
-        if u[1] < self.crop:
+        zoom_rng = np.random.default_rng([rand_seed, 8])     # its own: off keeps every draw
+        if zoom_rng.random() < self.zoom_out:
+            hu, labels, tissues = _shrink_into_air(hu, labels, tissues,
+                                                   zoom_rng.uniform(*self.zoom_out_scale),
+                                                   zoom_rng.random(2))
+        elif u[1] < self.crop:
             ch, cw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
             r0, c0 = int(pos[0] * (h - ch + 1)), int(pos[1] * (w - cw + 1))
             hu = resample_planes(np.ascontiguousarray(hu[..., r0:r0 + ch, c0:c0 + cw]), (h, w))
@@ -398,6 +409,25 @@ class Augment:
         if u[2] < self.blur:
             hu = gaussian_filter(hu, sigma, mode="nearest")
         return np.ascontiguousarray(hu, np.float32), np.ascontiguousarray(labels, np.uint8)
+
+
+def _shrink_into_air(hu, labels, tissues, scale: float, pos):
+    """(..., H, W) hu, labels and tissue codes (or None) shrunk by ``scale`` (< 1; bilinear
+    and antialiased for the HU, nearest for the codes) into an (H, W) frame of air
+    (AIR_HU, background, tissue code 0) at relative position ``pos`` (two numbers in 0..1)."""
+    h, w = hu.shape[-2:]
+    sh, sw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    r0, c0 = min(int(pos[0] * (h - sh + 1)), h - sh), min(int(pos[1] * (w - sw + 1)), w - sw)
+    out = []
+    for x, fill, lab in ((hu, AIR_HU, False), (labels, 0, True), (tissues, 0, True)):
+        if x is None:
+            out.append(None)
+            continue
+        frame = np.full(x.shape, fill, np.float32 if not lab else x.dtype)
+        frame[..., r0:r0 + sh, c0:c0 + sw] = resample_planes(np.ascontiguousarray(x), (sh, sw),
+                                                             labels=lab)
+        out.append(frame)
+    return tuple(out)
 
 
 def _stack_planes(hu, labels, tissues, planes, thickness_mm: float):

@@ -164,6 +164,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --randomize: share of randomised slices (not made obese) whose "
                         "subcutaneous fat over the front and flanks is cut down to 1..6 mm "
                         "(cachectic bodies; default 0: off)")
+    g.add_argument("--zoom-out", type=float, default=0.0, metavar="P",
+                   help="share of training slices shrunk by 0.75..1 into a frame of air, "
+                        "placed at random, instead of the crop (which only enlarges): bodies "
+                        "smaller than the phantom's (default 0: off)")
     g.add_argument("--metal", type=float, default=0.0, metavar="P",
                    help="with --randomize: share of randomised slices given spinal screws "
                         "and rods or surgical clips, with their streaks (default 0: off)")
@@ -210,7 +214,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
                  "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "thick_slices",
-                 "cachectic", "metal"):
+                 "cachectic", "metal", "zoom_out"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
@@ -556,7 +560,8 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
         kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu,
-        thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal)
+        thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal,
+        zoom_out=args.zoom_out)
     # check_args refuses --thick-slices with a manifest, so the phantom's records have planes
     planes = planes_on_grid(train_recs, source_mm, size) if thick_planes(args) else None
     tissues = None
