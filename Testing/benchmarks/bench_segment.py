@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from EPDSegmentationLib.cli.options import add_mirror_argument
 
 
 def _rss_kb(field: str) -> int:
@@ -263,9 +264,7 @@ def main() -> None:
                              "slab, as in Slicer's process")
     parser.add_argument("--repeat", type=int, default=5,
                         help="'again' runs, each followed by the network alone (medians)")
-    parser.add_argument("--no-mirror", dest="mirror", action="store_false",
-                        help="segment as `epdseg segment --no-mirror`: the network once per "
-                             "slice (the default runs it on the mirror image too)")
+    add_mirror_argument(parser)         # as `epdseg segment --no-mirror`
     parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
