@@ -215,3 +215,27 @@ def test_checkpoint_errors_say_what_is_wrong_and_never_suggest_unsafe_loading(tm
     with pytest.raises(ValueError, match="not a readable training checkpoint") as err:
         load_checkpoint(garbage)
     assert "weights_only" not in str(err.value) and "()" not in str(err.value)
+
+
+def test_the_same_weights_and_card_give_the_same_file_byte_for_byte(tmp_path, model):
+    # safetensors orders its metadata as a hash map does, differently from one save to the
+    # next; save_model sorts it, so a re-bundled model can be checked by its checksum
+    from safetensors import safe_open
+
+    files = []
+    for i in range(6):
+        save_model(tmp_path / f"net{i}", model, small_card(model))
+        files.append((tmp_path / f"net{i}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files[1:])
+    n = int.from_bytes(files[0][:8], "little")
+    assert (8 + n) % 8 == 0
+    header = json.loads(files[0][8:8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    with safe_open(str(tmp_path / "net0.safetensors"), framework="pt") as f:
+        assert f.metadata()["factor"] == "2"
+        for k, v in model.state_dict().items():
+            assert torch.equal(f.get_tensor(k), v)
+    loaded, _ = load_model(tmp_path / "net3.safetensors")
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -26,7 +26,7 @@ def save_model(path: PathLike, model, card: Mapping[str, Any], *,
     """Write <stem>.safetensors (the model's state dict) and <stem>.json (the card).
 
     The card's architecture must be the model's own (``model.config``). Returns both paths."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights_path, card_path = model_paths(path)
     card = validate_card(card, str(card_path))
@@ -42,9 +42,26 @@ def save_model(path: PathLike, model, card: Mapping[str, Any], *,
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
             "architecture": json.dumps(card["architecture"], sort_keys=True),
             "factor": str(int(card["factor"]))}
-    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    data = canonical_safetensors(save(tensors, metadata=meta))
+    atomic_write(weights_path, lambda tmp: Path(tmp).write_bytes(data))
     write_card(card_path, card, overwrite=True)
     return weights_path, card_path
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata keys sorted: the same weights and card
+    then give the same file, byte for byte. safetensors writes its metadata in the order of a
+    Rust hash map, which changes from run to run (the tensors' order is fixed, and the data
+    offsets, relative to the end of the header, are kept). The header is padded with spaces
+    to a multiple of 8 bytes, as safetensors pads it."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        header = {"__metadata__": header.pop("__metadata__"), **header}
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def load_model(path: PathLike, device: Any = "cpu"):
