@@ -36,7 +36,7 @@ from training.phantom.dataset import split_subjects, subject_seeds
 from .metal import add_metal
 from .randomize import (PLANE_OFFSETS_MM, SLICE_THICKNESS_MM, OrganLook, add_kernel_noise,
                         close_fat_planes, grow_sat, randomize_appearance, slice_profile,
-                        thin_sat, through_plane)
+                        thin_sat, through_plane, wall_gas)
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
@@ -264,7 +264,9 @@ class Augment:
     field-of-view truncation, streaks, correlated kernel noise), labels kept, and on a share
     ``obese`` of those slices the subcutaneous fat grown outward (randomize.grow_sat), on a
     share ``cachectic`` of the others cut down to 1..6 mm (randomize.thin_sat), and on a
-    share ``metal`` spinal screws or clips drawn with their streaks (metal.add_metal); thick:
+    share ``metal`` spinal screws or clips drawn with their streaks (metal.add_metal), and on
+    a share ``wall_gas`` gas-filled bowel pressed against the inside of the abdominal wall
+    (randomize.wall_gas, where a network calls a thin wall over gas background); thick:
     the share of slices (with planes: the phantom's, SliceDataset) drawn as a thick slice,
     nominal thickness from ``thickness_mm``: its planes (randomize.PLANE_OFFSETS_MM) get the
     same augmentation and appearance and are averaged over the slice profile
@@ -274,7 +276,7 @@ class Augment:
     random, instead of the crop: the crop only ever enlarges the anatomy (by 1 to 1.33), so
     without this the network sees bodies only at the phantom's size or larger (a smaller
     patient, or the phantom's body in a wider field of view). lowres, tissue_hu, randomize,
-    thick and zoom_out are off by default."""
+    thick, zoom_out and wall_gas are off by default."""
 
     flip: float = 0.5
     crop: float = 0.5
@@ -311,6 +313,9 @@ class Augment:
     thickness_mm: Tuple[float, float] = SLICE_THICKNESS_MM
     zoom_out: float = 0.0
     zoom_out_scale: Tuple[float, float] = (0.75, 1.0)
+    #: share of the randomised slices with gas-filled bowel pressed against the inside of
+    #: the abdominal wall (randomize.wall_gas)
+    wall_gas: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -391,6 +396,12 @@ class Augment:
                                    canal_rng if canal_rng.random() < self.canal_hu else None)
             hu, labels = randomize_appearance(hu, labels, rand_rng, self.muscle_region_sd_hu,
                                               self.organ_flatten, organs)
+            if self.wall_gas > 0:
+                # its own stream, after the appearance (whose draws follow the slice's
+                # regions): off, or no room for a loop, keeps every draw
+                gas_rng = np.random.default_rng([rand_seed, 9])
+                if gas_rng.random() < self.wall_gas:
+                    hu, labels = _each_plane(wall_gas, hu, labels, gas_rng, tissues=tissues)
             if profile is not None:
                 hu, labels = through_plane(hu, labels, *profile)
             if self.metal > 0:              # its own stream: off keeps every draw
@@ -452,13 +463,18 @@ def _stack_planes(hu, labels, tissues, planes, thickness_mm: float):
     return hu, labels, tissues, (weights[take], int(np.searchsorted(take, at)))
 
 
-def _each_plane(fn, hu, labels, rng):
-    """fn(hu, labels, rng) on a slice, or on each plane of a stack with the same draws."""
+def _each_plane(fn, hu, labels, rng, **kw):
+    """fn(hu, labels, rng, **kw) on a slice, or on each plane of a stack with the same draws
+    (array keywords with a plane axis, such as the tissue codes, taken plane by plane)."""
     if hu.ndim == 2:
-        return fn(hu, labels, rng)
+        return fn(hu, labels, rng, **kw)
     import copy
 
-    outs = [fn(hu[p], labels[p], copy.deepcopy(rng)) for p in range(hu.shape[0])]
+    def plane(v, p):
+        return v[p] if isinstance(v, np.ndarray) and v.ndim == hu.ndim else v
+
+    outs = [fn(hu[p], labels[p], copy.deepcopy(rng), **{k: plane(v, p) for k, v in kw.items()})
+            for p in range(hu.shape[0])]
     return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])
 
 

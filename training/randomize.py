@@ -553,3 +553,88 @@ def thin_sat(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     hu[new_skin] = skin_hu + texture[new_skin]
     labels[new_skin] = MSC
     return hu, labels
+
+
+#: wall_gas: a gas-filled bowel loop's half-depth (radial semi-axis), mm; its length along
+#: the wall is 1 to 2.5 times that; the bowel wall around the gas, mm; loops per slice
+WALL_GAS_DEPTH_MM = (8.0, 25.0)
+WALL_GAS_LENGTH = (1.0, 2.5)
+BOWEL_WALL_MM = (1.0, 3.0)
+WALL_GAS_LOOPS = (1, 2)
+#: wall_gas: the loops lie against the front and flanks, up to this angle from the front, deg
+WALL_GAS_ANGLE_DEG = 110.0
+#: phantom tissue codes a loop may take the place of: visceral fat and the bowel's own
+WALL_GAS_CODES = tuple(int(CODE[k]) for k in
+                       ("vat", "bowel_wall", "bowel_fluid", "oral_contrast", "gas", "stool"))
+
+
+def _wall_inner_edge(labels: np.ndarray, r0: float, c0: float, phi: float):
+    """(row, col, distance in pixels from (r0, c0)) of the inner edge of the wall muscle met
+    along the ray from (r0, c0) at angle phi (0: anterior, the image top; +pi/2: the image
+    right): where the outermost run of MUS pixels on the ray begins. None when the ray
+    meets no muscle."""
+    h, w = labels.shape
+    t = np.arange(0.0, float(np.hypot(h, w)), 0.5)
+    rr = np.rint(r0 - t * np.cos(phi)).astype(int)
+    cc = np.rint(c0 + t * np.sin(phi)).astype(int)
+    inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    t, rr, cc = t[inside], rr[inside], cc[inside]
+    mus = labels[rr, cc] == MUS
+    if not mus.any():
+        return None
+    i = int(np.nonzero(mus)[0][-1])
+    while i > 0 and mus[i - 1]:
+        i -= 1
+    if i == 0:
+        return None
+    return float(rr[i - 1]), float(cc[i - 1]), float(t[i - 1])
+
+
+def wall_gas(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+             tissues: Optional[np.ndarray] = None, pixel_mm: float = GRID_MM):
+    """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies with one or two
+    gas-filled bowel loops pressed against the inner surface of the abdominal wall's
+    muscle, at the front or a flank: gas (about -1000 HU) inside a bowel wall of 1..3 mm
+    (20..50 HU), both class MSC (inside the body). On real CT a gas-distended colon (the
+    flexures, the transverse colon) often lies right under a thin wall, and the gas then
+    looks like the air outside the body: a network that never saw it calls the wall between
+    them background (the shared CT's hepatic flexure). A loop takes the place of visceral
+    fat only, or with ``tissues`` (the phantom's codes, moved with the labels) of visceral
+    fat and bowel (WALL_GAS_CODES): never muscle, organs or bone. A slice without wall
+    muscle, or where no loop finds room, comes back as is."""
+    from scipy.ndimage import distance_transform_edt
+
+    hu = np.array(hu, np.float32)
+    labels = np.array(labels, np.uint8)
+    body = labels > 0
+    if not (labels == MUS).any():
+        return hu, labels
+    allowed = labels == VAT
+    if tissues is not None:
+        allowed |= np.isin(tissues, WALL_GAS_CODES) & (labels != BG)
+    rows, cols = np.nonzero(body)
+    r0, c0 = float(rows.mean()), float(cols.mean())
+    rr, cc = np.mgrid[0:hu.shape[0], 0:hu.shape[1]].astype(np.float32)
+    loops = np.zeros(hu.shape, bool)
+    for _ in range(int(rng.integers(WALL_GAS_LOOPS[0], WALL_GAS_LOOPS[1] + 1))):
+        phi = np.deg2rad(rng.uniform(-WALL_GAS_ANGLE_DEG, WALL_GAS_ANGLE_DEG))
+        b = rng.uniform(*WALL_GAS_DEPTH_MM) / pixel_mm
+        a = b * rng.uniform(*WALL_GAS_LENGTH)
+        edge = _wall_inner_edge(labels, r0, c0, phi)
+        if edge is None or not allowed[int(edge[0]), int(edge[1])]:
+            continue
+        # the loop's centre b inside the edge, on the ray; u along the ray, v across it
+        cr = edge[0] + b * np.cos(phi)
+        ccol = edge[1] - b * np.sin(phi)
+        u = -(rr - cr) * np.cos(phi) + (cc - ccol) * np.sin(phi)
+        v = (rr - cr) * np.sin(phi) + (cc - ccol) * np.cos(phi)
+        loops |= ((u / b) ** 2 + (v / a) ** 2 <= 1.0) & allowed
+    if not loops.any():
+        return hu, labels
+    # the bowel wall all round the gas, also where the loop meets the muscle
+    wall_px = max(rng.uniform(*BOWEL_WALL_MM) / pixel_mm, 1.0)     # a pixel at least
+    gas = distance_transform_edt(loops) > wall_px
+    hu[loops] = rng.uniform(20.0, 50.0)
+    hu[gas] = rng.uniform(-1010.0, -980.0)
+    labels[loops] = MSC
+    return hu, labels

@@ -171,6 +171,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metal", type=float, default=0.0, metavar="P",
                    help="with --randomize: share of randomised slices given spinal screws "
                         "and rods or surgical clips, with their streaks (default 0: off)")
+    g.add_argument("--wall-gas", type=float, default=0.0, metavar="P",
+                   help="with --randomize: share of randomised slices given one or two "
+                        "gas-filled bowel loops pressed against the inside of the abdominal "
+                        "wall, at the front or a flank (default 0: off)")
     g = p.add_argument_group("network and optimisation")
     g.add_argument("--width", type=int, default=16, help="channels at full resolution")
     g.add_argument("--init", type=Path, metavar="MODEL",
@@ -214,7 +218,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
                  "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "thick_slices",
-                 "cachectic", "metal", "zoom_out"):
+                 "cachectic", "metal", "zoom_out", "wall_gas"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
@@ -561,14 +565,15 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
         kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu,
         thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal,
-        zoom_out=args.zoom_out)
+        zoom_out=args.zoom_out, wall_gas=args.wall_gas)
     # check_args refuses --thick-slices with a manifest, so the phantom's records have planes
     planes = planes_on_grid(train_recs, source_mm, size) if thick_planes(args) else None
     tissues = None
-    if augment is not None and max(args.diaphragm_muscle, args.kidney_unenhanced,
-                                   args.canal_hu) > 0:
+    needs_codes = max(args.diaphragm_muscle, args.kidney_unenhanced, args.canal_hu) > 0
+    if augment is not None and (needs_codes or args.wall_gas > 0):
+        # --wall-gas uses the codes when there are any (bowel as well as visceral fat)
         tissues = tissues_on_grid(train_recs, source_mm, size)
-        if tissues is None:
+        if tissues is None and needs_codes:
             raise ValueError("--diaphragm-muscle, --kidney-unenhanced and --canal-hu need the "
                              "phantom's tissue codes: train on --phantom-subjects, not a "
                              "manifest")
