@@ -597,7 +597,7 @@ def wall_gas(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     muscle, at the front or a flank: gas (about -1000 HU) inside a bowel wall of 1..3 mm
     (20..50 HU), both class MSC (inside the body). On real CT a gas-distended colon (the
     flexures, the transverse colon) often lies right under a thin wall, and the gas then
-    looks like the air outside the body: a network that never saw it calls the wall between
+    looks like the air outside the body: the bundled networks call the wall between
     them background (the shared CT's hepatic flexure). A loop takes the place of visceral
     fat only, or with ``tissues`` (the phantom's codes, moved with the labels) of visceral
     fat and bowel (WALL_GAS_CODES): never muscle, organs or bone. A slice without wall
