@@ -266,7 +266,7 @@ class Augment:
     share ``cachectic`` of the others cut down to 1..6 mm (randomize.thin_sat), and on a
     share ``metal`` spinal screws or clips drawn with their streaks (metal.add_metal), and on
     a share ``wall_gas`` gas-filled bowel pressed against the inside of the abdominal wall
-    (randomize.wall_gas, where a network calls a thin wall over gas background); thick:
+    (randomize.wall_gas: a thin wall over gas looks like the body's edge); thick:
     the share of slices (with planes: the phantom's, SliceDataset) drawn as a thick slice,
     nominal thickness from ``thickness_mm``: its planes (randomize.PLANE_OFFSETS_MM) get the
     same augmentation and appearance and are averaged over the slice profile

@@ -598,7 +598,7 @@ def wall_gas(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     (20..50 HU), both class MSC (inside the body). On real CT a gas-distended colon (the
     flexures, the transverse colon) often lies right under a thin wall, and the gas then
     looks like the air outside the body: the bundled networks call the wall between
-    them background (the shared CT's hepatic flexure). A loop takes the place of visceral
+    them background (the shared T11-L2 CT's splenic flexure). A loop takes the place of visceral
     fat only, or with ``tissues`` (the phantom's codes, moved with the labels) of visceral
     fat and bowel (WALL_GAS_CODES): never muscle, organs or bone. A slice without wall
     muscle, or where no loop finds room, comes back as is."""
