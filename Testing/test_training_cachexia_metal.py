@@ -150,14 +150,3 @@ def test_cachectic_and_metal_are_off_by_default_and_keep_the_other_draws():
         e_hu, e_lab = Augment(**base, obese=0.0, metal=1.0)(hu, lab, np.random.default_rng(seed))
         assert np.array_equal(e_lab[e_lab != MSC], a_lab[e_lab != MSC])
         assert not np.array_equal(e_hu, a_hu)
-
-
-def test_cachectic_and_metal_arguments_are_checked():
-    from training.__main__ import build_parser
-    from training.train import check_args
-
-    for flag in ("--cachectic", "--metal"):
-        args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
-                                          flag, "1.5"])
-        with pytest.raises(ValueError, match=flag):
-            check_args(args)

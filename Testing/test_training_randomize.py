@@ -103,20 +103,37 @@ def test_kernel_noise_sd_and_correlation(seed):
     assert abs(corr) > 0.05  # white noise: about 0 +- 0.01 on these 15,000 pairs
 
 
-def test_randomize_argument_is_checked():
+SHARE_FLAGS = ("--randomize", "--organ-flatten", "--obese", "--organ-contact",
+               "--kidney-contact", "--diaphragm-muscle", "--kidney-unenhanced", "--canal-hu",
+               "--thick-slices", "--cachectic", "--metal", "--zoom-out", "--wall-gas")
+
+
+@pytest.mark.parametrize("flag", SHARE_FLAGS)
+def test_share_arguments_are_checked_and_reach_the_parsed_arguments(flag):
+    """Every augmentation share is a probability: outside 0..1 is refused by name."""
+    from training.__main__ import build_parser
+    from training.train import check_args
+
+    def parsed(value):
+        return build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
+                                          flag, value])
+
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(ValueError, match=flag):
+            check_args(parsed(bad))
+    args = parsed("0.4")
+    check_args(args)
+    assert getattr(args, flag[2:].replace("-", "_")) == 0.4
+
+
+def test_muscle_region_sd_is_checked():
     from training.__main__ import build_parser
     from training.train import check_args
 
     args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
-                                      "--randomize", "1.5"])
-    with pytest.raises(ValueError, match="--randomize"):
+                                      "--muscle-region-sd", "-1"])
+    with pytest.raises(ValueError, match="--muscle-region-sd"):
         check_args(args)
-    for flag, value in (("--organ-flatten", "2"), ("--obese", "-0.1"),
-                        ("--muscle-region-sd", "-1")):
-        args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
-                                          flag, value])
-        with pytest.raises(ValueError, match=flag):
-            check_args(args)
 
 
 def test_switches_turn_the_new_randomisation_off():

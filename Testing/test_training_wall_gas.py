@@ -5,7 +5,6 @@ every other draw."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from scipy.ndimage import binary_dilation
 
 from training.data import Augment
@@ -102,17 +101,3 @@ def test_wall_gas_is_off_by_default_and_keeps_the_other_draws():
         d = Augment(**base, wall_gas=1.0)(hu, no_wall, np.random.default_rng(seed))
         assert np.array_equal(c[0], d[0]) and np.array_equal(c[1], d[1])
     assert changed_any
-
-
-def test_wall_gas_argument_is_checked_and_reaches_the_augmentation():
-    from training.__main__ import build_parser
-    from training.train import check_args
-
-    args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
-                                      "--wall-gas", "1.5"])
-    with pytest.raises(ValueError, match="--wall-gas"):
-        check_args(args)
-    args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
-                                      "--wall-gas", "0.4"])
-    check_args(args)
-    assert args.wall_gas == 0.4

@@ -82,16 +82,3 @@ def test_zoom_out_is_off_by_default_and_keeps_the_other_draws():
             shrunk += 1
             assert (b_lab == BG).sum() > (lab == BG).sum()
     assert same >= 2 and shrunk >= 2
-
-
-def test_zoom_out_argument_is_checked_and_reaches_the_augmentation():
-    from training.__main__ import build_parser
-    from training.train import check_args
-
-    args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
-                                      "--zoom-out", "1.5"])
-    with pytest.raises(ValueError, match="--zoom-out"):
-        check_args(args)
-    args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
-                                      "--zoom-out", "0.3"])
-    assert args.zoom_out == 0.3
