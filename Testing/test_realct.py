@@ -187,6 +187,53 @@ def test_simulate_draws_in_the_training_orientation_and_reports_what_it_took():
         simulate(hu, "tattoo", 0)
 
 
+def test_myosteatosis_darkens_only_the_muscle_and_takes_nothing():
+    """--simulate myosteatosis: every muscle voxel at least MYOSTEATOSIS_SHIFT_HU darker,
+    some (the fatty patches) darker still, no other voxel changed, nothing lost; the same
+    patches whether the volume is stored as DICOM would or as RAS+; it needs the muscle."""
+    from training.realsim import MYOSTEATOSIS_PATCH_HU, MYOSTEATOSIS_SHIFT_HU, simulate
+
+    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=128), gap_mm=5.0)
+    muscle = np.isin(labels.array, (1, 2))
+    with pytest.raises(ValueError, match="MUS\\+IMAT"):
+        simulate(hu, "myosteatosis", 0)
+    a, lost = simulate(hu, "myosteatosis", 0, muscle=muscle)
+    assert not lost.any()
+    drop = hu.array - a.array
+    assert np.all(drop[~muscle] == 0)
+    assert np.all(drop[muscle] >= MYOSTEATOSIS_SHIFT_HU - 1e-3)
+    assert np.all(drop[muscle] <= MYOSTEATOSIS_SHIFT_HU + MYOSTEATOSIS_PATCH_HU + 1e-3)
+    assert 0.05 < np.mean(drop[muscle] > MYOSTEATOSIS_SHIFT_HU + 1.0) < 0.9   # patchy
+    b, _ = simulate(_ras_copy(hu), "myosteatosis", 0, muscle=muscle[:, ::-1, ::-1])
+    assert np.allclose(a.array, b.array[:, ::-1, ::-1])
+
+
+def test_command_with_myosteatosis_darkens_the_structures_muscles(tiny_model_path, tmp_path):
+    """With --structures only, the paraspinal and psoas labels are the muscle to darken (the
+    simulation refuses to run without a muscle); with a MUS+IMAT mask, that mask, and the
+    table says the masks were not changed."""
+    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=96), gap_mm=5.0)
+    write_volume(hu, tmp_path / "ct.nii.gz")
+    st = np.zeros(labels.array.shape, np.int16)
+    st[:, 40:56, 40:56] = 29
+    st[labels.array == 1] = 86
+    write_volume(labels.with_array(st), tmp_path / "st.nii.gz")
+    out = tmp_path / "myo"
+    assert main(["evaluate-real", "--model", str(tiny_model_path), "--ct",
+                 str(tmp_path / "ct.nii.gz"), "--structures", str(tmp_path / "st.nii.gz"),
+                 "--simulate", "myosteatosis", "--output", str(out), "--device", "cpu"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["simulate"] == {"what": "myosteatosis", "seed": 0}
+    assert payload["levels"]["shares"]["L3"]["paraspinal"]["voxels"] == int((st == 86).sum())
+    write_volume(labels.with_array((labels.array == 1).astype(np.uint8)), tmp_path / "m.nii.gz")
+    assert main(["evaluate-real", "--model", str(tiny_model_path), "--ct",
+                 str(tmp_path / "ct.nii.gz"), "--mask", f"MUS+IMAT={tmp_path / 'm.nii.gz'}",
+                 "--simulate", "myosteatosis", "--output", str(tmp_path / "myo_mask"),
+                 "--device", "cpu"]) == 0
+    assert "myosteatosis (seed 0), masks unchanged" in \
+        (tmp_path / "myo_mask" / "table.md").read_text()
+
+
 def test_command_with_simulate_and_structures_drops_the_metal_from_them(tiny_model_path,
                                                                        tmp_path):
     """--simulate metal with --structures: the structures under the metal are not counted
@@ -268,5 +315,10 @@ def test_bundle_measures_the_real_cts_with_metal_and_cachexia_drawn_in(tiny_mode
     assert sim["cachexia"]["results"]["SAT vs " + REAL_MASKS[1][1]]["mask_area_cm2"] < \
         ev["real_ct"]["results"]["SAT vs " + REAL_MASKS[1][1]]["mask_area_cm2"]
     assert set(sim["metal_levels"]["shares"]) == set(ev["real_ct_levels"]["shares"]) == {"L3"}
-    for folder in ("real_metal", "real_cachexia", "real_levels_metal"):
+    assert set(sim["myosteatosis_levels"]["shares"]) == {"L3"}
+    assert "--simulate myosteatosis" in sim["myosteatosis"]["command"]
+    assert sim["myosteatosis"]["results"]["MUS+IMAT vs " + REAL_MASKS[0][1]]["mask_area_cm2"] == \
+        ev["real_ct"]["results"]["MUS+IMAT vs " + REAL_MASKS[0][1]]["mask_area_cm2"]
+    for folder in ("real_metal", "real_cachexia", "real_levels_metal", "real_myosteatosis",
+                   "real_levels_myosteatosis"):
         assert (tmp_path / "report" / folder / "metrics.json").is_file()

@@ -11,9 +11,11 @@
    and, when the folder also holds the abdomen-pelvis CT with TotalSegmentator's structure
    labels, the per-level share of paraspinal and psoas voxels called muscle ->
    <report>/real_levels/ (levels.md, levels.png); and both again with the training's
-   spinal screws drawn into every slice, and ct_t11_l2 with its subcutaneous fat cut down
-   (``evaluate-real --simulate metal|cachexia``, draw 0: training/realsim.py) ->
-   <report>/real_metal/, real_cachexia/, real_levels_metal/;
+   spinal screws drawn into every slice, and with the reference's muscle darkened
+   (myosteatosis), and ct_t11_l2 with its subcutaneous fat cut down (``evaluate-real
+   --simulate metal|myosteatosis|cachexia``, draw 0: training/realsim.py) ->
+   <report>/real_metal/, real_myosteatosis/, real_cachexia/, real_levels_metal/,
+   real_levels_myosteatosis/;
    and ``python -m training area-bias``: soft tissue areas on held-out phantoms drawn at 3 mm
    pixels against their exact fractions -> <report>/area_bias.json;
 3. the run's weights and card, with an ``evaluation`` section holding both results and the
@@ -143,10 +145,12 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         real = Path(args.real_dir)
         structures = ["--structures", str(real / REAL_STRUCTURES)]
         lv = evaluate_real(real / REAL_LEVELS_CT, structures, "real_levels")
-        sim = evaluate_real(real / REAL_LEVELS_CT, [*structures, "--simulate", "metal",
-                                                    "--simulate-seed", "0"], "real_levels_metal")
-        simulated["metal_levels"] = {"command": sim["command"], "ct": REAL_LEVELS_CT,
-                                     "shares": sim["levels"]["shares"]}
+        for what in ("metal", "myosteatosis"):  # cachexia needs a SAT mask this CT lacks
+            sim = evaluate_real(real / REAL_LEVELS_CT, [*structures, "--simulate", what,
+                                                        "--simulate-seed", "0"],
+                                f"real_levels_{what}")
+            simulated[f"{what}_levels"] = {"command": sim["command"], "ct": REAL_LEVELS_CT,
+                                           "shares": sim["levels"]["shares"]}
         evaluation["real_ct_levels"] = {
             "command": lv["command"], "ct": REAL_LEVELS_CT,
             "reference": "TotalSegmentator 'total' structure labels (another model)",
@@ -158,7 +162,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         evaluation["real_ct_levels"] = None
     evaluation["real_ct_simulated"] = dict(
         simulated, reference="the same TotalSegmentator masks and labels, less the voxels "
-                             "the simulation removed (metal, cut fat)",
+                             "the simulation removed (metal, cut fat; myosteatosis darkens "
+                             "their muscle and removes nothing)",
         metric="as real_ct and real_ct_levels") if simulated else None
 
     card = dict(card)

@@ -28,7 +28,10 @@ levels.md, and overlays of each level's middle slice with the muscles' outlines
 With ``--simulate metal`` (or ``cachexia``, which needs a SAT mask) the training's spinal
 screws (or its thin subcutaneous fat) are first drawn into every slice, and the masks and
 the structure labels lose the voxels the drawing removed (training/realsim.py): how a model
-copes with hardware or a cachectic body on real anatomy. ``training bundle`` records draw 0 of both in the card.
+copes with hardware or a cachectic body on real anatomy. ``--simulate myosteatosis``
+darkens the reference's own muscle (the MUS+IMAT mask, or the paraspinal and psoas labels of
+``--structures``) by 20 HU with fattier patches: whether fattier muscle is still called
+muscle. ``training bundle`` records draw 0 of each in the card.
 """
 
 from __future__ import annotations
@@ -82,9 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shares of paraspinal and psoas voxels called muscle")
     p.add_argument("--simulate", choices=SIMULATIONS, default=None,
                    help="draw the training's spinal screws (metal) or thin subcutaneous fat "
-                        "(cachexia: needs a SAT --mask) on every slice first; masks and "
-                        "structures lose the voxels it took (training/realsim.py): a stress "
-                        "check on real anatomy")
+                        "(cachexia: needs a SAT --mask) on every slice first, or darken the "
+                        "reference's muscle by 20 HU and fatty patches (myosteatosis: needs "
+                        "a MUS+IMAT --mask or --structures); masks and structures lose the "
+                        "voxels it took (training/realsim.py): a stress check on real anatomy")
     p.add_argument("--simulate-seed", type=int, default=0, metavar="SEED")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--device", default="auto")
@@ -215,11 +219,23 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         m = read_labels(path, like=ct).array > 0
         masks.append(("+".join(CLASSES[c].key for c in classes) + f" vs {path.name}",
                       classes, m))
+    structures = None
+    if args.structures is not None:
+        st = read_itk(args.structures)
+        problem = same_grid(st, ct)
+        if problem is not None:
+            raise ValueError(f"{args.structures}: not on the CT's grid: {problem}")
+        structures = st.array.astype(np.int32)
     lost = None
     if args.simulate is not None:
         sat = [m for _, classes, m in masks if class_by_key("SAT").index in classes]
+        muscle = [m for _, classes, m in masks if class_by_key("MUS").index in classes]
+        if not muscle and structures is not None:
+            muscle = [np.isin(structures, [i for name, ids in TS_GROUPS
+                                           if name in TS_MUSCLES for i in ids])]
         ct, lost = simulate(ct, args.simulate, args.simulate_seed,
-                            np.logical_or.reduce(sat) if sat else None)
+                            np.logical_or.reduce(sat) if sat else None,
+                            np.logical_or.reduce(muscle) if muscle else None)
         masks = [(name, classes, m & ~lost) for name, classes, m in masks]
     si, sj, _ = ct.spacing
     pred = predict_volume(ct.array, (sj, si), model, card, device=args.device,
@@ -234,12 +250,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                "results": result,
                "simulate": None if args.simulate is None else {
                    "what": args.simulate, "seed": args.simulate_seed}}
-    if args.structures is not None:
-        st = read_itk(args.structures)
-        problem = same_grid(st, ct)
-        if problem is not None:
-            raise ValueError(f"{args.structures}: not on the CT's grid: {problem}")
-        structures = st.array.astype(np.int32)
+    if structures is not None:
         if lost is not None:
             structures[lost] = 0        # the drawing's voxels are no structure's
         shares = level_shares(labels, structures)
@@ -253,7 +264,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         print("\n".join(table))
     write_text(out / "metrics.json", json.dumps(payload, indent=2), overwrite=True)
     drawn = ("" if args.simulate is None else
-             f" With simulated {args.simulate} (seed {args.simulate_seed}), masks changed to match.")
+             f" With simulated {args.simulate} (seed {args.simulate_seed})"
+             + (", masks changed to match." if lost.any() else ", masks unchanged."))
     lines = [f"Model `{args.model}` on `{args.ct}` ({ct.array.shape[2]} x {ct.array.shape[1]} "
              f"x {ct.array.shape[0]}, {si:.2f} x {sj:.2f} mm pixels).{drawn} Made by "
              f"`{command}`.", "",

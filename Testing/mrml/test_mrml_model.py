@@ -157,6 +157,7 @@ def test_panel_summary_shows_the_real_ct_levels():
                            "paraspinal": {"voxels": 9, "muscle_share": 1.0}}}}}}
     lines = describe_model(card).replace("\u00a0", " ").splitlines()
     assert "Real CT, psoas called muscle, by level: L5 0.50" in lines
+    assert not any("screws" in line or "myosteatosis" in line for line in lines)
     assert "Real CT, paraspinal called muscle, by level: T12 0.92, L5 1.00" in lines
 
 
@@ -188,6 +189,24 @@ def test_out_of_memory_fallback_is_kept_for_later_chunks(mrml, tiny_model):
     # first chunk: 2 -> fails, retried at 1; second chunk starts at 1 straight away; each
     # batch runs twice, the second time mirrored (mirror averaging, the default)
     assert flaky.batches == [2] + [1, 1] * 4
+
+
+def test_panel_summary_shows_the_simulated_real_ct_checks():
+    """The card's real-CT Dice under drawn-in screws and fattier muscle each get a line after
+    the plain real-CT line, in that order."""
+    res = {"MUS+IMAT vs m.nii.gz": {"dice": 0.78, "slices": 3},
+           "SAT vs s.nii.gz": {"dice": 0.9, "slices": 3}}
+    card = {"classes": [{"key": "BG"}, {"key": "MUS"}], "factor": 2, "evaluation": {
+        "real_ct": {"results": res, "reference": "TotalSegmentator tissue_types masks"},
+        "real_ct_simulated": {
+            "metal": {"results": {"MUS+IMAT vs m.nii.gz": {"dice": 0.75}}},
+            "myosteatosis": {"results": {"MUS+IMAT vs m.nii.gz": {"dice": 0.768},
+                                         "SAT vs s.nii.gz": {"dice": 0.877}}}}}}
+    lines = describe_model(card).replace("\u00a0", " ").splitlines()
+    i = lines.index("Dice, real CT vs TotalSegmentator masks (3 slices): MUS+IMAT 0.78, SAT 0.90")
+    assert lines[i + 1] == "Dice, the same CT with spinal screws drawn in: MUS+IMAT 0.75"
+    assert lines[i + 2] == ("Dice, the same CT with its muscle made fattier (myosteatosis): "
+                            "MUS+IMAT 0.77, SAT 0.88")
 
 
 def test_training_data_summary_names_levels_and_fine_tuning():

@@ -504,12 +504,14 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
             if line:
                 lines.append(line)
             simulated = evaluation.get("real_ct_simulated")
-            metal = simulated.get("metal") if isinstance(simulated, Mapping) else None
-            if isinstance(metal, Mapping) and isinstance(metal.get("results"), Mapping):
-                line = _dice_line("the same CT with spinal screws drawn in",
-                                  _result_dice(metal["results"]))
-                if line:
-                    lines.append(line)
+            for what, label in (("metal", "the same CT with spinal screws drawn in"),
+                                ("myosteatosis", "the same CT with its muscle made fattier "
+                                                 "(myosteatosis)")):
+                sim = simulated.get(what) if isinstance(simulated, Mapping) else None
+                if isinstance(sim, Mapping) and isinstance(sim.get("results"), Mapping):
+                    line = _dice_line(label, _result_dice(sim["results"]))
+                    if line:
+                        lines.append(line)
         lines += _level_lines(evaluation.get("real_ct_levels"))
     if lines:
         return lines
