@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from EPDSegmentationLib.core.errors import EPDError
 
-from . import (adapt, areabias, bundle, evaluate, experiment, interpolate, realct, report,
+from . import (adapt, areabias, bundle, calibrate, evaluate, experiment, interpolate, realct, report,
                train)
 
 
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
          areabias.add_arguments, areabias.run),
         ("interpolate", "mix two models' weights (w x A + (1 - w) x B) into a model folder",
          interpolate.add_arguments, interpolate.run),
+        ("calibrate", "fit a model's class-prior calibration on phantoms into a model folder",
+         calibrate.add_arguments, calibrate.run),
     )
     for name, help_text, add_arguments, run in commands:
         command = sub.add_parser(name, help=help_text)

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from EPDSegmentationLib.cli.options import add_mirror_argument
+from EPDSegmentationLib.core.calibration import calibrate
 from EPDSegmentationLib.core.classes import CLASSES, KEYS, NUM_CLASSES, color_table
 from EPDSegmentationLib.core.epd import epd_labels
 from EPDSegmentationLib.core.inference import (prepare_slices, resample_planes,
@@ -120,6 +121,7 @@ def evaluate(model, card, records: Sequence[SliceRecord], *, device="auto", batc
         row_mm, col_mm = group[0].pixel_mm
         x, work = prepare_slices(hu, (row_mm, col_mm), card)
         probs, dev, batch_size = run_network(model, x, dev, batch_size, notes, mirror=mirror)
+        probs = calibrate(probs, card, (row_mm, col_mm))    # as segment applies the card's
         # the network's grid: the resampled slice downsampled by k
         work_area = (row_mm * hu.shape[1] / work[0]) * (col_mm * hu.shape[2] / work[1])
         target = epd_labels(resample_planes(lab, work, labels=True), NUM_CLASSES, k)

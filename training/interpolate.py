@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     }
     card["training"] = training
     card["metrics"] = {}
-    for key in ("evaluation", "bundle_command"):
+    for key in ("evaluation", "bundle_command", "calibration"):
         card.pop(key, None)
     out = Path(args.output) / "model"
     save_model(out, net, card, overwrite=args.overwrite)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .calibration import calibrate
 from .epd import bilinear_image, check_up_shape, epd_image, upsample_soft
 from .errors import DeviceError
 from .orientation import network_flips
@@ -381,6 +382,7 @@ def network_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping
     probs, device, batch_size = run_network(model, x, device, batch_size, notes,
                                             as_tensor=True, **network)
     check_probability_range(probs)
+    probs = calibrate(probs, card, pixel_mm)       # the card's class priors, if it has them
     low = Deferred(probs, tuple(work), tuple(int(v) for v in hu.shape[1:]), card,
                    (bool(flip_rows), bool(flip_cols)))
     return low, device, batch_size

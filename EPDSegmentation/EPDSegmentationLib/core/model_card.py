@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
 
 from .atomic import atomic_write
+from .calibration import KEY as CALIBRATION_KEY, check_calibration
 from .classes import CLASSES, KEYS
 from .errors import ModelError
 from .windowing import check_windows
@@ -202,6 +203,10 @@ def validate_card(card: Any, where: str = "model card") -> Dict[str, Any]:
         _fail(where, f"training lacks {', '.join(missing)}")
     if not isinstance(card["metrics"], Mapping):
         _fail(where, "metrics must be an object")
+    if CALIBRATION_KEY in card:
+        problem = check_calibration(card[CALIBRATION_KEY], len(KEYS))
+        if problem is not None:
+            _fail(where, problem)
     return card
 
 

@@ -1,0 +1,139 @@
+"""Class-prior calibration (core/calibration.py, ``training calibrate``): the weights a card
+carries by pixel size, how they act on probabilities, that segment and evaluate apply them,
+and that the fit moves soft areas towards the phantoms' exact ones within its bound."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from EPDSegmentationLib.core.calibration import (apply_weights, calibrate, check_calibration,
+                                                 class_weights)
+from EPDSegmentationLib.core.classes import NUM_CLASSES
+from EPDSegmentationLib.core.errors import ModelError
+from training.__main__ import main
+
+
+def _cal(pixels=(1.0, 4.0), rows=None):
+    rows = rows or [[1, 0.5, 1, 1, 2, 1], [1, 2, 1, 1, 0.5, 1]]
+    return {"pixel_mm": list(pixels), "class_weights": [list(r) for r in rows]}
+
+
+def test_weights_are_interpolated_in_log_between_pixel_sizes_and_held_outside():
+    card = {"calibration": _cal()}
+    assert class_weights({}, (1.0, 1.0)) is None
+    assert np.allclose(class_weights(card, (1.0, 1.0)), [1, 0.5, 1, 1, 2, 1])
+    assert np.allclose(class_weights(card, (0.5, 0.5)), [1, 0.5, 1, 1, 2, 1])   # held
+    assert np.allclose(class_weights(card, (9.0, 9.0)), [1, 2, 1, 1, 0.5, 1])
+    mid = class_weights(card, (2.0, 2.0))        # half-way in log pixel: log weights averaged
+    assert np.allclose(mid, [1, 1, 1, 1, 1, 1], atol=1e-6)
+    assert np.allclose(class_weights(card, (1.0, 4.0)), mid, atol=1e-6)   # geometric mean
+
+
+def test_apply_keeps_a_distribution_and_moves_mass_where_the_network_hesitates():
+    import torch
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(NUM_CLASSES), size=(2, 3, 4)).transpose(0, 3, 1, 2)
+    p = p.astype(np.float32)                                       # (n, C, h, w)
+    w = np.array([1, 0.5, 1, 1, 2, 1], np.float32)
+    q = apply_weights(p, w)
+    assert np.allclose(q.sum(1), 1.0, atol=1e-6) and q.min() >= 0
+    assert q[:, 1].sum() < p[:, 1].sum() and q[:, 4].sum() > p[:, 4].sum()
+    t = apply_weights(torch.from_numpy(p), w)
+    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), q, atol=1e-6)
+    sure = np.zeros((1, NUM_CLASSES, 1, 1), np.float32)
+    sure[0, 1] = 1.0                                               # certain: stays
+    assert np.array_equal(apply_weights(sure, w), sure)
+    assert calibrate(p, {}, (1.0, 1.0)) is p
+
+
+@pytest.mark.parametrize("cal, words", [
+    ({"pixel_mm": [2.0, 1.0], "class_weights": [[1] * 6, [1] * 6]}, "ascending"),
+    ({"pixel_mm": [1.0], "class_weights": [[1] * 5]}, "rows of 6"),
+    ({"pixel_mm": [1.0], "class_weights": [[1, 0, 1, 1, 1, 1]]}, "positive"),
+    ({"pixel_mm": [1.0, 2.0], "class_weights": [[1] * 6]}, "a row per pixel size"),
+    ("x", "an object"),
+])
+def test_a_bad_calibration_is_refused_by_the_card_check(cal, words, tiny_model_path):
+    from EPDSegmentationLib.core.model_card import validate_card
+    from EPDSegmentationLib.core.model_io import load_model
+
+    assert words in check_calibration(cal, NUM_CLASSES)
+    card = dict(load_model(str(tiny_model_path) + ".safetensors")[1], calibration=cal)
+    with pytest.raises(ModelError, match=words):
+        validate_card(card)
+
+
+def test_segment_and_evaluate_apply_the_cards_calibration(tiny_model_path):
+    """predict_volume with a calibrated card gives the uncalibrated probabilities reweighted
+    (on the network's grid, so to the restoring's tolerance); evaluate's soft areas move the
+    same way."""
+    from EPDSegmentationLib.core.inference import predict_volume
+    from EPDSegmentationLib.core.model_io import load_model
+    from training.evaluate import evaluate
+    from training.phantom import subject_slices
+    from training.data import SliceRecord
+
+    model, card = load_model(str(tiny_model_path) + ".safetensors")
+    s = subject_slices(3, n_slices=2, size=64)
+    hu = np.stack([x.hu for x in s])
+    px = (s[0].pixel_mm, s[0].pixel_mm)
+    w = [1.0, 0.5, 1.0, 1.0, 2.0, 1.0]
+    cal = dict(card, calibration={"pixel_mm": [1.0], "class_weights": [w]})
+    a = predict_volume(hu, px, model, card, device="cpu").probabilities
+    b = predict_volume(hu, px, model, cal, device="cpu").probabilities
+    assert np.allclose(b.sum(0), 1.0, atol=1e-5)
+    assert b[1].sum() < a[1].sum() and b[4].sum() > a[4].sum()
+    expect = apply_weights(a.transpose(1, 0, 2, 3), np.array(w, np.float32)).transpose(1, 0, 2, 3)
+    assert np.abs(b - expect).max() < 0.05          # restored after, not before, the weights
+    records = [SliceRecord(x.hu, x.labels, px, "s3", f"slice {i}") for i, x in enumerate(s)]
+    ea = evaluate(model, card, records, device="cpu")["areas"]["soft_cm2"]
+    eb = evaluate(model, cal, records, device="cpu")["areas"]["soft_cm2"]
+    assert eb[:, 1].sum() < ea[:, 1].sum() and eb[:, 4].sum() > ea[:, 4].sum()
+
+
+def test_calibrate_fits_within_its_bound_and_writes_a_model_folder(tiny_model_path, tmp_path):
+    from EPDSegmentationLib.cli.cohort import model_version
+    from EPDSegmentationLib.core.model_io import load_model
+    from training.calibrate import BOUND
+
+    out = tmp_path / "cal"
+    argv = ["calibrate", "--model", str(tiny_model_path) + ".safetensors", "--output",
+            str(out), "--pixel-mm", "3", "6", "--phantom-subjects", "1", "--phantom-slices",
+            "2", "--quiet"]
+    assert main(argv) == 0
+    model, card = load_model(out / "model.safetensors")
+    cal = card["calibration"]
+    assert cal["pixel_mm"] == [3.0, 6.0] and "calibrate" in cal["command"]
+    w = np.array(cal["class_weights"])
+    assert w.shape == (2, NUM_CLASSES) and np.all(w[:, 0] == 1.0)
+    assert np.all(w >= 1 / BOUND - 1e-9) and np.all(w <= BOUND + 1e-9)
+    for px, fit in cal["fit"].items():                     # closer to the exact areas
+        before = sum(abs(v) for k, v in fit["area_error_cm2_before"].items() if k != "BG")
+        after = sum(abs(v) for k, v in fit["area_error_cm2_after"].items() if k != "BG")
+        assert after < before, (px, before, after)
+    assert card["metrics"] == {} and "evaluation" not in card
+    assert model_version(out / "model.safetensors") == model_version(
+        str(tiny_model_path) + ".safetensors")           # the same weights
+    assert main(argv) == 2                                  # no silent overwrite
+    assert main(argv + ["--overwrite"]) == 0
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", "m", "--output", "o", "--pixel-mm"])
+
+
+def test_interpolation_drops_a_calibration(tiny_model_path, tmp_path):
+    """Mixed weights are other weights: a calibration fitted for A does not hold for them."""
+    from EPDSegmentationLib.core.model_io import load_model
+
+    cal = tmp_path / "cal"
+    assert main(["calibrate", "--model", str(tiny_model_path) + ".safetensors", "--output",
+                 str(cal), "--pixel-mm", "4", "--phantom-subjects", "1", "--phantom-slices",
+                 "1", "--quiet"]) == 0
+    assert main(["interpolate", "--model", str(cal / "model.safetensors"), "--with",
+                 str(tiny_model_path) + ".safetensors", "--weight", "0.5", "--output",
+                 str(tmp_path / "mix")]) == 0
+    assert "calibration" not in load_model(tmp_path / "mix" / "model.safetensors")[1]
+    assert json.loads((cal / "model.json").read_text())["calibration"]["pixel_mm"] == [4.0]
