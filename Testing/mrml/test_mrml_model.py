@@ -157,7 +157,11 @@ def test_panel_summary_shows_the_real_ct_levels():
                            "paraspinal": {"voxels": 9, "muscle_share": 1.0}}}}}}
     lines = describe_model(card).replace("\u00a0", " ").splitlines()
     assert "Real CT, psoas called muscle, by level: L5 0.50" in lines
-    assert not any("screws" in line or "myosteatosis" in line for line in lines)
+    assert not any("screws" in line or "myosteatosis" in line or "Calibrated" in line
+                   for line in lines)
+    card["calibration"] = {"pixel_mm": [0.865, 3.0], "class_weights": [[1] * 2, [1] * 2]}
+    lines = describe_model(card).replace("\u00a0", " ").splitlines()
+    assert "Calibrated: class weights fitted on phantoms at 0.865, 3 mm pixels" in lines
     assert "Real CT, paraspinal called muscle, by level: T12 0.92, L5 1.00" in lines
 
 

@@ -535,7 +535,8 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
 
 def describe_model(card: Mapping[str, Any]) -> str:
     """A few lines about a model for the panel: classes, factor, spacing, training data in
-    short, whether its weights are a mix (training interpolate), the Dice per class the
+    short, whether its weights are a mix (training interpolate) or calibrated (training
+    calibrate), the Dice per class the
     card records and its area error on phantoms at 3 mm (training area-bias). Values stay
     with their names when the panel wraps a line (no-break spaces)."""
     classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
@@ -552,6 +553,11 @@ def describe_model(card: Mapping[str, Any]) -> str:
         # training interpolate: the weights are a mix, not what the recipe trained alone
         w = float(mix["weight_a"])
         lines.append(f"Weights: {w:g} of this training mixed with {1 - w:g} of another model")
+    cal = card.get("calibration")
+    if isinstance(cal, Mapping) and isinstance(cal.get("pixel_mm"), list):
+        # training calibrate: the probabilities are reweighted per class (core/calibration)
+        sizes = ", ".join(f"{float(v):g}" for v in cal["pixel_mm"])
+        lines.append(f"Calibrated: class weights fitted on phantoms at {sizes}{NBSP}mm pixels")
     lines += describe_dice(card) or ["Dice: not recorded in the model card"]
     mirror = (card.get("evaluation") or {}).get("mirror")
     if isinstance(mirror, bool):      # training bundle: how its numbers were measured
