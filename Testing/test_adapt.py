@@ -115,6 +115,32 @@ def test_adapted_model_round_trips_through_its_card(tiny, tmp_path):
         save_adapted(tmp_path / "site", result.model, new_card)
 
 
+def test_a_calibrated_model_is_fine_tuned_through_its_class_weights_and_keeps_them(tiny):
+    """With class weights in the card the losses are those of the calibrated probabilities
+    (what segment shows), the fine-tuning lowers them, and the adapted card keeps the
+    weights (without them the same network would show other probabilities)."""
+    from EPDSegmentationLib.core.calibration import class_weights
+    from EPDSegmentationLib.core.inference import predict_volume
+
+    model, card = tiny
+    w = [1.0, 0.5, 1.0, 1.0, 2.0, 1.0]
+    cal = dict(card, calibration={"pixel_mm": [1.0], "class_weights": [w]})
+    hu, labels = body_case()
+    case = AdaptCase(hu, labels, PIXEL_MM, [1, 3], "toy")
+    settings = AdaptSettings(steps=12, lr=3e-3, batch_size=2, replay_fraction=0.25)
+    plain = adapt_model(model, card, [case], settings)
+    calibrated = adapt_model(model, cal, [case], settings)
+    assert calibrated.before != plain.before         # measured on the weighted probabilities
+    assert calibrated.after["mae"] < calibrated.before["mae"]
+    new_card = adapted_card(cal, "base.safetensors", [case], settings, calibrated, "x")
+    assert new_card["calibration"] == cal["calibration"]
+    assert np.allclose(class_weights(new_card, PIXEL_MM), w)
+    assert "calibration" not in adapted_card(card, "b", [case], settings, plain, "x")
+    p = predict_volume(hu[:1], PIXEL_MM, calibrated.model, new_card, device="cpu").probabilities
+    q = predict_volume(hu[:1], PIXEL_MM, calibrated.model, card, device="cpu").probabilities
+    assert p[4].sum() > q[4].sum()                    # the weights act on the adapted model
+
+
 def test_never_written_over_or_beside_the_bundled_model(tiny):
     model, card = tiny
     before = {p: p.stat().st_mtime_ns for p in model_paths(bundled_model_path())}

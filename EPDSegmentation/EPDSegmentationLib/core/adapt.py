@@ -45,6 +45,7 @@ import numpy as np
 
 from .classes import NUM_CLASSES
 from .epd import epd_labels, nearest_labels
+from .calibration import KEY as CALIBRATION_KEY, calibrate, class_weights
 from .inference import (Cancelled, prepare_slices, resample_planes, resampled_shape, run_network,
                         select_device, source_pixel_mm)
 from .model_card import ModelFileError, make_card, model_paths
@@ -292,13 +293,18 @@ def _prepare(case: AdaptCase, card, model, device, settings: AdaptSettings, note
     work = resampled_shape(case.hu.shape[-2:], case.pixel_mm, source_pixel_mm(card))
     hu = torch.from_numpy(resample_planes(np.asarray(case.hu[case.slices], np.float32), work))
     target = torch.from_numpy(soft_targets(case.labels[case.slices], case.pixel_mm, card))
+    # a calibrated model (core/calibration) is trained through its class weights: softmax of
+    # logits + log w is the calibrated probability, so the corrections hold as segment shows them
+    w = class_weights(card, case.pixel_mm)
+    log_w = None if w is None else torch.from_numpy(np.log(w)).view(1, -1, 1, 1)
     out = {"hu": hu, "target": target, "replay_hu": None, "replay_target": None,
-           "replay_mask": None}
+           "replay_mask": None, "log_w": log_w}
     if settings.replay_fraction > 0:
         ks = _replay_slices(case.hu.shape[0], case.slices, MAX_REPLAY_SLICES)
         if ks:
             x, _ = prepare_slices(case.hu[ks], case.pixel_mm, card)
             probs, _, _ = run_network(model, x, device, settings.batch_size, notes)
+            probs = calibrate(probs, card, case.pixel_mm)
             out["replay_hu"] = torch.from_numpy(
                 resample_planes(np.asarray(case.hu[ks], np.float32), work))
             out["replay_target"] = torch.from_numpy(probs)
@@ -413,6 +419,11 @@ def interpolate_weights(base, tuned, t: float):
     return out
 
 
+def _calibrated(logits, d):
+    """Logits (n, C, h, w) plus the case's log class weights, if the model has them."""
+    return logits if d["log_w"] is None else logits + d["log_w"].to(logits.device, logits.dtype)
+
+
 def _evaluate(net, datas, card, device) -> Dict[str, float]:
     """Mean MAE and Dice losses over the corrected slices (no augmentation)."""
     import torch
@@ -424,7 +435,8 @@ def _evaluate(net, datas, card, device) -> Dict[str, float]:
     with torch.no_grad():
         for d in datas:
             for i in range(d["hu"].shape[0]):
-                logits = net.logits(network_input(d["hu"][i:i + 1].to(device), card))
+                logits = _calibrated(net.logits(network_input(d["hu"][i:i + 1].to(device),
+                                                              card)), d)
                 t = d["target"][i:i + 1].to(device)
                 mae += float(mae_loss(logits, t))
                 dice += float(dice_loss(logits, t))
@@ -478,7 +490,7 @@ def adapt_model(model, card: Mapping[str, Any], cases: Sequence[AdaptCase],
         x, target, mask = _batch(d, settings.batch_size - n_replay, n_replay, rng, settings,
                                  card, device)
         net.train()
-        loss, _ = criterion(net.logits(x), target, mask)
+        loss, _ = criterion(_calibrated(net.logits(x), d), target, mask)
         if anchors is not None:
             loss = loss + settings.l2sp * l2sp_penalty(anchors)
         opt.zero_grad(set_to_none=True)
@@ -507,7 +519,8 @@ def adapted_card(base_card: Mapping[str, Any], base_model: str, cases: Sequence[
     """The card of an adapted model: the base card's architecture, windows, factor, modes and
     spacing; training records the base model, the cases and slices, the settings and the
     losses on the corrected slices before and after. The base's metrics and evaluation no
-    longer describe this model: they are kept under training.data.base_model."""
+    longer describe this model: they are kept under training.data.base_model. A calibrated
+    base's class weights stay with the model: it was fine-tuned through them."""
     skip = {"format", "format_version", "architecture", "classes", "windows", "factor",
             "label_mode", "image_mode", "pixel_mm", "input_size", "training", "metrics"}
     base_extra = {k: v for k, v in base_card.items() if k not in skip}
@@ -534,7 +547,10 @@ def adapted_card(base_card: Mapping[str, Any], base_model: str, cases: Sequence[
                      factor=base_card["factor"], label_mode=base_card["label_mode"],
                      image_mode=base_card["image_mode"], pixel_mm=base_card["pixel_mm"],
                      input_size=base_card["input_size"], training=training, metrics={},
-                     adapted_from=str(base_model))
+                     adapted_from=str(base_model),
+                     # trained through the base's class weights (_calibrated): they go with it
+                     **({CALIBRATION_KEY: base_card[CALIBRATION_KEY]}
+                        if CALIBRATION_KEY in base_card else {}))
 
 
 def check_destination(path, overwrite: bool = False) -> None:
