@@ -96,10 +96,14 @@ def make_model(folder: Path, k: int, size: int, config, trained: bool = False) -
         from EPDSegmentationLib.core.resources import bundled_model_path
 
         net.load_state_dict(load_model(bundled_model_path())[0].state_dict())
+    extra = {}
+    if trained:     # and its class weights, so segment does all it does with the bundled model
+        calibration = load_model(bundled_model_path())[1].get("calibration")
+        extra = {"calibration": calibration} if calibration else {}
     card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=k,
                      label_mode="epd", image_mode="average", pixel_mm=(src * k, src * k),
                      input_size=(size // k, size // k),
-                     training={"data": {}, "command": "benchmark", "seed": 0})
+                     training={"data": {}, "command": "benchmark", "seed": 0}, **extra)
     save_model(folder / f"model_f{k}", net, card)
     return str(folder / f"model_f{k}.safetensors")
 
