@@ -116,8 +116,10 @@ def test_calibrate_fits_within_its_bound_and_writes_a_model_folder(tiny_model_pa
         after = sum(abs(v) for k, v in fit["area_error_cm2_after"].items() if k != "BG")
         assert after < before, (px, before, after)
     assert card["metrics"] == {} and "evaluation" not in card
-    assert model_version(out / "model.safetensors") == model_version(
-        str(tiny_model_path) + ".safetensors")           # the same weights
+    tiny = str(tiny_model_path) + ".safetensors"
+    assert model_version(out / "model.safetensors", False) == model_version(tiny, False)
+    assert model_version(out / "model.safetensors") != model_version(tiny)   # other numbers
+    assert model_version(tiny) == model_version(tiny, False)
     assert main(argv) == 2                                  # no silent overwrite
     assert main(argv + ["--overwrite"]) == 0
     with pytest.raises(SystemExit):
@@ -137,3 +139,24 @@ def test_interpolation_drops_a_calibration(tiny_model_path, tmp_path):
                  str(tmp_path / "mix")]) == 0
     assert "calibration" not in load_model(tmp_path / "mix" / "model.safetensors")[1]
     assert json.loads((cal / "model.json").read_text())["calibration"]["pixel_mm"] == [4.0]
+
+
+def test_dicom_seg_and_the_scene_name_the_class_weights():
+    """A calibrated model is another model: the DICOM SEG's algorithm parameters and the
+    summary kept on the Slicer segmentation carry its class weights (not the fit report)."""
+    import json as _json
+
+    from EPDSegmentationLib.io.dicom_seg import algorithm_identification
+    from EPDSegmentationLib.mrml.dicom import model_summary
+
+    cal = {"pixel_mm": [1.0], "class_weights": [[1, 0.5, 1, 1, 2, 1]], "fit": {"x": 1},
+           "command": "python -m training calibrate ..."}
+    card = {"name": "M", "factor": 2, "calibration": cal}
+    text = algorithm_identification(card)[0].AlgorithmParameters   # key=value,key=value
+    value = text.split("calibration=", 1)[1]
+    assert _json.loads(value) == {"pixel_mm": [1.0], "class_weights": cal["class_weights"]}
+    assert model_summary(card)["calibration"] == {"pixel_mm": [1.0],
+                                                  "class_weights": cal["class_weights"]}
+    plain = {"name": "M", "factor": 2}
+    assert "calibration" not in algorithm_identification(plain)[0].AlgorithmParameters
+    assert "calibration" not in model_summary(plain)

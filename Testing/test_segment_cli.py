@@ -511,6 +511,36 @@ def test_no_mirror_runs_the_network_once_and_says_so(cases, tiny_model_path, tmp
     assert np.abs(soft[True].astype(float) - soft[False].astype(float)).max() > 0.01
 
 
+def test_a_calibrated_model_is_named_as_such_in_the_outputs(cases, tiny_model_path, tmp_path):
+    """The same weights with class weights in the card are another model: the provenance,
+    the headers and the cohort row's model_version say so, and the soft maps differ."""
+    import json
+    import shutil
+
+    import nrrd
+
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    shutil.copy(str(tiny_model_path) + ".safetensors", cal / "tiny.safetensors")
+    card = json.loads(open(str(tiny_model_path) + ".json").read())
+    card["calibration"] = {"pixel_mm": [1.0], "class_weights": [[1, 0.5, 1, 1, 2, 1]]}
+    (cal / "tiny.json").write_text(json.dumps(card))
+    soft, version = {}, {}
+    for name, model in (("plain", tiny_model_path), ("cal", cal / "tiny")):
+        out = tmp_path / name
+        assert _run(cases / "ct_a.nii.gz", "-o", out, "--model", model, "--slices", "1",
+                    "--cohort") == 0
+        prov = json.loads((out / "ct_a_provenance.json").read_text())
+        header = json.loads(nrrd.read_header(str(out / "ct_a.seg.nrrd"))["EPD_model"])
+        assert ("calibration" in prov["model"]) is (name == "cal")
+        assert header.get("calibration") == prov["model"].get("calibration")
+        soft[name] = read_seg_nrrd(out / "ct_a_soft.seg.nrrd").meta["fractions"]
+        with open(out / "cohort.csv") as f:
+            version[name] = f.read().split("sha256:")[1][:12]
+    assert version["plain"] != version["cal"]
+    assert np.abs(soft["plain"].astype(float) - soft["cal"].astype(float)).max() > 0.01
+
+
 def test_a_failing_dicom_seg_keeps_the_other_outputs(cases, tiny_model_path, tmp_path,
                                                      capsys, monkeypatch):
     pytest.importorskip("highdicom")

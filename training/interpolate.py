@@ -57,8 +57,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     training = dict(card["training"])
     training["weights"] = f"{w:g} x {args.model} + {1.0 - w:g} x {args.other}"
     training["interpolated"] = {
-        "a": {"path": str(args.model), "weights": model_version(args.model)},
-        "b": {"path": str(args.other), "weights": model_version(args.other)},
+        "a": {"path": str(args.model), "weights": model_version(args.model, False)},
+        "b": {"path": str(args.other), "weights": model_version(args.other, False)},
         "weight_a": w,
         "command": "python -m training " + shlex.join(list(argv or [])),
     }

@@ -303,8 +303,13 @@ def format_merge_report(path: Path, report: Dict[str, List[str]], n_rows: int) -
     return "\n".join(lines)
 
 
-def model_version(path: Path) -> str:
-    """The first 12 hex digits of the weights' SHA-256: which exact model made a number."""
+def model_version(path: Path, with_calibration: bool = True) -> str:
+    """The first 12 hex digits of a SHA-256 of the weights and, when the card beside them
+    carries class weights (core/calibration.py), of those too: which exact model made a
+    number (the same weights calibrated give other numbers). ``with_calibration`` False:
+    the weights alone."""
+    import json
+
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
@@ -312,4 +317,11 @@ def model_version(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    card = path.with_suffix(".json")
+    if with_calibration and card.is_file():
+        cal = json.loads(card.read_text()).get("calibration")
+        if isinstance(cal, dict):
+            h.update(b"\ncalibration:" + json.dumps(
+                {k: cal.get(k) for k in ("pixel_mm", "class_weights")},
+                sort_keys=True).encode())
     return "sha256:" + h.hexdigest()[:12]

@@ -610,6 +610,9 @@ def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None,
             "model": {k: card.get(k) for k in ("name", "version", "factor", "label_mode",
                                                 "pixel_mm") if k in card}}
     prov["model"]["mirror"] = bool(mirror)
+    cal = card.get("calibration")
+    if isinstance(cal, dict):          # the same weights calibrated give other probabilities
+        prov["model"]["calibration"] = {k: cal.get(k) for k in ("pixel_mm", "class_weights")}
     if meta.get("format") == "dicom":
         prov["dicom"] = {"study_instance_uid": meta.get("study_uid", ""),
                          "series_instance_uid": meta.get("series_uid", ""),

@@ -106,6 +106,9 @@ def algorithm_identification(model_card: Optional[Dict] = None):
     for key in ("name", "factor", "label_mode", "image_mode", "pixel_mm"):
         if key in card:
             params[key] = json.dumps(card[key]) if not isinstance(card[key], str) else card[key]
+    if isinstance(card.get("calibration"), dict):    # the same weights, other numbers
+        params["calibration"] = json.dumps({k: card["calibration"].get(k)
+                                            for k in ("pixel_mm", "class_weights")})
     version = f"{__version__}"
     if card.get("name"):
         version += f" ({card['name']})"

@@ -274,6 +274,9 @@ def model_summary(card: Optional[Mapping[str, Any]], model_path=None) -> Dict[st
     file's stem."""
     card = dict(card or {})
     out = {key: card[key] for key in MODEL_KEYS if key in card}
+    if isinstance(card.get("calibration"), Mapping):     # the same weights, other numbers
+        out["calibration"] = {k: card["calibration"].get(k) for k in ("pixel_mm",
+                                                                      "class_weights")}
     if "name" not in out and model_path is not None:
         out["name"] = Path(str(model_path)).name.split(".")[0]
     return out
