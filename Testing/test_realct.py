@@ -208,16 +208,24 @@ def test_myosteatosis_darkens_only_the_muscle_and_takes_nothing():
     assert np.allclose(a.array, b.array[:, ::-1, ::-1])
 
 
+def _ct_with_structures(folder, size: int, box: slice):
+    """A phantom volume (2 slices) as ct.nii.gz and a TotalSegmentator-like structure map
+    st.nii.gz: an L3 vertebra over ``box`` x ``box`` and the muscle labelled paraspinal (86).
+    Returns (hu Volume, labels Volume, structures array)."""
+    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=size), gap_mm=5.0)
+    write_volume(hu, folder / "ct.nii.gz")
+    st = np.zeros(labels.array.shape, np.int16)
+    st[:, box, box] = 29
+    st[labels.array == 1] = 86
+    write_volume(labels.with_array(st), folder / "st.nii.gz")
+    return hu, labels, st
+
+
 def test_command_with_myosteatosis_darkens_the_structures_muscles(tiny_model_path, tmp_path):
     """With --structures only, the paraspinal and psoas labels are the muscle to darken (the
     simulation refuses to run without a muscle); with a MUS+IMAT mask, that mask, and the
     table says the masks were not changed."""
-    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=96), gap_mm=5.0)
-    write_volume(hu, tmp_path / "ct.nii.gz")
-    st = np.zeros(labels.array.shape, np.int16)
-    st[:, 40:56, 40:56] = 29
-    st[labels.array == 1] = 86
-    write_volume(labels.with_array(st), tmp_path / "st.nii.gz")
+    _, labels, st = _ct_with_structures(tmp_path, 96, slice(40, 56))
     out = tmp_path / "myo"
     assert main(["evaluate-real", "--model", str(tiny_model_path), "--ct",
                  str(tmp_path / "ct.nii.gz"), "--structures", str(tmp_path / "st.nii.gz"),
@@ -242,12 +250,7 @@ def test_command_with_simulate_and_structures_drops_the_metal_from_them(tiny_mod
     from training.realsim import simulate
     from EPDSegmentationLib.io import read_volume
 
-    hu, labels, _ = stack(subject_slices(3, n_slices=2, size=128), gap_mm=5.0)
-    write_volume(hu, tmp_path / "ct.nii.gz")
-    st = np.zeros(labels.array.shape, np.int16)
-    st[:, 40:88, 40:88] = 29
-    st[labels.array == 1] = 86
-    write_volume(labels.with_array(st), tmp_path / "st.nii.gz")
+    _, labels, st = _ct_with_structures(tmp_path, 128, slice(40, 88))
     base = ["evaluate-real", "--model", str(tiny_model_path) + ".safetensors", "--ct",
             str(tmp_path / "ct.nii.gz"), "--structures", str(tmp_path / "st.nii.gz")]
     assert main([*base, "--output", str(tmp_path / "plain")]) == 0
