@@ -17,8 +17,8 @@ from typing import List, Optional
 
 from EPDSegmentationLib.core.errors import EPDError
 
-from . import (adapt, areabias, bundle, calibrate, evaluate, experiment, interpolate, realct, report,
-               train)
+from . import (adapt, areabias, bundle, calibrate, evaluate, experiment, interpolate, realct,
+               report, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
