@@ -97,10 +97,8 @@ def fit_weights(probs: Sequence[np.ndarray], true: np.ndarray,
     # areas are sums of p_c * cell / sum_k(p_k w_k) * w_c: keep per pixel the mass and the
     # probabilities, cell size folded in, so each step is one pass
     flat = np.concatenate([p.transpose(1, 0, 2, 3).reshape(NUM_CLASSES, -1) for p in probs], 1)
-    mass = flat.sum(0)
-    keep = mass > 0
-    flat, mass = flat[:, keep], mass[keep]
-    unit = flat / mass          # each pixel's probabilities; mass is its area in cm^2
+    mass = flat.sum(0)          # each pixel's area in cm^2 (its probabilities sum to one)
+    unit = flat / mass          # each pixel's probabilities
     w = np.ones(NUM_CLASSES)
     for _ in range(ITERATIONS):
         q = unit * w[:, None].astype(np.float32)

@@ -43,9 +43,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .calibration import KEY as CALIBRATION_KEY, calibrate, class_weights
 from .classes import NUM_CLASSES
 from .epd import epd_labels, nearest_labels
-from .calibration import KEY as CALIBRATION_KEY, calibrate, class_weights
 from .inference import (Cancelled, prepare_slices, resample_planes, resampled_shape, run_network,
                         select_device, source_pixel_mm)
 from .model_card import ModelFileError, make_card, model_paths
