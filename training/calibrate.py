@@ -4,8 +4,9 @@ For each input pixel size (default 0.865, 1.5 and 3 mm: the training scale, thin
 clinical scans), phantom subjects are drawn at that size (supersampled, so each class's
 area is exact, as ``area-bias`` draws them) and run through the network as ``segment``
 runs it; per-class weights are then fitted so that the calibrated soft areas summed over
-the subjects equal the exact ones (multiplicative updates, background's weight fixed at 1;
-core/calibration.py applies them). Only phantoms: no real scan is used. The default data
+the subjects come as close to the exact ones as the weights' bound lets them
+(multiplicative updates, background's weight fixed at 1; core/calibration.py applies
+them). Only phantoms: no real scan is used. The default data
 seed, 11, is neither the training's (0) nor the held-out evaluation's (7).
 
 The output is a folder holding model.safetensors (the same weights) and model.json (the
@@ -56,11 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequence[str],
                   pixel_mm: float, fov_mm: float, slice_gap_mm: float, device, mirror: bool,
-                  progress: bool = False) -> Tuple[List[np.ndarray], np.ndarray]:
+                  progress: bool = False) -> Tuple[List[Tuple[np.ndarray, float]], np.ndarray]:
     """Phantom subjects drawn at ``pixel_mm``: (per subject the network's uncalibrated
-    probabilities on its own grid, float32 (n, C, h, w), each scaled by its pixel area in
-    cm^2 so that a sum over pixels is an area; the exact class areas summed over all
-    slices, float64 (C,) cm^2)."""
+    probabilities on its own grid, float32 (n, C, h, w), with that grid's pixel area in
+    cm^2; the exact class areas summed over all slices, float64 (C,) cm^2)."""
     from tqdm import tqdm
 
     from EPDSegmentationLib.core.calibration import KEY
@@ -82,27 +82,21 @@ def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequ
         # the network's grid covers the input's field of view
         cell_cm2 = hu.shape[1] * hu.shape[2] * pixel_mm * pixel_mm / 100.0 / (
             p.shape[2] * p.shape[3])
-        probs.append(p * np.float32(cell_cm2))
+        probs.append((p, cell_cm2))
         true += sum(s.fractions.reshape(NUM_CLASSES, -1).sum(1, dtype=np.float64)
                     for s in stack) * pixel_mm * pixel_mm / 100.0
     return probs, true
 
 
-def fit_weights(probs: Sequence[np.ndarray], true: np.ndarray,
+def fit_weights(probs: Sequence[Tuple[np.ndarray, float]], true: np.ndarray,
                 bound: float = BOUND) -> np.ndarray:
     """Class weights float64 (C,), background 1, the others within 1 / bound .. bound,
-    whose calibrated soft areas (the sum of core.calibration.apply_weights over ``probs``,
-    each (n, C, h, w) in cm^2 a pixel) come as close to ``true`` (C,) cm^2 as the bound
-    lets them (projected multiplicative updates)."""
-    # areas are sums of p_c * cell / sum_k(p_k w_k) * w_c: keep per pixel the mass and the
-    # probabilities, cell size folded in, so each step is one pass
-    flat = np.concatenate([p.transpose(1, 0, 2, 3).reshape(NUM_CLASSES, -1) for p in probs], 1)
-    mass = flat.sum(0)          # each pixel's area in cm^2 (its probabilities sum to one)
-    unit = flat / mass          # each pixel's probabilities
+    whose calibrated soft areas (calibrated_areas of ``probs``, as network_areas gives
+    them) come as close to ``true`` (C,) cm^2 as the bound lets them (projected
+    multiplicative updates)."""
     w = np.ones(NUM_CLASSES)
     for _ in range(ITERATIONS):
-        q = unit * w[:, None].astype(np.float32)
-        area = (q / q.sum(0, keepdims=True) * mass).sum(1, dtype=np.float64)
+        area = calibrated_areas(probs, w)
         new = w * (np.maximum(true, 1e-9) / np.maximum(area, 1e-9)) ** STEP
         new = np.clip(new / new[0], 1.0 / bound, bound)
         new[0] = 1.0
@@ -113,16 +107,12 @@ def fit_weights(probs: Sequence[np.ndarray], true: np.ndarray,
     return w
 
 
-def calibrated_areas(probs: Sequence[np.ndarray], w: np.ndarray) -> np.ndarray:
-    """The soft areas (C,) cm^2 of ``probs`` (as fit_weights takes them) under weights w."""
+def calibrated_areas(probs: Sequence[Tuple[np.ndarray, float]], w: np.ndarray) -> np.ndarray:
+    """The soft areas (C,) cm^2 of ``probs`` ((n, C, h, w) probabilities with their pixel
+    area, as network_areas gives them) under class weights w (core.calibration)."""
     from EPDSegmentationLib.core.calibration import apply_weights
 
-    total = np.zeros(NUM_CLASSES)
-    for p in probs:
-        mass = p.sum(1, keepdims=True)
-        total += (apply_weights(p / np.maximum(mass, 1e-30), w) * mass).sum(
-            (0, 2, 3), dtype=np.float64)
-    return total
+    return sum(apply_weights(p, w).sum((0, 2, 3), dtype=np.float64) * cell for p, cell in probs)
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:

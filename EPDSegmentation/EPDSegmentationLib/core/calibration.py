@@ -1,7 +1,7 @@
 """Class-prior calibration of a model's probabilities, by input pixel size.
 
 A network's soft areas can be biased: on held-out phantoms with exact class fractions the
-bundled model gave MUS 4 to 6 % too much area and other tissue too little (docs/model.md),
+bundled model gave MUS 4 to 5 % too much area and other tissue too little (docs/model.md),
 and by a different amount at 0.87 mm pixels than at 3 mm. A card may carry per-class
 weights w (one set per fitted pixel size); each probability vector p (C,) becomes
 p * w / sum(p * w): a prior shift, as when a classifier's class priors change. It keeps the
