@@ -617,3 +617,45 @@ def test_costal_diaphragm_lines_the_lower_ribs():
         has_costal_diaphragm(subject_from_seed(3), 1.5)
     with pytest.raises(ValueError, match="torso anatomy"):
         phantom_records(2, 1, size=32, costal_diaphragm=1.0)
+
+
+def test_flank_sat_makes_the_fat_beside_the_back_muscles_subcutaneous():
+    """flank_sat=1 at L2 and L3 turns visceral fat (and the lateral wall's posterior ends)
+    lateral to the erector spinae and behind the quadratus lumborum into SAT, marked by a
+    thin fascia, and nothing else; it leaves L5 (the iliac wings fill that place) as it
+    was; 0 is the phantom as before; the share is checked; the mid-L3 (lumbar) phantoms
+    of the data pipeline have it too."""
+    from training.data import phantom_records
+    from training.phantom.anatomy import subject_from_seed
+    from training.phantom.tissues import CODE
+    from training.phantom.torso import has_flank_sat
+
+    for seed, level in ((3, "L2"), (3, "L3"), (11, "L3")):
+        a = make_slice(seed, anatomy="torso", level=level, size=128, supersample=2)
+        b = make_slice(seed, anatomy="torso", level=level, size=128, supersample=2,
+                       flank_sat=1.0)
+        changed = a.tissues != b.tissues
+        assert changed.sum() >= 20
+        assert set(np.unique(b.tissues[changed])) <= {CODE["sat"], CODE["fascia"]}
+        assert (b.labels == 3).sum() > (a.labels == 3).sum()
+        assert (b.labels == 4).sum() < (a.labels == 4).sum()
+        assert not np.isin(a.tissues[changed], [CODE["cortex"], CODE["marrow"]]).any()
+        # behind the middle of the body (rows grow posteriorly) and off the midline
+        rows, cols = np.nonzero(changed)
+        assert rows.min() > b.tissues.shape[0] // 2
+        assert np.abs(cols - (b.tissues.shape[1] - 1) / 2).min() > 4
+    for seed in (3, 11):
+        low = [make_slice(seed, anatomy="torso", level="L5", size=64, supersample=2,
+                          flank_sat=v) for v in (0.0, 1.0)]
+        assert np.array_equal(low[0].tissues, low[1].tissues)
+    base = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2)
+    same = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2, flank_sat=0.0)
+    assert np.array_equal(base.hu, same.hu)
+    share = np.mean([has_flank_sat(subject_from_seed(s), 0.5) for s in range(200)])
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match="0..1"):
+        has_flank_sat(subject_from_seed(3), 1.5)
+    # the lumbar anatomy (mid-L3) has it too, through the data pipeline
+    recs = [phantom_records(2, 1, size=64, flank_sat=v)["train"] for v in (0.0, 1.0)]
+    assert sum((r1.labels == 3).sum() - (r0.labels == 3).sum()
+               for r0, r1 in zip(*recs)) > 0

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phantom-slices", type=int, default=3, help="slices per subject")
     p.add_argument("--phantom-levels", nargs=2, default=["T11", "L4"], metavar=("FROM", "TO"))
     p.add_argument("--slice-gap-mm", type=float, default=12.0)
+    p.add_argument("--flank-sat", type=float, default=0.0, metavar="P",
+                   help="the share of phantom subjects whose fat beside the back muscles is "
+                        "subcutaneous (train's --flank-sat; default 0)")
     p.add_argument("--fov-mm", type=float, default=440.0)
     p.add_argument("--data-seed", type=int, default=11,
                    help="phantom subject seed (default 11: neither training's 0 nor "
@@ -57,10 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequence[str],
                   pixel_mm: float, fov_mm: float, slice_gap_mm: float, device, mirror: bool,
-                  progress: bool = False) -> Tuple[List[Tuple[np.ndarray, float]], np.ndarray]:
+                  progress: bool = False, flank_sat: float = 0.0
+                  ) -> Tuple[List[Tuple[np.ndarray, float]], np.ndarray]:
     """Phantom subjects drawn at ``pixel_mm``: (per subject the network's uncalibrated
     probabilities on its own grid, float32 (n, C, h, w), with that grid's pixel area in
-    cm^2; the exact class areas summed over all slices, float64 (C,) cm^2)."""
+    cm^2; the exact class areas summed over all slices, float64 (C,) cm^2). flank_sat: the
+    phantom option (generate.make_slice)."""
     from tqdm import tqdm
 
     from EPDSegmentationLib.core.calibration import KEY
@@ -74,7 +79,8 @@ def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequ
     for seed in tqdm(list(seeds), desc=f"phantoms at {pixel_mm} mm", unit="subject",
                      disable=not progress):
         stack = subject_slices(int(seed), n_slices, slice_gap_mm, levels=tuple(levels),
-                               size=size, pixel_mm=pixel_mm, supersample=supersample)
+                               size=size, pixel_mm=pixel_mm, supersample=supersample,
+                               flank_sat=flank_sat)
         hu = np.stack([s.hu for s in stack])
         low, device, _ = network_slab(hu, (pixel_mm, pixel_mm), model, plain, device,
                                       len(stack), [], mirror=mirror)
@@ -137,7 +143,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     for px in pixels:
         probs, true = network_areas(model, card, seeds, args.phantom_slices,
                                     args.phantom_levels, px, args.fov_mm, args.slice_gap_mm,
-                                    device, args.mirror, progress=not args.quiet)
+                                    device, args.mirror, progress=not args.quiet,
+                                    flank_sat=args.flank_sat)
         w = fit_weights(probs, true)
         rows.append([float(v) for v in w])
         n = len(seeds) * args.phantom_slices
@@ -155,7 +162,9 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         "pixel_mm": pixels, "class_weights": rows,
         "fitted_on": (f"{len(seeds)} phantom subjects x {args.phantom_slices} slices "
                       f"({'-'.join(args.phantom_levels)}), data seed {args.data_seed}, drawn "
-                      f"at each pixel size; soft areas against the exact class areas"),
+                      f"at each pixel size"
+                      + (f", flank_sat {args.flank_sat}" if args.flank_sat else "")
+                      + "; soft areas against the exact class areas"),
         "mirror": bool(args.mirror), "fit": report,
         "command": "python -m training " + shlex.join(list(argv or [])),
     }

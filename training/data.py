@@ -81,6 +81,7 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                     kidney_rise: float = 0.0,
                     kidney_tilt: float = 0.0,
                     costal_diaphragm: float = 0.0,
+                    flank_sat: float = 0.0,
                     plane_offsets_mm: Sequence[float] = ()) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
     ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
@@ -91,7 +92,9 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     the kidneys lie higher (phantom.torso.draw_torso); kidney_tilt: with levels, degrees the
     kidneys' long axes lean towards the midline going up (phantom.torso.tilted_kidney_shift);
     costal_diaphragm: with levels, the share of subjects with the diaphragm lining their
-    lower ribs (phantom.torso.draw_ribcage). plane_offsets_mm: the training slices also
+    lower ribs (phantom.torso.draw_ribcage); flank_sat: the share of subjects whose fat
+    beside the back muscles is subcutaneous (phantom.anatomy.close_flank).
+    plane_offsets_mm: the training slices also
     rendered at these heights (mm from each slice) as ``SlicePlanes`` for thick slices
     (Augment.thick; 2 subpixels a side, as only their HU are averaged in), validation
     slices not."""
@@ -106,12 +109,13 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     for key, value, share in (("kidney_contact", kidney_contact, True),
                               ("kidney_rise", kidney_rise, False),
                               ("kidney_tilt", kidney_tilt, False),
-                              ("costal_diaphragm", costal_diaphragm, True)):
+                              ("costal_diaphragm", costal_diaphragm, True),
+                              ("flank_sat", flank_sat, True)):
         flag = "--" + key.replace("_", "-")
         if share and not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} is a share in 0..1; got {value}")
         if value:
-            if levels is None:
+            if levels is None and key != "flank_sat":
                 raise ValueError(f"{flag} needs the torso anatomy (--phantom-levels)")
             where[key] = float(value)
     offsets = tuple(float(o) for o in plane_offsets_mm)

@@ -98,6 +98,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --phantom-levels: the share of phantom subjects whose lower "
                         "ribs the diaphragm lines on the inside, as in real patients "
                         "(default 0: diaphragm only near the lung bases)")
+    g.add_argument("--flank-sat", type=float, default=0.0, metavar="P",
+                   help="the share of phantom subjects whose visceral "
+                        "compartment is closed at the back, the fat beside the back muscles "
+                        "subcutaneous, as in real patients (default 0: visceral)")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")
     g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")
@@ -278,13 +282,14 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                                kidney_rise=args.kidney_rise,
                                kidney_tilt=args.kidney_tilt,
                                costal_diaphragm=args.costal_diaphragm,
+                               flank_sat=args.flank_sat,
                                plane_offsets_mm=thick_planes(args))
         recipe = {"source": "phantom", "generator": "training.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
                   "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
                   "levels": args.phantom_levels, "kidney_contact": args.kidney_contact,
                   "kidney_rise": args.kidney_rise, "kidney_tilt": args.kidney_tilt,
-                  "costal_diaphragm": args.costal_diaphragm,
+                  "costal_diaphragm": args.costal_diaphragm, "flank_sat": args.flank_sat,
                   "seed": args.data_seed, "val_fraction": args.val_fraction,
                   "same_as": f"training.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
@@ -299,7 +304,9 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                              + (f", kidney_tilt={args.kidney_tilt}"
                                 if args.kidney_tilt else "")
                              + (f", costal_diaphragm={args.costal_diaphragm}"
-                                if args.costal_diaphragm else "") + ")"}
+                                if args.costal_diaphragm else "")
+                             + (f", flank_sat={args.flank_sat}"
+                                if args.flank_sat else "") + ")"}
         if thick_planes(args):
             recipe["thick_planes_mm"] = list(thick_planes(args))
     train, val = recs["train"], recs.get("val", [])

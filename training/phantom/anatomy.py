@@ -283,6 +283,53 @@ def draw_back_muscles(cv: Canvas, g: Geometry) -> None:
                              s.shapes["psoas_" + key]), C["muscle"], over=(C["vat"], C["muscle"]))
 
 
+def close_flank(cv: Canvas, g: Geometry, sides=(-1, 1), fascia_mm: float = 0.6) -> None:
+    """The visceral compartment closed at the back (flank_sat): lateral to the erector
+    spinae and behind the quadratus lumborum, the lateral wall's layers end and what lies
+    there inside the fascia outline (visceral fat, the wall muscles' posterior ends)
+    becomes SAT, continuous with the SAT outside.
+
+    The phantom's fascia outline, flatter at the back, ran round behind the back muscles
+    with the lateral wall's layers inside it, so the fat lateral to the erector spinae
+    was visceral. In real patients the transversus and internal oblique end in the
+    thoracolumbar fascia at the lateral border of the quadratus lumborum and erector
+    spinae; the retroperitoneal (visceral) fat lies in front of that line, and the fat
+    behind the flank and beside the back muscles is subcutaneous, thick in obese patients
+    (mistaken for visceral on real CT before this). A fascia ``fascia_mm`` wide (MSC; 0 for
+    none) marks the line out to the wall. Call after draw_back_muscles, before the organs.
+    sides: -1 right (image left), +1 left."""
+    ph = np.linspace(np.pi / 2, np.pi, 256)
+    r = core_radius(g.s, ph)
+    y = -r * np.cos(ph)
+    yq = g.ql_y + g.ql_r[1]                           # the quadratus lumborum's back
+    if not y[0] < yq < y[-1]:
+        return
+    k = int(np.searchsorted(y, yq))                   # y rises with the angle on this arc
+    xq = 2 * 30 * g.f * g.m ** 0.4 + 3 * g.f + 1.0    # beside the erector spinae
+    xa = float(np.interp(yq, y, r * np.sin(ph)))
+    if xa <= xq:
+        return
+    for side in sides:
+        outline = polar(0, 0, side * ph[k:], r[k:])
+        wedge = np.concatenate([[[side * xq, yq], [side * xa, yq]], outline,
+                                [[side * xq, float(outline[-1, 1])]]])
+        cv.paint(wedge, C["sat"], over=(C["vat"], C["muscle"], C["imat"]))
+        if fascia_mm > 0:
+            h = fascia_mm / 2
+            cv.paint(np.array([[side * xq, yq - h], [side * xa, yq - h], [side * xa, yq + h],
+                               [side * xq, yq + h]]), C["fascia"], over=(C["vat"], C["sat"]))
+
+
+def has_flank_sat(s: Subject, share: float) -> bool:
+    """Whether subject s is drawn with close_flank (draw's and torso.draw_wall's flank): with
+    probability ``share``, drawn from the subject's seed on a stream of its own (every
+    other draw is unchanged; share 0: never, the phantom as before)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"flank_sat is a share in 0..1; got {share}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(s.seed), 5189]))
+    return bool(rng.random() < share)
+
+
 def _bone(cv: Canvas, outer: np.ndarray, inner: Optional[np.ndarray]) -> None:
     cv.paint(outer, C["cortex"])
     if inner is not None:
@@ -504,10 +551,12 @@ def draw_thin_tubes(cv: Canvas, tubes, z: float, code: int, over) -> None:
         cv.paint(poly, code, over=over)
 
 
-def draw(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> Geometry:
+def draw(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
+         flank: bool = False) -> Geometry:
     """Paint subject s at height z (mm) onto the canvas; returns the geometry used.
 
     with_layout=False leaves out what plan_layout places (bowel, mesenteric vessels, IMAT).
+    flank: close_flank on both sides (the fat beside the back muscles subcutaneous).
     """
     g = Geometry(s, z)
     cv.shift = np.asarray(s.offset, np.float64)
@@ -515,6 +564,8 @@ def draw(cv: Canvas, s: Subject, z: float, with_layout: bool = True) -> Geometry
     draw_body_wall(cv, g)
     draw_abdominal_muscles(cv, g)
     draw_back_muscles(cv, g)
+    if flank:
+        close_flank(cv, g)
     draw_vertebra(cv, g)
     draw_kidneys(cv, g)
     draw_vessels(cv, g)

@@ -83,7 +83,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                   progress: bool = True,
                   levels: Optional[Sequence[Union[str, float]]] = None,
                   kidney_contact: float = 0.0, kidney_rise: float = 0.0,
-                  kidney_tilt: float = 0.0, costal_diaphragm: float = 0.0) -> Path:
+                  kidney_tilt: float = 0.0, costal_diaphragm: float = 0.0,
+                  flank_sat: float = 0.0) -> Path:
     """Write n_subjects phantom volumes (K = slices_per_subject slices, slice_gap_mm apart)
     with their label maps, and manifest.csv (image,label,split,subject; paths relative to
     it). Returns the manifest path.
@@ -96,7 +97,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
     lie higher (torso.draw_torso); kidney_tilt: with levels, degrees the kidneys' long axes
     lean towards the midline going up (torso.tilted_kidney_shift); costal_diaphragm: with
     levels, the share of subjects with the diaphragm lining their lower ribs
-    (torso.draw_ribcage).
+    (torso.draw_ribcage); flank_sat: the share of subjects whose fat beside the back
+    muscles is subcutaneous (anatomy.close_flank).
 
     formats: any of 'nrrd' (images/<subject>.nrrd), 'nifti' (images/<subject>.nii.gz) and
     'dicom' (dicom/<subject>/IM0001.dcm ..., transfer syntax ``dicom_syntax``); the first
@@ -135,13 +137,15 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                   disable=not progress):
         name = f"subject_{i:04d}"
         if levels is None:
-            slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size)
+            slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size,
+                                    flank_sat=flank_sat)
             gap = slice_gap_mm
         else:
             slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size,
                                     levels=levels, kidney_contact=kidney_contact,
                                     kidney_rise=kidney_rise, kidney_tilt=kidney_tilt,
-                                    costal_diaphragm=costal_diaphragm)
+                                    costal_diaphragm=costal_diaphragm,
+                                    flank_sat=flank_sat)
             gap = _stack_gap(slices, slice_gap_mm)
         hu, labels, _ = stack(slices, gap)
         paths: Dict[str, Path] = {}

@@ -37,14 +37,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
-from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, core_radius,
+from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, close_flank, core_radius,
                       draw_abdominal_muscles, draw_back_muscles, draw_body_wall, draw_bowel,
                       draw_kidneys, draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra,
-                      mask_points, subject_from_seed, wall_layers)
+                      has_flank_sat, mask_points, subject_from_seed, wall_layers)
 from .pelvis import (draw_pelvic_layout, draw_pelvis, iliac_arteries, iliac_veins,
                      lower_weight, pelvis_from_seed)
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar
@@ -454,8 +454,9 @@ def rib_paths(g: TorsoGeometry):
     return out
 
 
-def draw_ribcage(cv: Canvas, g: TorsoGeometry, costal: bool = False) -> None:
-    """Ribs (cortex and marrow), costal cartilage and the intercostal muscle between them.
+def draw_ribcage(cv: Canvas, g: TorsoGeometry, costal: bool = False) -> Set[int]:
+    """Ribs (cortex and marrow), costal cartilage and the intercostal muscle between them;
+    returns the sides (-1 right, +1 left) where a rib or cartilage is cut.
 
     costal: also the diaphragm's costal part along the inside of the cut ribs
     (_paint_costal_diaphragm; label MSC): in real patients it lines the lower ribs from its
@@ -505,6 +506,7 @@ def draw_ribcage(cv: Canvas, g: TorsoGeometry, costal: bool = False) -> None:
     if costal:                  # after the ribs, which it must not cover
         for side, lo, hi in sheets:
             _paint_costal_diaphragm(cv, g, side, lo, hi)
+    return {side for side, a_cut in spans.items() if a_cut}
 
 
 def _paint_costal_diaphragm(cv: Canvas, g: TorsoGeometry, side: int, lo: float,
@@ -538,14 +540,17 @@ def _paint_costal_diaphragm(cv: Canvas, g: TorsoGeometry, side: int, lo: float,
 # ----------------------------------------------------------------------------- the wall
 
 
-def draw_wall(cv: Canvas, g: TorsoGeometry, costal: bool = False) -> None:
+def draw_wall(cv: Canvas, g: TorsoGeometry, costal: bool = False, flank: bool = False) -> None:
     """Skin, SAT, the fascia filled with VAT, wall and back muscles, vertebra and ribs
-    (costal: draw_ribcage's costal diaphragm)."""
+    (costal: draw_ribcage's costal diaphragm; flank: anatomy.close_flank on each side where
+    no rib is cut, above the pelvis, whose iliac wings and gluteal muscles fill that place)."""
     draw_body_wall(cv, g)
     draw_abdominal_muscles(cv, g)
     draw_back_muscles(cv, g)
     draw_vertebra(cv, g)
-    draw_ribcage(cv, g, costal)
+    ribbed = draw_ribcage(cv, g, costal)
+    if flank and lower_weight(g.zr) == 0.0:
+        close_flank(cv, g, [side for side in (-1, 1) if side not in ribbed])
 
 
 def inner_radius(g: TorsoGeometry) -> np.ndarray:
@@ -1159,7 +1164,7 @@ def has_costal_diaphragm(s: Subject, share: float) -> bool:
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
                pelvic_layout: bool = True, kidney_contact: float = 0.0,
                kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
-               costal_diaphragm: float = 0.0) -> TorsoGeometry:
+               costal_diaphragm: float = 0.0, flank_sat: float = 0.0) -> TorsoGeometry:
     """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
     pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing).
     kidney_contact: share of subjects whose kidneys lie on their muscles
@@ -1170,7 +1175,9 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     kidney_tilt: degrees the kidneys' long axes lean towards the midline going up
     (tilted_kidney_shift; 0: upright, as before). costal_diaphragm: share of subjects
     whose lower ribs the diaphragm lines on the inside (draw_ribcage's costal;
-    has_costal_diaphragm; 0: as before)."""
+    has_costal_diaphragm; 0: as before). flank_sat: share of subjects whose visceral
+    compartment is closed at the back, the fat beside the back muscles subcutaneous
+    (draw_wall's flank; has_flank_sat; 0: as before)."""
     t = torso_from_seed(s.seed)
     if kidney_rise:
         t = dataclasses.replace(t, kidney_up=t.kidney_up + float(kidney_rise),
@@ -1179,7 +1186,7 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     cv.shift = np.asarray(s.offset, np.float64)
     g.r_in = inner_radius(g)
     draw_table(cv, g)
-    draw_wall(cv, g, has_costal_diaphragm(s, costal_diaphragm))
+    draw_wall(cv, g, has_costal_diaphragm(s, costal_diaphragm), has_flank_sat(s, flank_sat))
     draw_pelvis(cv, g)
     draw_aorta_and_crura(cv, g)
     draw_lungs(cv, g)
