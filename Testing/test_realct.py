@@ -116,6 +116,27 @@ def test_level_shares_per_vertebra():
     assert s["L3"]["paraspinal"] == {"voxels": 0, "muscle_share": None}
 
 
+def test_vat_behind_the_back_muscles_per_level():
+    """What we call VAT behind the middle of the paraspinal voxels is counted (cm2, with
+    the pixel area) whichever way the grid's j axis points; VAT in front is not; a slice
+    without paraspinal voxels has no value, and level_shares averages the level's."""
+    from training.realct import level_shares, vat_behind_back
+
+    st = np.zeros((2, 8, 6), np.int32)
+    st[:, 0, :] = 29                             # L3
+    st[0, 4:6, 1:3] = 86                         # paraspinal rows 4-5 of slice 0; none in 1
+    labels = np.zeros((2, 8, 6), np.uint8)
+    labels[0, 7, :4] = 4                         # 4 VAT voxels at row 7
+    labels[0, 1, :3] = 4                         # 3 VAT voxels at row 1
+    ras = np.diag([1.0, 1.0, 1.0, 1.0])           # j grows anterior: row 7 is in front
+    lps = np.diag([1.0, -1.0, 1.0, 1.0])          # j grows posterior: row 7 is behind
+    assert vat_behind_back(labels, st, ras, 50.0) == [1.5, None]    # 3 x 50 mm2
+    assert vat_behind_back(labels, st, lps, 50.0) == [2.0, None]
+    s = level_shares(labels, st, lps, 50.0)
+    assert s["L3"]["vat_behind_back_cm2"] == 2.0 and "vat_behind_back_cm2" not in level_shares(
+        labels, st)["L3"]
+
+
 def test_command_with_structures_writes_levels(tiny_model_path, tmp_path):
     """--structures alone (no --mask): levels.md, levels.png and the shares in metrics.json;
     a structure map on another grid is refused."""

@@ -135,12 +135,39 @@ def slice_levels(structures: np.ndarray) -> List[Optional[str]]:
     return names
 
 
-def level_shares(labels: np.ndarray, structures: np.ndarray) -> Dict[str, Dict[str, object]]:
+def vat_behind_back(labels: np.ndarray, structures: np.ndarray, ijk_to_ras,
+                    pixel_area_mm2: float) -> List[Optional[float]]:
+    """Per slice k, the area (cm2) of what we call VAT lying behind the middle of
+    TotalSegmentator's paraspinal (autochthon) voxels in that slice, or None where it has
+    none: anatomically no visceral fat lies there (the fat beside and behind the back
+    muscles is subcutaneous), so this is an error of ours with no reference needed.
+    labels, structures (K, J, I); ijk_to_ras 4 x 4 (RAS mm) for which way is posterior."""
+    a = np.asarray(ijk_to_ras, np.float64)
+    jj, ii = np.meshgrid(np.arange(labels.shape[1]), np.arange(labels.shape[2]), indexing="ij")
+    anterior = a[1, 0] * ii + a[1, 1] * jj            # RAS A (mm, up to an offset) in the plane
+    paraspinal = dict(TS_GROUPS)["paraspinal"]
+    out: List[Optional[float]] = []
+    for k in range(labels.shape[0]):
+        back = np.isin(structures[k], paraspinal)
+        if not back.any():
+            out.append(None)
+            continue
+        behind = anterior < anterior[back].mean()
+        out.append(float(((labels[k] == 4) & behind).sum() * pixel_area_mm2 / 100.0))
+    return out
+
+
+def level_shares(labels: np.ndarray, structures: np.ndarray, ijk_to_ras=None,
+                 pixel_area_mm2: Optional[float] = None) -> Dict[str, Dict[str, object]]:
     """labels uint8 (K, J, I) our classes, structures int (K, J, I) TotalSegmentator labels ->
     {level: {"slices": n, group: {"voxels": n, "muscle_share": share of the group's voxels
-    we call MUS or IMAT}}}, levels from cranial to caudal as TS_VERTEBRAE lists them."""
+    we call MUS or IMAT}}}, levels from cranial to caudal as TS_VERTEBRAE lists them. With
+    the grid's ijk_to_ras and pixel area (mm2), also "vat_behind_back_cm2": the mean over
+    the level's slices of vat_behind_back (goal 0)."""
     per_slice = slice_levels(structures)
     muscle = np.isin(labels, (1, 2))
+    behind = (vat_behind_back(labels, structures, ijk_to_ras, pixel_area_mm2)
+              if ijk_to_ras is not None and pixel_area_mm2 is not None else None)
     out: Dict[str, Dict[str, object]] = {}
     for name in TS_VERTEBRAE.values():
         ks = [k for k, n in enumerate(per_slice) if n == name]
@@ -152,6 +179,9 @@ def level_shares(labels: np.ndarray, structures: np.ndarray) -> Dict[str, Dict[s
             n = int(m.sum())
             entry[group] = {"voxels": n,
                             "muscle_share": float(muscle[ks][m].mean()) if n else None}
+        if behind is not None:
+            areas = [behind[k] for k in ks if behind[k] is not None]
+            entry["vat_behind_back_cm2"] = float(np.mean(areas)) if areas else None
         out[name] = entry
     return out
 
@@ -162,13 +192,19 @@ def _levels_table(shares: Dict[str, Dict[str, object]]) -> List[str]:
         return "-" if v is None else f"{v:.2f} ({g['voxels']})"
 
     groups = [g for g, _ in TS_GROUPS]
+    behind = any("vat_behind_back_cm2" in e for e in shares.values())
     lines = ["| level | slices | " + " | ".join(
                  f"{g} called muscle" + (" (goal >= 0.90)" if g in TS_MUSCLES else " (goal 0)")
-                 for g in groups) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in groups) + " |"]
+                 for g in groups)
+             + (" | VAT behind the back muscles' middle, cm2/slice (goal 0)" if behind else "")
+             + " |",
+             "| --- | --- | " + " | ".join("---" for _ in groups) + (" | ---" if behind else "")
+             + " |"]
     for level, e in shares.items():
+        v = e.get("vat_behind_back_cm2")
         lines.append(f"| {level} | {e['slices']} | "
-                     + " | ".join(cell(e[g]) for g in groups) + " |")
+                     + " | ".join(cell(e[g]) for g in groups)
+                     + ((" | -" if v is None else f" | {v:.1f}") if behind else "") + " |")
     return lines
 
 
@@ -253,7 +289,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     if structures is not None:
         if lost is not None:
             structures[lost] = 0        # the drawing's voxels are no structure's
-        shares = level_shares(labels, structures)
+        shares = level_shares(labels, structures, ct.ijk_to_ras, ct.pixel_area_mm2)
         payload["levels"] = {"structures": str(args.structures), "shares": shares}
         table = _levels_table(shares)
         write_text(out / "levels.md", "\n".join(

@@ -147,16 +147,19 @@ def test_panel_summary_without_evaluation():
 def test_panel_summary_shows_the_real_ct_levels():
     """A card whose evaluation has per-level shares (bundle's real_ct_levels) shows a line
     for the psoas and one for the paraspinal muscles, levels in the card's order; a level
-    without the muscle is left out."""
+    without the muscle is left out; the VAT behind the back muscles where recorded."""
     card = {"classes": [{"key": "BG"}, {"key": "MUS"}], "factor": 2,
             "evaluation": {"phantom_held_out": {"slices": 4, "full_resolution_dice": {
                 "MUS": 0.9}}, "real_ct_levels": {"shares": {
                     "T12": {"psoas": {"voxels": 0, "muscle_share": None},
                             "paraspinal": {"voxels": 9, "muscle_share": 0.917}},
                     "L5": {"psoas": {"voxels": 9, "muscle_share": 0.5},
-                           "paraspinal": {"voxels": 9, "muscle_share": 1.0}}}}}}
+                           "paraspinal": {"voxels": 9, "muscle_share": 1.0},
+                           "vat_behind_back_cm2": 4.04}}}}}
     lines = describe_model(card).replace("\u00a0", " ").splitlines()
     assert "Real CT, psoas called muscle, by level: L5 0.50" in lines
+    assert ("Real CT, VAT called behind the back muscles (none lies there), cm² a "
+            "slice: L5 4.0") in lines
     assert not any("screws" in line or "myosteatosis" in line or "Calibrated" in line
                    for line in lines)
     card["calibration"] = {"pixel_mm": [0.865, 3.0], "class_weights": [[1] * 2, [1] * 2]}

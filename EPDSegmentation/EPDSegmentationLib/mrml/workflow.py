@@ -460,7 +460,8 @@ def _result_dice(results: Mapping[str, Any]) -> Dict[str, float]:
 
 def _level_lines(levels: Any) -> List[str]:
     """Per-level shares of a real CT's psoas and paraspinal muscles called muscle (the
-    card's ``evaluation.real_ct_levels``), a line per muscle; [] when not recorded."""
+    card's ``evaluation.real_ct_levels``), a line per muscle, and the VAT called behind the
+    back muscles where recorded; [] when not recorded."""
     shares = levels.get("shares") if isinstance(levels, Mapping) else None
     if not isinstance(shares, Mapping):
         return []
@@ -473,6 +474,12 @@ def _level_lines(levels: Any) -> List[str]:
         if values:
             lines.append(f"Real CT, {group} called muscle, by level: "
                          + ", ".join(values))
+    behind = [f"{level}{NBSP}{float(e['vat_behind_back_cm2']):.1f}"
+              for level, e in shares.items() if isinstance(e, Mapping)
+              and isinstance(e.get("vat_behind_back_cm2"), (int, float))]
+    if behind:
+        lines.append("Real CT, VAT called behind the back muscles (none lies there), "
+                     "cm² a slice: " + ", ".join(behind))
     return lines
 
 
