@@ -143,20 +143,21 @@ def test_interpolation_drops_a_calibration(tiny_model_path, tmp_path):
 
 def test_dicom_seg_and_the_scene_name_the_class_weights():
     """A calibrated model is another model: the DICOM SEG's algorithm parameters and the
-    summary kept on the Slicer segmentation carry its class weights (not the fit report)."""
-    import json as _json
-
+    summary kept on the Slicer segmentation carry its class weights (not the fit report);
+    highdicom's own parser reads the parameters back (no ',' or '=' inside a value)."""
     from EPDSegmentationLib.io.dicom_seg import algorithm_identification
     from EPDSegmentationLib.mrml.dicom import model_summary
 
-    cal = {"pixel_mm": [1.0], "class_weights": [[1, 0.5, 1, 1, 2, 1]], "fit": {"x": 1},
-           "command": "python -m training calibrate ..."}
-    card = {"name": "M", "factor": 2, "calibration": cal}
-    text = algorithm_identification(card)[0].AlgorithmParameters   # key=value,key=value
-    value = text.split("calibration=", 1)[1]
-    assert _json.loads(value) == {"pixel_mm": [1.0], "class_weights": cal["class_weights"]}
-    assert model_summary(card)["calibration"] == {"pixel_mm": [1.0],
+    cal = {"pixel_mm": [1.0, 3.0], "class_weights": [[1, 0.5, 1, 1, 2, 1], [1, 0.5, 1, 0.97, 2, 1]],
+           "fit": {"x": 1}, "command": "python -m training calibrate ..."}
+    card = {"name": "M", "factor": 2, "pixel_mm": [1.73, 1.73], "calibration": cal}
+    params = algorithm_identification(card).parameters          # highdicom splits on , and =
+    assert params["calibration_pixel_mm"] == "1.0 3.0"
+    assert [[float(v) for v in row.split()] for row in
+            params["calibration_class_weights"].split(";")] == cal["class_weights"]
+    assert params["pixel_mm"] == "1.73 1.73" and params["factor"] == "2"
+    assert model_summary(card)["calibration"] == {"pixel_mm": [1.0, 3.0],
                                                   "class_weights": cal["class_weights"]}
     plain = {"name": "M", "factor": 2}
-    assert "calibration" not in algorithm_identification(plain)[0].AlgorithmParameters
+    assert not any("calibration" in k for k in algorithm_identification(plain).parameters)
     assert "calibration" not in model_summary(plain)

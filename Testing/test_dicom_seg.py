@@ -58,9 +58,12 @@ def test_binary_seg_equals_label_map_frame_by_frame(real_series, tmp_path):
     _, sources, hu = real_series
     labels = _labels_from_hu(hu)
     path = write_dicom_seg(tmp_path / "seg.dcm", sources, labels=labels,
-                           model_card={"name": "test", "factor": 2})
+                           model_card={"name": "test", "factor": 2, "pixel_mm": [1.7, 1.7]})
     seg = highdicom.seg.segread(path)
     assert seg.SegmentationType == "BINARY"
+    # the model's parameters read back with highdicom's own parser (key=value,key=value)
+    params = seg.get_segment_description(1).algorithm_identification.parameters
+    assert params["pixel_mm"] == "1.7 1.7" and params["factor"] == "2"
     assert [d.SegmentLabel for d in seg.SegmentSequence] == [c.name for c in TISSUES]
     for d, c in zip(seg.SegmentSequence, TISSUES):
         assert d.SegmentNumber == c.index

@@ -96,8 +96,21 @@ def _coded(code):
                               meaning=code.meaning)
 
 
+def parameter_value(value) -> str:
+    """A model parameter as AlgorithmParameters can hold it: the attribute is
+    ``key=value,key=value`` (highdicom joins and splits it so), so a value has no ',' or
+    '=': numbers as written, a list's items joined by spaces, a table's rows by '; '."""
+    if isinstance(value, (list, tuple)):
+        rows = any(isinstance(v, (list, tuple)) for v in value)
+        return ("; " if rows else " ").join(parameter_value(v) for v in value)
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.replace(",", ";").replace("=", ":")
+
+
 def algorithm_identification(model_card: Optional[Dict] = None):
-    """Our AlgorithmIdentificationSequence: name, AI family, version, model parameters."""
+    """Our AlgorithmIdentificationSequence: name, AI family, version, model parameters
+    (parameter_value; a calibrated card's class weights as ``calibration_pixel_mm`` and
+    ``calibration_class_weights``, one row per pixel size)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -105,10 +118,10 @@ def algorithm_identification(model_card: Optional[Dict] = None):
     params = {"package_version": __version__}
     for key in ("name", "factor", "label_mode", "image_mode", "pixel_mm"):
         if key in card:
-            params[key] = json.dumps(card[key]) if not isinstance(card[key], str) else card[key]
+            params[key] = parameter_value(card[key])
     if isinstance(card.get("calibration"), dict):    # the same weights, other numbers
-        params["calibration"] = json.dumps({k: card["calibration"].get(k)
-                                            for k in ("pixel_mm", "class_weights")})
+        for key in ("pixel_mm", "class_weights"):
+            params[f"calibration_{key}"] = parameter_value(card["calibration"].get(key))
     version = f"{__version__}"
     if card.get("name"):
         version += f" ({card['name']})"
