@@ -158,8 +158,7 @@ def test_panel_summary_shows_the_real_ct_levels():
                            "vat_behind_back_cm2": 4.04}}}}}
     lines = describe_model(card).replace("\u00a0", " ").splitlines()
     assert "Real CT, psoas called muscle, by level: L5 0.50" in lines
-    assert ("Real CT, VAT called behind the back muscles (none lies there), cm² a "
-            "slice: L5 4.0") in lines
+    assert "Real CT, VAT behind back muscles (cm²): L5 4.0" in lines
     assert not any("screws" in line or "myosteatosis" in line or "Calibrated" in line
                    for line in lines)
     card["calibration"] = {"pixel_mm": [0.865, 3.0], "class_weights": [[1] * 2, [1] * 2]}

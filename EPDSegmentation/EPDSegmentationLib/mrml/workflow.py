@@ -478,8 +478,8 @@ def _level_lines(levels: Any) -> List[str]:
               for level, e in shares.items() if isinstance(e, Mapping)
               and isinstance(e.get("vat_behind_back_cm2"), (int, float))]
     if behind:
-        lines.append("Real CT, VAT called behind the back muscles (none lies there), "
-                     "cm² a slice: " + ", ".join(behind))
+        # no visceral fat lies there: the goal is 0
+        lines.append("Real CT, VAT behind back muscles (cm²): " + ", ".join(behind))
     return lines
 
 
