@@ -95,6 +95,28 @@ def test_segment_and_evaluate_apply_the_cards_calibration(tiny_model_path):
     assert eb[:, 1].sum() < ea[:, 1].sum() and eb[:, 4].sum() > ea[:, 4].sum()
 
 
+def test_shrink_keeps_a_weight_the_areas_do_not_identify_near_1():
+    """A class whose pixels are all sure (its area does not move with its weight) runs to
+    the bound in the plain fit and stays near 1 with shrink; a class whose pixels are
+    shared still moves its area towards the truth; shrink outside [0, 1) is refused."""
+    from training.calibrate import BOUND, calibrated_areas, fit_weights
+
+    p = np.zeros((1, NUM_CLASSES, 4, 4))
+    p[0, 0, :2] = 1.0                      # background, sure
+    p[0, 1, 2] = 1.0                       # MUS, sure: 4 cm2 whatever its weight
+    p[0, 4, 3], p[0, 5, 3] = 0.5, 0.5      # VAT and MSC share a row
+    probs = [(p, 1.0)]
+    true = np.array([8.0, 4.4, 0.0, 0.0, 3.0, 1.0])
+    plain, shrunk = fit_weights(probs, true), fit_weights(probs, true, shrink=0.3)
+    assert plain[1] == pytest.approx(BOUND) and 1.05 < shrunk[1] < 1.3
+    assert plain[2] == plain[3] == shrunk[2] == shrunk[3] == 1.0     # no area, no evidence
+    for w in (plain, shrunk):
+        assert w[4] > 1.0 > w[5]
+        assert abs(calibrated_areas(probs, w)[4] - 3.0) < 0.5 < abs(2.0 - 3.0)
+    with pytest.raises(ValueError, match="shrink"):
+        fit_weights(probs, true, shrink=1.0)
+
+
 def test_calibrate_fits_within_its_bound_and_writes_a_model_folder(tiny_model_path, tmp_path):
     from EPDSegmentationLib.cli.cohort import model_version
     from EPDSegmentationLib.core.model_io import load_model
@@ -124,6 +146,24 @@ def test_calibrate_fits_within_its_bound_and_writes_a_model_folder(tiny_model_pa
     assert main(argv + ["--overwrite"]) == 0
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", "m", "--output", "o", "--pixel-mm"])
+
+
+def test_several_shrink_strengths_are_chosen_on_other_subjects(tiny_model_path, tmp_path):
+    """With several --shrink values each pixel size keeps the one with the smallest tissue
+    area error on the --select-seed subjects, and the card says which and why; a select
+    seed equal to the fit's is refused."""
+    from EPDSegmentationLib.core.model_io import load_model
+
+    argv = ["calibrate", "--model", str(tiny_model_path) + ".safetensors", "--output",
+            str(tmp_path / "cal"), "--pixel-mm", "4", "--phantom-subjects", "1",
+            "--phantom-slices", "1", "--shrink", "0", "0.2", "--quiet"]
+    assert main(argv) == 0
+    fit = load_model(tmp_path / "cal" / "model.safetensors")[1]["calibration"]["fit"]["4.0"]
+    sel = fit["shrink_selection"]
+    errors = {float(k): v for k, v in sel["tissue_abs_error_cm2"].items()}
+    assert sel["select_seed"] == 13 and set(errors) == {0.0, 0.2}
+    assert fit["shrink"] == min(errors, key=errors.get)
+    assert main(argv[:-1] + ["--select-seed", "11", "--overwrite", "--quiet"]) == 2
 
 
 def test_interpolation_drops_a_calibration(tiny_model_path, tmp_path):

@@ -7,7 +7,10 @@ runs it; per-class weights are then fitted so that the calibrated soft areas sum
 the subjects come as close to the exact ones as the weights' bound lets them
 (multiplicative updates, background's weight fixed at 1; core/calibration.py applies
 them). Only phantoms: no real scan is used. The default data
-seed, 11, is neither the training's (0) nor the held-out evaluation's (7).
+seed, 11, is neither the training's (0) nor the held-out evaluation's (7). ``--shrink``
+pulls the weights towards 1 where the phantoms barely identify them; given several
+strengths, each pixel size keeps the one with the smallest area error on other phantom
+subjects (``--select-seed``, 13).
 
 The output is a folder holding model.safetensors (the same weights) and model.json (the
 card with ``calibration``), as ``interpolate`` writes, so that ``training bundle --run``
@@ -33,6 +36,9 @@ STEP, ITERATIONS, TOLERANCE = 0.7, 1000, 1e-5
 #: blurred away at 3 mm): on step 8 the VAT weight passed 20 after 200 steps and 70 after
 #: 1,000, still moving (docs/model.md); a prior shift that large overrides the network
 BOUND = 2.0
+#: --select-seed: the phantom subjects that choose among several --shrink strengths (neither
+#: the fit's 11, training's 0 nor evaluation's 7)
+SELECT_SEED = 13
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-seed", type=int, default=11,
                    help="phantom subject seed (default 11: neither training's 0 nor "
                         "evaluation's 7)")
+    p.add_argument("--shrink", type=float, nargs="+", default=[0.0], metavar="S",
+                   help="pull each log weight towards 0 (weight 1) by this share every update, "
+                        "so that a weight the phantoms barely identify stays near 1 (0: none, "
+                        "the default); several values: the one whose weights give the "
+                        "smallest area error on the --select-seed subjects, per pixel size")
+    p.add_argument("--select-seed", type=int, default=SELECT_SEED,
+                   help=f"phantom subject seed that chooses among --shrink values (default "
+                        f"{SELECT_SEED})")
     p.add_argument("--device", default="cpu", choices=("auto", "cuda", "mps", "cpu"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -95,16 +109,24 @@ def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequ
 
 
 def fit_weights(probs: Sequence[Tuple[np.ndarray, float]], true: np.ndarray,
-                bound: float = BOUND) -> np.ndarray:
+                bound: float = BOUND, shrink: float = 0.0) -> np.ndarray:
     """Class weights float64 (C,), background 1, the others within 1 / bound .. bound,
     whose calibrated soft areas (calibrated_areas of ``probs``, as network_areas gives
     them) come as close to ``true`` (C,) cm^2 as the bound lets them (projected
-    multiplicative updates)."""
+    multiplicative updates). shrink in [0, 1): each update also pulls every log weight
+    towards 0 by that share, so the fit stops where a weight's pull on its area balances
+    the pull to 1: a weight whose area barely responds (the network sure of those pixels)
+    stays near 1 instead of running to the bound; 0 is the plain fit."""
+    if not 0.0 <= shrink < 1.0:
+        raise ValueError(f"shrink is a share in [0, 1); got {shrink}")
     w = np.ones(NUM_CLASSES)
     for _ in range(ITERATIONS):
         area = calibrated_areas(probs, w)
         new = w * (np.maximum(true, 1e-9) / np.maximum(area, 1e-9)) ** STEP
-        new = np.clip(new / new[0], 1.0 / bound, bound)
+        new = new / new[0]
+        if shrink:
+            new = np.exp((1.0 - shrink) * np.log(new))
+        new = np.clip(new, 1.0 / bound, bound)
         new[0] = 1.0
         done = np.max(np.abs(new / w - 1.0)) < TOLERANCE
         w = new
@@ -139,20 +161,43 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     model, card = load_model(args.model)
     device, _ = select_device(args.device)
     seeds = subject_seeds(args.data_seed, args.phantom_subjects)
+    shrinks = [float(v) for v in args.shrink]
+    for v in shrinks:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"--shrink is a share in [0, 1); got {v}")
+    if len(shrinks) > 1 and args.select_seed in (args.data_seed,):
+        raise ValueError("--select-seed must differ from --data-seed: the strength is chosen "
+                         "on subjects the fit has not seen")
     rows, report = [], {}
     for px in pixels:
-        probs, true = network_areas(model, card, seeds, args.phantom_slices,
-                                    args.phantom_levels, px, args.fov_mm, args.slice_gap_mm,
-                                    device, args.mirror, progress=not args.quiet,
-                                    flank_sat=args.flank_sat)
-        w = fit_weights(probs, true)
+        draw = dict(n_slices=args.phantom_slices, levels=args.phantom_levels, pixel_mm=px,
+                    fov_mm=args.fov_mm, slice_gap_mm=args.slice_gap_mm, device=device,
+                    mirror=args.mirror, progress=not args.quiet, flank_sat=args.flank_sat)
+        probs, true = network_areas(model, card, seeds, **draw)
+        fits = {s: fit_weights(probs, true, shrink=s) for s in shrinks}
+        entry: Dict[str, object] = {}
+        if len(shrinks) > 1:
+            held = subject_seeds(args.select_seed, args.phantom_subjects)
+            hp, ht = network_areas(model, card, held, **draw)
+            # the tissue classes' summed absolute area error on subjects the fit did not see
+            err = {s: float(np.abs(calibrated_areas(hp, w) - ht)[1:].sum())
+                   / (len(held) * args.phantom_slices) for s, w in fits.items()}
+            shrink = min(shrinks, key=lambda s: err[s])
+            entry["shrink_selection"] = {"select_seed": args.select_seed, "subjects": len(held),
+                                         "tissue_abs_error_cm2": {str(s): e
+                                                                  for s, e in err.items()}}
+            print(f"{px} mm: held-out tissue area error, cm2 a slice, by shrink: "
+                  + ", ".join(f"{s:g} {e:.2f}" for s, e in err.items()) + f" -> {shrink:g}")
+        else:
+            shrink = shrinks[0]
+        w = fits[shrink]
         rows.append([float(v) for v in w])
         n = len(seeds) * args.phantom_slices
         before = (calibrated_areas(probs, np.ones(NUM_CLASSES)) - true) / n
         after = (calibrated_areas(probs, w) - true) / n
-        report[str(px)] = {"weights": dict(zip(KEYS, rows[-1])),
+        report[str(px)] = {"weights": dict(zip(KEYS, rows[-1])), "shrink": shrink,
                            "area_error_cm2_before": dict(zip(KEYS, before.tolist())),
-                           "area_error_cm2_after": dict(zip(KEYS, after.tolist()))}
+                           "area_error_cm2_after": dict(zip(KEYS, after.tolist())), **entry}
         print(f"{px} mm: weights " + " ".join(f"{k} {v:.3f}" for k, v in zip(KEYS, w))
               + "; soft area - exact, cm2 a slice, before -> after: "
               + ", ".join(f"{k} {b:+.2f} -> {a:+.2f}"
