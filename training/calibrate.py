@@ -165,7 +165,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     for v in shrinks:
         if not 0.0 <= v < 1.0:
             raise ValueError(f"--shrink is a share in [0, 1); got {v}")
-    if len(shrinks) > 1 and args.select_seed in (args.data_seed,):
+    if len(shrinks) > 1 and args.select_seed == args.data_seed:
         raise ValueError("--select-seed must differ from --data-seed: the strength is chosen "
                          "on subjects the fit has not seen")
     rows, report = [], {}

@@ -257,6 +257,12 @@ def draw_abdominal_muscles(cv: Canvas, g: Geometry) -> None:
         cv.paint(band(0, 0, side * ph, rc + t, rc), C["muscle"], over=(C["sat"],))
 
 
+def erector_rx(g: Geometry) -> float:
+    """Half width (mm) of each erector spinae (draw_back_muscles); its lateral edge lies
+    2 * erector_rx + 3 * f from the midline."""
+    return 30 * g.f * g.m ** 0.4
+
+
 def draw_back_muscles(cv: Canvas, g: Geometry) -> None:
     s, f, m = g.s, g.f, g.m
     p = g.post_y
@@ -264,7 +270,7 @@ def draw_back_muscles(cv: Canvas, g: Geometry) -> None:
     for side, key in ((-1, "r"), (1, "l")):
         # erector spinae + multifidus fill the compartment behind the transverse processes
         # (a rounded box from the spinous process out to beyond the TP tips)
-        es_rx = 30 * f * m ** 0.4
+        es_rx = erector_rx(g)
         es_ry = 0.5 * depth + 4
         es = ellipse(side * (es_rx + 3 * f), g.y_tp + es_ry - 3, es_rx, es_ry, side * 0.1, 96,
                      s.shapes["es_" + key], power=2.6)
@@ -305,7 +311,7 @@ def close_flank(cv: Canvas, g: Geometry, sides=(-1, 1), fascia_mm: float = 0.6) 
     if not y[0] < yq < y[-1]:
         return
     k = int(np.searchsorted(y, yq))                   # y rises with the angle on this arc
-    xq = 2 * 30 * g.f * g.m ** 0.4 + 3 * g.f + 1.0    # beside the erector spinae
+    xq = 2 * erector_rx(g) + 3 * g.f + 1.0            # beside the erector spinae
     xa = float(np.interp(yq, y, r * np.sin(ph)))
     if xa <= xq:
         return
