@@ -106,16 +106,17 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     seeds = subject_seeds(seed, n_subjects)
     splits = split_subjects(n_subjects, val_fraction, seed)
     where = {} if levels is None else {"levels": tuple(levels)}
-    for key, value, share in (("kidney_contact", kidney_contact, True),
-                              ("kidney_rise", kidney_rise, False),
-                              ("kidney_tilt", kidney_tilt, False),
-                              ("costal_diaphragm", costal_diaphragm, True),
-                              ("flank_sat", flank_sat, True)):
+    # (option, value, a share in 0..1, the torso anatomy only)
+    for key, value, share, torso in (("kidney_contact", kidney_contact, True, True),
+                                     ("kidney_rise", kidney_rise, False, True),
+                                     ("kidney_tilt", kidney_tilt, False, True),
+                                     ("costal_diaphragm", costal_diaphragm, True, True),
+                                     ("flank_sat", flank_sat, True, False)):
         flag = "--" + key.replace("_", "-")
         if share and not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} is a share in 0..1; got {value}")
         if value:
-            if levels is None and key != "flank_sat":
+            if levels is None and torso:
                 raise ValueError(f"{flag} needs the torso anatomy (--phantom-levels)")
             where[key] = float(value)
     offsets = tuple(float(o) for o in plane_offsets_mm)

@@ -326,14 +326,19 @@ def close_flank(cv: Canvas, g: Geometry, sides=(-1, 1), fascia_mm: float = 0.6) 
                                [side * xq, yq + h]]), C["fascia"], over=(C["vat"], C["sat"]))
 
 
-def has_flank_sat(s: Subject, share: float) -> bool:
-    """Whether subject s is drawn with close_flank (draw's and torso.draw_wall's flank): with
-    probability ``share``, drawn from the subject's seed on a stream of its own (every
-    other draw is unchanged; share 0: never, the phantom as before)."""
+def drawn_with(s: Subject, share: float, stream: int, name: str) -> bool:
+    """Whether subject s has an anatomy option given to a ``share`` of the subjects: drawn
+    from the subject's seed on a stream of its own (``stream``), so every other draw is
+    unchanged; share 0: never, the phantom as before. name: the option, for the error."""
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"flank_sat is a share in 0..1; got {share}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(s.seed), 5189]))
+        raise ValueError(f"{name} is a share in 0..1; got {share}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(s.seed), int(stream)]))
     return bool(rng.random() < share)
+
+
+def has_flank_sat(s: Subject, share: float) -> bool:
+    """Whether subject s is drawn with close_flank (draw's and torso.draw_wall's flank)."""
+    return drawn_with(s, share, 5189, "flank_sat")
 
 
 def _bone(cv: Canvas, outer: np.ndarray, inner: Optional[np.ndarray]) -> None:

@@ -44,7 +44,8 @@ import numpy as np
 from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, close_flank, core_radius,
                       draw_abdominal_muscles, draw_back_muscles, draw_body_wall, draw_bowel,
                       draw_kidneys, draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra,
-                      has_flank_sat, mask_points, subject_from_seed, wall_layers)
+                      drawn_with, has_flank_sat, mask_points, subject_from_seed,
+                      wall_layers)
 from .pelvis import (draw_pelvic_layout, draw_pelvis, iliac_arteries, iliac_veins,
                      lower_weight, pelvis_from_seed)
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar
@@ -1152,13 +1153,8 @@ def tilted_kidney_shift(shift, degrees: float):
 
 
 def has_costal_diaphragm(s: Subject, share: float) -> bool:
-    """Whether subject s is drawn with draw_ribcage's costal diaphragm: with probability
-    ``share``, drawn from the subject's seed on a stream of its own (every other draw is
-    unchanged; share 0: never, the phantom as before)."""
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"costal_diaphragm is a share in 0..1; got {share}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(s.seed), 5171]))
-    return bool(rng.random() < share)
+    """Whether subject s is drawn with draw_ribcage's costal diaphragm (anatomy.drawn_with)."""
+    return drawn_with(s, share, 5171, "costal_diaphragm")
 
 
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
