@@ -179,3 +179,50 @@ def test_contact_sheet_torso_columns_are_checked():
         with pytest.raises(ValueError):
             parse_torso_panel(bad)
     assert main(["contact-sheet", "--torso", "3:S1", "--output", "/nonexistent/x.png"]) == 2
+
+
+def test_psoas_apart_parts_the_l5_psoas_from_the_vertebra_and_thins_the_iliacus():
+    """psoas_apart=1 below the L4-L5 disc moves the psoas off the vertebral body (visceral
+    fat where it touched), shrinks it a little and thins the iliacus, moving no bone; it leaves every level above pelvis.TOP_MM as it was; 0 is the phantom
+    as before; the share is checked and the data pipeline takes it (torso anatomy only)."""
+    from training.data import phantom_records
+    from training.phantom.pelvis import has_psoas_apart
+    from training.phantom.torso import level_centre
+
+    for seed in (3, 11):
+        s = subject_from_seed(seed)
+        z = level_centre(s, "L5") - 10.0
+        drawn = []
+        for share in (0.0, 1.0):
+            cv = Canvas(256, s.fov_mm)
+            drawn.append((cv, draw_torso(cv, s, z, psoas_apart=share)))
+        (c0, g0), (c1, g1) = drawn
+        assert g1.psoas_x - g1.psoas_r[0] >= g0.psoas_x - g0.psoas_r[0] + 4.0
+        assert g1.psoas_r[0] < g0.psoas_r[0] and g1.iliacus_k < 0.6
+        # just lateral of the vertebral body, on the psoas' line: muscle before, fat after
+        for side in (-1, 1):
+            x = side * (g0.vb_rx + 1.5)
+            assert c0.code_at(x, g0.psoas_y) == CODE["muscle"]
+            assert CLASS_OF[c1.code_at(x, g1.psoas_y)] == VAT     # or its fat pad
+        changed = c0.codes != c1.codes
+        assert changed.sum() > 100
+        # the muscles move and thin; what they covered shows (fat, the ureter, vessels and
+        # bowel drawn over fat); no bone moves
+        muscle = (c0.codes == CODE["muscle"]) | (c1.codes == CODE["muscle"])
+        assert muscle[changed].mean() > 0.8
+        bone = [CODE["cortex"], CODE["marrow"], CODE["disc"]]
+        assert not (np.isin(c0.codes, bone) ^ np.isin(c1.codes, bone)).any()
+        assert (c1.codes == CODE["muscle"]).sum() < (c0.codes == CODE["muscle"]).sum()
+        for level in ("L3", "L4"):
+            a, b = (make_slice(seed, anatomy="torso", level=level, size=64, supersample=2,
+                               psoas_apart=v) for v in (0.0, 1.0))
+            assert np.array_equal(a.tissues, b.tissues) and np.array_equal(a.hu, b.hu)
+    share = np.mean([has_psoas_apart(subject_from_seed(s), 0.5) for s in range(200)])
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match="0..1"):
+        phantom_records(1, 1, size=64, levels=("L5", "L5"), psoas_apart=2.0)
+    with pytest.raises(ValueError, match="torso"):
+        phantom_records(1, 1, size=64, psoas_apart=0.5)
+    recs = [phantom_records(3, 1, size=64, levels=("L5", "L5"), psoas_apart=v)["train"]
+            for v in (0.0, 1.0)]
+    assert any(not np.array_equal(r0.labels, r1.labels) for r0, r1 in zip(*recs))

@@ -82,6 +82,7 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                     kidney_tilt: float = 0.0,
                     costal_diaphragm: float = 0.0,
                     flank_sat: float = 0.0,
+                    psoas_apart: float = 0.0,
                     plane_offsets_mm: Sequence[float] = ()) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
     ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
@@ -93,7 +94,9 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     kidneys' long axes lean towards the midline going up (phantom.torso.tilted_kidney_shift);
     costal_diaphragm: with levels, the share of subjects with the diaphragm lining their
     lower ribs (phantom.torso.draw_ribcage); flank_sat: the share of subjects whose fat
-    beside the back muscles is subcutaneous (phantom.anatomy.close_flank).
+    beside the back muscles is subcutaneous (phantom.anatomy.close_flank); psoas_apart: with
+    levels, the share of subjects whose psoas at L5 lies apart from the vertebral body and
+    the iliacus (phantom.pelvis.part_psoas).
     plane_offsets_mm: the training slices also
     rendered at these heights (mm from each slice) as ``SlicePlanes`` for thick slices
     (Augment.thick; 2 subpixels a side, as only their HU are averaged in), validation
@@ -111,7 +114,8 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                                      ("kidney_rise", kidney_rise, False, True),
                                      ("kidney_tilt", kidney_tilt, False, True),
                                      ("costal_diaphragm", costal_diaphragm, True, True),
-                                     ("flank_sat", flank_sat, True, False)):
+                                     ("flank_sat", flank_sat, True, False),
+                                     ("psoas_apart", psoas_apart, True, True)):
         flag = "--" + key.replace("_", "-")
         if share and not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} is a share in 0..1; got {value}")

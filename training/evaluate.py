@@ -79,7 +79,7 @@ def load_split(args) -> (List[SliceRecord], str):
                                kidney_rise=args.kidney_rise,
                                kidney_tilt=args.kidney_tilt,
                                costal_diaphragm=args.costal_diaphragm,
-                               flank_sat=args.flank_sat)
+                               flank_sat=args.flank_sat, psoas_apart=args.psoas_apart)
         records = recs["train"] + recs["val"] if split == "all" else recs[split]
         where = "mid-L3" if args.phantom_levels is None else "-".join(args.phantom_levels)
         what = (f"phantom: {args.phantom_subjects} subjects x {args.phantom_slices} slices "

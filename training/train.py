@@ -102,6 +102,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="the share of phantom subjects whose visceral "
                         "compartment is closed at the back, the fat beside the back muscles "
                         "subcutaneous, as in real patients (default 0: visceral)")
+    g.add_argument("--psoas-apart", type=float, default=0.0, metavar="P",
+                   help="with --phantom-levels: the share of phantom subjects whose psoas "
+                        "at L5 lies apart from the vertebral body and the iliacus, with fat "
+                        "between, as in many adults (default 0: joined to both)")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")
     g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")
@@ -283,6 +287,7 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                                kidney_tilt=args.kidney_tilt,
                                costal_diaphragm=args.costal_diaphragm,
                                flank_sat=args.flank_sat,
+                               psoas_apart=args.psoas_apart,
                                plane_offsets_mm=thick_planes(args))
         recipe = {"source": "phantom", "generator": "training.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
@@ -290,6 +295,7 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                   "levels": args.phantom_levels, "kidney_contact": args.kidney_contact,
                   "kidney_rise": args.kidney_rise, "kidney_tilt": args.kidney_tilt,
                   "costal_diaphragm": args.costal_diaphragm, "flank_sat": args.flank_sat,
+                  "psoas_apart": args.psoas_apart,
                   "seed": args.data_seed, "val_fraction": args.val_fraction,
                   "same_as": f"training.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
@@ -306,7 +312,9 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                              + (f", costal_diaphragm={args.costal_diaphragm}"
                                 if args.costal_diaphragm else "")
                              + (f", flank_sat={args.flank_sat}"
-                                if args.flank_sat else "") + ")"}
+                                if args.flank_sat else "")
+                             + (f", psoas_apart={args.psoas_apart}"
+                                if args.psoas_apart else "") + ")"}
         if thick_planes(args):
             recipe["thick_planes_mm"] = list(thick_planes(args))
     train, val = recs["train"], recs.get("val", [])

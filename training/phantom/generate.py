@@ -119,7 +119,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
                z_mm: float = 0.0, supersample: int = 4, anatomy: Optional[str] = None,
                level: Optional[str] = None, kidney_contact: float = 0.0,
                kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
-               costal_diaphragm: float = 0.0, flank_sat: float = 0.0) -> PhantomSlice:
+               costal_diaphragm: float = 0.0, flank_sat: float = 0.0,
+               psoas_apart: float = 0.0) -> PhantomSlice:
     """One phantom slice of subject ``seed`` at height ``z_mm`` (mm from mid-L3, + = cranial).
 
     size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
@@ -138,6 +139,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     diaphragm lines on the inside (torso.draw_ribcage; 0: as before).
     flank_sat: the share of subjects whose visceral compartment is closed at the back, the
     fat beside the back muscles subcutaneous (anatomy.close_flank; 0: as before).
+    psoas_apart: torso anatomy only, the share of subjects whose psoas at L5 lies apart from
+    the vertebral body and the iliacus (pelvis.part_psoas; 0: as before).
     """
     _check(seed, size, pixel_mm, supersample)
     anatomy = _check_anatomy(anatomy, level)
@@ -154,7 +157,7 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
         g = draw_torso(cv, s, float(z_mm), kidney_contact=float(kidney_contact),
                        kidney_rise=float(kidney_rise), kidney_tilt=float(kidney_tilt),
                        costal_diaphragm=float(costal_diaphragm),
-                       flank_sat=float(flank_sat))
+                       flank_sat=float(flank_sat), psoas_apart=float(psoas_apart))
     else:
         g = draw(cv, s, float(z_mm), flank=has_flank_sat(s, flank_sat))
     # outside the reconstruction circle there is no image

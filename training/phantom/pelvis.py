@@ -25,7 +25,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .anatomy import core_radius, draw_thin_tubes, mask_points, subject_from_seed
+from .anatomy import core_radius, draw_thin_tubes, drawn_with, mask_points, subject_from_seed
 from .raster import Canvas, band
 from .subject import Tube, plain
 from .tissues import CODE
@@ -87,6 +87,31 @@ def pelvis_from_seed(seed: int) -> Pelvis:
 def lower_weight(zr: float, span: float = 34.0) -> float:
     """0 at TOP_MM and above, rising smoothly to 1 ``span`` mm below it."""
     return float(_smooth((TOP_MM - zr) / span))
+
+
+def has_psoas_apart(s, share: float) -> bool:
+    """Whether subject s is drawn with part_psoas (anatomy.drawn_with)."""
+    return drawn_with(s, share, 5197, "psoas_apart")
+
+
+def part_psoas(g) -> None:
+    """psoas_apart: the psoas and iliacus below TOP_MM as in many adults, where at L5 the
+    psoas is a round muscle of its own in the retroperitoneal fat, not the mass joined to the
+    vertebral body and the iliacus that the phantom otherwise draws: the psoas moves
+    laterally off the body by 5 to 14 mm (x frame; visceral fat in between) and grows no
+    more than 0 to 15 % below TOP_MM, and the iliacus is a strip 0.25 to 0.55 times as thick
+    (so fat parts it from the psoas). Changes g (a torso.TorsoGeometry) in place; drawn from
+    the subject's seed on a stream of its own; nothing changes at or above TOP_MM."""
+    low = lower_weight(g.zr)
+    if low <= 0.0:
+        return
+    rng = np.random.default_rng(np.random.SeedSequence([int(g.subject.seed), 5198]))
+    gap, shrink, thin = rng.uniform(5.0, 14.0), rng.uniform(0.1, 0.25), rng.uniform(0.25, 0.55)
+    k = 1.0 - shrink * low
+    # the medial edge gap x frame x low mm lateral of where it was, whatever the shrink
+    g.psoas_x += gap * g.f * low - (1.0 - k) * g.psoas_r[0]
+    g.psoas_r = (g.psoas_r[0] * k, g.psoas_r[1] * k)
+    g.iliacus_k = 1.0 - (1.0 - thin) * low
 
 
 # ----------------------------------------------------------------------------- the wing
@@ -178,7 +203,7 @@ def draw_pelvis(cv: Canvas, g) -> None:
             # iliacus: on the inner surface, from the crest down, thickest in the fossa
             t_il = (p.iliacus_t * _smooth(D / 25.0) * _smooth(U / 0.04)
                     * (1.0 - 0.5 * _smooth((U - 0.4) / 0.5)) * _smooth((0.97 - U) / 0.2))
-            t_il = t_il * (0.55 + 0.45 * lower_weight(g.zr, 40.0))
+            t_il = t_il * (0.55 + 0.45 * lower_weight(g.zr, 40.0)) * g.iliacus_k
             inner = P - N * (H[:, None] + 0.2)
             if t_il.max() > 1.0:
                 cv.paint(_strip(inner, inner - N * t_il[:, None]), C["muscle"],

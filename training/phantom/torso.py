@@ -46,8 +46,8 @@ from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, close_flank, 
                       draw_kidneys, draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra,
                       drawn_with, has_flank_sat, mask_points, subject_from_seed,
                       wall_layers)
-from .pelvis import (draw_pelvic_layout, draw_pelvis, iliac_arteries, iliac_veins,
-                     lower_weight, pelvis_from_seed)
+from .pelvis import (draw_pelvic_layout, draw_pelvis, has_psoas_apart, iliac_arteries,
+                     iliac_veins, lower_weight, part_psoas, pelvis_from_seed)
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar
 from .subject import PHI, Subject, Tube, plain
 from .tissues import CODE
@@ -291,6 +291,7 @@ class TorsoGeometry(Geometry):
         self.psoas_x = self.vb_rx + 0.75 * self.psoas_r[0] + 2 + 2 * f * low
         self.psoas_y -= p.psoas_fwd * low
         self.draw_psoas = self.psoas_r[0] > 1.0
+        self.iliacus_k = 1.0          # pelvis.part_psoas thins the iliacus
         k = float(np.sqrt(np.clip((t.ql_top_z - zr) / 35.0, 0.0, 1.0)))
         k *= float(_smooth((zr - (min(p.crest_z) - 18.0)) / 16.0))
         # ... broadening towards its insertion on the crest
@@ -1160,7 +1161,8 @@ def has_costal_diaphragm(s: Subject, share: float) -> bool:
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
                pelvic_layout: bool = True, kidney_contact: float = 0.0,
                kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
-               costal_diaphragm: float = 0.0, flank_sat: float = 0.0) -> TorsoGeometry:
+               costal_diaphragm: float = 0.0, flank_sat: float = 0.0,
+               psoas_apart: float = 0.0) -> TorsoGeometry:
     """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
     pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing).
     kidney_contact: share of subjects whose kidneys lie on their muscles
@@ -1173,12 +1175,16 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     whose lower ribs the diaphragm lines on the inside (draw_ribcage's costal;
     has_costal_diaphragm; 0: as before). flank_sat: share of subjects whose visceral
     compartment is closed at the back, the fat beside the back muscles subcutaneous
-    (draw_wall's flank; has_flank_sat; 0: as before)."""
+    (draw_wall's flank; has_flank_sat; 0: as before). psoas_apart: share of subjects whose
+    psoas at L5 lies apart from the vertebral body and the iliacus (pelvis.part_psoas;
+    has_psoas_apart; 0: as before)."""
     t = torso_from_seed(s.seed)
     if kidney_rise:
         t = dataclasses.replace(t, kidney_up=t.kidney_up + float(kidney_rise),
                                 renal_vein_z=t.renal_vein_z + float(kidney_rise))
     g = TorsoGeometry(s, z, t)
+    if has_psoas_apart(s, psoas_apart):
+        part_psoas(g)
     cv.shift = np.asarray(s.offset, np.float64)
     g.r_in = inner_radius(g)
     draw_table(cv, g)
