@@ -98,9 +98,10 @@ def part_psoas(g) -> None:
     """psoas_apart: the psoas and iliacus below TOP_MM as in many adults, where at L5 the
     psoas is a round muscle of its own in the retroperitoneal fat, not the mass joined to the
     vertebral body and the iliacus that the phantom otherwise draws: the psoas moves
-    laterally off the body by 5 to 14 mm (x frame; visceral fat in between) and grows no
-    more than 0 to 15 % below TOP_MM, and the iliacus is a strip 0.25 to 0.55 times as thick
-    (so fat parts it from the psoas). Changes g (a torso.TorsoGeometry) in place; drawn from
+    laterally off the body by 5 to 14 mm (x frame; visceral fat in between) and is 10 to
+    25 % smaller than drawn otherwise (which grows about 12 % from TOP_MM to mid-L5), and the
+    iliacus is a strip 0.25 to 0.55 times as thick (so fat parts it from the psoas); each
+    faded in over lower_weight's 34 mm. Changes g (a torso.TorsoGeometry) in place; drawn from
     the subject's seed on a stream of its own; nothing changes at or above TOP_MM."""
     low = lower_weight(g.zr)
     if low <= 0.0:
