@@ -114,6 +114,16 @@ def test_level_shares_per_vertebra():
     assert s["L4"]["psoas"] == {"voxels": 8, "muscle_share": 0.125}
     assert s["L4"]["kidneys"]["muscle_share"] == 0.5
     assert s["L3"]["paraspinal"] == {"voxels": 0, "muscle_share": None}
+    # per slice: counts that sum to the levels' shares, and their CSV
+    from training.realct import TS_GROUPS, _slices_csv, slice_counts
+
+    counts = slice_counts(labels, st)
+    psoas = [g for g, _ in TS_GROUPS].index("psoas")
+    assert counts[:, psoas].tolist() == [[4, 4], [4, 1], [4, 0]]
+    rows = _slices_csv(slice_levels(st), counts).splitlines()
+    assert len(rows) == 4 and rows[0].startswith("slice,level,paraspinal_voxels")
+    assert rows[2].split(",")[:2] == ["1", "L4"]
+    assert rows[2].split(",")[2 + 2 * psoas:4 + 2 * psoas] == ["4", "1"]
 
 
 def test_vat_behind_the_back_muscles_per_level():

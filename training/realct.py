@@ -17,8 +17,8 @@ With ``--structures FILE`` (a TotalSegmentator "total" label map on the CT's gri
 reports, per vertebral level (each slice assigned to the vertebra with the most voxels in
 it), the share of the paraspinal (autochthon) and psoas (iliopsoas) voxels we call MUS or
 IMAT, and the share of kidney, liver and spleen voxels we call MUS or IMAT (should be 0), in
-levels.md, and overlays of each level's middle slice with the muscles' outlines
-(levels.png):
+levels.md, the same counts per slice in slices.csv (any run of slices can be summed), and
+overlays of each level's middle slice with the muscles' outlines (levels.png):
 
     python -m training evaluate-real --model Resources/Models/EPDBodyComp_f2.safetensors \
         --ct ../shared/data/totalseg-example/ct_abdomen_pelvis.nii.gz \
@@ -157,15 +157,33 @@ def vat_behind_back(labels: np.ndarray, structures: np.ndarray, ijk_to_ras,
     return out
 
 
+def slice_counts(labels: np.ndarray, structures: np.ndarray) -> np.ndarray:
+    """labels uint8 (K, J, I) our classes, structures int (K, J, I) TotalSegmentator labels ->
+    int64 (K, G, 2): per slice and TS_GROUPS group, its voxels and those we call MUS or
+    IMAT."""
+    muscle = np.isin(labels, (1, 2))
+    out = np.zeros((labels.shape[0], len(TS_GROUPS), 2), np.int64)
+    for g, (_, ids) in enumerate(TS_GROUPS):
+        m = np.isin(structures, ids)
+        out[:, g, 0] = m.sum(axis=(1, 2))
+        out[:, g, 1] = (m & muscle).sum(axis=(1, 2))
+    return out
+
+
 def level_shares(labels: np.ndarray, structures: np.ndarray, ijk_to_ras=None,
-                 pixel_area_mm2: Optional[float] = None) -> Dict[str, Dict[str, object]]:
+                 pixel_area_mm2: Optional[float] = None,
+                 counts: Optional[np.ndarray] = None,
+                 per_slice: Optional[List[Optional[str]]] = None) -> Dict[str, Dict[str, object]]:
     """labels uint8 (K, J, I) our classes, structures int (K, J, I) TotalSegmentator labels ->
     {level: {"slices": n, group: {"voxels": n, "muscle_share": share of the group's voxels
     we call MUS or IMAT}}}, levels from cranial to caudal as TS_VERTEBRAE lists them. With
     the grid's ijk_to_ras and pixel area (mm2), also "vat_behind_back_cm2": the mean over
-    the level's slices of vat_behind_back (goal 0)."""
-    per_slice = slice_levels(structures)
-    muscle = np.isin(labels, (1, 2))
+    the level's slices of vat_behind_back (goal 0). counts, per_slice: slice_counts' and
+    slice_levels' results, if made."""
+    if per_slice is None:
+        per_slice = slice_levels(structures)
+    if counts is None:
+        counts = slice_counts(labels, structures)
     behind = (vat_behind_back(labels, structures, ijk_to_ras, pixel_area_mm2)
               if ijk_to_ras is not None and pixel_area_mm2 is not None else None)
     out: Dict[str, Dict[str, object]] = {}
@@ -174,16 +192,24 @@ def level_shares(labels: np.ndarray, structures: np.ndarray, ijk_to_ras=None,
         if not ks:
             continue
         entry: Dict[str, object] = {"slices": len(ks)}
-        for group, ids in TS_GROUPS:
-            m = np.isin(structures[ks], ids)
-            n = int(m.sum())
-            entry[group] = {"voxels": n,
-                            "muscle_share": float(muscle[ks][m].mean()) if n else None}
+        for g, (group, _) in enumerate(TS_GROUPS):
+            n, hit = (int(v) for v in counts[ks, g].sum(0))
+            entry[group] = {"voxels": n, "muscle_share": hit / n if n else None}
         if behind is not None:
             areas = [behind[k] for k in ks if behind[k] is not None]
             entry["vat_behind_back_cm2"] = float(np.mean(areas)) if areas else None
         out[name] = entry
     return out
+
+
+def _slices_csv(levels: Sequence[Optional[str]], counts: np.ndarray) -> str:
+    """slice_counts as CSV, one row per slice k (the CT's array index) with its vertebra:
+    per group its voxels and those called MUS or IMAT, so any run of slices can be summed."""
+    head = ["slice", "level"] + [f"{g}_{w}" for g, _ in TS_GROUPS for w in ("voxels", "muscle")]
+    rows = [",".join(head)]
+    for k, name in enumerate(levels):
+        rows.append(",".join([str(k), name or ""] + [str(int(v)) for v in counts[k].ravel()]))
+    return "\n".join(rows) + "\n"
 
 
 def _levels_table(shares: Dict[str, Dict[str, object]]) -> List[str]:
@@ -289,8 +315,11 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     if structures is not None:
         if lost is not None:
             structures[lost] = 0        # the drawing's voxels are no structure's
-        shares = level_shares(labels, structures, ct.ijk_to_ras, ct.pixel_area_mm2)
+        counts, per_slice = slice_counts(labels, structures), slice_levels(structures)
+        shares = level_shares(labels, structures, ct.ijk_to_ras, ct.pixel_area_mm2, counts,
+                              per_slice)
         payload["levels"] = {"structures": str(args.structures), "shares": shares}
+        write_text(out / "slices.csv", _slices_csv(per_slice, counts), overwrite=True)
         table = _levels_table(shares)
         write_text(out / "levels.md", "\n".join(
             [f"Model `{args.model}` on `{args.ct}`: share of TotalSegmentator's voxels of "
