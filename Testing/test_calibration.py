@@ -166,6 +166,32 @@ def test_several_shrink_strengths_are_chosen_on_other_subjects(tiny_model_path, 
     assert main(argv[:-1] + ["--select-seed", "11", "--overwrite", "--quiet"]) == 2
 
 
+def test_bound_limits_the_weights_and_is_recorded(tiny_model_path, tmp_path):
+    """--bound B keeps every weight within 1/B .. B and the card records B; the untrained
+    model's areas are far off, so its weights run to whichever bound is given (a wider one
+    gives weights beyond the default's); B <= 1 is refused."""
+    from EPDSegmentationLib.core.model_io import load_model
+    from training.calibrate import BOUND
+
+    def weights(bound, name):
+        argv = ["calibrate", "--model", str(tiny_model_path) + ".safetensors", "--output",
+                str(tmp_path / name), "--pixel-mm", "4", "--phantom-subjects", "1",
+                "--phantom-slices", "1", "--bound", str(bound), "--quiet"]
+        assert main(argv) == 0
+        cal = load_model(tmp_path / name / "model.safetensors")[1]["calibration"]
+        assert cal["fit"]["4.0"]["bound"] == bound
+        return np.array(cal["class_weights"][0])
+
+    plain, wide = weights(BOUND, "plain"), weights(8.0, "wide")
+    assert np.all(plain >= 1 / BOUND - 1e-9) and np.all(plain <= BOUND + 1e-9)
+    assert np.all(wide >= 1 / 8.0 - 1e-9) and np.all(wide <= 8.0 + 1e-9)
+    on_bound = np.isclose(np.abs(np.log(plain)), np.log(BOUND))
+    assert on_bound.any()                                   # the default bound binds here
+    assert np.all(np.abs(np.log(wide[on_bound])) > np.log(BOUND) + 1e-6)
+    assert main(["calibrate", "--model", str(tiny_model_path) + ".safetensors", "--output",
+                 str(tmp_path / "no"), "--pixel-mm", "4", "--bound", "1", "--quiet"]) == 2
+
+
 def test_interpolation_drops_a_calibration(tiny_model_path, tmp_path):
     """Mixed weights are other weights: a calibration fitted for A does not hold for them."""
     from EPDSegmentationLib.core.model_io import load_model

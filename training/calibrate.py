@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "so that a weight the phantoms barely identify stays near 1 (0: none, "
                         "the default); several values: the one whose weights give the "
                         "smallest area error on the --select-seed subjects, per pixel size")
+    p.add_argument("--bound", type=float, default=BOUND, metavar="B",
+                   help=f"each class's weight stays within 1/B .. B of the background's "
+                        f"(default {BOUND:g}; B > 1)")
     p.add_argument("--select-seed", type=int, default=SELECT_SEED,
                    help=f"phantom subject seed that chooses among --shrink values (default "
                         f"{SELECT_SEED})")
@@ -161,6 +164,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     model, card = load_model(args.model)
     device, _ = select_device(args.device)
     seeds = subject_seeds(args.data_seed, args.phantom_subjects)
+    if not args.bound > 1.0:
+        raise ValueError(f"--bound must be > 1; got {args.bound}")
     shrinks = [float(v) for v in args.shrink]
     for v in shrinks:
         if not 0.0 <= v < 1.0:
@@ -174,7 +179,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                     fov_mm=args.fov_mm, slice_gap_mm=args.slice_gap_mm, device=device,
                     mirror=args.mirror, progress=not args.quiet, flank_sat=args.flank_sat)
         probs, true = network_areas(model, card, seeds, **draw)
-        fits = {s: fit_weights(probs, true, shrink=s) for s in shrinks}
+        fits = {s: fit_weights(probs, true, bound=args.bound, shrink=s) for s in shrinks}
         entry: Dict[str, object] = {}
         if len(shrinks) > 1:
             held = subject_seeds(args.select_seed, args.phantom_subjects)
@@ -196,6 +201,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         before = (calibrated_areas(probs, np.ones(NUM_CLASSES)) - true) / n
         after = (calibrated_areas(probs, w) - true) / n
         report[str(px)] = {"weights": dict(zip(KEYS, rows[-1])), "shrink": shrink,
+                           "bound": float(args.bound),
                            "area_error_cm2_before": dict(zip(KEYS, before.tolist())),
                            "area_error_cm2_after": dict(zip(KEYS, after.tolist())), **entry}
         print(f"{px} mm: weights " + " ".join(f"{k} {v:.3f}" for k, v in zip(KEYS, w))
