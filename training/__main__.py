@@ -17,8 +17,8 @@ from typing import List, Optional
 
 from EPDSegmentationLib.core.errors import EPDError
 
-from . import (adapt, areabias, bundle, calibrate, evaluate, experiment, interpolate, realct,
-               report, train)
+from . import (adapt, areabias, bundle, calibrate, compare, evaluate, experiment, interpolate,
+               realct, report, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
          interpolate.add_arguments, interpolate.run),
         ("calibrate", "fit a model's class-prior calibration on phantoms into a model folder",
          calibrate.add_arguments, calibrate.run),
+        ("compare", "model cards' evaluations side by side (markdown)", compare.add_arguments,
+         compare.run),
     )
     for name, help_text, add_arguments, run in commands:
         command = sub.add_parser(name, help=help_text)
