@@ -1,5 +1,5 @@
-"""python -m training {train,evaluate,evaluate-real,bundle,experiment,report,adapt} ...: headless
-training and evaluation.
+"""python -m training {train,evaluate,evaluate-real,bundle,experiment,report,adapt,area-bias,
+interpolate,calibrate,compare} ...: headless training and evaluation.
 
     python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
     torchrun --nproc-per-node 4 -m training train --manifest data/manifest.csv --output runs/x
