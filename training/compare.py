@@ -66,11 +66,14 @@ def _fmt(v, spec: str) -> Optional[str]:
     return None if v is None else format(v, spec)
 
 
+def _sections(evaluations: Sequence[Dict], where: Sequence[str]):
+    """Each evaluation's dict at ``where`` ({} if absent), and their keys in first-seen order."""
+    found = [_get(e, *where) or {} for e in evaluations]
+    return found, list(dict.fromkeys(k for d in found for k in d))
+
+
 def _level_rows(prefix: str, evaluations: Sequence[Dict], where: Sequence[str]) -> List[Row]:
-    shares = [_get(e, *where) or {} for e in evaluations]
-    levels = []
-    for s in shares:
-        levels += [lv for lv in s if lv not in levels]
+    shares, levels = _sections(evaluations, where)
     rows: List[Row] = []
     for group in GROUPS:
         for lv in levels:
@@ -85,10 +88,7 @@ def _level_rows(prefix: str, evaluations: Sequence[Dict], where: Sequence[str]) 
 
 
 def _mask_rows(prefix: str, evaluations: Sequence[Dict], where: Sequence[str]) -> List[Row]:
-    results = [_get(e, *where) or {} for e in evaluations]
-    names = []
-    for r in results:
-        names += [n for n in r if n not in names]
+    results, names = _sections(evaluations, where)
     rows: List[Row] = []
     for n in names:
         rows.append((f"{prefix}{n}: Dice", [_fmt(_get(r, n, "dice"), ".3f") for r in results]))
@@ -121,12 +121,8 @@ def rows(evaluations: Sequence[Dict]) -> List[Row]:
     out.append((f"phantom area bias{at} MUS + IMAT, cm2/slice", both))
     out += _mask_rows("real CT ", evaluations, ("real_ct", "results"))
     out += _level_rows("real CT levels: ", evaluations, ("real_ct_levels", "shares"))
-    sims = []
-    for e in evaluations:
-        for k, v in (_get(e, "real_ct_simulated") or {}).items():
-            if isinstance(v, dict) and k not in sims:
-                sims.append(k)
-    for k in sims:
+    simulated, names = _sections(evaluations, ("real_ct_simulated",))
+    for k in (n for n in names if any(isinstance(d.get(n), dict) for d in simulated)):
         out += _mask_rows(f"simulated {k}: ", evaluations, ("real_ct_simulated", k, "results"))
         out += _level_rows(f"simulated {k}: ", evaluations, ("real_ct_simulated", k, "shares"))
     return [(what, vals) for what, vals in out if any(v is not None for v in vals)]
