@@ -158,12 +158,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         raise ValueError(f"--pixel-mm must be positive, ascending and distinct; got {pixels}")
     if args.phantom_subjects < 1 or args.phantom_slices < 1:
         raise ValueError("--phantom-subjects and --phantom-slices must be >= 1")
-    out = Path(args.output) / "model"
-    if out.with_suffix(".safetensors").exists() and not args.overwrite:
-        raise FileExistsError(f"{out}.safetensors exists; pass --overwrite to replace it")
-    model, card = load_model(args.model)
-    device, _ = select_device(args.device)
-    seeds = subject_seeds(args.data_seed, args.phantom_subjects)
     if not args.bound > 1.0:
         raise ValueError(f"--bound must be > 1; got {args.bound}")
     shrinks = [float(v) for v in args.shrink]
@@ -173,6 +167,12 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     if len(shrinks) > 1 and args.select_seed == args.data_seed:
         raise ValueError("--select-seed must differ from --data-seed: the strength is chosen "
                          "on subjects the fit has not seen")
+    out = Path(args.output) / "model"
+    if out.with_suffix(".safetensors").exists() and not args.overwrite:
+        raise FileExistsError(f"{out}.safetensors exists; pass --overwrite to replace it")
+    model, card = load_model(args.model)
+    device, _ = select_device(args.device)
+    seeds = subject_seeds(args.data_seed, args.phantom_subjects)
     rows, report = [], {}
     for px in pixels:
         draw = dict(n_slices=args.phantom_slices, levels=args.phantom_levels, pixel_mm=px,
