@@ -263,6 +263,9 @@ class EPDSegmentationParameterNode:
     resultSegmentation: the last run's segmentation (Export saves it and its companions).
     height: the patient's height, cm (0 = unknown; 1.0..2.5 is read as metres, as
     core.indices.height_m does); with it the measures table has SMI, IMATI, SATI, VATI.
+    protocol: the measures and cohort tables also get the HU-protocol areas (Alberta:
+    -29..150 HU muscle and -190..-30 HU IMAT within the network's muscle), beside the soft
+    areas (core.bodycomp.PROTOCOL_COLUMNS).
     adaptSteps: fine-tuning steps of "Improve model from corrected slices".
     """
 
@@ -286,6 +289,7 @@ class EPDSegmentationParameterNode:
     exportDicomSeg: bool = False
     resultSegmentation: vtkMRMLSegmentationNode
     height: Annotated[float, WithinRange(0.0, 250.0)] = 0.0
+    protocol: bool = False
     adaptSteps: Annotated[int, Minimum(1)] = 60
 
 
@@ -493,7 +497,8 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 segmentationNode=p.outputSegmentation, tableNode=p.outputTable,
                 replaceExisting=True in answers, softSegmentation=p.softSegmentation,
                 softVolumes=p.softVolumes, progress=self._progress,
-                shouldCancel=lambda: self._cancelRequested, heightM=heightM)
+                shouldCancel=lambda: self._cancelRequested, heightM=heightM,
+                protocol=p.protocol)
             p.resultSegmentation = result.segmentation
             self._lastResult = result
             self._setSuggested([], CORRECTIONS_HINT)  # suggestions were for the last result
@@ -656,7 +661,7 @@ class EPDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 volume, segmentation, modelPath, output, device=p.device.lower(),
                 steps=p.adaptSteps, progress=self._progress,
                 shouldCancel=lambda: self._cancelRequested,
-                heightM=self.logic.heightMetres(p.height))
+                heightM=self.logic.heightMetres(p.height), protocol=p.protocol)
 
         outcome = self._runLong(work, "Improving the model", "steps")
         if outcome is None:
@@ -848,10 +853,11 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
                 segmentationNode=None, tableNode=None, replaceExisting: bool = False,
                 softSegmentation: bool = False, softVolumes: bool = False, batchSize: int = 8,
                 progress=None, shouldCancel=None, heightM: Optional[float] = None,
-                mirror: bool = True):
+                mirror: bool = True, protocol: bool = False):
         """Run the model on the volume's slices and build the outputs (see
         mrml.workflow.segment_volume); returns its SegmentationResult. heightM: the
-        patient's height in metres (heightMetres), for the indices in the table. mirror:
+        patient's height in metres (heightMetres), for the indices in the table. protocol:
+        the table also gets the HU-protocol areas beside the soft ones. mirror:
         mirror averaging (each slice and its mirror image; False halves the network's
         time), as ``epdseg segment`` does by default. The result
         is remembered (mrml.adapt.snapshot_result) so that corrections can be found."""
@@ -869,7 +875,8 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
                                 replace_existing=replaceExisting,
                                 soft_segmentation=softSegmentation, soft_volumes=softVolumes,
                                 progress=progress, should_cancel=shouldCancel,
-                                model_card=model_summary(card, modelPath), height_m=heightM)
+                                model_card=model_summary(card, modelPath), height_m=heightM,
+                                protocol=protocol)
         snapshot_result(slicer.mrmlScene, result.segmentation, volumeNode)
         return result
 
@@ -907,12 +914,14 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def improveModel(self, volumeNode, segmentationNode, modelPath, outputPath, *,
                      device: str = "cpu", steps: int = 60, slices=None, progress=None,
-                     shouldCancel=None, heightM: Optional[float] = None):
+                     shouldCancel=None, heightM: Optional[float] = None,
+                     protocol: bool = False):
         """Fine-tune a copy of the model at ``modelPath`` on the slices corrected in
         ``segmentationNode`` (default: those differing from the result as segmented), save it
         at ``outputPath`` (a new file, never the bundled model's), segment the other slices
         of the run again with it and fill the run's measures table again, as Apply does
-        (with the indices for heightM, metres) (mrml.adapt.improve_from_corrections).
+        (with the indices for heightM, metres, and the HU-protocol areas with protocol)
+        (mrml.adapt.improve_from_corrections).
         Returns its AdaptOutcome; nothing is written or changed when it fails or is
         cancelled."""
         from EPDSegmentationLib.core.adapt import AdaptSettings, check_destination
@@ -934,7 +943,7 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
                                         card, str(modelPath), outputPath, slices=slices,
                                         settings=settings, resegment_slices=covered,
                                         table_node=table, height_m=heightM,
-                                        progress=progress, should_cancel=shouldCancel)
+                                        protocol=protocol, progress=progress, should_cancel=shouldCancel)
 
     def uncertainty(self, volumeNode, segmentationNode, modelPath, *, device: str = "auto",
                     nSuggest: int = 3, progress=None, shouldCancel=None):
@@ -969,6 +978,12 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
 
         text = (f"Done: {len(result.slices)} slice(s) on {result.device}. "
                 f"{summary_line(result.rows)}.")
+        protocol = {r["tissue"]: r["protocol_area_cm2"] for r in result.rows
+                    if r.get("slice") == "all" and "protocol_area_cm2" in r}
+        if protocol:  # only when asked for; named so that nobody takes it for the soft area
+            text += " HU protocol: " + ", ".join(
+                f"{k} {protocol[k]:.1f}" for k in ("MUS", "IMAT", "SAT", "VAT")
+                if k in protocol) + " cm2 per slice."
         smi = [r["index_cm2_m2"] for r in result.rows
                if r.get("slice") == "all" and r.get("index") == "SMI"]
         if smi:  # only with a height

@@ -193,6 +193,50 @@ def test_csv_is_atomic_and_never_overwrites(tmp_path):
         measures_to_csv(rows, tmp_path / "nowhere" / "m.csv")
 
 
+def test_protocol_rows_per_slice_and_all_from_slab_sums(tmp_path):
+    """with_protocol, fed slab by slab, gives per slice what indices.protocol_measures gives
+    for that slice alone and, in "all" rows, what it gives for every slice (the mean area per
+    slice); hand-checked on one slice: 40 HU muscle is MUS, -100 HU IMAT, 200 HU neither."""
+    from EPDSegmentationLib.core.indices import protocol_measures, protocol_slice_sums
+
+    rng = np.random.default_rng(4)
+    p = rng.random((NUM_CLASSES, 5, 6, 6)).astype(np.float32)
+    p /= p.sum(axis=0)
+    hu = rng.choice([-300.0, -120.0, -100.0, -40.0, 0.0, 40.0, 200.0], (5, 6, 6))
+    slices = [3, 4, 8, 9, 12]
+    rows = measures_from_sums(slice_sums(p, hu), SPACING, slices)
+    parts = [protocol_slice_sums(p[:, a:b], hu[a:b]) for a, b in ((0, 2), (2, 5))]
+    got = bodycomp.with_protocol(rows, slices, parts, SPACING)
+    assert [{k: v for k, v in r.items() if not k.startswith("protocol_")} for r in got] == rows
+    for s, k in enumerate(slices + ["all"]):
+        want = protocol_measures(p[:, s:s + 1] if k != "all" else p,
+                                 hu[s:s + 1] if k != "all" else hu, SPACING)
+        by = _rows(got, k)
+        for key in ("MUS", "IMAT", "SAT", "VAT"):
+            assert by[key]["protocol_area_cm2"] == pytest.approx(
+                want[f"protocol_area_cm2_{key}"], rel=1e-12)
+            assert by[key]["protocol_hu_mean"] == pytest.approx(
+                want[f"protocol_hu_mean_{key}"], rel=1e-12, nan_ok=True)
+        assert math.isnan(by["MSC"]["protocol_area_cm2"])
+    one = np.zeros((NUM_CLASSES, 1, 1, 3), np.float32)
+    one[1] = 1.0
+    rows = bodycomp.with_protocol(
+        tissue_measures(one, np.array([[[40.0, -100.0, 200.0]]]), SPACING, [0]), [0],
+        [protocol_slice_sums(one, np.array([[[40.0, -100.0, 200.0]]]))], SPACING)
+    by = _rows(rows, 0)
+    assert by["MUS"]["protocol_area_cm2"] == pytest.approx(PIXEL_CM2)
+    assert by["MUS"]["protocol_hu_mean"] == 40.0 and by["IMAT"]["protocol_hu_mean"] == -100.0
+    assert by["MUS"]["area_cm2"] == pytest.approx(3 * PIXEL_CM2)     # the soft area beside it
+    # the CSV gets the protocol columns only when the rows have them
+    path = measures_to_csv(rows, tmp_path / "p.csv")
+    with open(path, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == list(COLUMN_KEYS) + list(bodycomp.PROTOCOL_COLUMN_KEYS)
+    with pytest.raises(ValueError, match="protocol sums hold 1 slices"):
+        bodycomp.with_protocol(rows, [0, 1], [protocol_slice_sums(one, np.zeros((1, 1, 3)))],
+                               SPACING)
+
+
 def test_summary_line():
     p = np.zeros((NUM_CLASSES, 1, 10, 10), np.float32)
     p[3] = 1

@@ -265,6 +265,16 @@ def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp
     assert set(result.protocol) == set(want)
     for key, value in want.items():
         assert result.protocol[key] == pytest.approx(value, rel=1e-4, abs=1e-4, nan_ok=True)
+    # the case's own CSV has them too, per slice and in its "all" rows (the same numbers)
+    with open(tmp_path / "out" / "full_bodycomp.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len({r["slice"] for r in rows if r["protocol_area_cm2"] != ""}) == len(k_idx) + 1
+    for r in rows:
+        if r["slice"] == "all" and r["tissue"] != "MSC":
+            assert float(r["protocol_area_cm2"]) == pytest.approx(
+                result.protocol[f"protocol_area_cm2_{r['tissue']}"], rel=1e-5, abs=1e-6)
+        if r["tissue"] == "MSC":
+            assert r["protocol_area_cm2"] == ""
 
 
 def test_cohort_writes_the_outputs_asked_for(tmp_path, tiny_model_path, capsys):

@@ -559,6 +559,7 @@ def tiny(fresh, tiny_model_path):
     torch.set_num_threads(threads)
     _choose(ui.modelSourceComboBox, "Bundled model")
     ui.heightSpinBox.value = 0
+    ui.protocolCheckBox.checked = False
     p.adaptSteps = 60
 
 
@@ -747,6 +748,41 @@ def test_height_gives_the_indices_in_the_measures_table(tiny):
     assert _count(h, "vtkMRMLSegmentationNode") == n
 
 
+def test_protocol_areas_beside_the_soft_areas_when_ticked(tiny):
+    """The "HU protocol" box: the measures table gets the protocol area, its mean HU and
+    (with a height) its index beside the soft ones, the status line names them as protocol
+    areas; unticked, the table has none."""
+    from EPDSegmentationLib.mrml.tables import table_rows
+    from EPDSegmentationLib.mrml.workflow import result_nodes
+
+    h, ct = tiny
+    ui, p = _ui(h), _param(h)
+
+    def rows():
+        table = result_nodes(h.scene, p.resultSegmentation)["table"]
+        return {(r["slice"], r["tissue"]): r for r in table_rows(table)}
+
+    ui.protocolCheckBox.checked = True                    # widget -> parameter node
+    assert p.protocol is True
+    ui.heightSpinBox.value = 172.0
+    _apply_range(h, 3, 4)
+    assert ui.statusLabel.text.startswith("Done"), ui.statusLabel.text
+    got = rows()
+    for sl in ("3", "4", "all"):
+        mus, imat = got[(sl, "MUS")], got[(sl, "IMAT")]
+        assert 0 < mus["protocol_area_cm2"] <= mus["area_cm2"] + imat["area_cm2"] + 1e-9
+        assert -29 <= mus["protocol_hu_mean"] <= 150
+        assert mus["protocol_index_cm2_m2"] == pytest.approx(mus["protocol_area_cm2"] / 1.72 ** 2)
+        assert np.isnan(got[(sl, "MSC")]["protocol_area_cm2"])
+    assert f"HU protocol: MUS {got[('all', 'MUS')]['protocol_area_cm2']:.1f}" in \
+        ui.statusLabel.text, ui.statusLabel.text
+    p.protocol = False                                    # parameter node -> widget
+    assert ui.protocolCheckBox.checked is False
+    _apply_range(h, 3, 3)
+    assert "protocol_area_cm2" not in rows()[("3", "MUS")]
+    assert "HU protocol" not in ui.statusLabel.text
+
+
 def test_go_to_l3_segments_the_level_and_fills_the_cohort_table(tiny):
     """Go to L3 on a CT with a spine and pelvis (Testing/spine.py): the red view's slice is
     segmented and the "Cohort" table gets this CT's row (level, slice, areas, mean HU, SMI
@@ -781,3 +817,9 @@ def test_go_to_l3_segments_the_level_and_fills_the_cohort_table(tiny):
                                                                              "ok")
     assert row["SMI"] == pytest.approx(row["area_cm2_MUS"] / 1.72 ** 2)
     assert np.isfinite(row["hu_mean_MUS"]) and row["model"] == "tiny"
+    assert np.isnan(row["protocol_area_cm2_MUS"])         # the box unticked: left empty
+    ui.protocolCheckBox.checked = True                    # ticked: filled, as --protocol does
+    ui.goToL3Button.click()
+    row = cohort_rows_from_table(tables[0])[0]
+    assert 0 <= row["protocol_area_cm2_MUS"] <= row["area_cm2_MUS"] + row["area_cm2_IMAT"]
+    assert row["protocol_SMI"] == pytest.approx(row["protocol_area_cm2_MUS"] / 1.72 ** 2)

@@ -124,3 +124,29 @@ def test_resegment_only_the_given_slices(mrml, tiny_model, tmp_path):
                                    settings=AdaptSettings(steps=1, batch_size=2),
                                    resegment_slices=[0, 1, 2])
     assert out.slices == [1] and out.resegmented == [0, 2]
+
+
+def test_measures_after_improve_keep_the_protocol_columns(mrml):
+    """After Improve the table is filled again as Apply filled it: with the panel's HU
+    protocol on, a corrected slice's protocol areas are its corrected labels' pixels within
+    the protocol's HU ranges, a re-segmented slice's those of its new probabilities."""
+    from scene import SPACING, one_hot
+
+    from EPDSegmentationLib.core.indices import protocol_measures
+    from EPDSegmentationLib.mrml.adapt import measures_after
+
+    truth = label_stack(3, 32)
+    ct = add_ct(mrml.scene, truth)
+    hu = volume_array(ct).astype(np.float32)
+    probs = one_hot(np.roll(truth, 1, axis=2))[:, [0, 2]]          # slices 0 and 2 predicted
+    rows = measures_after(hu, truth, probs, [0, 2], [1], ijk_to_ras(ct), 1.7, protocol=True)
+    for k, p in ((0, probs[:, :1]), (1, one_hot(truth[1:2])), (2, probs[:, 1:])):
+        want = protocol_measures(p, hu[k:k + 1], SPACING)
+        got = {r["tissue"]: r for r in rows if r["slice"] == k}
+        for key in ("MUS", "IMAT", "SAT", "VAT"):
+            assert got[key]["protocol_area_cm2"] == pytest.approx(
+                want[f"protocol_area_cm2_{key}"], rel=1e-9)
+        assert got["MUS"]["protocol_index_cm2_m2"] == pytest.approx(
+            got["MUS"]["protocol_area_cm2"] / 1.7 ** 2)
+    assert "protocol_area_cm2" not in measures_after(hu, truth, probs, [0, 2], [1],
+                                                     ijk_to_ras(ct))[0]

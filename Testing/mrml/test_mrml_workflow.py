@@ -97,6 +97,36 @@ def test_soft_areas_keep_thin_tissue_that_hard_areas_lose(case):
     assert abs(imat["area_cm2"] - true_imat) < abs(imat["hard_area_cm2"] - true_imat)
 
 
+def test_protocol_areas_sit_beside_the_soft_areas_when_asked_for(case):
+    """protocol=True: the table gets the HU-protocol area and mean HU per slice and tissue
+    (what indices.protocol_measures gives on the same probabilities and HU, and what the
+    command line sums), titled as such, and with a height their index; without it neither."""
+    from EPDSegmentationLib.core.indices import protocol_measures
+
+    scene, ct, labels, probs = case
+    plain = table_rows(segment_volume(scene, ct, predictor(probs), slices=[1, 3]).table)
+    assert "protocol_area_cm2" not in plain[0]
+    out = segment_volume(scene, ct, predictor(probs), slices=[1, 3], protocol=True,
+                         height_m=1.6, chunk_slices=1)
+    rows = table_rows(out.table)
+    hu = slicer.util.arrayFromVolume(ct).astype(np.float64)
+    for label, ks in (("1", [1]), ("3", [3]), ("all", [1, 3])):
+        want = protocol_measures(probs[:, ks], hu[ks], SPACING)
+        got = {r["tissue"]: r for r in rows if r["slice"] == label}
+        for key in ("MUS", "IMAT", "SAT", "VAT"):
+            assert got[key]["protocol_area_cm2"] == pytest.approx(
+                want[f"protocol_area_cm2_{key}"], rel=1e-5)
+            assert got[key]["protocol_hu_mean"] == pytest.approx(
+                want[f"protocol_hu_mean_{key}"], rel=1e-5, abs=1e-4, nan_ok=True)
+            assert got[key]["protocol_index_cm2_m2"] == pytest.approx(
+                got[key]["protocol_area_cm2"] / 1.6 ** 2)
+        assert np.isnan(got["MSC"]["protocol_area_cm2"])
+        # the HU window takes out what the network calls muscle at fat HU: never more
+        assert got["MUS"]["protocol_area_cm2"] <= got["MUS"]["area_cm2"] + got["IMAT"]["area_cm2"]
+    assert out.table.GetColumnTitle("protocol_area_cm2") == "Protocol area (cm2)"
+    assert "Alberta" in out.table.GetColumnDescription("protocol_area_cm2")
+
+
 def test_fractional_output_decodes_to_the_probabilities(case):
     scene, ct, _, probs = case
     out = segment_volume(scene, ct, predictor(probs), slices=[0, 2], soft_segmentation=True,

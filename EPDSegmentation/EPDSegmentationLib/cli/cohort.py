@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.atomic import atomic_file
 from ..core.bodycomp import csv_cell
-from ..core.cohort import COHORT_COLUMNS
-from ..core.indices import INDEX_KEYS, HeightError, dicom_height_m, height_m, indices
+from ..core.cohort import COHORT_COLUMNS, row_indices
+from ..core.indices import HeightError, dicom_height_m, height_m
 from ..core.levels import LevelError, find_levels, level_slices
 from ..io import read_volume
 from ..io.level_picture import write_level_png
@@ -229,12 +228,7 @@ def run_case(case, out_dir: Path, model, card: Dict, *, level: Optional[str] = N
         row.update(status="warning", message=f"{exc}; indices not computed")
     row.update(height_m=metres, height_source=source)
     if metres:
-        row.update(indices({k: float(row.get(f"area_cm2_{k}", math.nan)) for k in INDEX_KEYS},
-                           metres))
-        if protocol:
-            prot = indices({k: float(row.get(f"protocol_area_cm2_{k}", math.nan))
-                            for k in INDEX_KEYS}, metres)
-            row.update({f"protocol_{k}": v for k, v in prot.items()})
+        row.update(row_indices(row, metres, protocol=protocol))
     return result, row
 
 

@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                              "default: a manifest column height, else DICOM PatientSize")
     cohort.add_argument("--protocol", action="store_true",
                         help="also the HU-protocol areas (-29..150 HU muscle, -190..-30 IMAT "
-                             "within the network's muscle; SAT/VAT within their HU ranges)")
+                             "within the network's muscle; SAT/VAT within their HU ranges), "
+                             "in the table and in each case's _bodycomp.csv")
     cohort.add_argument("--shard", default=None, metavar="I/N",
                         help="run shard I (0..N-1) of N; default: the SLURM array variables "
                              "when set. Writes cohort.shard-I-of-N.csv; join with 'merge'")

@@ -11,7 +11,8 @@ Per case (``<case>`` = file or folder name) in the output folder:
     <case>_bodycomp.csv          per slice and for the range: area cm^2 (soft and hard),
                                  volume cm^3, mean and SD of HU per tissue (bodycomp.py);
                                  each slice's uncertainty and the slices to correct first
-                                 (bodycomp.SLICE_COLUMNS, core.stream)
+                                 (bodycomp.SLICE_COLUMNS, core.stream); with --protocol the
+                                 HU-protocol area and mean HU (bodycomp.PROTOCOL_COLUMNS)
     <case>_overlay.png           one slice with the overlay, a legend and the areas
     <case>_seg.dcm, <case>_prob_seg.dcm   DICOM SEG (binary, fractional), with --dicom-seg
     <case>_provenance.json       written last: the completion marker (files, SHA-256) and

@@ -14,6 +14,9 @@ What each number means (one row per slice and tissue, then one "all" row per tis
 - ``hu_mean`` / ``hu_sd``: mean and standard deviation of HU weighted by the tissue's
   probability (population SD). ``hard_hu_mean`` / ``hard_hu_sd``: the same over the argmax
   mask. NaN where the tissue is absent.
+- ``protocol_area_cm2`` / ``protocol_hu_mean`` (only when asked for: ``--protocol``, the
+  panel's "HU protocol" option): the HU-protocol area and its mean HU (core/indices.py),
+  beside the soft area, never in its place; empty for MSC.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .atomic import atomic_file
-from .classes import NUM_CLASSES, TISSUES
+from .classes import NUM_CLASSES, TISSUES, class_by_key
 
 #: (row key, column header, description) in table order; the CSV uses the row keys.
 COLUMNS: Tuple[Tuple[str, str, str], ...] = (
@@ -61,6 +64,23 @@ SLICE_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
                                        "apart: core.adapt.suggest_slices); empty otherwise"),
 )
 SLICE_COLUMN_KEYS = tuple(c[0] for c in SLICE_COLUMNS)
+#: Columns that follow in the CSV and the panel's table when the rows have them
+#: (with_protocol): the HU-protocol measures of core/indices.py for MUS, IMAT, SAT and VAT.
+def _hu(key: str) -> str:
+    lo, hi = class_by_key(key).hu_range
+    return f"{lo:g}..{hi:g} HU"
+
+
+PROTOCOL_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
+    ("protocol_area_cm2", "Protocol area (cm2)",
+     f"HU-protocol area (the Alberta protocol of Slice-O-Matic): within the network's muscle "
+     f"(MUS + IMAT probability) {_hu('MUS')} is MUS and {_hu('IMAT')} is IMAT; SAT within "
+     f"{_hu('SAT')} and VAT within {_hu('VAT')} of their own probability; in 'all' rows the "
+     f"mean per slice; empty for MSC"),
+    ("protocol_hu_mean", "Protocol mean HU", "mean HU over the protocol area, weighted as it "
+                                             "is"),
+)
+PROTOCOL_COLUMN_KEYS = tuple(c[0] for c in PROTOCOL_COLUMNS)
 #: Sums kept per slice and class, so long volumes can be measured chunk by chunk.
 SUM_KEYS = ("p", "p_hu", "p_hu2", "n", "n_hu", "n_hu2")
 #: Probabilities may overshoot 0..1 by this much (float rounding) before they are rejected.
@@ -292,6 +312,37 @@ def with_uncertainty(rows: Rows, slices: Sequence[int], scores: Sequence[float],
     return out
 
 
+def with_protocol(rows: Rows, slices: Sequence[int],
+                  protocol_sums: Sequence[Dict[str, np.ndarray]],
+                  spacing_mm: Sequence[float]) -> Rows:
+    """The rows with PROTOCOL_COLUMNS added. protocol_sums: indices.protocol_slice_sums of
+    consecutive slabs (tissue key -> float64 (n, 2): protocol pixels and pixels x HU per
+    slice), together one entry per index in ``slices``, in that order; spacing_mm: (I, J, K)
+    mm. Per slice the area is pixels x pixel area (cm^2); in "all" rows the mean per slice,
+    as area_cm2 is. Tissues without protocol sums (MSC) get NaN. New dicts."""
+    si, sj, _ = _check_spacing(spacing_mm)
+    keys = list(protocol_sums[0]) if protocol_sums else []
+    joined = {k: np.concatenate([np.asarray(part[k], np.float64).reshape(-1, 2)
+                                 for part in protocol_sums]) for k in keys}
+    if any(v.shape[0] != len(slices) for v in joined.values()):
+        raise ValueError(f"protocol sums hold {next(iter(joined.values())).shape[0]} slices "
+                         f"but {len(slices)} slice indices were given")
+    at = {int(k): s for s, k in enumerate(slices)}
+    pixel_cm2 = si * sj / 100.0
+    nan = float("nan")
+    out: Rows = []
+    for row in rows:
+        both = joined.get(str(row["tissue"]))
+        if both is None:
+            out.append({**row, "protocol_area_cm2": nan, "protocol_hu_mean": nan})
+            continue
+        part = both if row["slice"] == "all" else both[at[int(row["slice"])]][None]
+        mass, hu_mass = float(part[:, 0].sum()), float(part[:, 1].sum())
+        out.append({**row, "protocol_area_cm2": mass * pixel_cm2 / max(1, part.shape[0]),
+                    "protocol_hu_mean": hu_mass / mass if mass > 0 else nan})
+    return out
+
+
 def concatenate_sums(parts: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     """Join ``slice_sums`` of consecutive chunks along the slice axis."""
     if not parts:
@@ -325,10 +376,12 @@ def csv_cell(value) -> str:
 
 def measures_to_csv(rows: Rows, path: Union[str, os.PathLike], *,
                     overwrite: bool = False) -> Path:
-    """Write rows as CSV (header = COLUMN_KEYS, then SLICE_COLUMN_KEYS when the first row has
-    them; NaN and None as an empty cell), atomically: a temporary file in the same folder,
-    then os.replace. An existing file is kept unless overwrite."""
-    keys = COLUMN_KEYS + (SLICE_COLUMN_KEYS if rows and SLICE_COLUMN_KEYS[0] in rows[0] else ())
+    """Write rows as CSV (header = COLUMN_KEYS, then SLICE_COLUMN_KEYS and
+    PROTOCOL_COLUMN_KEYS when the first row has them; NaN and None as an empty cell),
+    atomically: a temporary file in the same folder, then os.replace. An existing file is
+    kept unless overwrite."""
+    keys = COLUMN_KEYS + (SLICE_COLUMN_KEYS if rows and SLICE_COLUMN_KEYS[0] in rows[0] else ()) \
+        + (PROTOCOL_COLUMN_KEYS if rows and PROTOCOL_COLUMN_KEYS[0] in rows[0] else ())
     for i, row in enumerate(rows):
         missing = [k for k in keys if k not in row]
         if missing:

@@ -23,12 +23,27 @@ COHORT_COLUMNS: Tuple[str, ...] = (
     + ("model", "model_version", "shard"))
 
 
+def row_indices(row: Dict[str, object], height_m: float, *,
+                protocol: bool = False) -> Dict[str, float]:
+    """SMI, IMATI, SATI, VATI (cm^2/m^2) from a cohort row's ``area_cm2_<KEY>`` and the
+    height (m); with protocol, also ``protocol_SMI`` and so on from its
+    ``protocol_area_cm2_<KEY>``. NaN where an area is missing."""
+    out = indices({k: float(row.get(f"area_cm2_{k}", math.nan)) for k in INDEX_KEYS},
+                  height_m)
+    if protocol:
+        out.update({f"protocol_{name}": value for name, value in indices(
+            {k: float(row.get(f"protocol_area_cm2_{k}", math.nan)) for k in INDEX_KEYS},
+            height_m).items()})
+    return out
+
+
 def level_row(case: str, measures: Sequence[Dict[str, object]], *, level: str,
               slices: Sequence[int], z_mm: float, height_m: Optional[float] = None,
               model: str = "", source: str = "", **facts) -> Dict[str, object]:
     """A cohort row from the body-composition rows of one case segmented at ``level``
     (bodycomp.tissue_measures: the "all" rows give the soft area, cm^2 per slice, and the
-    mean HU per tissue). height_m: metres or None (no indices); facts: more columns
+    mean HU per tissue; and, when they have them, the HU-protocol area and mean HU,
+    bodycomp.with_protocol). height_m: metres or None (no indices); facts: more columns
     (patient_id, study_uid, ...)."""
     totals = {str(r["tissue"]): r for r in measures if r["slice"] == "all"}
     row: Dict[str, object] = {"case": case, "status": "ok", "message": "", "source": source,
@@ -40,8 +55,11 @@ def level_row(case: str, measures: Sequence[Dict[str, object]], *, level: str,
         if r is not None:
             row[f"area_cm2_{c.key}"] = float(r["area_cm2"])
             row[f"hu_mean_{c.key}"] = float(r["hu_mean"])
+    protocol = [k for k in PROTOCOL_KEYS if "protocol_area_cm2" in totals.get(k, {})]
+    for k in protocol:
+        row[f"protocol_area_cm2_{k}"] = float(totals[k]["protocol_area_cm2"])
+        row[f"protocol_hu_mean_{k}"] = float(totals[k]["protocol_hu_mean"])
     if height_m:
-        row.update(indices({k: float(row.get(f"area_cm2_{k}", math.nan)) for k in INDEX_KEYS},
-                           height_m))
+        row.update(row_indices(row, height_m, protocol=bool(protocol)))
     row.update(facts)
     return row

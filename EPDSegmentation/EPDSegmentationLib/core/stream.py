@@ -32,7 +32,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .adapt import suggest_slices
-from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums, with_uncertainty
+from .bodycomp import (SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums,
+                       with_protocol, with_uncertainty)
 from .fractional import FRACTIONAL_MAX, FRACTIONAL_MIN, encode_fractional
 from .heap import start_stream, trim_heap
 from .inference import PROBABILITY_TOLERANCE, Cancelled, check_probability_range
@@ -78,8 +79,11 @@ class Accumulator:
     def rows(self, spacing_mm: Sequence[float], n_suggest: int = N_SUGGEST):
         """bodycomp rows (per slice and tissue, then "all") for every slice seen so far,
         with each slice's uncertainty and the n_suggest slices to correct first
-        (bodycomp.with_uncertainty; the rule of core.adapt.suggest_slices)."""
+        (bodycomp.with_uncertainty; the rule of core.adapt.suggest_slices) and, when every
+        slab was made with them, the HU-protocol measures (bodycomp.with_protocol)."""
         rows = measures_from_sums(concatenate_sums(self.sums), spacing_mm, self.slices)
+        if self.protocol and len(self.protocol) == len(self.sums):
+            rows = with_protocol(rows, self.slices, self.protocol, spacing_mm)
         if len(self.uncertainty) != len(self.sums) or any(u is None for u in self.uncertainty):
             return rows                                 # slabs made without it
         scores = np.concatenate(self.uncertainty) if self.uncertainty else np.zeros(0)

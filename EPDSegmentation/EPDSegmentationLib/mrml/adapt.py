@@ -27,8 +27,9 @@ from .nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, check_ct_volume, i
                     slice_pixel_mm, spacing_ijk, volume_array)
 from .segmentation import fill_tissue_segmentation, labels_from_segmentation
 from .tables import fill_measures_table, index_rows
-from ..core.bodycomp import concatenate_sums, measures_from_sums, slice_sums
+from ..core.bodycomp import concatenate_sums, measures_from_sums, slice_sums, with_protocol
 from ..core.classes import NUM_CLASSES
+from ..core.indices import protocol_slice_sums
 from ..core.inference import predict_volume
 
 ORIGINAL_ROLE = "original-result"
@@ -106,15 +107,16 @@ def corrected_slices(scene, seg_node, volume_node) -> Tuple[np.ndarray, List[int
 
 def measures_after(hu: np.ndarray, labels: np.ndarray, probabilities: Optional[np.ndarray],
                    predicted: Sequence[int], corrected: Sequence[int], m,
-                   height_m: Optional[float] = None):
+                   height_m: Optional[float] = None, protocol: bool = False):
     """The measures-table rows (bodycomp, as Apply makes them) of the segmentation after
     Improve: the ``predicted`` slices from the adapted model's probabilities (C, n, J, I),
     one plane per predicted slice (soft and hard areas, HU), the ``corrected`` slices from
     the user's labels (K, J, I) (soft = hard there: a correction is certain). hu: (K, J, I)
-    HU; m: IJK-to-RAS; with height_m (metres) the indices as well (tables.index_rows)."""
+    HU; m: IJK-to-RAS; with height_m (metres) the indices as well (tables.index_rows);
+    protocol: the HU-protocol measures too (bodycomp.with_protocol), as Apply's table has."""
     where = {int(k): i for i, k in enumerate(predicted)}
     slices = sorted(set(where) | {int(k) for k in corrected})
-    parts = []
+    parts, protocol_parts = [], []
     for k in slices:
         if k in where:
             p = probabilities[:, where[k]:where[k] + 1]
@@ -122,7 +124,11 @@ def measures_after(hu: np.ndarray, labels: np.ndarray, probabilities: Optional[n
             p = (labels[k][None, None] == np.arange(NUM_CLASSES).reshape(-1, 1, 1, 1))
             p = p.astype(np.float32)
         parts.append(slice_sums(p, hu[k:k + 1]))
+        if protocol:
+            protocol_parts.append(protocol_slice_sums(p, hu[k:k + 1]))
     rows = measures_from_sums(concatenate_sums(parts), spacing_ijk(m), slices)
+    if protocol:
+        rows = with_protocol(rows, slices, protocol_parts, spacing_ijk(m))
     return index_rows(rows, height_m) if height_m else rows
 
 
@@ -134,6 +140,7 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
                              resegment_slices: Optional[Sequence[int]] = None,
                              overwrite: bool = False,
                              table_node=None, height_m: Optional[float] = None,
+                             protocol: bool = False,
                              progress: Optional[Callable[[int, int, str], None]] = None,
                              should_cancel: Optional[Callable[[], bool]] = None) -> AdaptOutcome:
     """Adapt ``model`` to the slices the user corrected in ``seg_node`` (``slices``, default
@@ -142,7 +149,8 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
     kept as the user left them); the result becomes the new original. resegment_slices:
     the slices to segment again (default every slice not corrected; corrected ones are
     skipped). table_node: the run's measures table, filled again (as Apply fills it, with the
-    indices for height_m in metres) for the re-segmented and the corrected slices.
+    indices for height_m in metres and, with protocol, the HU-protocol measures) for the
+    re-segmented and the corrected slices.
 
     progress(done, total, message); should_cancel() raises inference.Cancelled before
     anything is written or changed. Bad input: InputProblem / AdaptError, nothing changed."""
@@ -182,7 +190,8 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
             probabilities = pred.probabilities
             labels = labels.copy()
             labels[others] = probabilities.argmax(axis=0).astype(np.uint8)
-        rows = measures_after(hu, labels, probabilities, others, case.slices, m, height_m)
+        rows = measures_after(hu, labels, probabilities, others, case.slices, m, height_m,
+                              protocol)
         fill_tissue_segmentation(seg_node, labels, m, reference_volume=volume_node)
         snapshot_result(scene, seg_node, volume_node)
         if table_node is not None:

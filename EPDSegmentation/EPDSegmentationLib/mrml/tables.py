@@ -43,12 +43,17 @@ INDEX_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (
     ("index_cm2_m2", "Index value", "cm2/m2", "soft area (cm2) / height (m) squared; in "
                                               "'all' rows from the mean area per slice"),
 )
+#: Added after INDEX_COLUMNS when the rows have the HU-protocol measures too.
+PROTOCOL_INDEX_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (
+    ("protocol_index_cm2_m2", "Protocol index value", "cm2/m2",
+     "protocol area (cm2) / height (m) squared: the index published cut-offs were set on"),
+)
 
 Rows = List[Dict[str, object]]
 
 
-def _measure_columns():
-    for key, header, description in bodycomp.COLUMNS:
+def _measure_columns(columns):
+    for key, header, description in columns:
         unit = ""
         if header.endswith("(cm2)"):
             unit = "cm2"
@@ -60,7 +65,11 @@ def _measure_columns():
         yield key, title, unit, description
 
 
-MEASURE_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = tuple(_measure_columns())
+MEASURE_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = tuple(
+    _measure_columns(bodycomp.COLUMNS))
+#: Added after MEASURE_COLUMNS when the rows have them (bodycomp.with_protocol).
+PROTOCOL_MEASURE_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = tuple(
+    _measure_columns(bodycomp.PROTOCOL_COLUMNS))
 
 
 def fill_table(table_node, rows: Rows, columns: Sequence[Tuple[str, str, str, str]]) -> None:
@@ -95,24 +104,35 @@ def fill_table(table_node, rows: Rows, columns: Sequence[Tuple[str, str, str, st
 
 def index_rows(rows: Rows, height_m: float) -> Rows:
     """Copies of the measure rows with ``index`` (SMI, IMATI, SATI, VATI; "" for MSC) and
-    ``index_cm2_m2`` = area_cm2 / height_m^2 (NaN for MSC). height_m: metres, already
-    checked (core.indices.height_m)."""
+    ``index_cm2_m2`` = area_cm2 / height_m^2 (NaN for MSC), and for rows with the protocol
+    area ``protocol_index_cm2_m2`` from it the same way. height_m: metres, already checked
+    (core.indices.height_m)."""
     out = []
     for row in rows:
         key = str(row["tissue"])
-        value = indices({key: float(row["area_cm2"])}, height_m).get(INDEX_KEYS.get(key, ""),
-                                                                     float("nan"))
-        out.append(dict(row, index=INDEX_KEYS.get(key, ""), index_cm2_m2=value))
+        name = INDEX_KEYS.get(key, "")
+
+        def index(area) -> float:
+            return indices({key: float(area)}, height_m).get(name, float("nan"))
+
+        extra = {"index": name, "index_cm2_m2": index(row["area_cm2"])}
+        if "protocol_area_cm2" in row:
+            extra["protocol_index_cm2_m2"] = index(row["protocol_area_cm2"])
+        out.append(dict(row, **extra))
     return out
 
 
 def fill_measures_table(table_node, rows: Rows, height_m: Optional[float] = None) -> None:
     """The body-composition rows of bodycomp.tissue_measures, one row per slice and tissue
-    and the "all" rows; with the height (m) also the indices (INDEX_COLUMNS)."""
+    and the "all" rows, with the HU-protocol columns when the rows have them
+    (bodycomp.with_protocol); with the height (m) also the indices (INDEX_COLUMNS, and
+    PROTOCOL_INDEX_COLUMNS with the protocol)."""
+    protocol = bool(rows) and "protocol_area_cm2" in rows[0]
+    columns = MEASURE_COLUMNS + (PROTOCOL_MEASURE_COLUMNS if protocol else ())
     if height_m:
-        fill_table(table_node, index_rows(rows, height_m), MEASURE_COLUMNS + INDEX_COLUMNS)
-    else:
-        fill_table(table_node, rows, MEASURE_COLUMNS)
+        columns += INDEX_COLUMNS + (PROTOCOL_INDEX_COLUMNS if protocol else ())
+        rows = index_rows(rows, height_m)
+    fill_table(table_node, rows, columns)
 
 
 def area_rows(original: np.ndarray, nearest: np.ndarray, epd: np.ndarray) -> Rows:

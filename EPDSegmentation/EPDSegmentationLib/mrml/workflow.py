@@ -143,7 +143,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
                    progress: Optional[Progress] = None,
                    should_cancel: Optional[Callable[[], bool]] = None,
                    model_card: Optional[Mapping[str, Any]] = None,
-                   height_m: Optional[float] = None) -> SegmentationResult:
+                   height_m: Optional[float] = None,
+                   protocol: bool = False) -> SegmentationResult:
     """Segment a CT volume node into the tissue classes and measure them.
 
     slices: indices K (default all); segmentation_node / table_node: nodes the user picked
@@ -158,7 +159,9 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     not processed are empty (probability 0). model_card: the model's card (or
     mrml.dicom.model_summary of it), kept on the segmentation for DICOM SEG export.
     height_m: the patient's height in metres (checked by core.indices.height_m): the table
-    also gets SMI, IMATI, SATI, VATI (cm2/m2).
+    also gets SMI, IMATI, SATI, VATI (cm2/m2). protocol: the table also gets the HU-protocol
+    area and mean HU of each tissue (bodycomp.PROTOCOL_COLUMNS, summed from the same slabs
+    as ``epdseg segment --protocol``), and with height_m their indices.
     """
     check_ct_volume(volume_node)
     _check_output(segmentation_node, replace_existing, "output segmentation")
@@ -196,7 +199,8 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     try:
         for part in stream.stream_slabs(
                 hu, slices, predict, slab_slices=chunk_slices, codes=soft_segmentation,
-                probabilities=soft_volumes, accumulator=acc, should_cancel=should_cancel,
+                probabilities=soft_volumes, protocol=protocol, accumulator=acc,
+                should_cancel=should_cancel,
                 progress=lambda d, t: report(d, f"segmenting: {d} of {t} slices")):
             rel = [k - k0 for k in part.slices]
             labels[rel] = part.labels
