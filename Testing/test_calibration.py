@@ -159,11 +159,19 @@ def test_several_shrink_strengths_are_chosen_on_other_subjects(tiny_model_path, 
             "--phantom-slices", "1", "--shrink", "0", "0.2", "--quiet"]
     assert main(argv) == 0
     fit = load_model(tmp_path / "cal" / "model.safetensors")[1]["calibration"]["fit"]["4.0"]
-    sel = fit["shrink_selection"]
-    errors = {float(k): v for k, v in sel["tissue_abs_error_cm2"].items()}
-    assert sel["select_seed"] == 13 and set(errors) == {0.0, 0.2}
-    assert fit["shrink"] == min(errors, key=errors.get)
+    sel = fit["selection"]
+    errors = sel["tissue_abs_error_cm2"]
+    assert sel["select_seed"] == 13 and set(errors) == {"bound 2 shrink 0", "bound 2 shrink 0.2"}
+    assert f"bound 2 shrink {fit['shrink']:g}" == min(errors, key=errors.get)
     assert main(argv[:-1] + ["--select-seed", "11", "--overwrite", "--quiet"]) == 2
+    # several bounds are chosen the same way, together with the strengths
+    argv = argv[:-1] + ["--bound", "1.5", "8", "--overwrite", "--quiet"]
+    assert main(argv) == 0
+    fit = load_model(tmp_path / "cal" / "model.safetensors")[1]["calibration"]["fit"]["4.0"]
+    errors = fit["selection"]["tissue_abs_error_cm2"]
+    assert len(errors) == 4 and f"bound {fit['bound']:g} shrink {fit['shrink']:g}" == \
+        min(errors, key=errors.get)
+    assert np.all(np.abs(np.log(list(fit["weights"].values()))) <= np.log(fit["bound"]) + 1e-9)
 
 
 def test_bound_limits_the_weights_and_is_recorded(tiny_model_path, tmp_path):

@@ -8,9 +8,10 @@ the subjects come as close to the exact ones as the weights' bound lets them
 (multiplicative updates, background's weight fixed at 1; core/calibration.py applies
 them). Only phantoms: no real scan is used. The default data
 seed, 11, is neither the training's (0) nor the held-out evaluation's (7). ``--shrink``
-pulls the weights towards 1 where the phantoms barely identify them; given several
-strengths, each pixel size keeps the one with the smallest area error on other phantom
-subjects (``--select-seed``, 13).
+pulls the weights towards 1 where the phantoms barely identify them; ``--bound`` caps how
+far a weight may move. Given several strengths or bounds, each pixel size keeps the pair
+with the smallest tissue area error on other phantom subjects (``--select-seed``, 13), so
+that neither is picked on a real scan.
 
 The output is a folder holding model.safetensors (the same weights) and model.json (the
 card with ``calibration``), as ``interpolate`` writes, so that ``training bundle --run``
@@ -36,8 +37,8 @@ STEP, ITERATIONS, TOLERANCE = 0.7, 1000, 1e-5
 #: blurred away at 3 mm): on step 8 the VAT weight passed 20 after 200 steps and 70 after
 #: 1,000, still moving (docs/model.md); a prior shift that large overrides the network
 BOUND = 2.0
-#: --select-seed: the phantom subjects that choose among several --shrink strengths (neither
-#: the fit's 11, training's 0 nor evaluation's 7)
+#: --select-seed: the phantom subjects that choose among several --shrink strengths or
+#: --bound values (neither the fit's 11, training's 0 nor evaluation's 7)
 SELECT_SEED = 13
 
 
@@ -63,12 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "so that a weight the phantoms barely identify stays near 1 (0: none, "
                         "the default); several values: the one whose weights give the "
                         "smallest area error on the --select-seed subjects, per pixel size")
-    p.add_argument("--bound", type=float, default=BOUND, metavar="B",
+    p.add_argument("--bound", type=float, nargs="+", default=[BOUND], metavar="B",
                    help=f"each class's weight stays within 1/B .. B of the background's "
-                        f"(default {BOUND:g}; B > 1)")
+                        f"(default {BOUND:g}; B > 1); several values: chosen as --shrink's "
+                        f"are, together with them")
     p.add_argument("--select-seed", type=int, default=SELECT_SEED,
-                   help=f"phantom subject seed that chooses among --shrink values (default "
-                        f"{SELECT_SEED})")
+                   help=f"phantom subject seed that chooses among several --shrink or --bound "
+                        f"values (default {SELECT_SEED})")
     p.add_argument("--device", default="cpu", choices=("auto", "cuda", "mps", "cpu"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -146,6 +148,10 @@ def calibrated_areas(probs: Sequence[Tuple[np.ndarray, float]], w: np.ndarray) -
     return sum(apply_weights(p, w).sum((0, 2, 3), dtype=np.float64) * cell for p, cell in probs)
 
 
+def _choice(bound: float, shrink: float) -> str:
+    return f"bound {bound:g} shrink {shrink:g}"
+
+
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.calibration import KEY
     from EPDSegmentationLib.core.inference import select_device
@@ -158,15 +164,19 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         raise ValueError(f"--pixel-mm must be positive, ascending and distinct; got {pixels}")
     if args.phantom_subjects < 1 or args.phantom_slices < 1:
         raise ValueError("--phantom-subjects and --phantom-slices must be >= 1")
-    if not args.bound > 1.0:
-        raise ValueError(f"--bound must be > 1; got {args.bound}")
+    bounds = [float(v) for v in
+              (args.bound if isinstance(args.bound, (list, tuple)) else [args.bound])]
+    for v in bounds:
+        if not v > 1.0:
+            raise ValueError(f"--bound must be > 1; got {v:g}")
     shrinks = [float(v) for v in args.shrink]
     for v in shrinks:
         if not 0.0 <= v < 1.0:
             raise ValueError(f"--shrink is a share in [0, 1); got {v}")
-    if len(shrinks) > 1 and args.select_seed == args.data_seed:
-        raise ValueError("--select-seed must differ from --data-seed: the strength is chosen "
-                         "on subjects the fit has not seen")
+    choices = [(b, s) for b in bounds for s in shrinks]
+    if len(choices) > 1 and args.select_seed == args.data_seed:
+        raise ValueError("--select-seed must differ from --data-seed: the strength or bound "
+                         "is chosen on subjects the fit has not seen")
     out = Path(args.output) / "model"
     if out.with_suffix(".safetensors").exists() and not args.overwrite:
         raise FileExistsError(f"{out}.safetensors exists; pass --overwrite to replace it")
@@ -179,29 +189,30 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                     fov_mm=args.fov_mm, slice_gap_mm=args.slice_gap_mm, device=device,
                     mirror=args.mirror, progress=not args.quiet, flank_sat=args.flank_sat)
         probs, true = network_areas(model, card, seeds, **draw)
-        fits = {s: fit_weights(probs, true, bound=args.bound, shrink=s) for s in shrinks}
+        fits = {c: fit_weights(probs, true, bound=c[0], shrink=c[1]) for c in choices}
         entry: Dict[str, object] = {}
-        if len(shrinks) > 1:
+        if len(choices) > 1:
             held = subject_seeds(args.select_seed, args.phantom_subjects)
             hp, ht = network_areas(model, card, held, **draw)
             # the tissue classes' summed absolute area error on subjects the fit did not see
-            err = {s: float(np.abs(calibrated_areas(hp, w) - ht)[1:].sum())
-                   / (len(held) * args.phantom_slices) for s, w in fits.items()}
-            shrink = min(shrinks, key=lambda s: err[s])
-            entry["shrink_selection"] = {"select_seed": args.select_seed, "subjects": len(held),
-                                         "tissue_abs_error_cm2": {str(s): e
-                                                                  for s, e in err.items()}}
-            print(f"{px} mm: held-out tissue area error, cm2 a slice, by shrink: "
-                  + ", ".join(f"{s:g} {e:.2f}" for s, e in err.items()) + f" -> {shrink:g}")
+            err = {c: float(np.abs(calibrated_areas(hp, w) - ht)[1:].sum())
+                   / (len(held) * args.phantom_slices) for c, w in fits.items()}
+            bound, shrink = min(choices, key=lambda c: err[c])
+            entry["selection"] = {"select_seed": args.select_seed, "subjects": len(held),
+                                  "tissue_abs_error_cm2": {_choice(*c): e
+                                                           for c, e in err.items()}}
+            print(f"{px} mm: held-out tissue area error, cm2 a slice: "
+                  + ", ".join(f"{_choice(*c)} {e:.2f}" for c, e in err.items())
+                  + f" -> {_choice(bound, shrink)}")
         else:
-            shrink = shrinks[0]
-        w = fits[shrink]
+            bound, shrink = choices[0]
+        w = fits[(bound, shrink)]
         rows.append([float(v) for v in w])
         n = len(seeds) * args.phantom_slices
         before = (calibrated_areas(probs, np.ones(NUM_CLASSES)) - true) / n
         after = (calibrated_areas(probs, w) - true) / n
         report[str(px)] = {"weights": dict(zip(KEYS, rows[-1])), "shrink": shrink,
-                           "bound": float(args.bound),
+                           "bound": bound,
                            "area_error_cm2_before": dict(zip(KEYS, before.tolist())),
                            "area_error_cm2_after": dict(zip(KEYS, after.tolist())), **entry}
         print(f"{px} mm: weights " + " ".join(f"{k} {v:.3f}" for k, v in zip(KEYS, w))
