@@ -1031,7 +1031,8 @@ class EPDSegmentationLogic(ScriptedLoadableModuleLogic):
         return export_results(folder, segmentation=segmentationNode,
                               soft_segmentation=nodes["soft_segmentation"],
                               probability_volumes=nodes["probability_volumes"],
-                              table=nodes["table"], overwrite=overwrite, dicom_source=source)
+                              table=nodes["table"], overwrite=overwrite, dicom_source=source,
+                              protocol_segmentation=nodes["protocol_segmentation"])
 
 
 #

@@ -237,6 +237,19 @@ def test_protocol_rows_per_slice_and_all_from_slab_sums(tmp_path):
                                SPACING)
 
 
+def test_protocol_labels_split_the_network_labels_by_hu():
+    """Muscle or IMAT by HU within what the network calls either, SAT and VAT within their
+    own ranges, MSC kept, the rest 0 (not counted), at the ranges' edges included."""
+    from EPDSegmentationLib.core.indices import protocol_labels
+
+    labels = np.array([[1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 0, 1]], np.uint8)
+    hu = np.array([[-29, 150, -30, 40, -190, -190, -29, -150, -49, 900, -100, 151]], np.int16)
+    np.testing.assert_array_equal(protocol_labels(labels, hu),
+                                  [[1, 1, 2, 1, 2, 3, 0, 4, 0, 5, 0, 0]])
+    with pytest.raises(ValueError, match="does not match"):
+        protocol_labels(labels, hu[:, :3])
+
+
 def test_summary_line():
     p = np.zeros((NUM_CLASSES, 1, 10, 10), np.float32)
     p[3] = 1

@@ -275,6 +275,16 @@ def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp
                 result.protocol[f"protocol_area_cm2_{r['tissue']}"], rel=1e-5, abs=1e-6)
         if r["tissue"] == "MSC":
             assert r["protocol_area_cm2"] == ""
+    # and the protocol's labels: the hard labels split by HU, the other slices empty
+    from EPDSegmentationLib.core.indices import protocol_labels
+    from EPDSegmentationLib.io.seg_nrrd import read_seg_nrrd
+
+    hard = read_seg_nrrd(tmp_path / "out" / "full.seg.nrrd").array
+    prot = read_seg_nrrd(tmp_path / "out" / "full_protocol.seg.nrrd").array
+    want = np.zeros_like(hard)
+    want[k_idx] = protocol_labels(hard[k_idx], vol.array[k_idx])
+    np.testing.assert_array_equal(prot, want)
+    assert (prot[k_idx] != hard[k_idx]).any() and (prot[k_idx] == 1).any()
 
 
 def test_cohort_writes_the_outputs_asked_for(tmp_path, tiny_model_path, capsys):

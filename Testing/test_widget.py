@@ -776,11 +776,15 @@ def test_protocol_areas_beside_the_soft_areas_when_ticked(tiny):
         assert np.isnan(got[(sl, "MSC")]["protocol_area_cm2"])
     assert f"HU protocol: MUS {got[('all', 'MUS')]['protocol_area_cm2']:.1f}" in \
         ui.statusLabel.text, ui.statusLabel.text
+    protocol_seg = result_nodes(h.scene, p.resultSegmentation)["protocol_segmentation"]
+    assert protocol_seg.GetName().startswith(f"{ct.GetName()} HU protocol")
+    assert not protocol_seg.GetDisplayNode().GetVisibility()     # hidden, as soft outputs
     p.protocol = False                                    # parameter node -> widget
     assert ui.protocolCheckBox.checked is False
     _apply_range(h, 3, 3)
     assert "protocol_area_cm2" not in rows()[("3", "MUS")]
     assert "HU protocol" not in ui.statusLabel.text
+    assert result_nodes(h.scene, p.resultSegmentation)["protocol_segmentation"] is None
 
 
 def test_go_to_l3_segments_the_level_and_fills_the_cohort_table(tiny):

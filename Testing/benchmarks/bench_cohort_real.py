@@ -5,7 +5,9 @@
    label, i.e. the vertebral body), on the CT as it is and resampled (thin slices, finer
    pixels), and the refusal of ct_t11_l2 (T11 to upper L2);
 2. network soft areas against HU-protocol areas (core/indices.py), each against the
-   TotalSegmentator tissue masks of ct_t11_l2 (bundled model, CPU, about 30 s).
+   TotalSegmentator tissue masks of ct_t11_l2 (bundled model, CPU, about 30 s), and the
+   Dice of the network's hard labels and of the protocol's (core.indices.protocol_labels)
+   with the same masks.
 
     PYTHONPATH=EPDSegmentation:. .venv/bin/python Testing/benchmarks/bench_cohort_real.py
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from EPDSegmentationLib.core.indices import protocol_masks
+from EPDSegmentationLib.core.indices import protocol_labels, protocol_masks
 from EPDSegmentationLib.core.levels import LevelError, find_levels
 from EPDSegmentationLib.io import read_volume
 from EPDSegmentationLib.io.images import read_itk
@@ -82,6 +84,19 @@ def soft_or_protocol(data: Path) -> None:
         es, eq = (np.mean(np.abs(x[ok] - r[ok]) / r[ok]) * 100 for x in (s, q))
         print(f"{k:6} {r.mean():8.1f} {s.mean():9.1f} {q.mean():13.1f} | {es:5.1f} % "
               f"{eq:5.1f} %")
+    # the hard outputs: the network's labels (<case>.seg.nrrd) against the protocol's
+    # (<case>_protocol.seg.nrrd, core.indices.protocol_labels), Dice with each mask
+    labels = p.argmax(axis=0)
+    plab = protocol_labels(labels, v.array)
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float:
+        return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+    print("Dice with the mask: network labels, protocol labels")
+    for name, classes, key in (("MUS+IMAT", (1, 2), "MUS"), ("MUS only", (1,), "MUS"),
+                               ("SAT", (3,), "SAT"), ("VAT", (4,), "VAT")):
+        print(f"{name:8} {dice(np.isin(labels, classes), ref[key]):.3f} "
+              f"{dice(np.isin(plab, classes), ref[key]):.3f}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,32 @@ def test_improve_from_corrected_slices(mrml, tiny_model, tmp_path):
         corrected_slices(mrml.scene, seg, ct)
 
 
+def test_improve_refills_the_protocol_segmentation_and_table(mrml, tiny_model, tmp_path):
+    """A run made with the HU protocol: after Improve its protocol segmentation is the
+    protocol's labels of the new result (corrections included) and its table keeps the
+    protocol columns."""
+    from EPDSegmentationLib.core.indices import protocol_labels
+    from EPDSegmentationLib.mrml.tables import table_rows
+
+    model, card = tiny_model
+    truth = label_stack(3, 48)
+    ct = add_ct(mrml.scene, truth)
+    predict = model_predictor(model, card, volume_array(ct), slice_pixel_mm(ijk_to_ras(ct)),
+                              device="cpu")
+    out = segment_volume(mrml.scene, ct, predict, protocol=True)
+    snapshot_result(mrml.scene, out.segmentation, ct)
+    _correct(out.segmentation, ct, truth, [1])
+    improve_from_corrections(mrml.scene, ct, out.segmentation, model, card, "tiny",
+                             tmp_path / "site", settings=AdaptSettings(steps=2, batch_size=2),
+                             table_node=out.table, protocol=True)
+    m = ijk_to_ras(ct)
+    labels, _ = labels_from_segmentation(out.segmentation, (m, truth.shape))
+    np.testing.assert_array_equal(labels[1], truth[1])
+    got, _ = labels_from_segmentation(out.protocol_segmentation, (m, truth.shape))
+    np.testing.assert_array_equal(got, protocol_labels(labels, volume_array(ct)))
+    assert all("protocol_area_cm2" in r for r in table_rows(out.table))
+
+
 def test_no_correction_or_cancel_changes_nothing(mrml, tiny_model, tmp_path):
     model, card = tiny_model
     ct, seg, truth = _segmented(mrml, tiny_model, 3)

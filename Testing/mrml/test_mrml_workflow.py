@@ -97,7 +97,7 @@ def test_soft_areas_keep_thin_tissue_that_hard_areas_lose(case):
     assert abs(imat["area_cm2"] - true_imat) < abs(imat["hard_area_cm2"] - true_imat)
 
 
-def test_protocol_areas_sit_beside_the_soft_areas_when_asked_for(case):
+def test_protocol_areas_sit_beside_the_soft_areas_when_asked_for(case, tmp_path):
     """protocol=True: the table gets the HU-protocol area and mean HU per slice and tissue
     (what indices.protocol_measures gives on the same probabilities and HU, and what the
     command line sums), titled as such, and with a height their index; without it neither."""
@@ -125,6 +125,27 @@ def test_protocol_areas_sit_beside_the_soft_areas_when_asked_for(case):
         assert got["MUS"]["protocol_area_cm2"] <= got["MUS"]["area_cm2"] + got["IMAT"]["area_cm2"]
     assert out.table.GetColumnTitle("protocol_area_cm2") == "Protocol area (cm2)"
     assert "Alberta" in out.table.GetColumnDescription("protocol_area_cm2")
+    # and what the protocol counted, as a segmentation beside the run's: its labels split by
+    # HU, the slices not segmented empty; found as the run's companion and exported
+    from EPDSegmentationLib.core.indices import protocol_labels
+
+    got, _ = labels_from_segmentation(out.protocol_segmentation)
+    tissues, _ = labels_from_segmentation(out.segmentation)
+    want = np.zeros_like(tissues)
+    want[[1, 3]] = protocol_labels(tissues[[1, 3]], hu[[1, 3]])
+    np.testing.assert_array_equal(got, want)
+    assert (got[[1, 3]] != tissues[[1, 3]]).any()
+    assert result_nodes(scene, out.segmentation)["protocol_segmentation"] is \
+        out.protocol_segmentation
+    assert result_nodes(scene, out.segmentation)["soft_segmentation"] is None
+    assert segment_volume(scene, ct, predictor(probs), slices=[1]).protocol_segmentation is None
+    paths = export_results(tmp_path, segmentation=out.segmentation, table=out.table,
+                           protocol_segmentation=out.protocol_segmentation, base="run")
+    assert sorted(p.name for p in paths) == ["run.seg.nrrd", "run_bodycomp.csv",
+                                             "run_protocol.seg.nrrd"]
+    np.testing.assert_array_equal(read_seg_nrrd(tmp_path / "run_protocol.seg.nrrd").array, want)
+    with open(tmp_path / "run_bodycomp.csv", newline="") as f:
+        assert "protocol_area_cm2" in next(csv.reader(f))
 
 
 def test_fractional_output_decodes_to_the_probabilities(case):

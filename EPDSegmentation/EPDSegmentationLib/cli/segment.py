@@ -8,6 +8,9 @@ Per case (``<case>`` = file or folder name) in the output folder:
     <case>_probabilities.nrrd    with --probabilities: the probabilities as one
                                  6-component float32 volume (4 x the soft file's size
                                  before compression; see docs/benchmarks.md)
+    <case>_protocol.seg.nrrd     with --protocol: the HU protocol's labels (MUS/IMAT by HU
+                                 within the network's muscle, SAT/VAT within their HU
+                                 ranges, 0 where a pixel's HU is outside its tissue's)
     <case>_bodycomp.csv          per slice and for the range: area cm^2 (soft and hard),
                                  volume cm^3, mean and SD of HU per tissue (bodycomp.py);
                                  each slice's uncertainty and the slices to correct first
@@ -49,7 +52,7 @@ import numpy as np
 
 from .. import __version__
 from ..core import bodycomp, inference, stream
-from ..core.indices import protocol_from_sums
+from ..core.indices import protocol_from_sums, protocol_labels
 from ..core.atomic import extension
 from ..core.classes import NUM_CLASSES, TISSUES
 from ..core.errors import EPDError, InputError
@@ -346,9 +349,11 @@ def _failure(case: Case, exc: BaseException, seconds: float) -> CaseResult:
                           traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
-def output_roles(*, dicom_seg: bool, probabilities: bool = False) -> List[str]:
+def output_roles(*, dicom_seg: bool, probabilities: bool = False,
+                 protocol: bool = False) -> List[str]:
     """The outputs (outputs.SUFFIXES keys) of one case, without the completion marker."""
     roles = ["segmentation", "soft_segmentation"]
+    roles += ["protocol_segmentation"] if protocol else []
     roles += ["probabilities"] if probabilities else []
     roles += ["table", "overlay"]
     return roles + (["dicom_seg", "dicom_fractional_seg"] if dicom_seg else [])
@@ -357,7 +362,7 @@ def output_roles(*, dicom_seg: bool, probabilities: bool = False) -> List[str]:
 #: Every output a case can have, whatever was asked this time: what a re-run looks for
 #: before it writes, and what --overwrite replaces (no stale file of an earlier setting).
 #: every output a case can have: what an earlier run left is looked for and replaced by these
-ALL_ROLES = output_roles(dicom_seg=True, probabilities=True) + ["levels"]
+ALL_ROLES = output_roles(dicom_seg=True, probabilities=True, protocol=True) + ["levels"]
 
 
 def output_paths(out_dir: Path, name: str, *, dicom_seg: bool,
@@ -396,7 +401,8 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     (the cohort finds its level on it first), used instead of opening the file. With
     ``dicom_seg`` the labels and the selected slices' probabilities are held for
     highdicom, which takes whole arrays. ``protocol``: the HU-protocol areas and mean HU
-    too (core.indices), summed from the same slabs, in the result's ``protocol``.
+    too (core.indices), summed from the same slabs, in the result's ``protocol`` and the
+    table, and the protocol's labels as <case>_protocol.seg.nrrd.
     ``mirror``: mirror averaging (inference.forward), recorded in the provenance's model.
     ``extra_outputs(path_of)``: writes the caller's own outputs of this case (the cohort's
     levels picture) at ``path_of(role)``, staged and committed with the others.
@@ -411,7 +417,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
     t0 = time.perf_counter()
     if case.problem:
         return CaseResult(case, False, case.problem)
-    roles = output_roles(dicom_seg=dicom_seg, probabilities=probabilities)
+    roles = output_roles(dicom_seg=dicom_seg, probabilities=probabilities, protocol=protocol)
     vol = None
     try:     # the case's lock and staging folder; nothing else is touched
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -455,6 +461,9 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
             soft = files.enter_context(seg_nrrd_slices(
                 paths["soft_segmentation"], vol.ijk_to_ras, grid, fractional=True,
                 provenance=header))
+            prot = files.enter_context(seg_nrrd_slices(
+                paths["protocol_segmentation"], vol.ijk_to_ras, grid, provenance=header)) \
+                if protocol else None
             prob = files.enter_context(probabilities_slices(
                 paths["probabilities"], vol.ijk_to_ras, grid, NUM_CLASSES)) \
                 if probabilities else None
@@ -469,6 +478,10 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                     soft.fill(gap, FRACTIONAL_MIN)
                     # the slab's own arrays, never changed after: compressed in place
                     hard.write(slab.labels[s:s + 1], frozen=True)
+                    if prot is not None:
+                        prot.fill(gap, 0)
+                        prot.write(protocol_labels(slab.labels[s:s + 1], slab.hu[s:s + 1]),
+                                   frozen=True)
                     soft.write(np.moveaxis(slab.codes[:, s:s + 1], 0, -1), frozen=True)
                     if prob is not None:
                         prob.fill(gap, 0.0)
@@ -481,7 +494,7 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
                             f"{si:.2f} x {sj:.2f} mm pixels")
                 if held is not None:
                     held.add(slab)
-            for writer, value in ((hard, 0), (soft, FRACTIONAL_MIN), (prob, 0.0)):
+            for writer, value in ((hard, 0), (soft, FRACTIONAL_MIN), (prob, 0.0), (prot, 0)):
                 if writer is not None:
                     writer.fill(grid[0] - next_k, value)
             _input_problem_first(vol, case.path)

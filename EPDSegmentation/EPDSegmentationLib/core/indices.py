@@ -100,6 +100,33 @@ def protocol_masks(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, np.nd
             "SAT": p[3] * within("SAT"), "VAT": p[4] * within("VAT")}
 
 
+def protocol_labels(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """The HU protocol as a label map, uint8 of ``labels``' shape (class indices, the
+    network's argmax; hu: HU of the same shape): a pixel labelled MUS or IMAT becomes MUS
+    within MUS's HU range and IMAT within IMAT's; SAT and VAT keep their label within their
+    own range; MSC stays MSC; every other pixel, and one outside its range, is 0 (not
+    counted, as Slice-O-Matic leaves it untagged). The hard counterpart of protocol_masks:
+    its areas are pixel counts, the table's protocol areas probability-weighted."""
+    lab = np.asarray(labels)
+    h = np.asarray(hu)
+    if lab.shape != h.shape:
+        raise ValueError(f"hu {h.shape} does not match labels {lab.shape}")
+
+    def within(key: str) -> np.ndarray:
+        lo, hi = class_by_key(key).hu_range
+        return (h >= lo) & (h <= hi)
+
+    out = np.zeros(lab.shape, np.uint8)
+    muscle = (lab == class_by_key("MUS").index) | (lab == class_by_key("IMAT").index)
+    for key, where in (("MUS", muscle), ("IMAT", muscle),
+                       ("SAT", lab == class_by_key("SAT").index),
+                       ("VAT", lab == class_by_key("VAT").index)):
+        out[where & within(key)] = class_by_key(key).index
+    msc = class_by_key("MSC").index
+    out[lab == msc] = msc
+    return out
+
+
 def protocol_slice_sums(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, np.ndarray]:
     """Per tissue, float64 (n, 2): each slice's protocol weight (pixels) and weight x HU;
     what protocol_from_sums needs, so slabs can be measured as they stream past."""

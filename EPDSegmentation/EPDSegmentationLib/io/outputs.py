@@ -2,6 +2,7 @@
 
     <stem>.seg.nrrd                  hard labels (Slicer segmentation)
     <stem>_soft.seg.nrrd             probabilities as fractional-labelmap segments
+    <stem>_protocol.seg.nrrd         the HU protocol's labels (core.indices.protocol_labels)
     <stem>_probabilities.nrrd        probabilities as one 6-component volume (command line)
     <stem>_probability_<KEY>.nrrd    one probability volume per tissue (Slicer export)
     <stem>_bodycomp.csv              the body-composition table
@@ -22,6 +23,7 @@ from typing import Union
 SUFFIXES = {
     "segmentation": ".seg.nrrd",
     "soft_segmentation": "_soft.seg.nrrd",
+    "protocol_segmentation": "_protocol.seg.nrrd",
     "probabilities": "_probabilities.nrrd",
     "table": "_bodycomp.csv",
     "overlay": "_overlay.png",

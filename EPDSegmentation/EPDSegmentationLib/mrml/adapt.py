@@ -27,9 +27,10 @@ from .nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, check_ct_volume, i
                     slice_pixel_mm, spacing_ijk, volume_array)
 from .segmentation import fill_tissue_segmentation, labels_from_segmentation
 from .tables import fill_measures_table, index_rows
+from .workflow import result_nodes
 from ..core.bodycomp import concatenate_sums, measures_from_sums, slice_sums, with_protocol
 from ..core.classes import NUM_CLASSES
-from ..core.indices import protocol_slice_sums
+from ..core.indices import protocol_labels, protocol_slice_sums
 from ..core.inference import predict_volume
 
 ORIGINAL_ROLE = "original-result"
@@ -193,6 +194,10 @@ def improve_from_corrections(scene, volume_node, seg_node, model, card: Mapping[
         rows = measures_after(hu, labels, probabilities, others, case.slices, m, height_m,
                               protocol)
         fill_tissue_segmentation(seg_node, labels, m, reference_volume=volume_node)
+        protocol_node = result_nodes(scene, seg_node)["protocol_segmentation"]
+        if protocol_node is not None:       # the run's HU-protocol labels follow its labels
+            fill_tissue_segmentation(protocol_node, protocol_labels(labels, hu), m,
+                                     reference_volume=volume_node)
         snapshot_result(scene, seg_node, volume_node)
         if table_node is not None:
             fill_measures_table(table_node, rows, height_m)

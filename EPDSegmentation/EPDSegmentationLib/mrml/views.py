@@ -137,8 +137,9 @@ def show_results(scene, volume, result) -> None:
         comp.SetLabelVolumeID(None)
     if result.segmentation.GetDisplayNode() is not None:
         result.segmentation.GetDisplayNode().SetVisibility(True)
-    if result.soft_segmentation is not None and result.soft_segmentation.GetDisplayNode():
-        result.soft_segmentation.GetDisplayNode().SetVisibility(False)
+    for seg in (result.soft_segmentation, getattr(result, "protocol_segmentation", None)):
+        if seg is not None and seg.GetDisplayNode() is not None:
+            seg.GetDisplayNode().SetVisibility(False)
     for vol in result.probability_volumes:
         if vol.GetDisplayNode() is not None:
             vol.GetDisplayNode().SetVisibility(False)

@@ -27,6 +27,7 @@ import slicer
 
 from ..core import stream
 from ..core.classes import CLASSES, NUM_CLASSES, TISSUES
+from ..core.indices import protocol_labels
 from ..core.inference import Cancelled
 from .dicom import (check_dicom_seg_possible, dicom_seg_paths, record_model,
                          recorded_model, result_arrays, write_dicom_segs)
@@ -45,6 +46,8 @@ from ..core.resources import bundled_model_path
 CHUNK_SLICES = 16
 #: Attribute on a run's companion nodes (table, soft outputs): the ID of its segmentation.
 RESULT_OF = "EPDSegmentation.ResultOf"
+#: ROLE_ATTRIBUTE of the segmentation of the HU protocol's labels (segment_volume(protocol=))
+PROTOCOL_ROLE = "protocol-tissues"
 SLICE_MODES = ("all", "current", "range")
 
 Progress = Callable[[int, int, str], None]
@@ -63,6 +66,8 @@ class SegmentationResult:
     table: Any
     soft_segmentation: Any = None
     probability_volumes: List[Any] = field(default_factory=list)
+    #: with protocol=True: the HU protocol's labels (core.indices.protocol_labels)
+    protocol_segmentation: Any = None
     rows: List[Dict[str, object]] = field(default_factory=list)
     slices: List[int] = field(default_factory=list)
     device: str = ""
@@ -161,7 +166,9 @@ def segment_volume(scene, volume_node, predict: Predict, *,
     height_m: the patient's height in metres (checked by core.indices.height_m): the table
     also gets SMI, IMATI, SATI, VATI (cm2/m2). protocol: the table also gets the HU-protocol
     area and mean HU of each tissue (bodycomp.PROTOCOL_COLUMNS, summed from the same slabs
-    as ``epdseg segment --protocol``), and with height_m their indices.
+    as ``epdseg segment --protocol``), and with height_m their indices; and a segmentation
+    of the protocol's labels (core.indices.protocol_labels: what the protocol counts as each
+    tissue, by the hard labels), hidden at first like the soft outputs.
     """
     check_ct_volume(volume_node)
     _check_output(segmentation_node, replace_existing, "output segmentation")
@@ -246,6 +253,15 @@ def segment_volume(scene, volume_node, predict: Predict, *,
             soft_seg.SetAttribute(ROLE_ATTRIBUTE, "soft-tissues")
             place_beside(soft_seg, volume_node)
             result.soft_segmentation = soft_seg
+        if protocol:
+            report(total, "creating the outputs: HU-protocol segmentation")
+            prot_seg = scene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", unique_name(scene, f"{name} HU protocol"))
+            fill_tissue_segmentation(prot_seg, protocol_labels(labels, hu[k0:k1 + 1]), m,
+                                     k0=k0, reference_volume=volume_node)
+            prot_seg.SetAttribute(ROLE_ATTRIBUTE, PROTOCOL_ROLE)
+            place_beside(prot_seg, volume_node)
+            result.protocol_segmentation = prot_seg
         if soft_volumes:
             report(total, "creating the outputs: probability volumes")
             for c in TISSUES:
@@ -270,7 +286,8 @@ def _link_results(scene, result: SegmentationResult) -> None:
     """Tag the run's companions with the segmentation's ID (older companions of a reused
     segmentation lose the tag), so Export finds them, also after the scene is reloaded."""
     seg_id = result.segmentation.GetID()
-    current = [result.table, result.soft_segmentation] + list(result.probability_volumes)
+    current = [result.table, result.soft_segmentation, result.protocol_segmentation] \
+        + list(result.probability_volumes)
     keep = {n.GetID() for n in current if n is not None}
     nodes = scene.GetNodesByClass("vtkMRMLNode")
     for i in range(nodes.GetNumberOfItems()):
@@ -283,9 +300,10 @@ def _link_results(scene, result: SegmentationResult) -> None:
 
 
 def result_nodes(scene, segmentation_node) -> Dict[str, Any]:
-    """The companions of a run's segmentation: table, soft_segmentation (or None) and
-    probability_volumes (in tissue order)."""
-    out: Dict[str, Any] = {"table": None, "soft_segmentation": None, "probability_volumes": []}
+    """The companions of a run's segmentation: table, soft_segmentation and
+    protocol_segmentation (or None) and probability_volumes (in tissue order)."""
+    out: Dict[str, Any] = {"table": None, "soft_segmentation": None,
+                           "protocol_segmentation": None, "probability_volumes": []}
     if segmentation_node is None:
         return out
     seg_id = segmentation_node.GetID()
@@ -299,7 +317,7 @@ def result_nodes(scene, segmentation_node) -> Dict[str, Any]:
         if node.IsA("vtkMRMLTableNode"):
             out["table"] = node
         elif node.IsA("vtkMRMLSegmentationNode"):
-            out["soft_segmentation"] = node
+            out["protocol_segmentation" if role == PROTOCOL_ROLE else "soft_segmentation"] = node
         elif role.startswith("probability-"):
             volumes[role.split("-", 1)[1]] = node
     out["probability_volumes"] = [volumes[c.key] for c in TISSUES if c.key in volumes]
@@ -311,7 +329,7 @@ def result_nodes(scene, segmentation_node) -> Dict[str, Any]:
 
 def export_paths(folder: Union[str, os.PathLike], base: str, *, segmentation: bool = True,
                  soft_segmentation: bool = False, probability_keys: Sequence[str] = (),
-                 table: bool = True) -> Dict[str, Path]:
+                 table: bool = True, protocol_segmentation: bool = False) -> Dict[str, Path]:
     """The files an export writes: role -> path in ``folder`` (names from outputs.py, the
     same as the command line's)."""
     out: Dict[str, Path] = {}
@@ -319,6 +337,8 @@ def export_paths(folder: Union[str, os.PathLike], base: str, *, segmentation: bo
         out["segmentation"] = output_path(folder, base, "segmentation")
     if soft_segmentation:
         out["soft_segmentation"] = output_path(folder, base, "soft_segmentation")
+    if protocol_segmentation:
+        out["protocol_segmentation"] = output_path(folder, base, "protocol_segmentation")
     for key in probability_keys:
         out[f"probability-{key}"] = probability_volume_path(folder, base, key)
     if table:
@@ -345,9 +365,10 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
                    soft_segmentation=None, probability_volumes: Sequence[Any] = (),
                    table=None, base: Optional[str] = None, overwrite: bool = False,
                    dicom_source=None, model_card: Optional[Mapping[str, Any]] = None,
-                   ) -> List[Path]:
+                   protocol_segmentation=None) -> List[Path]:
     """Save the results to ``folder``: <base>.seg.nrrd (tissues), <base>_soft.seg.nrrd
-    (fractional), <base>_probability_<KEY>.nrrd, <base>_bodycomp.csv. base defaults to the
+    (fractional), <base>_protocol.seg.nrrd (the HU protocol's labels),
+    <base>_probability_<KEY>.nrrd, <base>_bodycomp.csv. base defaults to the
     segmentation's name.
 
     dicom_source: an mrml.dicom.DicomSource (the CT's DICOM series) to also write DICOM SEG:
@@ -373,7 +394,8 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
                     else safe_file_stem(vol.GetName()))
     paths = export_paths(folder, base, segmentation=segmentation is not None,
                          soft_segmentation=soft_segmentation is not None,
-                         probability_keys=keys, table=table is not None)
+                         probability_keys=keys, table=table is not None,
+                         protocol_segmentation=protocol_segmentation is not None)
     seg_arrays = None
     if dicom_source is not None:
         if segmentation is None:
@@ -395,6 +417,10 @@ def export_results(folder: Union[str, os.PathLike], *, segmentation=None,
                                              overwrite=overwrite))
         if soft_segmentation is not None:
             written.append(save_segmentation(soft_segmentation, paths["soft_segmentation"],
+                                             overwrite=overwrite))
+        if protocol_segmentation is not None:
+            written.append(save_segmentation(protocol_segmentation,
+                                             paths["protocol_segmentation"],
                                              overwrite=overwrite))
         for vol, key in zip(probability_volumes, keys):
             path = paths[f"probability-{key}"]
