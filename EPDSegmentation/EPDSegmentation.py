@@ -1076,13 +1076,17 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
             slices = [n // 2, min(n - 1, n // 2 + 1)]
             seen = []
             result = logic.segment(ct, modelPath, device="cpu", slices=slices,
-                                   softSegmentation=True, softVolumes=True,
+                                   softSegmentation=True, softVolumes=True, protocol=True,
                                    progress=lambda d, t, m: seen.append(d))
             self.assertEqual(seen[-1], len(set(slices)))
             segmentation = result.segmentation.GetSegmentation()
             self.assertEqual([segmentation.GetNthSegmentID(i) for i in range(5)],
                              [c.key for c in TISSUES])
             self.assertEqual(result.table.GetNumberOfRows(), 5 * len(set(slices)) + 5)
+            totals = {r["tissue"]: r for r in result.rows if r["slice"] == "all"}
+            self.assertLessEqual(totals["MUS"]["protocol_area_cm2"],  # HU protocol: a subset
+                                 totals["MUS"]["area_cm2"] + totals["IMAT"]["area_cm2"] + 1e-6)
+            self.assertIsNotNone(result.protocol_segmentation)
             self.assertEqual(len(result.probability_volumes), 5)
             self.assertEqual(result.soft_segmentation.GetSegmentation()
                              .GetSourceRepresentationName(), "Fractional labelmap")
@@ -1099,7 +1103,7 @@ class EPDSegmentationTest(ScriptedLoadableModuleTest):
 
             self.delayDisplay("Export and read back")
             paths = logic.export(folder, result.segmentation)
-            self.assertEqual(len(paths), 8)
+            self.assertEqual(len(paths), 9)     # _protocol.seg.nrrd too
             with self.assertRaises(FileExistsError):
                 logic.export(folder, result.segmentation)
             from EPDSegmentationLib.mrml.segmentation import (fractional_probabilities,
