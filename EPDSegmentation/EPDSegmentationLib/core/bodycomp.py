@@ -64,13 +64,15 @@ SLICE_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
                                        "apart: core.adapt.suggest_slices); empty otherwise"),
 )
 SLICE_COLUMN_KEYS = tuple(c[0] for c in SLICE_COLUMNS)
-#: Columns that follow in the CSV and the panel's table when the rows have them
-#: (with_protocol): the HU-protocol measures of core/indices.py for MUS, IMAT, SAT and VAT.
+
+
 def _hu(key: str) -> str:
     lo, hi = class_by_key(key).hu_range
     return f"{lo:g}..{hi:g} HU"
 
 
+#: Columns that follow in the CSV and the panel's table when the rows have them
+#: (with_protocol): the HU-protocol measures of core/indices.py for MUS, IMAT, SAT and VAT.
 PROTOCOL_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
     ("protocol_area_cm2", "Protocol area (cm2)",
      f"HU-protocol area (the Alberta protocol of Slice-O-Matic): within the network's muscle "
