@@ -31,6 +31,7 @@ import numpy as np
 
 from .atomic import atomic_file
 from .classes import NUM_CLASSES, TISSUES, class_by_key
+from .indices import protocol_from_sums
 
 #: (row key, column header, description) in table order; the CSV uses the row keys.
 COLUMNS: Tuple[Tuple[str, str, str], ...] = (
@@ -318,30 +319,28 @@ def with_protocol(rows: Rows, slices: Sequence[int],
                   protocol_sums: Sequence[Dict[str, np.ndarray]],
                   spacing_mm: Sequence[float]) -> Rows:
     """The rows with PROTOCOL_COLUMNS added. protocol_sums: indices.protocol_slice_sums of
-    consecutive slabs (tissue key -> float64 (n, 2): protocol pixels and pixels x HU per
-    slice), together one entry per index in ``slices``, in that order; spacing_mm: (I, J, K)
-    mm. Per slice the area is pixels x pixel area (cm^2); in "all" rows the mean per slice,
-    as area_cm2 is. Tissues without protocol sums (MSC) get NaN. New dicts."""
-    si, sj, _ = _check_spacing(spacing_mm)
+    consecutive slabs (tissue key -> float64 (n, 2) per slice), together one entry per index
+    in ``slices``, in that order; spacing_mm: (I, J, K) mm. Each slice's values and the "all"
+    rows' (the mean area per slice, as area_cm2) are indices.protocol_from_sums of its
+    slices. Tissues without protocol sums (MSC) get NaN. New dicts."""
+    _check_spacing(spacing_mm)
     keys = list(protocol_sums[0]) if protocol_sums else []
     joined = {k: np.concatenate([np.asarray(part[k], np.float64).reshape(-1, 2)
                                  for part in protocol_sums]) for k in keys}
     if any(v.shape[0] != len(slices) for v in joined.values()):
         raise ValueError(f"protocol sums hold {next(iter(joined.values())).shape[0]} slices "
                          f"but {len(slices)} slice indices were given")
-    at = {int(k): s for s, k in enumerate(slices)}
-    pixel_cm2 = si * sj / 100.0
+    measures = {"all": protocol_from_sums([joined], spacing_mm)}
+    for s, k in enumerate(slices):
+        measures[int(k)] = protocol_from_sums([{key: v[s:s + 1] for key, v in joined.items()}],
+                                              spacing_mm)
     nan = float("nan")
     out: Rows = []
     for row in rows:
-        both = joined.get(str(row["tissue"]))
-        if both is None:
-            out.append({**row, "protocol_area_cm2": nan, "protocol_hu_mean": nan})
-            continue
-        part = both if row["slice"] == "all" else both[at[int(row["slice"])]][None]
-        mass, hu_mass = float(part[:, 0].sum()), float(part[:, 1].sum())
-        out.append({**row, "protocol_area_cm2": mass * pixel_cm2 / max(1, part.shape[0]),
-                    "protocol_hu_mean": hu_mass / mass if mass > 0 else nan})
+        m = measures["all" if row["slice"] == "all" else int(row["slice"])]
+        key = row["tissue"]
+        out.append({**row, "protocol_area_cm2": m.get(f"protocol_area_cm2_{key}", nan),
+                    "protocol_hu_mean": m.get(f"protocol_hu_mean_{key}", nan)})
     return out
 
 
