@@ -1,7 +1,7 @@
 """Render the module's panel for docs/panel.png from the real .ui, through the module's own
 Widget run against Slicer's Python layer (Testing/slicer_harness.py), in one consistent
 state: the sample CT loaded and slices 7-8 segmented with the bundled model (height
-172 cm), Model details collapsed, "Learn from corrections" open, the EPD preview section
+172 cm, HU protocol on), Model details collapsed, "Learn from corrections" open, the EPD preview section
 open with the result as its source. Also draws the module icon. Needs ../shared/slicer-python,
 slicer-core, PySide6 and torch.
 
@@ -38,6 +38,7 @@ def render(out: Path = PANEL_PNG, width: int = 440) -> Path:
         ui.firstSliceSpinBox.value, ui.lastSliceSpinBox.value = SLICES
         ui.softSegmentationCheckBox.checked = True
         ui.heightSpinBox.value = 172          # the indices (SMI ...) in the measures table
+        ui.protocolCheckBox.checked = True    # the HU-protocol areas beside the soft ones
         ui.applyButton.click()
         if not ui.statusLabel.text.startswith("Done"):
             raise RuntimeError(f"the run did not finish: {ui.statusLabel.text}")
