@@ -64,6 +64,28 @@ def test_protocol_splits_the_network_muscle_by_hu():
     assert np.isnan(m["protocol_hu_mean_VAT"])
 
 
+def test_protocol_sums_equal_their_float64_definition():
+    """protocol_slice_sums (slice by slice, float32 blocks added in float64: what segment's
+    output threads run) equals the protocol's definition summed in float64, on 512 x 512
+    slices with integer HU across every range's edges, and with probabilities off a grid."""
+    from EPDSegmentationLib.core.classes import class_by_key
+    from EPDSegmentationLib.core.indices import protocol_slice_sums
+
+    rng = np.random.default_rng(3)
+    p = rng.random((6, 2, 512, 512)).astype(np.float32)
+    p /= p.sum(axis=0)
+    hu = rng.integers(-400, 400, (2, 512, 512)).astype(np.int16)
+    got = protocol_slice_sums(p, hu)
+    q, h = p.astype(np.float64), hu.astype(np.float64)
+    comp = {"MUS": q[1] + q[2], "IMAT": q[1] + q[2], "SAT": q[3], "VAT": q[4]}
+    for key, w in comp.items():
+        lo, hi = class_by_key(key).hu_range
+        w = w * ((h >= lo) & (h <= hi))
+        want = np.stack([w.sum(axis=(1, 2)), (w * h).sum(axis=(1, 2))], axis=1)
+        np.testing.assert_allclose(got[key], want, rtol=1e-6)
+    assert got["MUS"].shape == (2, 2)
+
+
 # ----------------------------------------------------------------------------- discovery
 
 def _slice_volume(value: float) -> Volume:

@@ -485,14 +485,14 @@ def test_slab_outputs_shared_across_workers_equal_one_worker(saved_model, volume
     ks = [0, 1, 2, 4]
     low, _, _ = predict.deferred(ks)
     hu = volume[ks]
-    one = slab_outputs(low, hu, ks, probabilities_out=True, range_checked=True)
+    one = slab_outputs(low, hu, ks, probabilities_out=True, protocol=True, range_checked=True)
     before = torch.get_num_threads()
     with output_pool(3) as (pool, n):
         assert n == 3
         assert {pool.submit(torch.get_num_threads).result() for _ in range(6)} == {1}
         assert torch.get_num_threads() == before
-        shared = slab_outputs(low, hu, ks, probabilities_out=True, range_checked=True,
-                              pool=pool, workers=n)
+        shared = slab_outputs(low, hu, ks, probabilities_out=True, protocol=True,
+                              range_checked=True, pool=pool, workers=n)
     later = []
     t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
     t.start()
@@ -504,6 +504,8 @@ def test_slab_outputs_shared_across_workers_equal_one_worker(saved_model, volume
     np.testing.assert_array_equal(shared.uncertainty, one.uncertainty)
     for key in one.sums:
         np.testing.assert_array_equal(shared.sums[key], one.sums[key])
+    for key in one.protocol:
+        np.testing.assert_array_equal(shared.protocol[key], one.protocol[key])
     assert shared.codes.shape == (len(card["classes"]) - 1, len(ks)) + volume.shape[1:]
     assert np.moveaxis(shared.codes, 0, -1).flags.c_contiguous
 
@@ -520,8 +522,8 @@ def test_gpu_kernels_give_the_cpu_outputs(saved_model, volume):
     ks = [0, 1, 3]
     low, _, _ = predict.deferred(ks)
     hu = volume[ks]
-    cpu = slab_outputs(low, hu, ks, probabilities_out=True, range_checked=True)
-    gpu = slab_outputs(low, hu, ks, probabilities_out=True, range_checked=True,
+    cpu = slab_outputs(low, hu, ks, probabilities_out=True, protocol=True, range_checked=True)
+    gpu = slab_outputs(low, hu, ks, probabilities_out=True, protocol=True, range_checked=True,
                        kernels="torch")
     np.testing.assert_array_equal(gpu.labels, cpu.labels)
     np.testing.assert_array_equal(gpu.codes, cpu.codes)
@@ -529,5 +531,7 @@ def test_gpu_kernels_give_the_cpu_outputs(saved_model, volume):
     np.testing.assert_allclose(gpu.uncertainty, cpu.uncertainty, rtol=1e-5)
     for key in cpu.sums:
         np.testing.assert_allclose(gpu.sums[key], cpu.sums[key], rtol=1e-6, atol=1e-6)
+    for key in cpu.protocol:
+        np.testing.assert_allclose(gpu.protocol[key], cpu.protocol[key], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="kernels"):
         slab_outputs(low, hu, ks, kernels="cuda")

@@ -7,9 +7,8 @@ import math
 from typing import Dict, Optional, Sequence, Tuple
 
 from .classes import TISSUES
-from .indices import INDEX_KEYS, indices
+from .indices import INDEX_KEYS, PROTOCOL_KEYS, indices
 
-PROTOCOL_KEYS = ("MUS", "IMAT", "SAT", "VAT")
 COHORT_COLUMNS: Tuple[str, ...] = (
     ("case", "status", "message", "source", "patient_id", "study_uid", "series_uid",
      "level", "level_source", "slice", "n_slices", "z_mm", "slab_mm")

@@ -24,6 +24,8 @@ from .classes import TISSUES, class_by_key
 #: Adult heights accepted, metres; outside this a value is refused as implausible.
 HEIGHT_RANGE_M = (1.0, 2.5)
 INDEX_KEYS = {"MUS": "SMI", "IMAT": "IMATI", "SAT": "SATI", "VAT": "VATI"}
+#: The tissues the HU protocol measures, in protocol_masks' order.
+PROTOCOL_KEYS = ("MUS", "IMAT", "SAT", "VAT")
 
 
 class HeightError(ValueError):
@@ -129,13 +131,18 @@ def protocol_labels(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
 
 def protocol_slice_sums(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, np.ndarray]:
     """Per tissue, float64 (n, 2): each slice's protocol weight (pixels) and weight x HU;
-    what protocol_from_sums needs, so slabs can be measured as they stream past."""
-    h = np.asarray(hu, np.float64)
-    out = {}
-    for key, w in protocol_masks(probabilities, hu).items():
-        w = w.reshape(w.shape[0], -1).astype(np.float64)
-        out[key] = np.stack([w.sum(axis=1), (w * h.reshape(h.shape[0], -1)).sum(axis=1)], 1)
-    return out
+    what protocol_from_sums needs, so slabs can be measured as they stream past.
+    probabilities (C, n, J, I), hu (n, J, I); slice by slice (bodycomp.protocol_plane_sums,
+    what segment's output threads run)."""
+    from .bodycomp import protocol_plane_sums     # bodycomp imports this module
+
+    p = np.asarray(probabilities)
+    h = np.asarray(hu)
+    if p.shape[1:] != h.shape:
+        raise ValueError(f"hu {h.shape} does not match probabilities {p.shape[1:]}")
+    planes = np.stack([protocol_plane_sums(p[:, s], h[s]) for s in range(h.shape[0])]) \
+        if h.shape[0] else np.zeros((0, len(PROTOCOL_KEYS), 2))
+    return {key: planes[:, i] for i, key in enumerate(PROTOCOL_KEYS)}
 
 
 def protocol_from_sums(sums: Sequence[Dict[str, np.ndarray]],

@@ -32,12 +32,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .adapt import suggest_slices
-from .bodycomp import (SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums,
-                       with_protocol, with_uncertainty)
+from .bodycomp import (SUM_KEYS, concatenate_sums, measures_from_sums, protocol_plane_sums,
+                       slice_sums, with_protocol, with_uncertainty)
 from .fractional import FRACTIONAL_MAX, FRACTIONAL_MIN, encode_fractional
 from .heap import start_stream, trim_heap
 from .inference import PROBABILITY_TOLERANCE, Cancelled, check_probability_range
-from .indices import protocol_slice_sums
+from .indices import PROTOCOL_KEYS
 
 #: Slices per slab in ``segment``: two default batches. Memory per slab is about
 #: 6 x 4 bytes x slices x J x I for the probabilities, plus the network's own.
@@ -58,7 +58,7 @@ class Slab:
     probabilities: Optional[np.ndarray]
     sums: Dict[str, np.ndarray]
     uncertainty: Optional[np.ndarray] = None
-    #: indices.protocol_slice_sums of the slab, when asked for (the HU-protocol areas)
+    #: the slab's HU-protocol sums, when asked for: as indices.protocol_slice_sums gives them
     protocol: Optional[Dict[str, np.ndarray]] = None
     #: the HU (n, J, I) the slab was measured on (read only: the source's array)
     hu: Optional[np.ndarray] = None
@@ -234,7 +234,7 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
     (n, J, I) of the same slices. Checks shape, and range as bodycomp does unless
     ``range_checked`` (inference.slab_predictor checks the network's low-resolution output,
     which upsampling cannot take out of range). protocol: also the slab's HU-protocol sums
-    (indices.protocol_slice_sums).
+    (as indices.protocol_slice_sums gives them; made per slice, bodycomp.protocol_plane_sums).
 
     One slice at a time, every output is made from its planes (C, J, I) while they are in
     the core's cache: on the CPU, restoring the whole slab (16 slices, 100 MB at 512 x 512)
@@ -264,10 +264,10 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
     # (C - 1, n, J, I): the workers reorder them, not the writer's thread
     code_maps = np.moveaxis(np.empty((n,) + shape[2:] + (C - 1,), np.int8), -1, 0) \
         if codes else None
-    # one float32 host copy serves both the probability output and the protocol sums
-    host = np.empty(shape, np.float32) if (probabilities_out or protocol) else None
+    host = np.empty(shape, np.float32) if probabilities_out else None
     entropy = np.zeros(n, np.float64)
     parts: List[Any] = [None] * n
+    protocol_parts = np.empty((n, len(PROTOCOL_KEYS), 2), np.float64) if protocol else None
 
     taken = [0]
     lock = threading.Lock()
@@ -293,6 +293,8 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
                 encode_fractional_numpy(qn[1:], code_maps[:, s])
             if host is not None:
                 host[:, s] = qn
+            if protocol_parts is not None:
+                protocol_parts[s] = protocol_plane_sums(qn, hu[s])
             entropy[s] = mean_entropy_numpy(qn)
 
     if kernels not in ("auto", "torch"):
@@ -313,12 +315,17 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
             labels[s] = lab[0].cpu().numpy()
             if code_maps is not None:
                 code_maps[:, s] = encode_fractional_torch(q[1:, 0]).cpu().numpy()
-            if host is not None:
-                host[:, s] = q[:, 0].float().cpu().numpy()
+            if host is not None or protocol_parts is not None:
+                plane = q[:, 0].float().cpu().numpy()
+                if host is not None:
+                    host[:, s] = plane
+                if protocol_parts is not None:
+                    protocol_parts[s] = protocol_plane_sums(plane, hu[s])
             entropy[s] = entropy_torch(q)[0]
     sums = concatenate_sums(parts)
-    return Slab(list(slices), labels, code_maps, host if probabilities_out else None, sums,
-                entropy, protocol_slice_sums(host, hu) if protocol else None, hu)
+    protocol_sums = None if protocol_parts is None else \
+        {key: protocol_parts[:, i] for i, key in enumerate(PROTOCOL_KEYS)}
+    return Slab(list(slices), labels, code_maps, host, sums, entropy, protocol_sums, hu)
 
 
 def _single_threaded_torch(ready: threading.Barrier) -> None:
