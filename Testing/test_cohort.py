@@ -261,7 +261,8 @@ def test_bad_height_is_a_warning_and_shards_merge(spine_cases, tiny_model_path, 
                  "--level", "L3", "--shard", "0/2"]) == 2
 
 
-def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp_path):
+def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp_path,
+                                               monkeypatch):
     """segment_case(protocol=True) sums the HU-protocol areas from its own slabs (the
     network runs once per slice) and they equal protocol_measures on predict_volume's
     probabilities for the same slices."""
@@ -271,6 +272,16 @@ def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp
     from EPDSegmentationLib.core.model_io import load_model
     from EPDSegmentationLib.io import read_volume
 
+    from EPDSegmentationLib.io import overlay
+
+    drawn = {}
+    real = overlay.write_overlay_png
+
+    def spy(*args, **kwargs):
+        drawn.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(overlay, "write_overlay_png", spy)
     model, card = load_model(str(tiny_model_path) + ".safetensors")
     calls = []
     model.register_forward_hook(lambda _m, inp, _o: calls.append(int(inp[0].shape[0])))
@@ -297,6 +308,10 @@ def test_protocol_comes_from_segments_own_pass(spine_cases, tiny_model_path, tmp
                 result.protocol[f"protocol_area_cm2_{r['tissue']}"], rel=1e-5, abs=1e-6)
         if r["tissue"] == "MSC":
             assert r["protocol_area_cm2"] == ""
+    # the overlay's legend (the middle slice, 5) shows that slice's protocol areas, its own line
+    shown = {r["tissue"]: float(r["protocol_area_cm2"]) for r in rows
+             if r["slice"] == "5" and r["tissue"] != "MSC"}
+    assert drawn["protocol_cm2"] == pytest.approx(shown, rel=1e-5, abs=1e-6)
     # and the protocol's labels: the hard labels split by HU, the other slices empty
     from EPDSegmentationLib.core.indices import protocol_labels
     from EPDSegmentationLib.io.seg_nrrd import read_seg_nrrd

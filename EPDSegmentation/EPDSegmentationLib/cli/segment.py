@@ -532,14 +532,20 @@ def segment_case(case: Case, out_dir: Path, model, card: Dict, *, device: str = 
 
 def _write_overlay(path: Path, vol, slab: stream.Slab, s: int, k: int, grid, title: str) -> None:
     """The overlay PNG of slice k (the slab's s-th), with its soft and hard tissue areas
-    (its rows of bodycomp.measures_from_sums, the same as the CSV's)."""
+    (its rows of bodycomp.measures_from_sums, the same as the CSV's) and, when the slab has
+    them, its HU-protocol areas (indices.protocol_from_sums, the CSV's too)."""
     sums = {key: value[s:s + 1] for key, value in slab.sums.items()}
     areas = {r["tissue"]: (float(r["area_cm2"]), float(r["hard_area_cm2"]))
              for r in bodycomp.measures_from_sums(sums, vol.spacing, [k]) if r["slice"] == k}
+    protocol = None
+    if slab.protocol is not None:
+        found = protocol_from_sums([{key: v[s:s + 1] for key, v in slab.protocol.items()}],
+                                   vol.spacing)
+        protocol = {key: found[f"protocol_area_cm2_{key}"] for key in slab.protocol}
     shown = Volume(slab.hu[s][None], vol.ijk_to_ras)        # its geometry for the display
     overlay.write_overlay_png(path, overlay.display_slice(shown, 0),
                               overlay.display_slice(shown, 0, slab.labels[s][None]),
-                              areas_cm2=areas, title=title)
+                              areas_cm2=areas, protocol_cm2=protocol, title=title)
 
 
 @contextmanager

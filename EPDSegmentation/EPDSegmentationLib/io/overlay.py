@@ -38,10 +38,13 @@ def overlay_rgb(hu: np.ndarray, labels: np.ndarray, window: Tuple[float, float] 
 
 def write_overlay_png(path, hu: np.ndarray, labels: np.ndarray, *,
                       areas_cm2: Optional[Mapping[str, Tuple[float, float]]] = None,
+                      protocol_cm2: Optional[Mapping[str, float]] = None,
                       title: str = "", overwrite: bool = False) -> Path:
     """Write the overlay of one slice, with a title and a legend of the tissue areas.
 
-    hu: (J, I) HU; labels: (J, I) classes; areas_cm2: tissue key -> (soft, hard) area in cm^2.
+    hu: (J, I) HU; labels: (J, I) classes; areas_cm2: tissue key -> (soft, hard) area in cm^2;
+    protocol_cm2: tissue key -> HU-protocol area in cm^2 (``--protocol``), a line of its own
+    so that it is not read as the network's.
     Drawn with Pillow (a fraction of matplotlib's time, which matters for one-slice runs).
     Written atomically; an existing file is kept unless ``overwrite``.
     """
@@ -56,7 +59,7 @@ def write_overlay_png(path, hu: np.ndarray, labels: np.ndarray, *,
                                         Image.NEAREST)
     font = ImageFont.load_default(size=14)
     line, cols = 22, 2
-    rows = -(-len(TISSUES) // cols)
+    rows = -(-len(TISSUES) // cols) + (1 if protocol_cm2 else 0)
     width = max(image.width, 560)
     canvas = Image.new("RGB", (width, image.height + line * (rows + 1) + 8), "black")
     draw = ImageDraw.Draw(canvas)
@@ -72,6 +75,10 @@ def write_overlay_png(path, hu: np.ndarray, labels: np.ndarray, *,
             soft, hard = areas_cm2[c.key]
             text += f"  {soft:.1f} cm^2 (hard {hard:.1f})"
         draw.text((x + 20, y), text, fill="white", font=font)
+    if protocol_cm2:
+        draw.text((8, image.height + line + 6 + (rows - 1) * line),
+                  "HU protocol: " + ", ".join(f"{k} {v:.1f}" for k, v in protocol_cm2.items())
+                  + " cm^2", fill="white", font=font)
     with atomic_file(path, overwrite) as tmp:
         canvas.save(tmp, format="PNG")
     return path
