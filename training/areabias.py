@@ -25,6 +25,8 @@ from EPDSegmentationLib.cli.options import add_mirror_argument
 from EPDSegmentationLib.core.atomic import write_text
 from EPDSegmentationLib.core.classes import KEYS, NUM_CLASSES
 
+from training.phantom.options import add_anatomy_arguments, anatomy_kwargs, checked_anatomy
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="model weights (.safetensors)")
@@ -36,9 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phantom-slices", type=int, default=3, help="slices per subject")
     p.add_argument("--phantom-levels", nargs=2, default=["T11", "L4"], metavar=("FROM", "TO"))
     p.add_argument("--slice-gap-mm", type=float, default=12.0)
-    p.add_argument("--flank-sat", type=float, default=0.0, metavar="P",
-                   help="the share of phantom subjects whose fat beside the back muscles is "
-                        "subcutaneous (train's --flank-sat; default 0)")
+    add_anatomy_arguments(p)            # train's phantom options (all 0: as before)
     p.add_argument("--data-seed", type=int, default=7,
                    help="phantom subject seed (default 7: subjects no training run has seen)")
     p.add_argument("--device", default="cpu", choices=("auto", "cuda", "mps", "cpu"))
@@ -51,11 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def area_bias(model, card, seeds: Sequence[int], n_slices: int, levels: Sequence[str],
               pixel_mm: float, fov_mm: float, slice_gap_mm: float = 12.0, device="cpu",
               progress: bool = False, mirror: bool = True,
-              flank_sat: float = 0.0) -> Dict[str, object]:
+              **anatomy: float) -> Dict[str, object]:
     """Per slice true and soft areas (cm^2), float64 (n, C) each, of the phantom subjects
     ``seeds`` drawn at ``pixel_mm`` mm pixels; and per class the mean true area, mean error
-    (soft - true) and mean absolute error, cm^2 per slice. flank_sat: the phantom option
-    (generate.make_slice)."""
+    (soft - true) and mean absolute error, cm^2 per slice. anatomy: the phantom options
+    (generate.make_slice keywords, checked by phantom.options.checked_anatomy)."""
     from tqdm import tqdm
 
     from EPDSegmentationLib.core.inference import predict_volume
@@ -71,7 +71,7 @@ def area_bias(model, card, seeds: Sequence[int], n_slices: int, levels: Sequence
     for seed in tqdm(list(seeds), desc="phantom subjects", unit="subject", disable=not progress):
         stack = subject_slices(int(seed), n_slices, slice_gap_mm, levels=tuple(levels),
                                size=size, pixel_mm=pixel_mm, supersample=supersample,
-                               flank_sat=flank_sat)
+                               **checked_anatomy(anatomy, torso=True))
         # a subject's slices share one grid: one call, the network batched
         p = predict_volume(np.stack([s.hu for s in stack]), (pixel_mm, pixel_mm), model, card,
                            device=device, mirror=mirror).probabilities     # (C, n, H, W)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Dict[str,
     res = area_bias(model, card, subject_seeds(args.data_seed, args.phantom_subjects),
                     args.phantom_slices, args.phantom_levels, args.pixel_mm, args.fov_mm,
                     args.slice_gap_mm, args.device, progress=not args.quiet,
-                    mirror=args.mirror, flank_sat=args.flank_sat)
+                    mirror=args.mirror, **anatomy_kwargs(args))
     print(f"{args.model}: {res['slices']} phantom slices at {args.pixel_mm} mm "
           f"({'-'.join(args.phantom_levels)}, data seed {args.data_seed}); cm2 per slice")
     print(f"{'class':6s} {'true':>8s} {'soft-true':>10s} {'|error|':>8s}")

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 from EPDSegmentationLib.cli.options import add_mirror_argument
 
 from . import areabias, evaluate, realct
+from .phantom.options import add_anatomy_arguments, anatomy_argv
 from .realsim import SIMULATIONS
 
 #: The real sample's masks, and the classes each stands for (TotalSegmentator has no IMAT:
@@ -58,10 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-levels", nargs=2, metavar=("FROM", "TO"),
                    help="also evaluate on held-out torso phantoms at these levels "
                         "(e.g. T11 L5) -> <report>/phantom_torso")
-    p.add_argument("--flank-sat", type=float, default=0.0, metavar="P",
-                   help="held-out phantoms (evaluate, area-bias) drawn with this share of "
-                        "subjects whose fat beside the back muscles is subcutaneous "
-                        "(train's --flank-sat; default 0)")
+    # the held-out phantoms (evaluate, area-bias) drawn with train's phantom options
+    add_anatomy_arguments(p.add_argument_group("held-out phantoms' anatomy (train's options)"))
     p.add_argument("--real-dir", type=Path, default=None,
                    help="folder of the real CT sample with TotalSegmentator tissue masks")
     p.add_argument("--device", default="auto")
@@ -82,7 +81,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     # every number below measured as `epdseg segment` and the module run by default
     evaluation: Dict[str, object] = {"mirror": args.mirror}
     no_mirror = [] if args.mirror else ["--no-mirror"]
-    flank = ["--flank-sat", str(args.flank_sat)] if args.flank_sat else []
 
     runs = [("phantom_held_out", "phantom", [])]
     if args.eval_levels:
@@ -91,7 +89,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     for key, folder, extra in runs:
         ev_argv = ["evaluate", "--model", str(weights), "--phantom-subjects",
                    str(args.eval_subjects), "--phantom-slices", str(args.eval_slices),
-                   "--data-seed", str(args.eval_seed), *extra, *flank, "--split", "all",
+                   "--data-seed", str(args.eval_seed), *extra,
+                   *anatomy_argv(args, torso=bool(extra)), "--split", "all",
                    "--output", str(report / folder), "--device", args.device,
                    "--quiet"] + (["--overwrite"] if args.overwrite else []) + no_mirror
         _call(evaluate.add_evaluate_arguments, evaluate.run, ev_argv)
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     # tissue areas at 3 mm pixels, against the phantom's exact fractions: what area bias a
     # user of coarse scans should expect (training/areabias.py)
     ab_argv = ["area-bias", "--model", str(weights), "--phantom-subjects",
-               str(args.eval_subjects), "--data-seed", str(args.eval_seed), *flank,
+               str(args.eval_subjects), "--data-seed", str(args.eval_seed), *anatomy_argv(args),
                "--output", str(report / "area_bias.json"), "--device", args.device,
                "--quiet"] + (["--overwrite"] if args.overwrite else []) + no_mirror
     _call(areabias.add_arguments, areabias.run, ab_argv)

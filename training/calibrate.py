@@ -29,6 +29,9 @@ import numpy as np
 from EPDSegmentationLib.cli.options import add_mirror_argument
 from EPDSegmentationLib.core.classes import KEYS, NUM_CLASSES
 
+from training.phantom.options import (add_anatomy_arguments, anatomy_kwargs, checked_anatomy,
+                                      describe_anatomy)
+
 #: multiplicative updates: w *= (true / calibrated) ** STEP until no weight moves by more
 #: than TOLERANCE (relative), at most ITERATIONS times
 STEP, ITERATIONS, TOLERANCE = 0.7, 1000, 1e-5
@@ -52,9 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phantom-slices", type=int, default=3, help="slices per subject")
     p.add_argument("--phantom-levels", nargs=2, default=["T11", "L4"], metavar=("FROM", "TO"))
     p.add_argument("--slice-gap-mm", type=float, default=12.0)
-    p.add_argument("--flank-sat", type=float, default=0.0, metavar="P",
-                   help="the share of phantom subjects whose fat beside the back muscles is "
-                        "subcutaneous (train's --flank-sat; default 0)")
+    add_anatomy_arguments(p)            # train's phantom options (all 0: as before)
     p.add_argument("--fov-mm", type=float, default=440.0)
     p.add_argument("--data-seed", type=int, default=11,
                    help="phantom subject seed (default 11: neither training's 0 nor "
@@ -79,12 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequence[str],
                   pixel_mm: float, fov_mm: float, slice_gap_mm: float, device, mirror: bool,
-                  progress: bool = False, flank_sat: float = 0.0
+                  progress: bool = False, **anatomy: float
                   ) -> Tuple[List[Tuple[np.ndarray, float]], np.ndarray]:
     """Phantom subjects drawn at ``pixel_mm``: (per subject the network's uncalibrated
     probabilities on its own grid, float32 (n, C, h, w), with that grid's pixel area in
-    cm^2; the exact class areas summed over all slices, float64 (C,) cm^2). flank_sat: the
-    phantom option (generate.make_slice)."""
+    cm^2; the exact class areas summed over all slices, float64 (C,) cm^2). anatomy: the
+    phantom options that are not 0 (phantom.options.checked_anatomy; generate.make_slice)."""
     from tqdm import tqdm
 
     from EPDSegmentationLib.core.calibration import KEY
@@ -99,7 +100,7 @@ def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequ
                      disable=not progress):
         stack = subject_slices(int(seed), n_slices, slice_gap_mm, levels=tuple(levels),
                                size=size, pixel_mm=pixel_mm, supersample=supersample,
-                               flank_sat=flank_sat)
+                               **anatomy)
         hu = np.stack([s.hu for s in stack])
         low, device, _ = network_slab(hu, (pixel_mm, pixel_mm), model, plain, device,
                                       len(stack), [], mirror=mirror)
@@ -187,7 +188,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     for px in pixels:
         draw = dict(n_slices=args.phantom_slices, levels=args.phantom_levels, pixel_mm=px,
                     fov_mm=args.fov_mm, slice_gap_mm=args.slice_gap_mm, device=device,
-                    mirror=args.mirror, progress=not args.quiet, flank_sat=args.flank_sat)
+                    mirror=args.mirror, progress=not args.quiet,
+                    **checked_anatomy(anatomy_kwargs(args), torso=True))
         probs, true = network_areas(model, card, seeds, **draw)
         fits = {c: fit_weights(probs, true, bound=c[0], shrink=c[1]) for c in choices}
         entry: Dict[str, object] = {}
@@ -225,7 +227,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         "fitted_on": (f"{len(seeds)} phantom subjects x {args.phantom_slices} slices "
                       f"({'-'.join(args.phantom_levels)}), data seed {args.data_seed}, drawn "
                       f"at each pixel size"
-                      + (f", flank_sat {args.flank_sat}" if args.flank_sat else "")
+                      + (f", {describe_anatomy(args)}" if describe_anatomy(args) else "")
                       + "; soft areas against the exact class areas"),
         "mirror": bool(args.mirror), "fit": report,
         "command": "python -m training " + shlex.join(list(argv or [])),

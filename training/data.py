@@ -32,6 +32,7 @@ from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 
 from training.phantom import subject_slices
 from training.phantom.dataset import split_subjects, subject_seeds
+from training.phantom.options import checked_anatomy
 
 from .metal import add_metal
 from .randomize import (PLANE_OFFSETS_MM, SLICE_THICKNESS_MM, OrganLook, add_kernel_noise,
@@ -109,20 +110,11 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     seeds = subject_seeds(seed, n_subjects)
     splits = split_subjects(n_subjects, val_fraction, seed)
     where = {} if levels is None else {"levels": tuple(levels)}
-    # (option, value, a share in 0..1, the torso anatomy only)
-    for key, value, share, torso in (("kidney_contact", kidney_contact, True, True),
-                                     ("kidney_rise", kidney_rise, False, True),
-                                     ("kidney_tilt", kidney_tilt, False, True),
-                                     ("costal_diaphragm", costal_diaphragm, True, True),
-                                     ("flank_sat", flank_sat, True, False),
-                                     ("psoas_apart", psoas_apart, True, True)):
-        flag = "--" + key.replace("_", "-")
-        if share and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{flag} is a share in 0..1; got {value}")
-        if value:
-            if levels is None and torso:
-                raise ValueError(f"{flag} needs the torso anatomy (--phantom-levels)")
-            where[key] = float(value)
+    where.update(checked_anatomy(dict(kidney_contact=kidney_contact, kidney_rise=kidney_rise,
+                                      kidney_tilt=kidney_tilt,
+                                      costal_diaphragm=costal_diaphragm,
+                                      flank_sat=flank_sat, psoas_apart=psoas_apart),
+                                 torso=levels is not None))
     offsets = tuple(float(o) for o in plane_offsets_mm)
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}
     for i in tqdm(range(n_subjects), desc="phantom subjects", unit="subject", disable=not progress):

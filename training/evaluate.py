@@ -36,6 +36,7 @@ from EPDSegmentationLib.core.model_io import load_model
 
 from .data import SliceRecord, manifest_records, phantom_records
 from .logs import atomic_bytes, save_figure
+from .phantom.options import anatomy_kwargs
 from .train import add_data_arguments
 
 OUTPUTS = ("metrics.json", "table.md", "table.csv")
@@ -75,11 +76,7 @@ def load_split(args) -> (List[SliceRecord], str):
         recs = phantom_records(args.phantom_subjects, args.phantom_slices, args.phantom_size,
                                args.data_seed, args.val_fraction, args.phantom_gap_mm,
                                progress=not args.quiet, levels=args.phantom_levels,
-                               kidney_contact=args.kidney_contact,
-                               kidney_rise=args.kidney_rise,
-                               kidney_tilt=args.kidney_tilt,
-                               costal_diaphragm=args.costal_diaphragm,
-                               flank_sat=args.flank_sat, psoas_apart=args.psoas_apart)
+                               **anatomy_kwargs(args))
         records = recs["train"] + recs["val"] if split == "all" else recs[split]
         where = "mid-L3" if args.phantom_levels is None else "-".join(args.phantom_levels)
         what = (f"phantom: {args.phantom_subjects} subjects x {args.phantom_slices} slices "

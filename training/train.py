@@ -39,6 +39,7 @@ from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, check_windows
 
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .phantom.options import add_anatomy_arguments, anatomy_kwargs
 from .data import (Augment, SliceDataset, SliceRecord, epd_target, manifest_records,
                    median_pixel_mm, model_inputs, phantom_records, planes_on_grid,
                    tissues_on_grid, to_source_grid)
@@ -84,28 +85,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--phantom-levels", nargs=2, metavar=("FROM", "TO"), default=None,
                    help="phantom of the torso from vertebral level FROM to TO (e.g. T11 L5), "
                         "each subject's slices within them; default: around mid-L3")
-    g.add_argument("--kidney-contact", type=float, default=0.0, metavar="P",
-                   help="with --phantom-levels: share of phantom subjects whose kidneys lie "
-                        "on the quadratus lumborum and psoas with no fat between (default 0)")
-    g.add_argument("--kidney-rise", type=float, default=0.0, metavar="MM",
-                   help="with --phantom-levels: the phantom's kidneys this much higher "
-                        "(20 puts them at T12 to L3, as in real patients; default 0)")
-    g.add_argument("--kidney-tilt", type=float, default=0.0, metavar="DEG",
-                   help="with --phantom-levels: the phantom's kidneys' long axes lean this "
-                        "many degrees towards the midline going up, upper poles beside the "
-                        "crura as in real patients (default 0: upright)")
-    g.add_argument("--costal-diaphragm", type=float, default=0.0, metavar="P",
-                   help="with --phantom-levels: the share of phantom subjects whose lower "
-                        "ribs the diaphragm lines on the inside, as in real patients "
-                        "(default 0: diaphragm only near the lung bases)")
-    g.add_argument("--flank-sat", type=float, default=0.0, metavar="P",
-                   help="the share of phantom subjects whose visceral "
-                        "compartment is closed at the back, the fat beside the back muscles "
-                        "subcutaneous, as in real patients (default 0: visceral)")
-    g.add_argument("--psoas-apart", type=float, default=0.0, metavar="P",
-                   help="with --phantom-levels: the share of phantom subjects whose psoas "
-                        "at L5 lies apart from the vertebral body and the iliacus, with fat "
-                        "between, as in many adults (default 0: joined to both)")
+    add_anatomy_arguments(g)
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")
     g.add_argument("--data-seed", type=int, default=0, help="phantom subject seed")
@@ -282,20 +262,12 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
         recs = phantom_records(args.phantom_subjects, args.phantom_slices, args.phantom_size,
                                args.data_seed, args.val_fraction, args.phantom_gap_mm,
                                progress=progress, levels=args.phantom_levels,
-                               kidney_contact=args.kidney_contact,
-                               kidney_rise=args.kidney_rise,
-                               kidney_tilt=args.kidney_tilt,
-                               costal_diaphragm=args.costal_diaphragm,
-                               flank_sat=args.flank_sat,
-                               psoas_apart=args.psoas_apart,
-                               plane_offsets_mm=thick_planes(args))
+                               plane_offsets_mm=thick_planes(args), **anatomy_kwargs(args))
+        anatomy = anatomy_kwargs(args)
         recipe = {"source": "phantom", "generator": "training.phantom",
                   "subjects": args.phantom_subjects, "slices_per_subject": args.phantom_slices,
                   "size": args.phantom_size, "slice_gap_mm": args.phantom_gap_mm,
-                  "levels": args.phantom_levels, "kidney_contact": args.kidney_contact,
-                  "kidney_rise": args.kidney_rise, "kidney_tilt": args.kidney_tilt,
-                  "costal_diaphragm": args.costal_diaphragm, "flank_sat": args.flank_sat,
-                  "psoas_apart": args.psoas_apart,
+                  "levels": args.phantom_levels, **anatomy,
                   "seed": args.data_seed, "val_fraction": args.val_fraction,
                   "same_as": f"training.phantom.write_dataset(out, "
                              f"{args.phantom_subjects}, {args.phantom_slices}, "
@@ -303,18 +275,7 @@ def load_records(args, progress: bool) -> Tuple[List[SliceRecord], List[SliceRec
                              f"val_fraction={args.val_fraction}"
                              + (f", levels={tuple(args.phantom_levels)!r}"
                                 if args.phantom_levels else "")
-                             + (f", kidney_contact={args.kidney_contact}"
-                                if args.kidney_contact else "")
-                             + (f", kidney_rise={args.kidney_rise}"
-                                if args.kidney_rise else "")
-                             + (f", kidney_tilt={args.kidney_tilt}"
-                                if args.kidney_tilt else "")
-                             + (f", costal_diaphragm={args.costal_diaphragm}"
-                                if args.costal_diaphragm else "")
-                             + (f", flank_sat={args.flank_sat}"
-                                if args.flank_sat else "")
-                             + (f", psoas_apart={args.psoas_apart}"
-                                if args.psoas_apart else "") + ")"}
+                             + "".join(f", {k}={v}" for k, v in anatomy.items() if v) + ")"}
         if thick_planes(args):
             recipe["thick_planes_mm"] = list(thick_planes(args))
     train, val = recs["train"], recs.get("val", [])
