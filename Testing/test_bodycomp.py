@@ -197,7 +197,8 @@ def test_protocol_rows_per_slice_and_all_from_slab_sums(tmp_path):
     """with_protocol, fed slab by slab, gives per slice what indices.protocol_measures gives
     for that slice alone and, in "all" rows, what it gives for every slice (the mean area per
     slice); hand-checked on one slice: 40 HU muscle is MUS, -100 HU IMAT, 200 HU neither."""
-    from EPDSegmentationLib.core.indices import protocol_measures, protocol_slice_sums
+    from EPDSegmentationLib.core.indices import (protocol_measures, protocol_slice_sums,
+                                                 with_protocol)
 
     rng = np.random.default_rng(4)
     p = rng.random((NUM_CLASSES, 5, 6, 6)).astype(np.float32)
@@ -206,7 +207,7 @@ def test_protocol_rows_per_slice_and_all_from_slab_sums(tmp_path):
     slices = [3, 4, 8, 9, 12]
     rows = measures_from_sums(slice_sums(p, hu), SPACING, slices)
     parts = [protocol_slice_sums(p[:, a:b], hu[a:b]) for a, b in ((0, 2), (2, 5))]
-    got = bodycomp.with_protocol(rows, slices, parts, SPACING)
+    got = with_protocol(rows, slices, parts, SPACING)
     assert [{k: v for k, v in r.items() if not k.startswith("protocol_")} for r in got] == rows
     for s, k in enumerate(slices + ["all"]):
         want = protocol_measures(p[:, s:s + 1] if k != "all" else p,
@@ -220,7 +221,7 @@ def test_protocol_rows_per_slice_and_all_from_slab_sums(tmp_path):
         assert math.isnan(by["MSC"]["protocol_area_cm2"])
     one = np.zeros((NUM_CLASSES, 1, 1, 3), np.float32)
     one[1] = 1.0
-    rows = bodycomp.with_protocol(
+    rows = with_protocol(
         tissue_measures(one, np.array([[[40.0, -100.0, 200.0]]]), SPACING, [0]), [0],
         [protocol_slice_sums(one, np.array([[[40.0, -100.0, 200.0]]]))], SPACING)
     by = _rows(rows, 0)
@@ -233,7 +234,7 @@ def test_protocol_rows_per_slice_and_all_from_slab_sums(tmp_path):
         header = next(csv.reader(f))
     assert header == list(COLUMN_KEYS) + list(bodycomp.PROTOCOL_COLUMN_KEYS)
     with pytest.raises(ValueError, match="protocol sums hold 1 slices"):
-        bodycomp.with_protocol(rows, [0, 1], [protocol_slice_sums(one, np.zeros((1, 1, 3)))],
+        with_protocol(rows, [0, 1], [protocol_slice_sums(one, np.zeros((1, 1, 3)))],
                                SPACING)
 
 

@@ -31,7 +31,6 @@ import numpy as np
 
 from .atomic import atomic_file
 from .classes import NUM_CLASSES, TISSUES, class_by_key
-from .indices import protocol_from_sums, protocol_masks
 
 #: (row key, column header, description) in table order; the CSV uses the row keys.
 COLUMNS: Tuple[Tuple[str, str, str], ...] = (
@@ -73,7 +72,7 @@ def _hu(key: str) -> str:
 
 
 #: Columns that follow in the CSV and the panel's table when the rows have them
-#: (with_protocol): the HU-protocol measures of core/indices.py for MUS, IMAT, SAT and VAT.
+#: (indices.with_protocol): the HU-protocol measures of core/indices.py for MUS, IMAT, SAT and VAT.
 PROTOCOL_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
     ("protocol_area_cm2", "Protocol area (cm2)",
      f"HU-protocol area (the Alberta protocol of Slice-O-Matic): within the network's muscle "
@@ -152,7 +151,7 @@ _SOFT_CHUNK = 1024
 _HU_BINS = 1 << 16
 
 
-def _soft_sums(p: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
+def soft_sums(p: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
     """out (C, 3) float64 += sum over pixels of p (C, N) times [1, h, h^2] (h (N,) HU), as
     float32 matrix products of _SOFT_CHUNK pixels each, added in float64 (the rows of
     powers laid out contiguously: no (N, 3) stack)."""
@@ -169,20 +168,6 @@ def _soft_sums(p: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
         out += parts.sum(axis=0, dtype=np.float64)
     if whole < h.size:
         out += (p[:, whole:] @ powers[:, whole:].T).astype(np.float64)
-
-
-def protocol_plane_sums(probabilities: np.ndarray, hu: np.ndarray) -> np.ndarray:
-    """One slice's HU-protocol sums, float64 (4, 2): per tissue of indices.protocol_masks
-    (MUS, IMAT, SAT, VAT, in its order) the protocol weight (pixels) and weight x HU.
-    probabilities: (C, J, I) float; hu: (J, I) HU. The masks' weights through _soft_sums
-    (float32 blocks added in float64, as the soft areas), one slice at a time so that
-    segment's output threads make them beside the other outputs (a slab at a time in
-    float64 cost 22 ms a 512 x 512 slice, this 4.6: docs/benchmarks.md)."""
-    masks = protocol_masks(np.asarray(probabilities)[:, None], np.asarray(hu)[None])
-    weights = np.stack([w.reshape(-1) for w in masks.values()])
-    out = np.zeros((weights.shape[0], 3), np.float64)
-    _soft_sums(weights, np.asarray(hu).reshape(-1), out)
-    return out[:, :2]
 
 
 def _integer_hu(h: np.ndarray) -> Optional[Tuple[np.ndarray, int, int]]:
@@ -248,7 +233,7 @@ def slice_sums(probabilities, hu, labels: Optional[np.ndarray] = None,
     counted = np.zeros((n_slices, C, 3), np.float64)
     for s in range(n_slices):  # one slice at a time keeps the scratch small
         ps = p[:, s].reshape(C, -1).astype(work, copy=False)
-        _soft_sums(ps, h[s].reshape(-1), soft[s])
+        soft_sums(ps, h[s].reshape(-1), soft[s])
         _hard_sums(hard[s].reshape(-1), h[s].reshape(-1), C, counted[s])
     out = {key: np.ascontiguousarray(soft[:, :, i]) for i, key in enumerate(SUM_KEYS[:3])}
     out.update((key, np.ascontiguousarray(counted[:, :, i]))
@@ -326,35 +311,6 @@ def with_uncertainty(rows: Rows, slices: Sequence[int], scores: Sequence[float],
         extra = {"uncertainty": mean, "correct_first": None} if k == "all" else \
             {"uncertainty": by_slice.get(int(k), float("nan")), "correct_first": rank.get(int(k))}
         out.append({**row, **extra})
-    return out
-
-
-def with_protocol(rows: Rows, slices: Sequence[int],
-                  protocol_sums: Sequence[Dict[str, np.ndarray]],
-                  spacing_mm: Sequence[float]) -> Rows:
-    """The rows with PROTOCOL_COLUMNS added. protocol_sums: indices.protocol_slice_sums of
-    consecutive slabs (tissue key -> float64 (n, 2) per slice), together one entry per index
-    in ``slices``, in that order; spacing_mm: (I, J, K) mm. Each slice's values and the "all"
-    rows' (the mean area per slice, as area_cm2) are indices.protocol_from_sums of its
-    slices. Tissues without protocol sums (MSC) get NaN. New dicts."""
-    _check_spacing(spacing_mm)
-    keys = list(protocol_sums[0]) if protocol_sums else []
-    joined = {k: np.concatenate([np.asarray(part[k], np.float64).reshape(-1, 2)
-                                 for part in protocol_sums]) for k in keys}
-    if any(v.shape[0] != len(slices) for v in joined.values()):
-        raise ValueError(f"protocol sums hold {next(iter(joined.values())).shape[0]} slices "
-                         f"but {len(slices)} slice indices were given")
-    measures = {"all": protocol_from_sums([joined], spacing_mm)}
-    for s, k in enumerate(slices):
-        measures[int(k)] = protocol_from_sums([{key: v[s:s + 1] for key, v in joined.items()}],
-                                              spacing_mm)
-    nan = float("nan")
-    out: Rows = []
-    for row in rows:
-        m = measures["all" if row["slice"] == "all" else int(row["slice"])]
-        key = row["tissue"]
-        out.append({**row, "protocol_area_cm2": m.get(f"protocol_area_cm2_{key}", nan),
-                    "protocol_hu_mean": m.get(f"protocol_hu_mean_{key}", nan)})
     return out
 
 

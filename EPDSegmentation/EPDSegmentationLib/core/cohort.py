@@ -42,7 +42,7 @@ def level_row(case: str, measures: Sequence[Dict[str, object]], *, level: str,
     """A cohort row from the body-composition rows of one case segmented at ``level``
     (bodycomp.tissue_measures: the "all" rows give the soft area, cm^2 per slice, and the
     mean HU per tissue; and, when they have them, the HU-protocol area and mean HU,
-    bodycomp.with_protocol). height_m: metres or None (no indices); facts: more columns
+    indices.with_protocol). height_m: metres or None (no indices); facts: more columns
     (patient_id, study_uid, ...)."""
     totals = {str(r["tissue"]): r for r in measures if r["slice"] == "all"}
     row: Dict[str, object] = {"case": case, "status": "ok", "message": "", "source": source,

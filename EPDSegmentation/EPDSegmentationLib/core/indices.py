@@ -8,7 +8,9 @@
   what the network calls muscle (MUS + IMAT probabilities), HU -29..150 is muscle and
   -190..-30 is IMAT; SAT and VAT are the network's probabilities within their HU ranges
   (classes.py: SAT -190..-30, VAT -150..-50). Reported beside the network's soft areas, in
-  columns named ``protocol_*``, never in place of them.
+  columns named ``protocol_*``, never in place of them: per case (protocol_from_sums), per
+  slice and range in the measures rows (with_protocol), summed slice by slice as segment
+  streams (protocol_plane_sums); and as labels (protocol_labels).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from .bodycomp import Rows, soft_sums
 from .classes import TISSUES, class_by_key
 
 #: Adult heights accepted, metres; outside this a value is refused as implausible.
@@ -129,13 +132,25 @@ def protocol_labels(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
     return out
 
 
+def protocol_plane_sums(probabilities: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """One slice's HU-protocol sums, float64 (4, 2): per tissue of protocol_masks
+    (PROTOCOL_KEYS) the protocol weight (pixels) and weight x HU. probabilities: (C, J, I)
+    float; hu: (J, I) HU. The masks' weights through bodycomp.soft_sums (float32 blocks
+    added in float64, as the soft areas), one slice at a time so that segment's output
+    threads make them beside the other outputs (a slab at a time in float64 cost 22 ms a
+    512 x 512 slice, this 4.6: docs/benchmarks.md)."""
+    masks = protocol_masks(np.asarray(probabilities)[:, None], np.asarray(hu)[None])
+    weights = np.stack([w.reshape(-1) for w in masks.values()])
+    out = np.zeros((weights.shape[0], 3), np.float64)
+    soft_sums(weights, np.asarray(hu).reshape(-1), out)
+    return out[:, :2]
+
+
 def protocol_slice_sums(probabilities: np.ndarray, hu: np.ndarray) -> Dict[str, np.ndarray]:
     """Per tissue, float64 (n, 2): each slice's protocol weight (pixels) and weight x HU;
     what protocol_from_sums needs, so slabs can be measured as they stream past.
-    probabilities (C, n, J, I), hu (n, J, I); slice by slice (bodycomp.protocol_plane_sums,
-    what segment's output threads run)."""
-    from .bodycomp import protocol_plane_sums     # bodycomp imports this module
-
+    probabilities (C, n, J, I), hu (n, J, I); slice by slice (protocol_plane_sums, what
+    segment's output threads run)."""
     p = np.asarray(probabilities)
     h = np.asarray(hu)
     if p.shape[1:] != h.shape:
@@ -159,6 +174,34 @@ def protocol_from_sums(sums: Sequence[Dict[str, np.ndarray]],
         mass, hu_mass = float(both[:, 0].sum()), float(both[:, 1].sum())
         out[f"protocol_area_cm2_{key}"] = mass * si * sj / 100.0 / n
         out[f"protocol_hu_mean_{key}"] = hu_mass / mass if mass > 0 else float("nan")
+    return out
+
+
+def with_protocol(rows: Rows, slices: Sequence[int],
+                  protocol_sums: Sequence[Dict[str, np.ndarray]],
+                  spacing_mm: Sequence[float]) -> Rows:
+    """The rows with bodycomp.PROTOCOL_COLUMNS added. protocol_sums: protocol_slice_sums of
+    consecutive slabs (tissue key -> float64 (n, 2) per slice), together one entry per index
+    in ``slices``, in that order; spacing_mm: (I, J, K) mm. Each slice's values and the "all"
+    rows' (the mean area per slice, as area_cm2) are protocol_from_sums of its
+    slices. Tissues without protocol sums (MSC) get NaN. New dicts."""
+    keys = list(protocol_sums[0]) if protocol_sums else []
+    joined = {k: np.concatenate([np.asarray(part[k], np.float64).reshape(-1, 2)
+                                 for part in protocol_sums]) for k in keys}
+    if any(v.shape[0] != len(slices) for v in joined.values()):
+        raise ValueError(f"protocol sums hold {next(iter(joined.values())).shape[0]} slices "
+                         f"but {len(slices)} slice indices were given")
+    measures = {"all": protocol_from_sums([joined], spacing_mm)}
+    for s, k in enumerate(slices):
+        measures[int(k)] = protocol_from_sums([{key: v[s:s + 1] for key, v in joined.items()}],
+                                              spacing_mm)
+    nan = float("nan")
+    out: Rows = []
+    for row in rows:
+        m = measures["all" if row["slice"] == "all" else int(row["slice"])]
+        key = row["tissue"]
+        out.append({**row, "protocol_area_cm2": m.get(f"protocol_area_cm2_{key}", nan),
+                    "protocol_hu_mean": m.get(f"protocol_hu_mean_{key}", nan)})
     return out
 
 

@@ -32,12 +32,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .adapt import suggest_slices
-from .bodycomp import (SUM_KEYS, concatenate_sums, measures_from_sums, protocol_plane_sums,
-                       slice_sums, with_protocol, with_uncertainty)
+from .bodycomp import SUM_KEYS, concatenate_sums, measures_from_sums, slice_sums, with_uncertainty
 from .fractional import FRACTIONAL_MAX, FRACTIONAL_MIN, encode_fractional
 from .heap import start_stream, trim_heap
 from .inference import PROBABILITY_TOLERANCE, Cancelled, check_probability_range
-from .indices import PROTOCOL_KEYS
+from .indices import PROTOCOL_KEYS, protocol_plane_sums, with_protocol
 
 #: Slices per slab in ``segment``: two default batches. Memory per slab is about
 #: 6 x 4 bytes x slices x J x I for the probabilities, plus the network's own.
@@ -80,7 +79,7 @@ class Accumulator:
         """bodycomp rows (per slice and tissue, then "all") for every slice seen so far,
         with each slice's uncertainty and the n_suggest slices to correct first
         (bodycomp.with_uncertainty; the rule of core.adapt.suggest_slices) and, when every
-        slab was made with them, the HU-protocol measures (bodycomp.with_protocol)."""
+        slab was made with them, the HU-protocol measures (indices.with_protocol)."""
         rows = measures_from_sums(concatenate_sums(self.sums), spacing_mm, self.slices)
         if self.protocol and len(self.protocol) == len(self.sums):
             rows = with_protocol(rows, self.slices, self.protocol, spacing_mm)
@@ -234,7 +233,7 @@ def slab_outputs(probabilities, hu: np.ndarray, slices: Sequence[int], *, codes:
     (n, J, I) of the same slices. Checks shape, and range as bodycomp does unless
     ``range_checked`` (inference.slab_predictor checks the network's low-resolution output,
     which upsampling cannot take out of range). protocol: also the slab's HU-protocol sums
-    (as indices.protocol_slice_sums gives them; made per slice, bodycomp.protocol_plane_sums).
+    (as indices.protocol_slice_sums gives them; made per slice, indices.protocol_plane_sums).
 
     One slice at a time, every output is made from its planes (C, J, I) while they are in
     the core's cache: on the CPU, restoring the whole slab (16 slices, 100 MB at 512 x 512)

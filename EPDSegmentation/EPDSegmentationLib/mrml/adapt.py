@@ -28,9 +28,9 @@ from .nodes import (ROLE_ATTRIBUTE, InputProblem, add_volume, check_ct_volume, i
 from .segmentation import fill_tissue_segmentation, labels_from_segmentation
 from .tables import fill_measures_table, index_rows
 from .workflow import result_nodes
-from ..core.bodycomp import concatenate_sums, measures_from_sums, slice_sums, with_protocol
+from ..core.bodycomp import concatenate_sums, measures_from_sums, slice_sums
 from ..core.classes import NUM_CLASSES
-from ..core.indices import protocol_labels, protocol_slice_sums
+from ..core.indices import protocol_labels, protocol_slice_sums, with_protocol
 from ..core.inference import predict_volume
 
 ORIGINAL_ROLE = "original-result"
@@ -114,7 +114,7 @@ def measures_after(hu: np.ndarray, labels: np.ndarray, probabilities: Optional[n
     one plane per predicted slice (soft and hard areas, HU), the ``corrected`` slices from
     the user's labels (K, J, I) (soft = hard there: a correction is certain). hu: (K, J, I)
     HU; m: IJK-to-RAS; with height_m (metres) the indices as well (tables.index_rows);
-    protocol: the HU-protocol measures too (bodycomp.with_protocol), as Apply's table has."""
+    protocol: the HU-protocol measures too (indices.with_protocol), as Apply's table has."""
     where = {int(k): i for i, k in enumerate(predicted)}
     slices = sorted(set(where) | {int(k) for k in corrected})
     parts, protocol_parts = [], []

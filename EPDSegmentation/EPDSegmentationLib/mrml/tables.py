@@ -67,7 +67,7 @@ def _measure_columns(columns):
 
 MEASURE_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = tuple(
     _measure_columns(bodycomp.COLUMNS))
-#: Added after MEASURE_COLUMNS when the rows have them (bodycomp.with_protocol).
+#: Added after MEASURE_COLUMNS when the rows have them (indices.with_protocol).
 PROTOCOL_MEASURE_COLUMNS: Tuple[Tuple[str, str, str, str], ...] = tuple(
     _measure_columns(bodycomp.PROTOCOL_COLUMNS))
 
@@ -125,7 +125,7 @@ def index_rows(rows: Rows, height_m: float) -> Rows:
 def fill_measures_table(table_node, rows: Rows, height_m: Optional[float] = None) -> None:
     """The body-composition rows of bodycomp.tissue_measures, one row per slice and tissue
     and the "all" rows, with the HU-protocol columns when the rows have them
-    (bodycomp.with_protocol); with the height (m) also the indices (INDEX_COLUMNS, and
+    (indices.with_protocol); with the height (m) also the indices (INDEX_COLUMNS, and
     PROTOCOL_INDEX_COLUMNS with the protocol)."""
     protocol = bool(rows) and "protocol_area_cm2" in rows[0]
     columns = MEASURE_COLUMNS + (PROTOCOL_MEASURE_COLUMNS if protocol else ())
