@@ -165,8 +165,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         raise ValueError(f"--pixel-mm must be positive, ascending and distinct; got {pixels}")
     if args.phantom_subjects < 1 or args.phantom_slices < 1:
         raise ValueError("--phantom-subjects and --phantom-slices must be >= 1")
-    bounds = [float(v) for v in
-              (args.bound if isinstance(args.bound, (list, tuple)) else [args.bound])]
+    bounds = [float(v) for v in args.bound]
     for v in bounds:
         if not v > 1.0:
             raise ValueError(f"--bound must be > 1; got {v:g}")
