@@ -136,6 +136,9 @@ def test_a_calibrated_model_is_fine_tuned_through_its_class_weights_and_keeps_th
     assert new_card["calibration"] == cal["calibration"]
     assert np.allclose(class_weights(new_card, PIXEL_MM), w)
     assert "calibration" not in adapted_card(card, "b", [case], settings, plain, "x")
+    up = {"method": "hu-guided", "sigma_hu": 30.0, "sigma_cells": 1.0, "radius_cells": 1}
+    guided = adapted_card(dict(cal, upsampling=up), "b", [case], settings, calibrated, "x")
+    assert guided["upsampling"] == up                # its maps reach the grid as the base's
     p = predict_volume(hu[:1], PIXEL_MM, calibrated.model, new_card, device="cpu").probabilities
     q = predict_volume(hu[:1], PIXEL_MM, calibrated.model, card, device="cpu").probabilities
     assert p[4].sum() > q[4].sum()                    # the weights act on the adapted model

@@ -30,7 +30,9 @@ from EPDSegmentationLib.core.calibration import calibrate
 from EPDSegmentationLib.core.classes import CLASSES, KEYS, NUM_CLASSES, color_table
 from EPDSegmentationLib.core.epd import epd_labels
 from EPDSegmentationLib.core.inference import (prepare_slices, resample_planes,
-                                               restore_probabilities, run_network, select_device)
+                                               restore_probabilities, run_network, select_device,
+                                               work_hu)
+from EPDSegmentationLib.core.upsampling import applies
 from EPDSegmentationLib.core.metrics import HARD_METRICS, SOFT_METRICS, MetricStats
 from EPDSegmentationLib.core.model_io import load_model
 
@@ -124,7 +126,9 @@ def evaluate(model, card, records: Sequence[SliceRecord], *, device="auto", batc
         work_area = (row_mm * hu.shape[1] / work[0]) * (col_mm * hu.shape[2] / work[1])
         target = epd_labels(resample_planes(lab, work, labels=True), NUM_CLASSES, k)
         low.update(probs, target, work_area * k * k)
-        up = restore_probabilities(probs, work, hu.shape[1:], card)
+        guide = work_hu(hu, (row_mm, col_mm), card) if applies(card, probs.shape[-2:],
+                                                               hu.shape[1:]) else None
+        up = restore_probabilities(probs, work, hu.shape[1:], card, guide)
         full.update(up, lab, row_mm * col_mm)
         pixel_cm2 = row_mm * col_mm / 100.0
         true_area.append(np.stack([(lab == c).sum(axis=(1, 2)) for c in range(NUM_CLASSES)], 1)

@@ -299,9 +299,10 @@ def format_merge_report(path: Path, report: Dict[str, List[str]], n_rows: int) -
 
 def model_version(path: Path, with_calibration: bool = True) -> str:
     """The first 12 hex digits of a SHA-256 of the weights and, when the card beside them
-    carries class weights (core/calibration.py), of those too: which exact model made a
-    number (the same weights calibrated give other numbers). ``with_calibration`` False:
-    the weights alone."""
+    carries class weights (core/calibration.py) or HU-guided upsampling
+    (core/upsampling.py), of those too: which exact model made a number (the same weights
+    calibrated or upsampled otherwise give other numbers). ``with_calibration`` False: the
+    weights alone."""
     import json
 
     path = Path(path)
@@ -313,9 +314,14 @@ def model_version(path: Path, with_calibration: bool = True) -> str:
             h.update(block)
     card = path.with_suffix(".json")
     if with_calibration and card.is_file():
-        cal = json.loads(card.read_text()).get("calibration")
+        fields = json.loads(card.read_text())
+        cal = fields.get("calibration")
         if isinstance(cal, dict):
             h.update(b"\ncalibration:" + json.dumps(
                 {k: cal.get(k) for k in ("pixel_mm", "class_weights")},
                 sort_keys=True).encode())
+        up = fields.get("upsampling")
+        if isinstance(up, dict):       # core/upsampling.py: other boundaries, other areas
+            h.update(b"\nupsampling:" + json.dumps(
+                {k: v for k, v in up.items() if k != "command"}, sort_keys=True).encode())
     return "sha256:" + h.hexdigest()[:12]

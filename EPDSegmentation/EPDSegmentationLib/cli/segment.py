@@ -633,6 +633,9 @@ def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None,
     cal = card.get("calibration")
     if isinstance(cal, dict):          # the same weights calibrated give other probabilities
         prov["model"]["calibration"] = {k: cal.get(k) for k in ("pixel_mm", "class_weights")}
+    if isinstance(card.get("upsampling"), dict):     # the same weights, other boundaries
+        prov["model"]["upsampling"] = {k: v for k, v in card["upsampling"].items()
+                                       if k != "command"}
     if meta.get("format") == "dicom":
         prov["dicom"] = {"study_instance_uid": meta.get("study_uid", ""),
                          "series_instance_uid": meta.get("series_uid", ""),

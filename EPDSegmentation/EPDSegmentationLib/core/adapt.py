@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .calibration import KEY as CALIBRATION_KEY, calibrate, class_weights
+from .upsampling import KEY as UPSAMPLING_KEY
 from .classes import NUM_CLASSES
 from .epd import epd_labels, nearest_labels
 from .inference import (Cancelled, prepare_slices, resample_planes, resampled_shape, run_network,
@@ -520,7 +521,8 @@ def adapted_card(base_card: Mapping[str, Any], base_model: str, cases: Sequence[
     spacing; training records the base model, the cases and slices, the settings and the
     losses on the corrected slices before and after. The base's metrics and evaluation no
     longer describe this model: they are kept under training.data.base_model. A calibrated
-    base's class weights stay with the model: it was fine-tuned through them."""
+    base's class weights stay with the model: it was fine-tuned through them; so does the
+    base's HU-guided upsampling (core/upsampling.py)."""
     skip = {"format", "format_version", "architecture", "classes", "windows", "factor",
             "label_mode", "image_mode", "pixel_mm", "input_size", "training", "metrics"}
     base_extra = {k: v for k, v in base_card.items() if k not in skip}
@@ -548,9 +550,10 @@ def adapted_card(base_card: Mapping[str, Any], base_model: str, cases: Sequence[
                      image_mode=base_card["image_mode"], pixel_mm=base_card["pixel_mm"],
                      input_size=base_card["input_size"], training=training, metrics={},
                      adapted_from=str(base_model),
-                     # trained through the base's class weights (_calibrated): they go with it
-                     **({CALIBRATION_KEY: base_card[CALIBRATION_KEY]}
-                        if CALIBRATION_KEY in base_card else {}))
+                     # trained through the base's class weights (_calibrated): they go with it;
+                     # its maps reach the input grid as the base's did
+                     **{key: base_card[key] for key in (CALIBRATION_KEY, UPSAMPLING_KEY)
+                        if key in base_card})
 
 
 def check_destination(path, overwrite: bool = False) -> None:

@@ -8,8 +8,9 @@ For every requested axial slice (a (J, I) plane of the (K, J, I) volume):
 3. downsample by the card's factor with the card's image mode (epd.epd_image or
    epd.bilinear_image);
 4. predict class probabilities in batches (the network pads to a multiple of 32 itself);
-5. upsample the soft maps to the resampled grid (epd.upsample_soft) and resample them back
-   to the input grid (bilinear, so they stay probabilities that sum to one).
+5. upsample the soft maps to the resampled grid (epd.upsample_soft; or guided by the
+   slice's HU where the card says so, core/upsampling.py) and resample them back to the
+   input grid (bilinear, so they stay probabilities that sum to one).
 
 torch is imported inside the functions: importing this module needs NumPy only.
 """
@@ -21,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import upsampling
 from .calibration import calibrate
 from .epd import bilinear_image, check_up_shape, epd_image, upsample_soft
 from .errors import DeviceError
@@ -191,10 +193,37 @@ def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mappin
 
 
 def restore_probabilities(probs: np.ndarray, work_shape: Sequence[int],
-                          input_shape: Sequence[int], card: Mapping[str, Any]) -> np.ndarray:
-    """Network output (n, C, h, w) -> probabilities (n, C, *input_shape) on the input grid."""
+                          input_shape: Sequence[int], card: Mapping[str, Any],
+                          guide: Optional[np.ndarray] = None) -> np.ndarray:
+    """Network output (n, C, h, w) -> probabilities (n, C, *input_shape) on the input grid.
+    guide: the slices' HU (n, *work_shape) on the resampled grid (work_hu), needed when the
+    card's maps are upsampled guided by the HU (core/upsampling.py) and the input grid is
+    finer than the network's (upsampling.applies)."""
+    if upsampling.applies(card, probs.shape[-2:], input_shape):
+        import torch
+
+        guide = _need_guide(guide)
+        out = restore_probabilities_torch(torch.from_numpy(np.ascontiguousarray(probs)),
+                                          work_shape, input_shape, card,
+                                          torch.from_numpy(np.ascontiguousarray(guide)))
+        return out.numpy()
     full = upsample_soft(probs, tuple(work_shape), int(card["factor"]))
     return resample_planes(full, tuple(input_shape))
+
+
+def _need_guide(guide):
+    if guide is None:
+        raise ValueError("this model's card upsamples its maps guided by the HU "
+                         "(core/upsampling.py): pass the slices' HU on the resampled grid")
+    return guide
+
+
+def work_hu(hu, pixel_mm: Sequence[float], card: Mapping[str, Any]):
+    """HU slices (n, J, I) (NumPy or torch) resampled to the grid the network's input is
+    averaged from, float32 of the same kind: the guide of HU-guided upsampling."""
+    t = np.asarray(hu, np.float32) if isinstance(hu, np.ndarray) else hu
+    return resample_planes(t, resampled_shape(tuple(t.shape[-2:]), pixel_mm,
+                                              source_pixel_mm(card)))
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -313,11 +342,18 @@ def upsample_soft_fast(probs, work_shape: Sequence[int], factor: int):
 
 
 def restore_probabilities_torch(probs, work_shape: Sequence[int], input_shape: Sequence[int],
-                                card: Mapping[str, Any]):
+                                card: Mapping[str, Any], guide=None):
     """restore_probabilities on torch tensors, on their device: network output (n, C, h, w)
     -> probabilities (n, C, *input_shape) float32 (equal to the NumPy path to float
-    rounding)."""
-    full = upsample_soft_fast(probs, tuple(work_shape), int(card["factor"]))
+    rounding). guide: torch (n, *work_shape) HU, for a card with HU-guided upsampling
+    (used where upsampling.applies)."""
+    if upsampling.applies(card, probs.shape[-2:], input_shape):
+        up = upsampling.guided(card)
+        full = upsampling.guided_upsample(
+            probs, _need_guide(guide), int(card["factor"]), sigma_hu=float(up["sigma_hu"]),
+            sigma_cells=float(up["sigma_cells"]), radius_cells=int(up["radius_cells"]))
+    else:
+        full = upsample_soft_fast(probs, tuple(work_shape), int(card["factor"]))
     return resample_planes(full, tuple(input_shape))
 
 
@@ -331,13 +367,16 @@ class Deferred:
 
     probs: torch (n, C, h, w) on ``device``, already range-checked; work: the resampled
     grid (rows, cols) the network's input came from; input_shape: the input grid (J, I);
-    flips: (rows, columns) to flip back out of the network's orientation."""
+    flips: (rows, columns) to flip back out of the network's orientation; guide: the slab's
+    HU on the resampled grid (n, rows, cols) torch, in the network's orientation, for a
+    card with HU-guided upsampling (None otherwise)."""
 
     probs: Any
     work: Tuple[int, int]
     input_shape: Tuple[int, int]
     card: Mapping[str, Any]
     flips: Tuple[bool, bool] = (False, False)
+    guide: Any = None
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -352,8 +391,9 @@ class Deferred:
     def planes(self, start: int, stop: int):
         """Probabilities of slices start..stop-1 of the slab on the input grid: torch float32
         (C, stop - start, J, I) on the device (restore_probabilities_torch, flipped back)."""
+        guide = None if self.guide is None else self.guide[start:stop]
         full = restore_probabilities_torch(self.probs[start:stop], self.work,
-                                           self.input_shape, self.card)     # (n, C, J, I)
+                                           self.input_shape, self.card, guide)  # (n, C, J, I)
         dims = [d for d, f in ((2, self.flips[0]), (3, self.flips[1])) if f]
         if dims:
             full = full.flip(dims)
@@ -383,9 +423,20 @@ def network_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping
                                             as_tensor=True, **network)
     check_probability_range(probs)
     probs = calibrate(probs, card, pixel_mm)       # the card's class priors, if it has them
+    # HU-guided upsampling needs the slab's HU on the resampled grid (a float32 copy,
+    # a quarter of the soft maps' size at factor 2)
+    guided = upsampling.applies(card, x.shape[-2:], hu.shape[1:])
+    guide = work_hu(torch_from(hu), pixel_mm, card) if guided else None
     low = Deferred(probs, tuple(work), tuple(int(v) for v in hu.shape[1:]), card,
-                   (bool(flip_rows), bool(flip_cols)))
+                   (bool(flip_rows), bool(flip_cols)), guide)
     return low, device, batch_size
+
+
+def torch_from(a: np.ndarray):
+    """A float32 torch tensor of a NumPy array (shared when it already is float32)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32))
 
 
 def predict_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],

@@ -110,7 +110,8 @@ def parameter_value(value) -> str:
 def algorithm_identification(model_card: Optional[Dict] = None):
     """Our AlgorithmIdentificationSequence: name, AI family, version, model parameters
     (parameter_value; a calibrated card's class weights as ``calibration_pixel_mm`` and
-    ``calibration_class_weights``, one row per pixel size)."""
+    ``calibration_class_weights``, one row per pixel size; HU-guided upsampling as
+    ``upsampling_*``)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -122,6 +123,9 @@ def algorithm_identification(model_card: Optional[Dict] = None):
     if isinstance(card.get("calibration"), dict):    # the same weights, other numbers
         for key in ("pixel_mm", "class_weights"):
             params[f"calibration_{key}"] = parameter_value(card["calibration"].get(key))
+    if isinstance(card.get("upsampling"), dict):     # the same weights, other boundaries
+        for key in ("method", "sigma_hu", "sigma_cells", "radius_cells"):
+            params[f"upsampling_{key}"] = parameter_value(card["upsampling"].get(key))
     version = f"{__version__}"
     if card.get("name"):
         version += f" ({card['name']})"

@@ -277,6 +277,8 @@ def model_summary(card: Optional[Mapping[str, Any]], model_path=None) -> Dict[st
     if isinstance(card.get("calibration"), Mapping):     # the same weights, other numbers
         out["calibration"] = {k: card["calibration"].get(k) for k in ("pixel_mm",
                                                                       "class_weights")}
+    if isinstance(card.get("upsampling"), Mapping):      # the same weights, other boundaries
+        out["upsampling"] = {k: v for k, v in card["upsampling"].items() if k != "command"}
     if "name" not in out and model_path is not None:
         out["name"] = Path(str(model_path)).name.split(".")[0]
     return out

@@ -573,7 +573,8 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
 def describe_model(card: Mapping[str, Any]) -> str:
     """A few lines about a model for the panel: classes, factor, spacing, training data in
     short, whether its weights are a mix (training interpolate) or calibrated (training
-    calibrate), the Dice per class the
+    calibrate), whether its maps are upsampled guided by the HU (training guide), the Dice
+    per class the
     card records and its area error on phantoms at 3 mm (training area-bias). Values stay
     with their names when the panel wraps a line (no-break spaces)."""
     classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
@@ -595,6 +596,10 @@ def describe_model(card: Mapping[str, Any]) -> str:
         # training calibrate: the probabilities are reweighted per class (core/calibration)
         sizes = ", ".join(f"{float(v):g}" for v in cal["pixel_mm"])
         lines.append(f"Calibrated: class weights fitted on phantoms at {sizes}{NBSP}mm pixels")
+    up = card.get("upsampling")
+    if isinstance(up, Mapping) and isinstance(up.get("sigma_hu"), (int, float)):
+        # training guide: the maps reach the input grid along the CT's edges
+        lines.append(f"Upsampled guided by the HU (sigma{NBSP}{float(up['sigma_hu']):g}{NBSP}HU)")
     lines += describe_dice(card) or ["Dice: not recorded in the model card"]
     mirror = (card.get("evaluation") or {}).get("mirror")
     if isinstance(mirror, bool):      # training bundle: how its numbers were measured

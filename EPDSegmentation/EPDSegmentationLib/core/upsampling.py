@@ -1,0 +1,183 @@
+"""HU-guided upsampling of the network's soft maps (joint bilateral upsampling).
+
+The network predicts class fractions on a grid k times coarser than the resampled slice
+(1.73 mm pixels for the bundled model). Plain bilinear upsampling draws every boundary
+smooth and in the middle of a mixed cell: the fat between two muscles, thinner than a
+cell, becomes muscle, and the muscle's edge against the subcutaneous fat runs through
+pixels of fat HU. The CT itself says where the edge is. Each full-resolution pixel here
+takes the fractions of the nearby network cells weighted by distance and by how close the
+cell's mean HU (the network's own input, the k x k window mean) is to the pixel's HU:
+
+    p(x) = sum_y w_s(x, y) w_r(x, y) P(y) / sum_y w_s(x, y) w_r(x, y)
+    w_s = exp(-|x - y|^2 / (2 sigma_cells^2))   (distance in network cells)
+    w_r = exp(-(HU(x) - g(y))^2 / (2 sigma_hu^2))
+
+over the (2 radius + 1)^2 cells around the pixel's own (Kopf et al. 2007, "Joint bilateral
+upsampling"). Where all the nearby cells hold the same tissue (a muscle darkened by fat, or
+noise) the range weights are alike and cancel in the normalisation, so a pixel is moved
+only where the cells around it differ; the result still sums to one per pixel. It does not
+preserve each cell's class fractions exactly (no upsampling that follows edges can), so the
+soft areas it gives are measured (docs/model.md), not assumed.
+
+Card field (``training guide`` writes it)::
+
+    "upsampling": {"method": "hu-guided", "sigma_hu": 30.0, "sigma_cells": 1.0,
+                   "radius_cells": 1, "command": "..."}
+
+Without it a model's maps are upsampled bilinearly, as before; with it, too, for a slice
+whose pixels are no smaller than the network's cells (a 3 mm scan and the bundled model's
+1.73 mm cells): such a slice's HU, interpolated onto the finer grid, cannot say where an
+edge lies inside a cell, and following its interpolated skin edge called partial-volume
+pixels fat (the T11-L2 CT's subcutaneous fat Dice 0.883 against 0.904 bilinear; measured,
+docs/model.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+KEY = "upsampling"
+METHOD = "hu-guided"
+
+
+def check_upsampling(up: Any) -> Optional[str]:
+    """None if ``up`` is a valid card "upsampling" field, else what is wrong."""
+    if not isinstance(up, Mapping):
+        return "upsampling must be an object"
+    if up.get("method") != METHOD:
+        return f"upsampling method must be {METHOD!r}; got {up.get('method')!r}"
+    try:
+        sigma_hu, sigma_cells = float(up["sigma_hu"]), float(up["sigma_cells"])
+        radius = up["radius_cells"]
+    except (KeyError, TypeError, ValueError):
+        return "upsampling needs sigma_hu and sigma_cells (numbers) and radius_cells"
+    if not (sigma_hu > 0 and math.isfinite(sigma_hu) and sigma_cells > 0
+            and math.isfinite(sigma_cells)):
+        return "upsampling sigma_hu and sigma_cells must be positive"
+    if not isinstance(radius, int) or isinstance(radius, bool) or not 1 <= radius <= 3:
+        return f"upsampling radius_cells must be an int 1 to 3; got {radius!r}"
+    return None
+
+
+def guided(card: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The card's HU-guided upsampling parameters, or None (bilinear)."""
+    up = card.get(KEY)
+    if up is None:
+        return None
+    problem = check_upsampling(up)
+    if problem:
+        raise ValueError(f"model card: {problem}")
+    return up
+
+
+def applies(card: Mapping[str, Any], cells: Sequence[int], input_shape: Sequence[int]) -> bool:
+    """Whether the card's maps are upsampled guided by the HU for a slice: it says so and the
+    slice's grid input_shape (J, I) is finer than the network's cells (h, w) on both axes."""
+    return (guided(card) is not None and int(input_shape[0]) > int(cells[0])
+            and int(input_shape[1]) > int(cells[1]))
+
+
+def describe(card: Mapping[str, Any]) -> str:
+    """One line for notes and the panel: how this model's maps reach the input grid."""
+    up = guided(card)
+    if up is None:
+        return "soft maps upsampled bilinearly"
+    return (f"soft maps upsampled guided by the HU (sigma {float(up['sigma_hu']):g} HU, "
+            f"{float(up['sigma_cells']):g} cells, radius {int(up['radius_cells'])}) where "
+            f"the slice's pixels are smaller than the network's")
+
+
+def _window_max(x, r: int):
+    """Maximum over the (2 r + 1)^2 cells around each cell of x (n, C, h, w), the edge
+    cells repeated beyond the edges."""
+    import torch
+    from torch.nn import functional as F
+
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    xp = F.pad(x, (r, r, r, r), mode="replicate")
+    rows = xp[..., 0:h, :]
+    for d in range(1, 2 * r + 1):
+        rows = torch.maximum(rows, xp[..., d:d + h, :])
+    out = rows[..., 0:w]
+    for d in range(1, 2 * r + 1):
+        out = torch.maximum(out, rows[..., d:d + w])
+    return out
+
+
+#: Cells whose neighbours' probabilities all lie within this of their own are upsampled
+#: bilinearly: both results are weighted means of those neighbours, so they differ there by
+#: at most twice this, and most of a slice (air, the inside of organs and fat) is spared.
+TOLERANCE = 0.01
+
+
+def guided_upsample(probs, guide, factor: int, *, sigma_hu: float, sigma_cells: float = 1.0,
+                    radius_cells: int = 1, tolerance: float = TOLERANCE):
+    """Soft maps (n, C, h, w) torch float -> (n, C, rows, cols) float32 on their device,
+    guided by ``guide`` (n, rows, cols), the slices' HU on the full-resolution grid the
+    network's input was averaged from (rows <= h k, cols <= w k; the window means at the
+    far edges over the pixels they hold, as the network's input).
+
+    Output pixel j (per axis) lies at network coordinate (j + 0.5) / k - 0.5, as in the
+    bilinear path (inference.upsample_soft_fast); the cells beyond the edges repeat the edge
+    cell's. Only the cells whose (2 radius + 1)^2 neighbourhood holds a probability more
+    than ``tolerance`` from their own are computed (gathered, k x k pixels each); the rest
+    keep the bilinear result (see TOLERANCE)."""
+    import torch
+    from torch.nn import functional as F
+
+    k = int(factor)
+    n, C, h, w = (int(v) for v in probs.shape)
+    rows, cols = int(guide.shape[-2]), int(guide.shape[-1])
+    if int(guide.shape[0]) != n or not (0 < rows <= h * k and 0 < cols <= w * k) \
+            or rows <= (h - 1) * k or cols <= (w - 1) * k:
+        raise ValueError(f"guide {tuple(guide.shape)} does not match soft maps "
+                         f"{tuple(probs.shape)} at factor {k}")
+    p = probs.float()
+    if k == 1:
+        return p
+    g = guide.to(device=p.device, dtype=torch.float32)
+    r = int(radius_cells)
+    bil = F.interpolate(p, scale_factor=(k, k), mode="bilinear", align_corners=False,
+                        recompute_scale_factor=False).contiguous()       # (n, C, h k, w k)
+    # how far each cell's neighbours are from it, over classes (a separable running max and
+    # min over the repeated edge cells; F.max_pool2d at stride 1 is 5 times slower on the CPU)
+    spread = (_window_max(p, r) + _window_max(-p, r)).amax(1)                      # (n, h, w)
+    cells = torch.nonzero(spread.reshape(-1) > float(tolerance)).reshape(-1)
+    if cells.numel():
+        # the network input's window means, partial windows at the far edges over their pixels
+        cell_hu = F.avg_pool2d(g[:, None], k, stride=k, ceil_mode=True)           # (n, 1, h, w)
+        hp, wp = h + 2 * r, w + 2 * r
+        pp = F.pad(p, (r, r, r, r), mode="replicate").reshape(-1)
+        gp = F.pad(cell_hu, (r, r, r, r), mode="replicate").reshape(-1)
+        ni, rest = cells // (h * w), cells % (h * w)
+        yi, xi = rest // w, rest % w
+        base = (yi + r) * wp + (xi + r)                                             # (m,)
+        offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        shift = torch.tensor([dy * wp + dx for dy, dx in offsets], device=p.device)
+        tap = base[:, None] + shift[None]                                           # (m, T)
+        taps_g = gp[tap + (ni * (hp * wp))[:, None]]                                # (m, T)
+        chan = (ni[:, None] * C + torch.arange(C, device=p.device)[None]) * (hp * wp)
+        taps_p = pp[tap[:, :, None] + chan[:, None, :]]                             # (m, T, C)
+        # each cell's k x k pixels of the guide, those beyond the grid's edge repeated
+        a = torch.arange(k, device=p.device)
+        prow = torch.clamp((yi * k)[:, None] + a[None], max=rows - 1)               # (m, k)
+        pcol = torch.clamp((xi * k)[:, None] + a[None], max=cols - 1)
+        pix = g.reshape(-1)[((ni * rows)[:, None, None] + prow[:, :, None]) * cols
+                            + pcol[:, None, :]].reshape(-1, k * k)                  # (m, k k)
+        u = (torch.arange(k, dtype=torch.float32, device=p.device) + 0.5) / k - 0.5
+        dy_t = torch.tensor([o[0] for o in offsets], dtype=torch.float32, device=p.device)
+        dx_t = torch.tensor([o[1] for o in offsets], dtype=torch.float32, device=p.device)
+        dist2 = ((u[:, None, None] - dy_t) ** 2 + (u[None, :, None] - dx_t) ** 2)  # (k, k, T)
+        log_s = -dist2.reshape(k * k, -1) / (2.0 * float(sigma_cells) ** 2)
+        diff = pix[:, :, None] - taps_g[:, None, :]                                 # (m, k k, T)
+        wgt = torch.softmax(log_s[None] - diff * diff / (2.0 * float(sigma_hu) ** 2), dim=2)
+        res = torch.bmm(wgt, taps_p)                                                # (m, k k, C)
+        # each result's flat position in bil (n, C, h k, w k): one index, one index_put_
+        row = (yi * k)[:, None, None, None] + a[None, None, :, None]                 # (m, 1, k, 1)
+        col = (xi * k)[:, None, None, None] + a[None, None, None, :]                 # (m, 1, 1, k)
+        plane = ni[:, None, None, None] * C + torch.arange(C, device=p.device)[None, :, None, None]
+        flat = (plane * (h * k) + row) * (w * k) + col                               # (m, C, k, k)
+        bil.view(-1).index_put_((flat.reshape(-1),),
+                                res.reshape(-1, k, k, C).permute(0, 3, 1, 2).reshape(-1))
+    return bil[..., :rows, :cols]

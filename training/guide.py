@@ -1,0 +1,53 @@
+"""Give a model HU-guided upsampling (``python -m training guide``): its weights unchanged,
+its card's ``upsampling`` field set (core/upsampling.py), so that every command restores
+its soft maps to the input grid along the CT's edges rather than bilinearly.
+
+The output is a folder holding model.safetensors and model.json, as a training run's, so that
+``training bundle --run`` takes it. The card's validation metrics and evaluation, measured
+with bilinear upsampling, are left out; its calibration, if any, is kept (applied on the
+network's grid, before the upsampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+from typing import List, Optional
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="the model (.safetensors)")
+    p.add_argument("--output", type=Path, required=True,
+                   help="folder for model.safetensors and model.json")
+    p.add_argument("--sigma-hu", type=float, default=30.0,
+                   help="HU difference at which a network cell's weight falls to 0.61 "
+                        "(default 30, chosen on phantoms: docs/model.md)")
+    p.add_argument("--sigma-cells", type=float, default=1.0,
+                   help="distance in network cells at which a cell's weight falls to 0.61 "
+                        "(default 1)")
+    p.add_argument("--radius", type=int, default=1,
+                   help="network cells each side of a pixel's own that it draws on (1 to 3)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
+
+
+def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
+    from EPDSegmentationLib.core.model_io import load_model, save_model
+    from EPDSegmentationLib.core.upsampling import KEY, METHOD, check_upsampling
+
+    up = {"method": METHOD, "sigma_hu": float(args.sigma_hu),
+          "sigma_cells": float(args.sigma_cells), "radius_cells": int(args.radius)}
+    if check_upsampling(up):
+        raise ValueError(f"--sigma-hu and --sigma-cells must be positive and --radius 1 to 3; "
+                         f"got {args.sigma_hu:g}, {args.sigma_cells:g}, {args.radius}")
+    model, card = load_model(args.model)
+    card = dict(card)
+    card[KEY] = dict(up, command="python -m training " + shlex.join(list(argv or [])))
+    card["metrics"] = {}
+    for key in ("evaluation", "bundle_command"):
+        card.pop(key, None)
+    out = Path(args.output) / "model"
+    save_model(out, model, card, overwrite=args.overwrite)
+    print(f"{out}.safetensors: {args.model}'s weights, upsampled guided by the HU "
+          f"(sigma {up['sigma_hu']:g} HU)")
+    return out.with_suffix(".safetensors")
