@@ -75,7 +75,8 @@ def make_volume(folder: Path, name: str, slices: int, size: int) -> str:
     return str(folder / f"{name}.nrrd")
 
 
-def make_model(folder: Path, k: int, size: int, config, trained: bool = False) -> str:
+def make_model(folder: Path, k: int, size: int, config, trained: bool = False,
+               plain_upsampling: bool = False) -> str:
     """A model of architecture ``config`` at factor k (real file format): random weights,
     or with ``trained`` the bundled model's weights (the same architecture; convolutions
     do not depend on the factor), whose outputs look like a segmentation's."""
@@ -97,9 +98,11 @@ def make_model(folder: Path, k: int, size: int, config, trained: bool = False) -
 
         net.load_state_dict(load_model(bundled_model_path())[0].state_dict())
     extra = {}
-    if trained:     # and its class weights, so segment does all it does with the bundled model
-        calibration = load_model(bundled_model_path())[1].get("calibration")
-        extra = {"calibration": calibration} if calibration else {}
+    if trained:     # and its class weights and upsampling, so segment does all it does
+        bundled = load_model(bundled_model_path())[1]         # with the bundled model
+        extra = {key: bundled[key] for key in ("calibration", "upsampling") if key in bundled}
+        if plain_upsampling:
+            extra.pop("upsampling", None)
     card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=k,
                      label_mode="epd", image_mode="average", pixel_mm=(src * k, src * k),
                      input_size=(size // k, size // k),
@@ -269,6 +272,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5,
                         help="'again' runs, each followed by the network alone (medians)")
     add_mirror_argument(parser)         # as `epdseg segment --no-mirror`
+    parser.add_argument("--plain-upsampling", action="store_true",
+                        help="with --trained: without the bundled card's HU-guided upsampling "
+                             "(bilinear, as before step 11), to measure what it costs")
     parser.add_argument("--network", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -289,7 +295,8 @@ def main() -> None:
     mk = args.memory_factor
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {k: make_model(tmp, k, args.size, config, trained=args.trained)
+        models = {k: make_model(tmp, k, args.size, config, trained=args.trained,
+                                plain_upsampling=args.plain_upsampling)
                   for k in sorted(set(args.factors) | {mk})}
         volume = make_volume(tmp, "volume", args.slices, args.size)
         print(f"epdseg segment end to end: {args.size} x {args.size} volumes (bundled sample "

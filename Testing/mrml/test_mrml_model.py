@@ -164,6 +164,11 @@ def test_panel_summary_shows_the_real_ct_levels():
     card["calibration"] = {"pixel_mm": [0.865, 3.0], "class_weights": [[1] * 2, [1] * 2]}
     lines = describe_model(card).replace("\u00a0", " ").splitlines()
     assert "Calibrated: class weights fitted on phantoms at 0.865, 3 mm pixels" in lines
+    assert not any(line.startswith("Upsampled") for line in lines)
+    card["upsampling"] = {"method": "hu-guided", "sigma_hu": 30.0, "sigma_cells": 1.0,
+                          "radius_cells": 1}
+    lines = describe_model(card).replace("\u00a0", " ").splitlines()
+    assert "Upsampled guided by the HU (sigma 30 HU)" in lines
     assert "Real CT, paraspinal called muscle, by level: T12 0.92, L5 1.00" in lines
 
 
