@@ -144,6 +144,8 @@ def test_streamed_and_flipped_paths_apply_it_as_the_numpy_path(guided_model, vol
     want = restore_probabilities(low, work, volume.shape[1:], card,
                                  work_hu(volume, (pixel, pixel), card))
     got = predict_volume(volume, (pixel, pixel), model, card, device="cpu", batch_size=2)
+    assert ("soft maps upsampled guided by the HU (sigma 30 HU; in network pixels, sigma 1, "
+            "radius 1)") in got.notes
     np.testing.assert_allclose(np.moveaxis(got.probabilities, 0, 1), want, atol=2e-6)
     plain = predict_volume(volume, (pixel, pixel), model, {k: v for k, v in card.items()
                                                            if k != "upsampling"}, device="cpu")
@@ -189,6 +191,8 @@ def test_slices_coarser_than_the_networks_cells_are_upsampled_bilinearly(guided_
     plain = {k: v for k, v in card.items() if k != "upsampling"}
     got = predict_volume(volume, (3.2, 3.2), model, card, device="cpu")
     want = predict_volume(volume, (3.2, 3.2), model, plain, device="cpu")
+    assert any(n.startswith("soft maps upsampled bilinearly") for n in got.notes)
+    assert not any("upsampled" in n for n in want.notes)
     np.testing.assert_array_equal(got.probabilities, want.probabilities)
     x, work = prepare_slices(volume, (3.2, 3.2), card)
     low, _, _ = run_network(model, x, torch.device("cpu"), 4, [], mirror=True)

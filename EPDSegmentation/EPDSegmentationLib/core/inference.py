@@ -495,6 +495,12 @@ def _start_notes(device, hu_shape, pixel_mm, card) -> Tuple[Any, List[str]]:
         notes.append(f"slices resampled from {pixel_mm[0]:.3g} x {pixel_mm[1]:.3g} mm "
                      f"({hu_shape[1]} x {hu_shape[2]}) to the model's {src[0]:.3g} x "
                      f"{src[1]:.3g} mm ({work[0]} x {work[1]})")
+    if upsampling.guided(card) is not None:
+        k = int(card["factor"])
+        cells = (-(-work[0] // k), -(-work[1] // k))
+        notes.append(upsampling.describe(card) if upsampling.applies(card, cells, hu_shape[-2:])
+                     else "soft maps upsampled bilinearly: the slices' pixels are not smaller "
+                          "than the network's, so their HU cannot guide the edges")
     return dev, notes
 
 

@@ -83,9 +83,9 @@ def describe(card: Mapping[str, Any]) -> str:
     up = guided(card)
     if up is None:
         return "soft maps upsampled bilinearly"
-    return (f"soft maps upsampled guided by the HU (sigma {float(up['sigma_hu']):g} HU, "
-            f"{float(up['sigma_cells']):g} cells, radius {int(up['radius_cells'])}) where "
-            f"the slice's pixels are smaller than the network's")
+    return (f"soft maps upsampled guided by the HU (sigma {float(up['sigma_hu']):g} HU; "
+            f"in network pixels, sigma {float(up['sigma_cells']):g}, radius "
+            f"{int(up['radius_cells'])})")
 
 
 def _window_max(x, r: int):
