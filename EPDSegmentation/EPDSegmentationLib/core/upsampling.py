@@ -159,29 +159,35 @@ def guided_upsample(probs, guide, factor: int, *, sigma_hu: float, sigma_cells: 
         yi, xi = rest // w, rest % w
         offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
         shift = torch.tensor([dy * wp + dx for dy, dx in offsets], device=p.device)
-        tap = (ni * (hp * wp) + (yi + r) * wp + (xi + r))[:, None] + shift[None]  # (m, T)
-        taps_g = gp[tap]                                                            # (m, T)
-        taps_p = pp.index_select(0, tap.reshape(-1)).reshape(-1, len(offsets), C)  # (m, T, C)
+        tap = ((ni * (hp * wp) + (yi + r) * wp + (xi + r))[None, :]
+               + shift[:, None])                                                    # (T, m)
+        T_ = len(offsets)
+        taps_g = gp[tap]                                                            # (T, m)
+        taps_p = pp.index_select(0, tap.reshape(-1)).reshape(T_, -1, C)            # (T, m, C)
         # each cell's k x k pixels (their flat index in one output plane), those beyond the
-        # grid's edge clamped to it for the guide
+        # grid's edge clamped to it for the guide; tap-major, so that the weights' softmax
+        # and sum run across cells (contiguous), not along 9 taps
         a = torch.arange(k, device=p.device)
-        prow = (yi * k)[:, None] + a[None]                                          # (m, k)
-        pcol = (xi * k)[:, None] + a[None]
-        at = (prow[:, :, None] * (w * k) + pcol[:, None, :]).reshape(-1, k * k)     # (m, k k)
-        pix = g.reshape(-1)[((ni * rows)[:, None, None]
-                             + torch.clamp(prow, max=rows - 1)[:, :, None]) * cols
-                            + torch.clamp(pcol, max=cols - 1)[:, None, :]].reshape(-1, k * k)
+        prow = (yi * k)[None, :] + a[:, None]                                       # (k, m)
+        pcol = (xi * k)[None, :] + a[:, None]
+        at = (prow[:, None, :] * (w * k) + pcol[None, :, :]).reshape(k * k, -1)     # (k k, m)
+        pix = g.reshape(-1)[((ni * rows)[None, None, :]
+                             + torch.clamp(prow, max=rows - 1)[:, None, :]) * cols
+                            + torch.clamp(pcol, max=cols - 1)[None, :, :]].reshape(k * k, -1)
         u = (torch.arange(k, dtype=torch.float32, device=p.device) + 0.5) / k - 0.5
         dy_t = torch.tensor([o[0] for o in offsets], dtype=torch.float32, device=p.device)
         dx_t = torch.tensor([o[1] for o in offsets], dtype=torch.float32, device=p.device)
-        dist2 = ((u[:, None, None] - dy_t) ** 2 + (u[None, :, None] - dx_t) ** 2)  # (k, k, T)
-        log_s = -dist2.reshape(k * k, -1) / (2.0 * float(sigma_cells) ** 2)
-        diff = pix[:, :, None] - taps_g[:, None, :]                                 # (m, k k, T)
-        wgt = torch.softmax(torch.addcmul(log_s[None], diff, diff,
-                                          value=-1.0 / (2.0 * float(sigma_hu) ** 2)), dim=2)
-        res = torch.bmm(wgt, taps_p)                                                # (m, k k, C)
+        dist2 = ((u[None, :, None] - dy_t[:, None, None]) ** 2
+                 + (u[None, None, :] - dx_t[:, None, None]) ** 2)                  # (T, k, k)
+        log_s = -dist2.reshape(T_, k * k, 1) / (2.0 * float(sigma_cells) ** 2)
+        diff = pix[None] - taps_g[:, None, :]                                       # (T, k k, m)
+        wgt = torch.softmax(torch.addcmul(log_s, diff, diff,
+                                          value=-1.0 / (2.0 * float(sigma_hu) ** 2)), dim=0)
+        res = wgt[0].unsqueeze(-1) * taps_p[0].unsqueeze(0)                         # (k k, m, C)
+        for t in range(1, T_):
+            res.addcmul_(wgt[t].unsqueeze(-1), taps_p[t].unsqueeze(0))
         # into bil (n, C, h k, w k): plane (ni, c), pixel at
         plane = (ni[:, None] * C + torch.arange(C, device=p.device)[None]) * (h * k * w * k)
-        flat = plane[:, :, None] + at[:, None, :]                                   # (m, C, k k)
-        bil.view(-1).index_put_((flat.reshape(-1),), res.transpose(1, 2).reshape(-1))
+        flat = at[:, :, None] + plane[None]                                         # (k k, m, C)
+        bil.view(-1).index_put_((flat.reshape(-1),), res.reshape(-1))
     return bil[..., :rows, :cols]
