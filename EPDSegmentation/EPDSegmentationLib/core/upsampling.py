@@ -153,7 +153,7 @@ def guided_upsample(probs, guide, factor: int, *, sigma_hu: float, sigma_cells: 
         # the network input's window means, partial windows at the far edges over their pixels
         cell_hu = F.avg_pool2d(g[:, None], k, stride=k, ceil_mode=True)           # (n, 1, h, w)
         hp, wp = h + 2 * r, w + 2 * r
-        pp = F.pad(p, (r, r, r, r), mode="replicate").permute(0, 2, 3, 1).reshape(-1, C)
+        pp = F.pad(p, (r, r, r, r), mode="replicate").transpose(0, 1).reshape(C, -1)  # (C, n hp wp)
         gp = F.pad(cell_hu, (r, r, r, r), mode="replicate").reshape(-1)
         ni, rest = cells // (h * w), cells % (h * w)
         yi, xi = rest // w, rest % w
@@ -163,10 +163,10 @@ def guided_upsample(probs, guide, factor: int, *, sigma_hu: float, sigma_cells: 
                + shift[:, None])                                                    # (T, m)
         T_ = len(offsets)
         taps_g = gp[tap]                                                            # (T, m)
-        taps_p = pp.index_select(0, tap.reshape(-1)).reshape(T_, -1, C)            # (T, m, C)
+        taps_p = pp[:, tap]                                                         # (C, T, m)
         # each cell's k x k pixels (their flat index in one output plane), those beyond the
-        # grid's edge clamped to it for the guide; tap-major, so that the weights' softmax
-        # and sum run across cells (contiguous), not along 9 taps
+        # grid's edge clamped to it for the guide; cells last, so that the weights' softmax
+        # and the weighted sum run along contiguous cells, not along 9 taps or 6 classes
         a = torch.arange(k, device=p.device)
         prow = (yi * k)[None, :] + a[:, None]                                       # (k, m)
         pcol = (xi * k)[None, :] + a[:, None]
@@ -183,11 +183,11 @@ def guided_upsample(probs, guide, factor: int, *, sigma_hu: float, sigma_cells: 
         diff = pix[None] - taps_g[:, None, :]                                       # (T, k k, m)
         wgt = torch.softmax(torch.addcmul(log_s, diff, diff,
                                           value=-1.0 / (2.0 * float(sigma_hu) ** 2)), dim=0)
-        res = wgt[0].unsqueeze(-1) * taps_p[0].unsqueeze(0)                         # (k k, m, C)
+        res = wgt[0].unsqueeze(1) * taps_p[:, 0].unsqueeze(0)                       # (k k, C, m)
         for t in range(1, T_):
-            res.addcmul_(wgt[t].unsqueeze(-1), taps_p[t].unsqueeze(0))
+            res.addcmul_(wgt[t].unsqueeze(1), taps_p[:, t].unsqueeze(0))
         # into bil (n, C, h k, w k): plane (ni, c), pixel at
         plane = (ni[:, None] * C + torch.arange(C, device=p.device)[None]) * (h * k * w * k)
-        flat = at[:, :, None] + plane[None]                                         # (k k, m, C)
+        flat = at[:, None, :] + plane.t()[None]                                     # (k k, C, m)
         bil.view(-1).index_put_((flat.reshape(-1),), res.reshape(-1))
     return bil[..., :rows, :cols]
