@@ -2,9 +2,8 @@
 
 The network predicts class fractions on a grid k times coarser than the resampled slice
 (1.73 mm pixels for the bundled model). Plain bilinear upsampling draws every boundary
-smooth and in the middle of a mixed cell: the fat between two muscles, thinner than a
-cell, becomes muscle, and the muscle's edge against the subcutaneous fat runs through
-pixels of fat HU. The CT itself says where the edge is. Each full-resolution pixel here
+smooth, through the middle of the mixed cells, whatever the CT shows there; the CT itself
+says where the edge is. Each full-resolution pixel here
 takes the fractions of the nearby network cells weighted by distance and by how close the
 cell's mean HU (the network's own input, the k x k window mean) is to the pixel's HU:
 
@@ -27,9 +26,8 @@ Card field (``training guide`` writes it)::
 Without it a model's maps are upsampled bilinearly, as before; with it, too, for a slice
 whose pixels are no smaller than the network's cells (a 3 mm scan and the bundled model's
 1.73 mm cells): such a slice's HU, interpolated onto the finer grid, cannot say where an
-edge lies inside a cell, and following its interpolated skin edge called partial-volume
-pixels fat (the T11-L2 CT's subcutaneous fat Dice 0.883 against 0.904 bilinear; measured,
-docs/model.md).
+edge lies inside a cell, and on the T11-L2 CT the guided maps lost subcutaneous fat (Dice
+0.883 against 0.904 bilinear; measured, docs/model.md; the voxels not traced).
 """
 
 from __future__ import annotations
