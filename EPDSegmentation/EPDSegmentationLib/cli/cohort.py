@@ -29,6 +29,7 @@ from ..core.bodycomp import csv_cell
 from ..core.cohort import COHORT_COLUMNS, row_indices
 from ..core.indices import HeightError, dicom_height_m, height_m
 from ..core.levels import LevelError, find_levels, level_slices
+from ..core.upsampling import parameters as upsampling_parameters
 from ..io import read_volume
 from ..io.level_picture import write_level_png
 from .segment import EXPECTED_ERRORS, ct_problem, segment_case
@@ -320,8 +321,7 @@ def model_version(path: Path, with_calibration: bool = True) -> str:
             h.update(b"\ncalibration:" + json.dumps(
                 {k: cal.get(k) for k in ("pixel_mm", "class_weights")},
                 sort_keys=True).encode())
-        up = fields.get("upsampling")
-        if isinstance(up, dict):       # core/upsampling.py: other boundaries, other areas
-            h.update(b"\nupsampling:" + json.dumps(
-                {k: v for k, v in up.items() if k != "command"}, sort_keys=True).encode())
+        up = upsampling_parameters(fields)
+        if up is not None:             # core/upsampling.py: other boundaries, other areas
+            h.update(b"\nupsampling:" + json.dumps(up, sort_keys=True).encode())
     return "sha256:" + h.hexdigest()[:12]

@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import __version__
-from ..core import bodycomp, inference, stream
+from ..core import bodycomp, inference, stream, upsampling
 from ..core.indices import protocol_from_sums, protocol_labels
 from ..core.atomic import extension
 from ..core.classes import NUM_CLASSES, TISSUES
@@ -633,9 +633,8 @@ def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None,
     cal = card.get("calibration")
     if isinstance(cal, dict):          # the same weights calibrated give other probabilities
         prov["model"]["calibration"] = {k: cal.get(k) for k in ("pixel_mm", "class_weights")}
-    if isinstance(card.get("upsampling"), dict):     # the same weights, other boundaries
-        prov["model"]["upsampling"] = {k: v for k, v in card["upsampling"].items()
-                                       if k != "command"}
+    if upsampling.parameters(card) is not None:      # the same weights, other boundaries
+        prov["model"]["upsampling"] = upsampling.parameters(card)
     if meta.get("format") == "dicom":
         prov["dicom"] = {"study_instance_uid": meta.get("study_uid", ""),
                          "series_instance_uid": meta.get("series_uid", ""),

@@ -119,6 +119,15 @@ def resampled_shape(shape: Sequence[int], pixel_mm: Sequence[float],
     return out[0], out[1]
 
 
+def network_cells(shape: Sequence[int], pixel_mm: Sequence[float],
+                  card: Mapping[str, Any]) -> Tuple[int, int]:
+    """(h, w) of the network's grid for slices of ``shape`` at pixel_mm: the resampled grid
+    (resampled_shape) in windows of the card's factor, partial ones at the far edges."""
+    k = int(card["factor"])
+    rows, cols = resampled_shape(shape, pixel_mm, source_pixel_mm(card))
+    return -(-rows // k), -(-cols // k)
+
+
 def resample_planes(x, shape: Sequence[int], *, labels: bool = False):
     """Resample (..., H, W) planes (NumPy or torch) to ``shape`` over the same field of view:
     pixel edges map to edges (align_corners=False). Bilinear, antialiased when shrinking;
@@ -163,9 +172,12 @@ def prepare_slices(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str,
 _PREPARE_SLICES = 2
 
 
-def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str, Any]):
+def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str, Any],
+                         keep_hu: bool = False):
     """prepare_slices in torch on the CPU, for inference: (network input float32 torch
-    tensor (n, channels, h, w), the resampled shape (rows, cols)). The windowing is the same
+    tensor (n, channels, h, w), the resampled shape (rows, cols)); with ``keep_hu`` also the
+    resampled HU float32 (n, rows, cols), the guide of HU-guided upsampling (work_hu), made
+    once for both. The windowing is the same
     float32 arithmetic; the window mean (image mode "average") is F.avg_pool2d with the
     partial windows at the far edges averaged over the pixels they hold, as epd_image, but
     summed in float32 rather than float64: within a few float32 steps of it (3e-7 in the
@@ -176,20 +188,29 @@ def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mappin
     from torch.nn import functional as F
 
     k = int(card["factor"])
-    if card["image_mode"] != "average":
-        x, work = prepare_slices(hu, pixel_mm, card)
-        return torch.from_numpy(x), work
     t = torch.from_numpy(np.ascontiguousarray(hu, np.float32))
     work = resampled_shape(t.shape[-2:], pixel_mm, source_pixel_mm(card))
+    if card["image_mode"] != "average":
+        x = torch.from_numpy(prepare_slices(hu, pixel_mm, card)[0])
+        return (x, work, resample_planes(t, work)) if keep_hu else (x, work)
     if k == 1:
-        return window_channels(resample_planes(t, work), card["windows"]).contiguous(), work
+        full = resample_planes(t, work)
+        x = window_channels(full, card["windows"]).contiguous()
+        return (x, work, full) if keep_hu else (x, work)
     # _PREPARE_SLICES at a time, so that the windowed full-resolution channels stay in the
     # cache (16 slices at once: 50 MB at 512 x 512): 12 to 14 ms against 16.5 a 16-slice
     # slab at factor 4, the same values
-    parts = [F.avg_pool2d(window_channels(resample_planes(t[i:i + _PREPARE_SLICES], work),
-                                          card["windows"]), k, stride=k, ceil_mode=True)
-             for i in range(0, max(1, int(t.shape[0])), _PREPARE_SLICES)]
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)), work
+    parts, kept = [], []
+    for i in range(0, max(1, int(t.shape[0])), _PREPARE_SLICES):
+        planes = resample_planes(t[i:i + _PREPARE_SLICES], work)
+        if keep_hu:
+            kept.append(planes)
+        parts.append(F.avg_pool2d(window_channels(planes, card["windows"]), k, stride=k,
+                                  ceil_mode=True))
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if not keep_hu:
+        return x, work
+    return x, work, kept[0] if len(kept) == 1 else torch.cat(kept)
 
 
 def restore_probabilities(probs: np.ndarray, work_shape: Sequence[int],
@@ -418,25 +439,18 @@ def network_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping
     flip_rows, flip_cols = flips
     if flip_rows or flip_cols:
         hu = np.ascontiguousarray(hu[:, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
-    x, work = prepare_slices_torch(hu, pixel_mm, card)
+    # HU-guided upsampling needs the slab's HU on the resampled grid (a float32 copy, a
+    # quarter of the soft maps' size at factor 2), resampled once with the network's input
+    guided = upsampling.applies(card, network_cells(hu.shape[1:], pixel_mm, card),
+                                hu.shape[1:])
+    x, work, *kept = prepare_slices_torch(hu, pixel_mm, card, keep_hu=guided)
     probs, device, batch_size = run_network(model, x, device, batch_size, notes,
                                             as_tensor=True, **network)
     check_probability_range(probs)
     probs = calibrate(probs, card, pixel_mm)       # the card's class priors, if it has them
-    # HU-guided upsampling needs the slab's HU on the resampled grid (a float32 copy,
-    # a quarter of the soft maps' size at factor 2)
-    guided = upsampling.applies(card, x.shape[-2:], hu.shape[1:])
-    guide = work_hu(torch_from(hu), pixel_mm, card) if guided else None
     low = Deferred(probs, tuple(work), tuple(int(v) for v in hu.shape[1:]), card,
-                   (bool(flip_rows), bool(flip_cols)), guide)
+                   (bool(flip_rows), bool(flip_cols)), kept[0] if kept else None)
     return low, device, batch_size
-
-
-def torch_from(a: np.ndarray):
-    """A float32 torch tensor of a NumPy array (shared when it already is float32)."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a, np.float32))
 
 
 def predict_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],
@@ -496,8 +510,7 @@ def _start_notes(device, hu_shape, pixel_mm, card) -> Tuple[Any, List[str]]:
                      f"({hu_shape[1]} x {hu_shape[2]}) to the model's {src[0]:.3g} x "
                      f"{src[1]:.3g} mm ({work[0]} x {work[1]})")
     if upsampling.guided(card) is not None:
-        k = int(card["factor"])
-        cells = (-(-work[0] // k), -(-work[1] // k))
+        cells = network_cells(hu_shape[-2:], pixel_mm, card)
         notes.append(upsampling.describe(card) if upsampling.applies(card, cells, hu_shape[-2:])
                      else "soft maps upsampled bilinearly: the slices' pixels are not smaller "
                           "than the network's, so their HU cannot guide the edges")

@@ -33,7 +33,7 @@ edge lies inside a cell, and on the T11-L2 CT the guided maps lost subcutaneous 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 KEY = "upsampling"
 METHOD = "hu-guided"
@@ -67,6 +67,14 @@ def guided(card: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
     if problem:
         raise ValueError(f"model card: {problem}")
     return up
+
+
+def parameters(card: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The card's upsampling field less its command (what provenance, DICOM SEG and the
+    model version record: the same weights upsampled otherwise give other numbers), or
+    None when the card has none."""
+    up = card.get(KEY)
+    return {k: v for k, v in up.items() if k != "command"} if isinstance(up, Mapping) else None
 
 
 def applies(card: Mapping[str, Any], cells: Sequence[int], input_shape: Sequence[int]) -> bool:

@@ -26,6 +26,7 @@ from .. import __version__
 from ..core.atomic import atomic_file, check_target
 from ..core.classes import TISSUES, TissueClass
 from ..core.errors import EPDError
+from ..core.upsampling import parameters as upsampling_parameters
 
 ALGORITHM_NAME = "EPD Segmentation"
 MANUFACTURER = "EPD Segmentation"
@@ -123,9 +124,8 @@ def algorithm_identification(model_card: Optional[Dict] = None):
     if isinstance(card.get("calibration"), dict):    # the same weights, other numbers
         for key in ("pixel_mm", "class_weights"):
             params[f"calibration_{key}"] = parameter_value(card["calibration"].get(key))
-    if isinstance(card.get("upsampling"), dict):     # the same weights, other boundaries
-        for key in ("method", "sigma_hu", "sigma_cells", "radius_cells"):
-            params[f"upsampling_{key}"] = parameter_value(card["upsampling"].get(key))
+    for key, value in (upsampling_parameters(card) or {}).items():   # other boundaries
+        params[f"upsampling_{key}"] = parameter_value(value)
     version = f"{__version__}"
     if card.get("name"):
         version += f" ({card['name']})"

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.classes import NUM_CLASSES, TISSUES
+from ..core.upsampling import parameters as upsampling_parameters
 from .nodes import InputProblem, ijk_to_ras, volume_array
 from .segmentation import fractional_probabilities, labels_from_segmentation
 from ..io.outputs import output_path
@@ -277,8 +278,8 @@ def model_summary(card: Optional[Mapping[str, Any]], model_path=None) -> Dict[st
     if isinstance(card.get("calibration"), Mapping):     # the same weights, other numbers
         out["calibration"] = {k: card["calibration"].get(k) for k in ("pixel_mm",
                                                                       "class_weights")}
-    if isinstance(card.get("upsampling"), Mapping):      # the same weights, other boundaries
-        out["upsampling"] = {k: v for k, v in card["upsampling"].items() if k != "command"}
+    if upsampling_parameters(card) is not None:      # the same weights, other boundaries
+        out["upsampling"] = upsampling_parameters(card)
     if "name" not in out and model_path is not None:
         out["name"] = Path(str(model_path)).name.split(".")[0]
     return out
