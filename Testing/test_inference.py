@@ -337,12 +337,16 @@ def test_torch_input_preparation_equals_prepare_slices(k, shape, pixel):
     card = {"factor": k, "image_mode": "average", "windows": DEFAULT_WINDOWS,
             "pixel_mm": (0.8 * k, 0.8 * k)}
     hu = np.random.default_rng(k).normal(-100, 400, shape).astype(np.float32)
-    want, work = prepare_slices(hu, (pixel, pixel), card)
-    got, got_work = prepare_slices_torch(hu, (pixel, pixel), card)
+    want, work, want_hu = prepare_slices(hu, (pixel, pixel), card, keep_hu=True)
+    got, got_work, got_hu = prepare_slices_torch(hu, (pixel, pixel), card, keep_hu=True)
     assert got_work == work and got.dtype == torch.float32
     if k == 1:
         np.testing.assert_array_equal(got.numpy(), want)
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=3e-7)
+    # the kept HU (the guide of HU-guided upsampling) on the grid the input is averaged from
+    assert want_hu.shape == got_hu.shape == (shape[0], *work)
+    np.testing.assert_allclose(got_hu.numpy(), want_hu, rtol=0, atol=1e-3)
+    assert prepare_slices(hu, (pixel, pixel), card)[0].tobytes() == want.tobytes()
 
 
 def test_network_batch_counts_factor_1_slices():

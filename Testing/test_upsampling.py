@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from EPDSegmentationLib.core.inference import (predict_volume, prepare_slices,
-                                               restore_probabilities, run_network, work_hu)
+                                               restore_probabilities, run_network)
 from EPDSegmentationLib.core.model_io import load_model
 from EPDSegmentationLib.core.upsampling import (check_upsampling, describe, guided,
                                                 guided_upsample)
@@ -139,10 +139,9 @@ def test_streamed_and_flipped_paths_apply_it_as_the_numpy_path(guided_model, vol
     prepare_slices, run_network and the NumPy restore_probabilities with the guide give,
     also when the slices are flipped into the network's orientation and back."""
     model, card = guided_model
-    x, work = prepare_slices(volume, (pixel, pixel), card)
+    x, work, guide = prepare_slices(volume, (pixel, pixel), card, keep_hu=True)
     low, _, _ = run_network(model, x, torch.device("cpu"), 4, [], mirror=True)
-    want = restore_probabilities(low, work, volume.shape[1:], card,
-                                 work_hu(volume, (pixel, pixel), card))
+    want = restore_probabilities(low, work, volume.shape[1:], card, guide)
     got = predict_volume(volume, (pixel, pixel), model, card, device="cpu", batch_size=2)
     assert ("soft maps upsampled guided by the HU (sigma 30 HU; in network pixels, sigma 1, "
             "radius 1)") in got.notes
@@ -155,6 +154,26 @@ def test_streamed_and_flipped_paths_apply_it_as_the_numpy_path(guided_model, vol
     flipped = predict_volume(volume[:, ::-1].copy(), (pixel, pixel), model, card, device="cpu",
                              ijk_to_ras=np.diag([pixel, pixel, 1.0, 1.0]) @ flip)
     np.testing.assert_allclose(flipped.probabilities[:, :, ::-1], got.probabilities, atol=2e-6)
+
+
+def test_training_evaluate_scores_the_guided_maps(guided_model, volume):
+    """training evaluate restores a guided card's maps guided, as segment does: its soft
+    areas are those of predict_volume's probabilities, and differ from the bilinear ones."""
+    from training.data import SliceRecord
+    from training.evaluate import evaluate
+
+    model, card = guided_model
+    pixel = 0.6
+    labels = np.where(volume > 0, 5, 3).astype(np.uint8)
+    records = [SliceRecord(volume[i], labels[i], (pixel, pixel), "s", f"s{i}")
+               for i in range(len(volume))]
+    got = evaluate(model, card, records, device="cpu", batch_size=4, examples=0)
+    pred = predict_volume(volume, (pixel, pixel), model, card, device="cpu", batch_size=2)
+    want = pred.probabilities.sum(axis=(2, 3), dtype=np.float64).T * pixel * pixel / 100.0
+    np.testing.assert_allclose(got["areas"]["soft_cm2"], want, rtol=0, atol=1e-4)
+    plain = evaluate(model, {k: v for k, v in card.items() if k != "upsampling"}, records,
+                     device="cpu", batch_size=4, examples=0)
+    assert np.abs(plain["areas"]["soft_cm2"] - want).max() > 1e-2
 
 
 def test_training_guide_writes_the_field_and_keeps_the_weights(tiny_model_path, tmp_path,

@@ -30,8 +30,7 @@ from EPDSegmentationLib.core.calibration import calibrate
 from EPDSegmentationLib.core.classes import CLASSES, KEYS, NUM_CLASSES, color_table
 from EPDSegmentationLib.core.epd import epd_labels
 from EPDSegmentationLib.core.inference import (prepare_slices, resample_planes,
-                                               restore_probabilities, run_network, select_device,
-                                               work_hu)
+                                               restore_probabilities, run_network, select_device)
 from EPDSegmentationLib.core.upsampling import applies
 from EPDSegmentationLib.core.metrics import HARD_METRICS, SOFT_METRICS, MetricStats
 from EPDSegmentationLib.core.model_io import load_model
@@ -119,15 +118,14 @@ def evaluate(model, card, records: Sequence[SliceRecord], *, device="auto", batc
         hu = np.stack([r.hu for r in group]).astype(np.float32)
         lab = np.stack([r.labels for r in group])
         row_mm, col_mm = group[0].pixel_mm
-        x, work = prepare_slices(hu, (row_mm, col_mm), card)
+        x, work, hu_work = prepare_slices(hu, (row_mm, col_mm), card, keep_hu=True)
         probs, dev, batch_size = run_network(model, x, dev, batch_size, notes, mirror=mirror)
         probs = calibrate(probs, card, (row_mm, col_mm))    # as segment applies the card's
         # the network's grid: the resampled slice downsampled by k
         work_area = (row_mm * hu.shape[1] / work[0]) * (col_mm * hu.shape[2] / work[1])
         target = epd_labels(resample_planes(lab, work, labels=True), NUM_CLASSES, k)
         low.update(probs, target, work_area * k * k)
-        guide = work_hu(hu, (row_mm, col_mm), card) if applies(card, probs.shape[-2:],
-                                                               hu.shape[1:]) else None
+        guide = hu_work if applies(card, probs.shape[-2:], hu.shape[1:]) else None
         up = restore_probabilities(probs, work, hu.shape[1:], card, guide)
         full.update(up, lab, row_mm * col_mm)
         pixel_cm2 = row_mm * col_mm / 100.0

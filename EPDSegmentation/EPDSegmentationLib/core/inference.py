@@ -153,9 +153,12 @@ def resample_planes(x, shape: Sequence[int], *, labels: bool = False):
     return out.numpy() if is_numpy else out
 
 
-def prepare_slices(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str, Any]):
+def prepare_slices(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str, Any],
+                   keep_hu: bool = False):
     """HU slices (n, J, I) at pixel_mm (row, col) -> (network input float32 (n, channels, h, w),
-    the resampled full-resolution shape (rows, cols)) following the card."""
+    the resampled full-resolution shape (rows, cols)) following the card; with ``keep_hu``
+    also the resampled HU float32 (n, rows, cols), the guide of HU-guided upsampling, made
+    once for both."""
     hu = np.asarray(hu, np.float32)
     work = resampled_shape(hu.shape[-2:], pixel_mm, source_pixel_mm(card))
     hu_work = resample_planes(hu, work)
@@ -165,7 +168,8 @@ def prepare_slices(hu: np.ndarray, pixel_mm: Sequence[float], card: Mapping[str,
         x = epd_image(channels, k)
     else:
         x = bilinear_image(channels, k)
-    return np.ascontiguousarray(x, np.float32), work
+    x = np.ascontiguousarray(x, np.float32)
+    return (x, work, hu_work) if keep_hu else (x, work)
 
 
 #: slices windowed and averaged at once by prepare_slices_torch
@@ -176,7 +180,7 @@ def prepare_slices_torch(hu: np.ndarray, pixel_mm: Sequence[float], card: Mappin
                          keep_hu: bool = False):
     """prepare_slices in torch on the CPU, for inference: (network input float32 torch
     tensor (n, channels, h, w), the resampled shape (rows, cols)); with ``keep_hu`` also the
-    resampled HU float32 (n, rows, cols), the guide of HU-guided upsampling (work_hu), made
+    resampled HU float32 (n, rows, cols), the guide of HU-guided upsampling, made
     once for both. The windowing is the same
     float32 arithmetic; the window mean (image mode "average") is F.avg_pool2d with the
     partial windows at the far edges averaged over the pixels they hold, as epd_image, but
@@ -217,9 +221,9 @@ def restore_probabilities(probs: np.ndarray, work_shape: Sequence[int],
                           input_shape: Sequence[int], card: Mapping[str, Any],
                           guide: Optional[np.ndarray] = None) -> np.ndarray:
     """Network output (n, C, h, w) -> probabilities (n, C, *input_shape) on the input grid.
-    guide: the slices' HU (n, *work_shape) on the resampled grid (work_hu), needed when the
-    card's maps are upsampled guided by the HU (core/upsampling.py) and the input grid is
-    finer than the network's (upsampling.applies)."""
+    guide: the slices' HU (n, *work_shape) on the resampled grid (prepare_slices' keep_hu),
+    needed when the card's maps are upsampled guided by the HU (core/upsampling.py) and the
+    input grid is finer than the network's (upsampling.applies)."""
     if upsampling.applies(card, probs.shape[-2:], input_shape):
         import torch
 
@@ -237,14 +241,6 @@ def _need_guide(guide):
         raise ValueError("this model's card upsamples its maps guided by the HU "
                          "(core/upsampling.py): pass the slices' HU on the resampled grid")
     return guide
-
-
-def work_hu(hu, pixel_mm: Sequence[float], card: Mapping[str, Any]):
-    """HU slices (n, J, I) (NumPy or torch) resampled to the grid the network's input is
-    averaged from, float32 of the same kind: the guide of HU-guided upsampling."""
-    t = np.asarray(hu, np.float32) if isinstance(hu, np.ndarray) else hu
-    return resample_planes(t, resampled_shape(tuple(t.shape[-2:]), pixel_mm,
-                                              source_pixel_mm(card)))
 
 
 # ----------------------------------------------------------------------------- prediction
