@@ -327,6 +327,22 @@ def test_init_fine_tunes_from_a_model_file_and_refuses_another_factor(tmp_path, 
                  "--output", str(tmp_path / "bad")]) == 2
 
 
+def test_init_says_the_guided_upsampling_is_not_carried_over(tmp_path, uninterrupted, capsys):
+    """A fine-tuned network starts without the init card's upsampling (chosen for that
+    model's outputs): the run says so, with the command that adds it, and records it."""
+    assert main(["guide", "--model", str(uninterrupted / "model.safetensors"),
+                 "--output", str(tmp_path / "guided")]) == 0
+    capsys.readouterr()
+    train(tmp_path / "tuned", "--epochs", "1", "--init",
+          str(tmp_path / "guided" / "model.safetensors"))
+    err = capsys.readouterr().err
+    assert "its upsampling is not carried over" in err and "python -m training guide" in err
+    assert "calibration" not in err                       # that model had no class weights
+    card = json.loads((tmp_path / "tuned" / "model.json").read_text())
+    assert "upsampling" not in card
+    assert card["training"]["data"]["init"]["not_carried"] == ["upsampling"]
+
+
 def test_area_bias_compares_soft_areas_with_the_exact_fractions(tmp_path, uninterrupted, capsys):
     """area-bias draws held-out phantoms at coarse pixels: its truth is the phantom's exact
     class areas, its prediction the soft areas of the segment path; both cover the whole

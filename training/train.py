@@ -366,10 +366,17 @@ def _card_metrics(v: Dict[str, object]) -> Dict[str, object]:
             "low_resolution": pick(v["low"]), "full_resolution": pick(v["full"])}
 
 
-def init_from(net: nn.Module, path: Path, architecture: dict, args, recipe: dict) -> None:
+#: card fields fitted to or chosen for the init model's outputs, which a fine-tuned network
+#: does not inherit, and the command that makes each for the new model
+NOT_CARRIED = (("calibration", "python -m training calibrate"),
+               ("upsampling", "python -m training guide"))
+
+
+def init_from(net: nn.Module, path: Path, architecture: dict, args, recipe: dict) -> List[str]:
     """Copy the weights of model file ``path`` into ``net`` (read with model_io.load_model:
     safetensors only, validated); refuse a model of another architecture, windows or factor.
-    The data recipe records where the weights came from."""
+    The data recipe records where the weights came from, and which of the init card's
+    NOT_CARRIED fields the new model starts without; returned as notes for the user."""
     from EPDSegmentationLib.core.model_io import load_model
 
     model, card = load_model(path)
@@ -381,6 +388,12 @@ def init_from(net: nn.Module, path: Path, architecture: dict, args, recipe: dict
         raise ValueError(f"--init {path}: the model differs: " + "; ".join(differ))
     net.load_state_dict(model.state_dict())
     recipe["init"] = {"model": str(path), "trained_with": card["training"].get("command")}
+    left = [(key, command) for key, command in NOT_CARRIED if key in card]
+    if left:
+        recipe["init"]["not_carried"] = [key for key, _ in left]
+    return [f"note: --init {path}: its {key} is not carried over to the new model (it was "
+            f"made for that model's outputs); run `{command}` on the new model to add one"
+            for key, command in left]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -577,7 +590,9 @@ def build_state(args, ctx: D.Context, state: Optional[dict], recipe: dict) -> Ru
                          width=args.width)
     net = build_model(config)
     if args.init is not None and state is None:
-        init_from(net, args.init, config.to_dict(), args, recipe)
+        for note in init_from(net, args.init, config.to_dict(), args, recipe):
+            if ctx.is_main:
+                print(note, file=sys.stderr)
     criterion = Criterion(parse_loss(args.loss))
     bf16 = ctx.device.type == "cuda" and not args.no_bf16
     module = TrainModule(net, criterion, bf16).to(ctx.device)
