@@ -29,6 +29,7 @@ from ..core.bodycomp import csv_cell
 from ..core.cohort import COHORT_COLUMNS, row_indices
 from ..core.indices import HeightError, dicom_height_m, height_m
 from ..core.levels import LevelError, find_levels, level_slices
+from ..core.calibration import parameters as calibration_parameters
 from ..core.upsampling import parameters as upsampling_parameters
 from ..io import read_volume
 from ..io.level_picture import write_level_png
@@ -316,12 +317,8 @@ def model_version(path: Path, with_calibration: bool = True) -> str:
     card = path.with_suffix(".json")
     if with_calibration and card.is_file():
         fields = json.loads(card.read_text())
-        cal = fields.get("calibration")
-        if isinstance(cal, dict):
-            h.update(b"\ncalibration:" + json.dumps(
-                {k: cal.get(k) for k in ("pixel_mm", "class_weights")},
-                sort_keys=True).encode())
-        up = upsampling_parameters(fields)
-        if up is not None:             # core/upsampling.py: other boundaries, other areas
-            h.update(b"\nupsampling:" + json.dumps(up, sort_keys=True).encode())
+        for key, value in ((b"calibration", calibration_parameters(fields)),
+                           (b"upsampling", upsampling_parameters(fields))):
+            if value is not None:      # other priors or other boundaries, other areas
+                h.update(b"\n" + key + b":" + json.dumps(value, sort_keys=True).encode())
     return "sha256:" + h.hexdigest()[:12]

@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import __version__
-from ..core import bodycomp, inference, stream, upsampling
+from ..core import bodycomp, calibration, inference, stream, upsampling
 from ..core.indices import protocol_from_sums, protocol_labels
 from ..core.atomic import extension
 from ..core.classes import NUM_CLASSES, TISSUES
@@ -630,11 +630,11 @@ def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None,
             "model": {k: card.get(k) for k in ("name", "version", "factor", "label_mode",
                                                 "pixel_mm") if k in card}}
     prov["model"]["mirror"] = bool(mirror)
-    cal = card.get("calibration")
-    if isinstance(cal, dict):          # the same weights calibrated give other probabilities
-        prov["model"]["calibration"] = {k: cal.get(k) for k in ("pixel_mm", "class_weights")}
-    if upsampling.parameters(card) is not None:      # the same weights, other boundaries
-        prov["model"]["upsampling"] = upsampling.parameters(card)
+    # the same weights calibrated, or upsampled otherwise, give other numbers
+    for key, value in (("calibration", calibration.parameters(card)),
+                       ("upsampling", upsampling.parameters(card))):
+        if value is not None:
+            prov["model"][key] = value
     if meta.get("format") == "dicom":
         prov["dicom"] = {"study_instance_uid": meta.get("study_uid", ""),
                          "series_instance_uid": meta.get("series_uid", ""),

@@ -23,11 +23,20 @@ input grid.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 KEY = "calibration"
+
+
+def parameters(card: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The card's class weights by pixel size ({"pixel_mm", "class_weights"}), what
+    provenance, DICOM SEG and the model version record (the same weights calibrated give
+    other numbers), or None when the card has no calibration."""
+    cal = card.get(KEY)
+    return {k: cal.get(k) for k in ("pixel_mm", "class_weights")} \
+        if isinstance(cal, Mapping) else None
 
 
 def check_calibration(cal: Any, num_classes: int) -> Optional[str]:

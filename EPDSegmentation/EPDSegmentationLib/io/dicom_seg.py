@@ -26,6 +26,7 @@ from .. import __version__
 from ..core.atomic import atomic_file, check_target
 from ..core.classes import TISSUES, TissueClass
 from ..core.errors import EPDError
+from ..core.calibration import parameters as calibration_parameters
 from ..core.upsampling import parameters as upsampling_parameters
 
 ALGORITHM_NAME = "EPD Segmentation"
@@ -121,11 +122,11 @@ def algorithm_identification(model_card: Optional[Dict] = None):
     for key in ("name", "factor", "label_mode", "image_mode", "pixel_mm"):
         if key in card:
             params[key] = parameter_value(card[key])
-    if isinstance(card.get("calibration"), dict):    # the same weights, other numbers
-        for key in ("pixel_mm", "class_weights"):
-            params[f"calibration_{key}"] = parameter_value(card["calibration"].get(key))
-    for key, value in (upsampling_parameters(card) or {}).items():   # other boundaries
-        params[f"upsampling_{key}"] = parameter_value(value)
+    # the same weights calibrated, or upsampled otherwise, give other numbers
+    for name, fields in (("calibration", calibration_parameters(card)),
+                         ("upsampling", upsampling_parameters(card))):
+        for key, value in (fields or {}).items():
+            params[f"{name}_{key}"] = parameter_value(value)
     version = f"{__version__}"
     if card.get("name"):
         version += f" ({card['name']})"

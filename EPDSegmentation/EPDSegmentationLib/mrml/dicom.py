@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.classes import NUM_CLASSES, TISSUES
+from ..core.calibration import parameters as calibration_parameters
 from ..core.upsampling import parameters as upsampling_parameters
 from .nodes import InputProblem, ijk_to_ras, volume_array
 from .segmentation import fractional_probabilities, labels_from_segmentation
@@ -275,11 +276,11 @@ def model_summary(card: Optional[Mapping[str, Any]], model_path=None) -> Dict[st
     file's stem."""
     card = dict(card or {})
     out = {key: card[key] for key in MODEL_KEYS if key in card}
-    if isinstance(card.get("calibration"), Mapping):     # the same weights, other numbers
-        out["calibration"] = {k: card["calibration"].get(k) for k in ("pixel_mm",
-                                                                      "class_weights")}
-    if upsampling_parameters(card) is not None:      # the same weights, other boundaries
-        out["upsampling"] = upsampling_parameters(card)
+    # the same weights calibrated, or upsampled otherwise, give other numbers
+    for key, value in (("calibration", calibration_parameters(card)),
+                       ("upsampling", upsampling_parameters(card))):
+        if value is not None:
+            out[key] = value
     if "name" not in out and model_path is not None:
         out["name"] = Path(str(model_path)).name.split(".")[0]
     return out
