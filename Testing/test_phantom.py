@@ -505,6 +505,32 @@ def test_kidney_contact_lays_the_kidneys_on_their_muscles():
     assert touching.sum() > 20
 
 
+def test_kidney_contact_is_drawn_per_subject_and_checks_its_share():
+    """Which subjects get the contact is anatomy.drawn_with's draw on the option's own stream
+    (so a share of 0.5 gives about half of them, the same ones every time); its size then
+    lies within KIDNEY_CONTACT_MM; a share outside 0..1 is refused by name."""
+    from training.phantom.anatomy import drawn_with
+    from training.phantom.torso import KIDNEY_CONTACT_MM, _kidney_shift, kidney_contact_shift
+
+    on = []
+    for seed in range(40):
+        s = subject_from_seed(seed)
+        shift = kidney_contact_shift(s, 0.5)
+        assert (shift is not _kidney_shift) == drawn_with(s, 0.5, 5150, "kidney_contact")
+        on.append(shift is not _kidney_shift)
+        if on[-1]:
+            again = kidney_contact_shift(s, 0.5)
+            for i in (0, 1):
+                dx, dy = np.subtract(shift(i, 3.0), _kidney_shift(i, 3.0))
+                assert again(i, 3.0) == shift(i, 3.0)
+                assert KIDNEY_CONTACT_MM[0] <= dy / 0.85 <= KIDNEY_CONTACT_MM[1]
+                assert dx == pytest.approx(0.5 * dy / 0.85)
+        assert kidney_contact_shift(s, 0.0) is _kidney_shift
+    assert 10 <= sum(on) <= 30
+    with pytest.raises(ValueError, match="kidney_contact"):
+        kidney_contact_shift(subject_from_seed(0), 1.5)
+
+
 def test_kidney_rise_moves_the_kidneys_up_by_that_much():
     """kidney_rise=20 draws the kidneys 20 mm higher: each kidney's highest and lowest
     heights (tissue codes scanned every 4 mm from L4 to T11) move up by 20 mm, to within

@@ -1124,10 +1124,11 @@ def kidney_contact_shift(s: Subject, share: float):
     onto the quadratus lumborum and psoas, as real kidneys lie on them; the muscles keep
     their pixels (kidneys are drawn over fat only), so the kidney touches them with no fat
     between. share 0: _kidney_shift, the phantom as before."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(s.seed), 5150]))
-    on, t = rng.random() < share, rng.uniform(*KIDNEY_CONTACT_MM, 2)
-    if not on:
+    if not drawn_with(s, share, 5150, "kidney_contact"):
         return _kidney_shift
+    rng = np.random.default_rng(np.random.SeedSequence([int(s.seed), 5150]))
+    rng.random()                  # drawn_with's draw: the shifts follow it on the same stream
+    t = rng.uniform(*KIDNEY_CONTACT_MM, 2)
 
     def shift(i: int, dz: float) -> Tuple[float, float]:
         dx, dy = _kidney_shift(i, dz)
