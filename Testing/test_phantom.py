@@ -645,6 +645,48 @@ def test_costal_diaphragm_lines_the_lower_ribs():
         phantom_records(2, 1, size=32, costal_diaphragm=1.0)
 
 
+def test_back_sat_makes_the_fat_behind_the_back_muscles_subcutaneous():
+    """back_sat=1 turns the visceral fat the phantom draws behind the erector spinae and the
+    spinous process into SAT, and nothing else: no other tissue changes, it lies behind the
+    middle of the body within the muscles' width, the muscles keep their pixels; with
+    flank_sat too. It leaves L5 as it was (as flank_sat); 0 is the phantom as before; the
+    share is checked; the mid-L3 (lumbar) phantoms of the data pipeline have it too."""
+    from training.data import phantom_records
+    from training.phantom.anatomy import has_back_sat
+    from training.phantom.tissues import CODE
+
+    for seed, level, flank in ((3, "L2", 0.0), (3, "L3", 1.0), (11, "L3", 0.0)):
+        a = make_slice(seed, anatomy="torso", level=level, size=128, supersample=2,
+                       flank_sat=flank)
+        b = make_slice(seed, anatomy="torso", level=level, size=128, supersample=2,
+                       flank_sat=flank, back_sat=1.0)
+        changed = a.tissues != b.tissues
+        assert changed.sum() >= 10
+        assert set(np.unique(a.tissues[changed])) == {CODE["vat"]}
+        assert set(np.unique(b.tissues[changed])) == {CODE["sat"]}
+        assert np.array_equal(a.tissues == CODE["muscle"], b.tissues == CODE["muscle"])
+        rows, cols = np.nonzero(changed)
+        assert rows.min() > b.tissues.shape[0] // 2          # rows grow posteriorly
+        # within the back muscles' width: no further from the midline than the muscle
+        muscle_back = np.nonzero(b.labels[rows.min():] == 1)[1]
+        mid = (b.tissues.shape[1] - 1) / 2
+        assert np.abs(cols - mid).max() <= np.abs(muscle_back - mid).max() + 2
+    for seed in (3, 11):
+        low = [make_slice(seed, anatomy="torso", level="L5", size=64, supersample=2,
+                          back_sat=v) for v in (0.0, 1.0)]
+        assert np.array_equal(low[0].tissues, low[1].tissues)
+    base = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2)
+    same = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2, back_sat=0.0)
+    assert np.array_equal(base.hu, same.hu)
+    share = np.mean([has_back_sat(subject_from_seed(s), 0.5) for s in range(200)])
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match="back_sat"):
+        has_back_sat(subject_from_seed(3), 1.5)
+    recs = [phantom_records(2, 1, size=64, back_sat=v)["train"] for v in (0.0, 1.0)]
+    assert sum((r1.labels == 3).sum() - (r0.labels == 3).sum()
+               for r0, r1 in zip(*recs)) > 0
+
+
 def test_flank_sat_makes_the_fat_beside_the_back_muscles_subcutaneous():
     """flank_sat=1 at L2 and L3 turns visceral fat (and the lateral wall's posterior ends)
     lateral to the erector spinae and behind the quadratus lumborum into SAT, marked by a

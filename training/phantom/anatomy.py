@@ -326,6 +326,28 @@ def close_flank(cv: Canvas, g: Geometry, sides=(-1, 1), fascia_mm: float = 0.6) 
                                [side * xq, yq + h]]), C["fascia"], over=(C["vat"], C["sat"]))
 
 
+def close_back(cv: Canvas, g: Geometry) -> None:
+    """The fat behind the back muscles subcutaneous (back_sat): between the erector spinae's
+    lateral edges and behind the quadratus lumborum's back surface, what the phantom drew as
+    visceral fat inside its fascia outline (a strip behind the erector spinae and a wedge
+    behind the spinous process, in every subject) becomes SAT, continuous with the SAT
+    outside; the muscles, bone and anything else keep their pixels.
+
+    The phantom's fascia outline runs round behind the back muscles, so the fat there was
+    visceral; in real patients the thoracolumbar fascia lies on the erector spinae and the
+    fat behind it is subcutaneous (real CT: VAT called behind the back muscles' middle,
+    training/realct.vat_behind_back). close_flank does the same lateral to the muscles.
+    Call after draw_back_muscles."""
+    xq = 2 * erector_rx(g) + 3 * g.f + 1.0            # the erector spinae's lateral edge
+    yq = g.ql_y + g.ql_r[1]                           # the quadratus lumborum's back
+    ph = np.linspace(np.pi / 2, 3 * np.pi / 2, 512)   # the back half, image right to left
+    arc = polar(0, 0, ph, core_radius(g.s, ph))
+    arc = arc[(np.abs(arc[:, 0]) <= xq) & (arc[:, 1] > yq)]
+    if len(arc) < 2:
+        return
+    cv.paint(np.concatenate([[[xq, yq]], arc, [[-xq, yq]]]), C["sat"], over=(C["vat"],))
+
+
 def drawn_with(s: Subject, share: float, stream: int, name: str) -> bool:
     """Whether subject s has an anatomy option given to a ``share`` of the subjects: drawn
     from the subject's seed on a stream of its own (``stream``), so every other draw is
@@ -339,6 +361,11 @@ def drawn_with(s: Subject, share: float, stream: int, name: str) -> bool:
 def has_flank_sat(s: Subject, share: float) -> bool:
     """Whether subject s is drawn with close_flank (draw's and torso.draw_wall's flank)."""
     return drawn_with(s, share, 5189, "flank_sat")
+
+
+def has_back_sat(s: Subject, share: float) -> bool:
+    """Whether subject s is drawn with close_back (draw's and torso.draw_wall's back)."""
+    return drawn_with(s, share, 5203, "back_sat")
 
 
 def _bone(cv: Canvas, outer: np.ndarray, inner: Optional[np.ndarray]) -> None:
@@ -563,11 +590,12 @@ def draw_thin_tubes(cv: Canvas, tubes, z: float, code: int, over) -> None:
 
 
 def draw(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
-         flank: bool = False) -> Geometry:
+         flank: bool = False, back: bool = False) -> Geometry:
     """Paint subject s at height z (mm) onto the canvas; returns the geometry used.
 
     with_layout=False leaves out what plan_layout places (bowel, mesenteric vessels, IMAT).
     flank: close_flank on both sides (the fat beside the back muscles subcutaneous).
+    back: close_back (the fat behind the back muscles subcutaneous).
     """
     g = Geometry(s, z)
     cv.shift = np.asarray(s.offset, np.float64)
@@ -577,6 +605,8 @@ def draw(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     draw_back_muscles(cv, g)
     if flank:
         close_flank(cv, g)
+    if back:
+        close_back(cv, g)
     draw_vertebra(cv, g)
     draw_kidneys(cv, g)
     draw_vessels(cv, g)

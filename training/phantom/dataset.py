@@ -84,7 +84,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                   levels: Optional[Sequence[Union[str, float]]] = None,
                   kidney_contact: float = 0.0, kidney_rise: float = 0.0,
                   kidney_tilt: float = 0.0, costal_diaphragm: float = 0.0,
-                  flank_sat: float = 0.0, psoas_apart: float = 0.0) -> Path:
+                  flank_sat: float = 0.0, psoas_apart: float = 0.0,
+                  back_sat: float = 0.0) -> Path:
     """Write n_subjects phantom volumes (K = slices_per_subject slices, slice_gap_mm apart)
     with their label maps, and manifest.csv (image,label,split,subject; paths relative to
     it). Returns the manifest path.
@@ -100,7 +101,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
     (torso.draw_ribcage); flank_sat: the share of subjects whose fat beside the back
     muscles is subcutaneous (anatomy.close_flank); psoas_apart: with levels, the share of
     subjects whose psoas at L5 lies apart from the vertebral body and the iliacus
-    (pelvis.part_psoas).
+    (pelvis.part_psoas); back_sat: the share of subjects whose fat behind the back muscles
+    is subcutaneous (anatomy.close_back).
 
     formats: any of 'nrrd' (images/<subject>.nrrd), 'nifti' (images/<subject>.nii.gz) and
     'dicom' (dicom/<subject>/IM0001.dcm ..., transfer syntax ``dicom_syntax``); the first
@@ -140,14 +142,15 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
         name = f"subject_{i:04d}"
         if levels is None:
             slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size,
-                                    flank_sat=flank_sat)
+                                    flank_sat=flank_sat, back_sat=back_sat)
             gap = slice_gap_mm
         else:
             slices = subject_slices(seeds[i], slices_per_subject, slice_gap_mm, size=size,
                                     levels=levels, kidney_contact=kidney_contact,
                                     kidney_rise=kidney_rise, kidney_tilt=kidney_tilt,
                                     costal_diaphragm=costal_diaphragm,
-                                    flank_sat=flank_sat, psoas_apart=psoas_apart)
+                                    flank_sat=flank_sat, psoas_apart=psoas_apart,
+                                    back_sat=back_sat)
             gap = _stack_gap(slices, slice_gap_mm)
         hu, labels, _ = stack(slices, gap)
         paths: Dict[str, Path] = {}

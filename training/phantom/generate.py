@@ -18,7 +18,7 @@ import numpy as np
 from EPDSegmentationLib.core.classes import NUM_CLASSES
 from EPDSegmentationLib.core.epd import epd_labels
 
-from .anatomy import draw, has_flank_sat, subject_from_seed
+from .anatomy import draw, has_back_sat, has_flank_sat, subject_from_seed
 from .raster import Canvas
 from .tissues import CLASS_OF, CODE, TEXTURE_HU, mean_hu
 from .torso import level_centre, levels_span
@@ -120,7 +120,7 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
                level: Optional[str] = None, kidney_contact: float = 0.0,
                kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
                costal_diaphragm: float = 0.0, flank_sat: float = 0.0,
-               psoas_apart: float = 0.0) -> PhantomSlice:
+               psoas_apart: float = 0.0, back_sat: float = 0.0) -> PhantomSlice:
     """One phantom slice of subject ``seed`` at height ``z_mm`` (mm from mid-L3, + = cranial).
 
     size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
@@ -141,6 +141,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     fat beside the back muscles subcutaneous (anatomy.close_flank; 0: as before).
     psoas_apart: torso anatomy only, the share of subjects whose psoas at L5 lies apart from
     the vertebral body and the iliacus (pelvis.part_psoas; 0: as before).
+    back_sat: the share of subjects whose fat behind the back muscles is subcutaneous
+    (anatomy.close_back; 0: as before).
     """
     _check(seed, size, pixel_mm, supersample)
     anatomy = _check_anatomy(anatomy, level)
@@ -157,9 +159,11 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
         g = draw_torso(cv, s, float(z_mm), kidney_contact=float(kidney_contact),
                        kidney_rise=float(kidney_rise), kidney_tilt=float(kidney_tilt),
                        costal_diaphragm=float(costal_diaphragm),
-                       flank_sat=float(flank_sat), psoas_apart=float(psoas_apart))
+                       flank_sat=float(flank_sat), psoas_apart=float(psoas_apart),
+                       back_sat=float(back_sat))
     else:
-        g = draw(cv, s, float(z_mm), flank=has_flank_sat(s, flank_sat))
+        g = draw(cv, s, float(z_mm), flank=has_flank_sat(s, flank_sat),
+                 back=has_back_sat(s, back_sat))
     # outside the reconstruction circle there is no image
     c = (np.arange(n) + 0.5) / n - 0.5
     outside = c[:, None] ** 2 + c[None, :] ** 2 > 0.25

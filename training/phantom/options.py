@@ -36,6 +36,10 @@ ANATOMY_OPTIONS: Tuple[Tuple[str, str, bool, bool, str], ...] = (
      "with --phantom-levels: the share of phantom subjects whose psoas at L5 lies apart from "
      "the vertebral body and the iliacus, with fat between, as in many adults (default 0: "
      "joined to both)"),
+    ("back_sat", "P", True, False,
+     "the share of phantom subjects whose fat behind the back muscles (behind the erector "
+     "spinae and the spinous process) is subcutaneous, as in real patients (default 0: "
+     "visceral)"),
 )
 
 

@@ -41,10 +41,11 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
-from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, close_flank, core_radius,
+from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, close_back, close_flank,
+                      core_radius,
                       draw_abdominal_muscles, draw_back_muscles, draw_body_wall, draw_bowel,
                       draw_kidneys, draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra,
-                      drawn_with, has_flank_sat, mask_points, subject_from_seed,
+                      drawn_with, has_back_sat, has_flank_sat, mask_points, subject_from_seed,
                       wall_layers)
 from .pelvis import (draw_pelvic_layout, draw_pelvis, has_psoas_apart, iliac_arteries,
                      iliac_veins, lower_weight, part_psoas, pelvis_from_seed)
@@ -542,10 +543,12 @@ def _paint_costal_diaphragm(cv: Canvas, g: TorsoGeometry, side: int, lo: float,
 # ----------------------------------------------------------------------------- the wall
 
 
-def draw_wall(cv: Canvas, g: TorsoGeometry, costal: bool = False, flank: bool = False) -> None:
+def draw_wall(cv: Canvas, g: TorsoGeometry, costal: bool = False, flank: bool = False,
+              back: bool = False) -> None:
     """Skin, SAT, the fascia filled with VAT, wall and back muscles, vertebra and ribs
     (costal: draw_ribcage's costal diaphragm; flank: anatomy.close_flank on each side where
-    no rib is cut, above the pelvis, whose iliac wings and gluteal muscles fill that place)."""
+    no rib is cut, above the pelvis, whose iliac wings and gluteal muscles fill that place;
+    back: anatomy.close_back above the pelvis)."""
     draw_body_wall(cv, g)
     draw_abdominal_muscles(cv, g)
     draw_back_muscles(cv, g)
@@ -553,6 +556,8 @@ def draw_wall(cv: Canvas, g: TorsoGeometry, costal: bool = False, flank: bool = 
     ribbed = draw_ribcage(cv, g, costal)
     if flank and lower_weight(g.zr) == 0.0:
         close_flank(cv, g, [side for side in (-1, 1) if side not in ribbed])
+    if back and lower_weight(g.zr) == 0.0:
+        close_back(cv, g)
 
 
 def inner_radius(g: TorsoGeometry) -> np.ndarray:
@@ -1163,7 +1168,7 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
                pelvic_layout: bool = True, kidney_contact: float = 0.0,
                kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
                costal_diaphragm: float = 0.0, flank_sat: float = 0.0,
-               psoas_apart: float = 0.0) -> TorsoGeometry:
+               psoas_apart: float = 0.0, back_sat: float = 0.0) -> TorsoGeometry:
     """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
     pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing).
     kidney_contact: share of subjects whose kidneys lie on their muscles
@@ -1178,7 +1183,8 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     compartment is closed at the back, the fat beside the back muscles subcutaneous
     (draw_wall's flank; has_flank_sat; 0: as before). psoas_apart: share of subjects whose
     psoas at L5 lies apart from the vertebral body and the iliacus (pelvis.part_psoas;
-    has_psoas_apart; 0: as before)."""
+    has_psoas_apart; 0: as before). back_sat: share of subjects whose fat behind the back
+    muscles is subcutaneous (draw_wall's back; has_back_sat; 0: as before)."""
     t = torso_from_seed(s.seed)
     if kidney_rise:
         t = dataclasses.replace(t, kidney_up=t.kidney_up + float(kidney_rise),
@@ -1189,7 +1195,8 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     cv.shift = np.asarray(s.offset, np.float64)
     g.r_in = inner_radius(g)
     draw_table(cv, g)
-    draw_wall(cv, g, has_costal_diaphragm(s, costal_diaphragm), has_flank_sat(s, flank_sat))
+    draw_wall(cv, g, has_costal_diaphragm(s, costal_diaphragm), has_flank_sat(s, flank_sat),
+              has_back_sat(s, back_sat))
     draw_pelvis(cv, g)
     draw_aorta_and_crura(cv, g)
     draw_lungs(cv, g)
