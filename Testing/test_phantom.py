@@ -645,13 +645,34 @@ def test_costal_diaphragm_lines_the_lower_ribs():
         phantom_records(2, 1, size=32, costal_diaphragm=1.0)
 
 
+def _check_sat_option(option: str, has) -> None:
+    """What the back's SAT options share: the phantom at L5 unchanged (the iliac wings fill
+    that place), 0 the phantom as before, a share of subjects drawn from their seeds and
+    checked (``has``), and the mid-L3 (lumbar) phantoms of the data pipeline with more SAT."""
+    from training.data import phantom_records
+
+    for seed in (3, 11):
+        low = [make_slice(seed, anatomy="torso", level="L5", size=64, supersample=2,
+                          **{option: v}) for v in (0.0, 1.0)]
+        assert np.array_equal(low[0].tissues, low[1].tissues)
+    base = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2)
+    same = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2, **{option: 0.0})
+    assert np.array_equal(base.hu, same.hu)
+    share = np.mean([has(subject_from_seed(s), 0.5) for s in range(200)])
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match=option):
+        has(subject_from_seed(3), 1.5)
+    recs = [phantom_records(2, 1, size=64, **{option: v})["train"] for v in (0.0, 1.0)]
+    assert sum((r1.labels == 3).sum() - (r0.labels == 3).sum()
+               for r0, r1 in zip(*recs)) > 0
+
+
 def test_back_sat_makes_the_fat_behind_the_back_muscles_subcutaneous():
     """back_sat=1 turns the visceral fat the phantom draws behind the erector spinae and the
     spinous process into SAT, and nothing else: no other tissue changes, it lies behind the
     middle of the body within the muscles' width, the muscles keep their pixels; with
     flank_sat too. It leaves L5 as it was (as flank_sat); 0 is the phantom as before; the
     share is checked; the mid-L3 (lumbar) phantoms of the data pipeline have it too."""
-    from training.data import phantom_records
     from training.phantom.anatomy import has_back_sat
     from training.phantom.tissues import CODE
 
@@ -671,20 +692,7 @@ def test_back_sat_makes_the_fat_behind_the_back_muscles_subcutaneous():
         muscle_back = np.nonzero(b.labels[rows.min():] == 1)[1]
         mid = (b.tissues.shape[1] - 1) / 2
         assert np.abs(cols - mid).max() <= np.abs(muscle_back - mid).max() + 2
-    for seed in (3, 11):
-        low = [make_slice(seed, anatomy="torso", level="L5", size=64, supersample=2,
-                          back_sat=v) for v in (0.0, 1.0)]
-        assert np.array_equal(low[0].tissues, low[1].tissues)
-    base = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2)
-    same = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2, back_sat=0.0)
-    assert np.array_equal(base.hu, same.hu)
-    share = np.mean([has_back_sat(subject_from_seed(s), 0.5) for s in range(200)])
-    assert 0.4 < share < 0.6
-    with pytest.raises(ValueError, match="back_sat"):
-        has_back_sat(subject_from_seed(3), 1.5)
-    recs = [phantom_records(2, 1, size=64, back_sat=v)["train"] for v in (0.0, 1.0)]
-    assert sum((r1.labels == 3).sum() - (r0.labels == 3).sum()
-               for r0, r1 in zip(*recs)) > 0
+    _check_sat_option("back_sat", has_back_sat)
 
 
 def test_flank_sat_makes_the_fat_beside_the_back_muscles_subcutaneous():
@@ -693,7 +701,6 @@ def test_flank_sat_makes_the_fat_beside_the_back_muscles_subcutaneous():
     thin fascia, and nothing else; it leaves L5 (the iliac wings fill that place) as it
     was; 0 is the phantom as before; the share is checked; the mid-L3 (lumbar) phantoms
     of the data pipeline have it too."""
-    from training.data import phantom_records
     from training.phantom.anatomy import subject_from_seed
     from training.phantom.tissues import CODE
     from training.phantom.torso import has_flank_sat
@@ -712,18 +719,4 @@ def test_flank_sat_makes_the_fat_beside_the_back_muscles_subcutaneous():
         rows, cols = np.nonzero(changed)
         assert rows.min() > b.tissues.shape[0] // 2
         assert np.abs(cols - (b.tissues.shape[1] - 1) / 2).min() > 4
-    for seed in (3, 11):
-        low = [make_slice(seed, anatomy="torso", level="L5", size=64, supersample=2,
-                          flank_sat=v) for v in (0.0, 1.0)]
-        assert np.array_equal(low[0].tissues, low[1].tissues)
-    base = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2)
-    same = make_slice(3, anatomy="torso", level="L3", size=64, supersample=2, flank_sat=0.0)
-    assert np.array_equal(base.hu, same.hu)
-    share = np.mean([has_flank_sat(subject_from_seed(s), 0.5) for s in range(200)])
-    assert 0.4 < share < 0.6
-    with pytest.raises(ValueError, match="0..1"):
-        has_flank_sat(subject_from_seed(3), 1.5)
-    # the lumbar anatomy (mid-L3) has it too, through the data pipeline
-    recs = [phantom_records(2, 1, size=64, flank_sat=v)["train"] for v in (0.0, 1.0)]
-    assert sum((r1.labels == 3).sum() - (r0.labels == 3).sum()
-               for r0, r1 in zip(*recs)) > 0
+    _check_sat_option("flank_sat", has_flank_sat)
