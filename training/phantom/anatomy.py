@@ -289,6 +289,13 @@ def draw_back_muscles(cv: Canvas, g: Geometry) -> None:
                              s.shapes["psoas_" + key]), C["muscle"], over=(C["vat"], C["muscle"]))
 
 
+def back_line(g: Geometry):
+    """(x, y) mm where the phantom's back compartment begins, for close_flank and
+    close_back: x just beyond the erector spinae's lateral edge (each side of the midline),
+    y the quadratus lumborum's back surface (y grows posteriorly)."""
+    return 2 * erector_rx(g) + 3 * g.f + 1.0, g.ql_y + g.ql_r[1]
+
+
 def close_flank(cv: Canvas, g: Geometry, sides=(-1, 1), fascia_mm: float = 0.6) -> None:
     """The visceral compartment closed at the back (flank_sat): lateral to the erector
     spinae and behind the quadratus lumborum, the lateral wall's layers end and what lies
@@ -307,11 +314,10 @@ def close_flank(cv: Canvas, g: Geometry, sides=(-1, 1), fascia_mm: float = 0.6) 
     ph = np.linspace(np.pi / 2, np.pi, 256)
     r = core_radius(g.s, ph)
     y = -r * np.cos(ph)
-    yq = g.ql_y + g.ql_r[1]                           # the quadratus lumborum's back
+    xq, yq = back_line(g)
     if not y[0] < yq < y[-1]:
         return
     k = int(np.searchsorted(y, yq))                   # y rises with the angle on this arc
-    xq = 2 * erector_rx(g) + 3 * g.f + 1.0            # beside the erector spinae
     xa = float(np.interp(yq, y, r * np.sin(ph)))
     if xa <= xq:
         return
@@ -338,8 +344,7 @@ def close_back(cv: Canvas, g: Geometry) -> None:
     fat behind it is subcutaneous (real CT: VAT called behind the back muscles' middle,
     training/realct.vat_behind_back). close_flank does the same lateral to the muscles.
     Call after draw_back_muscles."""
-    xq = 2 * erector_rx(g) + 3 * g.f + 1.0            # the erector spinae's lateral edge
-    yq = g.ql_y + g.ql_r[1]                           # the quadratus lumborum's back
+    xq, yq = back_line(g)
     ph = np.linspace(np.pi / 2, 3 * np.pi / 2, 512)   # the back half, image right to left
     arc = polar(0, 0, ph, core_radius(g.s, ph))
     arc = arc[(np.abs(arc[:, 0]) <= xq) & (arc[:, 1] > yq)]
