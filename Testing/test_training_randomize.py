@@ -105,6 +105,7 @@ def test_kernel_noise_sd_and_correlation(seed):
 
 SHARE_FLAGS = ("--randomize", "--organ-flatten", "--obese", "--organ-contact",
                "--kidney-contact", "--diaphragm-muscle", "--kidney-unenhanced", "--canal-hu",
+               "--organ-texture",
                "--thick-slices", "--cachectic", "--metal", "--zoom-out", "--wall-gas")
 
 
@@ -429,6 +430,37 @@ def test_organ_look_is_off_by_default_and_needs_the_tissue_codes():
     e_hu, _ = Augment(**base, diaphragm_muscle=1.0, kidney_unenhanced=1.0)(
         hu, lab, np.random.default_rng(2), tissues)
     assert np.array_equal(e_hu[moved != CANAL_CODE], d_hu[moved != CANAL_CODE])
+
+
+def test_organ_texture_varies_the_organs_alone_on_a_stream_of_its_own():
+    """organ_texture (off by default) adds a speckle and patches to the organs, kidneys and
+    diaphragm: on, the kidneys' HU spread grows, some organ pixels change and no muscle,
+    fat, bone, gas, canal or background pixel and no label does; off (0), every draw is as
+    before."""
+    from training.randomize import CANAL_CODE, DIAPHRAGM_CODE, KIDNEY_CODES
+
+    assert Augment().organ_texture == 0.0
+    hu, lab, tissues = organ_slice()
+    base = dict(flip=0.0, crop=0.0, blur=0.0, randomize=1.0, obese=0.0, diaphragm_muscle=1.0,
+                kidney_unenhanced=1.0)
+    grown = 0
+    for seed in range(6):
+        a_hu, a_lab = Augment(**base)(hu, lab, np.random.default_rng(seed), tissues)
+        z_hu, _ = Augment(**base, organ_texture=0.0)(hu, lab, np.random.default_rng(seed),
+                                                      tissues)
+        assert np.array_equal(a_hu, z_hu)
+        b_hu, b_lab = Augment(**base, organ_texture=1.0)(hu, lab, np.random.default_rng(seed),
+                                                          tissues)
+        assert np.array_equal(a_lab, b_lab)
+        # organs: MSC soft tissue (25..200 HU before the draw), kidneys and diaphragm
+        organs = (lab == MSC) & (((hu > 25.0) & (hu < 200.0))
+                                 | np.isin(tissues, KIDNEY_CODES + (DIAPHRAGM_CODE,)))
+        changed = ~np.isclose(a_hu, b_hu)
+        assert not (changed & ~organs).any()
+        assert not (changed & (tissues == CANAL_CODE)).any() and changed.any()
+        kidney = np.isin(tissues, KIDNEY_CODES) & (a_lab == MSC)
+        grown += b_hu[kidney].std() > a_hu[kidney].std() + 0.5
+    assert grown >= 4   # the draws' amplitudes start at 0: a few may add almost nothing
 
 
 def test_organ_look_finds_enhanced_kidneys_above_200_hu_by_their_codes():

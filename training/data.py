@@ -312,6 +312,9 @@ class Augment:
     kidney_unenhanced: float = 0.0
     #: share of the randomised slices whose spinal canal contents are drawn at 0..40 HU
     canal_hu: float = 0.0
+    #: share of the randomised slices whose organs get a texture of their own
+    #: (randomize.organ_texture_field)
+    organ_texture: float = 0.0
     #: share of the slices with planes drawn thick, and the thickness range, mm
     thick: float = 0.0
     thickness_mm: Tuple[float, float] = SLICE_THICKNESS_MM
@@ -398,8 +401,13 @@ class Augment:
                 organs = OrganLook(tissues, organ_rng.random() < self.diaphragm_muscle,
                                    organ_rng.random() < self.kidney_unenhanced, organ_rng,
                                    canal_rng if canal_rng.random() < self.canal_hu else None)
+            texture = None
+            if self.organ_texture > 0:      # its own stream: off keeps every draw
+                texture_rng = np.random.default_rng([rand_seed, 10])
+                if texture_rng.random() < self.organ_texture:
+                    texture = texture_rng
             hu, labels = randomize_appearance(hu, labels, rand_rng, self.muscle_region_sd_hu,
-                                              self.organ_flatten, organs)
+                                              self.organ_flatten, organs, texture)
             if self.wall_gas > 0:
                 # its own stream, after the appearance (whose draws follow the slice's
                 # regions): off, or no room for a loop, keeps every draw

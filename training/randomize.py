@@ -17,6 +17,11 @@ Per slice (all HU, pixels of the training grid, about 0.87 mm):
   learnt to call organs muscle); water-like contents (bile, urine, bowel fluid, below
   25 HU) are kept; on 40 % of slices each organ's inner contrast (kidney cortex against
   medulla, liver against its vessels) fades to 0..50 % of the phantom's;
+- organ texture (``organ_texture``, a generator of its own, on a share of slices): the
+  organs, kidneys and diaphragm get a fine speckle (0..12 HU, as the muscle's) and smooth
+  patches (+-0..20 HU) of their own: without it only muscle carried texture beyond the
+  scanner's noise, and a real organ's heterogeneity (a kidney's sinus fat and vessels at
+  3 mm) read as muscle;
 - gas inside the body (MSC below -300 HU) kept, or filled with fluid or oral contrast;
 - arms beside the body (skin, fat, muscle, humerus), label background: body-composition
   protocols leave the arms out;
@@ -89,6 +94,9 @@ KIDNEY_CONTRAST_KEPT = (0.0, 0.2)
 #: OrganLook: the spinal canal's contents (CSF 0..15 HU around a cord of 30..40 HU, which
 #: the phantom does not draw: the canal's mean on a real scan lies between)
 CANAL_HU = (0.0, 40.0)
+#: organ texture: the fine speckle's SD (as the muscle's) and the smooth patches' amplitude
+ORGAN_SPECKLE_HU = (0.0, 12.0)
+ORGAN_PATCH_HU = (0.0, 20.0)
 #: the phantom tissue codes these look at
 DIAPHRAGM_CODE = CODE["diaphragm"]
 KIDNEY_CODES = (CODE["kidney_cortex"], CODE["kidney_medulla"])
@@ -132,6 +140,15 @@ def _smooth_field(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
     return (f - f.mean()) / max(float(f.std()), 1e-6)
 
 
+def organ_texture_field(shape, rng: np.random.Generator) -> np.ndarray:
+    """float32 (H, W) HU to add to the organs: a fine speckle (smooth field of sigma
+    0.5..1.2 px, SD 0..12 HU, the muscle's speckle) and smooth patches (sigma 2..8 px, up
+    to +-0..20 HU), brighter and darker alike: vessels, sinus fat, partial volume."""
+    speckle = _smooth_field(shape, rng.uniform(0.5, 1.2), rng) * rng.uniform(*ORGAN_SPECKLE_HU)
+    patches = np.clip(_smooth_field(shape, rng.uniform(2.0, 8.0), rng), -2.0, 2.0) / 2.0
+    return (speckle + patches * rng.uniform(*ORGAN_PATCH_HU)).astype(np.float32)
+
+
 def _disk(rr, cc, r0, c0, a, b):
     return ((rr - r0) / a) ** 2 + ((cc - c0) / b) ** 2 <= 1.0
 
@@ -139,7 +156,8 @@ def _disk(rr, cc, r0, c0, a, b):
 def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                          muscle_region_sd: float = MUSCLE_REGION_SD_HU,
                          organ_flatten: float = ORGAN_FLATTEN_SHARE,
-                         organs: Optional[OrganLook] = None):
+                         organs: Optional[OrganLook] = None,
+                         organ_texture: Optional[np.random.Generator] = None):
     """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies with a new appearance;
     labels change only where field-of-view truncation removes the body (set to background).
     Or (P, H, W) stacks: the P planes of one thick slice (``through_plane``), which get one
@@ -148,7 +166,8 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     muscle_region_sd: SD (HU) of each connected muscle's own offset; organ_flatten: share of
     slices whose organs lose most of their inner contrast (0 turns either off); organs:
     the diaphragm, kidneys and spinal canal drawn on their own (OrganLook), None as
-    before."""
+    before; organ_texture: the draws of the organs' speckle and patches (organ_texture_field),
+    None for none."""
     flat = np.ndim(hu) == 2
     source = np.asarray(hu, np.float32)
     hu = np.array(hu, np.float32)
@@ -247,6 +266,11 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         canal = msc & (organs.tissues == CANAL_CODE)
         if canal.any():
             hu[canal] += organs.canal.uniform(*CANAL_HU) - float(np.median(hu[canal]))
+    if organ_texture is not None:
+        textured = organ if diaphragm is None else organ | diaphragm
+        if textured.any():
+            field = organ_texture_field((h, w), organ_texture)
+            hu[textured] += np.broadcast_to(field, hu.shape)[textured]
     gas = msc & (hu < -300.0)
     fill = rng.random()
     if fill < 0.3 and gas.any():

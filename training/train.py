@@ -139,6 +139,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--canal-hu", type=float, default=0.0, metavar="P",
                    help="with --randomize, phantom only: share of randomised slices whose "
                         "spinal canal contents are drawn at 0..40 HU (default 0: off)")
+    g.add_argument("--organ-texture", type=float, default=0.0, metavar="P",
+                   help="with --randomize: share of randomised slices whose organs, kidneys "
+                        "and diaphragm get a speckle and patches of their own, as the "
+                        "muscle has (default 0: off)")
     g.add_argument("--thick-slices", type=float, default=0.0, metavar="P",
                    help="phantom only: share of training slices drawn as a thick slice, "
                         "0.6 to 5 mm: the phantom rendered 1 and 2 mm above and below, "
@@ -205,7 +209,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
-                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "thick_slices",
+                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "organ_texture", "thick_slices",
                  "cachectic", "metal", "zoom_out", "wall_gas"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
@@ -553,7 +557,7 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
         kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu,
-        thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal,
+        organ_texture=args.organ_texture, thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal,
         zoom_out=args.zoom_out, wall_gas=args.wall_gas)
     # check_args refuses --thick-slices with a manifest, so the phantom's records have planes
     planes = planes_on_grid(train_recs, source_mm, size) if thick_planes(args) else None
