@@ -463,6 +463,37 @@ def test_organ_texture_varies_the_organs_alone_on_a_stream_of_its_own():
     assert grown >= 4   # the draws' amplitudes start at 0: a few may add almost nothing
 
 
+def test_muscle_hu_sets_the_range_of_the_muscle_mean_and_is_checked():
+    """Augment.muscle_mean_hu (--muscle-hu, default MUSCLE_MEAN_HU) is the range the
+    muscle's new mean is drawn from: the same draws land higher with a higher range (the
+    muscle without infiltration patches: depth drawn 0 is rare, so compare medians over
+    seeds), nothing but muscle and the arms' muscle moves, and the CLI refuses LO >= HI."""
+    from training.__main__ import build_parser
+    from training.train import check_args
+
+    assert tuple(Augment().muscle_mean_hu) == MUSCLE_MEAN_HU
+    hu, lab = body_slice()
+    base = dict(flip=0.0, crop=0.0, blur=0.0, randomize=1.0, obese=0.0)
+    higher = 0
+    for seed in range(8):
+        a_hu, a_lab = Augment(**base)(hu, lab, np.random.default_rng(seed))
+        b_hu, b_lab = Augment(**base, muscle_mean_hu=(40.0, 110.0))(
+            hu, lab, np.random.default_rng(seed))
+        assert np.array_equal(a_lab, b_lab)
+        mus = a_lab == MUS
+        higher += np.median(b_hu[mus]) > np.median(a_hu[mus]) + 20.0
+        inside = a_lab > 0
+        assert np.allclose(a_hu[inside & ~mus], b_hu[inside & ~mus])
+    assert higher == 8
+    args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
+                                      "--muscle-hu", "-10", "75"])
+    check_args(args)
+    assert args.muscle_hu == [-10.0, 75.0]
+    with pytest.raises(ValueError, match="--muscle-hu"):
+        check_args(build_parser().parse_args(["train", "--phantom-subjects", "2", "--output",
+                                              "x", "--muscle-hu", "60", "10"]))
+
+
 def test_organ_look_finds_enhanced_kidneys_above_200_hu_by_their_codes():
     """A phantom kidney enhanced past 200 HU (portal venous at 80 kVp: cortex about 235) is
     found by its tissue codes: with the kidneys drawn unenhanced every one of its pixels

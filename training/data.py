@@ -35,9 +35,9 @@ from training.phantom.dataset import split_subjects, subject_seeds
 from training.phantom.options import checked_anatomy
 
 from .metal import add_metal
-from .randomize import (PLANE_OFFSETS_MM, SLICE_THICKNESS_MM, OrganLook, add_kernel_noise,
-                        close_fat_planes, grow_sat, randomize_appearance, slice_profile,
-                        thin_sat, through_plane, wall_gas)
+from .randomize import (MUSCLE_MEAN_HU, PLANE_OFFSETS_MM, SLICE_THICKNESS_MM, OrganLook,
+                        add_kernel_noise, close_fat_planes, grow_sat, randomize_appearance,
+                        slice_profile, thin_sat, through_plane, wall_gas)
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
@@ -315,6 +315,8 @@ class Augment:
     #: share of the randomised slices whose organs get a texture of their own
     #: (randomize.organ_texture_field)
     organ_texture: float = 0.0
+    #: the range of the muscle's new mean under randomisation, HU (randomize_appearance)
+    muscle_mean_hu: Tuple[float, float] = MUSCLE_MEAN_HU
     #: share of the slices with planes drawn thick, and the thickness range, mm
     thick: float = 0.0
     thickness_mm: Tuple[float, float] = SLICE_THICKNESS_MM
@@ -407,7 +409,8 @@ class Augment:
                 if texture_rng.random() < self.organ_texture:
                     texture = texture_rng
             hu, labels = randomize_appearance(hu, labels, rand_rng, self.muscle_region_sd_hu,
-                                              self.organ_flatten, organs, texture)
+                                              self.organ_flatten, organs, texture,
+                                              tuple(self.muscle_mean_hu))
             if self.wall_gas > 0:
                 # its own stream, after the appearance (whose draws follow the slice's
                 # regions): off, or no room for a loop, keeps every draw

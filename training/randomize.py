@@ -62,7 +62,7 @@ from (seed, epoch, slice index) like the rest of the augmentation.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -157,7 +157,8 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
                          muscle_region_sd: float = MUSCLE_REGION_SD_HU,
                          organ_flatten: float = ORGAN_FLATTEN_SHARE,
                          organs: Optional[OrganLook] = None,
-                         organ_texture: Optional[np.random.Generator] = None):
+                         organ_texture: Optional[np.random.Generator] = None,
+                         muscle_mean_hu: Tuple[float, float] = MUSCLE_MEAN_HU):
     """hu float32 (H, W) HU, labels uint8 (H, W) -> (hu, labels) copies with a new appearance;
     labels change only where field-of-view truncation removes the body (set to background).
     Or (P, H, W) stacks: the P planes of one thick slice (``through_plane``), which get one
@@ -167,7 +168,8 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     slices whose organs lose most of their inner contrast (0 turns either off); organs:
     the diaphragm, kidneys and spinal canal drawn on their own (OrganLook), None as
     before; organ_texture: the draws of the organs' speckle and patches (organ_texture_field),
-    None for none."""
+    None for none; muscle_mean_hu: the range (HU) of the muscle's new mean, before the
+    fatty infiltration (the arms' muscle too)."""
     flat = np.ndim(hu) == 2
     source = np.asarray(hu, np.float32)
     hu = np.array(hu, np.float32)
@@ -184,7 +186,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     muscle_mean = None
     # muscle: new mean, then patchy and speckled fatty infiltration
     if mus.any():
-        muscle_mean = rng.uniform(*MUSCLE_MEAN_HU)
+        muscle_mean = rng.uniform(*muscle_mean_hu)
         hu[mus] += muscle_mean - float(np.median(hu[mus]))
         depth = rng.uniform(0.0, 60.0) * rng.random() ** 0.5
         blobs = np.maximum(_smooth_field((h, w), rng.uniform(2.0, 8.0), rng)
@@ -244,7 +246,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
             means = sums / np.maximum(np.bincount(idx, minlength=n + 1), 1)
             hu[organ] = means[idx] + (hu[organ] - means[idx]) * keep
     if diaphragm is not None and diaphragm.any():
-        base = muscle_mean if muscle_mean is not None else organs.rng.uniform(*MUSCLE_MEAN_HU)
+        base = muscle_mean if muscle_mean is not None else organs.rng.uniform(*muscle_mean_hu)
         hu[diaphragm] += (base + organs.rng.uniform(*DIAPHRAGM_MINUS_MUSCLE_HU)
                           - float(np.median(hu[diaphragm])))
     if kidney is not None and kidney.any():
@@ -310,7 +312,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
                          c0 + rng.uniform(-0.2, 0.2) * b, a * 0.22, a * 0.22) & outer
             marrow = _disk(rr, cc, r_mid, c0, a * 0.12, a * 0.12) & bone
             hu[outer] = rng.uniform(*FAT_MEAN_HU)
-            hu[core] = rng.uniform(*MUSCLE_MEAN_HU)
+            hu[core] = rng.uniform(*muscle_mean_hu)
             hu[bone] = rng.uniform(600.0, 1300.0)
             hu[marrow] = rng.uniform(-50.0, 200.0)
             labels[outer] = BG
