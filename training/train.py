@@ -40,6 +40,7 @@ from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, check_windows
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .phantom.options import add_anatomy_arguments, anatomy_kwargs
+from .randomize import MUSCLE_MEAN_HU
 from .data import (Augment, SliceDataset, SliceRecord, epd_target, manifest_records,
                    median_pixel_mm, model_inputs, phantom_records, planes_on_grid,
                    tissues_on_grid, to_source_grid)
@@ -139,7 +140,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--canal-hu", type=float, default=0.0, metavar="P",
                    help="with --randomize, phantom only: share of randomised slices whose "
                         "spinal canal contents are drawn at 0..40 HU (default 0: off)")
-    g.add_argument("--muscle-hu", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    g.add_argument("--muscle-hu", type=float, nargs=2, default=list(MUSCLE_MEAN_HU),
+                   metavar=("LO", "HI"),
                    help="with --randomize: the range of the muscle's new mean, HU, before "
                         "the fatty infiltration (default -10 60)")
     g.add_argument("--organ-texture", type=float, default=0.0, metavar="P",
@@ -212,13 +214,12 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.lowres <= 1.0:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
-                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "organ_texture", "thick_slices",
-                 "cachectic", "metal", "zoom_out", "wall_gas"):
+                 "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "organ_texture",
+                 "thick_slices", "cachectic", "metal", "zoom_out", "wall_gas"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
-    if args.muscle_hu is not None and not (-200.0 <= args.muscle_hu[0] < args.muscle_hu[1]
-                                           <= 200.0):
+    if not -200.0 <= args.muscle_hu[0] < args.muscle_hu[1] <= 200.0:
         raise ValueError(f"--muscle-hu is LO HI with -200 <= LO < HI <= 200; got "
                          f"{args.muscle_hu}")
     if args.muscle_region_sd < 0:
@@ -564,9 +565,8 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
         kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu,
-        organ_texture=args.organ_texture,
-        muscle_mean_hu=(Augment.muscle_mean_hu if args.muscle_hu is None
-                        else tuple(args.muscle_hu)), thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal,
+        organ_texture=args.organ_texture, muscle_mean_hu=tuple(args.muscle_hu),
+        thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal,
         zoom_out=args.zoom_out, wall_gas=args.wall_gas)
     # check_args refuses --thick-slices with a manifest, so the phantom's records have planes
     planes = planes_on_grid(train_recs, source_mm, size) if thick_planes(args) else None
