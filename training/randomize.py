@@ -19,9 +19,9 @@ Per slice (all HU, pixels of the training grid, about 0.87 mm):
   medulla, liver against its vessels) fades to 0..50 % of the phantom's;
 - organ texture (``organ_texture``, a generator of its own, on a share of slices): the
   organs, kidneys and diaphragm get a fine speckle (0..12 HU, as the muscle's) and smooth
-  patches (+-0..20 HU) of their own: without it only muscle carried texture beyond the
-  scanner's noise, and a real organ's heterogeneity (a kidney's sinus fat and vessels at
-  3 mm) read as muscle;
+  patches (+-0..20 HU) of their own: without it only muscle carries texture beyond the
+  scanner's noise, and the network read a real kidney's texture at 3 mm as muscle
+  (docs/model.md, twenty-fourth round);
 - gas inside the body (MSC below -300 HU) kept, or filled with fluid or oral contrast;
 - arms beside the body (skin, fat, muscle, humerus), label background: body-composition
   protocols leave the arms out;
