@@ -143,7 +143,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--muscle-hu", type=float, nargs=2, default=list(MUSCLE_MEAN_HU),
                    metavar=("LO", "HI"),
                    help="with --randomize: the range of the muscle's new mean, HU, before "
-                        "the fatty infiltration (default -10 60)")
+                        "the fatty infiltration (default %g %g)" % MUSCLE_MEAN_HU)
     g.add_argument("--organ-texture", type=float, default=0.0, metavar="P",
                    help="with --randomize: share of randomised slices whose organs, kidneys "
                         "and diaphragm get a speckle and patches of their own, as the "
