@@ -126,6 +126,29 @@ def test_level_shares_per_vertebra():
     assert rows[2].split(",")[2 + 2 * psoas:4 + 2 * psoas] == ["4", "1"]
 
 
+def test_the_slices_past_l5_are_a_row_of_their_own():
+    """Slices with no lumbar vertebra on the far side of L5 from L4 (the sacrum, the pelvis)
+    are counted as "below L5", whichever way the slices run; none without both L4 and L5,
+    and the slices cranial of the levels are never in it."""
+    from training.realct import BELOW_L5, level_shares, level_slices_by_name
+
+    st = np.zeros((6, 6, 6), np.int32)
+    st[0, 0, :3] = 32                            # slice 0: T12 (cranial end, k rising caudally)
+    st[1:3, 0, :3], st[3, 0, :3] = 28, 27        # slices 1-2: L4, 3: L5, 4-5: pelvis
+    st[:, 2, :4] = 88                            # iliopsoas, 4 voxels a slice
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[4, 2, :4] = 1                         # the pelvis: 4 of 8 iliopsoas voxels muscle
+    by_name = level_slices_by_name([None, "L4", "L4", "L5", None, None])
+    assert by_name[BELOW_L5] == [4, 5] and list(by_name)[-1] == BELOW_L5
+    s = level_shares(labels, st)
+    assert list(s) == ["T12", "L4", "L5", BELOW_L5] and s[BELOW_L5]["slices"] == 2
+    assert s[BELOW_L5]["psoas"] == {"voxels": 8, "muscle_share": 0.5}
+    flipped = level_shares(labels[::-1], st[::-1])            # k rising cranially
+    assert flipped[BELOW_L5] == s[BELOW_L5]
+    assert BELOW_L5 not in level_slices_by_name([None, "L4", "L4", None])   # no L5
+    assert BELOW_L5 not in level_slices_by_name([None, "L4", "L5"])          # cranial None
+
+
 def test_vat_behind_the_back_muscles_per_level():
     """What we call VAT behind the middle of the paraspinal voxels is counted (cm2, with
     the pixel area) whichever way the grid's j axis points; VAT in front is not; a slice

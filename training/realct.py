@@ -16,8 +16,9 @@ The masks are another model's output, not ground truth: agreement, not accuracy.
 With ``--structures FILE`` (a TotalSegmentator "total" label map on the CT's grid) it also
 reports, per vertebral level (each slice assigned to the vertebra with the most voxels in
 it), the share of the paraspinal (autochthon) and psoas (iliopsoas) voxels we call MUS or
-IMAT, and the share of kidney, liver and spleen voxels we call MUS or IMAT (should be 0), in
-levels.md, the same counts per slice in slices.csv (any run of slices can be summed), and
+IMAT, and the share of kidney, liver and spleen voxels we call MUS or IMAT (should be 0),
+with a row "below L5" for the slices past L5 (the sacrum and the pelvis: no goal, the
+phantom ends at L5-S1; the iliopsoas there is the "psoas" column), in levels.md, the same counts per slice in slices.csv (any run of slices can be summed), and
 overlays of each level's middle slice with the muscles' outlines (levels.png):
 
     python -m training evaluate-real --model Resources/Models/EPDBodyComp_f2.safetensors \
@@ -135,6 +136,28 @@ def slice_levels(structures: np.ndarray) -> List[Optional[str]]:
     return names
 
 
+#: the row for the slices beyond L5 from L4 (the sacrum and the pelvis): no goal, the
+#: phantom the models learn from ends at the L5-S1 disc
+BELOW_L5 = "below L5"
+
+
+def level_slices_by_name(per_slice: Sequence[Optional[str]]) -> Dict[str, List[int]]:
+    """slice_levels' result -> {level: its slices k}, cranial to caudal as TS_VERTEBRAE
+    lists them, then BELOW_L5: the slices with no level on the far side of L5 from L4 (only
+    when both are in the CT; which side is caudal follows from where L4 lies)."""
+    out = {name: [k for k, n in enumerate(per_slice) if n == name]
+           for name in TS_VERTEBRAE.values()}
+    out = {name: ks for name, ks in out.items() if ks}
+    l4, l5 = out.get("L4"), out.get("L5")
+    if l4 and l5:
+        beyond = (range(min(l5)) if min(l4) > max(l5) else
+                  range(max(l5) + 1, len(per_slice)) if max(l4) < min(l5) else range(0))
+        ks = [k for k in beyond if per_slice[k] is None]
+        if ks:
+            out[BELOW_L5] = ks
+    return out
+
+
 def vat_behind_back(labels: np.ndarray, structures: np.ndarray, ijk_to_ras,
                     pixel_area_mm2: float) -> List[Optional[float]]:
     """Per slice k, the area (cm2) of what we call VAT lying behind the middle of
@@ -176,7 +199,8 @@ def level_shares(labels: np.ndarray, structures: np.ndarray, ijk_to_ras=None,
                  per_slice: Optional[List[Optional[str]]] = None) -> Dict[str, Dict[str, object]]:
     """labels uint8 (K, J, I) our classes, structures int (K, J, I) TotalSegmentator labels ->
     {level: {"slices": n, group: {"voxels": n, "muscle_share": share of the group's voxels
-    we call MUS or IMAT}}}, levels from cranial to caudal as TS_VERTEBRAE lists them. With
+    we call MUS or IMAT}}}, levels from cranial to caudal as TS_VERTEBRAE lists them, then
+    BELOW_L5 where the CT reaches past L5 (level_slices_by_name). With
     the grid's ijk_to_ras and pixel area (mm2), also "vat_behind_back_cm2": the mean over
     the level's slices of vat_behind_back (goal 0). counts, per_slice: slice_counts' and
     slice_levels' results, if made."""
@@ -187,10 +211,7 @@ def level_shares(labels: np.ndarray, structures: np.ndarray, ijk_to_ras=None,
     behind = (vat_behind_back(labels, structures, ijk_to_ras, pixel_area_mm2)
               if ijk_to_ras is not None and pixel_area_mm2 is not None else None)
     out: Dict[str, Dict[str, object]] = {}
-    for name in TS_VERTEBRAE.values():
-        ks = [k for k, n in enumerate(per_slice) if n == name]
-        if not ks:
-            continue
+    for name, ks in level_slices_by_name(per_slice).items():
         entry: Dict[str, object] = {"slices": len(ks)}
         for g, (group, _) in enumerate(TS_GROUPS):
             n, hit = (int(v) for v in counts[ks, g].sum(0))
@@ -228,7 +249,8 @@ def _levels_table(shares: Dict[str, Dict[str, object]]) -> List[str]:
              + " |"]
     for level, e in shares.items():
         v = e.get("vat_behind_back_cm2")
-        lines.append(f"| {level} | {e['slices']} | "
+        name = f"{level} (no goal)" if level == BELOW_L5 else level
+        lines.append(f"| {name} | {e['slices']} | "
                      + " | ".join(cell(e[g]) for g in groups)
                      + ((" | -" if v is None else f" | {v:.1f}") if behind else "") + " |")
     return lines
@@ -242,12 +264,12 @@ def _levels_figure(path: Path, ct, labels, structures, shares) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_slice = slice_levels(structures)
+    by_name = level_slices_by_name(slice_levels(structures))
     levels = list(shares)
     fig, axes = plt.subplots(1, max(len(levels), 1), figsize=(3.6 * max(len(levels), 1), 3.8),
                              squeeze=False)
     for j, level in enumerate(levels):
-        ks = [k for k, n in enumerate(per_slice) if n == level]
+        ks = by_name[level]
         k = ks[len(ks) // 2]
         hu = display_slice(ct, k)
         ax = axes[0, j]
