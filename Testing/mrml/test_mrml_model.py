@@ -170,6 +170,15 @@ def test_panel_summary_shows_the_real_ct_levels():
     lines = describe_model(card).replace("\u00a0", " ").splitlines()
     assert "Upsampled guided by the HU (sigma 30 HU)" in lines
     assert "Real CT, paraspinal called muscle, by level: T12 0.92, L5 1.00" in lines
+    assert not any("below L5" in line for line in lines)
+    # the slices past L5 (evaluate-real's "below L5"): a line of their own, not a level
+    card["evaluation"]["real_ct_levels"]["shares"]["below L5"] = {
+        "psoas": {"voxels": 90, "muscle_share": 0.074}, "paraspinal": {"voxels": 2,
+                                                                       "muscle_share": 1.0}}
+    lines = describe_model(card).replace("\u00a0", " ").splitlines()
+    assert "Real CT, psoas called muscle, by level: L5 0.50" in lines
+    assert "Real CT, paraspinal called muscle, by level: T12 0.92, L5 1.00" in lines
+    assert "Real CT, below L5 (not trained there): iliopsoas called muscle 0.07" in lines
 
 
 class _OutOfMemoryAbove1(torch.nn.Module):

@@ -495,6 +495,10 @@ def _level_lines(levels: Any) -> List[str]:
     shares = levels.get("shares") if isinstance(levels, Mapping) else None
     if not isinstance(shares, Mapping):
         return []
+    shares = dict(shares)
+    # the slices past L5 (training/realct.BELOW_L5): a line of its own, said to be outside
+    # the range the model was trained on
+    below = shares.pop("below L5", None)
     lines = []
     for group in ("psoas", "paraspinal"):
         values = [f"{level}{NBSP}{float(e[group]['muscle_share']):.2f}"
@@ -510,6 +514,10 @@ def _level_lines(levels: Any) -> List[str]:
     if behind:
         # no visceral fat lies there: the goal is 0
         lines.append("Real CT, VAT behind back muscles (cm²): " + ", ".join(behind))
+    psoas = below.get("psoas") if isinstance(below, Mapping) else None
+    if isinstance(psoas, Mapping) and isinstance(psoas.get("muscle_share"), (int, float)):
+        lines.append(f"Real CT, below L5 (not trained there): iliopsoas called muscle "
+                     f"{float(psoas['muscle_share']):.2f}")
     return lines
 
 
