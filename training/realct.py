@@ -17,8 +17,9 @@ With ``--structures FILE`` (a TotalSegmentator "total" label map on the CT's gri
 reports, per vertebral level (each slice assigned to the vertebra with the most voxels in
 it), the share of the paraspinal (autochthon) and psoas (iliopsoas) voxels we call MUS or
 IMAT, and the share of kidney, liver and spleen voxels we call MUS or IMAT (should be 0),
-with a row "below L5" for the slices past L5 (the sacrum and the pelvis: no goal, the
-phantom ends at L5-S1; the iliopsoas there is the "psoas" column), in levels.md, the same counts per slice in slices.csv (any run of slices can be summed), and
+with a row "below L5" (BELOW_L5) for the slices past L5 (the sacrum and the pelvis: no
+goal, the phantom ends at the L5-S1 disc; the iliopsoas there is the "psoas" column), in
+levels.md, the same counts per slice in slices.csv (any run of slices can be summed), and
 overlays of each level's middle slice with the muscles' outlines (levels.png):
 
     python -m training evaluate-real --model Resources/Models/EPDBodyComp_f2.safetensors \
@@ -48,6 +49,7 @@ from EPDSegmentationLib.cli.options import add_mirror_argument
 from EPDSegmentationLib.core.atomic import write_text
 from EPDSegmentationLib.core.classes import CLASSES, class_by_key
 from EPDSegmentationLib.core.inference import predict_volume
+from EPDSegmentationLib.core.levels import BELOW_L5
 from EPDSegmentationLib.io import read_labels, read_volume
 from EPDSegmentationLib.io.overlay import display_slice, overlay_rgb
 from EPDSegmentationLib.io.readers import read_itk, same_grid
@@ -134,11 +136,6 @@ def slice_levels(structures: np.ndarray) -> List[Optional[str]]:
         counts = np.array([(structures[k] == i).sum() for i in ids])
         names.append(TS_VERTEBRAE[int(ids[counts.argmax()])] if counts.max() > 0 else None)
     return names
-
-
-#: the row for the slices beyond L5 from L4 (the sacrum and the pelvis): no goal, the
-#: phantom the models learn from ends at the L5-S1 disc
-BELOW_L5 = "below L5"
 
 
 def level_slices_by_name(per_slice: Sequence[Optional[str]]) -> Dict[str, List[int]]:
@@ -256,15 +253,15 @@ def _levels_table(shares: Dict[str, Dict[str, object]]) -> List[str]:
     return lines
 
 
-def _levels_figure(path: Path, ct, labels, structures, shares) -> None:
-    """One column per level: its middle slice, our labels, TotalSegmentator's paraspinal
-    (cyan) and psoas (white) outlines."""
+def _levels_figure(path: Path, ct, labels, structures, shares, per_slice) -> None:
+    """One column per level of ``shares``: its middle slice, our labels, TotalSegmentator's
+    paraspinal (cyan) and psoas (white) outlines. per_slice: slice_levels' result."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_name = level_slices_by_name(slice_levels(structures))
+    by_name = level_slices_by_name(per_slice)
     levels = list(shares)
     fig, axes = plt.subplots(1, max(len(levels), 1), figsize=(3.6 * max(len(levels), 1), 3.8),
                              squeeze=False)
@@ -347,7 +344,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
             [f"Model `{args.model}` on `{args.ct}`: share of TotalSegmentator's voxels of "
              f"each structure that we call MUS or IMAT, per vertebral level (voxels in "
              f"brackets). Made by `{command}`.", "", *table]) + "\n", overwrite=True)
-        _levels_figure(out / "levels.png", ct, labels, structures, shares)
+        _levels_figure(out / "levels.png", ct, labels, structures, shares, per_slice)
         print("\n".join(table))
     write_text(out / "metrics.json", json.dumps(payload, indent=2), overwrite=True)
     drawn = ("" if args.simulate is None else

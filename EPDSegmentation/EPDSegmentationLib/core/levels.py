@@ -34,6 +34,9 @@ import numpy as np
 
 #: Levels reported, inferior to superior.
 LEVELS = ("L5", "L4", "L3", "L2", "L1", "T12")
+#: A model card's per-level evaluation on real CT (``training evaluate-real``) names the
+#: slices past L5 (the sacrum and the pelvis, where the phantoms end) so.
+BELOW_L5 = "below L5"
 BONE_HU = 180.0
 BODY_HU = -400.0
 LATERAL_MM = 60.0          # iliac bone lies further than this from the midline

@@ -39,6 +39,7 @@ from .segmentation import (FRACTIONAL_MIN, fill_fractional_segmentation,
 from .tables import fill_measures_table, index_rows, new_table, table_to_csv
 from ..io.outputs import output_path, probability_volume_path
 from ..core.inference import select_device, slab_predictor
+from ..core.levels import BELOW_L5
 from ..core.model_card import ModelFileError, read_card
 from ..core.resources import bundled_model_path
 
@@ -496,9 +497,8 @@ def _level_lines(levels: Any) -> List[str]:
     if not isinstance(shares, Mapping):
         return []
     shares = dict(shares)
-    # the slices past L5 (training/realct.BELOW_L5): a line of its own, said to be outside
-    # the range the model was trained on
-    below = shares.pop("below L5", None)
+    # the slices past L5: a line of its own, said to be outside the range trained on
+    below = shares.pop(BELOW_L5, None)
     lines = []
     for group in ("psoas", "paraspinal"):
         values = [f"{level}{NBSP}{float(e[group]['muscle_share']):.2f}"
