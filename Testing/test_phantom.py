@@ -447,10 +447,10 @@ def test_torso_levels_follow_the_vertebral_column():
     for level in LEVELS:
         assert make_slice(3, size=48, level=level).meta["level"] == level
     zs = [level_z(3, v) for v in LEVELS]
-    assert all(a > b for a, b in zip(zs[:-1], zs[1:])), "T11 above T12 above ... L5"
+    assert all(a > b for a, b in zip(zs[:-1], zs[1:])), "T11 above T12 above ... S1"
     assert level_z(3, "L3") == pytest.approx(subject_from_seed(3).vertebra_shift)
-    lo, hi = levels_z_range(3, ("L5", "T11"))
-    assert (lo, hi) == levels_z_range(3, ("T11", "L5")) and lo < zs[-1] and hi > zs[0]
+    lo, hi = levels_z_range(3, ("S1", "T11"))
+    assert (lo, hi) == levels_z_range(3, ("T11", "S1")) and lo < zs[-1] and hi > zs[0]
     lo, hi = levels_z_range(3, ("L4", "T11"))
     spread = subject_slices(3, 5, None, levels=("T11", "L4"), size=48)
     assert [s.z_mm for s in spread] == pytest.approx(list(np.linspace(lo, hi, 5)))

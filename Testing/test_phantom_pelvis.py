@@ -87,7 +87,7 @@ def test_wings_grow_from_the_crest_down():
 
 
 def test_L5_is_a_level_in_slices_stacks_and_training_data():
-    assert LEVELS[-1] == "L5"
+    assert LEVELS[-2:] == ("L5", "S1")
     assert make_slice(3, size=48, level="L5").meta["level"] == "L5"
     assert make_slice(3, size=48, level="L5", z_mm=-17.0).meta["level"] == "L5-S1 disc"
     assert make_slice(3, size=48, level="L5", z_mm=19.5).meta["level"] == "L4-L5 disc"
@@ -96,10 +96,10 @@ def test_L5_is_a_level_in_slices_stacks_and_training_data():
     assert hi - lo == pytest.approx(38.0)
     stack = subject_slices(3, 4, None, levels=("T11", "L5"), size=32)
     assert stack[0].meta["level"] in ("L5", "L5-S1 disc") and stack[-1].z_mm > 140
-    with pytest.raises(ValueError, match="L5"):
-        subject_slices(3, 2, levels=("T11", "S1"), size=32)
+    with pytest.raises(ValueError, match="S1"):
+        subject_slices(3, 2, levels=("T11", "S2"), size=32)
     with pytest.raises(ValueError, match="beyond"):
-        subject_slices(3, 2, levels=("L5", -120.0), size=32)
+        subject_slices(3, 2, levels=("L5", -140.0), size=32)
 
 
 def test_training_data_of_L5_alone():
@@ -109,14 +109,14 @@ def test_training_data_of_L5_alone():
     assert len(recs["train"]) == 1 and len(recs["val"]) == 1
 
 
-def test_training_refuses_a_level_below_L5(tmp_path, capsys):
+def test_training_refuses_a_level_below_S1(tmp_path, capsys):
     from training.__main__ import main
 
     args = ["train", "--phantom-subjects", "2", "--phantom-slices", "1", "--phantom-size", "32",
-            "--phantom-levels", "T11", "S1", "--epochs", "1", "--quiet",
+            "--phantom-levels", "T11", "S2", "--epochs", "1", "--quiet",
             "--output", str(tmp_path / "run")]
     assert main(args) == 2
-    assert "T11, T12, L1, L2, L3, L4, L5" in capsys.readouterr().err
+    assert "T11, T12, L1, L2, L3, L4, L5, S1" in capsys.readouterr().err
 
 
 def _adigest(s) -> str:
@@ -175,10 +175,10 @@ def test_contact_sheet_torso_columns_are_checked():
 
     assert parse_torso_panel("3:L5:19") == (3, "L5", 19.0)
     assert parse_torso_panel("8:l5") == (8, "L5", 0.0)
-    for bad in ("3", "x:L5", "3:S1", "3:L5:a"):
+    for bad in ("3", "x:L5", "3:S2", "3:L5:a"):
         with pytest.raises(ValueError):
             parse_torso_panel(bad)
-    assert main(["contact-sheet", "--torso", "3:S1", "--output", "/nonexistent/x.png"]) == 2
+    assert main(["contact-sheet", "--torso", "3:S2", "--output", "/nonexistent/x.png"]) == 2
 
 
 def test_psoas_apart_parts_the_l5_psoas_from_the_vertebra_and_thins_the_iliacus():
@@ -226,3 +226,61 @@ def test_psoas_apart_parts_the_l5_psoas_from_the_vertebra_and_thins_the_iliacus(
     recs = [phantom_records(3, 1, size=64, levels=("L5", "L5"), psoas_apart=v)["train"]
             for v in (0.0, 1.0)]
     assert any(not np.array_equal(r0.labels, r1.labels) for r0, r1 in zip(*recs))
+
+
+#: image, labels and fractions of L5 slices at 64 px (mid-L5, 12 mm below, the L5-S1 disc;
+#: seed 3 with the psoas apart) computed before S1 existed (commit 01924f1): the sacrum must
+#: leave every slice down to the disc as it was
+PINNED_L5 = {
+    (0, 0.0): "b4a6b78c89256302", (0, -12.0): "3388b187cb1e937e", (0, -18.5): "8ecb783cd17c8fe2",
+    (3, 0.0): "3396f01a563e3c71", (3, -12.0): "858303e9d1138ff8", (3, -18.5): "b65bf63ad6f5b24e",
+    (7, 0.0): "d4375942df8e46bf", (7, -12.0): "52a2a796ac36db5c", (7, -18.5): "75e9f4a9deb6eebc",
+}
+
+
+def test_S1_leaves_L5_as_it_was_and_extends_the_span_only_below():
+    for (seed, mm), expected in PINNED_L5.items():
+        got = make_slice(seed, size=64, level="L5", z_mm=mm, psoas_apart=float(seed == 3))
+        assert _adigest(got) == expected, (seed, mm)
+    lo5, hi5 = levels_z_range(3, ("T11", "L5"))
+    lo1, hi1 = levels_z_range(3, ("T11", "S1"))
+    assert hi1 == hi5 and lo5 == pytest.approx(level_z(3, "L5") - 19.0)
+    # down to the bottom of the S1 body, not into the S1-S2 disc
+    assert lo1 == pytest.approx(level_z(3, "S1") - 14.0) and lo1 < lo5 - 25.0
+    assert make_slice(3, size=48, level="S1").meta["level"] == "S1"
+    assert make_slice(3, size=48, level="S1", z_mm=17.0).meta["level"] == "L5-S1 disc"
+    stack = subject_slices(3, 5, None, levels=("T11", "S1"), size=32)
+    assert stack[0].meta["level"] == "S1"
+
+
+@pytest.mark.parametrize("seed", [0, 3, 8, 11])
+def test_S1_has_the_sacrum_with_the_psoas_on_its_ala(seed):
+    """At S1: bone from the midline out to each iliac wing (body, ala, joint) with no
+    visceral fat behind the psoas, which is muscle resting on the ala; the canal behind the
+    body; the back muscles still behind."""
+    s = subject_from_seed(seed)
+    for share in (0.0, 1.0):
+        cv = Canvas(256, s.fov_mm)
+        g = draw_torso(cv, s, level_z(seed, "S1") - 4.0, psoas_apart=share)
+        codes, px = cv.codes, s.fov_mm / 256
+        c0, r0 = cv.to_px((0.0, 0.0))
+        cls = CLASS_OF[codes]
+        bone = np.isin(codes, BONE)
+        assert g.level_name() == "S1"
+        for side in (-1, 1):
+            pc = int(round(c0 + side * g.psoas_x / px))
+            pr = int(round(r0 + g.psoas_y / px))
+            assert cls[pr, pc] == MUS, (seed, share, side)
+            # straight back from the psoas' centre: muscle, then bone, no VAT in between
+            col = codes[pr:, pc]
+            first_bone = int(np.argmax(np.isin(col, BONE)))
+            assert np.isin(col, BONE).any() and first_bone * px < g.psoas_r[1] + 6.0
+            assert not (CLASS_OF[col[:first_bone]] == VAT).any(), (seed, share, side)
+            # bone all along the row from beside the body out to past the psoas' centre
+            row = int(round(r0 + (g.y_vb + g.vb_ry) / px))
+            xs = [int(round(c0 + side * x / px)) for x in np.arange(0.7 * g.vb_rx, g.psoas_x, 1.0)]
+            assert np.mean(bone[row, xs]) > 0.9, (seed, share, side, np.mean(bone[row, xs]))
+        # the canal behind the body, muscle behind the sacrum
+        assert (codes == CODE["csf"]).any()
+        back = int(round(r0 + (g.post_y - 15.0) / px))
+        assert cls[back, int(round(c0 + 20.0 / px))] == MUS

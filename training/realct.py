@@ -18,7 +18,7 @@ reports, per vertebral level (each slice assigned to the vertebra with the most 
 it), the share of the paraspinal (autochthon) and psoas (iliopsoas) voxels we call MUS or
 IMAT, and the share of kidney, liver and spleen voxels we call MUS or IMAT (should be 0),
 with a row "below L5" (BELOW_L5) for the slices past L5 (the sacrum and the pelvis: no
-goal, the phantom ends at the L5-S1 disc; the iliopsoas there is the "psoas" column), in
+goal; the phantom ends at the bottom of the S1 body; the iliopsoas there is the "psoas" column), in
 levels.md, the same counts per slice in slices.csv (any run of slices can be summed), and
 overlays of each level's middle slice with the muscles' outlines (levels.png):
 

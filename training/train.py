@@ -84,8 +84,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--phantom-size", type=int, default=512, help="phantom slice size, pixels")
     g.add_argument("--phantom-gap-mm", type=float, default=5.0, help="phantom slice gap, mm")
     g.add_argument("--phantom-levels", nargs=2, metavar=("FROM", "TO"), default=None,
-                   help="phantom of the torso from vertebral level FROM to TO (e.g. T11 L5), "
-                        "each subject's slices within them; default: around mid-L3")
+                   help="phantom of the torso from vertebral level FROM to TO (e.g. T11 L5; "
+                        "T11 .. S1), each subject's slices within them; default: around mid-L3")
     add_anatomy_arguments(g)
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="phantom subjects held out for validation")

@@ -1,4 +1,4 @@
-"""A labelled CT phantom of the abdomen at L3 (and, on request, of the torso from T11 to L5),
+"""A labelled CT phantom of the abdomen at L3 (and, on request, of the torso from T11 to S1),
 with the exact per-pixel class fractions.
 
     from training.phantom import make_slice, subject_slices, write_dataset

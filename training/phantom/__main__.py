@@ -10,7 +10,7 @@ from typing import List, Optional
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.phantom",
-                                description="The labelled CT phantom (L3; T11 to L5 with "
+                                description="The labelled CT phantom (L3; T11 to S1 with "
                                             "--levels / --level).")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("contact-sheet", help="phantom slices beside real CT (PNG)")
@@ -54,9 +54,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     one.add_argument("--z", type=float, default=0.0,
                      help="height, mm from mid-L3 (with --level: above that vertebra's middle)")
     one.add_argument("--level", default=None,
-                     help="a vertebra, T11 .. L5: draw the torso anatomy there")
+                     help="a vertebra, T11 .. S1: draw the torso anatomy there")
     one.add_argument("--anatomy", choices=("lumbar", "torso"), default=None,
-                     help="lumbar (default; around L3) or torso (T11 to L5)")
+                     help="lumbar (default; around L3) or torso (T11 to S1)")
     one.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
     try:

@@ -26,8 +26,8 @@ from .torso import level_centre, levels_span
 #: CT number outside the reconstruction circle (as scanners pad it)
 OUTSIDE_HU = -1024.0
 #: "lumbar": the abdomen around mid-L3 (the default; lumbar levels repeat above and below);
-#: "torso": T11 to L5 with the upper abdomen and lower chest (torso.py) and the iliac wings
-#: below L4 (pelvis.py)
+#: "torso": T11 to S1 with the upper abdomen and lower chest (torso.py), the iliac wings
+#: below L4 and the top of the sacrum (pelvis.py)
 ANATOMIES = ("lumbar", "torso")
 
 
@@ -126,9 +126,9 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
     pixels at 512; size 64 gives the same field of view at 8 times coarser pixels).
     supersample: subpixels per pixel side for the exact fractions.
-    anatomy: "lumbar" (default: the abdomen around L3) or "torso" (T11 to L5, with liver,
-    spleen, stomach, lung bases, ribs; iliac wings below L4; torso.py, pelvis.py). level: a
-    vertebra ('T11' .. 'L5'); the
+    anatomy: "lumbar" (default: the abdomen around L3) or "torso" (T11 to S1, with liver,
+    spleen, stomach, lung bases, ribs; iliac wings below L4, the sacrum at S1; torso.py, pelvis.py). level: a
+    vertebra ('T11' .. 'S1'); the
     slice is then ``z_mm`` above the middle of its body, in the torso anatomy.
     kidney_contact: torso anatomy only, the share of subjects whose kidneys lie on the
     quadratus lumborum and psoas with no fat between (torso.kidney_contact_shift; 0: as

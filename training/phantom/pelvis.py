@@ -1,4 +1,4 @@
-"""The bottom of the torso anatomy: L4-L5 to L5-S1, where the iliac wings appear.
+"""The bottom of the torso anatomy: L4-L5 to S1, where the iliac wings and the sacrum appear.
 
 An axial slice below the iliac crest meets, besides the lumbar anatomy: the iliac wings
 (cortex and marrow, MSC), each a curved plate lateral and posterolateral in the body whose
@@ -9,7 +9,9 @@ the psoas; gluteus medius (MUS) on its outer surface out to the fascia; the psoa
 further forward, anterolateral to a broader L5 body; the common iliac arteries drifting
 apart in front of the psoas and the common iliac veins below the IVC's confluence; the
 quadratus lumborum ending at the crest; more small bowel loops (and the caecum and the
-descending colon moved in front of the iliacus). IMAT streaks go into the new muscles.
+descending colon moved in front of the iliacus). IMAT streaks go into the new muscles. Below
+the L5-S1 disc (``S1_DISC_MM``), within the S1 body: the top of the sacrum (draw_sacrum) with
+the psoas resting on its ala.
 
 Everything is a smooth function of z for one subject, zero above ``TOP_MM`` (relative to the
 subject's column: mid-L3 = 0, mid-L4 = -38, L4-L5 disc about -57, mid-L5 -76), so every slice
@@ -26,13 +28,16 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from .anatomy import core_radius, draw_thin_tubes, drawn_with, mask_points, subject_from_seed
-from .raster import Canvas, band
+from .raster import Canvas, band, ellipse, polar, stadium
 from .subject import Tube, plain
 from .tissues import CODE
 
 C = CODE
 #: nothing this module draws or moves reaches above this height (mm, relative to the column)
 TOP_MM = -42.0
+#: the middle of the L5-S1 disc (mm, relative to the column): what only the sacrum (S1)
+#: changes starts below it, so every slice from T11 to L5 is what it was before S1 existed
+S1_DISC_MM = -95.0
 
 
 def _smooth(x):
@@ -87,6 +92,11 @@ def pelvis_from_seed(seed: int) -> Pelvis:
 def lower_weight(zr: float, span: float = 34.0) -> float:
     """0 at TOP_MM and above, rising smoothly to 1 ``span`` mm below it."""
     return float(_smooth((TOP_MM - zr) / span))
+
+
+def sacral_weight(zr: float, span: float = 20.0) -> float:
+    """0 at S1_DISC_MM and above, rising smoothly to 1 ``span`` mm below it (into S1)."""
+    return float(_smooth((S1_DISC_MM - zr) / span))
 
 
 def has_psoas_apart(s, share: float) -> bool:
@@ -216,6 +226,53 @@ def draw_pelvis(cv: Canvas, g) -> None:
             if hm.max() > 0.4:
                 cv.paint(_strip(P + N * hm[:, None], P - N * hm[:, None]), C["marrow"],
                          over=(C["cortex"],))
+
+
+# ----------------------------------------------------------------------------- the sacrum
+
+
+def draw_sacrum(cv: Canvas, g) -> None:
+    """The top of the sacrum (S1 body, in place of anatomy.draw_vertebra): the body, broader
+    and shallower than L5's; the alae, bone from the body out and back to the sacroiliac
+    joints on the iliac wings' posterior ends, their front surface where the psoas rests
+    (painted over fat only, so the psoas and the back muscles stay); a small triangular
+    canal; the fused laminae and the median crest behind it. Real axial slices within the
+    L5 vertebra's height (its posterior elements reach below the L5-S1 disc) meet this:
+    TotalSegmentator's L5 label shares up to 10 slices of 3 mm with its sacrum."""
+    f = g.f
+    rx, ry = g.vb_rx * g.vb_size * 1.04, g.vb_ry * g.vb_size * 0.92
+    y0 = g.y_vb + 3.0 * f * sacral_weight(g.zr)       # the promontory leans back going down
+    vbp = y0 + ry
+    soft = (C["vat"], C["fat_pad"], C["imat"], C["fascia"], C["disc"], C["csf"])
+    for side in (-1, 1):
+        pts, u, nrm = wing_line(g, side)
+        p = g.pel
+        dd = crest_height(p, 0 if side < 0 else 1, u) - g.zr
+        half = wing_half(p, u, dd)
+        inner = pts - nrm * half[:, None]
+        a_front = inner[int(np.argmin(np.abs(u - 0.12)))]   # the joint's front end
+        a_back = inner[0]
+        # under the psoas: its back rests on the ala
+        rest = (side * g.psoas_x, g.psoas_y + 0.75 * g.psoas_r[1])
+        ala = np.array([(side * 0.55 * rx, y0 - 0.55 * ry), rest,
+                        tuple(a_front), tuple(a_back),
+                        (side * 14.0 * f, vbp + 10.0 * f), (side * 6.0 * f, vbp + 2.0 * f)])
+        cv.paint(ala, C["cortex"], over=soft)
+        core = ala.mean(0) + 0.78 * (ala - ala.mean(0))
+        cv.paint(core, C["marrow"], over=(C["cortex"],))
+    theta = np.linspace(-np.pi, np.pi, 96, endpoint=False)
+    rad = 1 / np.sqrt((np.sin(theta) / rx) ** 2 + (np.cos(theta) / ry) ** 2)
+    cv.paint(polar(0, y0, theta, rad), C["cortex"], over=soft + (C["marrow"],))
+    cv.paint(polar(0, y0, theta, rad - 1.5), C["marrow"], over=(C["cortex"],))
+    # fused laminae and the median crest
+    for side in (-1, 1):
+        p0, p1 = (side * 15 * f, vbp + 6 * f), (0.0, vbp + 13 * f)
+        cv.paint(stadium(p0, p1, 4.0 * f), C["cortex"], over=soft + (C["marrow"],))
+    cv.paint(stadium((0.0, vbp + 12 * f), (0.0, vbp + 20 * f), 3.2 * f, 2.4 * f), C["cortex"],
+             over=soft + (C["muscle"],))
+    # the canal: smaller and flatter than the lumbar one
+    cv.paint(ellipse(0.0, vbp + 6.5 * f, 9.0 * f, 4.5 * f, 0, 48, power=2.3), C["csf"],
+             over=(C["cortex"], C["marrow"]) + soft)
 
 
 # ----------------------------------------------------------------------------- vessels

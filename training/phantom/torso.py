@@ -1,4 +1,4 @@
-"""The torso anatomy (``anatomy="torso"``): T11 to L5, the upper abdomen and the lower chest.
+"""The torso anatomy (``anatomy="torso"``): T11 to S1, the upper abdomen and the lower chest.
 
 The default ("lumbar") anatomy in anatomy.py is the abdomen around mid-L3 and simply repeats
 lumbar levels above and below. The torso anatomy follows the vertebral column from T11 down to
@@ -14,7 +14,8 @@ end, latissimus grows, the body is rounder and carries less visceral fat, the co
 its flexures and the small bowel below them. Below L2 it is the lumbar anatomy (the same
 layout, outline and organs), so a subject's L3 looks as it does by default. Below mid-L4
 pelvis.py adds the iliac wings, iliacus and gluteus medius, a broader L5 body, the common
-iliac vessels and more small bowel, down to the L5-S1 disc.
+iliac vessels and more small bowel, down to the L5-S1 disc; below it, to the bottom of the
+S1 body, the top of the sacrum (pelvis.draw_sacrum) in place of the lumbar vertebra.
 
 Everything is a smooth function of z for one subject: organ sizes rise and fall with the
 height, rib sections slide around the wall as the plane cuts each obliquely running rib at a
@@ -47,8 +48,9 @@ from .anatomy import (BODY_HALF_HEIGHT_MM, Geometry, aorta_lumens, close_back, c
                       draw_kidneys, draw_solid_organs, draw_table, draw_thin_tubes, draw_vertebra,
                       drawn_with, has_back_sat, has_flank_sat, mask_points, subject_from_seed,
                       wall_layers)
-from .pelvis import (draw_pelvic_layout, draw_pelvis, has_psoas_apart, iliac_arteries,
-                     iliac_veins, lower_weight, part_psoas, pelvis_from_seed)
+from .pelvis import (draw_pelvic_layout, draw_pelvis, draw_sacrum, has_psoas_apart,
+                     iliac_arteries, iliac_veins, lower_weight, part_psoas, pelvis_from_seed,
+                     sacral_weight)
 from .raster import Canvas, band, capsule, clip_below, curved_streak, ellipse, polar
 from .subject import PHI, Subject, Tube, plain
 from .tissues import CODE
@@ -60,17 +62,17 @@ C = CODE
 #: vertebrae and the height (mm) of the middle of each body above mid-L3, before the
 #: subject's ``vertebra_shift``: lumbar levels 38 mm apart as in the lumbar anatomy, lower
 #: thoracic ones closer (smaller bodies and discs)
-COLUMN = (("L5", -76.0), ("L4", -38.0), ("L3", 0.0), ("L2", 38.0), ("L1", 76.0),
+COLUMN = (("S1", -114.0), ("L5", -76.0), ("L4", -38.0), ("L3", 0.0), ("L2", 38.0), ("L1", 76.0),
           ("T12", 112.0), ("T11", 145.0), ("T10", 177.0), ("T9", 208.0), ("T8", 238.0),
           ("T7", 267.0))
 #: the levels the torso anatomy is made for, cranial to caudal
-LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4", "L5")
+LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
 _NAMES = [n for n, _ in COLUMN]
 _CENTRES = np.array([c for _, c in COLUMN])
 _LUMBAR_HALF = 19.0                       # half a lumbar level (anatomy.LEVEL_PERIOD_MM / 2)
 #: vertebral body size and transverse process length by level (L3 = 1 / 1.08)
-_VB_SIZE = (1.04, 1.03, 1.0, 0.97, 0.95, 0.91, 0.87, 0.84, 0.82, 0.8, 0.78)
-_TP_LEN = (0.95, 0.92, 1.08, 0.92, 0.8, 0.45, 0.55, 0.6, 0.6, 0.6, 0.6)
+_VB_SIZE = (1.04, 1.04, 1.03, 1.0, 0.97, 0.95, 0.91, 0.87, 0.84, 0.82, 0.8, 0.78)
+_TP_LEN = (0.95, 0.95, 0.92, 1.08, 0.92, 0.8, 0.45, 0.55, 0.6, 0.6, 0.6, 0.6)
 COARSE_MM = 1.0                           # pixel of the map that finds the wall's inner surface
 
 
@@ -96,9 +98,9 @@ def level_centre(s: Subject, name: str) -> float:
 
 def level_bounds(s: Subject, name: str) -> Tuple[float, float]:
     """(z_low, z_high) mm of level ``name``: from the middle of the disc below it to the
-    middle of the disc above it."""
+    middle of the disc above it (S1, the lowest: from the bottom of its body)."""
     i = _NAMES.index(check_level(name))
-    lo = (_CENTRES[i - 1] + _CENTRES[i]) / 2 if i > 0 else _CENTRES[i] - 19.0
+    lo = (_CENTRES[i - 1] + _CENTRES[i]) / 2 if i > 0 else _CENTRES[i] - BODY_HALF_HEIGHT_MM
     hi = (_CENTRES[i] + _CENTRES[i + 1]) / 2
     return float(lo + s.vertebra_shift), float(hi + s.vertebra_shift)
 
@@ -276,7 +278,7 @@ class TorsoGeometry(Geometry):
         super().__init__(_blend(s, self.w, t), z)
         self.subject, self.t = s, t
         i, name, zl = column_position(s, z)
-        self.level, self.level_label, self.zl = i - 2, name, zl
+        self.level, self.level_label, self.zl = i - _NAMES.index("L3"), name, zl
         self.in_body = abs(zl) < BODY_HALF_HEIGHT_MM
         self.vb_size = float(np.interp(zr, _CENTRES, _VB_SIZE))
         self.tp_len = float(np.interp(zr, _CENTRES, _TP_LEN))
@@ -291,6 +293,14 @@ class TorsoGeometry(Geometry):
         self.vb_rx *= 1.0 + (p.vb_wide - 1.0) * low
         self.psoas_x = self.vb_rx + 0.75 * self.psoas_r[0] + 2 + 2 * f * low
         self.psoas_y -= p.psoas_fwd * low
+        # at S1 the psoas lies on the ala, in front of where the L5 body's side was, and no
+        # larger than at L5 (the lumbar model's growth with depth stops at the disc)
+        sac = sacral_weight(zr)
+        if sac > 0.0:
+            k = 1.0 - 0.2 * sac
+            self.psoas_r = (self.psoas_r[0] * k, self.psoas_r[1] * k)
+            self.psoas_x += 3.0 * f * sac
+            self.psoas_y -= 4.0 * f * sac
         self.draw_psoas = self.psoas_r[0] > 1.0
         self.iliacus_k = 1.0          # pelvis.part_psoas thins the iliacus
         k = float(np.sqrt(np.clip((t.ql_top_z - zr) / 35.0, 0.0, 1.0)))
@@ -315,7 +325,7 @@ class TorsoGeometry(Geometry):
         i = _NAMES.index(self.level_label)
         j = i + (1 if self.zl > 0 else -1)
         if j < 0:
-            return f"{self.level_label}-S1 disc"
+            return self.level_label
         if j >= len(_NAMES):
             return self.level_label
         upper, lower = (_NAMES[j], _NAMES[i]) if self.zl > 0 else (_NAMES[i], _NAMES[j])
@@ -552,7 +562,10 @@ def draw_wall(cv: Canvas, g: TorsoGeometry, costal: bool = False, flank: bool = 
     draw_body_wall(cv, g)
     draw_abdominal_muscles(cv, g)
     draw_back_muscles(cv, g)
-    draw_vertebra(cv, g)
+    if g.level_label == "S1" and g.in_body:
+        draw_sacrum(cv, g)
+    else:
+        draw_vertebra(cv, g)
     ribbed = draw_ribcage(cv, g, costal)
     if flank and lower_weight(g.zr) == 0.0:
         close_flank(cv, g, [side for side in (-1, 1) if side not in ribbed])
