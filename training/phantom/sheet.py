@@ -1,8 +1,8 @@
 """The contact sheet: phantom slices with label overlays beside real CT at the same window.
 
     python -m training.phantom contact-sheet --output docs/phantom_contact_sheet.png
-    python -m training.phantom contact-sheet --seeds --torso 3:L5:19 3:L5 11:L5:19 11:L5 \
-        7:L5:19 7:L5 8:L5:19 8:L5 --output docs/phantom_pelvis_sheet.png
+    python -m training.phantom contact-sheet --seeds --torso 3:L5:19 3:L5 3:S1 11:L5 \
+        11:S1:-6 7:L5:19 7:S1 8:S1:6 --output docs/phantom_pelvis_sheet.png
 
 Rows 1-2: six mid-L3 phantom subjects (lumbar anatomy) and three upper-abdominal ones
 (torso anatomy at T11, T12 and L1) with their labels. Real slices come from
@@ -10,8 +10,9 @@ Rows 1-2: six mid-L3 phantom subjects (lumbar anatomy) and three upper-abdominal
 slice of the clinical DICOM series (T12, 0.98 mm pixels), T12, L1 and L2 of the T11-L2 NIfTI
 (3 mm voxels) with TotalSegmentator's tissue masks, the L3 level of the abdomen NIfTI. With
 ``--torso`` the torso columns are chosen (seed:level[:mm above its middle]); when they all
-lie at L4-L5, row 3 shows the L4-L5 junction and mid-L5 of the abdomen NIfTI with
-TotalSegmentator's iliopsoas and hip bones marked. All
+lie at L4 to S1, row 3 shows the L4-L5 junction, mid-L5 and the L5 slice in the middle of
+those beside the sacrum of the abdomen NIfTI with TotalSegmentator's iliopsoas and hip bones
+(and sacrum) marked. All
 panels use the abdominal window W400/L40 and are shown in radiological orientation (anterior
 up, patient's right on the image left).
 """
@@ -132,8 +133,10 @@ def make_contact_sheet(output: Path, seeds: Sequence[int] = SHEET_SEEDS,
     lower = [real.get("l3"), real.get("l2"), crop, real.get("crop"), "hist", real.get("dicom")]
     # under the torso columns: real slices of the upper abdomen, or of L4-L5 and L5 (with
     # TotalSegmentator's psoas and iliacus outlined) when the columns are that low
-    low = bool(upper) and all(level in ("L4", "L5") for _, level, _ in columns[len(seeds):])
-    top = [real.get(k) for k in (("l45", "l5", "l3") if low else ("upper0", "upper1", "upper2"))]
+    low = bool(upper) and all(level in ("L4", "L5", "S1")
+                              for _, level, _ in columns[len(seeds):])
+    top = [real.get(k) for k in (("l45", "l5", "s1", "l3") if low
+                                 else ("upper0", "upper1", "upper2"))]
     n_low = n - len(upper)
     row = lower[:n_low] + [None] * (n_low - len(lower)) + top[:len(upper)]
     if "hist" not in row:
@@ -246,18 +249,22 @@ def _real_panels(shared: Path):
         # and the hip bones (77, 78) as "other tissue" to show where they are
         l5 = np.nonzero((lab == 27).any(axis=(1, 2)))[0]
         l4 = np.nonzero((lab == 28).any(axis=(1, 2)))[0]
+        # the L5 slices that also hold the sacrum (25): below the L5-S1 disc
+        s1 = np.nonzero((lab == 27).any(axis=(1, 2)) & (lab == 25).any(axis=(1, 2)))[0]
         for key, k, name in (("l5", int(l5.mean()) if len(l5) else None, "mid-L5"),
                              ("l45", int(round((l5.max() + l4.min()) / 2))
-                              if len(l5) and len(l4) else None, "L4-L5 junction")):
+                              if len(l5) and len(l4) else None, "L4-L5 junction"),
+                             ("s1", int(np.median(s1)) if len(s1) else None,
+                              "L5 beside the sacrum")):
             if k is None:
                 continue
             img = display_slice(v, k)
             marks = np.zeros(lab.shape[1:], np.uint8)
             marks[np.isin(lab[k], (88, 89))] = 1
-            marks[np.isin(lab[k], (77, 78))] = 5
+            marks[np.isin(lab[k], (77, 78, 25))] = 5
             box = body_box(img, v.spacing[0])
             out[key] = (None, f"real: {name} (NIfTI), TotalSegmentator\niliopsoas red, hip "
-                              f"bones purple", overlay_rgb(img[box], display_slice(
+                              f"bones and sacrum purple", overlay_rgb(img[box], display_slice(
                                   v, 0, marks[None])[box]))
     ct = shared / "ct_t11_l2.nii.gz"
     masks = [(shared / f"tissue_{n}.nii.gz", c) for n, c in
