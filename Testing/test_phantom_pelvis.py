@@ -284,3 +284,19 @@ def test_S1_has_the_sacrum_with_the_psoas_on_its_ala(seed):
         assert (codes == CODE["csf"]).any()
         back = int(round(r0 + (g.post_y - 15.0) / px))
         assert cls[back, int(round(c0 + 20.0 / px))] == MUS
+
+
+def test_sheet_shows_the_real_L5_slice_beside_the_sacrum(totalseg_dir):
+    """Under S1 columns the contact sheet shows the real L5 slice that also holds the sacrum
+    (TotalSegmentator's 25), below the L5-S1 disc, not mid-L5 again."""
+    from EPDSegmentationLib.io.images import read_itk
+    from training.phantom.sheet import _real_panels
+
+    panels = _real_panels(totalseg_dir)
+    assert {"l5", "l45", "s1"} <= set(panels)
+    assert "sacrum" in panels["s1"][1]
+    lab = read_itk(totalseg_dir / "ct_abdomen_pelvis_structures.nii.gz").array
+    both = np.nonzero((lab == 27).any(axis=(1, 2)) & (lab == 25).any(axis=(1, 2)))[0]
+    l5 = np.nonzero((lab == 27).any(axis=(1, 2)))[0]
+    assert len(both) and int(np.median(both)) < int(l5.mean())     # caudal of mid-L5 here
+    assert not np.array_equal(panels["s1"][2], panels["l5"][2])
