@@ -242,6 +242,10 @@ def test_S1_leaves_L5_as_it_was_and_extends_the_span_only_below():
     for (seed, mm), expected in PINNED_L5.items():
         got = make_slice(seed, size=64, level="L5", z_mm=mm, psoas_apart=float(seed == 3))
         assert _adigest(got) == expected, (seed, mm)
+    from training.phantom.pelvis import S1_DISC_MM
+
+    sh = subject_from_seed(3).vertebra_shift
+    assert S1_DISC_MM == pytest.approx((level_z(3, "L5") + level_z(3, "S1")) / 2 - sh)
     lo5, hi5 = levels_z_range(3, ("T11", "L5"))
     lo1, hi1 = levels_z_range(3, ("T11", "S1"))
     assert hi1 == hi5 and lo5 == pytest.approx(level_z(3, "L5") - 19.0)
@@ -278,7 +282,8 @@ def test_S1_has_the_sacrum_with_the_psoas_on_its_ala(seed):
             assert not (CLASS_OF[col[:first_bone]] == VAT).any(), (seed, share, side)
             # bone all along the row from beside the body out to past the psoas' centre
             row = int(round(r0 + (g.y_vb + g.vb_ry) / px))
-            xs = [int(round(c0 + side * x / px)) for x in np.arange(0.7 * g.vb_rx, g.psoas_x, 1.0)]
+            xs = [int(round(c0 + side * x / px))
+                  for x in np.arange(0.7 * g.vb_rx, g.psoas_x, 1.0)]
             assert np.mean(bone[row, xs]) > 0.9, (seed, share, side, np.mean(bone[row, xs]))
         # the canal behind the body, muscle behind the sacrum
         assert (codes == CODE["csf"]).any()

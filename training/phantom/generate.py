@@ -127,9 +127,9 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     pixels at 512; size 64 gives the same field of view at 8 times coarser pixels).
     supersample: subpixels per pixel side for the exact fractions.
     anatomy: "lumbar" (default: the abdomen around L3) or "torso" (T11 to S1, with liver,
-    spleen, stomach, lung bases, ribs; iliac wings below L4, the sacrum at S1; torso.py, pelvis.py). level: a
-    vertebra ('T11' .. 'S1'); the
-    slice is then ``z_mm`` above the middle of its body, in the torso anatomy.
+    spleen, stomach, lung bases, ribs; iliac wings below L4, the sacrum at S1; torso.py,
+    pelvis.py). level: a vertebra ('T11' .. 'S1'); the slice is then ``z_mm`` above the
+    middle of its body, in the torso anatomy.
     kidney_contact: torso anatomy only, the share of subjects whose kidneys lie on the
     quadratus lumborum and psoas with no fat between (torso.kidney_contact_shift; 0: as
     before). kidney_rise: torso anatomy only, mm the kidneys lie higher (torso.draw_torso;

@@ -35,8 +35,9 @@ from .tissues import CODE
 C = CODE
 #: nothing this module draws or moves reaches above this height (mm, relative to the column)
 TOP_MM = -42.0
-#: the middle of the L5-S1 disc (mm, relative to the column): what only the sacrum (S1)
-#: changes starts below it, so every slice from T11 to L5 is what it was before S1 existed
+#: the middle of the L5-S1 disc (mm, relative to the column; half-way between torso.COLUMN's
+#: L5 and S1, a test holds them together): what only the sacrum (S1) changes starts below
+#: it, so every slice from T11 to L5 is what it was before S1 existed
 S1_DISC_MM = -95.0
 
 
@@ -235,8 +236,8 @@ def draw_sacrum(cv: Canvas, g) -> None:
     """The top of the sacrum (S1 body, in place of anatomy.draw_vertebra): the body, broader
     and shallower than L5's; the alae, bone from the body out and back to the sacroiliac
     joints on the iliac wings' posterior ends, their front surface where the psoas rests
-    (painted over fat only, so the psoas and the back muscles stay); a small triangular
-    canal; the fused laminae and the median crest behind it. Real axial slices within the
+    (painted over fat only, so the psoas and the back muscles stay); a small flat canal;
+    the fused laminae and the median crest behind it. Real axial slices within the
     L5 vertebra's height (its posterior elements reach below the L5-S1 disc) meet this:
     TotalSegmentator's L5 label shares up to 10 slices of 3 mm with its sacrum."""
     f = g.f
@@ -244,11 +245,9 @@ def draw_sacrum(cv: Canvas, g) -> None:
     y0 = g.y_vb + 3.0 * f * sacral_weight(g.zr)       # the promontory leans back going down
     vbp = y0 + ry
     soft = (C["vat"], C["fat_pad"], C["imat"], C["fascia"], C["disc"], C["csf"])
-    for side in (-1, 1):
+    for side_i, side in enumerate((-1, 1)):
         pts, u, nrm = wing_line(g, side)
-        p = g.pel
-        dd = crest_height(p, 0 if side < 0 else 1, u) - g.zr
-        half = wing_half(p, u, dd)
+        half = wing_half(g.pel, u, crest_height(g.pel, side_i, u) - g.zr)
         inner = pts - nrm * half[:, None]
         a_front = inner[int(np.argmin(np.abs(u - 0.12)))]   # the joint's front end
         a_back = inner[0]
