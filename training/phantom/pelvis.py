@@ -239,7 +239,8 @@ def draw_sacrum(cv: Canvas, g) -> None:
     (painted over fat only, so the psoas and the back muscles stay); a small flat canal;
     the fused laminae and the median crest behind it. Real axial slices within the
     L5 vertebra's height (its posterior elements reach below the L5-S1 disc) meet this:
-    TotalSegmentator's L5 label shares up to 10 slices of 3 mm with its sacrum."""
+    on the shared abdomen-pelvis CT, TotalSegmentator's L5 label shares 10 slices of 3 mm
+    with its sacrum."""
     f = g.f
     rx, ry = g.vb_rx * g.vb_size * 1.04, g.vb_ry * g.vb_size * 0.92
     y0 = g.y_vb + 3.0 * f * sacral_weight(g.zr)       # the promontory leans back going down
