@@ -115,6 +115,29 @@ def test_adapted_model_round_trips_through_its_card(tiny, tmp_path):
         save_adapted(tmp_path / "site", result.model, new_card)
 
 
+def test_calibrated_logits_give_the_calibrated_probabilities_edges_included():
+    """softmax(logits + log w), near the edges only with edge_cells, is what
+    calibration.calibrate gives the network's softmax: the fine-tuning sees what segment
+    shows."""
+    import torch
+
+    from EPDSegmentationLib.core.adapt import _calibrated
+    from EPDSegmentationLib.core.calibration import apply_weights
+
+    logits = torch.randn(2, 6, 9, 12, generator=torch.Generator().manual_seed(0)) * 0.3
+    logits[:, 1, :, :6] += 1.5           # muscle on the left, other tissue on the right:
+    logits[:, 5, :, 6:] += 1.5           # one edge down the middle
+    w = np.array([1.0, 0.25, 1.0, 1.0, 4.0, 2.0], np.float32)
+    log_w = torch.from_numpy(np.log(w)).view(1, -1, 1, 1)
+    p = torch.softmax(logits, 1)
+    for edge in (None, 1, 2):
+        got = torch.softmax(_calibrated(logits, {"log_w": log_w, "edge_cells": edge}), 1)
+        assert torch.allclose(got, apply_weights(p, w, edge), atol=1e-5), edge
+    assert not torch.allclose(torch.softmax(_calibrated(logits, {"log_w": log_w,
+                                                                 "edge_cells": 1}), 1),
+                              apply_weights(p, w), atol=1e-3)
+
+
 def test_a_calibrated_model_is_fine_tuned_through_its_class_weights_and_keeps_them(tiny):
     """With class weights in the card the losses are those of the calibrated probabilities
     (what segment shows), the fine-tuning lowers them, and the adapted card keeps the
@@ -136,6 +159,10 @@ def test_a_calibrated_model_is_fine_tuned_through_its_class_weights_and_keeps_th
     assert new_card["calibration"] == cal["calibration"]
     assert np.allclose(class_weights(new_card, PIXEL_MM), w)
     assert "calibration" not in adapted_card(card, "b", [case], settings, plain, "x")
+    # with edge_cells the losses follow the weights near the edges only, as segment does
+    edge = dict(card, calibration=dict(cal["calibration"], edge_cells=1))
+    at_edges = adapt_model(model, edge, [case], settings)
+    assert at_edges.before not in (plain.before, calibrated.before)
     up = {"method": "hu-guided", "sigma_hu": 30.0, "sigma_cells": 1.0, "radius_cells": 1}
     guided = adapted_card(dict(cal, upsampling=up), "b", [case], settings, calibrated, "x")
     assert guided["upsampling"] == up                # its maps reach the grid as the base's

@@ -50,11 +50,55 @@ def test_apply_keeps_a_distribution_and_moves_mass_where_the_network_hesitates()
     assert calibrate(p, {}, (1.0, 1.0)) is p
 
 
+def _two_tissues(width=8, sure=False):
+    """(1, C, 6, width) probabilities: left half muscle at 0.6 (MSC 0.4), right half other
+    tissue at 0.7 (MUS 0.3); with sure, the left half muscle at 1.0."""
+    p = np.zeros((1, NUM_CLASSES, 6, width), np.float32)
+    h = width // 2
+    p[0, 1, :, :h], p[0, 5, :, :h] = (1.0, 0.0) if sure else (0.6, 0.4)
+    p[0, 1, :, h:], p[0, 5, :, h:] = 0.3, 0.7
+    return p
+
+
+def test_edge_cells_weigh_only_the_cells_near_the_networks_own_class_edges():
+    """With edge_cells R only the cells within R of a change of the most likely class are
+    reweighted (the muscle a weight of 1/4 would otherwise take inside the left half stays
+    muscle); numpy and torch agree; the result is a distribution; calibrate and parameters
+    follow the card."""
+    import torch
+
+    from EPDSegmentationLib.core.calibration import edge_mask, parameters
+
+    p = _two_tissues()
+    w = np.array([1, 0.25, 1, 1, 1, 4], np.float32)
+    every, edge1, edge2 = apply_weights(p, w), apply_weights(p, w, 1), apply_weights(p, w, 2)
+    assert every[0, 1, :, :4].max() < 0.5                   # weights everywhere: all flipped
+    cols1 = np.flatnonzero(edge_mask(p, 1)[0, 0, 0])
+    assert list(cols1) == [3, 4] and list(np.flatnonzero(edge_mask(p, 2)[0, 0, 0])) == [2, 3, 4, 5]
+    assert np.array_equal(edge1[..., [0, 1, 2, 5, 6, 7]], p[..., [0, 1, 2, 5, 6, 7]])
+    assert np.allclose(edge1[..., [3, 4]], every[..., [3, 4]])
+    assert np.array_equal(edge2[..., [0, 1, 6, 7]], p[..., [0, 1, 6, 7]])
+    assert np.allclose(edge1.sum(1), 1.0, atol=1e-6)
+    t = apply_weights(torch.from_numpy(p), w, 1)
+    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), edge1, atol=1e-6)
+    assert not edge_mask(_two_tissues(sure=True)[:, :, :, :4], 1).any()   # one class: none
+    card = {"calibration": {"pixel_mm": [1.0], "class_weights": [w.tolist()], "edge_cells": 1,
+                            "command": "c"}}
+    assert np.allclose(calibrate(p, card, (1.0, 1.0)), edge1)
+    assert parameters(card) == {"pixel_mm": [1.0], "class_weights": [w.tolist()],
+                                "edge_cells": 1}
+    assert check_calibration(card["calibration"], NUM_CLASSES) is None
+
+
 @pytest.mark.parametrize("cal, words", [
     ({"pixel_mm": [2.0, 1.0], "class_weights": [[1] * 6, [1] * 6]}, "ascending"),
     ({"pixel_mm": [1.0], "class_weights": [[1] * 5]}, "rows of 6"),
     ({"pixel_mm": [1.0], "class_weights": [[1, 0, 1, 1, 1, 1]]}, "positive"),
     ({"pixel_mm": [1.0, 2.0], "class_weights": [[1] * 6]}, "a row per pixel size"),
+    ({"pixel_mm": [1.0], "class_weights": [[1] * 6], "edge_cells": 0}, "edge_cells"),
+    ({"pixel_mm": [1.0], "class_weights": [[1] * 6], "edge_cells": 4}, "edge_cells"),
+    ({"pixel_mm": [1.0], "class_weights": [[1] * 6], "edge_cells": True}, "edge_cells"),
+    ({"pixel_mm": [1.0], "class_weights": [[1] * 6], "edge_cells": 1.0}, "edge_cells"),
     ("x", "an object"),
 ])
 def test_a_bad_calibration_is_refused_by_the_card_check(cal, words, tiny_model_path):
@@ -117,6 +161,24 @@ def test_shrink_keeps_a_weight_the_areas_do_not_identify_near_1():
         fit_weights(probs, true, shrink=1.0)
 
 
+def test_the_fit_with_edge_cells_moves_only_the_areas_at_the_edges():
+    """fit_weights with edge_cells fits the weights as the card will apply them: the areas
+    come closer to the truth through the edge cells alone, and the areas it reports are
+    those calibrated_areas gives with the same edge_cells."""
+    from training.calibrate import calibrated_areas, fit_weights
+
+    p = _two_tissues(width=16)
+    probs = [(p, 1.0)]
+    true = p.sum((0, 2, 3), dtype=np.float64).copy()
+    true[1], true[5] = true[1] - 6.0, true[5] + 6.0          # less muscle than the network
+    w = fit_weights(probs, true, bound=4.0, edge_cells=1)
+    assert w[1] < 1.0 < w[5]
+    before = abs(calibrated_areas(probs, np.ones(NUM_CLASSES), 1)[1] - true[1])
+    assert abs(calibrated_areas(probs, w, 1)[1] - true[1]) < before
+    moved = np.abs(apply_weights(p, w, 1) - p).max(axis=(0, 1, 2))
+    assert np.flatnonzero(moved > 0).tolist() == [7, 8]       # the edge cells alone
+
+
 def test_calibrate_fits_within_its_bound_and_writes_a_model_folder(tiny_model_path, tmp_path):
     from EPDSegmentationLib.cli.cohort import model_version
     from EPDSegmentationLib.core.model_io import load_model
@@ -144,6 +206,12 @@ def test_calibrate_fits_within_its_bound_and_writes_a_model_folder(tiny_model_pa
     assert model_version(tiny) == model_version(tiny, False)
     assert main(argv) == 2                                  # no silent overwrite
     assert main(argv + ["--overwrite"]) == 0
+    assert "edge_cells" not in load_model(out / "model.safetensors")[1]["calibration"]
+    assert main(argv + ["--overwrite", "--edge-cells", "1"]) == 0
+    edge = load_model(out / "model.safetensors")[1]["calibration"]
+    assert edge["edge_cells"] == 1 and "class edges" in edge["fitted_on"]
+    assert "--edge-cells 1" in edge["command"]
+    assert main(argv + ["--overwrite", "--edge-cells", "4"]) == 2
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", "m", "--output", "o", "--pixel-mm"])
 

@@ -9,7 +9,8 @@ the subjects come as close to the exact ones as the weights' bound lets them
 them). Only phantoms: no real scan is used. The default data
 seed, 11, is neither the training's (0) nor the held-out evaluation's (7). ``--shrink``
 pulls the weights towards 1 where the phantoms barely identify them; ``--bound`` caps how
-far a weight may move. Given several strengths or bounds, each pixel size keeps the pair
+far a weight may move; ``--edge-cells R`` fits and applies them only within R network
+cells of the network's own class edges, where its excess area lies. Given several strengths or bounds, each pixel size keeps the pair
 with the smallest tissue area error on other phantom subjects (``--select-seed``, 13), so
 that neither is picked on a real scan.
 
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from EPDSegmentationLib.cli.options import add_mirror_argument
+from EPDSegmentationLib.core.calibration import MAX_EDGE_CELLS
 from EPDSegmentationLib.core.classes import KEYS, NUM_CLASSES
 
 from training.phantom.options import (add_anatomy_arguments, anatomy_kwargs, checked_anatomy,
@@ -69,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"each class's weight stays within 1/B .. B of the background's "
                         f"(default {BOUND:g}; B > 1); several values: chosen as --shrink's "
                         f"are, together with them")
+    p.add_argument("--edge-cells", type=int, default=None, metavar="R",
+                   help="fit and apply the weights only within R network cells of a change of "
+                        "the network's own most likely class (core/calibration.py; default: "
+                        "everywhere)")
     p.add_argument("--select-seed", type=int, default=SELECT_SEED,
                    help=f"phantom subject seed that chooses among several --shrink or --bound "
                         f"values (default {SELECT_SEED})")
@@ -115,16 +121,23 @@ def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequ
 
 
 def fit_weights(probs: Sequence[Tuple[np.ndarray, float]], true: np.ndarray,
-                bound: float = BOUND, shrink: float = 0.0) -> np.ndarray:
+                bound: float = BOUND, shrink: float = 0.0,
+                edge_cells: Optional[int] = None) -> np.ndarray:
     """Class weights float64 (C,), background 1, the others within 1 / bound .. bound,
     whose calibrated soft areas (calibrated_areas of ``probs``, as network_areas gives
     them) come as close to ``true`` (C,) cm^2 as the bound lets them (projected
     multiplicative updates). shrink in [0, 1): each update also pulls every log weight
     towards 0 by that share, so the fit stops where a weight's pull on its area balances
     the pull to 1: a weight whose area barely responds (the network sure of those pixels)
-    stays near 1 instead of running to the bound; 0 is the plain fit."""
+    stays near 1 instead of running to the bound; 0 is the plain fit. edge_cells: the
+    weights act only near the network's own edges (core.calibration.edge_mask), as the card
+    will apply them."""
     if not 0.0 <= shrink < 1.0:
         raise ValueError(f"shrink is a share in [0, 1); got {shrink}")
+    if edge_cells is not None:      # the edges do not move with the weights: found once
+        from EPDSegmentationLib.core.calibration import edge_mask
+
+        probs = [(p, cell, edge_mask(p, edge_cells)) for p, cell in probs]
     w = np.ones(NUM_CLASSES)
     for _ in range(ITERATIONS):
         area = calibrated_areas(probs, w)
@@ -141,12 +154,21 @@ def fit_weights(probs: Sequence[Tuple[np.ndarray, float]], true: np.ndarray,
     return w
 
 
-def calibrated_areas(probs: Sequence[Tuple[np.ndarray, float]], w: np.ndarray) -> np.ndarray:
+def calibrated_areas(probs: Sequence[Tuple], w: np.ndarray,
+                     edge_cells: Optional[int] = None) -> np.ndarray:
     """The soft areas (C,) cm^2 of ``probs`` ((n, C, h, w) probabilities with their pixel
-    area, as network_areas gives them) under class weights w (core.calibration)."""
+    area, as network_areas gives them; or with a third item, the edge_mask where the weights
+    act) under class weights w (core.calibration; near the edges only with edge_cells)."""
     from EPDSegmentationLib.core.calibration import apply_weights
 
-    return sum(apply_weights(p, w).sum((0, 2, 3), dtype=np.float64) * cell for p, cell in probs)
+    total = np.zeros(NUM_CLASSES)
+    for p, cell, *mask in probs:
+        if mask:
+            q = np.where(mask[0], apply_weights(p, w), p)
+        else:
+            q = apply_weights(p, w, edge_cells)
+        total = total + q.sum((0, 2, 3), dtype=np.float64) * cell
+    return total
 
 
 def _choice(bound: float, shrink: float) -> str:
@@ -174,6 +196,9 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         if not 0.0 <= v < 1.0:
             raise ValueError(f"--shrink is a share in [0, 1); got {v}")
     choices = [(b, s) for b in bounds for s in shrinks]
+    edge = args.edge_cells
+    if edge is not None and not 1 <= edge <= MAX_EDGE_CELLS:
+        raise ValueError(f"--edge-cells must be 1 to {MAX_EDGE_CELLS}; got {edge}")
     if len(choices) > 1 and args.select_seed == args.data_seed:
         raise ValueError("--select-seed must differ from --data-seed: the strength or bound "
                          "is chosen on subjects the fit has not seen")
@@ -190,13 +215,14 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                     mirror=args.mirror, progress=not args.quiet,
                     **checked_anatomy(anatomy_kwargs(args), torso=True))
         probs, true = network_areas(model, card, seeds, **draw)
-        fits = {c: fit_weights(probs, true, bound=c[0], shrink=c[1]) for c in choices}
+        fits = {c: fit_weights(probs, true, bound=c[0], shrink=c[1], edge_cells=edge)
+                for c in choices}
         entry: Dict[str, object] = {}
         if len(choices) > 1:
             held = subject_seeds(args.select_seed, args.phantom_subjects)
             hp, ht = network_areas(model, card, held, **draw)
             # the tissue classes' summed absolute area error on subjects the fit did not see
-            err = {c: float(np.abs(calibrated_areas(hp, w) - ht)[1:].sum())
+            err = {c: float(np.abs(calibrated_areas(hp, w, edge) - ht)[1:].sum())
                    / (len(held) * args.phantom_slices) for c, w in fits.items()}
             bound, shrink = min(choices, key=lambda c: err[c])
             entry["selection"] = {"select_seed": args.select_seed, "subjects": len(held),
@@ -211,7 +237,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         rows.append([float(v) for v in w])
         n = len(seeds) * args.phantom_slices
         before = (calibrated_areas(probs, np.ones(NUM_CLASSES)) - true) / n
-        after = (calibrated_areas(probs, w) - true) / n
+        after = (calibrated_areas(probs, w, edge) - true) / n
         report[str(px)] = {"weights": dict(zip(KEYS, rows[-1])), "shrink": shrink,
                            "bound": bound,
                            "area_error_cm2_before": dict(zip(KEYS, before.tolist())),
@@ -223,11 +249,14 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     card = dict(card)
     card[KEY] = {
         "pixel_mm": pixels, "class_weights": rows,
+        **({} if edge is None else {"edge_cells": int(edge)}),
         "fitted_on": (f"{len(seeds)} phantom subjects x {args.phantom_slices} slices "
                       f"({'-'.join(args.phantom_levels)}), data seed {args.data_seed}, drawn "
                       f"at each pixel size"
                       + (f", {describe_anatomy(args)}" if describe_anatomy(args) else "")
-                      + "; soft areas against the exact class areas"),
+                      + "; soft areas against the exact class areas"
+                      + ("" if edge is None else f", the weights within {edge} network "
+                         f"cell(s) of the network's own class edges")),
         "mirror": bool(args.mirror), "fit": report,
         "command": "python -m training " + shlex.join(list(argv or [])),
     }

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .calibration import KEY as CALIBRATION_KEY, calibrate, class_weights
+from .calibration import KEY as CALIBRATION_KEY, calibrate, class_weights, edge_cells, edge_mask
 from .upsampling import KEY as UPSAMPLING_KEY
 from .classes import NUM_CLASSES
 from .epd import epd_labels, nearest_labels
@@ -299,7 +299,7 @@ def _prepare(case: AdaptCase, card, model, device, settings: AdaptSettings, note
     w = class_weights(card, case.pixel_mm)
     log_w = None if w is None else torch.from_numpy(np.log(w)).view(1, -1, 1, 1)
     out = {"hu": hu, "target": target, "replay_hu": None, "replay_target": None,
-           "replay_mask": None, "log_w": log_w}
+           "replay_mask": None, "log_w": log_w, "edge_cells": edge_cells(card)}
     if settings.replay_fraction > 0:
         ks = _replay_slices(case.hu.shape[0], case.slices, MAX_REPLAY_SLICES)
         if ks:
@@ -421,8 +421,14 @@ def interpolate_weights(base, tuned, t: float):
 
 
 def _calibrated(logits, d):
-    """Logits (n, C, h, w) plus the case's log class weights, if the model has them."""
-    return logits if d["log_w"] is None else logits + d["log_w"].to(logits.device, logits.dtype)
+    """Logits (n, C, h, w) plus the case's log class weights, if the model has them (only
+    near the network's own edges where its card says so, as calibration.calibrate)."""
+    if d["log_w"] is None:
+        return logits
+    log_w = d["log_w"].to(logits.device, logits.dtype)
+    if d.get("edge_cells") is not None:
+        log_w = log_w * edge_mask(logits, d["edge_cells"]).to(logits.dtype)
+    return logits + log_w
 
 
 def _evaluate(net, datas, card, device) -> Dict[str, float]:

@@ -603,7 +603,10 @@ def describe_model(card: Mapping[str, Any]) -> str:
     if isinstance(cal, Mapping) and isinstance(cal.get("pixel_mm"), list):
         # training calibrate: the probabilities are reweighted per class (core/calibration)
         sizes = ", ".join(f"{float(v):g}" for v in cal["pixel_mm"])
-        lines.append(f"Calibrated: class weights fitted on phantoms at {sizes}{NBSP}mm pixels")
+        where = (f", applied within {cal['edge_cells']} cell(s) of class edges"
+                 if isinstance(cal.get("edge_cells"), int) else "")
+        lines.append(f"Calibrated: class weights fitted on phantoms at {sizes}{NBSP}mm pixels"
+                     + where)
     up = card.get("upsampling")
     if isinstance(up, Mapping) and isinstance(up.get("sigma_hu"), (int, float)):
         # training guide: the maps reach the input grid along the CT's edges
