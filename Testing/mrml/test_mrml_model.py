@@ -166,8 +166,8 @@ def test_panel_summary_shows_the_real_ct_levels():
     assert "Calibrated: class weights fitted on phantoms at 0.865, 3 mm pixels" in lines
     card["calibration"]["edge_cells"] = 1             # only near the network's class edges
     lines = describe_model(card).replace("\u00a0", " ").splitlines()
-    assert ("Calibrated: class weights fitted on phantoms at 0.865, 3 mm pixels, applied "
-            "within 1 cell(s) of class edges") in lines
+    assert ("Calibrated: class weights fitted on phantoms at 0.865, 3 mm pixels, at class "
+            "edges") in lines
     assert not any(line.startswith("Upsampled") for line in lines)
     card["upsampling"] = {"method": "hu-guided", "sigma_hu": 30.0, "sigma_cells": 1.0,
                           "radius_cells": 1}

@@ -603,8 +603,7 @@ def describe_model(card: Mapping[str, Any]) -> str:
     if isinstance(cal, Mapping) and isinstance(cal.get("pixel_mm"), list):
         # training calibrate: the probabilities are reweighted per class (core/calibration)
         sizes = ", ".join(f"{float(v):g}" for v in cal["pixel_mm"])
-        where = (f", applied within {cal['edge_cells']} cell(s) of class edges"
-                 if isinstance(cal.get("edge_cells"), int) else "")
+        where = ", at class edges" if isinstance(cal.get("edge_cells"), int) else ""
         lines.append(f"Calibrated: class weights fitted on phantoms at {sizes}{NBSP}mm pixels"
                      + where)
     up = card.get("upsampling")
