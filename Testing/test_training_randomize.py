@@ -527,6 +527,33 @@ def test_organ_look_finds_enhanced_kidneys_above_200_hu_by_their_codes():
     assert checked >= 20
 
 
+def test_the_unenhanced_kidneys_level_range_is_an_option():
+    """OrganLook.kidney_hu (--kidney-hu) moves the redrawn kidneys' level: drawn from
+    -5..0 HU their median lies far below the default 15..40 HU; the other draws keep their
+    streams (the rest of the slice unchanged), and train refuses a range upside down."""
+    from training.__main__ import build_parser
+    from training.randomize import KIDNEY_CODES, OrganLook
+    from training.train import check_args
+
+    hu, lab, tissues = organ_slice()
+    kid = np.isin(tissues, KIDNEY_CODES)
+    low = OrganLook(tissues, False, True, np.random.default_rng([4, 3]), kidney_hu=(-5.0, 0.0))
+    std = OrganLook(tissues, False, True, np.random.default_rng([4, 3]))
+    a, la = randomize_appearance(hu, lab, np.random.default_rng(4), organs=low)
+    b, lb = randomize_appearance(hu, lab, np.random.default_rng(4), organs=std)
+    k = kid & (la == lab)
+    assert np.median(a[k]) < np.median(b[k]) - 10 and np.median(a[k]) < 12
+    assert np.array_equal(la, lb) and np.array_equal(a[~kid], b[~kid])
+    args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
+                                      "--kidney-hu", "40", "0"])
+    with pytest.raises(ValueError, match="--kidney-hu"):
+        check_args(args)
+    args = build_parser().parse_args(["train", "--phantom-subjects", "2", "--output", "x",
+                                      "--kidney-hu", "0", "40"])
+    check_args(args)
+    assert args.kidney_hu == [0.0, 40.0]
+
+
 # ----------------------------------------------------------------------------- thick slices
 
 

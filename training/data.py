@@ -35,9 +35,10 @@ from training.phantom.dataset import split_subjects, subject_seeds
 from training.phantom.options import checked_anatomy
 
 from .metal import add_metal
-from .randomize import (MUSCLE_MEAN_HU, PLANE_OFFSETS_MM, SLICE_THICKNESS_MM, OrganLook,
-                        add_kernel_noise, close_fat_planes, grow_sat, randomize_appearance,
-                        slice_profile, thin_sat, through_plane, wall_gas)
+from .randomize import (KIDNEY_UNENHANCED_HU, MUSCLE_MEAN_HU, PLANE_OFFSETS_MM,
+                        SLICE_THICKNESS_MM, OrganLook, add_kernel_noise, close_fat_planes,
+                        grow_sat, randomize_appearance, slice_profile, thin_sat, through_plane,
+                        wall_gas)
 
 AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
@@ -310,6 +311,8 @@ class Augment:
     #: other organs' phase (randomize.OrganLook; phantom tissue codes needed)
     diaphragm_muscle: float = 0.0
     kidney_unenhanced: float = 0.0
+    #: the unenhanced kidneys' level range, HU (randomize.OrganLook.kidney_hu)
+    kidney_hu: Tuple[float, float] = KIDNEY_UNENHANCED_HU
     #: share of the randomised slices whose spinal canal contents are drawn at 0..40 HU
     canal_hu: float = 0.0
     #: share of the randomised slices whose organs get a texture of their own
@@ -402,7 +405,8 @@ class Augment:
                 canal_rng = np.random.default_rng([rand_seed, 4])
                 organs = OrganLook(tissues, organ_rng.random() < self.diaphragm_muscle,
                                    organ_rng.random() < self.kidney_unenhanced, organ_rng,
-                                   canal_rng if canal_rng.random() < self.canal_hu else None)
+                                   canal_rng if canal_rng.random() < self.canal_hu else None,
+                                   tuple(self.kidney_hu))
             texture = None
             if self.organ_texture > 0:      # its own stream: off keeps every draw
                 texture_rng = np.random.default_rng([rand_seed, 10])

@@ -112,9 +112,10 @@ class OrganLook:
       of the organs': it is muscle tissue, and on real CT it is as dark as the abdominal wall
       muscles beside it; moved with the organs (up to 130 HU in an enhanced phase) it showed
       the network a diaphragm that no real scan has;
-    - kidneys: drawn unenhanced and homogeneous (15..40 HU, 0..20 % of their inner
-      contrast) whatever the other organs' phase: on real unenhanced CT (PET-CT, many
-      body-composition cohorts) the kidneys are a homogeneous blob at fatty-muscle HU
+    - kidneys: drawn unenhanced and homogeneous (kidney_hu, 15..40 HU by default; 0..20 %
+      of their inner contrast) whatever the other organs' phase: on real unenhanced CT
+      (PET-CT, many body-composition cohorts) the kidneys are a homogeneous blob at
+      fatty-muscle HU
       resting on the psoas and quadratus lumborum, and the phantom's subjects are unenhanced
       only 15 % of the time. Found by the codes, not by HU: an enhanced phantom kidney
       (up to about 330 HU) is redrawn whole, keeping a share of its own inner contrast;
@@ -130,6 +131,8 @@ class OrganLook:
     kidneys: bool
     rng: np.random.Generator
     canal: Optional[np.random.Generator] = None
+    #: the unenhanced kidneys' level range, HU (``--kidney-hu``)
+    kidney_hu: Tuple[float, float] = KIDNEY_UNENHANCED_HU
 
 
 def _smooth_field(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -260,7 +263,7 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         means = (np.bincount(idx, weights=inner, minlength=n + 1)
                  / np.maximum(np.bincount(idx, minlength=n + 1), 1))
         # each kidney its own level around one draw (the two kidneys of a patient match)
-        level = organs.rng.uniform(*KIDNEY_UNENHANCED_HU)
+        level = organs.rng.uniform(*organs.kidney_hu)
         targets = level + np.concatenate(([0.0], organs.rng.normal(0.0, 3.0, n)))
         keep = organs.rng.uniform(*KIDNEY_CONTRAST_KEPT)
         hu[kidney] = (targets[idx] + (inner - means[idx]) * keep).astype(np.float32)

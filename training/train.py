@@ -40,7 +40,7 @@ from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, check_windows
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .phantom.options import add_anatomy_arguments, anatomy_kwargs
-from .randomize import MUSCLE_MEAN_HU
+from .randomize import KIDNEY_UNENHANCED_HU, MUSCLE_MEAN_HU
 from .data import (Augment, SliceDataset, SliceRecord, epd_target, manifest_records,
                    median_pixel_mm, model_inputs, phantom_records, planes_on_grid,
                    tissues_on_grid, to_source_grid)
@@ -137,6 +137,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --randomize, phantom only: share of randomised slices whose "
                         "kidneys are unenhanced and homogeneous, 15..40 HU, whatever the "
                         "other organs' phase (default 0: off)")
+    g.add_argument("--kidney-hu", type=float, nargs=2, default=list(KIDNEY_UNENHANCED_HU),
+                   metavar=("LO", "HI"),
+                   help="with --kidney-unenhanced: the range the unenhanced kidneys' level is "
+                        "drawn from, HU (default %g %g)" % KIDNEY_UNENHANCED_HU)
     g.add_argument("--canal-hu", type=float, default=0.0, metavar="P",
                    help="with --randomize, phantom only: share of randomised slices whose "
                         "spinal canal contents are drawn at 0..40 HU (default 0: off)")
@@ -222,6 +226,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not -200.0 <= args.muscle_hu[0] < args.muscle_hu[1] <= 200.0:
         raise ValueError(f"--muscle-hu is LO HI with -200 <= LO < HI <= 200; got "
                          f"{args.muscle_hu}")
+    if not -100.0 <= args.kidney_hu[0] < args.kidney_hu[1] <= 200.0:
+        raise ValueError(f"--kidney-hu is LO HI with -100 <= LO < HI <= 200; got "
+                         f"{args.kidney_hu}")
     if args.muscle_region_sd < 0:
         raise ValueError(f"--muscle-region-sd is an SD in HU, >= 0; got {args.muscle_region_sd}")
     if not 0.0 <= args.tissue_hu <= 1.0:
@@ -564,7 +571,8 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
         tissue_hu=args.tissue_hu, randomize=args.randomize, obese=args.obese,
         muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
-        kidney_unenhanced=args.kidney_unenhanced, canal_hu=args.canal_hu,
+        kidney_unenhanced=args.kidney_unenhanced, kidney_hu=tuple(args.kidney_hu),
+        canal_hu=args.canal_hu,
         organ_texture=args.organ_texture, muscle_mean_hu=tuple(args.muscle_hu),
         thick=args.thick_slices, cachectic=args.cachectic, metal=args.metal,
         zoom_out=args.zoom_out, wall_gas=args.wall_gas)
