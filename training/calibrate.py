@@ -10,9 +10,9 @@ them). Only phantoms: no real scan is used. The default data
 seed, 11, is neither the training's (0) nor the held-out evaluation's (7). ``--shrink``
 pulls the weights towards 1 where the phantoms barely identify them; ``--bound`` caps how
 far a weight may move; ``--edge-cells R`` fits and applies them only within R network
-cells of the network's own class edges, where its excess area lies. Given several strengths or bounds, each pixel size keeps the pair
-with the smallest tissue area error on other phantom subjects (``--select-seed``, 13), so
-that neither is picked on a real scan.
+cells of the network's own class edges, where its excess area lies. Given several
+strengths or bounds, each pixel size keeps the pair with the smallest tissue area error on
+other phantom subjects (``--select-seed``, 13), so that neither is picked on a real scan.
 
 The output is a folder holding model.safetensors (the same weights) and model.json (the
 card with ``calibration``), as ``interpolate`` writes, so that ``training bundle --run``
