@@ -134,10 +134,7 @@ def fit_weights(probs: Sequence[Tuple[np.ndarray, float]], true: np.ndarray,
     will apply them."""
     if not 0.0 <= shrink < 1.0:
         raise ValueError(f"shrink is a share in [0, 1); got {shrink}")
-    if edge_cells is not None:      # the edges do not move with the weights: found once
-        from EPDSegmentationLib.core.calibration import edge_mask
-
-        probs = [(p, cell, edge_mask(p, edge_cells)) for p, cell in probs]
+    probs = with_edges(probs, edge_cells)
     w = np.ones(NUM_CLASSES)
     for _ in range(ITERATIONS):
         area = calibrated_areas(probs, w)
@@ -152,6 +149,18 @@ def fit_weights(probs: Sequence[Tuple[np.ndarray, float]], true: np.ndarray,
         if done:
             break
     return w
+
+
+def with_edges(probs: Sequence[Tuple], edge_cells: Optional[int]) -> List[Tuple]:
+    """``probs`` as network_areas gives them, each with its edge_mask (edge_cells) as a
+    third item where it has none yet: the edges are the network's uncalibrated argmax's,
+    they do not move with the weights, so they are found once for every fit and check."""
+    if edge_cells is None:
+        return list(probs)
+    from EPDSegmentationLib.core.calibration import edge_mask
+
+    return [item if len(item) > 2 else (item[0], item[1], edge_mask(item[0], edge_cells))
+            for item in probs]
 
 
 def calibrated_areas(probs: Sequence[Tuple], w: np.ndarray,
@@ -215,14 +224,16 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
                     mirror=args.mirror, progress=not args.quiet,
                     **checked_anatomy(anatomy_kwargs(args), torso=True))
         probs, true = network_areas(model, card, seeds, **draw)
+        probs = with_edges(probs, edge)
         fits = {c: fit_weights(probs, true, bound=c[0], shrink=c[1], edge_cells=edge)
                 for c in choices}
         entry: Dict[str, object] = {}
         if len(choices) > 1:
             held = subject_seeds(args.select_seed, args.phantom_subjects)
             hp, ht = network_areas(model, card, held, **draw)
+            hp = with_edges(hp, edge)
             # the tissue classes' summed absolute area error on subjects the fit did not see
-            err = {c: float(np.abs(calibrated_areas(hp, w, edge) - ht)[1:].sum())
+            err = {c: float(np.abs(calibrated_areas(hp, w) - ht)[1:].sum())
                    / (len(held) * args.phantom_slices) for c, w in fits.items()}
             bound, shrink = min(choices, key=lambda c: err[c])
             entry["selection"] = {"select_seed": args.select_seed, "subjects": len(held),
@@ -237,7 +248,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         rows.append([float(v) for v in w])
         n = len(seeds) * args.phantom_slices
         before = (calibrated_areas(probs, np.ones(NUM_CLASSES)) - true) / n
-        after = (calibrated_areas(probs, w, edge) - true) / n
+        after = (calibrated_areas(probs, w) - true) / n
         report[str(px)] = {"weights": dict(zip(KEYS, rows[-1])), "shrink": shrink,
                            "bound": bound,
                            "area_error_cm2_before": dict(zip(KEYS, before.tolist())),
