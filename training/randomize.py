@@ -115,9 +115,8 @@ class OrganLook:
     - kidneys: drawn unenhanced and homogeneous (kidney_hu, 15..40 HU by default; 0..20 %
       of their inner contrast) whatever the other organs' phase: on real unenhanced CT
       (PET-CT, many body-composition cohorts) the kidneys are a homogeneous blob at
-      fatty-muscle HU
-      resting on the psoas and quadratus lumborum, and the phantom's subjects are unenhanced
-      only 15 % of the time. Found by the codes, not by HU: an enhanced phantom kidney
+      fatty-muscle HU resting on the psoas and quadratus lumborum, and the phantom's
+      subjects are unenhanced only 15 % of the time. Found by the codes, not by HU: an enhanced phantom kidney
       (up to about 330 HU) is redrawn whole, keeping a share of its own inner contrast;
     - canal: the spinal canal's contents at 0..40 HU instead of the phantom's fixed 10 HU
       CSF (kept as fluid by the organs' draw): cord and CSF average to 15 to 35 HU at

@@ -135,8 +135,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "diaphragm takes the muscle's HU, not the organs' (default 0: off)")
     g.add_argument("--kidney-unenhanced", type=float, default=0.0, metavar="P",
                    help="with --randomize, phantom only: share of randomised slices whose "
-                        "kidneys are unenhanced and homogeneous, 15..40 HU, whatever the "
-                        "other organs' phase (default 0: off)")
+                        "kidneys are unenhanced and homogeneous, at --kidney-hu, whatever "
+                        "the other organs' phase (default 0: off)")
     g.add_argument("--kidney-hu", type=float, nargs=2, default=list(KIDNEY_UNENHANCED_HU),
                    metavar=("LO", "HI"),
                    help="with --kidney-unenhanced: the range the unenhanced kidneys' level is "
