@@ -105,7 +105,7 @@ def test_kernel_noise_sd_and_correlation(seed):
 
 SHARE_FLAGS = ("--randomize", "--organ-flatten", "--obese", "--organ-contact",
                "--kidney-contact", "--diaphragm-muscle", "--kidney-unenhanced", "--canal-hu",
-               "--organ-texture",
+               "--organ-texture", "--lowres-noise",
                "--thick-slices", "--cachectic", "--metal", "--zoom-out", "--wall-gas")
 
 
@@ -706,3 +706,44 @@ def test_thick_slices_from_the_phantom(tmp_path):
                           "needs the phantom")):
         with pytest.raises(ValueError, match=match):
             check_args(build_parser().parse_args(["train", *extra, "--output", "x"]))
+
+
+def test_lowres_noise_draws_a_coarse_scans_noise_on_its_coarse_pixels():
+    """lowres_noise (--lowres-noise, off by default) adds the scanner noise after a coarse
+    scan's shrink instead of before it: on the coarse pixels the organ's noise is then as
+    drawn (SD 5..30 HU), where the shrink averages the noise drawn on the training grid down;
+    the labels, and every draw with it off or without lowres, are as before."""
+    from scipy.ndimage import binary_erosion
+
+    from EPDSegmentationLib.core.inference import resample_planes
+
+    assert Augment().lowres_noise == 0.0
+    hu, lab = body_slice(192)
+    hu[(hu > 200.0) | (hu < -800.0) & (lab == MSC)] = 55.0  # no bone streaks, no gas
+    base = dict(flip=0.0, crop=0.0, blur=0.0, randomize=1.0, obese=0.0)
+    small = (round(192 / 3.5),) * 2
+    # the organ disc on the coarse pixels, off its edge
+    organ = binary_erosion(resample_planes(np.ascontiguousarray(lab), small, labels=True)
+                           == MSC, iterations=2)
+    sds = {0.0: [], 1.0: []}
+    for seed in range(8):
+        # without lowres, lowres_noise changes nothing
+        a_hu, _ = Augment(**base)(hu, lab, np.random.default_rng(seed))
+        b_hu, _ = Augment(**base, lowres_noise=1.0)(hu, lab, np.random.default_rng(seed))
+        assert np.array_equal(a_hu, b_hu)
+        for p in sds:
+            c_hu, c_lab = Augment(**base, lowres=1.0, lowres_factor=(3.5, 3.5),
+                                  lowres_noise=p)(hu, lab, np.random.default_rng(seed))
+            if p == 0.0:
+                d_hu, d_lab = Augment(**base, lowres=1.0, lowres_factor=(3.5, 3.5))(
+                    hu, lab, np.random.default_rng(seed))
+                assert np.array_equal(c_hu, d_hu)
+                off_lab = c_lab
+            else:
+                assert np.array_equal(c_lab, off_lab)
+            coarse = resample_planes(c_hu, small)
+            # the organ is one level here: its robust SD on the coarse pixels is the noise's
+            # (where the field of view or an arm has not cut it off)
+            x = coarse[organ & (np.abs(coarse) < 300.0)]
+            sds[p].append(float(1.4826 * np.median(np.abs(x - np.median(x)))))
+    assert np.mean(sds[1.0]) > 2.0 * np.mean(sds[0.0])

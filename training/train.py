@@ -112,6 +112,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "by 1.5 to --lowres-max times and enlarged back; default 0: off)")
     g.add_argument("--lowres-max", type=float, default=4.0, metavar="F",
                    help="largest shrink factor of --lowres (default 4: 0.865 mm -> 3.5 mm)")
+    g.add_argument("--lowres-noise", type=float, default=0.0, metavar="P",
+                   help="with --randomize and --lowres: share of the coarser scans whose "
+                        "scanner noise is drawn on their coarse pixels, as a real coarse "
+                        "scan's is (default 0: drawn on the training grid before the "
+                        "shrink, which averages most of it away)")
     g.add_argument("--tissue-hu", type=float, default=0.0, metavar="P",
                    help="probability of shifting muscle HU by -30..+10 and organ HU by "
                         "-20..+20 (default 0: off)")
@@ -219,7 +224,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
                  "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "organ_texture",
-                 "thick_slices", "cachectic", "metal", "zoom_out", "wall_gas"):
+                 "lowres_noise", "thick_slices", "cachectic", "metal", "zoom_out", "wall_gas"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
@@ -568,6 +573,7 @@ def build_data(args, ctx: D.Context, show: bool) -> RunData:
 
     augment = None if args.no_augment else Augment(
         lowres=args.lowres, lowres_factor=(Augment.lowres_factor[0], args.lowres_max),
+        lowres_noise=args.lowres_noise,
         tissue_hu=args.tissue_hu, randomize=args.randomize, obese=args.obese,
         muscle_region_sd_hu=args.muscle_region_sd, organ_flatten=args.organ_flatten,
         organ_contact=args.organ_contact, diaphragm_muscle=args.diaphragm_muscle,
