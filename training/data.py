@@ -321,9 +321,9 @@ class Augment:
     #: the range of the muscle's new mean under randomisation, HU (randomize_appearance)
     muscle_mean_hu: Tuple[float, float] = MUSCLE_MEAN_HU
     #: share of the randomised slices made coarse (lowres) whose scanner noise is drawn on
-    #: the coarse pixels, after the shrink: drawn on the training grid and shrunk, a 3 mm
-    #: scan's noise falls to a third (local SD 4 to 6 HU in the organs at 3 mm, where real
-    #: 3 mm scans carry 10 to 16)
+    #: the coarse pixels, after the shrink (randomize.add_kernel_noise's pixel): drawn on
+    #: the training grid and shrunk, the organs' local SD at 3 mm is 7.5 to 9 HU against
+    #: 10 to 14 on a real 3 mm scan (Testing/tools/texture_at_3mm.py)
     lowres_noise: float = 0.0
     #: share of the slices with planes drawn thick, and the thickness range, mm
     thick: float = 0.0
@@ -448,7 +448,7 @@ class Augment:
             small = (max(1, int(round(h / shrink))), max(1, int(round(w / shrink))))
             hu = resample_planes(np.ascontiguousarray(hu, np.float32), small)
             if coarse_noise:
-                hu = add_kernel_noise(hu, rand_rng)
+                hu = add_kernel_noise(hu, rand_rng, pixel=shrink)
             hu = resample_planes(hu, (h, w))
         if u[2] < self.blur:
             hu = gaussian_filter(hu, sigma, mode="nearest")

@@ -353,18 +353,22 @@ def randomize_appearance(hu: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     return (hu[0], labels[0]) if flat else (hu, labels)
 
 
-def add_kernel_noise(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def add_kernel_noise(hu: np.ndarray, rng: np.random.Generator,
+                     pixel: float = 1.0) -> np.ndarray:
     """hu float32 (H, W) HU plus correlated noise of SD 5..30 HU: white noise through a soft
-    kernel (Gaussian, sigma 0.6..1.5 px) or a sharp one (white noise with its high
-    frequencies boosted), as reconstruction kernels shape CT noise."""
+    kernel (Gaussian, sigma 0.6..1.5 training-grid px) or a sharp one (white noise with its
+    high frequencies boosted), as reconstruction kernels shape CT noise. pixel: the image's
+    pixel side in training-grid pixels (a coarse scan's shrink, ``lowres_noise``): a kernel's
+    width is a length, so on pixels 3.5 times coarser it spans a 3.5th as many and the
+    noise is nearly white, as on real 3 mm scans (the same draws whatever ``pixel``)."""
     from scipy.ndimage import gaussian_filter
 
     n = rng.standard_normal(hu.shape).astype(np.float32)
     sd = rng.uniform(*NOISE_SD_HU)
     if rng.random() < 0.5:
-        n = gaussian_filter(n, rng.uniform(0.6, 1.5), mode="wrap")
+        n = gaussian_filter(n, rng.uniform(0.6, 1.5) / pixel, mode="wrap")
     else:
-        n = n + rng.uniform(0.3, 1.0) * (n - gaussian_filter(n, 1.0, mode="wrap"))
+        n = n + rng.uniform(0.3, 1.0) * (n - gaussian_filter(n, 1.0 / pixel, mode="wrap"))
     n *= sd / max(float(n.std()), 1e-6)
     return (hu + n * (hu > -950.0)).astype(np.float32)
 

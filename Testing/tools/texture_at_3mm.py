@@ -22,7 +22,6 @@ from scipy import ndimage as ndi
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "EPDSegmentation"), str(REPO)]
 
-from EPDSegmentationLib.core.inference import resample_planes  # noqa: E402
 from EPDSegmentationLib.io import read_volume  # noqa: E402
 from EPDSegmentationLib.io.readers import read_itk  # noqa: E402
 from training.data import Augment  # noqa: E402
@@ -74,13 +73,17 @@ def phantom_rows(lowres_noise: float, subjects: int, draws: int) -> dict:
     for seed in range(subjects):
         sl = make_slice(seed, level="L1", anatomy="torso", pixel_mm=SOURCE_MM, kidney_rise=20,
                         kidney_contact=0.5, kidney_tilt=15, flank_sat=0.5, back_sat=1.0)
+        # the coarse scan's pixel centres on the training grid: there the enlarged slice
+        # holds the coarse pixels' values (resampling it again would smooth it once more)
         n = int(round(sl.hu.shape[0] / SHRINK))
-        codes = resample_planes(np.ascontiguousarray(sl.tissues), (n, n), labels=True)
+        at = np.ix_(*(np.round((np.arange(n) + 0.5) * k / n - 0.5).astype(int)
+                      for k in sl.hu.shape))
+        codes = sl.tissues[at]
         for d in range(draws):
             hu, lab = aug(sl.hu.astype(np.float32), sl.labels,
                           np.random.default_rng(seed * 10 + d), tissues=sl.tissues)
-            sd = local_sd(resample_planes(np.ascontiguousarray(hu), (n, n)))
-            lab3 = resample_planes(np.ascontiguousarray(lab), (n, n), labels=True)
+            sd = local_sd(np.ascontiguousarray(hu[at]))
+            lab3 = lab[at]
             masks = {"kidneys": np.isin(codes, (CODE["kidney_cortex"], CODE["kidney_medulla"])),
                      "liver": codes == CODE["liver"], "spleen": codes == CODE["spleen"],
                      "muscle": lab3 == 1, "fat": lab3 == 3}
