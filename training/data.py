@@ -322,7 +322,7 @@ class Augment:
     muscle_mean_hu: Tuple[float, float] = MUSCLE_MEAN_HU
     #: share of the randomised slices made coarse (lowres) whose scanner noise is drawn on
     #: the coarse pixels, after the shrink (randomize.add_kernel_noise's pixel): drawn on
-    #: the training grid and shrunk, the organs' local SD at 3 mm is 7.5 to 9 HU against
+    #: the training grid and shrunk, the organs' local SD at 3 mm is 8 to 9 HU against
     #: 10 to 14 on a real 3 mm scan (Testing/tools/texture_at_3mm.py)
     lowres_noise: float = 0.0
     #: share of the slices with planes drawn thick, and the thickness range, mm

@@ -2,7 +2,8 @@
 structure, in the shared real abdomen-pelvis CT at T12 to L1 (TotalSegmentator's labels)
 and in training phantoms at L1 drawn with the bundled recipe's appearance and made a 3 mm
 scan by ``--lowres`` (shrink 3.47), with the scanner noise drawn before the shrink (the
-default) or on the coarse pixels (``--lowres-noise``). Medians over the slices or
+default) or on the coarse pixels (``--lowres-noise``). The recipe (appearance and anatomy
+options) is read from the bundled model's card, so the numbers follow the model. Medians over the slices or
 phantoms, each structure eroded by one voxel. docs/model.md, thirty-third round.
 
     .venv/bin/python Testing/tools/texture_at_3mm.py [--subjects 8] [--draws 2]
@@ -13,6 +14,9 @@ Needs ../shared/data/totalseg-example (the real rows are skipped without it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,11 +28,14 @@ sys.path[:0] = [str(REPO / "EPDSegmentation"), str(REPO)]
 
 from EPDSegmentationLib.io import read_volume  # noqa: E402
 from EPDSegmentationLib.io.readers import read_itk  # noqa: E402
+from training.__main__ import build_parser  # noqa: E402
 from training.data import Augment  # noqa: E402
+from training.phantom.options import anatomy_kwargs  # noqa: E402
 from training.phantom.generate import make_slice  # noqa: E402
 from training.phantom.tissues import CODE  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "totalseg-example"
+CARD = REPO / "Resources" / "Models" / "EPDBodyComp_f2.json"
 #: ct_abdomen_pelvis slices at T12 to L1, and TotalSegmentator's labels read there
 REAL_SLICES = range(88, 112)
 REAL_LABELS = {"kidneys": (2, 3), "liver": (5,), "spleen": (1,), "psoas": (88, 89),
@@ -61,18 +68,24 @@ def real_rows() -> dict:
     return rows
 
 
+def recipe(card_path: Path = CARD):
+    """The card's training recipe: (its Augment, its make_slice anatomy keywords)."""
+    training = json.loads(card_path.read_text())["training"]
+    words = shlex.split(training["command"])
+    args = build_parser().parse_args(words[words.index("train"):])
+    return Augment(**training["augment"]), anatomy_kwargs(args)
+
+
 def phantom_rows(lowres_noise: float, subjects: int, draws: int) -> dict:
-    # the bundled recipe's appearance (Resources/Models/README.md, step 19), every slice
-    # randomised and made a 3 mm scan; no flip, crop or blur, so the codes stay in place
-    aug = Augment(flip=0.0, crop=0.0, blur=0.0, lowres=1.0, lowres_factor=(SHRINK, SHRINK),
-                  lowres_noise=lowres_noise, randomize=1.0, obese=0.0,
-                  muscle_region_sd_hu=0.0, organ_flatten=0.4, diaphragm_muscle=1.0,
-                  kidney_unenhanced=0.5, canal_hu=0.5, cachectic=0.3,
-                  muscle_mean_hu=(-10.0, 75.0))
+    # the bundled recipe's appearance, every slice randomised and made a 3 mm scan, never
+    # obese; no flip, crop, zoom or blur, so the tissue codes stay in place
+    augment, anatomy = recipe()
+    aug = dataclasses.replace(augment, flip=0.0, crop=0.0, blur=0.0, zoom_out=0.0,
+                              lowres=1.0, lowres_factor=(SHRINK, SHRINK),
+                              lowres_noise=lowres_noise, randomize=1.0, obese=0.0)
     rows: dict = {}
     for seed in range(subjects):
-        sl = make_slice(seed, level="L1", anatomy="torso", pixel_mm=SOURCE_MM, kidney_rise=20,
-                        kidney_contact=0.5, kidney_tilt=15, flank_sat=0.5, back_sat=1.0)
+        sl = make_slice(seed, level="L1", anatomy="torso", pixel_mm=SOURCE_MM, **anatomy)
         # the coarse scan's pixel centres on the training grid: there the enlarged slice
         # holds the coarse pixels' values (resampling it again would smooth it once more)
         n = int(round(sl.hu.shape[0] / SHRINK))
