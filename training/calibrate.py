@@ -98,7 +98,9 @@ def network_areas(model, card, seeds: Sequence[int], n_slices: int, levels: Sequ
     from EPDSegmentationLib.core.inference import network_slab
     from training.phantom.generate import subject_slices
 
-    plain = {k: v for k, v in card.items() if k != KEY}
+    # fitted on the network's output for the phantoms as drawn: without a calibration, and
+    # without the field's padding (core/field.py), which would change the grid below
+    plain = {k: v for k, v in card.items() if k not in (KEY, "field")}
     size = int(round(fov_mm / pixel_mm))
     supersample = max(2, int(np.ceil(pixel_mm / 0.4)))
     probs, true = [], np.zeros(NUM_CLASSES)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import field as field_of_view
 from . import upsampling
 from .calibration import calibrate
 from .epd import bilinear_image, check_up_shape, epd_image, upsample_soft
@@ -386,7 +387,9 @@ class Deferred:
     grid (rows, cols) the network's input came from; input_shape: the input grid (J, I);
     flips: (rows, columns) to flip back out of the network's orientation; guide: the slab's
     HU on the resampled grid (n, rows, cols) torch, in the network's orientation, for a
-    card with HU-guided upsampling (None otherwise)."""
+    card with HU-guided upsampling (None otherwise); padding: the air added round the
+    slices in the network's orientation (core/field.py), cropped off after restoring, so
+    input_shape is the padded grid."""
 
     probs: Any
     work: Tuple[int, int]
@@ -394,12 +397,14 @@ class Deferred:
     card: Mapping[str, Any]
     flips: Tuple[bool, bool] = (False, False)
     guide: Any = None
+    padding: Tuple[Tuple[int, int], Tuple[int, int]] = ((0, 0), (0, 0))
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
-        """(C, n, J, I), as the restored probabilities'."""
+        """(C, n, J, I), as the restored probabilities' (on the grid before any padding)."""
         n, c = int(self.probs.shape[0]), int(self.probs.shape[1])
-        return (c, n) + tuple(int(v) for v in self.input_shape)
+        (t, b), (l, r) = self.padding
+        return (c, n, int(self.input_shape[0]) - t - b, int(self.input_shape[1]) - l - r)
 
     @property
     def device(self):
@@ -411,6 +416,9 @@ class Deferred:
         guide = None if self.guide is None else self.guide[start:stop]
         full = restore_probabilities_torch(self.probs[start:stop], self.work,
                                            self.input_shape, self.card, guide)  # (n, C, J, I)
+        (t, b), (l, r) = self.padding
+        if t or b or l or r:
+            full = full[..., t:full.shape[-2] - b, l:full.shape[-1] - r]
         dims = [d for d, f in ((2, self.flips[0]), (3, self.flips[1])) if f]
         if dims:
             full = full.flip(dims)
@@ -431,10 +439,46 @@ def network_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping
 
     The network input is prepared on the host. flips: (rows, columns) to flip into the
     network's orientation (orientation.network_flips) and back. ``network``: progress,
-    should_cancel, done_offset, total, mirror, passed to run_network."""
+    should_cancel, done_offset, total, mirror, passed to run_network. With the card's
+    field (core/field.py) each slice is padded with air by its own content, and slices
+    padded alike run together (a Grouped output)."""
     flip_rows, flip_cols = flips
     if flip_rows or flip_cols:
         hu = np.ascontiguousarray(hu[:, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
+    share = field_of_view.content_share(card)
+    if share is None:
+        return _network_part(hu, field_of_view.NO_PADDING, pixel_mm, model, card, device,
+                             batch_size, notes, flips, **network)
+    groups: Dict[Any, List[int]] = {}
+    for i in range(hu.shape[0]):
+        groups.setdefault(field_of_view.field_padding(hu[i:i + 1], pixel_mm, card),
+                          []).append(i)
+    if any(p != field_of_view.NO_PADDING for p in groups):
+        note = field_of_view.describe(share)
+        if note not in notes:
+            notes.append(note)
+    if len(groups) == 1:
+        (padding,) = groups
+        return _network_part(hu, padding, pixel_mm, model, card, device, batch_size, notes,
+                             flips, **network)
+    done = int(network.pop("done_offset", 0))
+    total = network.pop("total", None)
+    total = done + hu.shape[0] if total is None else total
+    parts = []
+    for padding, idx in groups.items():
+        low, device, batch_size = _network_part(
+            hu[idx], padding, pixel_mm, model, card, device, batch_size, notes, flips,
+            done_offset=done, total=total, **network)
+        parts.append((idx, low))
+        done += len(idx)
+    return Grouped(parts, hu.shape[0]), device, batch_size
+
+
+def _network_part(hu, padding, pixel_mm, model, card, device, batch_size, notes, flips,
+                  **network):
+    """network_slab for slices (n, J, I) already in the network's orientation, padded with
+    ``padding`` (core/field.py) here and cropped back in the Deferred."""
+    hu = field_of_view.pad_slab(hu, padding)
     # HU-guided upsampling needs the slab's HU on the resampled grid (a float32 copy, a
     # quarter of the soft maps' size at factor 2), resampled once with the network's input
     guided = upsampling.applies(card, network_cells(hu.shape[1:], pixel_mm, card),
@@ -445,8 +489,38 @@ def network_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping
     check_probability_range(probs)
     probs = calibrate(probs, card, pixel_mm)       # the card's class priors, if it has them
     low = Deferred(probs, tuple(work), tuple(int(v) for v in hu.shape[1:]), card,
-                   (bool(flip_rows), bool(flip_cols)), kept[0] if kept else None)
+                   (bool(flips[0]), bool(flips[1])), kept[0] if kept else None, padding)
     return low, device, batch_size
+
+
+@dataclass
+class Grouped:
+    """A slab's output in parts, Deferred's interface: parts [(the slab's slice positions,
+    their Deferred)], n slices in all (network_slab, slices padded differently)."""
+
+    parts: List[Tuple[List[int], Deferred]]
+    n: int
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        c, _, j, i = self.parts[0][1].shape
+        return (c, self.n, j, i)
+
+    @property
+    def device(self):
+        return self.parts[-1][1].device
+
+    def planes(self, start: int, stop: int):
+        """Probabilities of slices start..stop-1: torch float32 (C, stop - start, J, I)."""
+        import torch
+
+        where = {pos: (low, k) for idx, low in self.parts for k, pos in enumerate(idx)}
+        return torch.cat([where[s][0].planes(where[s][1], where[s][1] + 1).to(self.device)
+                          for s in range(start, stop)], dim=1)
+
+    def restore(self):
+        """All the slab's probabilities (C, n, J, I) on the input grid."""
+        return self.planes(0, self.n)
 
 
 def predict_slab(hu: np.ndarray, pixel_mm: Sequence[float], model, card: Mapping[str, Any],

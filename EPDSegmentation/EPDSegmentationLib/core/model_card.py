@@ -24,6 +24,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 from .atomic import atomic_write
 from .calibration import KEY as CALIBRATION_KEY, check_calibration
 from .upsampling import KEY as UPSAMPLING_KEY, check_upsampling
+from .field import KEY as FIELD_KEY, check_field
 from .classes import CLASSES, KEYS
 from .errors import ModelError
 from .windowing import check_windows
@@ -210,6 +211,10 @@ def validate_card(card: Any, where: str = "model card") -> Dict[str, Any]:
             _fail(where, problem)
     if UPSAMPLING_KEY in card:
         problem = check_upsampling(card[UPSAMPLING_KEY])
+        if problem is not None:
+            _fail(where, problem)
+    if FIELD_KEY in card:
+        problem = check_field(card[FIELD_KEY])
         if problem is not None:
             _fail(where, problem)
     return card

@@ -1,0 +1,106 @@
+"""Give a model the field of view it was trained in (``python -m training field``): its
+weights unchanged, its card's ``field`` set (EPDSegmentationLib/core/field.py), so that a
+slice whose content fills more of the image than the training phantoms' did is padded with
+air before the network and cropped back after.
+
+The share is measured on the phantoms of the card's own recipe (its augmentation and
+anatomy options, the subjects at each of its levels, drawn as in training): the median
+share of the image rows that their content (HU above field.CONTENT_HU) spans front to
+back. The output is a folder holding model.safetensors and model.json, as ``training
+guide``'s; the card's validation metrics and evaluation are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="the model (.safetensors)")
+    p.add_argument("--output", type=Path, required=True,
+                   help="folder for model.safetensors and model.json")
+    p.add_argument("--subjects", type=int, default=60,
+                   help="phantom subjects the share is measured on (default 60)")
+    p.add_argument("--content-share", type=float, default=None,
+                   help="set the share (0..1] instead of measuring it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
+
+
+def card_recipe(card: Mapping) -> Tuple[object, Dict[str, float], Tuple[str, ...]]:
+    """The card's training recipe: (its Augment, its make_slice anatomy keywords, its
+    phantom levels, in order); read from the card's command and augment fields."""
+    from training.__main__ import build_parser
+    from training.data import Augment
+    from training.phantom.options import anatomy_kwargs
+    from training.phantom.torso import LEVELS
+
+    training = card["training"]
+    words = shlex.split(training["command"])
+    args = build_parser().parse_args(words[words.index("train"):])
+    levels = LEVELS
+    if args.phantom_levels:
+        lo, hi = (LEVELS.index(v.upper()) for v in args.phantom_levels)
+        levels = LEVELS[lo:hi + 1]
+    return Augment(**training["augment"]), anatomy_kwargs(args), tuple(levels)
+
+
+def measure_share(card: Mapping, subjects: int, progress: bool = True) -> Dict[str, float]:
+    """Percentiles 5, 50 and 95 of the share of the image rows the content spans, over the
+    recipe's phantoms (one slice of each subject at each level, augmented as in training
+    with the subject's seed)."""
+    from tqdm import tqdm
+
+    from EPDSegmentationLib.core.field import CONTENT_HU
+    from training.phantom.generate import make_slice
+
+    augment, anatomy, levels = card_recipe(card)
+    shares = []
+    for seed in tqdm(range(subjects), desc="phantoms", unit="subject", disable=not progress):
+        for i, level in enumerate(levels):
+            sl = make_slice(seed, level=level, anatomy="torso", **anatomy)
+            hu, _ = augment(sl.hu.astype(np.float32), sl.labels,
+                            np.random.default_rng([seed, i]), tissues=sl.tissues)
+            rows = np.flatnonzero((hu > CONTENT_HU).any(axis=1))
+            if rows.size:
+                shares.append((rows[-1] - rows[0] + 1) / hu.shape[0])
+    p5, p50, p95 = (float(v) for v in np.percentile(shares, [5, 50, 95]))
+    return {"p5": p5, "median": p50, "p95": p95, "slices": len(shares)}
+
+
+def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
+    from EPDSegmentationLib.core.field import KEY, check_field
+    from EPDSegmentationLib.core.model_io import load_model, save_model
+
+    model, card = load_model(args.model)
+    if args.content_share is not None:
+        spec: Dict[str, object] = {"content_share": float(args.content_share),
+                                   "measured_on": "given on the command line"}
+    else:
+        if args.subjects < 1:
+            raise ValueError(f"--subjects must be at least 1; got {args.subjects}")
+        m = measure_share(card, args.subjects)
+        spec = {"content_share": round(m["median"], 4),
+                "measured_on": (f"{m['slices']} phantom slices of the card's recipe "
+                                f"({args.subjects} subjects, each level): content rows share "
+                                f"p5 {m['p5']:.3f}, median {m['median']:.3f}, "
+                                f"p95 {m['p95']:.3f}")}
+    problem = check_field(spec)
+    if problem is not None:
+        raise ValueError(problem)
+    card = dict(card)
+    card[KEY] = dict(spec, command="python -m training " + shlex.join(list(argv or [])))
+    card["metrics"] = {}
+    for key in ("evaluation", "bundle_command"):
+        card.pop(key, None)
+    out = Path(args.output) / "model"
+    save_model(out, model, card, overwrite=args.overwrite)
+    print(f"{out}.safetensors: {args.model}'s weights; slices padded with air where their "
+          f"content spans more than {spec['content_share']:.3f} of the rows "
+          f"({json.dumps(spec['measured_on'])})")
+    return out.with_suffix(".safetensors")
