@@ -140,3 +140,21 @@ def test_a_slices_result_does_not_depend_on_its_slab(tiny_model_path):
         alone = predict_volume(hu[i:i + 1], (1.6, 1.6), model, fielded, device="cpu")
         np.testing.assert_allclose(got.probabilities[:, i:i + 1], alone.probabilities,
                                    atol=1e-5)
+
+
+def test_provenance_and_the_panel_name_the_field():
+    """A model with a field is another model: the DICOM SEG's algorithm parameters, the
+    summary kept on the Slicer segmentation and the panel's model details carry its share
+    (not its command or report); a card without one names none."""
+    from EPDSegmentationLib.io.dicom_seg import algorithm_identification
+    from EPDSegmentationLib.mrml.dicom import model_summary
+    from EPDSegmentationLib.mrml.workflow import describe_model
+
+    spec = {"content_share": 0.795, "measured_on": "given", "command": "python -m training field"}
+    card = {"name": "M", "factor": 2, "pixel_mm": [1.73, 1.73], "field": spec}
+    assert algorithm_identification(card).parameters["field_content_share"] == "0.795"
+    assert model_summary(card)["field"] == {"content_share": 0.795}
+    assert "more than 0.795 of the rows padded with air" in describe_model(card)
+    plain = {"name": "M", "factor": 2, "pixel_mm": [1.73, 1.73]}
+    assert not any("field" in k for k in algorithm_identification(plain).parameters)
+    assert "field" not in model_summary(plain) and "Field of view" not in describe_model(plain)

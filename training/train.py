@@ -393,7 +393,8 @@ def _card_metrics(v: Dict[str, object]) -> Dict[str, object]:
 #: card fields fitted to or chosen for the init model's outputs, which a fine-tuned network
 #: does not inherit, and the command that makes each for the new model
 NOT_CARRIED = (("calibration", "python -m training calibrate"),
-               ("upsampling", "python -m training guide"))
+               ("upsampling", "python -m training guide"),
+               ("field", "python -m training field"))
 
 
 def init_from(net: nn.Module, path: Path, architecture: dict, args, recipe: dict) -> List[str]:

@@ -98,9 +98,10 @@ def make_model(folder: Path, k: int, size: int, config, trained: bool = False,
 
         net.load_state_dict(load_model(bundled_model_path())[0].state_dict())
     extra = {}
-    if trained:     # and its class weights and upsampling, so segment does all it does
+    if trained:     # and its class weights, upsampling and field, so segment does all it does
         bundled = load_model(bundled_model_path())[1]         # with the bundled model
-        extra = {key: bundled[key] for key in ("calibration", "upsampling") if key in bundled}
+        extra = {key: bundled[key] for key in ("calibration", "upsampling", "field")
+                 if key in bundled}
         if plain_upsampling:
             extra.pop("upsampling", None)
     card = make_card(net.config.to_dict(), windows=DEFAULT_WINDOWS, factor=k,

@@ -30,6 +30,7 @@ from ..core.cohort import COHORT_COLUMNS, row_indices
 from ..core.indices import HeightError, dicom_height_m, height_m
 from ..core.levels import LevelError, find_levels, level_slices
 from ..core.calibration import parameters as calibration_parameters
+from ..core.field import parameters as field_parameters
 from ..core.upsampling import parameters as upsampling_parameters
 from ..io import read_volume
 from ..io.level_picture import write_level_png
@@ -318,7 +319,8 @@ def model_version(path: Path, with_calibration: bool = True) -> str:
     if with_calibration and card.is_file():
         fields = json.loads(card.read_text())
         for key, value in ((b"calibration", calibration_parameters(fields)),
-                           (b"upsampling", upsampling_parameters(fields))):
+                           (b"upsampling", upsampling_parameters(fields)),
+                           (b"field", field_parameters(fields))):
             if value is not None:      # other priors or other boundaries, other areas
                 h.update(b"\n" + key + b":" + json.dumps(value, sort_keys=True).encode())
     return "sha256:" + h.hexdigest()[:12]

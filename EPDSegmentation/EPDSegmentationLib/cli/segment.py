@@ -52,6 +52,7 @@ import numpy as np
 
 from .. import __version__
 from ..core import bodycomp, calibration, inference, stream, upsampling
+from ..core import field as field_of_view
 from ..core.indices import protocol_from_sums, protocol_labels
 from ..core.atomic import extension
 from ..core.classes import NUM_CLASSES, TISSUES
@@ -632,7 +633,8 @@ def case_provenance(case: Case, vol, card: Dict, extra: Optional[Dict] = None,
     prov["model"]["mirror"] = bool(mirror)
     # the same weights calibrated, or upsampled otherwise, give other numbers
     for key, value in (("calibration", calibration.parameters(card)),
-                       ("upsampling", upsampling.parameters(card))):
+                       ("upsampling", upsampling.parameters(card)),
+                       ("field", field_of_view.parameters(card))):
         if value is not None:
             prov["model"][key] = value
     if meta.get("format") == "dicom":

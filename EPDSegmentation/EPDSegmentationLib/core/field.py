@@ -15,7 +15,7 @@ share; a card without it runs as before.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,6 +52,16 @@ def content_share(card: Mapping[str, Any]) -> Optional[float]:
     if problem is not None:
         raise ValueError(problem)
     return float(spec["content_share"])
+
+
+def parameters(card: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The card's field less its command and report (what provenance, DICOM SEG and the
+    model version record: the same weights with another field give other numbers), or None
+    when the card has none."""
+    spec = card.get(KEY)
+    if not isinstance(spec, Mapping):
+        return None
+    return {k: v for k, v in spec.items() if k not in ("command", "measured_on")}
 
 
 def field_padding(hu: np.ndarray, pixel_mm: Sequence[float],

@@ -2,6 +2,8 @@
 and evaluation.
 
 For every requested axial slice (a (J, I) plane of the (K, J, I) volume):
+0. with the card's field of view, pad it with air where its content fills more of its rows
+   than the training phantoms' did (core/field.py; cropped back at the end);
 1. resample to the model's source spacing (card pixel_mm / factor), so the network sees
    anatomy at the scale it learned (bilinear, antialiased when shrinking);
 2. window the HU into the card's input channels (windowing.window_channels);

@@ -27,6 +27,7 @@ from ..core.atomic import atomic_file, check_target
 from ..core.classes import TISSUES, TissueClass
 from ..core.errors import EPDError
 from ..core.calibration import parameters as calibration_parameters
+from ..core.field import parameters as field_parameters
 from ..core.upsampling import parameters as upsampling_parameters
 
 ALGORITHM_NAME = "EPD Segmentation"
@@ -124,7 +125,8 @@ def algorithm_identification(model_card: Optional[Dict] = None):
             params[key] = parameter_value(card[key])
     # the same weights calibrated, or upsampled otherwise, give other numbers
     for name, fields in (("calibration", calibration_parameters(card)),
-                         ("upsampling", upsampling_parameters(card))):
+                         ("upsampling", upsampling_parameters(card)),
+                         ("field", field_parameters(card))):
         for key, value in (fields or {}).items():
             params[f"{name}_{key}"] = parameter_value(value)
     version = f"{__version__}"

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..core.classes import NUM_CLASSES, TISSUES
 from ..core.calibration import parameters as calibration_parameters
+from ..core.field import parameters as field_parameters
 from ..core.upsampling import parameters as upsampling_parameters
 from .nodes import InputProblem, ijk_to_ras, volume_array
 from .segmentation import fractional_probabilities, labels_from_segmentation
@@ -278,7 +279,8 @@ def model_summary(card: Optional[Mapping[str, Any]], model_path=None) -> Dict[st
     out = {key: card[key] for key in MODEL_KEYS if key in card}
     # the same weights calibrated, or upsampled otherwise, give other numbers
     for key, value in (("calibration", calibration_parameters(card)),
-                       ("upsampling", upsampling_parameters(card))):
+                       ("upsampling", upsampling_parameters(card)),
+                       ("field", field_parameters(card))):
         if value is not None:
             out[key] = value
     if "name" not in out and model_path is not None:

@@ -610,6 +610,11 @@ def describe_model(card: Mapping[str, Any]) -> str:
     if isinstance(up, Mapping) and isinstance(up.get("sigma_hu"), (int, float)):
         # training guide: the maps reach the input grid along the CT's edges
         lines.append(f"Upsampled guided by the HU (sigma{NBSP}{float(up['sigma_hu']):g}{NBSP}HU)")
+    fov = card.get("field")
+    if isinstance(fov, Mapping) and isinstance(fov.get("content_share"), (int, float)):
+        # training field: a scan cropped close to the body is padded with air for the network
+        lines.append(f"Field of view: slices whose content spans more than "
+                     f"{float(fov['content_share']):g} of the rows padded with air")
     lines += describe_dice(card) or ["Dice: not recorded in the model card"]
     mirror = (card.get("evaluation") or {}).get("mirror")
     if isinstance(mirror, bool):      # training bundle: how its numbers were measured
