@@ -189,9 +189,11 @@ def _choice(bound: float, shrink: float) -> str:
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.calibration import KEY
     from EPDSegmentationLib.core.inference import select_device
-    from EPDSegmentationLib.core.model_io import load_model, save_model
+    from EPDSegmentationLib.core.model_io import load_model
 
     from training.phantom.dataset import subject_seeds
+
+    from .derived import save_derived
 
     pixels = [float(v) for v in args.pixel_mm]
     if any(not v > 0 for v in pixels) or sorted(set(pixels)) != pixels:
@@ -259,8 +261,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
               + "; soft area - exact, cm2 a slice, before -> after: "
               + ", ".join(f"{k} {b:+.2f} -> {a:+.2f}"
                           for k, b, a in zip(KEYS[1:], before[1:], after[1:])))
-    card = dict(card)
-    card[KEY] = {
+    calibration = {
         "pixel_mm": pixels, "class_weights": rows,
         **({} if edge is None else {"edge_cells": int(edge)}),
         "fitted_on": (f"{len(seeds)} phantom subjects x {args.phantom_slices} slices "
@@ -273,9 +274,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         "mirror": bool(args.mirror), "fit": report,
         "command": "python -m training " + shlex.join(list(argv or [])),
     }
-    card["metrics"] = {}
-    for key in ("evaluation", "bundle_command"):
-        card.pop(key, None)
-    save_model(out, model, card, overwrite=args.overwrite)
-    print(f"{out}.safetensors")
-    return out.with_suffix(".safetensors")
+    path = save_derived(model, card, KEY, calibration, args.output, args.overwrite)
+    print(path)
+    return path

@@ -75,7 +75,9 @@ def measure_share(card: Mapping, subjects: int, progress: bool = True) -> Dict[s
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.field import KEY, check_field
-    from EPDSegmentationLib.core.model_io import load_model, save_model
+    from EPDSegmentationLib.core.model_io import load_model
+
+    from .derived import save_derived
 
     model, card = load_model(args.model)
     if args.content_share is not None:
@@ -93,14 +95,10 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     problem = check_field(spec)
     if problem is not None:
         raise ValueError(problem)
-    card = dict(card)
-    card[KEY] = dict(spec, command="python -m training " + shlex.join(list(argv or [])))
-    card["metrics"] = {}
-    for key in ("evaluation", "bundle_command"):
-        card.pop(key, None)
-    out = Path(args.output) / "model"
-    save_model(out, model, card, overwrite=args.overwrite)
-    print(f"{out}.safetensors: {args.model}'s weights; slices padded with air where their "
+    path = save_derived(model, card, KEY,
+                        dict(spec, command="python -m training " + shlex.join(list(argv or []))),
+                        args.output, args.overwrite)
+    print(f"{path}: {args.model}'s weights; slices padded with air where their "
           f"content spans more than {spec['content_share']:.3f} of the rows "
           f"({json.dumps(spec['measured_on'])})")
-    return out.with_suffix(".safetensors")
+    return path

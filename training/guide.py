@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
-    from EPDSegmentationLib.core.model_io import load_model, save_model
+    from EPDSegmentationLib.core.model_io import load_model
+
+    from .derived import save_derived
     from EPDSegmentationLib.core.upsampling import KEY, METHOD, check_upsampling
 
     up = {"method": METHOD, "sigma_hu": float(args.sigma_hu),
@@ -41,13 +43,9 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
         raise ValueError(f"--sigma-hu and --sigma-cells must be positive and --radius 1 to 3; "
                          f"got {args.sigma_hu:g}, {args.sigma_cells:g}, {args.radius}")
     model, card = load_model(args.model)
-    card = dict(card)
-    card[KEY] = dict(up, command="python -m training " + shlex.join(list(argv or [])))
-    card["metrics"] = {}
-    for key in ("evaluation", "bundle_command"):
-        card.pop(key, None)
-    out = Path(args.output) / "model"
-    save_model(out, model, card, overwrite=args.overwrite)
-    print(f"{out}.safetensors: {args.model}'s weights, upsampled guided by the HU "
+    path = save_derived(model, card, KEY,
+                        dict(up, command="python -m training " + shlex.join(list(argv or []))),
+                        args.output, args.overwrite)
+    print(f"{path}: {args.model}'s weights, upsampled guided by the HU "
           f"(sigma {up['sigma_hu']:g} HU)")
-    return out.with_suffix(".safetensors")
+    return path
