@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -28,9 +27,7 @@ sys.path[:0] = [str(REPO / "EPDSegmentation"), str(REPO)]
 
 from EPDSegmentationLib.io import read_volume  # noqa: E402
 from EPDSegmentationLib.io.readers import read_itk  # noqa: E402
-from training.__main__ import build_parser  # noqa: E402
-from training.data import Augment  # noqa: E402
-from training.phantom.options import anatomy_kwargs  # noqa: E402
+from training.field import card_recipe  # noqa: E402
 from training.phantom.generate import make_slice  # noqa: E402
 from training.phantom.tissues import CODE  # noqa: E402
 
@@ -70,10 +67,8 @@ def real_rows() -> dict:
 
 def recipe(card_path: Path = CARD):
     """The card's training recipe: (its Augment, its make_slice anatomy keywords)."""
-    training = json.loads(card_path.read_text())["training"]
-    words = shlex.split(training["command"])
-    args = build_parser().parse_args(words[words.index("train"):])
-    return Augment(**training["augment"]), anatomy_kwargs(args)
+    augment, anatomy, _ = card_recipe(json.loads(card_path.read_text()))
+    return augment, anatomy
 
 
 def phantom_rows(lowres_noise: float, subjects: int, draws: int) -> dict:
