@@ -503,6 +503,10 @@ class Grouped:
     parts: List[Tuple[List[int], Deferred]]
     n: int
 
+    def __post_init__(self):
+        # each slab position -> (its part, its index there)
+        self._where = {pos: (low, k) for idx, low in self.parts for k, pos in enumerate(idx)}
+
     @property
     def shape(self) -> Tuple[int, int, int, int]:
         c, _, j, i = self.parts[0][1].shape
@@ -516,9 +520,8 @@ class Grouped:
         """Probabilities of slices start..stop-1: torch float32 (C, stop - start, J, I)."""
         import torch
 
-        where = {pos: (low, k) for idx, low in self.parts for k, pos in enumerate(idx)}
-        return torch.cat([where[s][0].planes(where[s][1], where[s][1] + 1).to(self.device)
-                          for s in range(start, stop)], dim=1)
+        return torch.cat([low.planes(k, k + 1).to(self.device)
+                          for low, k in (self._where[s] for s in range(start, stop))], dim=1)
 
     def restore(self):
         """All the slab's probabilities (C, n, J, I) on the input grid."""
