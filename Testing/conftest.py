@@ -69,3 +69,23 @@ def phantom_ct():
         return hu, labels
 
     return make
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """load_tool(name) -> the module Testing/tools/<name>.py (the tools are scripts, not a
+    package), loaded once per name."""
+    import importlib.util
+
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(
+                name, Path(__file__).resolve().parent / "tools" / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            loaded[name] = mod
+        return loaded[name]
+
+    return load

@@ -3,24 +3,11 @@ the kidney alone smoothed, the regions of the integrated gradients) do what they
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "kidney_probe", REPO / "Testing" / "tools" / "kidney_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_fat_beyond_keeps_the_near_scan_and_the_air():
-    tool = _tool()
+def test_fat_beyond_keeps_the_near_scan_and_the_air(load_tool):
+    tool = load_tool("kidney_probe")
     hu = np.full((1, 10, 10), 40.0, np.float32)
     hu[0, :, 0] = -1000.0                          # air at the left edge
     dist = np.tile(np.arange(10, dtype=np.float32) * 3.0, (1, 10, 1))    # mm, by column
@@ -32,8 +19,8 @@ def test_fat_beyond_keeps_the_near_scan_and_the_air():
     assert (hu[0, :, 5:] == 40.0).all()            # the input is not changed
 
 
-def test_smooth_inside_changes_only_the_mask():
-    tool = _tool()
+def test_smooth_inside_changes_only_the_mask(load_tool):
+    tool = load_tool("kidney_probe")
     rng = np.random.default_rng(1)
     hu = rng.normal(30.0, 15.0, (2, 12, 12)).astype(np.float32)
     mask = np.zeros(hu.shape, bool)
@@ -43,8 +30,8 @@ def test_smooth_inside_changes_only_the_mask():
     assert out[mask].std() < 0.6 * hu[mask].std()
 
 
-def test_regions_follow_the_masks_over_the_hu():
-    tool = _tool()
+def test_regions_follow_the_masks_over_the_hu(load_tool):
+    tool = load_tool("kidney_probe")
     hu = np.array([[[50.0, -100.0, 50.0, 50.0, 50.0, 50.0]]], np.float32)
     structures = np.array([[[0, 0, 0, 5, 20, 30]]], np.int32)   # -, -, -, liver, colon, L2
     masks = {"skeletal_muscle": np.array([[[False, False, True, False, False, False]]]),

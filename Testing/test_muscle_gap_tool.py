@@ -4,21 +4,8 @@ hand on a drawn case."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "muscle_gap", REPO / "Testing" / "tools" / "muscle_gap.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _case():
@@ -44,8 +31,8 @@ def _case():
     return ours, muscle, fat, structures
 
 
-def test_each_extra_voxel_lands_in_one_part():
-    tool = _tool()
+def test_each_extra_voxel_lands_in_one_part(load_tool):
+    tool = load_tool("muscle_gap")
     r = tool.decompose(*_case(), voxel_mm=10.0)
     assert r["its"] == 24 and r["its only"] == 4 and r["agree"] == 20
     assert r["ours only"] == 15 and r["ours"] == 35
@@ -61,15 +48,15 @@ def test_each_extra_voxel_lands_in_one_part():
     assert r["dice without both"] == pytest.approx(2 * 20 / (23 + 24))
 
 
-def test_the_bands_follow_the_voxel_size():
-    tool = _tool()
+def test_the_bands_follow_the_voxel_size(load_tool):
+    tool = load_tool("muscle_gap")
     r = tool.decompose(*_case(), voxel_mm=3.0)    # the same drawing at 3 mm voxels
     # 3 voxels (9 mm) and 4 voxels (12 mm) out now fall in the 6 to 12 mm band
     assert r["6 to 12 mm"] == pytest.approx(2 * 0.09) and r["beyond 12 mm"] == 0
 
 
-def test_a_slice_without_reference_muscle_puts_ours_far_out():
-    tool = _tool()
+def test_a_slice_without_reference_muscle_puts_ours_far_out(load_tool):
+    tool = load_tool("muscle_gap")
     ours = np.zeros((1, 8, 8), bool)
     ours[0, 2:4, 2:4] = True
     none = np.zeros_like(ours)
@@ -77,8 +64,8 @@ def test_a_slice_without_reference_muscle_puts_ours_far_out():
     assert r["beyond 12 mm"] == 4 and r["dice"] == 0.0
 
 
-def test_groups_take_the_label_holding_most_of_a_piece():
-    tool = _tool()
+def test_groups_take_the_label_holding_most_of_a_piece(load_tool):
+    tool = load_tool("muscle_gap")
     _, muscle, _, structures = _case()
     g = tool.muscle_groups(muscle, structures)
     assert (g[0, 8:12, 2:6] == 1).all() and (g[0, 8:12, 14:16] == 3).all()

@@ -3,25 +3,13 @@ card, so its numbers follow the model rather than a copy of the command."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "texture_at_3mm", REPO / "Testing" / "tools" / "texture_at_3mm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_the_recipe_is_the_cards(tmp_path):
-    tool = _tool()
+def test_the_recipe_is_the_cards(load_tool, tmp_path):
+    tool = load_tool("texture_at_3mm")
     card = json.loads(tool.CARD.read_text())
     augment, anatomy = tool.recipe()
     mine = json.loads(json.dumps(augment.to_dict()))         # tuples as the card's lists
@@ -37,8 +25,8 @@ def test_the_recipe_is_the_cards(tmp_path):
     assert augment.randomize == 0.3 and anatomy["kidney_rise"] == 5.0
 
 
-def test_local_sd_is_the_3x3_spread():
-    tool = _tool()
+def test_local_sd_is_the_3x3_spread(load_tool):
+    tool = load_tool("texture_at_3mm")
     x = np.zeros((9, 9), np.float32)
     x[::2, ::2] = 10.0             # around (4, 4) one pixel of nine at 10 HU, the rest 0
     sd = tool.local_sd(x)
