@@ -7,8 +7,8 @@ field of view 70 to 150 mm wider than the body (training/phantom/subject.py): th
 content (HU above CONTENT_HU: body, arms, table) spans a median 0.62 of the image from
 front to back. A scan reconstructed tight to the body, or cropped, fills it edge to edge;
 on held-out phantoms cropped so, the muscle Dice fell from 0.933 to 0.886 and SAT from
-0.906 to 0.826, and padding them with air back to that share restored 0.931 and 0.902
-(docs/model.md, thirty-fourth round). The card's ``field`` (``training field``) holds the
+0.906 to 0.826, and padding them with air to that share restored 0.932 and 0.904
+(Testing/tools/field_of_view.py; docs/model.md, "The field of view"). The card's ``field`` (``training field``) holds the
 share; a card without it runs as before.
 """
 
