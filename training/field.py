@@ -3,10 +3,10 @@ weights unchanged, its card's ``field`` set (EPDSegmentationLib/core/field.py), 
 slice whose content fills more of the image than the training phantoms' did is padded with
 air before the network and cropped back after.
 
-The share is measured on the phantoms of the card's own recipe (its augmentation and
-anatomy options, the subjects at each of its levels, drawn as in training): the median
-share of the image rows that their content (HU above field.CONTENT_HU) spans front to
-back. The output is a folder holding model.safetensors and model.json, as ``training
+The share is measured on phantoms drawn with the card's own recipe (its augmentation and
+anatomy options, at each of its levels; subjects 0 to N-1, not the run's own training
+subjects): the median share of the image rows that their content (HU above
+field.CONTENT_HU) spans front to back. The output is a folder holding model.safetensors and model.json, as ``training
 guide``'s; the card's validation metrics and evaluation are left out.
 """
 
@@ -16,7 +16,7 @@ import argparse
 import json
 import shlex
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -32,32 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
 
 
-def card_recipe(card: Mapping) -> Tuple[object, Dict[str, float], Tuple[str, ...]]:
-    """The card's training recipe: (its Augment, its make_slice anatomy keywords, its
-    phantom levels, in order); read from the card's command and augment fields."""
-    from training.__main__ import build_parser
-    from training.data import Augment
-    from training.phantom.options import anatomy_kwargs
-    from training.phantom.torso import LEVELS
-
-    training = card["training"]
-    words = shlex.split(training["command"])
-    args = build_parser().parse_args(words[words.index("train"):])
-    levels = LEVELS
-    if args.phantom_levels:
-        lo, hi = (LEVELS.index(v.upper()) for v in args.phantom_levels)
-        levels = LEVELS[lo:hi + 1]
-    return Augment(**training["augment"]), anatomy_kwargs(args), tuple(levels)
-
-
 def measure_share(card: Mapping, subjects: int, progress: bool = True) -> Dict[str, float]:
     """Percentiles 5, 50 and 95 of the share of the image rows the content spans, over the
-    recipe's phantoms (one slice of each subject at each level, augmented as in training
-    with the subject's seed)."""
+    recipe's phantoms (subjects 0 to subjects-1, one slice of each at each level, augmented
+    by the recipe's Augment with a stream of its own per subject and level)."""
     from tqdm import tqdm
 
     from EPDSegmentationLib.core.field import CONTENT_HU
     from training.phantom.generate import make_slice
+    from training.recipe import card_recipe
 
     augment, anatomy, levels = card_recipe(card)
     shares = []

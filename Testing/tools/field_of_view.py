@@ -48,7 +48,7 @@ def tight_box(labels: np.ndarray, pixel_mm: float, margin_mm: float = MARGIN_MM)
 def main(argv=None) -> None:
     from EPDSegmentationLib.core.inference import predict_volume, resample_planes
     from EPDSegmentationLib.core.model_io import load_model
-    from training.field import card_recipe
+    from training.recipe import card_recipe
     from training.phantom.generate import make_slice
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -27,7 +27,7 @@ sys.path[:0] = [str(REPO / "EPDSegmentation"), str(REPO)]
 
 from EPDSegmentationLib.io import read_volume  # noqa: E402
 from EPDSegmentationLib.io.readers import read_itk  # noqa: E402
-from training.field import card_recipe  # noqa: E402
+from training.recipe import card_recipe  # noqa: E402
 from training.phantom.generate import make_slice  # noqa: E402
 from training.phantom.tissues import CODE  # noqa: E402
 
