@@ -8,8 +8,8 @@ content (HU above CONTENT_HU: body, arms, table) spans a median 0.62 of the imag
 front to back. A scan reconstructed tight to the body, or cropped, fills it edge to edge;
 on held-out phantoms cropped so, the muscle Dice fell from 0.933 to 0.886 and SAT from
 0.906 to 0.826, and padding them with air to that share restored 0.932 and 0.904
-(Testing/tools/field_of_view.py; docs/model.md, "The field of view"). The card's ``field`` (``training field``) holds the
-share; a card without it runs as before.
+(Testing/tools/field_of_view.py; docs/model.md, "The field of view"). The card's
+``field`` (``training field``) holds the share; a card without it runs as before.
 """
 
 from __future__ import annotations
