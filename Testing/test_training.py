@@ -412,3 +412,25 @@ def test_interpolate_mixes_two_models_weights_into_a_run_folder(tmp_path, uninte
     assert main(["interpolate", "--model", str(a_path), "--with", str(tmp_path / "f.safetensors"),
                  "--weight", "0.5", "--output", str(tmp_path / "x")]) == 2
     assert "differ in factor" in capsys.readouterr().err
+
+
+def test_init_from_fixed_statistics_trains_them_fixed(tmp_path, uninterrupted):
+    """A model with fixed normalisation statistics (training fix-norms) fine-tunes with them
+    fixed: the run's network has the init's buffers unchanged, other weights trained, and its
+    card says where the statistics were measured."""
+    import torch
+
+    from EPDSegmentationLib.core.model_io import load_model
+
+    assert main(["fix-norms", "--model", str(uninterrupted / "model.safetensors"),
+                 "--output", str(tmp_path / "fixed"), "--subjects", "1"]) == 0
+    train(tmp_path / "tuned", "--epochs", "1", "--init",
+          str(tmp_path / "fixed" / "model.safetensors"))
+    before, _ = load_model(tmp_path / "fixed" / "model.safetensors")
+    after, card = load_model(tmp_path / "tuned" / "model.safetensors")
+    assert card["architecture"]["norm"] == "fixed"
+    assert "kept fixed while trained further" in card["norm_statistics"]["measured_on"]
+    b, a = before.state_dict(), after.state_dict()
+    buffers = [k for k in a if k.endswith(("group_mean", "group_var"))]
+    assert buffers and all(torch.equal(a[k], b[k]) for k in buffers)
+    assert not torch.equal(a["head.weight"], b["head.weight"])

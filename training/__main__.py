@@ -1,5 +1,5 @@
 """python -m training {train,evaluate,evaluate-real,bundle,experiment,report,adapt,area-bias,
-interpolate,calibrate,guide,field,compare} ...: headless training and evaluation.
+interpolate,calibrate,guide,field,fix-norms,compare} ...: headless training and evaluation.
 
     python -m training train --phantom-subjects 40 --factor 2 --output runs/f2
     torchrun --nproc-per-node 4 -m training train --manifest data/manifest.csv --output runs/x
@@ -18,7 +18,7 @@ from typing import List, Optional
 from EPDSegmentationLib.core.errors import EPDError
 
 from . import (adapt, areabias, bundle, calibrate, compare, evaluate, experiment, field,
-               guide, interpolate, realct, report, train)
+               guide, interpolate, norms, realct, report, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
          guide.add_arguments, guide.run),
         ("field", "give a model its training phantoms' field of view (its card) in a model "
                   "folder", field.add_arguments, field.run),
+        ("fix-norms", "fix a model's normalisation statistics on its recipe's phantoms into a "
+                      "model folder", norms.add_arguments, norms.run),
         ("compare", "model cards' evaluations side by side (markdown)", compare.add_arguments,
          compare.run),
     )

@@ -397,6 +397,19 @@ NOT_CARRIED = (("calibration", "python -m training calibrate"),
                ("field", "python -m training field"))
 
 
+def init_norm(path: Optional[Path]) -> Tuple[str, Optional[dict]]:
+    """(norm, the card's norm_statistics) of --init's model: a model with fixed
+    normalisation statistics (training fix-norms) trains on with them fixed, as buffers, and
+    its card keeps the record of where they were measured; ("group", None) without --init."""
+    from EPDSegmentationLib.core.model_card import NORM_STATISTICS_KEY, model_paths, read_card
+
+    if path is None:
+        return "group", None
+    card = read_card(model_paths(path)[1])
+    norm = card["architecture"].get("norm", "group")
+    return norm, (card.get(NORM_STATISTICS_KEY) if norm == "fixed" else None)
+
+
 def init_from(net: nn.Module, path: Path, architecture: dict, args, recipe: dict) -> List[str]:
     """Copy the weights of model file ``path`` into ``net`` (read with model_io.load_model:
     safetensors only, validated); refuse a model of another architecture, windows or factor.
@@ -615,7 +628,7 @@ def build_state(args, ctx: D.Context, state: Optional[dict], recipe: dict) -> Ru
     """The network (from --init or the checkpoint when given), loss, optimizer and history;
     the random states restored from the checkpoint; wrapped in DDP on several ranks."""
     config = ModelConfig(in_channels=len(args.window_list), num_classes=NUM_CLASSES,
-                         width=args.width)
+                         width=args.width, norm=init_norm(args.init)[0])
     net = build_model(config)
     if args.init is not None and state is None:
         for note in init_from(net, args.init, config.to_dict(), args, recipe):
@@ -746,6 +759,10 @@ def export_model(args, argv, ctx: D.Context, data: RunData, run: RunState,
     """<output>/model.safetensors + model.json: the final weights and their card."""
     k = args.factor
     size = data.size
+    norm, stats = init_norm(args.init)
+    fixed = {} if norm != "fixed" else {"norm_statistics": dict(stats, measured_on=(
+        f"{stats['measured_on']}; for {args.init}'s network, kept fixed while trained "
+        f"further"))}
     card = make_card(
         run.config.to_dict(), windows=args.window_list, factor=k, label_mode=args.label_mode,
         image_mode=args.image_mode, pixel_mm=(data.source_mm * k, data.source_mm * k),
@@ -759,7 +776,7 @@ def export_model(args, argv, ctx: D.Context, data: RunData, run: RunState,
                               f"({run.averaged} epochs)" if run.average is not None
                               else f"epoch {len(run.history)}"),
                   "final_train_loss": run.history[-1]["train_loss"] if run.history else None},
-        metrics=_card_metrics(last_val) if last_val else {})
+        metrics=_card_metrics(last_val) if last_val else {}, **fixed)
     weights, _ = save_model(Path(args.output) / EXPORT, run.module.net, card, overwrite=True)
     return weights
 

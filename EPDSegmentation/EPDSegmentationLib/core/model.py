@@ -18,7 +18,11 @@ re-weighted by channel attention (squeeze-excitation: global mean -> 1x1 conv ->
 
 GroupNorm rather than BatchNorm: the network behaves the same in training and inference
 and does not depend on the batch, so data-parallel training equals one process with the
-same global batch. Any input size is accepted: the input is zero-padded (zero is air in
+same global batch. GroupNorm takes each image's own statistics, so what the network calls a
+pixel depends on the whole image (how much of it is air, fat or organ); with ``norm
+"fixed"`` (FixedGroupNorm) each group's mean and variance are stored with the weights,
+measured on training phantoms (``python -m training fix-norms``), and a pixel's features
+depend on the image only through the attention's means. Any input size is accepted: the input is zero-padded (zero is air in
 every HU window) at the bottom and right to a multiple of 32 and the output cropped back.
 
 This module imports torch; import it only where torch is available.
@@ -35,12 +39,33 @@ from torch.nn import functional as F
 
 from .model_card import ARCHITECTURE, DIVISOR, ModelConfig
 
-__all__ = ["ARCHITECTURE", "DIVISOR", "ModelConfig", "EPDNet", "ResConvBlock", "build_model",
-           "count_parameters"]
+__all__ = ["ARCHITECTURE", "DIVISOR", "ModelConfig", "EPDNet", "FixedGroupNorm", "ResConvBlock",
+           "build_model", "count_parameters"]
 
 
-def _norm(channels: int, max_groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(gcd(channels, max_groups), channels)
+class FixedGroupNorm(nn.GroupNorm):
+    """GroupNorm with each group's mean and variance fixed (buffers ``group_mean``,
+    ``group_var``, shape (G,)) instead of taken from each image; the affine weight and bias
+    as GroupNorm's. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.register_buffer("group_mean", torch.zeros(num_groups))
+        self.register_buffer("group_var", torch.ones(num_groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per = self.num_channels // self.num_groups
+        inv = torch.rsqrt(self.group_var + self.eps).repeat_interleave(per)
+        scale = self.weight * inv
+        shift = self.bias - self.group_mean.repeat_interleave(per) * scale
+        return x * scale[:, None, None].to(x.dtype) + shift[:, None, None].to(x.dtype)
+
+
+def _norm(channels: int, cfg: ModelConfig) -> nn.GroupNorm:
+    groups = gcd(channels, cfg.norm_groups)
+    if cfg.norm == "fixed":
+        return FixedGroupNorm(groups, channels)
+    return nn.GroupNorm(groups, channels)
 
 
 class ChannelAttention(nn.Module):
@@ -75,16 +100,16 @@ class ResConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, cfg: ModelConfig):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.norm1 = _norm(c_out, cfg.norm_groups)
+        self.norm1 = _norm(c_out, cfg)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.norm2 = _norm(c_out, cfg.norm_groups)
+        self.norm2 = _norm(c_out, cfg)
         self.channel_attention = ChannelAttention(c_out, cfg.reduction)
         self.spatial_attention = SpatialAttention(cfg.spatial_kernel)
         if c_in == c_out:
             self.project: nn.Module = nn.Identity()
         else:
             self.project = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False),
-                                         _norm(c_out, cfg.norm_groups))
+                                         _norm(c_out, cfg))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = F.relu(self.norm1(self.conv1(x)))

@@ -47,6 +47,12 @@ ARCHITECTURE = "EPDNet"
 DIVISOR = 32
 
 
+#: ModelConfig.norm: each image's own GroupNorm statistics (the default), or fixed ones
+NORMS = ("group", "fixed")
+#: the card key that says where a fixed normalisation's statistics were measured
+NORM_STATISTICS_KEY = "norm_statistics"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the network (stored in the model card).
@@ -54,7 +60,10 @@ class ModelConfig:
     in_channels: input channels (the HU windows); num_classes: C; width: channels at full
     resolution; multipliers: width multiplier per level (6 levels); norm_groups: at most this
     many GroupNorm groups; reduction: channel-attention bottleneck ratio; spatial_kernel:
-    spatial-attention kernel size.
+    spatial-attention kernel size; norm: "group" (each image's own group statistics) or
+    "fixed" (each group's mean and variance stored with the weights, measured on training
+    phantoms by ``python -m training fix-norms``; model.FixedGroupNorm). A card lists norm
+    only when it is "fixed", so the cards written before it existed stay as they were.
     """
 
     in_channels: int = 3
@@ -64,6 +73,7 @@ class ModelConfig:
     norm_groups: int = 8
     reduction: int = 4
     spatial_kernel: int = 7
+    norm: str = "group"
 
     def __post_init__(self) -> None:
         mult = self.multipliers
@@ -81,6 +91,9 @@ class ModelConfig:
                              f"level); got {self.multipliers!r}")
         if self.spatial_kernel % 2 == 0:
             raise ValueError(f"model config: spatial_kernel must be odd; got {self.spatial_kernel}")
+        if self.norm not in NORMS:
+            raise ValueError(f"model config: norm must be one of {', '.join(NORMS)}; got "
+                             f"{self.norm!r}")
 
     @property
     def widths(self) -> Tuple[int, ...]:
@@ -89,6 +102,8 @@ class ModelConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["multipliers"] = list(self.multipliers)
+        if d["norm"] == NORMS[0]:
+            del d["norm"]
         return {"name": ARCHITECTURE, **d}
 
     @classmethod
@@ -217,6 +232,12 @@ def validate_card(card: Any, where: str = "model card") -> Dict[str, Any]:
         problem = check_field(card[FIELD_KEY])
         if problem is not None:
             _fail(where, problem)
+    stats = card.get(NORM_STATISTICS_KEY)
+    if card["architecture"].get("norm") == "fixed" and not (
+            isinstance(stats, Mapping) and isinstance(stats.get("measured_on"), str)):
+        _fail(where, f"a network with fixed normalisation statistics needs "
+                     f"{NORM_STATISTICS_KEY}.measured_on, where they were measured (python -m "
+                     f"training fix-norms writes it); got {stats!r}")
     return card
 
 

@@ -581,9 +581,9 @@ def describe_dice(card: Mapping[str, Any]) -> List[str]:
 def describe_model(card: Mapping[str, Any]) -> str:
     """A few lines about a model for the panel: classes, factor, spacing, training data in
     short, whether its weights are a mix (training interpolate) or calibrated (training
-    calibrate), whether its maps are upsampled guided by the HU (training guide), the Dice
-    per class the
-    card records and its area error on phantoms at 3 mm (training area-bias). Values stay
+    calibrate), whether its maps are upsampled guided by the HU (training guide), whether its
+    normalisation statistics are fixed (training fix-norms), the Dice per class the card
+    records and its area error on phantoms at 3 mm (training area-bias). Values stay
     with their names when the panel wraps a line (no-break spaces)."""
     classes = ", ".join(str(c.get("key", c)) if isinstance(c, Mapping) else str(c)
                         for c in card.get("classes", [])[1:])
@@ -599,6 +599,9 @@ def describe_model(card: Mapping[str, Any]) -> str:
         # training interpolate: the weights are a mix, not what the recipe trained alone
         w = float(mix["weight_a"])
         lines.append(f"Weights: {w:g} of this training mixed with {1 - w:g} of another model")
+    if (card.get("architecture") or {}).get("norm") == "fixed":
+        # training fix-norms: a pixel's label no longer depends on the rest of the image
+        lines.append("Normalisation: fixed statistics, measured on training phantoms")
     cal = card.get("calibration")
     if isinstance(cal, Mapping) and isinstance(cal.get("pixel_mm"), list):
         # training calibrate: the probabilities are reweighted per class (core/calibration)
