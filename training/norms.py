@@ -19,10 +19,9 @@ import argparse
 import dataclasses
 import shlex
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
-
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def measure_norms(model, card: Mapping, subjects: int,
-                  progress: bool = True) -> "tuple[Dict[str, tuple], int]":
+                  progress: bool = True) -> Tuple[Dict[str, tuple], int]:
     """({norm module name: (group means (G,), group variances (G,)) float32 tensors}, slices
     measured): each GroupNorm's input statistics per slice, averaged over the recipe's
     phantoms (subjects 0 to subjects-1, one slice of each at each level, augmented by the
@@ -51,7 +50,7 @@ def measure_norms(model, card: Mapping, subjects: int,
     augment, anatomy, levels = card_recipe(card)
     plain = {k: v for k, v in card.items() if k not in ("field", "calibration")}
     sums: Dict[str, torch.Tensor] = {}
-    count = {"slices": 0}
+    n = 0
 
     def hook(name):
         def record(module, inputs):
@@ -71,11 +70,10 @@ def measure_norms(model, card: Mapping, subjects: int,
                                 np.random.default_rng([seed, i]), tissues=sl.tissues)
                 predict_volume(hu[None], (sl.pixel_mm, sl.pixel_mm), model, plain,
                                device="cpu", mirror=False)
-                count["slices"] += 1
+                n += 1
     finally:
         for h in handles:
             h.remove()
-    n = count["slices"]
     return {name: ((s[:, 0] / n).float(), (s[:, 1] / n).float())
             for name, s in sums.items()}, n
 
