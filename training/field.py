@@ -36,22 +36,14 @@ def measure_share(card: Mapping, subjects: int, progress: bool = True) -> Dict[s
     """Percentiles 5, 50 and 95 of the share of the image rows the content spans, over the
     recipe's phantoms (subjects 0 to subjects-1, one slice of each at each level, augmented
     by the recipe's Augment with a stream of its own per subject and level)."""
-    from tqdm import tqdm
-
     from EPDSegmentationLib.core.field import CONTENT_HU
-    from training.phantom.generate import make_slice
-    from training.recipe import card_recipe
+    from training.recipe import recipe_phantoms
 
-    augment, anatomy, levels = card_recipe(card)
     shares = []
-    for seed in tqdm(range(subjects), desc="phantoms", unit="subject", disable=not progress):
-        for i, level in enumerate(levels):
-            sl = make_slice(seed, level=level, anatomy="torso", **anatomy)
-            hu, _ = augment(sl.hu.astype(np.float32), sl.labels,
-                            np.random.default_rng([seed, i]), tissues=sl.tissues)
-            rows = np.flatnonzero((hu > CONTENT_HU).any(axis=1))
-            if rows.size:
-                shares.append((rows[-1] - rows[0] + 1) / hu.shape[0])
+    for hu, _ in recipe_phantoms(card, subjects, progress):
+        rows = np.flatnonzero((hu > CONTENT_HU).any(axis=1))
+        if rows.size:
+            shares.append((rows[-1] - rows[0] + 1) / hu.shape[0])
     p5, p50, p95 = (float(v) for v in np.percentile(shares, [5, 50, 95]))
     return {"p5": p5, "median": p50, "p95": p95, "slices": len(shares)}
 

@@ -21,7 +21,6 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,13 +40,10 @@ def measure_norms(model, card: Mapping, subjects: int,
     recipe's Augment with a stream of its own per subject and level, as ``training field``)."""
     import torch
     from torch import nn
-    from tqdm import tqdm
 
     from EPDSegmentationLib.core.inference import predict_volume
-    from training.phantom.generate import make_slice
-    from training.recipe import card_recipe
+    from training.recipe import recipe_phantoms
 
-    augment, anatomy, levels = card_recipe(card)
     plain = {k: v for k, v in card.items() if k not in ("field", "calibration")}
     sums: Dict[str, torch.Tensor] = {}
     n = 0
@@ -63,14 +59,10 @@ def measure_norms(model, card: Mapping, subjects: int,
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
                if isinstance(m, nn.GroupNorm)]
     try:
-        for seed in tqdm(range(subjects), desc="phantoms", unit="subject", disable=not progress):
-            for i, level in enumerate(levels):
-                sl = make_slice(seed, level=level, anatomy="torso", **anatomy)
-                hu, _ = augment(sl.hu.astype(np.float32), sl.labels,
-                                np.random.default_rng([seed, i]), tissues=sl.tissues)
-                predict_volume(hu[None], (sl.pixel_mm, sl.pixel_mm), model, plain,
-                               device="cpu", mirror=False)
-                n += 1
+        for hu, pixel_mm in recipe_phantoms(card, subjects, progress):
+            predict_volume(hu[None], (pixel_mm, pixel_mm), model, plain, device="cpu",
+                           mirror=False)
+            n += 1
     finally:
         for h in handles:
             h.remove()

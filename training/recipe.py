@@ -1,10 +1,13 @@
-"""A model card's training recipe as objects (``training field``, Testing/tools): the
-augmentation, anatomy options and levels its training used, to draw phantoms with them."""
+"""A model card's training recipe as objects (``training field``, ``training fix-norms``,
+Testing/tools): the augmentation, anatomy options and levels its training used, to draw
+phantoms with them."""
 
 from __future__ import annotations
 
 import shlex
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Iterator, Mapping, Tuple
+
+import numpy as np
 
 
 def card_recipe(card: Mapping) -> Tuple[object, Dict[str, float], Tuple[str, ...]]:
@@ -23,3 +26,21 @@ def card_recipe(card: Mapping) -> Tuple[object, Dict[str, float], Tuple[str, ...
         lo, hi = (LEVELS.index(v.upper()) for v in args.phantom_levels)
         levels = LEVELS[lo:hi + 1]
     return Augment(**training["augment"]), anatomy_kwargs(args), tuple(levels)
+
+
+def recipe_phantoms(card: Mapping, subjects: int,
+                    progress: bool = True) -> Iterator[Tuple[np.ndarray, float]]:
+    """(HU (H, W) float32, pixel mm) of the card's recipe's phantoms: subjects 0 to
+    subjects-1, one slice of each at each of its levels, augmented by its Augment with a
+    stream of its own per subject and level; a tqdm bar over the subjects."""
+    from tqdm import tqdm
+
+    from training.phantom.generate import make_slice
+
+    augment, anatomy, levels = card_recipe(card)
+    for seed in tqdm(range(subjects), desc="phantoms", unit="subject", disable=not progress):
+        for i, level in enumerate(levels):
+            sl = make_slice(seed, level=level, anatomy="torso", **anatomy)
+            hu, _ = augment(sl.hu.astype(np.float32), sl.labels,
+                            np.random.default_rng([seed, i]), tissues=sl.tissues)
+            yield hu, sl.pixel_mm
