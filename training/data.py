@@ -27,7 +27,7 @@ from EPDSegmentationLib.core.classes import NUM_CLASSES, class_by_key
 from EPDSegmentationLib.core.epd_torch import downsample_pair_torch, epd_labels_torch
 from EPDSegmentationLib.core.inference import resample_planes, resampled_shape
 from EPDSegmentationLib.core.orientation import network_flips
-from EPDSegmentationLib.core.windowing import window_channels
+from EPDSegmentationLib.core.windowing import AIR_HU, window_channels
 from EPDSegmentationLib.io import read_labels, read_manifest, read_volume
 
 from training.phantom import subject_slices
@@ -40,7 +40,6 @@ from .randomize import (KIDNEY_UNENHANCED_HU, MUSCLE_MEAN_HU, PLANE_OFFSETS_MM,
                         grow_sat, randomize_appearance, slice_profile, thin_sat, through_plane,
                         wall_gas)
 
-AIR_HU = -1024.0
 MUS, MSC = class_by_key("MUS").index, class_by_key("MSC").index
 SPLITS = ("train", "val", "test")
 

@@ -66,10 +66,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from EPDSegmentationLib.core.windowing import AIR_HU
+
 from .phantom.tissues import CODE
 
 BG, MUS, IMAT, SAT, VAT, MSC = range(6)
-AIR_HU = -1024.0
 
 MUSCLE_MEAN_HU = (-10.0, 60.0)
 MUSCLE_REGION_SD_HU = 12.0

@@ -17,14 +17,15 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 from EPDSegmentationLib.core.classes import NUM_CLASSES
 from EPDSegmentationLib.core.epd import epd_labels
+from EPDSegmentationLib.core.windowing import AIR_HU
 
 from .anatomy import draw, has_back_sat, has_flank_sat, subject_from_seed
 from .raster import Canvas
 from .tissues import CLASS_OF, CODE, TEXTURE_HU, mean_hu
 from .torso import level_centre, levels_span
 
-#: CT number outside the reconstruction circle (as scanners pad it)
-OUTSIDE_HU = -1024.0
+#: CT number outside the reconstruction circle (as scanners pad it): air
+OUTSIDE_HU = AIR_HU
 #: "lumbar": the abdomen around mid-L3 (the default; lumbar levels repeat above and below);
 #: "torso": T11 to S1 with the upper abdomen and lower chest (torso.py), the iliac wings
 #: below L4 and the top of the sacrum (pelvis.py)

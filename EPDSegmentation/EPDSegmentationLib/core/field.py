@@ -19,10 +19,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .windowing import AIR_HU
+
 #: HU above which a pixel is content (body, arms, table), not air
 CONTENT_HU = -500.0
-#: HU of the padding: air
-AIR_HU = -1024.0
 #: the padded field's side is a multiple of this, mm
 QUANTUM_MM = 32.0
 

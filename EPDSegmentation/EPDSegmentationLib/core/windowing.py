@@ -11,6 +11,10 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+#: HU of air: what the project pads images with (the field of view, training crops and
+#: shifts, the randomised truncation)
+AIR_HU = -1024.0
+
 #: (name, lo HU, hi HU): a wide window (air, fat, soft tissue, bone), the abdominal soft-tissue
 #: window (W400 L40), and a fat window that separates adipose tissue from muscle and water.
 DEFAULT_WINDOWS: Tuple[Tuple[str, float, float], ...] = (
