@@ -34,6 +34,8 @@ from EPDSegmentationLib.core.classes import KEYS, NUM_CLASSES
 from training.phantom.options import (add_anatomy_arguments, anatomy_kwargs, checked_anatomy,
                                       describe_anatomy)
 
+from .derived import add_derived_arguments, save_derived
+
 #: multiplicative updates: w *= (true / calibrated) ** STEP until no weight moves by more
 #: than TOLERANCE (relative), at most ITERATIONS times
 STEP, ITERATIONS, TOLERANCE = 0.7, 1000, 1e-5
@@ -48,9 +50,7 @@ SELECT_SEED = 13
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="model weights (.safetensors)")
-    p.add_argument("--output", type=Path, required=True,
-                   help="folder for model.safetensors and model.json")
+    add_derived_arguments(p)
     p.add_argument("--pixel-mm", type=float, nargs="+", default=[0.865, 1.5, 3.0],
                    help="input pixel sizes to fit a row of weights at, mm (default 0.865 1.5 3)")
     p.add_argument("--phantom-subjects", type=int, default=6)
@@ -79,7 +79,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"phantom subject seed that chooses among several --shrink or --bound "
                         f"values (default {SELECT_SEED})")
     p.add_argument("--device", default="cpu", choices=("auto", "cuda", "mps", "cpu"))
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_mirror_argument(p)
 
@@ -193,7 +192,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
 
     from training.phantom.dataset import subject_seeds
 
-    from .derived import save_derived
 
     pixels = [float(v) for v in args.pixel_mm]
     if any(not v > 0 for v in pixels) or sorted(set(pixels)) != pixels:

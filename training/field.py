@@ -20,16 +20,15 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
+from .derived import add_derived_arguments, save_derived
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="the model (.safetensors)")
-    p.add_argument("--output", type=Path, required=True,
-                   help="folder for model.safetensors and model.json")
+    add_derived_arguments(p)
     p.add_argument("--subjects", type=int, default=60,
                    help="phantom subjects the share is measured on (default 60)")
     p.add_argument("--content-share", type=float, default=None,
                    help="set the share (0..1] instead of measuring it")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
 
 
 def measure_share(card: Mapping, subjects: int, progress: bool = True) -> Dict[str, float]:
@@ -52,7 +51,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.field import KEY, check_field
     from EPDSegmentationLib.core.model_io import load_model
 
-    from .derived import save_derived
 
     model, card = load_model(args.model)
     if args.content_share is not None:

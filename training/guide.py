@@ -15,11 +15,11 @@ import shlex
 from pathlib import Path
 from typing import List, Optional
 
+from .derived import add_derived_arguments, save_derived
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="the model (.safetensors)")
-    p.add_argument("--output", type=Path, required=True,
-                   help="folder for model.safetensors and model.json")
+    add_derived_arguments(p)
     p.add_argument("--sigma-hu", type=float, default=30.0,
                    help="HU difference at which a network cell's weight falls to 0.61 "
                         "(default 30, chosen on phantoms: docs/model.md)")
@@ -28,13 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 1)")
     p.add_argument("--radius", type=int, default=1,
                    help="network cells each side of a pixel's own that it draws on (1 to 3)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.model_io import load_model
 
-    from .derived import save_derived
     from EPDSegmentationLib.core.upsampling import KEY, METHOD, check_upsampling
 
     up = {"method": METHOD, "sigma_hu": float(args.sigma_hu),

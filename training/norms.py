@@ -21,15 +21,13 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from .derived import add_derived_arguments, save_derived
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="the model (.safetensors)")
-    p.add_argument("--output", type=Path, required=True,
-                   help="folder for model.safetensors and model.json")
+    add_derived_arguments(p)
     p.add_argument("--subjects", type=int, default=12,
                    help="phantom subjects the statistics are measured on (default 12)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
 
 
 def measure_norms(model, card: Mapping, subjects: int,
@@ -91,7 +89,6 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Path:
     from EPDSegmentationLib.core.model_card import NORM_STATISTICS_KEY as KEY
     from EPDSegmentationLib.core.model_io import load_model
 
-    from .derived import save_derived
 
     if args.subjects < 1:
         raise ValueError(f"--subjects must be at least 1; got {args.subjects}")
