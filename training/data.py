@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from EPDSegmentationLib.core.classes import NUM_CLASSES, class_by_key
 from EPDSegmentationLib.core.epd_torch import downsample_pair_torch, epd_labels_torch
+from EPDSegmentationLib.core.field import CONTENT_HU
 from EPDSegmentationLib.core.inference import resample_planes, resampled_shape
 from EPDSegmentationLib.core.orientation import network_flips
 from EPDSegmentationLib.core.windowing import AIR_HU, window_channels
@@ -544,6 +545,58 @@ class SliceDataset(torch.utils.data.Dataset):
             planes = None if self.planes is None else tuple(a[i] for a in self.planes)
             hu, lab = self.augment(hu, lab, rng, tissues, planes)
         return torch.from_numpy(np.array(hu, np.float32)), torch.from_numpy(np.array(lab, np.uint8))
+
+
+# ----------------------------------------------------------------------------- batches
+
+#: the range of the share of a tight field's side that the batch's largest body spans
+TIGHT_SHARE = (0.75, 1.0)
+
+
+def tight_field(hu: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator,
+                multiple: int, share: Tuple[float, float] = TIGHT_SHARE):
+    """A batch cropped to one frame tight around its bodies, as a scan reconstructed close to
+    the body is: hu (B, H, W) HU and labels (B, H, W) -> the same cropped to (B, h, w).
+
+    The phantom is drawn in a 460 mm field, its content (HU above field.CONTENT_HU: body,
+    arms, table) spanning a median 0.62 of the rows; real scans are often reconstructed to
+    0.8 to 0.95. The network normalises over the whole image, so it must see both. Each
+    axis's side is the batch's largest content extent divided by a share drawn from
+    ``share`` (per axis), rounded up to ``multiple`` pixels (the network's own padding
+    would add air back) and at most the slice's; each slice's frame sits over its own
+    content, offset at random within the slack. Real pixels only: nothing is resized or
+    padded, so the labels stay exact. A batch without content is returned as it is."""
+    if hu.shape != labels.shape or hu.ndim != 3:
+        raise ValueError(f"hu and labels must both be (B, H, W); got {tuple(hu.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if multiple < 1 or not 0 < share[0] <= share[1] <= 1:
+        raise ValueError(f"multiple >= 1 and 0 < share LO <= HI <= 1; got {multiple}, {share}")
+    content = (hu > CONTENT_HU).cpu().numpy()
+    frames, boxes = [], []
+    for axis in (1, 2):               # rows: any content along the columns, and vice versa
+        along = content.any(axis=3 - axis)                       # (B, H) or (B, W)
+        box = [(np.flatnonzero(a)[[0, -1]] if a.any() else None) for a in along]
+        boxes.append(box)
+        extents = [b[1] - b[0] + 1 for b in box if b is not None]
+        if not extents:
+            return hu, labels
+        side = int(np.ceil(max(extents) / rng.uniform(*share) / multiple)) * multiple
+        frames.append(min(side, hu.shape[axis]))
+    out_hu, out_lab = [], []
+    for i in range(hu.shape[0]):
+        starts = []
+        for axis, (frame, box) in enumerate(zip(frames, boxes)):
+            n = hu.shape[axis + 1]
+            b = box[i]
+            if b is None:                 # no content: the frame at the centre
+                lo = hi = (n - frame) // 2
+            else:                         # over the content (never wider than the frame)
+                lo, hi = max(0, b[1] + 1 - frame), min(b[0], n - frame)
+            starts.append(int(lo + rng.integers(hi - lo + 1)))
+        r, c = starts
+        out_hu.append(hu[i, r:r + frames[0], c:c + frames[1]])
+        out_lab.append(labels[i, r:r + frames[0], c:c + frames[1]])
+    return torch.stack(out_hu), torch.stack(out_lab)
 
 
 # ----------------------------------------------------------------------------- model inputs

@@ -33,7 +33,7 @@ from EPDSegmentationLib.core.classes import KEYS, NUM_CLASSES
 from EPDSegmentationLib.core.epd_torch import upsample_soft_torch
 from EPDSegmentationLib.core.metrics import MetricStats
 from EPDSegmentationLib.core.model import ModelConfig, build_model
-from EPDSegmentationLib.core.model_card import FACTORS, IMAGE_MODES, LABEL_MODES, make_card
+from EPDSegmentationLib.core.model_card import DIVISOR, FACTORS, IMAGE_MODES, LABEL_MODES, make_card
 from EPDSegmentationLib.core.model_io import save_model
 from EPDSegmentationLib.core.windowing import DEFAULT_WINDOWS, check_windows
 
@@ -43,7 +43,7 @@ from .phantom.options import add_anatomy_arguments, anatomy_kwargs
 from .randomize import KIDNEY_UNENHANCED_HU, MUSCLE_MEAN_HU
 from .data import (Augment, SliceDataset, SliceRecord, epd_target, manifest_records,
                    median_pixel_mm, model_inputs, phantom_records, planes_on_grid,
-                   tissues_on_grid, to_source_grid)
+                   tight_field, tissues_on_grid, to_source_grid)
 from EPDSegmentationLib.core.losses import DEFAULT_LOSS, Criterion, parse_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -174,6 +174,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of training slices shrunk by 0.75..1 into a frame of air, "
                         "placed at random, instead of the crop (which only enlarges): bodies "
                         "smaller than the phantom's (default 0: off)")
+    g.add_argument("--tight-field", type=float, default=0.0, metavar="P",
+                   help="share of training batches cropped to one frame tight around their "
+                        "bodies (0.75..1 of its side), as a scan reconstructed close to the "
+                        "body: the phantom's field is wider than most scans' (default 0: off)")
     g.add_argument("--metal", type=float, default=0.0, metavar="P",
                    help="with --randomize: share of randomised slices given spinal screws "
                         "and rods or surgical clips, with their streaks (default 0: off)")
@@ -224,7 +228,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lowres is a probability in 0..1; got {args.lowres}")
     for name in ("randomize", "organ_flatten", "obese", "organ_contact", "kidney_contact",
                  "diaphragm_muscle", "kidney_unenhanced", "canal_hu", "organ_texture",
-                 "lowres_noise", "thick_slices", "cachectic", "metal", "zoom_out", "wall_gas"):
+                 "lowres_noise", "thick_slices", "cachectic", "metal", "zoom_out", "wall_gas",
+                 "tight_field"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in 0..1; "
                              f"got {getattr(args, name)}")
@@ -699,6 +704,10 @@ def train_one_epoch(args, ctx: D.Context, data: RunData, run: RunState, epoch: i
     for step, (hu, lab) in enumerate(bar):
         hu = hu.to(ctx.device, non_blocking=True)
         lab = lab.to(ctx.device, non_blocking=True)
+        # its own stream per rank and step: a resumed run draws the same frames
+        frame_rng = np.random.default_rng([args.seed, epoch, step, ctx.rank, 12])
+        if frame_rng.random() < args.tight_field:
+            hu, lab = tight_field(hu, lab, frame_rng, multiple=args.factor * DIVISOR)
         with torch.no_grad():
             x, q = model_inputs(hu, lab, factor=args.factor, label_mode=args.label_mode,
                                 image_mode=args.image_mode, windows=args.window_list)
