@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "EPDSegmentation"), str(REPO)]
+
+from EPDSegmentationLib.core.classes import class_by_key  # noqa: E402
 
 MODEL = REPO / "Resources" / "Models" / "EPDBodyComp_f2.safetensors"
 DATA = REPO.parent / "shared" / "data" / "totalseg-example"
@@ -26,6 +29,31 @@ PSOAS = (88, 89)
 #: TotalSegmentator's vertebrae, C1 to S1 (its total task's ids 25 to 50)
 VERTEBRAE = (25, 50)
 LEVELS = ("L1", "L2", "L3", "L4", "L5")
+MUS, IMAT = class_by_key("MUS").index, class_by_key("IMAT").index
+
+
+def misses(labels: np.ndarray, hu: np.ndarray, structures: np.ndarray,
+           levels: Sequence[Optional[str]]) -> Dict[str, Dict[str, object]]:
+    """Per level of ``levels`` (one name or None per slice): labels (Z, H, W) our classes,
+    hu (Z, H, W) HU, structures (Z, H, W) TotalSegmentator's ids -> {level: {"voxels",
+    "missed", "called" {class index: voxels}, "hu_missed", "hu_hit" (medians, None where
+    there are none), "slice" (the level's middle slice)}}; missed: psoas voxels we call
+    neither MUS nor IMAT."""
+    psoas = np.isin(structures, PSOAS)
+    out: Dict[str, Dict[str, object]] = {}
+    for level in LEVELS:
+        k = [i for i, lv in enumerate(levels) if lv == level]
+        if not k:
+            continue
+        m, p, h = psoas[k], labels[k], hu[k]
+        miss = m & ~np.isin(p, (MUS, IMAT))
+        values, counts = np.unique(p[miss], return_counts=True)
+        out[level] = {"voxels": int(m.sum()), "missed": int(miss.sum()),
+                      "called": {int(v): int(c) for v, c in zip(values, counts)},
+                      "hu_missed": float(np.median(h[miss])) if miss.any() else None,
+                      "hu_hit": float(np.median(h[m & ~miss])) if (m & ~miss).any() else None,
+                      "slice": k[len(k) // 2]}
+    return out
 
 
 def main(argv=None) -> None:
@@ -49,23 +77,16 @@ def main(argv=None) -> None:
     pred = predict_volume(ct.array, (sj, si), model, card, device="cpu",
                           ijk_to_ras=ct.ijk_to_ras)
     labels = pred.probabilities.argmax(0)
-    levels = slice_levels(st)
     psoas = np.isin(st, PSOAS)
+    found = misses(labels, ct.array, st, slice_levels(st))
     print(f"{a.model} on {DATA.name}/ct_abdomen_pelvis.nii.gz ({si:.1f} mm voxels)")
     print("level  psoas voxels  missed  called instead                    HU missed / hit")
-    shown = []
-    for level in LEVELS:
-        k = [i for i, lv in enumerate(levels) if lv == level]
-        if not k:
-            continue
-        m, p, hu = psoas[k], labels[k], ct.array[k]
-        miss = m & ~np.isin(p, (1, 2))
-        called = ", ".join(f"{CLASSES[c].key} {int((p[miss] == c).sum())}"
-                           for c in range(len(CLASSES)) if (p[miss] == c).any())
-        med = [f"{np.median(hu[w]):.0f}" if w.any() else "-" for w in (miss, m & ~miss)]
-        print(f"{level:<6} {int(m.sum()):>12}  {int(miss.sum()):>6}  {called:<33} "
+    for level, r in found.items():
+        called = ", ".join(f"{CLASSES[c].key} {n}" for c, n in r["called"].items())
+        med = ["-" if v is None else f"{v:.0f}" for v in (r["hu_missed"], r["hu_hit"])]
+        print(f"{level:<6} {r['voxels']:>12}  {r['missed']:>6}  {called:<33} "
               f"{med[0]} / {med[1]}")
-        shown.append((level, k[len(k) // 2]))
+    shown = [(level, r["slice"]) for level, r in found.items()]
     if a.figure is not None:
         import matplotlib
         matplotlib.use("Agg")
