@@ -86,6 +86,7 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                     flank_sat: float = 0.0,
                     psoas_apart: float = 0.0,
                     back_sat: float = 0.0,
+                    crura_front: float = 0.0,
                     plane_offsets_mm: Sequence[float] = ()) -> Dict[str, List[SliceRecord]]:
     """Phantom slices by split ('train', 'val'): the same subjects, slices and split as
     ``phantom.write_dataset(out, n_subjects, slices_per_subject, seed, size, val_fraction=...,
@@ -100,7 +101,9 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
     beside the back muscles is subcutaneous (phantom.anatomy.close_flank); psoas_apart: with
     levels, the share of subjects whose psoas at L5 lies apart from the vertebral body and
     the iliacus (phantom.pelvis.part_psoas); back_sat: the share of subjects whose fat
-    behind the back muscles is subcutaneous (phantom.anatomy.close_back).
+    behind the back muscles is subcutaneous (phantom.anatomy.close_back); crura_front: with
+    levels, the share of subjects whose crura arise from the front of the vertebral bodies
+    (phantom.torso.draw_aorta_and_crura).
     plane_offsets_mm: the training slices also
     rendered at these heights (mm from each slice) as ``SlicePlanes`` for thick slices
     (Augment.thick; 2 subpixels a side, as only their HU are averaged in), validation
@@ -117,7 +120,7 @@ def phantom_records(n_subjects: int, slices_per_subject: int = 6, size: int = 51
                                       kidney_tilt=kidney_tilt,
                                       costal_diaphragm=costal_diaphragm,
                                       flank_sat=flank_sat, psoas_apart=psoas_apart,
-                                      back_sat=back_sat),
+                                      back_sat=back_sat, crura_front=crura_front),
                                  torso=levels is not None))
     offsets = tuple(float(o) for o in plane_offsets_mm)
     out: Dict[str, List[SliceRecord]] = {"train": [], "val": []}

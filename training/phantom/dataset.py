@@ -85,7 +85,7 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                   kidney_contact: float = 0.0, kidney_rise: float = 0.0,
                   kidney_tilt: float = 0.0, costal_diaphragm: float = 0.0,
                   flank_sat: float = 0.0, psoas_apart: float = 0.0,
-                  back_sat: float = 0.0) -> Path:
+                  back_sat: float = 0.0, crura_front: float = 0.0) -> Path:
     """Write n_subjects phantom volumes (K = slices_per_subject slices, slice_gap_mm apart)
     with their label maps, and manifest.csv (image,label,split,subject; paths relative to
     it). Returns the manifest path.
@@ -102,7 +102,8 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
     muscles is subcutaneous (anatomy.close_flank); psoas_apart: with levels, the share of
     subjects whose psoas at L5 lies apart from the vertebral body and the iliacus
     (pelvis.part_psoas); back_sat: the share of subjects whose fat behind the back muscles
-    is subcutaneous (anatomy.close_back).
+    is subcutaneous (anatomy.close_back); crura_front: with levels, the share of subjects
+    whose crura arise from the front of the vertebral bodies (torso.draw_aorta_and_crura).
 
     formats: any of 'nrrd' (images/<subject>.nrrd), 'nifti' (images/<subject>.nii.gz) and
     'dicom' (dicom/<subject>/IM0001.dcm ..., transfer syntax ``dicom_syntax``); the first
@@ -125,9 +126,10 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
         levels_z_range(subject_seeds(seed, 1)[0], levels)    # refuse bad levels up front
     elif slice_gap_mm is None:
         raise ValueError("slice_gap_mm=None (spread over the levels) needs levels=")
-    if (kidney_contact or kidney_rise or kidney_tilt or costal_diaphragm) and levels is None:
-        raise ValueError("kidney_contact, kidney_rise, kidney_tilt and costal_diaphragm need "
-                         "the torso anatomy (levels=)")
+    if (kidney_contact or kidney_rise or kidney_tilt or costal_diaphragm
+            or crura_front) and levels is None:
+        raise ValueError("kidney_contact, kidney_rise, kidney_tilt, costal_diaphragm and "
+                         "crura_front need the torso anatomy (levels=)")
     manifest = out / "manifest.csv"
     if manifest.exists() and not overwrite:
         raise FileExistsError(f"{manifest} already exists; pass overwrite=True to replace "
@@ -150,7 +152,7 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
                                     kidney_rise=kidney_rise, kidney_tilt=kidney_tilt,
                                     costal_diaphragm=costal_diaphragm,
                                     flank_sat=flank_sat, psoas_apart=psoas_apart,
-                                    back_sat=back_sat)
+                                    back_sat=back_sat, crura_front=crura_front)
             gap = _stack_gap(slices, slice_gap_mm)
         hu, labels, _ = stack(slices, gap)
         paths: Dict[str, Path] = {}

@@ -121,7 +121,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
                level: Optional[str] = None, kidney_contact: float = 0.0,
                kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
                costal_diaphragm: float = 0.0, flank_sat: float = 0.0,
-               psoas_apart: float = 0.0, back_sat: float = 0.0) -> PhantomSlice:
+               psoas_apart: float = 0.0, back_sat: float = 0.0,
+               crura_front: float = 0.0) -> PhantomSlice:
     """One phantom slice of subject ``seed`` at height ``z_mm`` (mm from mid-L3, + = cranial).
 
     size: pixels per side. pixel_mm: None keeps the subject's field of view (0.6..0.9 mm
@@ -144,6 +145,8 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
     the vertebral body and the iliacus (pelvis.part_psoas; 0: as before).
     back_sat: the share of subjects whose fat behind the back muscles is subcutaneous
     (anatomy.close_back; 0: as before).
+    crura_front: torso anatomy only, the share of subjects whose diaphragm crura arise from
+    the front of the vertebral bodies (torso.draw_aorta_and_crura; 0: as before).
     """
     _check(seed, size, pixel_mm, supersample)
     anatomy = _check_anatomy(anatomy, level)
@@ -161,7 +164,7 @@ def make_slice(seed: int, *, size: int = 512, pixel_mm: Optional[float] = None,
                        kidney_rise=float(kidney_rise), kidney_tilt=float(kidney_tilt),
                        costal_diaphragm=float(costal_diaphragm),
                        flank_sat=float(flank_sat), psoas_apart=float(psoas_apart),
-                       back_sat=float(back_sat))
+                       back_sat=float(back_sat), crura_front=float(crura_front))
     else:
         g = draw(cv, s, float(z_mm), flank=has_flank_sat(s, flank_sat),
                  back=has_back_sat(s, back_sat))

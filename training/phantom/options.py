@@ -40,6 +40,10 @@ ANATOMY_OPTIONS: Tuple[Tuple[str, str, bool, bool, str], ...] = (
      "the share of phantom subjects whose fat behind the back muscles (behind the erector "
      "spinae and the spinous process) is subcutaneous, as in real patients (default 0: "
      "visceral)"),
+    ("crura_front", "P", True, True,
+     "with --phantom-levels: the share of phantom subjects whose diaphragm crura arise from "
+     "the front of the upper lumbar bodies, beside the aorta, as in real patients (default "
+     "0: from the bodies' sides, where the real psoas lies)"),
 )
 
 

@@ -669,9 +669,12 @@ def _bump01(u: np.ndarray, power: float) -> np.ndarray:
     return np.sin(np.pi * np.clip(u, 0.0, 1.0)) ** power
 
 
-def draw_aorta_and_crura(cv: Canvas, g: TorsoGeometry) -> None:
+def draw_aorta_and_crura(cv: Canvas, g: TorsoGeometry, crura_front: bool = False) -> None:
     """The aorta (with periaortic fat and plaques; the bifurcation lower down as in the lumbar
-    anatomy) and the diaphragm crura beside and, at the hiatus, in front of it."""
+    anatomy) and the diaphragm crura beside and, at the hiatus, in front of it. crura_front:
+    each crus arises from the front of the vertebral body beside the midline, as in real
+    patients, where the psoas lies beside the body (False: from the body's side, behind
+    its front corner, as before)."""
     s, t = g.subject, g.t
     r, ax, ay = g.aorta_r, g.ax, g.ay
     aortas = iliac_arteries(g, aorta_lumens(ax, ay, r, g.z, s.bifurcation_z))
@@ -692,9 +695,12 @@ def draw_aorta_and_crura(cv: Canvas, g: TorsoGeometry) -> None:
         if thick < 0.4:
             continue
         vbr = g.vb_rx * g.vb_size
-        pts = [(side * 0.95 * vbr, g.y_vb + 0.25 * g.vb_ry),
-               (side * 0.72 * vbr, g.y_vb - g.vb_ry * g.vb_size + 1.0),
-               (ax + side * (r + 2.0 + thick / 2), ay + 0.3 * r)]
+        front = g.y_vb - g.vb_ry * g.vb_size + 1.0
+        if crura_front:
+            pts = [(side * 0.35 * vbr, front), (ax + side * (r + 2.0 + thick / 2), ay + 0.3 * r)]
+        else:
+            pts = [(side * 0.95 * vbr, g.y_vb + 0.25 * g.vb_ry), (side * 0.72 * vbr, front),
+                   (ax + side * (r + 2.0 + thick / 2), ay + 0.3 * r)]
         meet = float(_smooth(1.0 - abs(zr - hiatus) / 18.0))
         if meet > 0:
             pts.append((ax + side * (r + 2 + thick / 2) * (1 - 0.75 * meet),
@@ -1177,11 +1183,18 @@ def has_costal_diaphragm(s: Subject, share: float) -> bool:
     return drawn_with(s, share, 5171, "costal_diaphragm")
 
 
+def has_crura_front(s: Subject, share: float) -> bool:
+    """Whether subject s is drawn with its crura from the front of the vertebral bodies
+    (draw_aorta_and_crura; anatomy.drawn_with)."""
+    return drawn_with(s, share, 5209, "crura_front")
+
+
 def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
                pelvic_layout: bool = True, kidney_contact: float = 0.0,
                kidney_rise: float = 0.0, kidney_tilt: float = 0.0,
                costal_diaphragm: float = 0.0, flank_sat: float = 0.0,
-               psoas_apart: float = 0.0, back_sat: float = 0.0) -> TorsoGeometry:
+               psoas_apart: float = 0.0, back_sat: float = 0.0,
+               crura_front: float = 0.0) -> TorsoGeometry:
     """Paint subject s at height z (mm) in the torso anatomy; returns the geometry used.
     pelvic_layout=False leaves out pelvis.pelvis_layout (which is planned on this drawing).
     kidney_contact: share of subjects whose kidneys lie on their muscles
@@ -1197,7 +1210,9 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     (draw_wall's flank; has_flank_sat; 0: as before). psoas_apart: share of subjects whose
     psoas at L5 lies apart from the vertebral body and the iliacus (pelvis.part_psoas;
     has_psoas_apart; 0: as before). back_sat: share of subjects whose fat behind the back
-    muscles is subcutaneous (draw_wall's back; has_back_sat; 0: as before)."""
+    muscles is subcutaneous (draw_wall's back; has_back_sat; 0: as before). crura_front:
+    share of subjects whose crura arise from the front of the vertebral bodies
+    (draw_aorta_and_crura; has_crura_front; 0: as before)."""
     t = torso_from_seed(s.seed)
     if kidney_rise:
         t = dataclasses.replace(t, kidney_up=t.kidney_up + float(kidney_rise),
@@ -1211,7 +1226,7 @@ def draw_torso(cv: Canvas, s: Subject, z: float, with_layout: bool = True,
     draw_wall(cv, g, has_costal_diaphragm(s, costal_diaphragm), has_flank_sat(s, flank_sat),
               has_back_sat(s, back_sat))
     draw_pelvis(cv, g)
-    draw_aorta_and_crura(cv, g)
+    draw_aorta_and_crura(cv, g, has_crura_front(s, crura_front))
     draw_lungs(cv, g)
     shift = kidney_contact_shift(s, kidney_contact)
     if kidney_tilt:
