@@ -562,8 +562,8 @@ def tight_field(hu: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
     the body is: hu (B, H, W) HU and labels (B, H, W) -> the same cropped to (B, h, w).
 
     The phantom is drawn in a 460 mm field, its content (HU above field.CONTENT_HU: body,
-    arms, table) spanning a median 0.62 of the rows; real scans are often reconstructed to
-    0.8 to 0.95. The network normalises over the whole image, so it must see both. Each
+    arms, table) spanning a median 0.62 of the rows; the shared real CTs, reconstructed
+    close to the body, 0.78 to 0.96. The network normalises over the whole image, so it must see both. Each
     axis's side is the batch's largest content extent divided by a share drawn from
     ``share`` (per axis), rounded up to ``multiple`` pixels (the network's own padding
     would add air back) and at most the slice's; each slice's frame sits over its own

@@ -77,7 +77,6 @@ def main(argv=None) -> None:
     pred = predict_volume(ct.array, (sj, si), model, card, device="cpu",
                           ijk_to_ras=ct.ijk_to_ras)
     labels = pred.probabilities.argmax(0)
-    psoas = np.isin(st, PSOAS)
     found = misses(labels, ct.array, st, slice_levels(st))
     print(f"{a.model} on {DATA.name}/ct_abdomen_pelvis.nii.gz ({si:.1f} mm voxels)")
     print("level  psoas voxels  missed  called instead                    HU missed / hit")
@@ -92,6 +91,7 @@ def main(argv=None) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        psoas = np.isin(st, PSOAS)
         vert = (st >= VERTEBRAE[0]) & (st <= VERTEBRAE[1])
         fig, axes = plt.subplots(2, len(shown), figsize=(4 * len(shown), 8), squeeze=False)
         for j, (level, z) in enumerate(shown):
