@@ -59,3 +59,15 @@ def test_zero_is_the_phantom_as_before_and_the_share_is_drawn_per_subject():
         has_crura_front(subject_from_seed(3), 1.5)
     with pytest.raises(ValueError, match="torso"):
         phantom_records(1, 1, size=64, crura_front=0.5)
+
+
+def test_write_dataset_checks_every_option_alike(tmp_path):
+    """write_dataset refuses a torso-only option without levels (psoas_apart included, which
+    it once let pass) and a share outside 0..1, as phantom_records does, before writing."""
+    from training.phantom.dataset import write_dataset
+
+    for kw, match in (({"crura_front": 1.0}, "torso"), ({"psoas_apart": 0.5}, "torso"),
+                      ({"flank_sat": 2.0}, "0..1")):
+        with pytest.raises(ValueError, match=match):
+            write_dataset(tmp_path / "d", 1, 1, size=32, **kw)
+    assert not (tmp_path / "d").exists()

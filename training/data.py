@@ -563,11 +563,11 @@ def tight_field(hu: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
 
     The phantom is drawn in a 460 mm field, its content (HU above field.CONTENT_HU: body,
     arms, table) spanning a median 0.62 of the rows; the shared real CTs, reconstructed
-    close to the body, 0.78 to 0.96. The network normalises over the whole image, so it must see both. Each
-    axis's side is the batch's largest content extent divided by a share drawn from
-    ``share`` (per axis), rounded up to ``multiple`` pixels (the network's own padding
-    would add air back) and at most the slice's; each slice's frame sits over its own
-    content, offset at random within the slack. Real pixels only: nothing is resized or
+    close to the body, 0.78 to 0.96. The network normalises over the whole image, so it
+    must see both. Each axis's side is the batch's largest content extent divided by a
+    share drawn from ``share`` (per axis), rounded up to ``multiple`` pixels (the network's
+    own padding would add air back) and at most the slice's; each slice's frame sits over
+    its own content, offset at random within the slack. Real pixels only: nothing is resized or
     padded, so the labels stay exact. A batch without content is returned as it is."""
     if hu.shape != labels.shape or hu.ndim != 3:
         raise ValueError(f"hu and labels must both be (B, H, W); got {tuple(hu.shape)} and "

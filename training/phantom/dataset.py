@@ -19,6 +19,7 @@ from EPDSegmentationLib.core.volume import Volume
 from EPDSegmentationLib.io import write_dicom_series, write_manifest, write_volume
 
 from .generate import PhantomSlice, make_slice, slice_positions, subject_slices
+from .options import checked_anatomy
 
 FORMATS = ("nrrd", "nifti", "dicom")
 #: the bundled sample: subject, slice count and spacing (see Resources/Sample/README.md)
@@ -126,10 +127,11 @@ def write_dataset(out_dir: Union[str, Path], n_subjects: int, slices_per_subject
         levels_z_range(subject_seeds(seed, 1)[0], levels)    # refuse bad levels up front
     elif slice_gap_mm is None:
         raise ValueError("slice_gap_mm=None (spread over the levels) needs levels=")
-    if (kidney_contact or kidney_rise or kidney_tilt or costal_diaphragm
-            or crura_front) and levels is None:
-        raise ValueError("kidney_contact, kidney_rise, kidney_tilt, costal_diaphragm and "
-                         "crura_front need the torso anatomy (levels=)")
+    # every option checked alike (shares in 0..1, torso-only ones need levels)
+    checked_anatomy(dict(kidney_contact=kidney_contact, kidney_rise=kidney_rise,
+                         kidney_tilt=kidney_tilt, costal_diaphragm=costal_diaphragm,
+                         flank_sat=flank_sat, psoas_apart=psoas_apart, back_sat=back_sat,
+                         crura_front=crura_front), torso=levels is not None)
     manifest = out / "manifest.csv"
     if manifest.exists() and not overwrite:
         raise FileExistsError(f"{manifest} already exists; pass overwrite=True to replace "

@@ -696,11 +696,9 @@ def draw_aorta_and_crura(cv: Canvas, g: TorsoGeometry, crura_front: bool = False
             continue
         vbr = g.vb_rx * g.vb_size
         front = g.y_vb - g.vb_ry * g.vb_size + 1.0
-        if crura_front:
-            pts = [(side * 0.35 * vbr, front), (ax + side * (r + 2.0 + thick / 2), ay + 0.3 * r)]
-        else:
-            pts = [(side * 0.95 * vbr, g.y_vb + 0.25 * g.vb_ry), (side * 0.72 * vbr, front),
-                   (ax + side * (r + 2.0 + thick / 2), ay + 0.3 * r)]
+        start = ([(side * 0.35 * vbr, front)] if crura_front else
+                 [(side * 0.95 * vbr, g.y_vb + 0.25 * g.vb_ry), (side * 0.72 * vbr, front)])
+        pts = start + [(ax + side * (r + 2.0 + thick / 2), ay + 0.3 * r)]
         meet = float(_smooth(1.0 - abs(zr - hiatus) / 18.0))
         if meet > 0:
             pts.append((ax + side * (r + 2 + thick / 2) * (1 - 0.75 * meet),
